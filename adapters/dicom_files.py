@@ -1,0 +1,211 @@
+"""Reading DICOM files and buffers without decoding pixel data (pydicom lives here, not in the core).
+
+- :func:`header_from_part10_bytes` gives the :class:`InstanceHeader` of a Part-10 buffer (File Meta
+  Information + data set, as the SCP builds it).
+- :func:`inspect_part10_file` checks that a file is a complete Part-10 file (PS3.10 7.1: preamble, ``DICM``,
+  File Meta Information with a Transfer Syntax UID) whose data set parses to its last byte and carries SOP
+  Class, SOP Instance, Study and Series Instance UIDs. It raises :class:`RejectedFile` with a reason a person
+  can act on. The structure walk follows PS3.5 7.1 (element encoding) and 7.5 (sequences, undefined
+  lengths) and reads through ``mmap``, so memory stays flat for any file size.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import struct
+import zlib
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from gateway.model import InstanceHeader
+
+HEADER_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "StudyDescription",
+    "StudyDate",
+    "AccessionNumber",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "InstanceNumber",
+]
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+UNDEFINED = 0xFFFFFFFF
+ITEM, ITEM_END, SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+
+
+class RejectedFile(ValueError):
+    """Not an instance the gateway can accept; ``str()`` is the reason written next to the quarantined file."""
+
+
+def header_from_part10_bytes(data: bytes) -> InstanceHeader:
+    """Header of a Part-10 buffer; raises :class:`RejectedFile` if identifying UIDs are missing."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except (InvalidDicomError, EOFError, ValueError, struct.error) as exc:
+        raise RejectedFile(f"data set cannot be parsed: {exc}") from exc
+    return _header(ds)
+
+
+def inspect_part10_file(path: Path) -> InstanceHeader:
+    """Validate ``path`` as a complete Part-10 file and return its header."""
+    size = path.stat().st_size
+    if size < 132:
+        raise RejectedFile(f"not a DICOM Part-10 file: only {size} bytes, no 128-byte preamble and 'DICM' prefix")
+    with path.open("rb") as fh:
+        fh.seek(128)
+        if fh.read(4) != b"DICM":
+            raise RejectedFile("not a DICOM Part-10 file: no 'DICM' prefix after the 128-byte preamble")
+        fh.seek(0)
+        try:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError) as exc:
+            raise RejectedFile(f"DICOM header cannot be parsed: {exc}") from exc
+        transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+        if not transfer_syntax:
+            raise RejectedFile("File Meta Information has no Transfer Syntax UID (0002,0010)")
+        dataset_offset = _dataset_offset(fh)
+    header = _header(ds)
+    _check_complete(path, dataset_offset, str(transfer_syntax))
+    return header
+
+
+def _dataset_offset(fh: io.BufferedReader) -> int:
+    """Offset of the first data set element: after the group 0002 elements (explicit VR LE, PS3.10 7.1)."""
+    fh.seek(132)
+    while True:
+        start = fh.tell()
+        head = fh.read(8)
+        if len(head) < 8:
+            raise RejectedFile("truncated: file ends inside the File Meta Information")
+        group = struct.unpack_from("<H", head)[0]
+        if group != 0x0002:
+            return start
+        vr = head[4:6]
+        if vr in LONG_VRS:
+            length = struct.unpack("<I", fh.read(4))[0]
+        else:
+            length = struct.unpack_from("<H", head, 6)[0]
+        fh.seek(length, io.SEEK_CUR)
+
+
+def _check_complete(path: Path, offset: int, transfer_syntax: str) -> None:
+    size = path.stat().st_size
+    if offset >= size:
+        raise RejectedFile("truncated: no data set after the File Meta Information")
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(mapped[offset:])
+            if not inflater.eof:
+                raise RejectedFile("truncated: the deflated data set ends before its deflate stream does")
+            _Walker(body, explicit=True, little=True).walk_dataset(0, len(body))
+            return
+        walker = _Walker(
+            mapped,
+            explicit=transfer_syntax != ImplicitVRLittleEndian,
+            little=transfer_syntax != ExplicitVRBigEndian,
+        )
+        walker.walk_dataset(offset, size)
+
+
+class _Walker:
+    """Walks element headers and lengths only; raises :class:`RejectedFile` on any overrun."""
+
+    def __init__(self, buf: bytes | mmap.mmap, explicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.explicit = explicit
+        self.order = "<" if little else ">"
+
+    def walk_dataset(self, pos: int, end: int, in_item: bool = False, depth: int = 0) -> int:
+        if depth > 64:
+            raise RejectedFile("malformed: sequences nested more than 64 deep")
+        while pos < end:
+            group, element = self._tag(pos, end)
+            if (group, element) == ITEM_END and in_item:
+                return pos + 8
+            pos, length, vr = self._element_header(pos, end, group)
+            if length == UNDEFINED:
+                explicit_inside = self.explicit and vr != b"UN"
+                pos = self._walk_items(pos, end, explicit_inside, depth + 1)
+            else:
+                if pos + length > end:
+                    raise RejectedFile(
+                        f"truncated: element ({group:04X},{element:04X}) declares {length} bytes "
+                        f"but only {end - pos} remain"
+                    )
+                pos += length
+        if in_item:
+            raise RejectedFile("truncated: file ends inside a sequence item")
+        return pos
+
+    def _tag(self, pos: int, end: int) -> tuple[int, int]:
+        if end - pos < 8:
+            raise RejectedFile(f"truncated: file ends inside an element header ({end - pos} bytes left)")
+        return struct.unpack_from(self.order + "HH", self.buf, pos)
+
+    def _element_header(self, pos: int, end: int, group: int) -> tuple[int, int, bytes]:
+        if self.explicit and group != 0xFFFE:
+            vr = bytes(self.buf[pos + 4 : pos + 6])
+            if vr in LONG_VRS:
+                if end - pos < 12:
+                    raise RejectedFile("truncated: file ends inside an element header")
+                return pos + 12, struct.unpack_from(self.order + "I", self.buf, pos + 8)[0], vr
+            return pos + 8, struct.unpack_from(self.order + "H", self.buf, pos + 6)[0], vr
+        return pos + 8, struct.unpack_from(self.order + "I", self.buf, pos + 4)[0], b""
+
+    def _walk_items(self, pos: int, end: int, explicit_inside: bool, depth: int) -> int:
+        inner = self if explicit_inside == self.explicit else _Walker(self.buf, explicit_inside, self.order == "<")
+        while True:
+            tag = self._tag(pos, end)
+            length = struct.unpack_from(self.order + "I", self.buf, pos + 4)[0]
+            pos += 8
+            if tag == SEQ_END:
+                return pos
+            if tag != ITEM:
+                raise RejectedFile(f"malformed: expected an item tag in an undefined-length value, found {tag}")
+            if length == UNDEFINED:
+                pos = inner.walk_dataset(pos, end, in_item=True, depth=depth)
+            elif pos + length > end:
+                raise RejectedFile(f"truncated: an item declares {length} bytes but only {end - pos} remain")
+            else:
+                pos += length
+
+
+def _header(ds: pydicom.Dataset) -> InstanceHeader:
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)]
+    if missing:
+        raise RejectedFile("missing required attribute(s): " + ", ".join(missing))
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    return InstanceHeader(
+        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+        sop_class_uid=str(ds.SOPClassUID).strip(),
+        transfer_syntax_uid=str(transfer_syntax).strip(),
+        study_instance_uid=str(ds.StudyInstanceUID).strip(),
+        series_instance_uid=str(ds.SeriesInstanceUID).strip(),
+        patient_id=str(ds.get("PatientID", "") or ""),
+        patient_name=str(ds.get("PatientName", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        study_date=str(ds.get("StudyDate", "") or ""),
+        accession_number=str(ds.get("AccessionNumber", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+    )
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,38 @@
+"""DICOM SCU helpers for admins: C-ECHO (PS3.7 9.1.5) to check that a peer AE answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    detail: str
+
+
+def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", timeout_s: float = 10.0) -> EchoResult:
+    """Associate, send one C-ECHO, release. Never raises for network trouble: the result says what failed."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return EchoResult(False, f"association rejected by {called_ae}@{host}:{port}")
+        return EchoResult(False, f"no association with {called_ae}@{host}:{port} (refused, aborted or timed out)")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if status is None or "Status" not in status:
+        return EchoResult(False, "no C-ECHO response (timeout or abort)")
+    code = int(status.Status)
+    if code == 0x0000:
+        return EchoResult(True, f"C-ECHO to {called_ae}@{host}:{port}: Success")
+    return EchoResult(False, f"C-ECHO to {called_ae}@{host}:{port}: status 0x{code:04X}")

@@ -1,0 +1,190 @@
+"""The on-disk spool: write, fsync, rename; and the quarantine beside it.
+
+Layout under ``spool_dir`` (a protocol between this module and the DB's ``instances.spool_path``)::
+
+    .incoming/<random>.part                      staged, fsynced, not yet acknowledged
+    studies/<study_uid>/<series_uid>/<sop_uid>.dcm
+    studies/<study_uid>/<series_uid>/<sop_uid>.<sha256[:16]>.dcm   a conflicting second copy
+
+A UID that is not a conformant UID (PS3.5 9.1) is never used as a path: it is replaced by ``x`` and the
+first 32 hex digits of its SHA-256. Quarantine entries are ``<quarantine_dir>/<UTC stamp>-<name>`` with a
+``.reason.txt`` beside each. Nothing is deleted except a staged copy that turned out to be an identical
+duplicate of a file already in the spool, or a partial write that failed and was never acknowledged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.model import InstanceHeader, StagedFile, is_valid_uid
+
+COPY_CHUNK_BYTES = 1 << 20
+
+
+class SpoolFull(OSError):
+    """The spool's file system has no room (ENOSPC/EDQUOT/EFBIG): answer Out of Resources."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_component(uid: str) -> str:
+    if is_valid_uid(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+class Spool:
+    """Durable file placement for one spool directory (thread-safe: no shared mutable state)."""
+
+    def __init__(self, spool_dir: Path, quarantine_dir: Path) -> None:
+        self.root = spool_dir
+        self.staging_dir = spool_dir / ".incoming"
+        self.studies_dir = spool_dir / "studies"
+        self.quarantine_dir = quarantine_dir
+
+    def start(self) -> list[Path]:
+        """Create the directories; move staged files left by a crash into quarantine (never acknowledged)."""
+        for directory in (self.staging_dir, self.studies_dir, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        leftovers = sorted(self.staging_dir.glob("*.part"))
+        return [
+            self.quarantine(p, "staged write left behind by an earlier run that stopped before acknowledging it")
+            for p in leftovers
+        ]
+
+    # -- staging --------------------------------------------------------------------------------
+    def stage_bytes(self, chunks: Iterable[bytes | memoryview]) -> StagedFile:
+        """Write ``chunks`` to a new staged file, fsync it, and return its size and SHA-256."""
+        temp_path = self.staging_dir / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    digest.update(view)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                    size += len(chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _remove_quietly(temp_path)
+            raise _as_spool_error(exc) from exc
+        return StagedFile(temp_path=temp_path, size_bytes=size, sha256=digest.hexdigest())
+
+    def stage_file(self, source: Path) -> StagedFile:
+        """Copy ``source`` into staging (streamed, hashed, fsynced); the source is left untouched."""
+        with source.open("rb") as fh:
+            return self.stage_bytes(iter(lambda: fh.read(COPY_CHUNK_BYTES), b""))
+
+    def discard(self, staged: StagedFile) -> None:
+        """Drop a staged copy whose identical bytes are already in the spool."""
+        _remove_quietly(staged.temp_path)
+
+    # -- placing --------------------------------------------------------------------------------
+    def relative_path(self, header: InstanceHeader, sha256: str, conflict: bool) -> str:
+        name = safe_component(header.sop_instance_uid)
+        if conflict:
+            name = f"{name}.{sha256[:16]}"
+        return "/".join(
+            ("studies", safe_component(header.study_instance_uid), safe_component(header.series_instance_uid), name + ".dcm")
+        )
+
+    def place(self, staged: StagedFile, relative_path: str) -> Path:
+        """Rename the staged file to ``relative_path`` and fsync the directory so the name is durable."""
+        target = self.root / relative_path
+        try:
+            created = _make_dirs(target.parent, self.root)
+            os.replace(staged.temp_path, target)
+            fsync_dir(target.parent)
+            for directory in created:
+                fsync_dir(directory.parent)
+        except OSError as exc:
+            _remove_quietly(staged.temp_path)
+            raise _as_spool_error(exc) from exc
+        return target
+
+    def absolute(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    # -- quarantine -----------------------------------------------------------------------------
+    def quarantine(self, source: Path, reason: str) -> Path:
+        """Move ``source`` into quarantine with a reason file beside it; returns the new path."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.quarantine_dir / f"{stamp}-{source.name}"
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copy2(source, target)
+            _fsync_file(target)
+            os.unlink(source)
+        reason_path = target.with_name(target.name + ".reason.txt")
+        reason_path.write_text(f"{reason}\noriginal path: {source}\nquarantined at: {stamp}\n", encoding="utf-8")
+        _fsync_file(reason_path)
+        fsync_dir(self.quarantine_dir)
+        return target
+
+    def quarantine_bytes(self, data: bytes, name: str, reason: str) -> Path:
+        """Keep bytes that arrived over the network but could not be accepted."""
+        staged = self.stage_bytes([data])
+        renamed = staged.temp_path.with_name(name)
+        os.replace(staged.temp_path, renamed)
+        return self.quarantine(renamed, reason)
+
+
+def _make_dirs(directory: Path, root: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (parents first) so their entries can be fsynced."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current != root:
+        missing.append(current)
+        current = current.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            created.append(path)
+        except FileExistsError:
+            pass
+    return created
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _as_spool_error(exc: OSError) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return SpoolFull(exc.errno, f"spool file system is full: {exc.strerror}")
+    return exc

@@ -1,0 +1,109 @@
+"""The composition root: the one place that wires the edges (adapters) to the core and runs them.
+
+``Gateway(settings)`` builds everything without side effects; ``await gateway.run(stop)`` upgrades the DB,
+recovers the spool, starts the SCP and the watched folder, ticks the completeness check, and on ``stop``
+shuts every part down in reverse order. ``run_forever(settings)`` adds SIGINT/SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from adapters.dicom_scp import StorageSCP
+from adapters.dicom_scu import EchoResult, echo
+from adapters.folder_watch import FolderWatcher
+from adapters.spool import Spool
+from gateway.model import IngestResult
+from gateway.service import CompletenessService, IngestService
+from gateway.settings import Settings
+from gateway.store import QueueStore, make_engine, upgrade_schema
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EchoResult", "Gateway", "echo", "open_store", "run_forever"]
+
+
+def open_store(settings: Settings) -> QueueStore:
+    """Engine + schema at head + repository: what the CLI's read commands need."""
+    engine = make_engine(settings.queue.db_url)
+    upgrade_schema(engine)
+    return QueueStore(engine)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.queue.db_url)
+        self.store = QueueStore(self.engine)
+        self.spool = Spool(settings.paths.spool_dir, settings.paths.quarantine_dir)
+        self.ingest = IngestService(self.store, self.spool)
+        self.completeness = CompletenessService(self.store, settings.queue.stable_age_s)
+        self.instances_stored = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.scp = StorageSCP(settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe)
+        self.watcher = (
+            FolderWatcher(
+                settings.paths.watch_dir,
+                self.ingest,
+                self.spool,
+                self._audit,
+                settle_s=settings.watch.settle_s,
+                scan_interval_s=settings.watch.scan_interval_s,
+                on_stored=self._stored_threadsafe,
+            )
+            if settings.paths.watch_dir
+            else None
+        )
+
+    def _audit(self, event_name: str, detail: str) -> None:
+        self.store.audit(event_name, detail)
+
+    def _stored_threadsafe(self, result: IngestResult) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stored, result)
+
+    def _stored(self, result: IngestResult) -> None:
+        self.instances_stored += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(upgrade_schema, self.engine)
+        for kept in self.spool.start():
+            self._audit("quarantined", f"recovered at start-up: {kept}")
+        self.scp.start()
+        try:
+            if self.watcher is not None:
+                self.watcher.start()
+            log.info(
+                "gateway ready: AE %s on %s:%s, spool %s",
+                self.settings.dicom.ae_title,
+                self.settings.dicom.host,
+                self.scp.port,
+                self.settings.paths.spool_dir,
+            )
+            while not stop.is_set():
+                await asyncio.to_thread(self.completeness.tick)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.queue.stable_check_interval_s)
+        finally:
+            if self.watcher is not None:
+                await asyncio.to_thread(self.watcher.stop)
+            await asyncio.to_thread(self.scp.stop)
+            self.engine.dispose()
+            log.info("gateway stopped")
+
+
+def run_forever(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Gateway(settings).run(stop)
+
+    asyncio.run(main())

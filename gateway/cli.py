@@ -1,0 +1,297 @@
+"""The ``dicomgw`` command line: run the gateway, look at the queue, echo a DICOM peer.
+
+    dicomgw run [--config FILE]
+    dicomgw queue [--state STATE] [--json] [--config FILE]
+    dicomgw queue show STUDY_UID [--json] [--config FILE]
+    dicomgw echo AE@HOST:PORT [--calling-ae AE]
+
+The config defaults to ``$DICOMGW_CONFIG`` or ``conf/gateway.toml``. Exit codes: 0 ok, 1 the thing asked
+for failed or was not found, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from gateway.lifecycle import State
+from gateway.model import InstanceRecord, StudySummary
+from gateway.settings import Settings, SettingsError, load_settings
+from gateway.store import utcnow
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args))
+    except SettingsError as exc:
+        print(f"dicomgw: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomgw", description="DICOM modality integration gateway")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the gateway (SCP, watched folder, queue)")
+    _config_option(run)
+    run.add_argument("--log-level", default=os.environ.get("DICOMGW_LOG_LEVEL", "INFO"))
+    run.set_defaults(handler=_cmd_run)
+
+    queue = sub.add_parser("queue", help="list the queue, or show one study")
+    _config_option(queue)
+    queue.add_argument("action", nargs="?", choices=["show"], help="show one study")
+    queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show')")
+    queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
+    queue.add_argument("--json", action="store_true", help="machine-readable output")
+    queue.set_defaults(handler=_cmd_queue)
+
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@HOST:PORT")
+    echo.add_argument("target", help="called AE title, host and port, e.g. ORTHANC@127.0.0.1:4242")
+    echo.add_argument("--calling-ae", default="DICOMGW")
+    echo.add_argument("--timeout", type=float, default=10.0)
+    echo.set_defaults(handler=_cmd_echo)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get("DICOMGW_CONFIG", "conf/gateway.toml"), help="TOML settings file"
+    )
+
+
+# -- run ------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # pynetdicom logs every request at INFO: one line per instance is noise for an admin.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from gateway.bootstrap import run_forever
+
+    run_forever(settings)
+    return 0
+
+
+# -- echo -----------------------------------------------------------------------------------------
+def _cmd_echo(args: argparse.Namespace) -> int:
+    try:
+        called, rest = args.target.split("@", 1)
+        host, port_text = rest.rsplit(":", 1)
+        port = int(port_text)
+    except ValueError:
+        print(f"dicomgw echo: expected AE@HOST:PORT, got {args.target!r}", file=sys.stderr)
+        return 2
+    from gateway.bootstrap import echo
+
+    result = echo(called, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    print(result.detail)
+    return 0 if result.ok else 1
+
+
+# -- queue ----------------------------------------------------------------------------------------
+def _cmd_queue(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    store = _store(settings)
+    if args.action == "show":
+        if not args.study_uid:
+            print("dicomgw queue show: a Study Instance UID is required", file=sys.stderr)
+            return 2
+        units = store.study_units(args.study_uid)
+        if not units:
+            print(f"dicomgw queue show: no study {args.study_uid} in the queue", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(_study_json(args.study_uid, units), indent=2))
+        else:
+            _print_study(args.study_uid, units)
+        return 0
+    studies = store.studies(state=args.state)
+    if args.json:
+        print(json.dumps([_summary_json(s) for s in studies], indent=2))
+    else:
+        _print_queue(studies, args.state)
+    return 0
+
+
+def _store(settings: Settings) -> Any:
+    from gateway.bootstrap import open_store
+
+    return open_store(settings)
+
+
+def _age_s(since: datetime) -> float:
+    return max(0.0, (utcnow() - since).total_seconds())
+
+
+def _summary_json(s: StudySummary) -> dict[str, Any]:
+    return {
+        "study_uid": s.study_instance_uid,
+        "unit_id": s.unit_id,
+        "unit_seq": s.unit_seq,
+        "state": s.state,
+        "patient_name": s.patient_name,
+        "patient_id": s.patient_id,
+        "study_description": s.study_description,
+        "modalities": s.modalities,
+        "instances": s.instances,
+        "bytes": s.size_bytes,
+        "destination": s.destination,
+        "created_at": s.created_at.isoformat() + "Z",
+        "last_instance_at": s.last_instance_at.isoformat() + "Z",
+        "state_changed_at": s.state_changed_at.isoformat() + "Z",
+        "age_s": round(_age_s(s.created_at), 1),
+        "flags": [f for f in s.flags.split(",") if f],
+        "error": s.error,
+    }
+
+
+def _instance_json(unit_seq: int, i: InstanceRecord) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": i.sop_instance_uid,
+        "sop_class_uid": i.sop_class_uid,
+        "transfer_syntax_uid": i.transfer_syntax_uid,
+        "series_instance_uid": i.series_instance_uid,
+        "series_number": i.series_number,
+        "instance_number": i.instance_number,
+        "modality": i.modality,
+        "bytes": i.size_bytes,
+        "sha256": i.sha256,
+        "spool_path": i.spool_path,
+        "conflict": i.conflict,
+        "source": i.source,
+        "unit_seq": unit_seq,
+        "received_at": i.received_at.isoformat() + "Z",
+    }
+
+
+def _study_json(study_uid: str, units: list[tuple[StudySummary, list[InstanceRecord]]]) -> dict[str, Any]:
+    instances = [_instance_json(s.unit_seq, i) for s, rows in units for i in rows]
+    return {
+        "study_uid": study_uid,
+        "units": [_summary_json(s) for s, _ in units],
+        "series": _series(i for _, rows in units for i in rows),
+        "instances": instances,
+    }
+
+
+def _series(instances: Any) -> list[dict[str, Any]]:
+    grouped: dict[str, dict[str, Any]] = {}
+    for i in instances:
+        entry = grouped.setdefault(
+            i.series_instance_uid,
+            {
+                "series_uid": i.series_instance_uid,
+                "series_number": i.series_number,
+                "description": i.series_description,
+                "modality": i.modality,
+                "instances": 0,
+                "bytes": 0,
+            },
+        )
+        entry["instances"] += 1
+        entry["bytes"] += i.size_bytes
+    return list(grouped.values())
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _human_age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output (scripts, logs, tests) gets a wide fixed width so UIDs are never cut.
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _print_queue(studies: list[StudySummary], state: str | None) -> None:
+    from rich.table import Table
+
+    title = f"Queue: {len(studies)} study unit(s)" + (f" in state {state}" if state else "")
+    table = Table(title=title, show_lines=False)
+    for column in ("Study UID", "Patient", "Description", "Mod", "Inst", "Size", "State", "Age", "Destination", "Flags"):
+        table.add_column(column, justify="right" if column in ("Inst", "Size", "Age") else "left")
+    for s in studies:
+        uid = s.study_instance_uid + (f" #{s.unit_seq}" if s.unit_seq > 1 else "")
+        table.add_row(
+            uid,
+            s.patient_name or s.patient_id or "-",
+            s.study_description or "-",
+            s.modalities or "-",
+            str(s.instances),
+            _human_bytes(s.size_bytes),
+            s.state + (f" ({s.error})" if s.error else ""),
+            _human_age(_age_s(s.created_at)),
+            s.destination or "-",
+            s.flags or "",
+        )
+    _console().print(table)
+
+
+def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRecord]]]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    for summary, instances in units:
+        console.print(
+            f"[bold]Study {study_uid}[/bold] unit {summary.unit_seq}: {summary.state}, "
+            f"{summary.instances} instance(s), {_human_bytes(summary.size_bytes)}, "
+            f"patient {summary.patient_name or '-'} ({summary.patient_id or '-'}), {summary.study_description or '-'}"
+        )
+        series_table = Table(title="Series")
+        for column in ("Series UID", "No", "Modality", "Description", "Instances", "Size"):
+            series_table.add_column(column)
+        for entry in _series(instances):
+            series_table.add_row(
+                entry["series_uid"],
+                str(entry["series_number"] if entry["series_number"] is not None else "-"),
+                entry["modality"] or "-",
+                entry["description"] or "-",
+                str(entry["instances"]),
+                _human_bytes(entry["bytes"]),
+            )
+        console.print(series_table)
+        by_series: dict[str, list[InstanceRecord]] = defaultdict(list)
+        for i in instances:
+            by_series[i.series_instance_uid].append(i)
+        table = Table(title="Instances")
+        for column in ("No", "SOP Instance UID", "Transfer syntax", "Size", "SHA-256", "Note"):
+            table.add_column(column)
+        for rows in by_series.values():
+            for i in rows:
+                table.add_row(
+                    str(i.instance_number if i.instance_number is not None else "-"),
+                    i.sop_instance_uid,
+                    i.transfer_syntax_uid,
+                    _human_bytes(i.size_bytes),
+                    i.sha256[:16] + "…",
+                    "CONFLICT: differs from first copy" if i.conflict else "",
+                )
+        console.print(table)

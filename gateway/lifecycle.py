@@ -1,0 +1,75 @@
+"""A study's life in the gateway: the states and the one table of legal moves.
+
+A *study unit* (one row in the queue) is what the gateway moves: all instances of one Study Instance UID
+that arrived together. Late instances of a study whose unit has already left ``received`` start a
+follow-up unit of the same study, so nothing that arrives is ever lost behind a state that moved on.
+
+Sender side (ingest -> transfer)::
+
+    received --(no new instance for stable_age_s)--> stable --(routed)--> queued
+    queued -> waiting-peer | offering;  offering -> sending -> sent -> delivered
+
+Receiver side (transfer -> PACS)::
+
+    receiving -> received -> importing -> delivered
+
+``failed`` is a stop the admin can retry from; ``dead`` is the admin's "give up" and is terminal but kept.
+The state lives in one DB column (``study_units.state``); every move goes through :func:`check_move`
+and writes an audit row (see ``gateway.store``). An illegal move raises :class:`IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    RECEIVING = "receiving"
+    RECEIVED = "received"
+    STABLE = "stable"
+    QUEUED = "queued"
+    WAITING_PEER = "waiting-peer"
+    OFFERING = "offering"
+    SENDING = "sending"
+    SENT = "sent"
+    IMPORTING = "importing"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class IllegalTransition(RuntimeError):
+    """A move that the transition table does not allow."""
+
+    def __init__(self, current: State, target: State) -> None:
+        super().__init__(f"illegal study state move {current.value} -> {target.value}")
+        self.current = current
+        self.target = target
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.RECEIVING: frozenset({S.RECEIVED, S.FAILED}),
+    S.RECEIVED: frozenset({S.STABLE, S.IMPORTING, S.FAILED, S.DEAD}),
+    S.STABLE: frozenset({S.QUEUED, S.DEAD}),
+    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DEAD}),
+    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DEAD}),
+    S.OFFERING: frozenset({S.SENDING, S.WAITING_PEER, S.QUEUED, S.FAILED}),
+    S.SENDING: frozenset({S.SENT, S.QUEUED, S.FAILED}),
+    S.SENT: frozenset({S.DELIVERED, S.QUEUED, S.FAILED}),
+    S.IMPORTING: frozenset({S.DELIVERED, S.RECEIVED, S.FAILED}),
+    S.DELIVERED: frozenset(),
+    S.FAILED: frozenset({S.QUEUED, S.RECEIVED, S.DEAD}),
+    S.DEAD: frozenset(),
+}
+
+#: States in which a unit still accepts new instances from modalities.
+OPEN_FOR_INSTANCES: frozenset[State] = frozenset({S.RECEIVED})
+
+
+def check_move(current: State | str, target: State | str) -> State:
+    """Return ``target`` as a :class:`State` if the move is legal, else raise :class:`IllegalTransition`."""
+    current_state, target_state = State(current), State(target)
+    if target_state not in TRANSITIONS[current_state]:
+        raise IllegalTransition(current_state, target_state)
+    return target_state

@@ -1,0 +1,98 @@
+"""Plain domain types shared by the core and the edges (no I/O, no ORM).
+
+``InstanceHeader`` is what an edge extracts from a DICOM data set before the core records it: only the
+identifying and descriptive attributes (PS3.3 Patient/Study/Series/SOP Common modules). ``StagedFile`` is a
+file an edge has written and fsynced under a temporary name; the core decides its final place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: str) -> bool:
+    """PS3.5 9.1: dot-separated numeric components without leading zeros, at most 64 characters."""
+    return 0 < len(value) <= 64 and UID_RE.match(value) is not None
+
+
+class IngestOutcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, identical bytes: a no-op
+    CONFLICT = "conflict"  # same SOP Instance UID, different bytes: kept beside the first, flagged
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    study_description: str = ""
+    study_date: str = ""
+    accession_number: str = ""
+    modality: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    temp_path: Path
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: IngestOutcome
+    unit_id: int
+    sop_instance_uid: str
+    spool_path: Path | None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    unit_id: int
+    study_instance_uid: str
+    unit_seq: int
+    state: str
+    patient_name: str
+    patient_id: str
+    study_description: str
+    modalities: str
+    instances: int
+    size_bytes: int
+    destination: str | None
+    created_at: datetime
+    last_instance_at: datetime
+    state_changed_at: datetime
+    flags: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    instance_number: int | None
+    size_bytes: int
+    sha256: str
+    spool_path: str
+    conflict: bool
+    source: str
+    received_at: datetime

@@ -1,0 +1,75 @@
+"""Use cases: ingest an instance, mark complete studies stable.
+
+The edges (DICOM SCP, watched folder) stage a file durably, extract its header and call
+:meth:`IngestService.ingest`; only when it returns may they acknowledge the instance. The service decides
+what the bytes are (new, an identical duplicate, or a conflicting second copy), places the file, and
+commits its row. Any exception it raises means "not stored": the edge answers with a failure status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from gateway.model import IngestOutcome, IngestResult, InstanceHeader, StagedFile
+from gateway.store import DuplicateInstance, QueueStore
+
+log = logging.getLogger(__name__)
+
+
+class SpoolPort(Protocol):
+    def relative_path(self, header: InstanceHeader, sha256: str, conflict: bool) -> str: ...
+    def place(self, staged: StagedFile, relative_path: str) -> Path: ...
+    def discard(self, staged: StagedFile) -> None: ...
+
+
+class IngestService:
+    """Record staged instances; serialises the duplicate check and the placement within one process."""
+
+    def __init__(self, store: QueueStore, spool: SpoolPort) -> None:
+        self._store = store
+        self._spool = spool
+        self._lock = threading.Lock()
+
+    def ingest(self, header: InstanceHeader, staged: StagedFile, source: str) -> IngestResult:
+        """Place ``staged`` in the spool and record it; returns once the row is committed."""
+        with self._lock:
+            copies = self._store.instance_hashes(header.sop_instance_uid)
+            if any(sha256 == staged.sha256 for sha256, _ in copies):
+                self._spool.discard(staged)
+                log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
+                return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
+            conflict = bool(copies)
+            relative = self._spool.relative_path(header, staged.sha256, conflict)
+            final_path = self._spool.place(staged, relative)
+            try:
+                unit_id = self._store.record_instance(
+                    header,
+                    spool_path=relative,
+                    size_bytes=staged.size_bytes,
+                    sha256=staged.sha256,
+                    source=source,
+                    conflict=conflict,
+                )
+            except DuplicateInstance:
+                return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, final_path)
+        outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
+        if conflict:
+            log.warning("conflict: %s from %s differs from the stored copy; kept at %s", header.sop_instance_uid, source, relative)
+        return IngestResult(outcome, unit_id, header.sop_instance_uid, final_path)
+
+
+class CompletenessService:
+    """Marks studies stable once no instance arrived for ``stable_age_s`` (PS3.4 has no "study complete")."""
+
+    def __init__(self, store: QueueStore, stable_age_s: float) -> None:
+        self._store = store
+        self._stable_age_s = stable_age_s
+
+    def tick(self) -> list[int]:
+        moved = self._store.mark_stable(self._stable_age_s)
+        if moved:
+            log.info("study units now stable: %s", moved)
+        return moved

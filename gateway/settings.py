@@ -1,0 +1,181 @@
+"""The gateway's one settings object: frozen, typed, loaded once from TOML plus environment.
+
+Contract
+- ``load_settings(path)`` reads a TOML file (stdlib ``tomllib``), applies ``DICOMGW_*`` environment
+  overrides and returns a frozen :class:`Settings`. Nothing here runs at import time.
+- Relative paths in the file resolve against ``base_dir``, which is itself relative to the directory of
+  the config file (the shipped ``conf/gateway.toml`` sets ``base_dir = ".."`` so that ``var/`` lands in
+  the checkout). A relative SQLite path in ``db_url`` resolves the same way.
+- Every error names the key and what was wrong, as a :class:`SettingsError`.
+
+Environment overrides (useful for containers and tests): ``DICOMGW_DB_URL``, ``DICOMGW_AE_TITLE``,
+``DICOMGW_PORT``, ``DICOMGW_HOST``, ``DICOMGW_SPOOL_DIR``, ``DICOMGW_WATCH_DIR``,
+``DICOMGW_QUARANTINE_DIR``, ``DICOMGW_STABLE_AGE_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    ae_title: str = "DICOMGW"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    max_pdu_bytes: int = 262144
+    max_associations: int = 16
+    network_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    spool_dir: Path = Path("var/spool")
+    watch_dir: Path | None = Path("var/incoming")
+    quarantine_dir: Path = Path("var/quarantine")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    db_url: str = "sqlite:///var/queue.db"
+    stable_age_s: float = 30.0
+    stable_check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    settle_s: float = 2.0
+    scan_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    source: Path | None = None
+
+    def calling_ae_allowed(self, calling_ae_title: str) -> bool:
+        allowed = self.dicom.allowed_calling_ae_titles
+        return not allowed or calling_ae_title.strip() in allowed
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate the TOML file at ``path`` plus ``DICOMGW_*`` overrides from ``environ``."""
+    config_path = Path(path).resolve()
+    try:
+        with config_path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {config_path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{config_path}: not valid TOML: {exc}") from None
+    env = os.environ if environ is None else environ
+    base_dir = (config_path.parent / str(raw.get("base_dir", "."))).resolve()
+    return settings_from_mapping(raw, base_dir, env, source=config_path)
+
+
+def settings_from_mapping(
+    raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str], source: Path | None = None
+) -> Settings:
+    """Build settings from an already-parsed mapping (the TOML document's shape)."""
+    dicom_raw = _table(raw, "dicom")
+    paths_raw = _table(raw, "paths")
+    queue_raw = _table(raw, "queue")
+    watch_raw = _table(raw, "watch")
+
+    dicom = DicomSettings(
+        ae_title=_ae_title(environ.get("DICOMGW_AE_TITLE", dicom_raw.get("ae_title", "DICOMGW")), "dicom.ae_title"),
+        host=str(environ.get("DICOMGW_HOST", dicom_raw.get("host", "127.0.0.1"))),
+        port=_int(environ.get("DICOMGW_PORT", dicom_raw.get("port", 11112)), "dicom.port", 0, 65535),
+        allowed_calling_ae_titles=tuple(
+            _ae_title(t, "dicom.allowed_calling_ae_titles") for t in dicom_raw.get("allowed_calling_ae_titles", [])
+        ),
+        max_pdu_bytes=_int(dicom_raw.get("max_pdu_bytes", 262144), "dicom.max_pdu_bytes", 0, 2**32 - 1),
+        max_associations=_int(dicom_raw.get("max_associations", 16), "dicom.max_associations", 1, 1000),
+        network_timeout_s=_float(dicom_raw.get("network_timeout_s", 60.0), "dicom.network_timeout_s", 0.1),
+    )
+    watch_value = environ.get("DICOMGW_WATCH_DIR", paths_raw.get("watch_dir", "var/incoming"))
+    paths = PathSettings(
+        spool_dir=_path(environ.get("DICOMGW_SPOOL_DIR", paths_raw.get("spool_dir", "var/spool")), base_dir),
+        watch_dir=_path(watch_value, base_dir) if watch_value else None,
+        quarantine_dir=_path(
+            environ.get("DICOMGW_QUARANTINE_DIR", paths_raw.get("quarantine_dir", "var/quarantine")), base_dir
+        ),
+    )
+    queue = QueueSettings(
+        db_url=_db_url(str(environ.get("DICOMGW_DB_URL", queue_raw.get("db_url", "sqlite:///var/queue.db"))), base_dir),
+        stable_age_s=_float(environ.get("DICOMGW_STABLE_AGE_S", queue_raw.get("stable_age_s", 30.0)), "queue.stable_age_s", 0.0),
+        stable_check_interval_s=_float(queue_raw.get("stable_check_interval_s", 1.0), "queue.stable_check_interval_s", 0.05),
+    )
+    watch = WatchSettings(
+        settle_s=_float(watch_raw.get("settle_s", 2.0), "watch.settle_s", 0.0),
+        scan_interval_s=_float(watch_raw.get("scan_interval_s", 0.5), "watch.scan_interval_s", 0.05),
+    )
+    return Settings(dicom=dicom, paths=paths, queue=queue, watch=watch, source=source)
+
+
+def with_overrides(settings: Settings, **sections: Any) -> Settings:
+    """Return a copy with whole sections replaced (used by the demo and tests)."""
+    return replace(settings, **sections)
+
+
+def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise SettingsError(f"[{name}] must be a table")
+    return value
+
+
+def _ae_title(value: Any, key: str) -> str:
+    text = str(value).strip()
+    if not AE_TITLE_RE.match(text):
+        raise SettingsError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return text
+
+
+def _int(value: Any, key: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{key}: {value!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise SettingsError(f"{key}: {number} is outside {low}..{high}")
+    return number
+
+
+def _float(value: Any, key: str, low: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{key}: {value!r} is not a number") from None
+    if number < low:
+        raise SettingsError(f"{key}: {number} is below {low}")
+    return number
+
+
+def _path(value: Any, base_dir: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _db_url(url: str, base_dir: Path) -> str:
+    """Resolve a relative SQLite file path against ``base_dir``; other URLs pass unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return prefix + str(_path(url[len(prefix):], base_dir))
+    return url

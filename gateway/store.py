@@ -1,0 +1,485 @@
+"""The queue database: SQLAlchemy 2 models and the repository the use cases call.
+
+Contract
+- One engine per process (:func:`make_engine`); SQLite runs in WAL mode with ``synchronous=FULL`` (a commit
+  is on disk when it returns) and a busy timeout; PostgreSQL works with the same code (URL only).
+- The schema is owned by Alembic (``migrations/``); :func:`upgrade_schema` brings any DB to head and the
+  gateway calls it on start. The ORM classes here mirror the newest revision.
+- :class:`QueueStore` is the only code that writes rows. Every state move goes through
+  ``gateway.lifecycle.check_move`` and writes an ``audit_log`` row in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from gateway.lifecycle import OPEN_FOR_INSTANCES, State, check_move
+from gateway.model import InstanceHeader, InstanceRecord, StudySummary
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what every timestamp column holds (SQLite keeps no zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyUnitRow(Base):
+    __tablename__ = "study_units"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "unit_seq", name="uq_study_unit_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    unit_seq: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    destination: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    flags: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_uid_sha256"),
+        Index("ix_instances_sop_instance_uid", "sop_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("study_units.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(Text)
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[str] = mapped_column(String(80))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class PeerRow(Base):
+    __tablename__ = "peers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    jid: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class TransferRow(Base):
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit_id: Mapped[int | None] = mapped_column(ForeignKey("study_units.id"), nullable=True, index=True)
+    sid: Mapped[str] = mapped_column(String(128), index=True)
+    peer_jid: Mapped[str] = mapped_column(String(255))
+    direction: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(16), default="")
+    offset_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    unit_id: Mapped[int | None] = mapped_column(ForeignKey("study_units.id"), nullable=True, index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    event: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+def make_engine(db_url: str) -> Engine:
+    """The process's one engine. SQLite: WAL, synchronous=FULL, 30 s busy timeout, foreign keys on."""
+    if db_url.startswith("sqlite"):
+        path = db_url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(db_url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(db_url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def alembic_config(db_url: str) -> Any:
+    """The Alembic config for ``migrations/`` pointing at ``db_url`` (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
+    return config
+
+
+def upgrade_schema(engine: Engine, revision: str = "head") -> None:
+    """Bring the database to ``revision`` (the gateway calls this on start)."""
+    from alembic import command
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+class DuplicateInstance(Exception):
+    """Raised inside a record attempt when another writer stored the same bytes first."""
+
+
+class QueueStore:
+    """Repository over the queue DB; each public method is one unit of work (one transaction)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def _unit_of_work(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- ingest -----------------------------------------------------------------------------------
+    def instance_hashes(self, sop_instance_uid: str) -> list[tuple[str, str]]:
+        """(sha256, spool_path) of every stored copy of this SOP Instance UID."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(InstanceRow.sha256, InstanceRow.spool_path).where(
+                    InstanceRow.sop_instance_uid == sop_instance_uid
+                )
+            ).all()
+        return [(r.sha256, r.spool_path) for r in rows]
+
+    def record_instance(
+        self,
+        header: InstanceHeader,
+        *,
+        spool_path: str,
+        size_bytes: int,
+        sha256: str,
+        source: str,
+        conflict: bool,
+    ) -> int:
+        """Record one stored instance in its study's open unit (created when needed); returns the unit id.
+
+        Raises :class:`DuplicateInstance` if identical bytes for the SOP Instance UID were recorded first
+        by another writer.
+        """
+        for _attempt in range(3):
+            try:
+                with self._unit_of_work() as session:
+                    return self._record(session, header, spool_path, size_bytes, sha256, source, conflict)
+            except IntegrityError as exc:
+                if "uq_instance_uid_sha256" in str(exc) or "instances.sop_instance_uid, instances.sha256" in str(exc):
+                    raise DuplicateInstance(header.sop_instance_uid) from exc
+                continue  # another process opened the same unit first: look again
+        raise RuntimeError(f"could not open a study unit for {header.study_instance_uid}")
+
+    def _record(
+        self,
+        session: Session,
+        header: InstanceHeader,
+        spool_path: str,
+        size_bytes: int,
+        sha256: str,
+        source: str,
+        conflict: bool,
+    ) -> int:
+        now = utcnow()
+        unit = self._open_unit(session, header, now)
+        session.add(
+            InstanceRow(
+                unit_id=unit.id,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                series_instance_uid=header.series_instance_uid,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                modality=header.modality,
+                instance_number=header.instance_number,
+                size_bytes=size_bytes,
+                sha256=sha256,
+                spool_path=spool_path,
+                conflict=conflict,
+                source=source,
+                received_at=now,
+            )
+        )
+        unit.instance_count += 1
+        unit.size_bytes += size_bytes
+        unit.last_instance_at = now
+        if conflict and "conflict" not in unit.flags:
+            unit.flags = ",".join(filter(None, [unit.flags, "conflict"]))
+            session.add(
+                AuditRow(
+                    at=now,
+                    unit_id=unit.id,
+                    study_instance_uid=unit.study_instance_uid,
+                    event="conflict",
+                    detail=f"SOP Instance UID {header.sop_instance_uid} received again with different bytes "
+                    f"(sha256 {sha256}); kept beside the first copy at {spool_path}",
+                )
+            )
+        session.flush()
+        return unit.id
+
+    def _open_unit(self, session: Session, header: InstanceHeader, now: datetime) -> StudyUnitRow:
+        units = session.scalars(
+            select(StudyUnitRow)
+            .where(StudyUnitRow.study_instance_uid == header.study_instance_uid)
+            .order_by(StudyUnitRow.unit_seq.desc())
+        ).all()
+        for unit in units:
+            if unit.state in OPEN_FOR_INSTANCES:
+                return unit
+        unit = StudyUnitRow(
+            study_instance_uid=header.study_instance_uid,
+            unit_seq=(units[0].unit_seq + 1) if units else 1,
+            state=State.RECEIVED.value,
+            patient_name=header.patient_name,
+            patient_id=header.patient_id,
+            study_description=header.study_description,
+            study_date=header.study_date,
+            accession_number=header.accession_number,
+            created_at=now,
+            last_instance_at=now,
+            state_changed_at=now,
+        )
+        session.add(unit)
+        session.flush()
+        detail = "new study" if not units else f"follow-up unit {unit.unit_seq}: late instances after unit {units[0].unit_seq} left 'received'"
+        session.add(
+            AuditRow(
+                at=now,
+                unit_id=unit.id,
+                study_instance_uid=unit.study_instance_uid,
+                event="created",
+                to_state=State.RECEIVED.value,
+                detail=detail,
+            )
+        )
+        return unit
+
+    # -- state moves ------------------------------------------------------------------------------
+    def transition(self, unit_id: int, target: State, detail: str = "", error: str | None = None) -> None:
+        """Move one unit to ``target`` (checked against the lifecycle table) and audit it."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            self._move(session, unit, target, detail, error)
+
+    def _move(
+        self, session: Session, unit: StudyUnitRow, target: State, detail: str, error: str | None = None
+    ) -> None:
+        current = unit.state
+        check_move(current, target)
+        now = utcnow()
+        result = session.execute(
+            update(StudyUnitRow)
+            .where(StudyUnitRow.id == unit.id, StudyUnitRow.state == current)
+            .values(state=target.value, state_changed_at=now, error=error)
+        )
+        if result.rowcount != 1:
+            raise RuntimeError(f"study unit {unit.id} moved concurrently from {current}")
+        session.add(
+            AuditRow(
+                at=now,
+                unit_id=unit.id,
+                study_instance_uid=unit.study_instance_uid,
+                event="transition",
+                from_state=current,
+                to_state=target.value,
+                detail=detail,
+            )
+        )
+
+    def mark_stable(self, stable_age_s: float, now: datetime | None = None) -> list[int]:
+        """Move every ``received`` unit with no new instance for ``stable_age_s`` to ``stable``."""
+        cutoff = (now or utcnow()) - timedelta(seconds=stable_age_s)
+        moved: list[int] = []
+        with self._unit_of_work() as session:
+            units = session.scalars(
+                select(StudyUnitRow).where(
+                    StudyUnitRow.state == State.RECEIVED.value,
+                    StudyUnitRow.last_instance_at <= cutoff,
+                    StudyUnitRow.instance_count > 0,
+                )
+            ).all()
+            for unit in units:
+                self._move(session, unit, State.STABLE, f"no new instance for {stable_age_s:g} s")
+                moved.append(unit.id)
+        return moved
+
+    # -- audit ------------------------------------------------------------------------------------
+    def audit(self, event_name: str, detail: str, unit_id: int | None = None, study_instance_uid: str | None = None) -> None:
+        with self._unit_of_work() as session:
+            session.add(
+                AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=study_instance_uid, event=event_name, detail=detail)
+            )
+
+    def audit_entries(self, limit: int = 100, unit_id: int | None = None) -> list[dict[str, Any]]:
+        query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if unit_id is not None:
+            query = query.where(AuditRow.unit_id == unit_id)
+        with self._sessions() as session:
+            rows = session.scalars(query).all()
+        return [
+            {
+                "id": r.id,
+                "at": r.at.isoformat(),
+                "unit_id": r.unit_id,
+                "study_instance_uid": r.study_instance_uid,
+                "event": r.event,
+                "from_state": r.from_state,
+                "to_state": r.to_state,
+                "detail": r.detail,
+            }
+            for r in rows
+        ]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def studies(self, state: str | None = None) -> list[StudySummary]:
+        query = select(StudyUnitRow).order_by(StudyUnitRow.created_at, StudyUnitRow.id)
+        if state:
+            query = query.where(StudyUnitRow.state == state)
+        with self._sessions() as session:
+            units = session.scalars(query).all()
+            modalities = self._modalities(session, [u.id for u in units])
+        return [_summary(u, modalities.get(u.id, "")) for u in units]
+
+    def study_units(self, study_instance_uid: str) -> list[tuple[StudySummary, list[InstanceRecord]]]:
+        """Every unit of one study with its instances, ordered by series and instance number."""
+        with self._sessions() as session:
+            units = session.scalars(
+                select(StudyUnitRow)
+                .where(StudyUnitRow.study_instance_uid == study_instance_uid)
+                .order_by(StudyUnitRow.unit_seq)
+            ).all()
+            modalities = self._modalities(session, [u.id for u in units])
+            result = []
+            for unit in units:
+                rows = session.scalars(
+                    select(InstanceRow)
+                    .where(InstanceRow.unit_id == unit.id)
+                    .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.id)
+                ).all()
+                result.append((_summary(unit, modalities.get(unit.id, "")), [_instance(r) for r in rows]))
+        return result
+
+    def _modalities(self, session: Session, unit_ids: Sequence[int]) -> dict[int, str]:
+        if not unit_ids:
+            return {}
+        rows = session.execute(
+            select(InstanceRow.unit_id, InstanceRow.modality)
+            .where(InstanceRow.unit_id.in_(unit_ids))
+            .group_by(InstanceRow.unit_id, InstanceRow.modality)
+        ).all()
+        found: dict[int, list[str]] = {}
+        for unit_id, modality in rows:
+            if modality:
+                found.setdefault(unit_id, []).append(modality)
+        return {k: "/".join(sorted(v)) for k, v in found.items()}
+
+    def count_instances(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count(InstanceRow.id))) or 0)
+
+
+def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
+    return StudySummary(
+        unit_id=unit.id,
+        study_instance_uid=unit.study_instance_uid,
+        unit_seq=unit.unit_seq,
+        state=unit.state,
+        patient_name=unit.patient_name,
+        patient_id=unit.patient_id,
+        study_description=unit.study_description,
+        modalities=modalities,
+        instances=unit.instance_count,
+        size_bytes=unit.size_bytes,
+        destination=unit.destination,
+        created_at=unit.created_at,
+        last_instance_at=unit.last_instance_at,
+        state_changed_at=unit.state_changed_at,
+        flags=unit.flags,
+        error=unit.error,
+    )
+
+
+def _instance(row: InstanceRow) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=row.sop_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        series_instance_uid=row.series_instance_uid,
+        series_number=row.series_number,
+        series_description=row.series_description,
+        modality=row.modality,
+        instance_number=row.instance_number,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        spool_path=row.spool_path,
+        conflict=row.conflict,
+        source=row.source,
+        received_at=row.received_at,
+    )
