@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
+from collections.abc import Callable
 
 from adapters.dicom_scp import StorageSCP
 from adapters.dicom_scu import EchoResult, echo
@@ -23,7 +25,7 @@ from gateway.store import QueueStore, make_engine, upgrade_schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EchoResult", "Gateway", "echo", "open_store", "run_forever"]
+__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
 
 
 def open_store(settings: Settings) -> QueueStore:
@@ -68,7 +70,7 @@ class Gateway:
     def _stored(self, result: IngestResult) -> None:
         self.instances_stored += 1
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(upgrade_schema, self.engine)
         for kept in self.spool.start():
@@ -84,6 +86,8 @@ class Gateway:
                 self.scp.port,
                 self.settings.paths.spool_dir,
             )
+            if ready is not None:
+                ready()
             while not stop.is_set():
                 await asyncio.to_thread(self.completeness.tick)
                 with contextlib.suppress(TimeoutError):
@@ -107,3 +111,42 @@ def run_forever(settings: Settings) -> None:
         await Gateway(settings).run(stop)
 
     asyncio.run(main())
+
+
+class GatewayController:
+    """Run a :class:`Gateway` on its own event loop in a thread (tests, the demo); ready-wait with a deadline."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.gateway = Gateway(settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout_s: float = 30.0) -> Gateway:
+        self._thread = threading.Thread(target=self._main, name="gateway", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"gateway not ready after {timeout_s} s")
+        if self._error is not None:
+            raise RuntimeError("gateway failed to start") from self._error
+        return self.gateway
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await self.gateway.run(self._stop, ready=self._ready.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()

@@ -34,17 +34,24 @@ class IngestService:
         self._lock = threading.Lock()
 
     def ingest(self, header: InstanceHeader, staged: StagedFile, source: str) -> IngestResult:
-        """Place ``staged`` in the spool and record it; returns once the row is committed."""
-        with self._lock:
-            copies = self._store.instance_hashes(header.sop_instance_uid)
-            if any(sha256 == staged.sha256 for sha256, _ in copies):
-                self._spool.discard(staged)
-                log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
-                return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
-            conflict = bool(copies)
-            relative = self._spool.relative_path(header, staged.sha256, conflict)
-            final_path = self._spool.place(staged, relative)
-            try:
+        """Place ``staged`` in the spool and record it; returns once the row is committed.
+
+        On any exception nothing was acknowledged: a staged file not yet placed is discarded (the sender
+        still holds the instance); a placed file whose row failed stays at its path and is overwritten by
+        the identical bytes when the sender tries again.
+        """
+        placed = False
+        try:
+            with self._lock:
+                copies = self._store.instance_hashes(header.sop_instance_uid)
+                if any(sha256 == staged.sha256 for sha256, _ in copies):
+                    self._spool.discard(staged)
+                    log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
+                    return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
+                conflict = bool(copies)
+                relative = self._spool.relative_path(header, staged.sha256, conflict)
+                final_path = self._spool.place(staged, relative)
+                placed = True
                 unit_id = self._store.record_instance(
                     header,
                     spool_path=relative,
@@ -53,12 +60,16 @@ class IngestService:
                     source=source,
                     conflict=conflict,
                 )
-            except DuplicateInstance:
-                return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, final_path)
-        outcome = IngestOutcome.CONFLICT if conflict else IngestOutcome.STORED
+        except DuplicateInstance:
+            return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
+        except BaseException:
+            if not placed:
+                self._spool.discard(staged)
+            raise
         if conflict:
             log.warning("conflict: %s from %s differs from the stored copy; kept at %s", header.sop_instance_uid, source, relative)
-        return IngestResult(outcome, unit_id, header.sop_instance_uid, final_path)
+            return IngestResult(IngestOutcome.CONFLICT, unit_id, header.sop_instance_uid, final_path)
+        return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
 
 
 class CompletenessService:

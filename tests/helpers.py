@@ -1,0 +1,80 @@
+"""Shared test helpers: ports, waiting with deadlines, dcmtk runs, Part-10 data set comparison."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pydicom
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> T:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes (then fail loudly)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def dcmtk_env() -> dict[str, str]:
+    """dcmtk leaves Nagle on unless told (see shared/reference/dicom-notes.md)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_dcmtk(args: list[str], timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def storescu(port: int, files: list[Path], calling_ae: str = "STORESCU", called_ae: str = "DICOMGW") -> subprocess.CompletedProcess[str]:
+    return run_dcmtk(["storescu", "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)])
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a Part-10 file after its File Meta Information (PS3.10 7.1)."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM", f"{path} is not Part-10"
+    pos = 132
+    while True:
+        group = int.from_bytes(raw[pos : pos + 2], "little")
+        if group != 0x0002:
+            return raw[pos:]
+        vr = raw[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"):
+            pos += 12 + int.from_bytes(raw[pos + 8 : pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(raw[pos + 6 : pos + 8], "little")
+
+
+def sop_instance_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def transfer_syntax(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)

@@ -1,0 +1,221 @@
+"""The Storage/Verification SCP against the real dcmtk tools (storescu, dcmsend, echoscu)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import text
+
+from adapters.synthetic import generate_ct_study
+from gateway.bootstrap import Gateway, GatewayController
+from gateway.settings import DicomSettings, PathSettings, QueueSettings, Settings, WatchSettings
+from tests.helpers import (
+    PYDICOM_FILES,
+    dataset_bytes,
+    dcmtk_env,
+    free_port,
+    port_open,
+    run_dcmtk,
+    sop_instance_uid,
+    storescu,
+    transfer_syntax,
+    wait_for,
+)
+
+COMPRESSED = {
+    "SC_rgb_jpeg_dcmtk.dcm": "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "JPGExtended.dcm": "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "SC_rgb_jpeg_gdcm.dcm": "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "JPEG2000.dcm": "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",  # RLE lossless
+    "image_dfl.dcm": "1.2.840.10008.1.2.1.99",  # deflated explicit VR LE
+}
+
+
+def make_settings(tmp_path: Path, port: int, **queue: object) -> Settings:
+    return Settings(
+        dicom=DicomSettings(ae_title="DICOMGW", port=port, allowed_calling_ae_titles=("STORESCU", "DCMSEND", "ECHOSCU")),
+        paths=PathSettings(
+            spool_dir=tmp_path / "spool", watch_dir=None, quarantine_dir=tmp_path / "quarantine"
+        ),
+        queue=replace(QueueSettings(db_url=f"sqlite:///{tmp_path / 'queue.db'}", stable_age_s=3600), **queue),
+        watch=WatchSettings(),
+    )
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    controller = GatewayController(make_settings(tmp_path, free_port()))
+    gw = controller.start()
+    try:
+        yield gw
+    finally:
+        controller.stop()
+
+
+def stored_instances(gw: Gateway) -> dict[str, dict]:
+    study_rows = {}
+    for summary in gw.store.studies():
+        for _unit, instances in gw.store.study_units(summary.study_instance_uid):
+            for inst in instances:
+                study_rows[inst.sop_instance_uid] = {"ts": inst.transfer_syntax_uid, "path": gw.spool.absolute(inst.spool_path), "sha256": inst.sha256, "conflict": inst.conflict}
+    return study_rows
+
+
+def test_storescu_ct_study_every_instance_recorded_and_byte_identical(gateway: Gateway, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=2, slices_per_series=150, rows=64, columns=64)
+    result = storescu(gateway.scp.port, study.files)
+    assert result.returncode == 0, result.stderr
+    stored = stored_instances(gateway)
+    assert set(stored) == set(study.sop_instance_uids)
+    for sent_path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+        assert stored[uid]["ts"] == transfer_syntax(sent_path)
+        assert dataset_bytes(stored[uid]["path"]) == dataset_bytes(sent_path)
+    (summary,) = gateway.store.studies()
+    assert (summary.study_instance_uid, summary.instances, summary.state) == (study.study_instance_uid, 300, "received")
+    assert {s.modalities for s in gateway.store.studies()} == {"CT"}
+
+
+def _fresh_uid_copy(name: str, out_dir: Path, study_uid: str) -> Path:
+    """A copy of a pydicom test file with new SOP Instance and Study UIDs (several share UIDs upstream)."""
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid
+    target = out_dir / name
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def _dcmsend(port: int, files: list[Path]) -> None:
+    result = run_dcmtk(["dcmsend", "-v", "-dn", "-aet", "DCMSEND", "-aec", "DICOMGW", "127.0.0.1", str(port), *map(str, files)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _wire_reference(files: list[Path], out_dir: Path) -> dict[str, bytes]:
+    """What dcmsend puts on the wire (dcmtk re-encodes some sequences), as dcmtk's storescp +B keeps it."""
+    out_dir.mkdir()
+    port = free_port()
+    scp = subprocess.Popen(
+        ["storescp", "+B", "-xf", "/etc/dcmtk/storescp.cfg", "AllDICOM", "-od", str(out_dir), "-aet", "DICOMGW", str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: port_open(port), 10, what="storescp listening")
+        _dcmsend(port, files)
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    return {sop_instance_uid(p): dataset_bytes(p) for p in out_dir.iterdir()}
+
+
+def test_dcmsend_compressed_transfer_syntaxes_stored_as_sent(gateway: Gateway, tmp_path: Path) -> None:
+    out = tmp_path / "compressed"
+    out.mkdir()
+    study_uid = generate_uid()
+    files = {name: _fresh_uid_copy(name, out, study_uid) for name in COMPRESSED}
+    on_the_wire = _wire_reference(list(files.values()), tmp_path / "storescp")
+    _dcmsend(gateway.scp.port, list(files.values()))
+    stored = stored_instances(gateway)
+    for name, path in files.items():
+        uid = sop_instance_uid(path)
+        assert stored[uid]["ts"] == COMPRESSED[name], name
+        assert dataset_bytes(stored[uid]["path"]) == on_the_wire[uid], name
+    # Where dcmtk sends the file's own encoding, the spool holds the sent file's data set byte for byte.
+    identical = [n for n, p in files.items() if dataset_bytes(p) == on_the_wire[sop_instance_uid(p)]]
+    assert len(identical) >= 3, identical  # JPEG baseline, JPEG lossless and deflate, with dcmtk 3.6.7
+    for name in identical:
+        assert dataset_bytes(stored[sop_instance_uid(files[name])]["path"]) == dataset_bytes(files[name])
+
+
+def test_echoscu_succeeds_and_unknown_calling_ae_is_rejected_and_audited(gateway: Gateway) -> None:
+    ok = run_dcmtk(["echoscu", "-v", "-aet", "ECHOSCU", "-aec", "DICOMGW", "127.0.0.1", str(gateway.scp.port)])
+    assert ok.returncode == 0, ok.stderr
+    refused = run_dcmtk(["echoscu", "-v", "-aet", "INTRUDER", "-aec", "DICOMGW", "127.0.0.1", str(gateway.scp.port)])
+    assert refused.returncode != 0
+    assert "Association Rejected" in refused.stdout + refused.stderr
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+    wait_for(
+        lambda: any(a["event"] == "association_rejected" and "INTRUDER" in a["detail"] for a in gateway.store.audit_entries()),
+        10,
+        what="an audit row for the rejected association",
+    )
+
+
+def test_duplicate_identical_is_noop_and_different_bytes_kept_and_flagged(gateway: Gateway, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
+    assert storescu(gateway.scp.port, study.files).returncode == 0
+    assert storescu(gateway.scp.port, study.files[:1]).returncode == 0  # same bytes again
+    assert gateway.store.count_instances() == 2
+    changed = pydicom.dcmread(study.files[0])
+    changed.SeriesDescription = "CORRECTED"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path, enforce_file_format=True)
+    assert storescu(gateway.scp.port, [changed_path]).returncode == 0
+    copies = [i for _u, rows in gateway.store.study_units(study.study_instance_uid) for i in rows if i.sop_instance_uid == study.sop_instance_uids[0]]
+    assert sorted(c.conflict for c in copies) == [False, True]
+    assert {dataset_bytes(gateway.spool.absolute(c.spool_path)) for c in copies} == {
+        dataset_bytes(study.files[0]),
+        dataset_bytes(changed_path),
+    }
+    (summary,) = gateway.store.studies()
+    assert "conflict" in summary.flags
+    assert any(a["event"] == "conflict" for a in gateway.store.audit_entries())
+
+
+def test_db_failure_answers_out_of_resources(gateway: Gateway, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=1, rows=32, columns=32)
+    with gateway.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE instances RENAME TO instances_gone"))
+    result = storescu(gateway.scp.port, study.files)
+    assert _store_responses(result.stdout + result.stderr) == "I: Received Store Response (Refused: OutOfResources)"
+    assert list((gateway.spool.staging_dir).iterdir()) == []
+
+
+def _store_responses(log: str) -> str:
+    return "\n".join(line for line in log.splitlines() if "Received Store Response" in line)
+
+
+@pytest.fixture
+def tiny_spool(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a real full disk. Needs root (CI runs as root); anything else is a setup error."""
+    mount_point = tmp_path / "tinyfs"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_answers_out_of_resources_and_keeps_nothing_half_written(tmp_path: Path, tiny_spool: Path) -> None:
+    settings = make_settings(tmp_path, free_port())
+    settings = replace(settings, paths=replace(settings.paths, spool_dir=tiny_spool / "spool"))
+    controller = GatewayController(settings)
+    gw = controller.start()
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=8, rows=512, columns=512)  # 8 x 512 KiB
+        result = storescu(gw.scp.port, study.files)
+        responses = _store_responses(result.stdout + result.stderr)
+        assert "Received Store Response (Refused: OutOfResources)" in responses, result.stdout + result.stderr
+        acknowledged = responses.count("(Success)")
+        assert 0 < acknowledged < len(study.files)
+        assert gw.store.count_instances() == acknowledged
+        assert list((tiny_spool / "spool" / ".incoming").iterdir()) == []
+        on_disk = sorted(tiny_spool.glob("spool/studies/*/*/*.dcm"))
+        assert len(on_disk) == acknowledged
+        for path, sent in zip(on_disk, sorted(study.files[:acknowledged], key=lambda p: p.name), strict=False):
+            assert path.stat().st_size > 0
+        for uid, info in stored_instances(gw).items():
+            assert dataset_bytes(info["path"]) == dataset_bytes(study.files[study.sop_instance_uids.index(uid)])
+    finally:
+        controller.stop()
+    shutil.rmtree(tmp_path / "ct", ignore_errors=True)
