@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@HOST:PORT")
     echo.add_argument("target", help="called AE title, host and port, e.g. ORTHANC@127.0.0.1:4242")
-    echo.add_argument("--calling-ae", default="DICOMGW")
+    _config_option(echo)
+    echo.add_argument("--calling-ae", help="calling AE title (default: the config's ae_title, else DICOMGW)")
     echo.add_argument("--timeout", type=float, default=10.0)
     echo.set_defaults(handler=_cmd_echo)
     return parser
@@ -95,7 +96,10 @@ def _cmd_echo(args: argparse.Namespace) -> int:
         return 2
     from gateway.bootstrap import echo
 
-    result = echo(called, host, port, calling_ae=args.calling_ae, timeout_s=args.timeout)
+    calling_ae = args.calling_ae
+    if not calling_ae:
+        calling_ae = load_settings(args.config).dicom.ae_title if os.path.exists(args.config) else "DICOMGW"
+    result = echo(called, host, port, calling_ae=calling_ae, timeout_s=args.timeout)
     print(result.detail)
     return 0 if result.ok else 1
 

@@ -1,0 +1,181 @@
+"""The gateway as an admin runs it: ``dicomgw run --config FILE`` in its own process, driven by dcmtk, read
+back through ``dicomgw queue``. Readiness is polled with a deadline; every process is stopped by PID."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.synthetic import generate_ct_study
+from tests.helpers import REPO, dataset_bytes, dcmtk_env, free_port, port_open, storescu, wait_for
+
+
+class GatewayProcess:
+    def __init__(self, workdir: Path, stable_age_s: float = 1.0) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.config = workdir / "conf" / "gateway.toml"
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        # Relative paths on purpose: they must resolve under base_dir (the work dir), as in the shipped sample.
+        self.config.write_text(
+            f"""base_dir = ".."
+[dicom]
+ae_title = "DICOMGW"
+port = {self.port}
+allowed_calling_ae_titles = ["STORESCU", "ECHOSCU"]
+[paths]
+spool_dir = "var/spool"
+watch_dir = "var/incoming"
+quarantine_dir = "var/quarantine"
+[queue]
+db_url = "sqlite:///var/queue.db"
+stable_age_s = {stable_age_s}
+stable_check_interval_s = 0.2
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.workdir / "gateway.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 30, what="the SCP port")
+        assert self.proc.poll() is None, (self.workdir / "gateway.log").read_text()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )
+
+    def queue_json(self, *args: str) -> object:
+        result = self.cli("queue", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(tmp_path / "site")
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_paths_in_config_resolve_under_base_dir(gateway: GatewayProcess) -> None:
+    assert (gateway.workdir / "var" / "queue.db").exists()
+    assert (gateway.workdir / "var" / "spool" / "studies").is_dir()
+    assert (gateway.workdir / "var" / "incoming").is_dir()
+
+
+def test_queue_cli_shows_the_pushed_study_until_stable(gateway: GatewayProcess, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=2, slices_per_series=20, rows=64, columns=64, study_description="CT ABDOMEN")
+    assert storescu(gateway.port, study.files).returncode == 0
+    rows = wait_for(
+        lambda: [r for r in gateway.queue_json() if r["state"] == "stable"], 20, what="the study to become stable"
+    )
+    (row,) = rows
+    assert (row["study_uid"], row["instances"], row["modalities"]) == (study.study_instance_uid, 40, "CT")
+    assert row["study_description"] == "CT ABDOMEN"
+    assert gateway.queue_json("--state", "received") == []
+
+    shown = gateway.queue_json("show", study.study_instance_uid)
+    assert {i["sop_instance_uid"] for i in shown["instances"]} == set(study.sop_instance_uids)
+    assert [s["instances"] for s in shown["series"]] == [20, 20]
+    assert row["bytes"] == sum(i["bytes"] for i in shown["instances"])
+    for inst in shown["instances"]:
+        assert inst["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2"
+        assert inst["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+        spooled = gateway.workdir / "var" / "spool" / inst["spool_path"]
+        assert inst["bytes"] == spooled.stat().st_size
+        assert inst["sha256"] == hashlib.sha256(spooled.read_bytes()).hexdigest()
+
+    table = gateway.cli("queue")
+    assert study.study_instance_uid in table.stdout and "stable" in table.stdout and "CT ABDOMEN" in table.stdout
+    missing = gateway.cli("queue", "show", "1.2.3.999")
+    assert missing.returncode == 1 and "no study 1.2.3.999" in missing.stderr
+
+
+def test_echo_command_against_the_running_gateway(gateway: GatewayProcess) -> None:
+    ok = gateway.cli("echo", f"DICOMGW@127.0.0.1:{gateway.port}", "--calling-ae", "ECHOSCU")
+    assert ok.returncode == 0 and "Success" in ok.stdout
+    refused = gateway.cli("echo", f"DICOMGW@127.0.0.1:{gateway.port}", "--calling-ae", "STRANGER")
+    assert refused.returncode == 1 and "rejected" in refused.stdout
+
+
+def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path / "site", stable_age_s=3600)
+    gw.start()
+    study = generate_ct_study(tmp_path / "ct", series=2, slices_per_series=200, rows=128, columns=128)
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aet", "STORESCU", "-aec", "DICOMGW", "127.0.0.1", str(gw.port), *map(str, study.files)],
+        env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    responses: list[str] = []
+    killed = threading.Event()
+
+    def read_responses() -> None:
+        assert sender.stdout is not None
+        for line in sender.stdout:
+            if "Received Store Response" in line:
+                responses.append(line.strip())
+                if len(responses) == 60 and not killed.is_set():
+                    gw.kill(signal.SIGKILL)
+                    killed.set()
+
+    reader = threading.Thread(target=read_responses)
+    reader.start()
+    try:
+        sender.wait(120)
+        reader.join(30)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
+        gw.kill()
+    assert killed.is_set(), "the gateway finished before it could be killed mid-run"
+    acknowledged = 0
+    for line in responses:
+        if "(Success)" not in line:
+            break
+        acknowledged += 1
+    assert 60 <= acknowledged < len(study.files)
+
+    db_path = gw.workdir / "var" / "queue.db"
+    gw.start()  # restart: migrations, spool recovery
+    try:
+        wait_for(lambda: port_open(gw.port), 30, what="the restarted gateway")
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        shown = gw.queue_json("show", study.study_instance_uid)
+        by_uid = {i["sop_instance_uid"]: i for i in shown["instances"]}
+        for path, uid in list(zip(study.files, study.sop_instance_uids, strict=True))[:acknowledged]:
+            assert uid in by_uid, f"acknowledged {uid} lost"
+            spooled = gw.workdir / "var" / "spool" / by_uid[uid]["spool_path"]
+            assert hashlib.sha256(spooled.read_bytes()).hexdigest() == by_uid[uid]["sha256"]
+            assert dataset_bytes(spooled) == dataset_bytes(path)
+        assert list((gw.workdir / "var" / "spool" / ".incoming").iterdir()) == []
+    finally:
+        gw.stop()

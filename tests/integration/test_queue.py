@@ -1,0 +1,130 @@
+"""The queue repository and the Alembic migrations against a real database (SQLite file; PostgreSQL too
+when GATEWAY_TEST_PG_URL is set, which .ci/run does)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, text
+
+from gateway.lifecycle import IllegalTransition, State
+from gateway.model import InstanceHeader
+from gateway.store import QueueStore, alembic_config, make_engine, upgrade_schema, utcnow
+
+
+def header(sop: str, study: str = "1.2.3", series: str = "1.2.3.1", modality: str = "CT") -> InstanceHeader:
+    return InstanceHeader(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        study_instance_uid=study,
+        series_instance_uid=series,
+        patient_name="DOE^JANE",
+        study_description="CT HEAD",
+        modality=modality,
+        series_number=1,
+        instance_number=int(sop.rsplit(".", 1)[-1]),
+    )
+
+
+@pytest.fixture
+def store(db_url: str) -> QueueStore:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield QueueStore(engine)
+    engine.dispose()
+
+
+def record(store: QueueStore, sop: str, sha: str = "", study: str = "1.2.3", conflict: bool = False) -> int:
+    return store.record_instance(
+        header(sop, study), spool_path=f"studies/{study}/{sop}.dcm", size_bytes=1000, sha256=sha or sop.ljust(64, "0"),
+        source="test", conflict=conflict,
+    )
+
+
+def test_instances_of_one_study_share_a_unit_with_counts(store: QueueStore) -> None:
+    unit_ids = {record(store, f"1.2.3.1.{i}") for i in range(1, 6)}
+    assert len(unit_ids) == 1
+    (summary,) = store.studies()
+    assert (summary.instances, summary.size_bytes, summary.state, summary.modalities) == (5, 5000, "received", "CT")
+    assert summary.patient_name == "DOE^JANE"
+    assert [e["event"] for e in store.audit_entries()] == ["created"]
+
+
+def test_stable_after_quiet_period_with_audit(store: QueueStore) -> None:
+    unit_id = record(store, "1.2.3.1.1")
+    assert store.mark_stable(stable_age_s=60) == []
+    assert store.mark_stable(stable_age_s=60, now=utcnow() + timedelta(seconds=61)) == [unit_id]
+    assert store.studies()[0].state == "stable"
+    move = store.audit_entries(limit=1)[0]
+    assert (move["event"], move["from_state"], move["to_state"]) == ("transition", "received", "stable")
+
+
+def test_late_instance_after_stable_opens_a_follow_up_unit(store: QueueStore) -> None:
+    first = record(store, "1.2.3.1.1")
+    store.mark_stable(0, now=utcnow() + timedelta(seconds=1))
+    second = record(store, "1.2.3.1.2")
+    assert second != first
+    units = store.study_units("1.2.3")
+    assert [(s.unit_seq, s.state, s.instances) for s, _ in units] == [(1, "stable", 1), (2, "received", 1)]
+    assert "follow-up unit 2" in store.audit_entries(limit=1, unit_id=second)[0]["detail"]
+
+
+def test_illegal_move_raises_and_changes_nothing(store: QueueStore) -> None:
+    unit_id = record(store, "1.2.3.1.1")
+    with pytest.raises(IllegalTransition):
+        store.transition(unit_id, State.DELIVERED)
+    assert store.studies()[0].state == "received"
+    store.transition(unit_id, State.STABLE, "test")
+    store.transition(unit_id, State.QUEUED, "test")
+    assert store.studies()[0].state == "queued"
+
+
+def test_conflicting_copy_flags_the_unit(store: QueueStore) -> None:
+    record(store, "1.2.3.1.1", sha="a" * 64)
+    record(store, "1.2.3.1.1", sha="b" * 64, conflict=True)
+    assert sorted(sha for sha, _ in store.instance_hashes("1.2.3.1.1")) == ["a" * 64, "b" * 64]
+    (summary,) = store.studies()
+    assert summary.flags == "conflict" and summary.instances == 2
+
+
+def test_same_bytes_twice_is_refused_by_the_schema(store: QueueStore) -> None:
+    from gateway.store import DuplicateInstance
+
+    record(store, "1.2.3.1.1", sha="a" * 64)
+    with pytest.raises(DuplicateInstance):
+        record(store, "1.2.3.1.1", sha="a" * 64)
+    assert store.count_instances() == 1
+
+
+def test_state_filter(store: QueueStore) -> None:
+    record(store, "1.2.3.1.1", study="1.2.3")
+    record(store, "1.2.4.1.1", study="1.2.4")
+    store.mark_stable(0, now=utcnow() + timedelta(seconds=1))
+    record(store, "1.2.5.1.1", study="1.2.5")
+    assert [s.study_instance_uid for s in store.studies(state="stable")] == ["1.2.3", "1.2.4"]
+    assert [s.study_instance_uid for s in store.studies(state="received")] == ["1.2.5"]
+
+
+def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        upgrade_schema(engine)
+        tables = set(inspect(engine).get_table_names())
+        assert {"study_units", "instances", "audit_log", "peers", "transfers", "alembic_version"} <= tables
+        QueueStore(engine).record_instance(
+            header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
+        )
+        config = alembic_config(db_url)
+        command.downgrade(config, "-1")
+        tables = set(inspect(engine).get_table_names())
+        assert "peers" not in tables and "transfers" not in tables and "instances" in tables
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        command.upgrade(config, "head")
+        assert {"peers", "transfers"} <= set(inspect(engine).get_table_names())
+        assert QueueStore(engine).count_instances() == 1  # data survived the round trip
+    finally:
+        engine.dispose()
