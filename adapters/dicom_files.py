@@ -51,7 +51,7 @@ def header_from_part10_bytes(data: bytes) -> InstanceHeader:
     """Header of a Part-10 buffer; raises :class:`RejectedFile` if identifying UIDs are missing."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except (InvalidDicomError, EOFError, ValueError, struct.error) as exc:
+    except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, zlib.error) as exc:
         raise RejectedFile(f"data set cannot be parsed: {exc}") from exc
     return _header(ds)
 
@@ -65,21 +65,23 @@ def inspect_part10_file(path: Path) -> InstanceHeader:
         fh.seek(128)
         if fh.read(4) != b"DICM":
             raise RejectedFile("not a DICOM Part-10 file: no 'DICM' prefix after the 128-byte preamble")
+        dataset_offset = _dataset_offset(fh, size)
         fh.seek(0)
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-        except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError) as exc:
+        except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, zlib.error) as exc:
+            if isinstance(exc, zlib.error):
+                raise RejectedFile(f"truncated or corrupt deflate stream: {exc}") from exc
             raise RejectedFile(f"DICOM header cannot be parsed: {exc}") from exc
         transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
         if not transfer_syntax:
             raise RejectedFile("File Meta Information has no Transfer Syntax UID (0002,0010)")
-        dataset_offset = _dataset_offset(fh)
     header = _header(ds)
     _check_complete(path, dataset_offset, str(transfer_syntax))
     return header
 
 
-def _dataset_offset(fh: io.BufferedReader) -> int:
+def _dataset_offset(fh: io.BufferedReader, size: int) -> int:
     """Offset of the first data set element: after the group 0002 elements (explicit VR LE, PS3.10 7.1)."""
     fh.seek(132)
     while True:
@@ -95,6 +97,8 @@ def _dataset_offset(fh: io.BufferedReader) -> int:
             length = struct.unpack("<I", fh.read(4))[0]
         else:
             length = struct.unpack_from("<H", head, 6)[0]
+        if fh.tell() + length > size:
+            raise RejectedFile("truncated: file ends inside the File Meta Information")
         fh.seek(length, io.SEEK_CUR)
 
 
@@ -105,7 +109,10 @@ def _check_complete(path: Path, offset: int, transfer_syntax: str) -> None:
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            body = inflater.decompress(mapped[offset:])
+            try:
+                body = inflater.decompress(mapped[offset:])
+            except zlib.error as exc:
+                raise RejectedFile(f"corrupt deflate stream: {exc}") from exc
             if not inflater.eof:
                 raise RejectedFile("truncated: the deflated data set ends before its deflate stream does")
             _Walker(body, explicit=True, little=True).walk_dataset(0, len(body))

@@ -1,0 +1,174 @@
+"""Real peers started on loopback for the demo, the tests and the benchmarks: Orthanc and dcmtk's storescp.
+
+Each peer gets its own config and data under a work directory, listens on 127.0.0.1 only, is waited for
+with a deadline, and is stopped by the PID we started (terminate, then kill). dcmtk-based servers get
+``TCP_NODELAY=1`` in their environment (Debian's dcmtk leaves Nagle on otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def nodelay_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a live process, in MiB (Linux)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeerProcess:
+    """A child process we own: started with a deadline on readiness, stopped by PID."""
+
+    name = "peer"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{self.name}.log"
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        log.close()
+
+    def _wait_ready(self, ready: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} not ready after {timeout_s} s; log: {self.log_path}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout_s)
+
+    def __enter__(self) -> PeerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Orthanc(PeerProcess):
+    """Debian's Orthanc with its own config: storage and index in ``workdir``, loopback ports, no auth."""
+
+    name = "orthanc"
+
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", sync_storage: bool = True, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(workdir)
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.config = {
+            "Name": "dicomgw-test-orthanc",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "SyncStorageArea": sync_storage,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "StorageCompression": False,
+            **(extra or {}),
+        }
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("Orthanc") is not None
+
+    def start(self, timeout_s: float = 30.0) -> Orthanc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(self.config, indent=2))
+        self._spawn(["Orthanc", str(config_path)], env=nodelay_env())
+        self._wait_ready(lambda: port_open(self.dicom_port) and self._http_ok(), timeout_s)
+        return self
+
+    def _http_ok(self) -> bool:
+        try:
+            self.rest("/system")
+            return True
+        except OSError:
+            return False
+
+    def rest(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def raw(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as response:
+            return bytes(response.read())
+
+    def instance_count(self) -> int:
+        return int(self.rest("/statistics")["CountInstances"])
+
+
+class StoreSCP(PeerProcess):
+    """dcmtk's storescp writing every received instance to ``workdir/out`` (no fsync: the C++ ceiling)."""
+
+    name = "storescp"
+
+    def __init__(self, workdir: Path, ae_title: str = "STORESCP", bit_preserving: bool = False) -> None:
+        super().__init__(workdir)
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.out_dir = workdir / "out"
+        self.bit_preserving = bit_preserving
+
+    def start(self, timeout_s: float = 15.0) -> StoreSCP:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["storescp", "-aet", self.ae_title, "-od", str(self.out_dir)]
+        if self.bit_preserving:
+            argv += ["+B", "-xf", "/etc/dcmtk/storescp.cfg", "AllDICOM"]
+        self._spawn([*argv, str(self.port)], env=nodelay_env())
+        self._wait_ready(lambda: port_open(self.port), timeout_s)
+        return self

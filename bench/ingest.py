@@ -1,0 +1,158 @@
+"""Ingest benchmark (issue 2): storescu pushes a ~200 MB CT study (400 slices of 512x512 16-bit) to
+
+  (a) the gateway, started as a user starts it (``dicomgw run --config``), every instance fsynced and
+      committed before its Success;
+  (b) Orthanc from Debian's package with SyncStorageArea true (what a site would run instead);
+  (c) dcmtk storescp writing to disk (the C++ ceiling, no fsync);
+  (d) a bare pynetdicom SCP writing the received bytes with fsync + rename (the library's ceiling).
+
+Every sender and receiver runs with TCP_NODELAY=1 (Debian's dcmtk leaves Nagle on otherwise). Each target
+gets a fresh work directory per run; the figure is the median of ``--runs``. The gateway's peak RSS is
+read from /proc (VmHWM) after the 1x study and again after a 2x study, to show it flat in study size.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from adapters.localpeers import Orthanc, PeerProcess, StoreSCP, free_port, nodelay_env, peak_rss_mb, port_open
+from adapters.synthetic import generate_ct_study
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class GatewayUnderTest(PeerProcess):
+    name = "gateway"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+
+    def start(self) -> GatewayUnderTest:
+        config = self.workdir / "gateway.toml"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config.write_text(
+            f'[dicom]\nae_title = "DICOMGW"\nport = {self.port}\nallowed_calling_ae_titles = ["STORESCU"]\n'
+            f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "quarantine"\n'
+            f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 3600\n'
+        )
+        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-level", "WARNING"], cwd=REPO)
+        self._wait_ready(lambda: port_open(self.port), 30)
+        return self
+
+
+class BarePynetdicom(PeerProcess):
+    name = "bare-pynetdicom"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+
+    def start(self) -> BarePynetdicom:
+        self._spawn([sys.executable, "-m", "bench.bare_scp", str(self.port), str(self.workdir / "out")], cwd=REPO)
+        self._wait_ready(lambda: port_open(self.port), 30)
+        return self
+
+
+def push(port: int, called_ae: str, files: list[Path]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        env=nodelay_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0 or "Failed" in result.stderr:
+        raise RuntimeError(f"storescu to {called_ae} failed: {result.stderr[-2000:]}")
+    return elapsed
+
+
+def measure(label: str, make: Callable[[Path], PeerProcess], files: list[Path], root: Path, runs: int, check: Callable[[PeerProcess], None]) -> tuple[float, float]:
+    times, rss = [], 0.0
+    for run in range(runs):
+        workdir = root / f"{label}-{run}"
+        with make(workdir) as peer:
+            peer.start()  # type: ignore[attr-defined]
+            port = getattr(peer, "port", None) or peer.dicom_port  # type: ignore[attr-defined]
+            called = getattr(peer, "ae_title", "ANY")
+            times.append(push(port, called, files))
+            check(peer)
+            rss = max(rss, peak_rss_mb(peer.pid))
+        shutil.rmtree(workdir, ignore_errors=True)
+    return statistics.median(times), rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=400, help="slices in the 1x study (512x512 16-bit)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-ingest-"))
+    try:
+        study = generate_ct_study(root / "study1x", series=1, slices_per_series=args.slices, seed=1)
+        files = study.files
+        n, total_mb = len(files), study.size_bytes / 1e6
+        print(f"study: {n} instances, {total_mb:.1f} MB; median of {args.runs} runs; TCP_NODELAY=1 everywhere", flush=True)
+
+        def gateway_check(peer: PeerProcess) -> None:
+            out = subprocess.run(
+                [sys.executable, "-m", "gateway", "queue", "--json", "--config", str(peer.workdir / "gateway.toml")],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            )
+            stored = sum(row["instances"] for row in json.loads(out.stdout))
+            if stored != n:
+                raise RuntimeError(f"gateway recorded {stored} of {n} instances")
+
+        def orthanc_check(peer: PeerProcess) -> None:
+            if peer.instance_count() != n:  # type: ignore[attr-defined]
+                raise RuntimeError("Orthanc did not store every instance")
+
+        def files_check(peer: PeerProcess) -> None:
+            count = sum(1 for p in (peer.workdir / "out").rglob("*") if p.is_file() and not p.name.startswith("."))
+            if count != n:
+                raise RuntimeError(f"{peer.name} wrote {count} of {n} files")
+
+        results = {
+            "gateway": measure("gateway", GatewayUnderTest, files, root, args.runs, gateway_check),
+            "orthanc": measure("orthanc", lambda w: Orthanc(w, sync_storage=True), files, root, args.runs, orthanc_check),
+            "storescp": measure("storescp", StoreSCP, files, root, args.runs, files_check),
+            "bare_pynetdicom": measure("bare", BarePynetdicom, files, root, args.runs, files_check),
+        }
+        shutil.rmtree(root / "study1x", ignore_errors=True)
+        study2 = generate_ct_study(root / "study2x", series=2, slices_per_series=args.slices, seed=2)
+        time_2x, rss_2x = measure("gateway2x", GatewayUnderTest, study2.files, root, 1, lambda p: None)
+
+        print(f"{'receiver':<18}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'peak RSS MB':>13}")
+        for name, (seconds, rss) in results.items():
+            print(f"{name:<18}{seconds:>9.2f}{n / seconds:>9.0f}{total_mb / seconds:>9.1f}{rss:>13.1f}")
+        print(f"{'gateway, 2x study':<18}{time_2x:>9.2f}{2 * n / time_2x:>9.0f}{study2.size_bytes / 1e6 / time_2x:>9.1f}{rss_2x:>13.1f}")
+        gw_s = results["gateway"][0]
+        summary = {
+            "instances": n,
+            "study_mb": round(total_mb, 1),
+            "mb_s": round(total_mb / gw_s, 1),
+            "instances_s": round(n / gw_s, 1),
+            "seconds": {k: round(v[0], 3) for k, v in results.items()},
+            "ratio_vs_orthanc": round(results["orthanc"][0] / gw_s, 3),
+            "ratio_vs_storescp": round(results["storescp"][0] / gw_s, 3),
+            "ratio_vs_bare_pynetdicom": round(results["bare_pynetdicom"][0] / gw_s, 3),
+            "peak_rss_mb": round(results["gateway"][1], 1),
+            "peak_rss_mb_2x_study": round(rss_2x, 1),
+        }
+        print(json.dumps(summary))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Settings: the shipped sample loads as documented; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import SettingsError, load_settings
+from tests.helpers import REPO
+
+
+def test_shipped_sample_resolves_paths_under_the_checkout() -> None:
+    settings = load_settings(REPO / "conf" / "gateway.toml", environ={})
+    assert (settings.dicom.ae_title, settings.dicom.port) == ("DICOMGW", 11112)
+    assert settings.paths.spool_dir == REPO / "var" / "spool"
+    assert settings.paths.watch_dir == REPO / "var" / "incoming"
+    assert settings.queue.db_url == f"sqlite:///{REPO / 'var' / 'queue.db'}"
+    assert "STORESCU" in settings.dicom.allowed_calling_ae_titles
+    assert settings.calling_ae_allowed("STORESCU") and not settings.calling_ae_allowed("NOPE")
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {"DICOMGW_DB_URL": "postgresql+psycopg://u@127.0.0.1/gw", "DICOMGW_PORT": "4242", "DICOMGW_STABLE_AGE_S": "5"}
+    settings = load_settings(REPO / "conf" / "gateway.toml", environ=env)
+    assert settings.queue.db_url == env["DICOMGW_DB_URL"]
+    assert settings.dicom.port == 4242 and settings.queue.stable_age_s == 5.0
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[dicom]\nae_title = "WAY_TOO_LONG_AE_TITLE"', "dicom.ae_title"),
+        ('[dicom]\nport = 70000', "dicom.port: 70000 is outside 0..65535"),
+        ('[queue]\nstable_age_s = "soon"', "queue.stable_age_s: 'soon' is not a number"),
+        ('dicom = 3', "[dicom] must be a table"),
+        ("[dicom\n", "not valid TOML"),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_settings(path, environ={})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_empty_watch_dir_disables_the_watched_folder(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[paths]\nwatch_dir = ""\n')
+    assert load_settings(path, environ={}).paths.watch_dir is None
