@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import pydicom
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -54,6 +55,83 @@ def header_from_part10_bytes(data: bytes) -> InstanceHeader:
     except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, zlib.error) as exc:
         raise RejectedFile(f"data set cannot be parsed: {exc}") from exc
     return _header(ds)
+
+
+#: (group, element) -> InstanceHeader field, for the fast header read; all sit in groups 0008-0020.
+FAST_TAGS: dict[int, str] = {
+    0x00080005: "charset",
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x00080020: "study_date",
+    0x00080050: "accession_number",
+    0x00080060: "modality",
+    0x00081030: "study_description",
+    0x0008103E: "series_description",
+    0x00100010: "patient_name",
+    0x00100020: "patient_id",
+    0x0020000D: "study_instance_uid",
+    0x0020000E: "series_instance_uid",
+    0x00200011: "series_number",
+    0x00200013: "instance_number",
+}
+PN_DELIMITERS = {0x5C, 0x3D, 0x5E}  # backslash, '=', '^' (PS3.5 6.2: PN component groups)
+
+
+def header_from_dataset_bytes(dataset: bytes, transfer_syntax: str) -> InstanceHeader:
+    """Header of an encoded data set (no File Meta Information), as a C-STORE delivers it.
+
+    Little-endian syntaxes (every uncompressed LE and every encapsulated one) are read by walking the
+    element headers up to group 0020, skipping sequences, with no decoding of anything else; deflated and
+    big-endian data sets go through pydicom. Raises :class:`RejectedFile` when identifying UIDs are missing.
+    """
+    if transfer_syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+        from pydicom.filereader import read_dataset  # local: rarely used
+        from pydicom.uid import UID
+
+        uid = UID(transfer_syntax)
+        try:
+            body = zlib.decompress(dataset, -zlib.MAX_WBITS) if uid == DeflatedExplicitVRLittleEndian else dataset
+            ds = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=uid != ExplicitVRBigEndian,
+                              stop_when=lambda tag, vr, length: tag.group > 0x0020)
+        except (EOFError, ValueError, struct.error, KeyError, zlib.error) as exc:
+            raise RejectedFile(f"data set cannot be parsed: {exc}") from exc
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = uid
+        return _header(ds)
+    walker = _Walker(dataset, explicit=transfer_syntax != ImplicitVRLittleEndian, little=True)
+    try:
+        raw = walker.collect(FAST_TAGS, last_group=0x0020)
+    except (RejectedFile, struct.error) as exc:
+        raise RejectedFile(f"data set cannot be parsed: {exc}") from exc
+    encodings = convert_encodings(_text(raw.pop("charset", b"")).split("\\") or None) if "charset" in raw else ["iso8859"]
+    values = {k: _text(v) for k, v in raw.items() if k != "patient_name"}
+    missing = [k for k in ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid") if not values.get(k)]
+    if missing:
+        raise RejectedFile("missing required attribute(s): " + ", ".join(missing))
+    return InstanceHeader(
+        sop_instance_uid=values["sop_instance_uid"],
+        sop_class_uid=values["sop_class_uid"],
+        transfer_syntax_uid=transfer_syntax,
+        study_instance_uid=values["study_instance_uid"],
+        series_instance_uid=values["series_instance_uid"],
+        patient_id=_decoded(raw.get("patient_id", b""), encodings, set()),
+        patient_name=_decoded(raw.get("patient_name", b""), encodings, PN_DELIMITERS),
+        study_description=_decoded(raw.get("study_description", b""), encodings, set()),
+        study_date=values.get("study_date", ""),
+        accession_number=values.get("accession_number", ""),
+        modality=values.get("modality", ""),
+        series_description=_decoded(raw.get("series_description", b""), encodings, set()),
+        series_number=_int_or_none(values.get("series_number")),
+        instance_number=_int_or_none(values.get("instance_number")),
+    )
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace").strip(" \x00")
+
+
+def _decoded(value: bytes, encodings: list[str], delimiters: set[int]) -> str:
+    return decode_bytes(value, encodings, delimiters).strip(" \x00") if value else ""
 
 
 def inspect_part10_file(path: Path) -> InstanceHeader:
@@ -154,6 +232,26 @@ class _Walker:
         if in_item:
             raise RejectedFile("truncated: file ends inside a sequence item")
         return pos
+
+    def collect(self, wanted: dict[int, str], last_group: int) -> dict[str, bytes]:
+        """Values of the ``wanted`` top-level tags, reading no further than ``last_group``."""
+        found: dict[str, bytes] = {}
+        pos, end = 0, len(self.buf)
+        while pos < end:
+            group, element = self._tag(pos, end)
+            if group > last_group:
+                break
+            pos, length, vr = self._element_header(pos, end, group)
+            if length == UNDEFINED:
+                pos = self._walk_items(pos, end, self.explicit and vr != b"UN", 1)
+                continue
+            if pos + length > end:
+                raise RejectedFile(f"truncated: element ({group:04X},{element:04X}) overruns the data set")
+            name = wanted.get((group << 16) | element)
+            if name is not None:
+                found[name] = bytes(self.buf[pos : pos + length])
+            pos += length
+        return found
 
     def _tag(self, pos: int, end: int) -> tuple[int, int]:
         if end - pos < 8:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -140,6 +141,20 @@ class AuditRow(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+# Hot-path statements, built once (expression construction costs more than SQLite's own work here).
+_SELECT_COPIES = select(InstanceRow.sha256, InstanceRow.spool_path).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_GROW_OPEN_UNIT = (
+    update(StudyUnitRow.__table__)
+    .where(StudyUnitRow.__table__.c.id == bindparam("unit"), StudyUnitRow.__table__.c.state == State.RECEIVED.value)
+    .values(
+        instance_count=StudyUnitRow.__table__.c.instance_count + 1,
+        size_bytes=StudyUnitRow.__table__.c.size_bytes + bindparam("bytes"),
+        last_instance_at=bindparam("now"),
+    )
+)
+_INSERT_INSTANCE = InstanceRow.__table__.insert()
+
+
 def make_engine(db_url: str) -> Engine:
     """The process's one engine. SQLite: WAL, synchronous=FULL, 30 s busy timeout, foreign keys on."""
     if db_url.startswith("sqlite"):
@@ -191,6 +206,9 @@ class QueueStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # study_instance_uid -> id of the unit last seen open for it: lets the hot path skip the lookup.
+        # Only a hint: the fast path re-checks the unit's state in its UPDATE.
+        self._open_unit_hint: dict[str, int] = {}
 
     @contextmanager
     def _unit_of_work(self) -> Iterator[Session]:
@@ -200,12 +218,8 @@ class QueueStore:
     # -- ingest -----------------------------------------------------------------------------------
     def instance_hashes(self, sop_instance_uid: str) -> list[tuple[str, str]]:
         """(sha256, spool_path) of every stored copy of this SOP Instance UID."""
-        with self._sessions() as session:
-            rows = session.execute(
-                select(InstanceRow.sha256, InstanceRow.spool_path).where(
-                    InstanceRow.sop_instance_uid == sop_instance_uid
-                )
-            ).all()
+        with self._engine.connect() as conn:
+            rows = conn.execute(_SELECT_COPIES, {"uid": sop_instance_uid}).all()
         return [(r.sha256, r.spool_path) for r in rows]
 
     def record_instance(
@@ -225,13 +239,33 @@ class QueueStore:
         """
         for _attempt in range(3):
             try:
+                if not conflict:
+                    unit_id = self._record_fast(header, spool_path, size_bytes, sha256, source)
+                    if unit_id is not None:
+                        return unit_id
                 with self._unit_of_work() as session:
-                    return self._record(session, header, spool_path, size_bytes, sha256, source, conflict)
+                    unit_id = self._record(session, header, spool_path, size_bytes, sha256, source, conflict)
+                self._open_unit_hint[header.study_instance_uid] = unit_id
+                return unit_id
             except IntegrityError as exc:
                 if "uq_instance_uid_sha256" in str(exc) or "instances.sop_instance_uid, instances.sha256" in str(exc):
                     raise DuplicateInstance(header.sop_instance_uid) from exc
                 continue  # another process opened the same unit first: look again
         raise RuntimeError(f"could not open a study unit for {header.study_instance_uid}")
+
+    def _record_fast(self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str) -> int | None:
+        """One UPDATE + one INSERT on the unit this process saw open last; None if it is no longer open."""
+        unit_id = self._open_unit_hint.get(header.study_instance_uid)
+        if unit_id is None:
+            return None
+        now = utcnow()
+        with self._engine.begin() as conn:
+            moved = conn.execute(_GROW_OPEN_UNIT, {"unit": unit_id, "bytes": size_bytes, "now": now})
+            if moved.rowcount != 1:
+                self._open_unit_hint.pop(header.study_instance_uid, None)
+                return None
+            conn.execute(_INSERT_INSTANCE, _instance_values(header, unit_id, spool_path, size_bytes, sha256, source, False, now))
+        return unit_id
 
     def _record(
         self,
@@ -245,25 +279,7 @@ class QueueStore:
     ) -> int:
         now = utcnow()
         unit = self._open_unit(session, header, now)
-        session.add(
-            InstanceRow(
-                unit_id=unit.id,
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                series_instance_uid=header.series_instance_uid,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                modality=header.modality,
-                instance_number=header.instance_number,
-                size_bytes=size_bytes,
-                sha256=sha256,
-                spool_path=spool_path,
-                conflict=conflict,
-                source=source,
-                received_at=now,
-            )
-        )
+        session.add(InstanceRow(**_instance_values(header, unit.id, spool_path, size_bytes, sha256, source, conflict, now)))
         unit.instance_count += 1
         unit.size_bytes += size_bytes
         unit.last_instance_at = now
@@ -443,6 +459,35 @@ class QueueStore:
     def count_instances(self) -> int:
         with self._sessions() as session:
             return int(session.scalar(select(func.count(InstanceRow.id))) or 0)
+
+
+def _instance_values(
+    header: InstanceHeader,
+    unit_id: int,
+    spool_path: str,
+    size_bytes: int,
+    sha256: str,
+    source: str,
+    conflict: bool,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "unit_id": unit_id,
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "series_number": header.series_number,
+        "series_description": header.series_description,
+        "modality": header.modality,
+        "instance_number": header.instance_number,
+        "size_bytes": size_bytes,
+        "sha256": sha256,
+        "spool_path": spool_path,
+        "conflict": conflict,
+        "source": source,
+        "received_at": now,
+    }
 
 
 def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
