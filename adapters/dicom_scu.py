@@ -36,3 +36,27 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     if code == 0x0000:
         return EchoResult(True, f"C-ECHO to {called_ae}@{host}:{port}: Success")
     return EchoResult(False, f"C-ECHO to {called_ae}@{host}:{port}: status 0x{code:04X}")
+
+
+def store_files(called_ae: str, host: str, port: int, files: list[str], calling_ae: str = "DICOMGW", timeout_s: float = 30.0) -> list[int]:
+    """C-STORE each Part-10 file over one association (PS3.4 B.2), proposing each file's own SOP class and
+    transfer syntax; returns the status of each file in order (-1 when no response came)."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    for sop_class, syntax in contexts[:128]:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        return [-1] * len(files)
+    statuses = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if status is not None and "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses

@@ -76,19 +76,33 @@ def push(port: int, called_ae: str, files: list[Path]) -> float:
     return elapsed
 
 
-def measure(label: str, make: Callable[[Path], PeerProcess], files: list[Path], root: Path, runs: int, check: Callable[[PeerProcess], None]) -> tuple[float, float]:
-    times, rss = [], 0.0
-    for run in range(runs):
-        workdir = root / f"{label}-{run}"
-        with make(workdir) as peer:
-            peer.start()  # type: ignore[attr-defined]
-            port = getattr(peer, "port", None) or peer.dicom_port  # type: ignore[attr-defined]
-            called = getattr(peer, "ae_title", "ANY")
-            times.append(push(port, called, files))
-            check(peer)
-            rss = max(rss, peak_rss_mb(peer.pid))
-        shutil.rmtree(workdir, ignore_errors=True)
-    return statistics.median(times), rss
+def one_push(label: str, make: Callable[[Path], PeerProcess], files: list[Path], workdir: Path, check: Callable[[PeerProcess], None]) -> tuple[float, float]:
+    """Start a fresh receiver, push the study once, check what it stored, stop it; (seconds, peak RSS MiB)."""
+    with make(workdir) as peer:
+        peer.start()  # type: ignore[attr-defined]
+        port = getattr(peer, "port", None) or peer.dicom_port  # type: ignore[attr-defined]
+        seconds = push(port, getattr(peer, "ae_title", "ANY"), files)
+        check(peer)
+        rss = peak_rss_mb(peer.pid)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return seconds, rss
+
+
+def measure_all(targets: dict[str, tuple[Callable[[Path], PeerProcess], Callable[[PeerProcess], None]]], files: list[Path], root: Path, runs: int) -> dict[str, tuple[float, float]]:
+    """Rounds interleave the receivers (a, b, c, d, a, b, ...) after one untimed warm-up round, so that the
+    machine's state (page cache, memory first touch) weighs on every receiver alike."""
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    rss: dict[str, float] = {name: 0.0 for name in targets}
+    for round_no in range(runs + 1):
+        for name, (make, check) in targets.items():
+            seconds, peak = one_push(name, make, files, root / f"{name}-{round_no}", check)
+            if round_no == 0:
+                continue  # warm-up
+            times[name].append(seconds)
+            rss[name] = max(rss[name], peak)
+        if round_no:
+            print(f"round {round_no}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    return {name: (statistics.median(times[name]), rss[name]) for name in targets}
 
 
 def main() -> None:
@@ -122,15 +136,18 @@ def main() -> None:
             if count != n:
                 raise RuntimeError(f"{peer.name} wrote {count} of {n} files")
 
-        results = {
-            "gateway": measure("gateway", GatewayUnderTest, files, root, args.runs, gateway_check),
-            "orthanc": measure("orthanc", lambda w: Orthanc(w, sync_storage=True), files, root, args.runs, orthanc_check),
-            "storescp": measure("storescp", StoreSCP, files, root, args.runs, files_check),
-            "bare_pynetdicom": measure("bare", BarePynetdicom, files, root, args.runs, files_check),
-        }
+        results = measure_all(
+            {
+                "gateway": (GatewayUnderTest, gateway_check),
+                "orthanc": (lambda w: Orthanc(w, sync_storage=True), orthanc_check),
+                "storescp": (StoreSCP, files_check),
+                "bare_pynetdicom": (BarePynetdicom, files_check),
+            },
+            files, root, args.runs,
+        )
         shutil.rmtree(root / "study1x", ignore_errors=True)
         study2 = generate_ct_study(root / "study2x", series=2, slices_per_series=args.slices, seed=2)
-        time_2x, rss_2x = measure("gateway2x", GatewayUnderTest, study2.files, root, 1, lambda p: None)
+        time_2x, rss_2x = one_push("gateway2x", GatewayUnderTest, study2.files, root / "gateway2x", lambda p: None)
 
         print(f"{'receiver':<18}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'peak RSS MB':>13}")
         for name, (seconds, rss) in results.items():

@@ -25,7 +25,13 @@ from gateway.store import QueueStore, make_engine, upgrade_schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
+__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_demo", "run_forever"]
+
+
+def run_demo(as_json: bool = False) -> dict:
+    from adapters.demo import run_demo as demo
+
+    return demo(as_json=as_json)
 
 
 def open_store(settings: Settings) -> QueueStore:

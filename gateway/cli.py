@@ -4,6 +4,7 @@
     dicomgw queue [--state STATE] [--json] [--config FILE]
     dicomgw queue show STUDY_UID [--json] [--config FILE]
     dicomgw echo AE@HOST:PORT [--calling-ae AE]
+    dicomgw demo [--json]
 
 The config defaults to ``$DICOMGW_CONFIG`` or ``conf/gateway.toml``. Exit codes: 0 ok, 1 the thing asked
 for failed or was not found, 2 bad usage or bad configuration.
@@ -56,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
 
+    demo = sub.add_parser("demo", help="run the chain on this machine with embedded defaults and show it")
+    demo.add_argument("--json", action="store_true", help="end with one JSON line")
+    demo.set_defaults(handler=_cmd_demo)
+
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@HOST:PORT")
     echo.add_argument("target", help="called AE title, host and port, e.g. ORTHANC@127.0.0.1:4242")
     _config_option(echo)
@@ -83,6 +88,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     run_forever(settings)
     return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from gateway.bootstrap import run_demo
+
+    result = run_demo(as_json=args.json)
+    return 0 if result["instances_queued"] == result["instances_sent"] else 1
 
 
 # -- echo -----------------------------------------------------------------------------------------

@@ -179,3 +179,13 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> 
         assert list((gw.workdir / "var" / "spool" / ".incoming").iterdir()) == []
     finally:
         gw.stop()
+
+
+def test_demo_runs_the_chain_and_reports_json() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["instances_sent"] == result["instances_acknowledged"] == result["instances_queued"] == 120
+    assert result["state"] == "stable"
