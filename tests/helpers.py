@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,15 +11,13 @@ from typing import TypeVar
 
 import pydicom
 
+from adapters.localpeers import free_port, port_open
+
+__all__ = ["free_port", "port_open"]  # re-exported for the tests
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> T:
@@ -33,14 +30,6 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
         time.sleep(interval_s)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def dcmtk_env() -> dict[str, str]:
