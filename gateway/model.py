@@ -78,6 +78,12 @@ class StudySummary:
     state_changed_at: datetime
     flags: str
     error: str | None
+    origin_peer: str | None = None
+    method: str | None = None
+    progress_bytes: int = 0
+    bundle_bytes: int = 0
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,12 @@ class StudyUnitRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     last_instance_at: Mapped[datetime] = mapped_column(DateTime)
     state_changed_at: Mapped[datetime] = mapped_column(DateTime)
+    origin_peer: Mapped[str | None] = mapped_column(String(255), nullable=True)  # None: from local modalities
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bundle_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class InstanceRow(Base):
@@ -208,7 +214,7 @@ class QueueStore:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # study_instance_uid -> id of the unit last seen open for it: lets the hot path skip the lookup.
         # Only a hint: the fast path re-checks the unit's state in its UPDATE.
-        self._open_unit_hint: dict[str, int] = {}
+        self._open_unit_hint: dict[tuple[str, str | None], int] = {}
 
     @contextmanager
     def _unit_of_work(self) -> Iterator[Session]:
@@ -231,6 +237,7 @@ class QueueStore:
         sha256: str,
         source: str,
         conflict: bool,
+        origin_peer: str | None = None,
     ) -> int:
         """Record one stored instance in its study's open unit (created when needed); returns the unit id.
 
@@ -240,12 +247,12 @@ class QueueStore:
         for _attempt in range(3):
             try:
                 if not conflict:
-                    unit_id = self._record_fast(header, spool_path, size_bytes, sha256, source)
+                    unit_id = self._record_fast(header, spool_path, size_bytes, sha256, source, origin_peer)
                     if unit_id is not None:
                         return unit_id
                 with self._unit_of_work() as session:
-                    unit_id = self._record(session, header, spool_path, size_bytes, sha256, source, conflict)
-                self._open_unit_hint[header.study_instance_uid] = unit_id
+                    unit_id = self._record(session, header, spool_path, size_bytes, sha256, source, conflict, origin_peer)
+                self._open_unit_hint[(header.study_instance_uid, origin_peer)] = unit_id
                 return unit_id
             except IntegrityError as exc:
                 if "uq_instance_uid_sha256" in str(exc) or "instances.sop_instance_uid, instances.sha256" in str(exc):
@@ -253,16 +260,19 @@ class QueueStore:
                 continue  # another process opened the same unit first: look again
         raise RuntimeError(f"could not open a study unit for {header.study_instance_uid}")
 
-    def _record_fast(self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str) -> int | None:
+    def _record_fast(
+        self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str, origin_peer: str | None
+    ) -> int | None:
         """One UPDATE + one INSERT on the unit this process saw open last; None if it is no longer open."""
-        unit_id = self._open_unit_hint.get(header.study_instance_uid)
+        key = (header.study_instance_uid, origin_peer)
+        unit_id = self._open_unit_hint.get(key)
         if unit_id is None:
             return None
         now = utcnow()
         with self._engine.begin() as conn:
             moved = conn.execute(_GROW_OPEN_UNIT, {"unit": unit_id, "bytes": size_bytes, "now": now})
             if moved.rowcount != 1:
-                self._open_unit_hint.pop(header.study_instance_uid, None)
+                self._open_unit_hint.pop(key, None)
                 return None
             conn.execute(_INSERT_INSTANCE, _instance_values(header, unit_id, spool_path, size_bytes, sha256, source, False, now))
         return unit_id
@@ -276,9 +286,10 @@ class QueueStore:
         sha256: str,
         source: str,
         conflict: bool,
+        origin_peer: str | None = None,
     ) -> int:
         now = utcnow()
-        unit = self._open_unit(session, header, now)
+        unit = self._open_unit(session, header, now, origin_peer)
         session.add(InstanceRow(**_instance_values(header, unit.id, spool_path, size_bytes, sha256, source, conflict, now)))
         unit.instance_count += 1
         unit.size_bytes += size_bytes
@@ -298,14 +309,14 @@ class QueueStore:
         session.flush()
         return unit.id
 
-    def _open_unit(self, session: Session, header: InstanceHeader, now: datetime) -> StudyUnitRow:
+    def _open_unit(self, session: Session, header: InstanceHeader, now: datetime, origin_peer: str | None) -> StudyUnitRow:
         units = session.scalars(
             select(StudyUnitRow)
             .where(StudyUnitRow.study_instance_uid == header.study_instance_uid)
             .order_by(StudyUnitRow.unit_seq.desc())
         ).all()
         for unit in units:
-            if unit.state in OPEN_FOR_INSTANCES:
+            if unit.state in OPEN_FOR_INSTANCES and unit.origin_peer == origin_peer:
                 return unit
         unit = StudyUnitRow(
             study_instance_uid=header.study_instance_uid,
@@ -319,10 +330,11 @@ class QueueStore:
             created_at=now,
             last_instance_at=now,
             state_changed_at=now,
+            origin_peer=origin_peer,
         )
         session.add(unit)
         session.flush()
-        detail = "new study" if not units else f"follow-up unit {unit.unit_seq}: late instances after unit {units[0].unit_seq} left 'received'"
+        detail = (f"received from {origin_peer}: " if origin_peer else "") + "new study" if not units else f"follow-up unit {unit.unit_seq}: late instances after unit {units[0].unit_seq} left 'received'"
         session.add(
             AuditRow(
                 at=now,
@@ -336,13 +348,113 @@ class QueueStore:
         return unit
 
     # -- state moves ------------------------------------------------------------------------------
-    def transition(self, unit_id: int, target: State, detail: str = "", error: str | None = None) -> None:
-        """Move one unit to ``target`` (checked against the lifecycle table) and audit it."""
+    def transition(
+        self, unit_id: int, target: State, detail: str = "", error: str | None = None, **values: Any
+    ) -> None:
+        """Move one unit to ``target`` (checked against the lifecycle table) and audit it; ``values`` sets
+        other columns of the unit in the same transaction (destination, next_attempt_at, ...)."""
         with self._unit_of_work() as session:
             unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
             if unit is None:
                 raise KeyError(f"no study unit {unit_id}")
             self._move(session, unit, target, detail, error)
+            if values:
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+
+    def set_progress(self, unit_id: int, progress_bytes: int, method: str | None = None) -> None:
+        values: dict[str, Any] = {"progress_bytes": progress_bytes}
+        if method:
+            values["method"] = method
+        with self._unit_of_work() as session:
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+
+    def route_stable(self, destination_for: Any) -> list[tuple[int, str]]:
+        """Queue every local ``stable`` unit that ``destination_for(summary)`` gives a destination."""
+        routed = []
+        for summary in self.studies(state=State.STABLE.value):
+            if summary.origin_peer:
+                continue
+            destination = destination_for(summary)
+            if destination:
+                self.transition(summary.unit_id, State.QUEUED, f"routed to {destination}", destination=destination)
+                routed.append((summary.unit_id, destination))
+        return routed
+
+    def due_for_sending(self, now: datetime | None = None) -> list[StudySummary]:
+        moment = now or utcnow()
+        return [
+            s
+            for s in self.studies()
+            if s.state in (State.QUEUED.value, State.WAITING_PEER.value)
+            and s.origin_peer is None
+            and (s.next_attempt_at is None or s.next_attempt_at <= moment)
+        ]
+
+    def unit_instances(self, unit_id: int) -> list[InstanceRecord]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(InstanceRow)
+                .where(InstanceRow.unit_id == unit_id)
+                .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.sop_instance_uid, InstanceRow.id)
+            ).all()
+        return [_instance(r) for r in rows]
+
+    def unit(self, unit_id: int) -> StudySummary:
+        with self._sessions() as session:
+            row = session.get(StudyUnitRow, unit_id)
+            if row is None:
+                raise KeyError(f"no study unit {unit_id}")
+            return _summary(row, self._modalities(session, [unit_id]).get(unit_id, ""))
+
+    # -- transfers (one row per attempt) ------------------------------------------------------------
+    def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
+                        offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None) -> None:
+        with self._unit_of_work() as session:
+            session.add(TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, method=method,
+                                    offset_bytes=offset_bytes, bytes_moved=bytes_moved, started_at=started_at,
+                                    ended_at=utcnow(), outcome=outcome, error=error))
+
+    def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
+        query = select(TransferRow).order_by(TransferRow.id)
+        if unit_id is not None:
+            query = query.where(TransferRow.unit_id == unit_id)
+        with self._sessions() as session:
+            rows = session.scalars(query).all()
+        return [
+            {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
+             "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved, "started_at": r.started_at.isoformat(),
+             "ended_at": r.ended_at.isoformat() if r.ended_at else None, "outcome": r.outcome, "error": r.error}
+            for r in rows
+        ]
+
+    # -- peers --------------------------------------------------------------------------------------
+    def add_peer(self, jid: str, name: str = "") -> None:
+        with self._unit_of_work() as session:
+            existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
+            if existing is None:
+                session.add(PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow()))
+            else:
+                existing.allowed = True
+                existing.name = name or existing.name
+            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies"))
+
+    def remove_peer(self, jid: str) -> bool:
+        with self._unit_of_work() as session:
+            existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
+            if existing is None:
+                return False
+            existing.allowed = False
+            session.add(AuditRow(at=utcnow(), event="peer_removed", detail=f"{jid} may no longer exchange studies"))
+            return True
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            rows = session.scalars(select(PeerRow).order_by(PeerRow.jid)).all()
+        return [{"jid": r.jid, "name": r.name, "allowed": r.allowed, "created_at": r.created_at.isoformat()} for r in rows]
+
+    def peer_allowed(self, jid: str) -> bool:
+        with self._sessions() as session:
+            return bool(session.scalar(select(PeerRow.allowed).where(PeerRow.jid == jid)))
 
     def _move(
         self, session: Session, unit: StudyUnitRow, target: State, detail: str, error: str | None = None
@@ -377,6 +489,7 @@ class QueueStore:
             units = session.scalars(
                 select(StudyUnitRow).where(
                     StudyUnitRow.state == State.RECEIVED.value,
+                    StudyUnitRow.origin_peer.is_(None),
                     StudyUnitRow.last_instance_at <= cutoff,
                     StudyUnitRow.instance_count > 0,
                 )
@@ -508,6 +621,12 @@ def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
         state_changed_at=unit.state_changed_at,
         flags=unit.flags,
         error=unit.error,
+        origin_peer=unit.origin_peer,
+        method=unit.method,
+        progress_bytes=unit.progress_bytes or 0,
+        bundle_bytes=unit.bundle_bytes or 0,
+        attempts=unit.attempts or 0,
+        next_attempt_at=unit.next_attempt_at,
     )
 
 

@@ -118,13 +118,17 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
-        command.downgrade(config, "-1")
+        command.downgrade(config, "-1")  # 0003 -> 0002: the transfer columns go, the rows stay
+        columns = {c["name"] for c in inspect(engine).get_columns("study_units")}
+        assert "origin_peer" not in columns and "state" in columns
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        command.downgrade(config, "-1")  # 0002 -> 0001: peers and transfers go
         tables = set(inspect(engine).get_table_names())
         assert "peers" not in tables and "transfers" not in tables and "instances" in tables
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
         command.upgrade(config, "head")
         assert {"peers", "transfers"} <= set(inspect(engine).get_table_names())
+        assert "origin_peer" in {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert QueueStore(engine).count_instances() == 1  # data survived the round trip
     finally:
         engine.dispose()

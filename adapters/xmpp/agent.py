@@ -1,0 +1,489 @@
+"""The gateway's XMPP agent (slixmpp): connection, presence, study offers and both bytestream methods.
+
+Events and behaviour
+- Connects with SASL (PLAIN over the server's TLS, or without TLS on loopback when ``use_tls`` is off),
+  reconnects with backoff, answers XEP-0199 pings, publishes presence (``dnd`` with a status text while
+  the inbound side is at its limit) and tracks every peer's presence (``peer_status``).
+- Sending (``send_study``): one XEP-0096 offer per study unit, carrying name, size, the SHA-256 of the
+  bundle manifest (XEP-0300) and an empty ``<range/>``; the receiver answers with the method and the offset
+  it wants (resume). Methods: XEP-0065 mediated through the server's proxy (found with disco#items and a
+  bytestreams query), then XEP-0047 in-band. A failure of the S5B path (no proxy, connect refused,
+  activation error, connection cut) re-offers the same bundle with IBB only, resuming at the receiver's
+  offset. The sender then waits for the receiver's verdict (``urn:dicomgw:transfer:1``).
+- Receiving: offers are passed to ``InboundPort.authorize`` (allowlist, size, capacity) and refused with a
+  stanza error (``forbidden``, ``not-acceptable``, ``resource-constraint``) or accepted with the offset
+  from ``InboundPort.open_sink``; the bytes of either method go to the sink; at the announced size the
+  sink verifies and the verdict goes back to the sender.
+
+Handlers are registered in one block in ``__init__``. Config: the ``XmppSettings`` given to the constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+from xml.sax.saxutils import quoteattr
+
+import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout, XMPPError
+from slixmpp.xmlstream.handler import Callback, CoroutineCallback
+from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.matcher.id import MatcherId
+
+from adapters.xmpp import socks5
+from adapters.xmpp.stanzas import (
+    NS_DISCO_ITEMS,
+    NS_IBB,
+    NS_RESULT,
+    NS_S5B,
+    NS_SI,
+    Offer,
+    build_accept,
+    build_offer,
+    build_result,
+    parse_accept,
+    parse_offer,
+    q,
+)
+
+log = logging.getLogger(__name__)
+IQ = "{jabber:client}iq"
+
+
+@dataclass(frozen=True)
+class XmppSettings:
+    jid: str
+    password: str
+    host: str = "127.0.0.1"
+    port: int = 5222
+    use_tls: bool = True
+    methods: tuple[str, ...] = (NS_S5B, NS_IBB)
+    ibb_block_bytes: int = 65535 // 4 * 3  # the largest block whose base64 fits XEP-0047's 65535
+    ibb_window: int = 8
+    s5b_write_bytes: int = 1 << 20
+    verdict_timeout_s: float = 600.0
+    iq_timeout_s: float = 30.0
+
+
+class Sink(Protocol):
+    """Where an accepted inbound bundle's bytes go (see ``adapters.inbox``)."""
+
+    offset: int
+    size: int
+
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> tuple[bool, str]: ...
+    def close(self, reason: str) -> None: ...
+
+
+class InboundPort(Protocol):
+    def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
+        """None to accept, else (stanza error condition, text)."""
+
+    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink: ...
+
+
+@dataclass
+class SendResult:
+    ok: bool
+    method: str = ""
+    offset: int = 0
+    bytes_sent: int = 0
+    detail: str = ""
+    attempts: list[dict[str, object]] = field(default_factory=list)
+
+
+class TransferCut(ConnectionError):
+    """A bytestream failed after it started; the next offer resumes at the receiver's offset."""
+
+
+class GatewayAgent(slixmpp.ClientXMPP):
+    def __init__(self, settings: XmppSettings, inbound: InboundPort) -> None:
+        super().__init__(settings.jid, settings.password)
+        self.settings = settings
+        self.inbound = inbound
+        self.enable_direct_tls = False
+        self.enable_starttls = settings.use_tls
+        self.enable_plaintext = not settings.use_tls
+        self.register_plugin("xep_0030")
+        self.register_plugin("xep_0199", {"keepalive": True, "interval": 60, "timeout": 20})
+        if not settings.use_tls:
+            self["feature_mechanisms"].unencrypted_plain = True
+        self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
+        self._online = asyncio.Event()
+        self._sinks: dict[str, tuple[str, Sink, str]] = {}  # sid -> (peer full JID, sink, method)
+        self._verdicts: dict[str, asyncio.Future[tuple[str, str]]] = {}
+        self._proxy: tuple[str, str, int] | None = None
+        self._status = ("", "ready")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+        self.add_event_handler("session_start", self._on_session_start)
+        self.add_event_handler("disconnected", self._on_disconnected)
+        self.add_event_handler("presence", self._on_presence)
+        self.register_handler(CoroutineCallback("si offer", MatchXPath(f"{IQ}/{q(NS_SI, 'si')}"), self._on_offer))
+        self.register_handler(CoroutineCallback("s5b", MatchXPath(f"{IQ}/{q(NS_S5B, 'query')}"), self._on_s5b))
+        self.register_handler(Callback("ibb open", MatchXPath(f"{IQ}/{q(NS_IBB, 'open')}"), self._on_ibb_open))
+        self.register_handler(Callback("ibb data", MatchXPath(f"{IQ}/{q(NS_IBB, 'data')}"), self._on_ibb_data))
+        self.register_handler(Callback("ibb close", MatchXPath(f"{IQ}/{q(NS_IBB, 'close')}"), self._on_ibb_close))
+        self.register_handler(Callback("verdict", MatchXPath(f"{IQ}/{q(NS_RESULT, 'result')}"), self._on_verdict))
+
+    # -- connection -----------------------------------------------------------------------------
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.connect(self.settings.host, self.settings.port)
+        await asyncio.wait_for(self._online.wait(), timeout_s)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for _peer, sink, _m in self._sinks.values():
+            sink.close("gateway stopping")
+        self._sinks.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.disconnect(), 5)
+
+    async def _on_session_start(self, _event: object) -> None:
+        self.send_presence(pshow=self._status[0] or None, pstatus=self._status[1])
+        await self.get_roster()
+        self._online.set()
+        log.info("XMPP session up as %s", self.boundjid.full)
+
+    def _on_disconnected(self, _event: object) -> None:
+        self._online.clear()
+        self.peer_status.clear()
+
+    def _on_presence(self, presence: slixmpp.Presence) -> None:
+        sender = presence["from"]
+        if sender.bare == self.boundjid.bare and sender.resource == self.boundjid.resource:
+            return
+        resources = self.peer_status.setdefault(sender.bare, {})
+        if presence["type"] == "unavailable":
+            resources.pop(sender.resource, None)
+        elif presence["type"] in ("available", "", "chat", "away", "dnd", "xa"):
+            resources[sender.resource] = presence["show"] or "available"
+
+    @property
+    def online(self) -> bool:
+        return self._online.is_set()
+
+    def set_busy(self, busy: bool, status: str) -> None:
+        """Presence as flow control: ``dnd`` while the inbound side is at its limit."""
+        self._status = ("dnd" if busy else "", status)
+        if self.online:
+            self.send_presence(pshow="dnd" if busy else None, pstatus=status)
+
+    def peer_availability(self, bare_jid: str) -> tuple[str | None, str]:
+        """(full JID to offer to, or None; 'available' | 'busy' | 'offline')."""
+        resources = self.peer_status.get(bare_jid, {})
+        free = sorted(r for r, show in resources.items() if show in ("available", "chat"))
+        if free:
+            return f"{bare_jid}/{free[0]}", "available"
+        return (None, "busy") if resources else (None, "offline")
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sending --------------------------------------------------------------------------------
+    async def send_study(
+        self,
+        peer_full_jid: str,
+        offer_for: Callable[[str, tuple[str, ...]], Offer],
+        stream_from: Callable[[int], Iterator[bytes]],
+        progress: Callable[[int, str], None] | None = None,
+    ) -> SendResult:
+        """Offer and stream one bundle; falls back from S5B to IBB (resuming) when the S5B path fails."""
+        result = SendResult(ok=False)
+        methods = tuple(self.settings.methods)
+        while methods:
+            sid = uuid.uuid4().hex
+            offer = offer_for(sid, methods)
+            started = time.time()
+            attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
+            result.attempts.append(attempt)
+            try:
+                method, offset = await self._offer(peer_full_jid, offer)
+            except XMPPError as exc:
+                attempt.update(outcome="refused", error=f"{exc.condition}: {exc.text}")
+                result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
+                return result
+            attempt.update(method=method, offset=offset)
+            result.method, result.offset = method, offset
+            verdict = asyncio.get_running_loop().create_future()
+            self._verdicts[sid] = verdict
+            try:
+                sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
+                    peer_full_jid, sid, stream_from(offset), offset, progress
+                )
+                attempt["bytes"] = sent
+                result.bytes_sent += sent
+                outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
+            except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
+                attempt.update(outcome="cut", error=_describe(exc))
+                log.warning("%s transfer %s to %s failed: %s", _short(method), sid, peer_full_jid, _describe(exc))
+                if method == NS_S5B and NS_IBB in methods:
+                    methods = (NS_IBB,)
+                    continue
+                result.detail = f"{_short(method)} failed: {_describe(exc)}"
+                return result
+            finally:
+                self._verdicts.pop(sid, None)
+            attempt.update(outcome=outcome, error=detail)
+            result.ok = outcome == "received"
+            result.detail = detail
+            return result
+        result.detail = "no stream method left"
+        return result
+
+    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int]:
+        iq = self.make_iq_set(ito=peer)
+        iq.xml.append(build_offer(offer))
+        try:
+            response = await iq.send(timeout=self.settings.iq_timeout_s)
+        except IqError as exc:
+            error = exc.iq["error"]
+            raise XMPPError(error["condition"] or "undefined-condition", error["text"] or "") from exc
+        method, offset = parse_accept(response.xml.find(q(NS_SI, "si")))
+        if method not in offer.methods or offset < 0 or offset > offer.size:
+            raise XMPPError("bad-request", f"peer chose {method!r} at offset {offset}")
+        return method, offset
+
+    async def _discover_proxy(self) -> tuple[str, str, int]:
+        if self._proxy is None:
+            items = await self["xep_0030"].get_items(jid=self.boundjid.domain, timeout=self.settings.iq_timeout_s)
+            for item in items["disco_items"]["items"]:
+                iq = self.make_iq_get(ito=item[0])
+                ET.SubElement(iq.xml, q(NS_S5B, "query"))
+                try:
+                    response = await iq.send(timeout=self.settings.iq_timeout_s)
+                except (IqError, IqTimeout):
+                    continue
+                host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
+                if host is not None and host.get("host") and host.get("port"):
+                    self._proxy = (host.get("jid", item[0]), host.get("host", ""), int(host.get("port", "0")))
+                    break
+            if self._proxy is None:
+                raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
+        return self._proxy
+
+    async def _send_s5b(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int, progress: Callable[[int, str], None] | None) -> int:
+        proxy_jid, host, port = await self._discover_proxy()
+        iq = self.make_iq_set(ito=peer)
+        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
+        await iq.send(timeout=self.settings.iq_timeout_s)
+        reader, writer = await socks5.connect(host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
+        try:
+            activate = self.make_iq_set(ito=proxy_jid)
+            ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
+            await activate.send(timeout=self.settings.iq_timeout_s)
+            sent = 0
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+                if progress is not None:
+                    progress(offset + sent, "s5b")
+            writer.write_eof()
+            await writer.drain()
+            return sent
+        except (ConnectionError, OSError) as exc:
+            raise TransferCut(f"SOCKS5 stream cut: {_describe(exc)}") from exc
+        finally:
+            writer.close()
+
+    async def _send_ibb(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int, progress: Callable[[int, str], None] | None) -> int:
+        block = self.settings.ibb_block_bytes
+        iq = self.make_iq_set(ito=peer)
+        ET.SubElement(iq.xml, q(NS_IBB, "open"), {"sid": sid, "block-size": str(block), "stanza": "iq"})
+        await iq.send(timeout=self.settings.iq_timeout_s)
+        window = asyncio.Semaphore(self.settings.ibb_window)
+        pending: set[asyncio.Future[object]] = set()
+        failure: list[BaseException] = []
+        to_attr = quoteattr(peer)
+        seq = sent = 0
+        buffer = bytearray()
+
+        def acked(fut: asyncio.Future[object]) -> None:
+            pending.discard(fut)
+            window.release()
+            stanza = None if fut.cancelled() else fut.result()
+            if stanza is None or stanza["type"] != "result":  # type: ignore[index]
+                failure.append(TransferCut(f"IBB block refused: {stanza['error']['condition'] if stanza is not None else 'cancelled'}"))  # type: ignore[index]
+
+        async def send_block(data: bytes) -> None:
+            nonlocal seq
+            await window.acquire()
+            if failure:
+                raise failure[0]
+            iq_id = self.new_id()
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            self.register_handler(Callback(f"ibb-ack-{iq_id}", MatcherId(iq_id), fut.set_result, once=True))
+            fut.add_done_callback(acked)
+            pending.add(fut)
+            payload = base64.b64encode(data).decode("ascii")
+            self.send_raw(
+                f"<iq type='set' to={to_attr} id='{iq_id}'><data xmlns='{NS_IBB}' seq='{seq}' sid='{sid}'>{payload}</data></iq>"
+            )
+            seq = (seq + 1) % 65536
+
+        for chunk in chunks:
+            buffer += chunk
+            while len(buffer) >= block:
+                await send_block(bytes(buffer[:block]))
+                del buffer[:block]
+                sent += block
+                if progress is not None:
+                    progress(offset + sent, "ibb")
+        if buffer:
+            await send_block(bytes(buffer))
+            sent += len(buffer)
+        deadline = time.monotonic() + self.settings.iq_timeout_s
+        while pending and time.monotonic() < deadline and not failure:
+            await asyncio.wait(set(pending), timeout=max(0.0, deadline - time.monotonic()))
+        if failure or pending:
+            raise failure[0] if failure else TransferCut("IBB acknowledgements timed out")
+        close = self.make_iq_set(ito=peer)
+        ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
+        await close.send(timeout=self.settings.iq_timeout_s)
+        return sent
+
+    # -- receiving ------------------------------------------------------------------------------
+    async def _on_offer(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        peer = iq["from"]
+        try:
+            offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
+        except ValueError as exc:
+            raise XMPPError("bad-request", str(exc)) from exc
+        refusal = self.inbound.authorize(peer.bare, offer)
+        if refusal is not None:
+            condition, text = refusal
+            raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
+        method = next((m for m in (NS_S5B, NS_IBB) if m in offer.methods), None)
+        if method is None:
+            raise XMPPError("bad-request", "no acceptable stream method (XEP-0065 or XEP-0047)")
+        sink = self.inbound.open_sink(peer.bare, offer, method)
+        self._sinks[offer.sid] = (peer.full, sink, method)
+        reply = iq.reply()
+        reply.xml.append(build_accept(method, sink.offset))
+        reply.send()
+
+    async def _on_s5b(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        query = iq.xml.find(q(NS_S5B, "query"))
+        sid = query.get("sid", "") if query is not None else ""
+        entry = self._sinks.get(sid)
+        if entry is None or entry[0] != iq["from"].full:
+            raise XMPPError("item-not-found", "no accepted offer with this stream id")
+        hosts = [h for h in query.iterfind(q(NS_S5B, "streamhost")) if h.get("host") and h.get("port")]
+        for host in hosts:
+            try:
+                reader, writer = await socks5.connect(
+                    host.get("host", ""), int(host.get("port", "0")), socks5.dst_addr(sid, entry[0], self.boundjid.full)
+                )
+            except socks5.Socks5Error as exc:
+                log.warning("streamhost %s unusable: %s", host.get("jid"), exc)
+                continue
+            reply = iq.reply()
+            ET.SubElement(ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
+            reply.send()
+            self._spawn(self._receive_s5b(sid, reader, writer))
+            return
+        self._drop(sid, "no streamhost reachable")
+        raise XMPPError("item-not-found", "none of the streamhosts could be reached")
+
+    async def _receive_s5b(self, sid: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer, sink, _method = self._sinks[sid]
+        try:
+            while sink.offset < sink.size:
+                data = await reader.read(1 << 20)
+                if not data:
+                    break
+                await asyncio.to_thread(sink.write, data)
+        except (ConnectionError, OSError) as exc:
+            log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
+        finally:
+            writer.close()
+        await self._complete(sid)
+
+    def _on_ibb_open(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_IBB, "open"))
+        sid = el.get("sid", "") if el is not None else ""
+        entry = self._sinks.get(sid)
+        if entry is None or entry[0] != iq["from"].full:
+            raise XMPPError("item-not-found", "no accepted offer with this stream id")
+        if int(el.get("block-size", "0")) > 65535 or el.get("stanza", "iq") != "iq":
+            raise XMPPError("resource-constraint", "block-size up to 65535 with stanza='iq' only", etype="modify")
+        iq.reply().send()
+
+    def _on_ibb_data(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_IBB, "data"))
+        sid = el.get("sid", "") if el is not None else ""
+        entry = self._sinks.get(sid)
+        if entry is None or entry[0] != iq["from"].full:
+            raise XMPPError("item-not-found", "no open in-band stream with this id")
+        try:
+            entry[1].write(base64.b64decode(el.text or "", validate=True))
+        except ValueError as exc:
+            self._drop(sid, f"bad IBB data: {exc}")
+            raise XMPPError("bad-request", "data is not valid base64") from exc
+        iq.reply().send()
+
+    def _on_ibb_close(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_IBB, "close"))
+        sid = el.get("sid", "") if el is not None else ""
+        if sid not in self._sinks:
+            raise XMPPError("item-not-found", "no open in-band stream with this id")
+        iq.reply().send()
+        self._spawn(self._complete(sid))
+
+    async def _complete(self, sid: str) -> None:
+        entry = self._sinks.pop(sid, None)
+        if entry is None:
+            return
+        peer, sink, _method = entry
+        if sink.offset < sink.size:
+            sink.close(f"stream ended at {sink.offset} of {sink.size} bytes")
+            return  # the sender re-offers and resumes at our offset
+        ok, detail = await asyncio.to_thread(sink.finish)
+        iq = self.make_iq_set(ito=peer)
+        iq.xml.append(build_result(sid, "received" if ok else "rejected", detail))
+        with contextlib.suppress(IqError, IqTimeout):
+            await iq.send(timeout=self.settings.iq_timeout_s)
+
+    def _drop(self, sid: str, reason: str) -> None:
+        entry = self._sinks.pop(sid, None)
+        if entry is not None:
+            entry[1].close(reason)
+
+    def _on_verdict(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_RESULT, "result"))
+        sid = el.get("sid", "") if el is not None else ""
+        future = self._verdicts.get(sid)
+        if future is None or future.done():
+            raise XMPPError("item-not-found", "no transfer with this stream id")
+        future.set_result((el.get("outcome", ""), el.text or ""))
+        iq.reply().send()
+
+
+def _short(method: str) -> str:
+    return {NS_S5B: "S5B", NS_IBB: "IBB"}.get(method, method or "?")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, IqError):
+        return f"{exc.iq['error']['condition']}: {exc.iq['error']['text']}"
+    if isinstance(exc, IqTimeout):
+        return "no answer (timeout)"
+    return str(exc) or type(exc).__name__
