@@ -18,10 +18,14 @@ from adapters.dicom_scp import StorageSCP
 from adapters.dicom_scu import EchoResult, echo
 from adapters.folder_watch import FolderWatcher
 from adapters.spool import Spool
+from adapters.inbox import InboundBundle
+from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
+from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.model import IngestResult
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
-from gateway.store import QueueStore, make_engine, upgrade_schema
+from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
+from gateway.transfer import Dispatcher, InboundPolicy, RoutingRules
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,35 @@ class Gateway:
             else None
         )
 
+        self.agent: GatewayAgent | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.inbound_policy: InboundPolicy | None = None
+
+    def _build_xmpp(self) -> None:
+        """On the running loop: slixmpp binds to the event loop current at construction."""
+        x = self.settings.xmpp
+        methods = tuple({"s5b": NS_S5B, "ibb": NS_IBB}[m] for m in x.methods)
+        self.inbound_policy = InboundPolicy(
+            self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed
+        )
+        self.agent = GatewayAgent(
+            AgentSettings(
+                jid=x.jid, password=x.password, host=x.host, port=x.port, use_tls=x.use_tls, methods=methods,
+                ibb_block_bytes=x.ibb_block_bytes, ibb_window=x.ibb_window, verdict_timeout_s=x.verdict_timeout_s,
+            ),
+            _Inbound(self),
+        )
+        domain = x.jid.split("@", 1)[1].split("/", 1)[0]
+        self.dispatcher = Dispatcher(
+            self.store, self.settings.paths.spool_dir, self.agent, RoutingRules(domain, self.settings.routing.default_destination),
+            retry_base_s=x.retry_base_s, retry_max_s=x.retry_max_s,
+        )
+
+    def _capacity_changed(self, full: bool) -> None:
+        if self.agent is not None and self._loop is not None:
+            status = "busy: at the inbound transfer limit" if full else "ready"
+            self._loop.call_soon_threadsafe(self.agent.set_busy, full, status)
+
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)
 
@@ -78,6 +111,8 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.settings.xmpp.enabled:
+            self._build_xmpp()
         await asyncio.to_thread(upgrade_schema, self.engine)
         for kept in self.spool.start():
             self._audit("quarantined", f"recovered at start-up: {kept}")
@@ -92,18 +127,96 @@ class Gateway:
                 self.scp.port,
                 self.settings.paths.spool_dir,
             )
+            if self.agent is not None:
+                try:
+                    await self.agent.start(timeout_s=30)
+                except TimeoutError:
+                    log.error("XMPP server %s:%s not reachable yet; retrying in the background",
+                              self.settings.xmpp.host, self.settings.xmpp.port)
             if ready is not None:
                 ready()
+            dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
             while not stop.is_set():
                 await asyncio.to_thread(self.completeness.tick)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.queue.stable_check_interval_s)
+            if dispatching is not None:
+                dispatching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dispatching
         finally:
+            if self.agent is not None:
+                await self.agent.stop()
             if self.watcher is not None:
                 await asyncio.to_thread(self.watcher.stop)
             await asyncio.to_thread(self.scp.stop)
             self.engine.dispose()
             log.info("gateway stopped")
+
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        assert self.dispatcher is not None
+        while not stop.is_set():
+            try:
+                await self.dispatcher.tick()
+            except Exception:  # one bad tick must not stop the queue: logged, retried next tick
+                log.exception("dispatch tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.xmpp.dispatch_interval_s)
+
+
+class _Inbound:
+    """The agent's InboundPort: the core's admission policy + the inbox sink, with a transfer row per attempt."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
+        assert self.gateway.inbound_policy is not None
+        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.study_instance_uid)
+
+    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
+        bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size)
+        return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb")
+
+
+class _AuditedSink:
+    def __init__(self, gateway: Gateway, bundle: InboundBundle, peer_jid: str, offer: Offer, method: str) -> None:
+        self.gateway, self.bundle, self.peer_jid, self.offer, self.method = gateway, bundle, peer_jid, offer, method
+        self.started = utcnow()
+        self.size = bundle.size
+        self._ended = False
+
+    @property
+    def offset(self) -> int:
+        return self.bundle.offset
+
+    def write(self, data: bytes) -> None:
+        self.bundle.write(data)
+
+    def finish(self) -> tuple[bool, str]:
+        try:
+            ok, detail = self.bundle.finish()
+        except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
+            log.exception("importing bundle from %s failed", self.peer_jid)
+            ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
+        self._end("received" if ok else "rejected", None if ok else detail)
+        return ok, detail
+
+    def close(self, reason: str) -> None:
+        self.bundle.close(reason)
+        self._end("cut", reason)
+
+    def _end(self, outcome: str, error: str | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        assert self.gateway.inbound_policy is not None
+        self.gateway.inbound_policy.release()
+        self.gateway.store.record_transfer(
+            None, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
+            self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
+        )
 
 
 def run_forever(settings: Settings) -> None:

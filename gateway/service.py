@@ -33,7 +33,7 @@ class IngestService:
         self._spool = spool
         self._lock = threading.Lock()
 
-    def ingest(self, header: InstanceHeader, staged: StagedFile, source: str) -> IngestResult:
+    def ingest(self, header: InstanceHeader, staged: StagedFile, source: str, origin_peer: str | None = None) -> IngestResult:
         """Place ``staged`` in the spool and record it; returns once the row is committed.
 
         On any exception nothing was acknowledged: a staged file not yet placed is discarded (the sender
@@ -59,6 +59,7 @@ class IngestService:
                     sha256=staged.sha256,
                     source=source,
                     conflict=conflict,
+                    origin_peer=origin_peer,
                 )
         except DuplicateInstance:
             return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)

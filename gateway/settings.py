@@ -62,11 +62,45 @@ class WatchSettings:
 
 
 @dataclass(frozen=True)
+class XmppSettings:
+    """The gateway's XMPP identity and transfer limits; empty ``jid`` = no XMPP (ingest only)."""
+
+    jid: str = ""
+    password: str = ""
+    host: str = "127.0.0.1"
+    port: int = 5222
+    use_tls: bool = True
+    methods: tuple[str, ...] = ("s5b", "ibb")
+    ibb_block_bytes: int = 65535
+    ibb_window: int = 8
+    peers: tuple[str, ...] = ()
+    max_inbound: int = 2
+    max_study_bytes: int = 20 * 10**9
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    verdict_timeout_s: float = 600.0
+    dispatch_interval_s: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.jid)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Where stable studies go: a destination per the naming standard (``radiology.hospital-b``)."""
+
+    default_destination: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
+    xmpp: XmppSettings = field(default_factory=XmppSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     source: Path | None = None
 
     def calling_ae_allowed(self, calling_ae_title: str) -> bool:
@@ -126,7 +160,45 @@ def settings_from_mapping(
         settle_s=_float(watch_raw.get("settle_s", 2.0), "watch.settle_s", 0.0),
         scan_interval_s=_float(watch_raw.get("scan_interval_s", 0.5), "watch.scan_interval_s", 0.05),
     )
-    return Settings(dicom=dicom, paths=paths, queue=queue, watch=watch, source=source)
+    return Settings(
+        dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ),
+        routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
+        source=source,
+    )
+
+
+def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
+    from gateway.addressing import AddressError, parse
+
+    jid = str(environ.get("DICOMGW_XMPP_JID", raw.get("jid", "")))
+    peers = tuple(str(p) for p in raw.get("peers", []))
+    try:
+        if jid:
+            parse(jid)
+        for peer in peers:
+            parse(peer)
+    except AddressError as exc:
+        raise SettingsError(f"xmpp: {exc}") from None
+    methods = tuple(str(m) for m in raw.get("methods", ["s5b", "ibb"]))
+    if not methods or any(m not in ("s5b", "ibb") for m in methods):
+        raise SettingsError(f"xmpp.methods: {list(methods)!r} must list 's5b' and/or 'ibb'")
+    return XmppSettings(
+        jid=jid,
+        password=str(environ.get("DICOMGW_XMPP_PASSWORD", raw.get("password", ""))),
+        host=str(raw.get("host", "127.0.0.1")),
+        port=_int(raw.get("port", 5222), "xmpp.port", 1, 65535),
+        use_tls=bool(raw.get("use_tls", True)),
+        methods=methods,
+        ibb_block_bytes=_int(raw.get("ibb_block_bytes", 65535), "xmpp.ibb_block_bytes", 1, 65535),
+        ibb_window=_int(raw.get("ibb_window", 8), "xmpp.ibb_window", 1, 64),
+        peers=peers,
+        max_inbound=_int(raw.get("max_inbound", 2), "xmpp.max_inbound", 1, 100),
+        max_study_bytes=_int(raw.get("max_study_bytes", 20 * 10**9), "xmpp.max_study_bytes", 1, 2**62),
+        retry_base_s=_float(raw.get("retry_base_s", 2.0), "xmpp.retry_base_s", 0.01),
+        retry_max_s=_float(raw.get("retry_max_s", 60.0), "xmpp.retry_max_s", 0.01),
+        verdict_timeout_s=_float(raw.get("verdict_timeout_s", 600.0), "xmpp.verdict_timeout_s", 1.0),
+        dispatch_interval_s=_float(raw.get("dispatch_interval_s", 1.0), "xmpp.dispatch_interval_s", 0.05),
+    )
 
 
 def with_overrides(settings: Settings, **sections: Any) -> Settings:

@@ -365,8 +365,17 @@ class QueueStore:
         values: dict[str, Any] = {"progress_bytes": progress_bytes}
         if method:
             values["method"] = method
+        in_flight = (State.OFFERING.value, State.SENDING.value)
         with self._unit_of_work() as session:
-            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+            session.execute(
+                update(StudyUnitRow).where(StudyUnitRow.id == unit_id, StudyUnitRow.state.in_(in_flight)).values(**values)
+            )
+
+    def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int) -> None:
+        with self._unit_of_work() as session:
+            session.execute(
+                update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(next_attempt_at=next_attempt_at, attempts=attempts)
+            )
 
     def route_stable(self, destination_for: Any) -> list[tuple[int, str]]:
         """Queue every local ``stable`` unit that ``destination_for(summary)`` gives a destination."""

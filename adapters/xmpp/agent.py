@@ -28,7 +28,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 from xml.sax.saxutils import quoteattr
 
@@ -39,6 +39,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.matcher.id import MatcherId
 
 from adapters.xmpp import socks5
+from gateway.transfer import SendOutcome
 from adapters.xmpp.stanzas import (
     NS_DISCO_ITEMS,
     NS_IBB,
@@ -66,7 +67,7 @@ class XmppSettings:
     port: int = 5222
     use_tls: bool = True
     methods: tuple[str, ...] = (NS_S5B, NS_IBB)
-    ibb_block_bytes: int = 65535 // 4 * 3  # the largest block whose base64 fits XEP-0047's 65535
+    ibb_block_bytes: int = 65535  # XEP-0047: at most 65535 bytes of data per block (before base64)
     ibb_window: int = 8
     s5b_write_bytes: int = 1 << 20
     verdict_timeout_s: float = 600.0
@@ -88,17 +89,8 @@ class InboundPort(Protocol):
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         """None to accept, else (stanza error condition, text)."""
 
-    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink: ...
-
-
-@dataclass
-class SendResult:
-    ok: bool
-    method: str = ""
-    offset: int = 0
-    bytes_sent: int = 0
-    detail: str = ""
-    attempts: list[dict[str, object]] = field(default_factory=list)
+    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink:
+        """Called only after ``authorize`` accepted; the sink's ``finish``/``close`` ends the admission."""
 
 
 class TransferCut(ConnectionError):
@@ -124,6 +116,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._proxy: tuple[str, str, int] | None = None
         self._status = ("", "ready")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._reconnects = 0
 
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
@@ -141,6 +135,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         await asyncio.wait_for(self._online.wait(), timeout_s)
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         for _peer, sink, _m in self._sinks.values():
@@ -153,11 +148,21 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self.send_presence(pshow=self._status[0] or None, pstatus=self._status[1])
         await self.get_roster()
         self._online.set()
+        self._reconnects = 0
         log.info("XMPP session up as %s", self.boundjid.full)
 
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
         self.peer_status.clear()
+        if not self._stopping:
+            delay = min(60.0, 1.0 * 2 ** min(self._reconnects, 6))
+            self._reconnects += 1
+            log.warning("XMPP connection lost; reconnecting in %.0f s", delay)
+            asyncio.get_running_loop().call_later(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        if not self._stopping and not self._online.is_set():
+            self.connect(self.settings.host, self.settings.port)
 
     def _on_presence(self, presence: slixmpp.Presence) -> None:
         sender = presence["from"]
@@ -193,19 +198,22 @@ class GatewayAgent(slixmpp.ClientXMPP):
         task.add_done_callback(self._tasks.discard)
 
     # -- sending --------------------------------------------------------------------------------
-    async def send_study(
+    async def send_bundle(
         self,
         peer_full_jid: str,
-        offer_for: Callable[[str, tuple[str, ...]], Offer],
+        name: str,
+        size: int,
+        manifest_sha256: str,
+        study_instance_uid: str,
         stream_from: Callable[[int], Iterator[bytes]],
         progress: Callable[[int, str], None] | None = None,
-    ) -> SendResult:
+    ) -> SendOutcome:
         """Offer and stream one bundle; falls back from S5B to IBB (resuming) when the S5B path fails."""
-        result = SendResult(ok=False)
+        result = SendOutcome(ok=False)
         methods = tuple(self.settings.methods)
         while methods:
             sid = uuid.uuid4().hex
-            offer = offer_for(sid, methods)
+            offer = Offer(sid, name, size, manifest_sha256, study_instance_uid, methods)
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
@@ -221,7 +229,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
             self._verdicts[sid] = verdict
             try:
                 sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
-                    peer_full_jid, sid, stream_from(offset), offset, progress
+                    peer_full_jid, sid, stream_from(offset), offset, _in_thread(progress)
                 )
                 attempt["bytes"] = sent
                 result.bytes_sent += sent
@@ -475,6 +483,20 @@ class GatewayAgent(slixmpp.ClientXMPP):
             raise XMPPError("item-not-found", "no transfer with this stream id")
         future.set_result((el.get("outcome", ""), el.text or ""))
         iq.reply().send()
+
+
+def _in_thread(progress: Callable[[int, str], None] | None) -> Callable[[int, str], None] | None:
+    """Progress callbacks write to the DB: keep them off the event loop, at most one in flight."""
+    if progress is None:
+        return None
+    running: list[asyncio.Future[None]] = []
+
+    def call(position: int, method: str) -> None:
+        if running and not running[0].done():
+            return
+        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, position, _short(method).lower()))]
+
+    return call
 
 
 def _short(method: str) -> str:

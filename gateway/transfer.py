@@ -1,0 +1,240 @@
+"""Use cases of the transfer between gateways: route, dispatch with presence as flow control, admit offers.
+
+Sender side (:class:`Dispatcher`, run on the asyncio loop)
+- every tick: local ``stable`` units get their destination (``routing``) and move to ``queued``;
+- each due unit is offered to its peer only when the peer is online and not ``dnd`` (XEP-0096 offer);
+  otherwise it waits in ``waiting-peer`` with exponential backoff (``retry_base_s`` .. ``retry_max_s``);
+- ``offering`` -> ``sending`` (progress in bytes, the method) -> ``sent`` once the receiver's verdict says
+  ``received``; a refusal, a cut stream or a rejected bundle goes back to ``queued`` with the reason and a
+  backoff; every attempt is a ``transfers`` row (sid, method, offset, bytes, outcome, error).
+
+Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused ``forbidden``, audited),
+up to ``max_study_bytes`` (``not-acceptable``), and at most ``max_inbound`` at once (``resource-constraint``,
+and the agent shows ``dnd`` while full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.addressing import destination_jid
+from gateway.lifecycle import State
+from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
+from gateway.model import StudySummary
+from gateway.store import QueueStore, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SendOutcome:
+    ok: bool
+    method: str = ""
+    offset: int = 0
+    bytes_sent: int = 0
+    detail: str = ""
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SenderPort(Protocol):
+    online: bool
+
+    def peer_availability(self, bare_jid: str) -> tuple[str | None, str]: ...
+
+    def send_bundle(
+        self,
+        peer_full_jid: str,
+        name: str,
+        size: int,
+        manifest_sha256: str,
+        study_instance_uid: str,
+        stream_from: Callable[[int], Iterator[bytes]],
+        progress: Callable[[int, str], None],
+    ) -> Awaitable[SendOutcome]: ...
+
+
+def manifest_for(store: QueueStore, unit: StudySummary) -> tuple[Manifest, list[Path]]:
+    """The unit's bundle manifest and the spool paths of its files, in bundle order."""
+    instances = store.unit_instances(unit.unit_id)
+    files = tuple(
+        BundleFile(i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.size_bytes, i.sha256) for i in instances
+    )
+    return Manifest(unit.study_instance_uid, unit.unit_seq, DEFAULT_CHUNK_BYTES, files), [Path(i.spool_path) for i in instances]
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    """Where stable studies go. ``default_destination`` names a peer gateway (``department.institution``)."""
+
+    domain: str
+    default_destination: str = ""
+
+    def destination_for(self, unit: StudySummary) -> str | None:
+        return destination_jid(self.default_destination, self.domain) if self.default_destination else None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: QueueStore,
+        spool_root: Path,
+        sender: SenderPort,
+        routing: RoutingRules,
+        retry_base_s: float = 2.0,
+        retry_max_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.spool_root = spool_root
+        self.sender = sender
+        self.routing = routing
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self._busy: set[int] = set()
+
+    async def tick(self) -> None:
+        await asyncio.to_thread(self.store.route_stable, self.routing.destination_for)
+        if not self.sender.online:
+            return
+        for unit in await asyncio.to_thread(self.store.due_for_sending):
+            if unit.unit_id not in self._busy:
+                self._busy.add(unit.unit_id)
+                try:
+                    await self._dispatch(unit)
+                finally:
+                    self._busy.discard(unit.unit_id)
+
+    def _backoff(self, unit: StudySummary) -> datetime:
+        delay = min(self.retry_max_s, self.retry_base_s * (2 ** min(unit.attempts, 10)))
+        return utcnow() + timedelta(seconds=delay)
+
+    async def _dispatch(self, unit: StudySummary) -> None:
+        peer_bare = unit.destination or ""
+        full_jid, availability = self.sender.peer_availability(peer_bare)
+        if full_jid is None:
+            if unit.state != State.WAITING_PEER.value or unit.error != f"peer {availability}":
+                await asyncio.to_thread(
+                    self.store.transition, unit.unit_id, State.WAITING_PEER, f"{peer_bare} is {availability}",
+                    f"peer {availability}", next_attempt_at=self._backoff(unit), attempts=unit.attempts + 1,
+                )
+            else:
+                await asyncio.to_thread(
+                    self.store.reschedule, unit.unit_id, self._backoff(unit), unit.attempts + 1
+                )
+            return
+        manifest, relative_paths = await asyncio.to_thread(manifest_for, self.store, unit)
+        paths = [self.spool_root / p for p in relative_paths]
+        encoded = manifest.encode()
+        size = manifest.bundle_bytes
+        await asyncio.to_thread(
+            self.store.transition, unit.unit_id, State.OFFERING, f"offering {size} bytes to {full_jid}", None,
+            bundle_bytes=size, progress_bytes=0,
+        )
+        progress = _ProgressWriter(self.store, unit.unit_id)
+        started = utcnow()
+        outcome = await self.sender.send_bundle(
+            full_jid,
+            f"study-{unit.study_instance_uid}-{unit.unit_seq}.dgwb",
+            size,
+            hashlib.sha256(encoded).hexdigest(),
+            unit.study_instance_uid,
+            lambda offset: stream_bundle(manifest, paths, offset),
+            progress.update,
+        )
+        await asyncio.to_thread(self._record_attempts, unit, full_jid, outcome, started)
+        if outcome.ok:
+            await asyncio.to_thread(progress.ensure_sending, _method_name(outcome.method))
+            await asyncio.to_thread(
+                self.store.transition, unit.unit_id, State.SENT, f"{full_jid} verified it: {outcome.detail}", None,
+                method=_method_name(outcome.method), progress_bytes=size,
+            )
+            return
+        busy = "resource-constraint" in outcome.detail
+        target = State.WAITING_PEER if busy and not progress.moved_to_sending else State.QUEUED
+        await asyncio.to_thread(
+            self.store.transition, unit.unit_id, target, f"attempt failed: {outcome.detail}", outcome.detail,
+            next_attempt_at=self._backoff(unit), attempts=unit.attempts + 1,
+        )
+
+    def _record_attempts(self, unit: StudySummary, peer: str, outcome: SendOutcome, started: datetime) -> None:
+        for attempt in outcome.attempts:
+            self.store.record_transfer(
+                unit.unit_id, str(attempt.get("sid", "")), peer, "out", _method_name(str(attempt.get("method", ""))),
+                int(attempt.get("offset", 0) or 0), int(attempt.get("bytes", 0) or 0),
+                datetime.fromtimestamp(float(attempt.get("started", time.time())), UTC).replace(tzinfo=None), str(attempt.get("outcome", "")),
+                str(attempt.get("error") or "") or None,
+            )
+
+
+class _ProgressWriter:
+    """Moves the unit to ``sending`` at the first byte and writes progress at most once a second."""
+
+    def __init__(self, store: QueueStore, unit_id: int) -> None:
+        self.store = store
+        self.unit_id = unit_id
+        self.moved_to_sending = False
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def ensure_sending(self, method: str) -> None:
+        with self._lock:
+            if not self.moved_to_sending:
+                self.moved_to_sending = True
+                self.store.transition(self.unit_id, State.SENDING, f"streaming over {method}", None, method=method)
+
+    def update(self, position: int, method: str) -> None:
+        self.ensure_sending(method)
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            self.store.set_progress(self.unit_id, position, method)
+
+
+def _method_name(method: str) -> str:
+    return {"http://jabber.org/protocol/bytestreams": "s5b", "http://jabber.org/protocol/ibb": "ibb"}.get(method, method)
+
+
+class InboundPolicy:
+    """Which offers the receiving gateway accepts (thread-safe counter of active inbound transfers)."""
+
+    def __init__(self, store: QueueStore, allowed_peers: tuple[str, ...], max_study_bytes: int, max_inbound: int,
+                 on_capacity: Callable[[bool], None] | None = None) -> None:
+        self.store = store
+        self.allowed_peers = allowed_peers
+        self.max_study_bytes = max_study_bytes
+        self.max_inbound = max_inbound
+        self.on_capacity = on_capacity
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def authorize(self, peer_bare: str, size: int, study_uid: str) -> tuple[str, str] | None:
+        if peer_bare not in self.allowed_peers and not self.store.peer_allowed(peer_bare):
+            self.store.audit("offer_refused", f"offer of study {study_uid or '?'} from {peer_bare}: not an allowed peer")
+            return "forbidden", f"{peer_bare} is not an allowed peer of this gateway"
+        if size < 0 or size > self.max_study_bytes:
+            self.store.audit("offer_refused", f"offer of study {study_uid} from {peer_bare}: {size} bytes over the limit")
+            return "not-acceptable", f"study of {size} bytes exceeds this gateway's limit of {self.max_study_bytes}"
+        with self._lock:
+            if self.active >= self.max_inbound:
+                return "resource-constraint", f"busy: {self.active} inbound transfer(s) running"
+            self.active += 1
+            full = self.active >= self.max_inbound
+        self.store.audit("offer_accepted", f"study {study_uid} ({size} bytes) from {peer_bare}")
+        if full and self.on_capacity:
+            self.on_capacity(True)
+        return None
+
+    def release(self) -> None:
+        with self._lock:
+            was_full = self.active >= self.max_inbound
+            self.active = max(0, self.active - 1)
+        if was_full and self.on_capacity:
+            self.on_capacity(False)

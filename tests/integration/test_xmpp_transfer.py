@@ -1,0 +1,139 @@
+"""Two gateways and a real Prosody (started here, on loopback, with mod_proxy65): studies cross over XMPP."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from adapters.localpeers import Prosody
+from adapters.synthetic import generate_ct_study
+from gateway.bootstrap import Gateway, GatewayController
+from gateway.settings import RoutingSettings, XmppSettings
+from tests.helpers import dataset_bytes, free_port, storescu, wait_for
+from tests.integration.test_scp import make_settings
+
+DOMAIN = "helsenett.test"
+A_JID = f"radiology.hospital-a@{DOMAIN}"
+B_JID = f"radiology.hospital-b@{DOMAIN}"
+STRANGER_JID = f"radiology.hospital-x@{DOMAIN}"
+
+
+@pytest.fixture
+def prosody(tmp_path: Path) -> Iterator[Prosody]:
+    server = Prosody(tmp_path / "prosody", domain=DOMAIN)
+    for user in ("radiology.hospital-a", "radiology.hospital-b", "radiology.hospital-x"):
+        server.add_account(user, f"pw-{user}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Site:
+    controller: GatewayController
+    gateway: Gateway
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "", **xmpp: object) -> Site:
+    settings = make_settings(tmp_path / name, free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
+    local = jid.split("@")[0]
+    settings = replace(
+        settings,
+        xmpp=replace(
+            XmppSettings(
+                jid=f"{jid}/gw1", password=f"pw-{local}", host="127.0.0.1", port=prosody.c2s_port, use_tls=False,
+                peers=peers, retry_base_s=0.2, retry_max_s=1.0, verdict_timeout_s=60, dispatch_interval_s=0.1,
+            ),
+            **xmpp,
+        ),
+        routing=RoutingSettings(default_destination=destination),
+    )
+    controller = GatewayController(settings)
+    return Site(controller, controller.start())
+
+
+def unit_states(gw: Gateway) -> list[str]:
+    return [s.state for s in gw.store.studies()]
+
+
+def received_instances(gw: Gateway) -> dict[str, Path]:
+    found = {}
+    for summary in gw.store.studies():
+        if summary.origin_peer:
+            for _unit, rows in gw.store.study_units(summary.study_instance_uid):
+                found.update({i.sop_instance_uid: gw.spool.absolute(i.spool_path) for i in rows})
+    return found
+
+
+def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=2, slices_per_series=20, rows=128, columns=128)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        received = received_instances(b.gateway)
+        assert set(received) == set(study.sop_instance_uids)
+        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+            assert dataset_bytes(received[uid]) == dataset_bytes(path)
+        sent_by_a = {i.sop_instance_uid: i.sha256 for _u, rows in a.gateway.store.study_units(study.study_instance_uid) for i in rows}
+        assert {uid: hashlib.sha256(p.read_bytes()).hexdigest() for uid, p in received.items()} == sent_by_a
+        (unit,) = a.gateway.store.studies()
+        assert (unit.method, unit.destination, unit.progress_bytes) == ("s5b", B_JID, unit.bundle_bytes)
+        (b_unit,) = b.gateway.store.studies()
+        assert (b_unit.state, b_unit.origin_peer, b_unit.instances) == ("received", A_JID, 40)
+        out = a.gateway.store.transfers()
+        assert [(t["direction"], t["method"], t["outcome"]) for t in out] == [("out", "s5b", "received")]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_ibb_carries_the_study_when_the_server_has_no_proxy(tmp_path: Path) -> None:
+    server = Prosody(tmp_path / "prosody", domain=DOMAIN, proxy65=False)
+    for user in ("radiology.hospital-a", "radiology.hospital-b"):
+        server.add_account(user, f"pw-{user}")
+    server.start()
+    b = start_site(tmp_path, "b", B_JID, server, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, server, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=10, rows=128, columns=128)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+        (unit,) = a.gateway.store.studies()
+        assert unit.method == "ibb"
+        attempts = [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()]
+        assert attempts == [("s5b", "cut"), ("ibb", "received")]
+        assert "no SOCKS5 proxy" in (a.gateway.store.transfers()[0]["error"] or "")
+    finally:
+        a.stop()
+        b.stop()
+        server.stop()
+
+
+def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    x = start_site(tmp_path, "x", STRANGER_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
+        assert storescu(x.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: x.gateway.store.transfers(), 30, 0.1, what="a refused attempt")
+        first = x.gateway.store.transfers()[0]
+        assert first["outcome"] == "refused" and first["error"].startswith("forbidden:")
+        assert b.gateway.store.studies() == []
+        assert any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries())
+        (unit,) = x.gateway.store.studies()
+        assert unit.state == "queued" and "forbidden" in (unit.error or "")
+    finally:
+        x.stop()
+        b.stop()
