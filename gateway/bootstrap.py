@@ -85,6 +85,7 @@ class Gateway:
             AgentSettings(
                 jid=x.jid, password=x.password, host=x.host, port=x.port, use_tls=x.use_tls, methods=methods,
                 ibb_block_bytes=x.ibb_block_bytes, ibb_window=x.ibb_window, verdict_timeout_s=x.verdict_timeout_s,
+                proxy_address=_host_port(x.s5b_proxy) if x.s5b_proxy else None,
             ),
             _Inbound(self),
         )
@@ -165,6 +166,11 @@ class Gateway:
                 await asyncio.wait_for(stop.wait(), self.settings.xmpp.dispatch_interval_s)
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
 class _Inbound:
     """The agent's InboundPort: the core's admission policy + the inbox sink, with a transfer row per attempt."""
 
@@ -185,6 +191,7 @@ class _AuditedSink:
         self.gateway, self.bundle, self.peer_jid, self.offer, self.method = gateway, bundle, peer_jid, offer, method
         self.started = utcnow()
         self.size = bundle.size
+        self.bundle_key = offer.manifest_sha256
         self._ended = False
 
     @property

@@ -80,6 +80,7 @@ class XmppSettings:
     retry_max_s: float = 60.0
     verdict_timeout_s: float = 600.0
     dispatch_interval_s: float = 1.0
+    s5b_proxy: str = ""  # "host:port" to use instead of the address the server's proxy advertises
 
     @property
     def enabled(self) -> bool:
@@ -198,6 +199,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
         retry_max_s=_float(raw.get("retry_max_s", 60.0), "xmpp.retry_max_s", 0.01),
         verdict_timeout_s=_float(raw.get("verdict_timeout_s", 600.0), "xmpp.verdict_timeout_s", 1.0),
         dispatch_interval_s=_float(raw.get("dispatch_interval_s", 1.0), "xmpp.dispatch_interval_s", 0.05),
+        s5b_proxy=str(raw.get("s5b_proxy", "")),
     )
 
 

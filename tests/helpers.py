@@ -67,3 +67,66 @@ def sop_instance_uid(path: Path) -> str:
 
 def transfer_syntax(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+class TamperingRelay:
+    """A loopback TCP relay in front of a real server port, for failure tests. The first connection whose
+    upstream passes ``after_bytes`` is cut (``mode='cut'``) or gets one byte flipped (``mode='flip'``);
+    every other connection is relayed untouched. Threads are daemons; ``stop()`` closes the listener."""
+
+    def __init__(self, target_port: int, after_bytes: int, mode: str = "cut") -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.after_bytes = after_bytes
+        self.mode = mode
+        self.tampered = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: object, dst: object, upstream: bool) -> None:
+        seen = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)  # type: ignore[attr-defined]
+                if not data:
+                    break
+                if upstream and not self.tampered.is_set() and seen + len(data) > self.after_bytes:
+                    self.tampered.set()
+                    if self.mode == "cut":
+                        break
+                    index = max(0, self.after_bytes - seen)
+                    data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]
+                seen += len(data)
+                dst.sendall(data)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+        finally:
+            import socket
+
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # wakes the other pump
+                except OSError:
+                    pass
+                sock.close()  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self._listener.close()

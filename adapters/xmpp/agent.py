@@ -72,6 +72,7 @@ class XmppSettings:
     s5b_write_bytes: int = 1 << 20
     verdict_timeout_s: float = 600.0
     iq_timeout_s: float = 30.0
+    proxy_address: tuple[str, int] | None = None  # override the address the proxy advertises (NAT, relays)
 
 
 class Sink(Protocol):
@@ -79,6 +80,7 @@ class Sink(Protocol):
 
     offset: int
     size: int
+    bundle_key: str  # the manifest SHA-256: one sink per bundle at a time
 
     def write(self, data: bytes) -> None: ...
     def finish(self) -> tuple[bool, str]: ...
@@ -108,7 +110,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199", {"keepalive": True, "interval": 60, "timeout": 20})
         if not settings.use_tls:
-            self["feature_mechanisms"].unencrypted_plain = True
+            self.plugin["feature_mechanisms"].unencrypted_plain = True
         self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
         self._online = asyncio.Event()
         self._sinks: dict[str, tuple[str, Sink, str]] = {}  # sid -> (peer full JID, sink, method)
@@ -118,6 +120,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._reconnects = 0
+        self._readers: dict[str, asyncio.Future[None]] = {}
 
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
@@ -234,6 +237,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
                 attempt["bytes"] = sent
                 result.bytes_sent += sent
                 outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
+                if outcome == "incomplete":
+                    raise TransferCut(f"receiver got {detail}")
             except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
                 attempt.update(outcome="cut", error=_describe(exc))
                 log.warning("%s transfer %s to %s failed: %s", _short(method), sid, peer_full_jid, _describe(exc))
@@ -266,7 +271,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
 
     async def _discover_proxy(self) -> tuple[str, str, int]:
         if self._proxy is None:
-            items = await self["xep_0030"].get_items(jid=self.boundjid.domain, timeout=self.settings.iq_timeout_s)
+            items = await self.plugin["xep_0030"].get_items(jid=self.boundjid.domain, timeout=self.settings.iq_timeout_s)
             for item in items["disco_items"]["items"]:
                 iq = self.make_iq_get(ito=item[0])
                 ET.SubElement(iq.xml, q(NS_S5B, "query"))
@@ -276,7 +281,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
                     continue
                 host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
                 if host is not None and host.get("host") and host.get("port"):
-                    self._proxy = (host.get("jid", item[0]), host.get("host", ""), int(host.get("port", "0")))
+                    address = self.settings.proxy_address or (host.get("host", ""), int(host.get("port", "0")))
+                    self._proxy = (host.get("jid", item[0]), address[0], address[1])
                     break
             if self._proxy is None:
                 raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
@@ -380,6 +386,9 @@ class GatewayAgent(slixmpp.ClientXMPP):
         method = next((m for m in (NS_S5B, NS_IBB) if m in offer.methods), None)
         if method is None:
             raise XMPPError("bad-request", "no acceptable stream method (XEP-0065 or XEP-0047)")
+        for old_sid, (old_peer, old_sink, _m) in list(self._sinks.items()):
+            if old_peer == peer.full and getattr(old_sink, "bundle_key", None) == offer.manifest_sha256:
+                self._drop(old_sid, "superseded by a new offer of the same bundle")
         sink = self.inbound.open_sink(peer.bare, offer, method)
         self._sinks[offer.sid] = (peer.full, sink, method)
         reply = iq.reply()
@@ -406,7 +415,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
             reply = iq.reply()
             ET.SubElement(ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
             reply.send()
-            self._spawn(self._receive_s5b(sid, reader, writer))
+            self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, reader, writer))
+            self._readers[sid].add_done_callback(lambda _t, sid=sid: self._readers.pop(sid, None))
             return
         self._drop(sid, "no streamhost reachable")
         raise XMPPError("item-not-found", "none of the streamhosts could be reached")
@@ -419,7 +429,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
                 if not data:
                     break
                 await asyncio.to_thread(sink.write, data)
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
         finally:
             writer.close()
@@ -462,15 +472,21 @@ class GatewayAgent(slixmpp.ClientXMPP):
             return
         peer, sink, _method = entry
         if sink.offset < sink.size:
-            sink.close(f"stream ended at {sink.offset} of {sink.size} bytes")
-            return  # the sender re-offers and resumes at our offset
-        ok, detail = await asyncio.to_thread(sink.finish)
+            detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
+            sink.close(detail)  # kept: the sender re-offers and resumes at our offset
+            outcome = "incomplete"
+        else:
+            ok, detail = await asyncio.to_thread(sink.finish)
+            outcome = "received" if ok else "rejected"
         iq = self.make_iq_set(ito=peer)
-        iq.xml.append(build_result(sid, "received" if ok else "rejected", detail))
+        iq.xml.append(build_result(sid, outcome, detail))
         with contextlib.suppress(IqError, IqTimeout):
             await iq.send(timeout=self.settings.iq_timeout_s)
 
     def _drop(self, sid: str, reason: str) -> None:
+        reader = self._readers.pop(sid, None)
+        if reader is not None:
+            reader.cancel()
         entry = self._sinks.pop(sid, None)
         if entry is not None:
             entry[1].close(reason)

@@ -13,7 +13,7 @@ from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import RoutingSettings, XmppSettings
-from tests.helpers import dataset_bytes, free_port, storescu, wait_for
+from tests.helpers import TamperingRelay, dataset_bytes, free_port, storescu, wait_for
 from tests.integration.test_scp import make_settings
 
 DOMAIN = "helsenett.test"
@@ -137,3 +137,81 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
     finally:
         x.stop()
         b.stop()
+
+
+def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosody: Prosody) -> None:
+    relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode="cut")
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", s5b_proxy=f"127.0.0.1:{relay.port}")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=30, rows=256, columns=256)  # ~4 MB
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        assert relay.tampered.is_set()
+        attempts = a.gateway.store.transfers()
+        assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")]
+        assert attempts[1]["offset_bytes"] > 0 and attempts[1]["offset_bytes"] % 65536 == 0
+        received = received_instances(b.gateway)
+        assert set(received) == set(study.sop_instance_uids)
+        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+            assert dataset_bytes(received[uid]) == dataset_bytes(path)
+        inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
+        assert [t["outcome"] for t in inbound] == ["cut", "received"] and inbound[1]["offset_bytes"] > 0
+    finally:
+        a.stop()
+        b.stop()
+        relay.stop()
+
+
+def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody: Prosody) -> None:
+    relay = TamperingRelay(prosody.proxy_port, after_bytes=300_000, mode="flip")
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", s5b_proxy=f"127.0.0.1:{relay.port}")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=8, rows=256, columns=256)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        outcomes = [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()]
+        assert outcomes == [("s5b", "rejected"), ("s5b", "received")]
+        assert "SHA-256 mismatch" in (a.gateway.store.transfers()[0]["error"] or "")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+        assert any(b.gateway.spool.quarantine_dir.glob("*.part.reason.txt"))  # the bad bundle is kept, not deleted
+    finally:
+        a.stop()
+        b.stop()
+        relay.stop()
+
+
+def test_busy_receiver_makes_the_sender_wait_then_send(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    b.controller._loop.call_soon_threadsafe(b.gateway.agent.set_busy, True, "busy: at the inbound transfer limit")  # noqa: SLF001
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 30, 0.1, what="A to wait for busy B")
+        (unit,) = a.gateway.store.studies()
+        assert unit.error == "peer busy" and a.gateway.store.transfers() == []
+        b.controller._loop.call_soon_threadsafe(b.gateway.agent.set_busy, False, "ready")  # noqa: SLF001
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once B is free")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_offline_receiver_gets_the_study_when_it_comes_back(tmp_path: Path, prosody: Prosody) -> None:
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    b = None
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 30, 0.1, what="A to wait for offline B")
+        assert a.gateway.store.studies()[0].error == "peer offline"
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once B is online")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
