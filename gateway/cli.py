@@ -3,6 +3,8 @@
     dicomgw run [--config FILE]
     dicomgw queue [--state STATE] [--json] [--config FILE]
     dicomgw queue show STUDY_UID [--json] [--config FILE]
+    dicomgw peers [list|add JID|remove JID] [--json]
+    dicomgw audit [--transfers] [--limit N] [--json]
     dicomgw echo AE@HOST:PORT [--calling-ae AE]
     dicomgw demo [--json]
 
@@ -57,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
 
+    peers = sub.add_parser("peers", help="which peer gateways may exchange studies with this one")
+    _config_option(peers)
+    peers.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
+    peers.add_argument("jid", nargs="?", help="peer gateway JID per the naming standard, e.g. radiology.hospital-b@helsenett.test")
+    peers.add_argument("--name", default="", help="a label for people")
+    peers.add_argument("--json", action="store_true")
+    peers.set_defaults(handler=_cmd_peers)
+
+    audit = sub.add_parser("audit", help="the audit log: state moves, refusals, quarantines, transfers")
+    _config_option(audit)
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--transfers", action="store_true", help="the transfer attempts instead")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(handler=_cmd_audit)
+
     demo = sub.add_parser("demo", help="run the chain on this machine with embedded defaults and show it")
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
     demo.set_defaults(handler=_cmd_demo)
@@ -87,6 +104,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.bootstrap import run_forever
 
     run_forever(settings)
+    return 0
+
+
+# -- peers and audit ------------------------------------------------------------------------------
+def _cmd_peers(args: argparse.Namespace) -> int:
+    from gateway.addressing import AddressError, parse
+
+    store = _store(load_settings(args.config))
+    if args.action in ("add", "remove"):
+        if not args.jid:
+            print(f"dicomgw peers {args.action}: a peer JID is required", file=sys.stderr)
+            return 2
+        try:
+            bare = parse(args.jid).bare
+        except AddressError as exc:
+            print(f"dicomgw peers {args.action}: {exc}", file=sys.stderr)
+            return 2
+        if args.action == "add":
+            store.add_peer(bare, args.name)
+            print(f"{bare} may now exchange studies with this gateway")
+            return 0
+        if not store.remove_peer(bare):
+            print(f"dicomgw peers remove: {bare} is not a known peer", file=sys.stderr)
+            return 1
+        print(f"{bare} may no longer exchange studies with this gateway")
+        return 0
+    rows = store.peers()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"Peers: {sum(r['allowed'] for r in rows)} allowed")
+    for column in ("JID", "Name", "Allowed", "Since"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["jid"], r["name"] or "-", "yes" if r["allowed"] else "no", r["created_at"][:19])
+    _console().print(table)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    store = _store(load_settings(args.config))
+    rows = store.transfers() if args.transfers else store.audit_entries(limit=args.limit)
+    if args.transfers:
+        rows = rows[-args.limit :]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="Transfer attempts" if args.transfers else "Audit log (newest first)")
+    columns = (
+        ("started_at", "direction", "peer_jid", "method", "offset_bytes", "bytes", "outcome", "error", "sid")
+        if args.transfers
+        else ("at", "event", "study_instance_uid", "from_state", "to_state", "detail")
+    )
+    for column in columns:
+        table.add_column(column)
+    for r in rows:
+        table.add_row(*[str(r.get(c) if r.get(c) is not None else "-")[:120] for c in columns])
+    _console().print(table)
     return 0
 
 
@@ -172,6 +251,12 @@ def _summary_json(s: StudySummary) -> dict[str, Any]:
         "age_s": round(_age_s(s.created_at), 1),
         "flags": [f for f in s.flags.split(",") if f],
         "error": s.error,
+        "origin_peer": s.origin_peer,
+        "method": s.method,
+        "progress_bytes": s.progress_bytes,
+        "bundle_bytes": s.bundle_bytes,
+        "progress_pct": round(100 * s.progress_bytes / s.bundle_bytes, 1) if s.bundle_bytes else None,
+        "attempts": s.attempts,
     }
 
 
@@ -265,12 +350,25 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
             s.modalities or "-",
             str(s.instances),
             _human_bytes(s.size_bytes),
-            s.state + (f" ({s.error})" if s.error else ""),
+            _state_text(s),
             _human_age(_age_s(s.created_at)),
-            s.destination or "-",
+            s.destination or (f"from {s.origin_peer}" if s.origin_peer else "-"),
             s.flags or "",
         )
     _console().print(table)
+
+
+def _state_text(s: StudySummary) -> str:
+    text = s.state
+    if s.state == "sending" and s.bundle_bytes:
+        text += f" {100 * s.progress_bytes // s.bundle_bytes}%"
+    if s.method and s.state in ("sending", "sent", "delivered"):
+        text += f" ({s.method})"
+    if s.origin_peer and s.state == "received":
+        text += " (from peer)"
+    if s.error and s.state not in ("sent", "delivered"):
+        text += f": {s.error}"
+    return text
 
 
 def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRecord]]]) -> None:

@@ -22,9 +22,14 @@ B_JID = f"radiology.hospital-b@{DOMAIN}"
 STRANGER_JID = f"radiology.hospital-x@{DOMAIN}"
 
 
-@pytest.fixture
-def prosody(tmp_path: Path) -> Iterator[Prosody]:
-    server = Prosody(tmp_path / "prosody", domain=DOMAIN)
+PROXY65_VARIANT = Path(__file__).resolve().parents[2] / "conf" / "prosody" / "plugins"
+
+
+@pytest.fixture(params=["stock-proxy65", "dicomgw-proxy65"])
+def prosody(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prosody]:
+    """Every transfer test runs against Debian's proxy65 and against the variant shipped in conf/prosody."""
+    plugins = [PROXY65_VARIANT] if request.param == "dicomgw-proxy65" else []
+    server = Prosody(tmp_path / "prosody", domain=DOMAIN, plugin_paths=plugins)
     for user in ("radiology.hospital-a", "radiology.hospital-b", "radiology.hospital-x"):
         server.add_account(user, f"pw-{user}")
     server.start()
@@ -134,6 +139,9 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         assert any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries())
         (unit,) = x.gateway.store.studies()
         assert unit.state == "queued" and "forbidden" in (unit.error or "")
+        b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin")  # what `dicomgw peers add` does
+        wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1, what="the admitted peer's study to be sent")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
     finally:
         x.stop()
         b.stop()
