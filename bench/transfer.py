@@ -1,0 +1,290 @@
+"""Transfer benchmark (issue 3): the study's throughput table on loopback, in one run.
+
+For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three runs:
+  (a) the gateway's own study transfer over mediated S5B through Prosody's stock proxy65,
+  (a') the same through the proxy65 variant shipped in conf/prosody (64 KiB relay buffers),
+  (b) the gateway over IBB with the study's settings (4096-byte blocks, one in flight),
+  (c) the gateway over IBB tuned (65535-byte blocks, 8 in flight),
+  (d) a bare S5B relay of the same number of bytes through the same stock proxy (both ends in this process,
+      only SOCKS5 + the activate IQ: the proxy's ceiling),
+  (e) a raw TCP copy over loopback (the physical limit).
+(a)-(c) run two real gateway processes (``dicomgw run``): the study is pushed into A with storescu, A routes
+it to B, and the figure is A's transfer attempt from offer to B's verdict (B has verified every SHA-256 and
+stored every instance by then). MB/s = 10^6 bytes of bundle per second, median of the runs. Peak RSS of
+sender, receiver and Prosody is read from /proc (VmHWM). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import slixmpp
+
+from adapters.localpeers import PeerProcess, Prosody, free_port, nodelay_env, peak_rss_mb, port_open
+from adapters.synthetic import generate_ct_study
+from adapters.xmpp import socks5
+from adapters.xmpp.stanzas import NS_S5B, q
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAIN = "helsenett.test"
+SLICE_BYTES = 512 * 512 * 2
+VARIANT = REPO / "conf" / "prosody" / "plugins"
+
+
+class GatewayProcess(PeerProcess):
+    name = "gateway"
+
+    def __init__(self, workdir: Path, user: str, prosody: Prosody, peer: str, destination: str = "", xmpp: str = "") -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+        self.config = workdir / "gateway.toml"
+        self.text = (
+            f'[dicom]\nae_title = "DICOMGW"\nport = {self.port}\nallowed_calling_ae_titles = []\n'
+            f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "quarantine"\n'
+            f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 0.3\nstable_check_interval_s = 0.1\n'
+            f'[xmpp]\njid = "{user}@{DOMAIN}/gw1"\npassword = "pw-{user}"\nport = {prosody.c2s_port}\nuse_tls = false\n'
+            f'peers = ["{peer}@{DOMAIN}"]\nretry_base_s = 0.2\nretry_max_s = 1\ndispatch_interval_s = 0.05\n{xmpp}\n'
+            f'[routing]\ndefault_destination = "{destination}"\n'
+        )
+
+    def start(self) -> GatewayProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self.text)
+        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(self.config), "--log-level", "WARNING"], cwd=REPO)
+        self._wait_ready(lambda: port_open(self.port), 30)
+        return self
+
+    def cli(self, *args: str) -> Any:
+        out = subprocess.run([sys.executable, "-m", "gateway", *args, "--json", "--config", str(self.config)],
+                             cwd=REPO, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+
+def prosody_rss(server: Prosody) -> float:
+    try:
+        return peak_rss_mb(int((server.workdir / "prosody.pid").read_text().strip()))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str) -> tuple[float, int, dict[str, float]]:
+    """Seconds from offer to verdict, bundle bytes, peak RSS; verifies B holds every SHA-256 A sent."""
+    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a").start()
+    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b", xmpp).start()
+    try:
+        pushed = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMGW", "127.0.0.1", str(a.port), *map(str, files)],
+                                env=nodelay_env(), capture_output=True, text=True, timeout=600)
+        if pushed.returncode != 0:
+            raise RuntimeError(pushed.stderr[-2000:])
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            units = a.cli("queue")
+            if units and units[0]["state"] == "sent":
+                break
+            if units and units[0]["state"] == "failed":
+                raise RuntimeError(units[0]["error"])
+            time.sleep(0.2)
+        else:
+            raise TimeoutError("transfer did not finish")
+        attempts = [t for t in a.cli("audit", "--transfers", "--limit", "100") if t["outcome"] == "received"]
+        seconds = (datetime.fromisoformat(attempts[-1]["ended_at"]) - datetime.fromisoformat(attempts[-1]["started_at"])).total_seconds()
+        sent = a.cli("queue", "show", units[0]["study_uid"])["instances"]
+        got = b.cli("queue", "show", units[0]["study_uid"])["instances"]
+        if sorted((i["sop_instance_uid"], i["sha256"]) for i in sent) != sorted((i["sop_instance_uid"], i["sha256"]) for i in got):
+            raise RuntimeError("SHA-256 mismatch between sender and receiver")
+        rss = {"sender": peak_rss_mb(a.pid), "receiver": peak_rss_mb(b.pid), "prosody": prosody_rss(server)}
+        return seconds, int(units[0]["bundle_bytes"]), rss
+    finally:
+        a.stop()
+        b.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _bare_s5b(server: Prosody, size: int) -> tuple[float, bool]:
+    client = slixmpp.ClientXMPP(f"bench@{DOMAIN}/r", "pw-bench")
+    client.enable_direct_tls = False
+    client.enable_starttls = False
+    client.enable_plaintext = True
+    client.plugin["feature_mechanisms"].unencrypted_plain = True
+    online = asyncio.Event()
+    client.add_event_handler("session_start", lambda _e: online.set())
+    client.connect("127.0.0.1", server.c2s_port)
+    await asyncio.wait_for(online.wait(), 20)
+    sid = "bench"
+    # The proxy hashes the activating (initiator) full JID: ours, as bound by the server.
+    digest = socks5.dst_addr(sid, client.boundjid.full, f"bench@{DOMAIN}/t")
+    t_reader, t_writer = await socks5.connect("127.0.0.1", server.proxy_port, digest)
+    i_reader, i_writer = await socks5.connect("127.0.0.1", server.proxy_port, digest)
+    activate = client.make_iq_set(ito=server.proxy_jid)
+    activate.xml.append(_activate(sid, f"bench@{DOMAIN}/t"))
+    await activate.send(timeout=20)
+    block = os.urandom(1 << 20)
+    expected = hashlib.sha256()
+    received = hashlib.sha256()
+
+    async def pump_out() -> None:
+        left = size
+        while left > 0:
+            chunk = block[: min(len(block), left)]
+            expected.update(chunk)
+            i_writer.write(chunk)
+            await i_writer.drain()
+            left -= len(chunk)
+
+    async def pump_in() -> None:
+        got = 0
+        while got < size:
+            data = await t_reader.read(1 << 20)
+            if not data:
+                break
+            received.update(data)
+            got += len(data)
+
+    start = time.perf_counter()
+    await asyncio.gather(pump_out(), pump_in())
+    seconds = time.perf_counter() - start
+    for w in (i_writer, t_writer):
+        w.close()
+    try:
+        await asyncio.wait_for(client.disconnect(), 3)
+    except (TimeoutError, OSError):
+        client.abort()
+    return seconds, expected.hexdigest() == received.hexdigest()
+
+
+def _activate(sid: str, target: str) -> Any:
+    import xml.etree.ElementTree as ET
+
+    query = ET.Element(q(NS_S5B, "query"), {"sid": sid})
+    ET.SubElement(query, q(NS_S5B, "activate")).text = target
+    return query
+
+
+def raw_tcp(size: int) -> tuple[float, bool]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    block = os.urandom(1 << 20)
+    digests = [hashlib.sha256(), hashlib.sha256()]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        buffer = bytearray(1 << 20)
+        got = 0
+        while got < size:
+            n = conn.recv_into(buffer)
+            if not n:
+                break
+            digests[1].update(memoryview(buffer)[:n])
+            got += n
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        left = size
+        while left > 0:
+            chunk = block[: min(len(block), left)]
+            digests[0].update(chunk)
+            sock.sendall(chunk)
+            left -= len(chunk)
+    thread.join()
+    seconds = time.perf_counter() - start
+    listener.close()
+    return seconds, digests[0].hexdigest() == digests[1].hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="sizes up to 10 MB only")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    sizes_mb = [1, 10] if args.quick else [1, 10, 50, 100, 200]
+    root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-transfer-"))
+    servers = {
+        "stock": Prosody(root / "prosody-stock", domain=DOMAIN),
+        "variant": Prosody(root / "prosody-variant", domain=DOMAIN, plugin_paths=[VARIANT]),
+    }
+    for server in servers.values():
+        for user in ("radiology.hospital-a", "radiology.hospital-b", "bench"):
+            server.add_account(user, f"pw-{user}")
+        server.start()
+    methods = {
+        "a_s5b": ("stock", 'methods = ["s5b"]'),
+        "a2_s5b_variant": ("variant", 'methods = ["s5b"]'),
+        "b_ibb_4096": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 4096\nibb_window = 1'),
+        "c_ibb_tuned": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 65535\nibb_window = 8'),
+    }
+    table: dict[int, dict[str, float]] = {}
+    rss: dict[str, float] = {"sender": 0.0, "receiver": 0.0, "prosody": 0.0}
+    sha_ok = True
+    try:
+        for size_mb in sizes_mb:
+            slices = max(1, round(size_mb * 1e6 / (SLICE_BYTES + 1400)))
+            study = generate_ct_study(root / f"study{size_mb}", series=1, slices_per_series=slices, seed=size_mb)
+            row: dict[str, float] = {}
+            bundle_bytes = 0
+            for name, (server_name, xmpp) in methods.items():
+                times = []
+                for run in range(args.runs):
+                    seconds, bundle_bytes, peaks = gateway_transfer(root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp)
+                    times.append(seconds)
+                    for k, v in peaks.items():
+                        rss[k] = max(rss[k], v)
+                row[name] = bundle_bytes / 1e6 / statistics.median(times)
+                print(f"  {size_mb} MB {name}: {row[name]:.1f} MB/s", flush=True)
+            bare = [asyncio.run(_bare_s5b(servers["stock"], bundle_bytes)) for _ in range(args.runs)]
+            raw = [raw_tcp(bundle_bytes) for _ in range(args.runs)]
+            sha_ok = sha_ok and all(ok for _, ok in bare + raw)
+            row["d_bare_s5b"] = bundle_bytes / 1e6 / statistics.median(t for t, _ in bare)
+            row["e_raw_tcp"] = bundle_bytes / 1e6 / statistics.median(t for t, _ in raw)
+            table[size_mb] = row
+            shutil.rmtree(root / f"study{size_mb}", ignore_errors=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    columns = ["a_s5b", "a2_s5b_variant", "b_ibb_4096", "c_ibb_tuned", "d_bare_s5b", "e_raw_tcp"]
+    print(f"{'MB':>5}" + "".join(f"{c:>16}" for c in columns) + f"{'a/d':>8}{'c/b':>8}")
+    for size_mb, row in table.items():
+        print(f"{size_mb:>5}" + "".join(f"{row[c]:>16.1f}" for c in columns)
+              + f"{row['a_s5b'] / row['d_bare_s5b']:>8.2f}{row['c_ibb_tuned'] / row['b_ibb_4096']:>8.1f}")
+    print(f"peak RSS MB: sender {rss['sender']:.1f}, receiver {rss['receiver']:.1f}, prosody {rss['prosody']:.1f}")
+    largest = table[max(table)]
+    print(json.dumps({
+        "largest_mb": max(table),
+        "s5b_mb_s": round(largest["a_s5b"], 2),
+        "s5b_variant_mb_s": round(largest["a2_s5b_variant"], 2),
+        "ibb_mb_s": round(largest["c_ibb_tuned"], 2),
+        "ibb_4096_mb_s": round(largest["b_ibb_4096"], 2),
+        "bare_s5b_mb_s": round(largest["d_bare_s5b"], 2),
+        "tcp_mb_s": round(largest["e_raw_tcp"], 1),
+        "s5b_vs_ref": round(largest["a_s5b"] / largest["d_bare_s5b"], 3),
+        "ibb_vs_4096": round(largest["c_ibb_tuned"] / largest["b_ibb_4096"], 2),
+        "variant_vs_stock": round(largest["a2_s5b_variant"] / largest["a_s5b"], 2),
+        "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
+        "sha256_ok": sha_ok,
+        "table_mb_s": {str(k): {c: round(v, 2) for c, v in r.items()} for k, r in table.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
