@@ -1,8 +1,11 @@
 """``dicomgw demo``: the chain on one machine with embedded defaults, for a newcomer to watch.
 
-Today it shows ingest: a gateway with its own temporary spool and queue, a generated CT study pushed
-into it with C-STORE (dcmtk's storescu when installed, else pynetdicom), the queue until the study is
-stable, and a summary. It cleans up everything it started. ``--json`` ends with one JSON line.
+It starts Prosody on loopback with a generated config (mod_proxy65 on), two gateways (hospital A and B,
+each with its own spool and queue in a temporary folder), generates a CT study, pushes it into A with
+C-STORE (dcmtk's storescu when installed, else pynetdicom), and follows the study: A's queue (received,
+stable, queued, offering, sending n %, sent) and B's (received and verified). It prints the seconds of each
+stage and cleans up every process it started. Without Prosody installed it shows ingest only, and says so.
+Import into B's PACS and the delivery receipt come with the next issue. ``--json`` ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -12,13 +15,34 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adapters.dicom_scu import store_files
-from adapters.localpeers import free_port, nodelay_env
+from adapters.localpeers import Prosody, free_port, nodelay_env
 from adapters.synthetic import generate_ct_study
-from gateway.settings import DicomSettings, PathSettings, QueueSettings, Settings, WatchSettings
+from gateway.settings import (
+    DicomSettings,
+    PathSettings,
+    QueueSettings,
+    RoutingSettings,
+    Settings,
+    WatchSettings,
+    XmppSettings,
+)
+
+DOMAIN = "helsenett.test"
+A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"
+
+
+def _site(workdir: Path, ae_title: str, stable_age_s: float) -> Settings:
+    return Settings(
+        dicom=DicomSettings(ae_title=ae_title, port=free_port(), allowed_calling_ae_titles=()),
+        paths=PathSettings(spool_dir=workdir / "spool", watch_dir=None, quarantine_dir=workdir / "quarantine"),
+        queue=QueueSettings(db_url=f"sqlite:///{workdir / 'queue.db'}", stable_age_s=stable_age_s, stable_check_interval_s=0.2),
+        watch=WatchSettings(),
+    )
 
 
 def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = False, say: Any = print) -> dict[str, Any]:
@@ -26,58 +50,114 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
 
     workdir = Path(tempfile.mkdtemp(prefix="dicomgw-demo-"))
     log = (lambda *a: None) if as_json else say
+    started: list[Any] = []
     stages: dict[str, float] = {}
-    settings = Settings(
-        dicom=DicomSettings(ae_title="HOSPITAL_A", port=free_port(), allowed_calling_ae_titles=()),
-        paths=PathSettings(spool_dir=workdir / "a" / "spool", watch_dir=None, quarantine_dir=workdir / "a" / "quarantine"),
-        queue=QueueSettings(db_url=f"sqlite:///{workdir / 'a' / 'queue.db'}", stable_age_s=2.0, stable_check_interval_s=0.2),
-        watch=WatchSettings(),
-    )
-    controller = GatewayController(settings)
+    stable_age_s = 2.0
     try:
+        prosody = None
+        a_settings = _site(workdir / "hospital-a", "HOSPITAL_A", stable_age_s)
+        b_settings = _site(workdir / "hospital-b", "HOSPITAL_B", stable_age_s)
+        if Prosody.available():
+            prosody = Prosody(workdir / "prosody", domain=DOMAIN)
+            for user in (A_USER, B_USER):
+                prosody.add_account(user, f"demo-{user}")
+            prosody.start()
+            started.append(prosody)
+            log(f"XMPP server: Prosody on 127.0.0.1:{prosody.c2s_port}, SOCKS5 proxy {prosody.proxy_jid} on :{prosody.proxy_port}")
+
+            def xmpp(user: str, peer: str) -> XmppSettings:
+                return XmppSettings(
+                    jid=f"{user}@{DOMAIN}/gw1", password=f"demo-{user}", port=prosody.c2s_port, use_tls=False,
+                    peers=(f"{peer}@{DOMAIN}",), retry_base_s=0.5, retry_max_s=5, dispatch_interval_s=0.1,
+                )
+
+            a_settings = replace(a_settings, xmpp=xmpp(A_USER, B_USER), routing=RoutingSettings(default_destination=B_USER))
+            b_settings = replace(b_settings, xmpp=xmpp(B_USER, A_USER))
+        else:
+            log("Prosody is not installed: showing ingest only (install it with: apt-get install prosody)")
+        b_controller = GatewayController(b_settings)
+        b = b_controller.start()
+        started.append(b_controller)
+        a_controller = GatewayController(a_settings)
+        a = a_controller.start()
+        started.append(a_controller)
+        log(f"gateway A: {a_settings.xmpp.jid or 'no XMPP'}, DICOM AE HOSPITAL_A on 127.0.0.1:{a.scp.port}")
+        log(f"gateway B: {b_settings.xmpp.jid or 'no XMPP'}, DICOM AE HOSPITAL_B on 127.0.0.1:{b.scp.port}")
+
+        study = generate_ct_study(workdir / "modality", series=2, slices_per_series=slices_per_series)
+        log(f"modality: CT study {study.study_instance_uid}, {len(study.files)} instances, {study.size_bytes / 1e6:.1f} MB")
         t0 = time.perf_counter()
-        gateway = controller.start()
-        log(f"gateway A: AE HOSPITAL_A on 127.0.0.1:{gateway.scp.port}, spool {settings.paths.spool_dir}")
-        study = generate_ct_study(workdir / "modality", series=2, slices_per_series=slices_per_series, rows=512, columns=512)
-        stages["generate_s"] = time.perf_counter() - t0
-        log(f"modality: generated CT study {study.study_instance_uid}: {len(study.files)} instances, {study.size_bytes / 1e6:.1f} MB")
-        t1 = time.perf_counter()
-        sender, acknowledged = _push(gateway.scp.port, [str(p) for p in study.files])
-        stages["ingest_s"] = time.perf_counter() - t1
-        log(f"modality -> gateway A with {sender}: {acknowledged} of {len(study.files)} acknowledged in {stages['ingest_s']:.2f} s")
-        t2 = time.perf_counter()
-        deadline = time.monotonic() + 60
-        state = ""
+        sender, acknowledged = _push(a.scp.port, [str(p) for p in study.files])
+        stages["ingest_s"] = time.perf_counter() - t0
+        log(f"modality -> A ({sender}): {acknowledged}/{len(study.files)} acknowledged in {stages['ingest_s']:.2f} s")
+
+        final = "sent" if prosody else "stable"
+        last_shown, t1 = "", time.perf_counter()
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            units = gateway.store.studies()
-            state = units[0].state if units else ""
-            if state == "stable":
+            units = a.store.studies()
+            unit = units[0] if units else None
+            shown = _state_line(unit)
+            if shown != last_shown:
+                log(f"  A: {shown}  (+{time.perf_counter() - t1:.1f} s)")
+                last_shown = shown
+            if unit is not None and unit.state in (final, "failed"):
                 break
-            time.sleep(0.2)
-        stages["stable_wait_s"] = time.perf_counter() - t2
-        (summary,) = gateway.store.studies()
-        log(f"queue: study {summary.study_instance_uid} is {summary.state} with {summary.instances} instances, {summary.size_bytes / 1e6:.1f} MB")
+            time.sleep(0.1)
+        a_unit = a.store.studies()[0]
+        attempts = [t for t in a.store.transfers() if t["outcome"] == "received"]
+        b_units = [s for s in b.store.studies() if s.origin_peer]
+        if attempts:
+            stages["stable_wait_s"] = stable_age_s
+            from datetime import datetime
+
+            stages["transfer_s"] = (datetime.fromisoformat(attempts[-1]["ended_at"]) - datetime.fromisoformat(attempts[-1]["started_at"])).total_seconds()
+        stages["total_s"] = time.perf_counter() - t0
+        if b_units:
+            log(f"  B: {b_units[0].state}: {b_units[0].instances} instances verified (SHA-256) and stored, from {b_units[0].origin_peer}")
         result = {
             "study_uid": study.study_instance_uid,
             "instances_sent": len(study.files),
             "instances_acknowledged": acknowledged,
-            "instances_queued": summary.instances,
-            "state": summary.state,
-            "bytes": summary.size_bytes,
+            "instances_queued": a_unit.instances,
+            "bytes": a_unit.size_bytes,
+            "state_a": a_unit.state,
+            "instances_received_b": b_units[0].instances if b_units else 0,
+            "state_b": b_units[0].state if b_units else None,
+            "method": a_unit.method,
+            "xmpp": prosody is not None,
             "sender": sender,
             "stages_s": {k: round(v, 3) for k, v in stages.items()},
-            "method": None,
-            "delivered": False,
             "instances_in_pacs": 0,
-            "note": "transfer over XMPP and import into the PACS are not built yet",
+            "delivered": False,
+            "note": "import into B's PACS and the delivery receipt are not built yet",
         }
+        log(
+            f"summary: {result['instances_received_b']} of {result['instances_sent']} instances at B, "
+            f"{result['bytes'] / 1e6:.1f} MB, method {result['method'] or '-'}, "
+            + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result["stages_s"].items())
+        )
         if as_json:
             say(json.dumps(result))
         return result
     finally:
-        controller.stop()
+        for thing in reversed(started):
+            thing.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _state_line(unit: Any) -> str:
+    if unit is None:
+        return "waiting for the first instance"
+    text = f"{unit.state}, {unit.instances} instances"
+    if unit.state == "sending" and unit.bundle_bytes:
+        text += f", {100 * unit.progress_bytes // unit.bundle_bytes} % over {unit.method}"
+    if unit.state == "sent":
+        text += f" over {unit.method}, verified by B"
+    if unit.error and unit.state not in ("sent",):
+        text += f" ({unit.error})"
+    return text
 
 
 def _push(port: int, files: list[str]) -> tuple[str, int]:

@@ -175,7 +175,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.bootstrap import run_demo
 
     result = run_demo(as_json=args.json)
-    return 0 if result["instances_queued"] == result["instances_sent"] else 1
+    complete = result["instances_received_b"] if result["xmpp"] else result["instances_queued"]
+    return 0 if complete == result["instances_sent"] else 1
 
 
 # -- echo -----------------------------------------------------------------------------------------

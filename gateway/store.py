@@ -22,6 +22,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -132,6 +133,7 @@ class TransferRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     outcome: Mapped[str] = mapped_column(String(16), default="running")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stream_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class AuditRow(Base):
@@ -417,11 +419,12 @@ class QueueStore:
 
     # -- transfers (one row per attempt) ------------------------------------------------------------
     def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
-                        offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None) -> None:
+                        offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None,
+                        stream_s: float | None = None) -> None:
         with self._unit_of_work() as session:
             session.add(TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, method=method,
                                     offset_bytes=offset_bytes, bytes_moved=bytes_moved, started_at=started_at,
-                                    ended_at=utcnow(), outcome=outcome, error=error))
+                                    ended_at=utcnow(), outcome=outcome, error=error, stream_s=stream_s))
 
     def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
         query = select(TransferRow).order_by(TransferRow.id)
@@ -432,7 +435,8 @@ class QueueStore:
         return [
             {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
              "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved, "started_at": r.started_at.isoformat(),
-             "ended_at": r.ended_at.isoformat() if r.ended_at else None, "outcome": r.outcome, "error": r.error}
+             "ended_at": r.ended_at.isoformat() if r.ended_at else None, "outcome": r.outcome, "error": r.error,
+             "stream_s": r.stream_s}
             for r in rows
         ]
 

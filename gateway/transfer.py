@@ -171,6 +171,7 @@ class Dispatcher:
                 int(attempt.get("offset", 0) or 0), int(attempt.get("bytes", 0) or 0),
                 datetime.fromtimestamp(float(attempt.get("started", time.time())), UTC).replace(tzinfo=None), str(attempt.get("outcome", "")),
                 str(attempt.get("error") or "") or None,
+                float(attempt["stream_s"]) if attempt.get("stream_s") is not None else None,
             )
 
 

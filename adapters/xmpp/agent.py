@@ -231,9 +231,11 @@ class GatewayAgent(slixmpp.ClientXMPP):
             verdict = asyncio.get_running_loop().create_future()
             self._verdicts[sid] = verdict
             try:
+                stream_started = time.perf_counter()
                 sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
                     peer_full_jid, sid, stream_from(offset), offset, _in_thread(progress)
                 )
+                attempt["stream_s"] = time.perf_counter() - stream_started
                 attempt["bytes"] = sent
                 result.bytes_sent += sent
                 outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)

@@ -188,4 +188,5 @@ def test_demo_runs_the_chain_and_reports_json() -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["instances_sent"] == result["instances_acknowledged"] == result["instances_queued"] == 120
-    assert result["state"] == "stable"
+    assert (result["state_a"], result["state_b"], result["method"]) == ("sent", "received", "s5b")
+    assert result["instances_received_b"] == 120

@@ -118,6 +118,8 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
+        command.downgrade(config, "-1")  # 0004 -> 0003
+        assert "stream_s" not in {c["name"] for c in inspect(engine).get_columns("transfers")}
         command.downgrade(config, "-1")  # 0003 -> 0002: the transfer columns go, the rows stay
         columns = {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert "origin_peer" not in columns and "state" in columns
