@@ -109,6 +109,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self.enable_plaintext = not settings.use_tls
         self.register_plugin("xep_0030")
         self.register_plugin("xep_0199", {"keepalive": True, "interval": 60, "timeout": 20})
+        self.register_plugin("xep_0198")  # stream management, used when the server offers it
         if not settings.use_tls:
             self.plugin["feature_mechanisms"].unencrypted_plain = True
         self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
@@ -121,10 +122,12 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._stopping = False
         self._reconnects = 0
         self._readers: dict[str, asyncio.Future[None]] = {}
+        self.stream_managed = False  # XEP-0198 enabled by the server on this session
 
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("presence", self._on_presence)
+        self.add_event_handler("sm_enabled", lambda _e: setattr(self, "stream_managed", True))
         self.register_handler(CoroutineCallback("si offer", MatchXPath(f"{IQ}/{q(NS_SI, 'si')}"), self._on_offer))
         self.register_handler(CoroutineCallback("s5b", MatchXPath(f"{IQ}/{q(NS_S5B, 'query')}"), self._on_s5b))
         self.register_handler(Callback("ibb open", MatchXPath(f"{IQ}/{q(NS_IBB, 'open')}"), self._on_ibb_open))

@@ -98,6 +98,7 @@ def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Pr
         assert (b_unit.state, b_unit.origin_peer, b_unit.instances) == ("received", A_JID, 40)
         out = a.gateway.store.transfers()
         assert [(t["direction"], t["method"], t["outcome"]) for t in out] == [("out", "s5b", "received")]
+        assert a.gateway.agent.stream_managed and b.gateway.agent.stream_managed  # XEP-0198 on Prosody
     finally:
         a.stop()
         b.stop()
