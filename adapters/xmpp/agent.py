@@ -440,22 +440,23 @@ class GatewayAgent(slixmpp.ClientXMPP):
             writer.close()
         await self._complete(sid)
 
-    def _on_ibb_open(self, iq: slixmpp.Iq) -> None:
-        el = iq.xml.find(q(NS_IBB, "open"))
+    def _ibb_stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, tuple[str, Sink, str]]:
+        """The IBB element, its sid, and the accepted offer it belongs to (from the same full JID)."""
+        el = iq.xml.find(q(NS_IBB, tag))
         sid = el.get("sid", "") if el is not None else ""
         entry = self._sinks.get(sid)
-        if entry is None or entry[0] != iq["from"].full:
+        if el is None or entry is None or entry[0] != iq["from"].full:
             raise XMPPError("item-not-found", "no accepted offer with this stream id")
+        return el, sid, entry
+
+    def _on_ibb_open(self, iq: slixmpp.Iq) -> None:
+        el, _sid, _entry = self._ibb_stream(iq, "open")
         if int(el.get("block-size", "0")) > 65535 or el.get("stanza", "iq") != "iq":
             raise XMPPError("resource-constraint", "block-size up to 65535 with stanza='iq' only", etype="modify")
         iq.reply().send()
 
     def _on_ibb_data(self, iq: slixmpp.Iq) -> None:
-        el = iq.xml.find(q(NS_IBB, "data"))
-        sid = el.get("sid", "") if el is not None else ""
-        entry = self._sinks.get(sid)
-        if entry is None or entry[0] != iq["from"].full:
-            raise XMPPError("item-not-found", "no open in-band stream with this id")
+        el, sid, entry = self._ibb_stream(iq, "data")
         try:
             entry[1].write(base64.b64decode(el.text or "", validate=True))
         except ValueError as exc:
@@ -464,10 +465,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         iq.reply().send()
 
     def _on_ibb_close(self, iq: slixmpp.Iq) -> None:
-        el = iq.xml.find(q(NS_IBB, "close"))
-        sid = el.get("sid", "") if el is not None else ""
-        if sid not in self._sinks:
-            raise XMPPError("item-not-found", "no open in-band stream with this id")
+        _el, sid, _entry = self._ibb_stream(iq, "close")
         iq.reply().send()
         self._spawn(self._complete(sid))
 
