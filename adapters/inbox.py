@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from adapters.dicom_files import RejectedFile, inspect_part10_file
@@ -61,8 +62,8 @@ class InboundBundle:
             self._fh.close()
         log.info("bundle %s from %s paused at %d of %d bytes: %s", self.manifest_sha256[:12], self.peer_jid, self.offset, self.size, reason)
 
-    def finish(self) -> tuple[bool, str]:
-        """Verify and import; (True, summary) or (False, reason). Runs on a worker thread."""
+    def finish(self, on_verified: Callable[[], None] | None = None) -> tuple[bool, str]:
+        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread."""
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -72,6 +73,8 @@ class InboundBundle:
             if hashlib.sha256(manifest.encode()).hexdigest() != self.manifest_sha256:
                 raise BundleError("the manifest's SHA-256 differs from the one in the offer")
             verify_bundle(self.path, self.size)
+            if on_verified is not None:
+                on_verified()
             imported = self._import()
         except (BundleError, RejectedFile) as exc:
             kept = self.spool.quarantine(self.path, f"bundle from {self.peer_jid} rejected: {exc}")

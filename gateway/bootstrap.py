@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 import threading
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from adapters.spool import Spool
 from adapters.inbox import InboundBundle
 from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
+from gateway.lifecycle import State
 from gateway.model import IngestResult
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
@@ -193,6 +195,8 @@ class _AuditedSink:
         self.size = bundle.size
         self.bundle_key = offer.manifest_sha256
         self._ended = False
+        self._last_progress = 0.0
+        self.unit_id = gateway.store.begin_receiving(offer.study_instance_uid, peer_jid, offer.size, bundle.offset, method)
 
     @property
     def offset(self) -> int:
@@ -200,13 +204,27 @@ class _AuditedSink:
 
     def write(self, data: bytes) -> None:
         self.bundle.write(data)
+        now = time.monotonic()
+        if now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"
+            self._last_progress = now
+            self.gateway.store.set_progress(self.unit_id, self.bundle.offset)
 
     def finish(self) -> tuple[bool, str]:
+        def verified() -> None:
+            self.gateway.store.transition(
+                self.unit_id, State.RECEIVED, f"bundle verified ({self.size} bytes over {self.method})", None,
+                progress_bytes=self.size,
+            )
+
         try:
-            ok, detail = self.bundle.finish()
+            ok, detail = self.bundle.finish(on_verified=verified)
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
+        if not ok:
+            state = self.gateway.store.unit(self.unit_id).state
+            if state in (State.RECEIVING.value, State.RECEIVED.value):
+                self.gateway.store.transition(self.unit_id, State.FAILED, f"rejected: {detail}", detail)
         self._end("received" if ok else "rejected", None if ok else detail)
         return ok, detail
 
@@ -221,7 +239,7 @@ class _AuditedSink:
         assert self.gateway.inbound_policy is not None
         self.gateway.inbound_policy.release()
         self.gateway.store.record_transfer(
-            None, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
+            self.unit_id, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
             self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
         )
 

@@ -361,7 +361,7 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
 
 def _state_text(s: StudySummary) -> str:
     text = s.state
-    if s.state == "sending" and s.bundle_bytes:
+    if s.state in ("sending", "receiving") and s.bundle_bytes:
         text += f" {100 * s.progress_bytes // s.bundle_bytes}%"
     if s.method and s.state in ("sending", "sent", "delivered"):
         text += f" ({s.method})"

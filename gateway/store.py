@@ -319,6 +319,10 @@ class QueueStore:
         ).all()
         for unit in units:
             if unit.state in OPEN_FOR_INSTANCES and unit.origin_peer == origin_peer:
+                if not unit.patient_name and not unit.study_description:  # a unit opened by an offer
+                    unit.patient_name, unit.patient_id = header.patient_name, header.patient_id
+                    unit.study_description, unit.study_date = header.study_description, header.study_date
+                    unit.accession_number = header.accession_number
                 return unit
         unit = StudyUnitRow(
             study_instance_uid=header.study_instance_uid,
@@ -367,11 +371,37 @@ class QueueStore:
         values: dict[str, Any] = {"progress_bytes": progress_bytes}
         if method:
             values["method"] = method
-        in_flight = (State.OFFERING.value, State.SENDING.value)
+        in_flight = (State.OFFERING.value, State.SENDING.value, State.RECEIVING.value)
         with self._unit_of_work() as session:
             session.execute(
                 update(StudyUnitRow).where(StudyUnitRow.id == unit_id, StudyUnitRow.state.in_(in_flight)).values(**values)
             )
+
+    def begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str) -> int:
+        """The ``receiving`` unit for an accepted offer: the one a cut transfer left, or a new one."""
+        with self._unit_of_work() as session:
+            unit = session.scalar(
+                select(StudyUnitRow).where(
+                    StudyUnitRow.study_instance_uid == study_instance_uid,
+                    StudyUnitRow.origin_peer == origin_peer,
+                    StudyUnitRow.state == State.RECEIVING.value,
+                )
+            )
+            now = utcnow()
+            if unit is None:
+                last = session.scalar(
+                    select(func.max(StudyUnitRow.unit_seq)).where(StudyUnitRow.study_instance_uid == study_instance_uid)
+                )
+                unit = StudyUnitRow(
+                    study_instance_uid=study_instance_uid, unit_seq=(last or 0) + 1, state=State.RECEIVING.value,
+                    origin_peer=origin_peer, created_at=now, last_instance_at=now, state_changed_at=now,
+                )
+                session.add(unit)
+                session.flush()
+                session.add(AuditRow(at=now, unit_id=unit.id, study_instance_uid=study_instance_uid, event="created",
+                                     to_state=State.RECEIVING.value, detail=f"offer from {origin_peer} accepted"))
+            unit.bundle_bytes, unit.progress_bytes, unit.method = bundle_bytes, offset, method
+            return unit.id
 
     def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int) -> None:
         with self._unit_of_work() as session:

@@ -96,6 +96,9 @@ def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Pr
         assert (unit.method, unit.destination, unit.progress_bytes) == ("s5b", B_JID, unit.bundle_bytes)
         (b_unit,) = b.gateway.store.studies()
         assert (b_unit.state, b_unit.origin_peer, b_unit.instances) == ("received", A_JID, 40)
+        assert b_unit.patient_name == "DEMO^PATIENT" and b_unit.bundle_bytes == unit.bundle_bytes
+        moves = [(e["from_state"], e["to_state"]) for e in b.gateway.store.audit_entries(unit_id=b_unit.unit_id)]
+        assert moves[::-1] == [(None, "receiving"), ("receiving", "received")]
         out = a.gateway.store.transfers()
         assert [(t["direction"], t["method"], t["outcome"]) for t in out] == [("out", "s5b", "received")]
         assert a.gateway.agent.stream_managed and b.gateway.agent.stream_managed  # XEP-0198 on Prosody
@@ -185,6 +188,8 @@ def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody
         assert "SHA-256 mismatch" in (a.gateway.store.transfers()[0]["error"] or "")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
         assert any(b.gateway.spool.quarantine_dir.glob("*.part.reason.txt"))  # the bad bundle is kept, not deleted
+        states = sorted((s.state, s.error or "") for s in b.gateway.store.studies())
+        assert states[0][0] == "failed" and "SHA-256 mismatch" in states[0][1] and states[1] == ("received", "")
     finally:
         a.stop()
         b.stop()
