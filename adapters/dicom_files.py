@@ -143,7 +143,7 @@ def inspect_part10_file(path: Path) -> InstanceHeader:
         fh.seek(128)
         if fh.read(4) != b"DICM":
             raise RejectedFile("not a DICOM Part-10 file: no 'DICM' prefix after the 128-byte preamble")
-        dataset_offset = _dataset_offset(fh, size)
+        data_start = dataset_offset(fh, size)
         fh.seek(0)
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
@@ -155,11 +155,11 @@ def inspect_part10_file(path: Path) -> InstanceHeader:
         if not transfer_syntax:
             raise RejectedFile("File Meta Information has no Transfer Syntax UID (0002,0010)")
     header = _header(ds)
-    _check_complete(path, dataset_offset, str(transfer_syntax))
+    _check_complete(path, data_start, str(transfer_syntax))
     return header
 
 
-def _dataset_offset(fh: io.BufferedReader, size: int) -> int:
+def dataset_offset(fh: io.BufferedReader, size: int) -> int:
     """Offset of the first data set element: after the group 0002 elements (explicit VR LE, PS3.10 7.1)."""
     fh.seek(132)
     while True:

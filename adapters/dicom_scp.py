@@ -12,6 +12,11 @@ Contract (PS3.4 Annex A and B, PS3.7 9.1.1)
   Resources, a data set without the identifying UIDs answers 0xC000 Cannot Understand (and the bytes are
   kept in quarantine). Each failure carries an Error Comment (0000,0902).
 
+Storage Commitment (PS3.4 J.3.3): the PACS's N-EVENT-REPORT for a commitment the gateway requested arrives
+on a new association (the PACS as requestor, in the SCP role, negotiated with SCP/SCU role selection); it
+is handed to ``on_commitment(transaction_uid, committed_uids, failed_uids_with_reason)``, and answered
+Success, or 0x0119 (no such SOP instance) for a transaction that is not ours.
+
 Events handed out: ``on_stored(IngestResult)`` runs on the association's thread; the composition root
 wraps it with ``loop.call_soon_threadsafe`` to reach the asyncio side.
 """
@@ -27,7 +32,7 @@ from enum import IntEnum
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 
 from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
 from adapters.spool import Spool, SpoolFull
@@ -38,6 +43,7 @@ from gateway.settings import DicomSettings
 log = logging.getLogger(__name__)
 
 AuditFn = Callable[[str, str], None]
+CommitmentFn = Callable[[str, set[str], dict[str, int]], bool]
 DUL_LOOP_DELAY_S = 0.0001
 PART10_PREFIX = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix
 
@@ -60,7 +66,9 @@ class StorageSCP:
         spool: Spool,
         audit: AuditFn,
         on_stored: Callable[[IngestResult], None] | None = None,
+        on_commitment: CommitmentFn | None = None,
     ) -> None:
+        self._on_commitment = on_commitment
         self._settings = settings
         self._ingest = ingest
         self._spool = spool
@@ -81,7 +89,9 @@ class StorageSCP:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         handlers = [
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_OPEN, self._on_connection),
@@ -116,6 +126,25 @@ class StorageSCP:
 
     def _on_echo(self, event: evt.Event) -> int:
         return StoreStatus.SUCCESS
+
+    def _on_event_report(self, event: evt.Event) -> int:
+        """Storage Commitment result: event type 1 (all committed) or 2 (failures exist), PS3.4 J.3.3."""
+        try:
+            info = event.event_information
+            transaction_uid = str(info.TransactionUID)
+            committed = {str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])}
+            failed = {
+                str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0x0110))
+                for item in info.get("FailedSOPSequence", [])
+            }
+        except Exception:  # malformed report: refuse it, never raise into pynetdicom
+            log.exception("unreadable N-EVENT-REPORT from %s", event.assoc.requestor.ae_title)
+            return 0x0110
+        self._audit("commitment_report", f"N-EVENT-REPORT from {event.assoc.requestor.ae_title}: transaction "
+                    f"{transaction_uid}, {len(committed)} committed, {len(failed)} failed")
+        if self._on_commitment is None or not self._on_commitment(transaction_uid, committed, failed):
+            return 0x0119
+        return 0x0000
 
     def _on_rejected(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.ae_title

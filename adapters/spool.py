@@ -124,6 +124,18 @@ class Spool:
     def absolute(self, relative_path: str) -> Path:
         return self.root / relative_path
 
+    def remove(self, relative_path: str) -> bool:
+        """Remove a spool file (the retention policy decided it may go); False if it was already gone."""
+        target = (self.root / relative_path).resolve()
+        if self.root.resolve() not in target.parents or "inbox" in Path(relative_path).parts[:1]:
+            raise ValueError(f"refusing to remove {relative_path!r}: not an instance file under the spool")
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(target.parent)
+        return True
+
     # -- quarantine -----------------------------------------------------------------------------
     def quarantine(self, source: Path, reason: str) -> Path:
         """Move ``source`` into quarantine with a reason file beside it; returns the new path."""

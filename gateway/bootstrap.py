@@ -20,14 +20,17 @@ from adapters.dicom_scu import EchoResult, echo
 from adapters.folder_watch import FolderWatcher
 from adapters.spool import Spool
 from adapters.inbox import InboundBundle
+from adapters.pacs import PacsClient
 from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
+from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.model import IngestResult
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
-from gateway.transfer import Dispatcher, InboundPolicy, RoutingRules
+from gateway.retention import SpoolCleaner
+from gateway.transfer import Dispatcher, InboundPolicy, Receipt, ReceiptSender, RoutingRules
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,16 @@ class Gateway:
         self.completeness = CompletenessService(self.store, settings.queue.stable_age_s)
         self.instances_stored = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.scp = StorageSCP(settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe)
+        self.importer = (
+            ImportService(self.store, PacsClient(settings.pacs, settings.paths.spool_dir), settings.pacs, self._outcome_threadsafe)
+            if settings.pacs.enabled
+            else None
+        )
+        self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
+        self.scp = StorageSCP(
+            settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
+            on_commitment=self.importer.commitment_result if self.importer else None,
+        )
         self.watcher = (
             FolderWatcher(
                 settings.paths.watch_dir,
@@ -75,6 +87,8 @@ class Gateway:
         self.agent: GatewayAgent | None = None
         self.dispatcher: Dispatcher | None = None
         self.inbound_policy: InboundPolicy | None = None
+        self.receipts: ReceiptSender | None = None
+        self._receipts_due = asyncio.Event()
 
     def _build_xmpp(self) -> None:
         """On the running loop: slixmpp binds to the event loop current at construction."""
@@ -94,8 +108,9 @@ class Gateway:
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
         self.dispatcher = Dispatcher(
             self.store, self.settings.paths.spool_dir, self.agent, RoutingRules(domain, self.settings.routing.default_destination),
-            retry_base_s=x.retry_base_s, retry_max_s=x.retry_max_s,
+            retry_base_s=x.retry_base_s, retry_max_s=x.retry_max_s, receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends,
         )
+        self.receipts = ReceiptSender(self.store, self.agent)
 
     def _capacity_changed(self, full: bool) -> None:
         if self.agent is not None and self._loop is not None:
@@ -111,6 +126,16 @@ class Gateway:
 
     def _stored(self, result: IngestResult) -> None:
         self.instances_stored += 1
+
+    def kick_import(self) -> None:
+        """A bundle was verified and stored: start its import now instead of at the next tick (any thread)."""
+        if self.importer is not None:
+            self.importer.tick()
+
+    def _outcome_threadsafe(self, unit_id: int) -> None:
+        """An import ended (delivered or refused): send the receipt now instead of at the next tick."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._receipts_due.set)
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -139,8 +164,14 @@ class Gateway:
             if ready is not None:
                 ready()
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
+            next_clean = 0.0
             while not stop.is_set():
                 await asyncio.to_thread(self.completeness.tick)
+                if self.importer is not None:
+                    await asyncio.to_thread(self.importer.tick)
+                if time.monotonic() >= next_clean:
+                    next_clean = time.monotonic() + self.settings.retention.check_interval_s
+                    await asyncio.to_thread(self.cleaner.tick)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.queue.stable_check_interval_s)
             if dispatching is not None:
@@ -158,14 +189,31 @@ class Gateway:
 
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
-        assert self.dispatcher is not None
+        assert self.dispatcher is not None and self.receipts is not None
+        receipts = asyncio.ensure_future(self._receipt_loop(stop))
+        try:
+            while not stop.is_set():
+                try:
+                    await self.dispatcher.tick()
+                except Exception:  # one bad tick must not stop the queue: logged, retried next tick
+                    log.exception("dispatch tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.xmpp.dispatch_interval_s)
+        finally:
+            receipts.cancel()
+
+    async def _receipt_loop(self, stop: asyncio.Event) -> None:
+        """Receipts to senders: at once when an import ends, else every dispatch interval (retries)."""
+        assert self.receipts is not None and self.agent is not None
         while not stop.is_set():
-            try:
-                await self.dispatcher.tick()
-            except Exception:  # one bad tick must not stop the queue: logged, retried next tick
-                log.exception("dispatch tick failed")
+            self._receipts_due.clear()
+            if self.agent.online:
+                try:
+                    await self.receipts.tick()
+                except Exception:
+                    log.exception("receipt tick failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.xmpp.dispatch_interval_s)
+                await asyncio.wait_for(self._receipts_due.wait(), self.settings.xmpp.dispatch_interval_s)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -181,7 +229,16 @@ class _Inbound:
 
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         assert self.gateway.inbound_policy is not None
-        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.study_instance_uid)
+        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.study_instance_uid, offer.manifest_sha256)
+
+    def receipt(self, peer_jid: str, receipt: Receipt) -> str:
+        outcome = self.gateway.store.confirm_delivery(
+            peer_jid, receipt.study_instance_uid, receipt.bundle_sha256, receipt.delivered,
+            f"{receipt.instances} instance(s): {receipt.detail}",
+        )
+        self.gateway.store.audit("receipt", f"{'delivery' if receipt.delivered else 'failure'} receipt from {peer_jid} for "
+                                 f"study {receipt.study_instance_uid} (bundle {receipt.bundle_sha256[:12]}): {outcome}")
+        return outcome
 
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
         bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size)
@@ -196,7 +253,9 @@ class _AuditedSink:
         self.bundle_key = offer.manifest_sha256
         self._ended = False
         self._last_progress = 0.0
-        self.unit_id = gateway.store.begin_receiving(offer.study_instance_uid, peer_jid, offer.size, bundle.offset, method)
+        self.unit_id = gateway.store.begin_receiving(
+            offer.study_instance_uid, peer_jid, offer.size, bundle.offset, method, offer.manifest_sha256
+        )
 
     @property
     def offset(self) -> int:
@@ -221,7 +280,10 @@ class _AuditedSink:
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
-        if not ok:
+        if ok:
+            self.gateway.store.ready_for_import(self.unit_id)
+            self.gateway.kick_import()
+        else:
             state = self.gateway.store.unit(self.unit_id).state
             if state in (State.RECEIVING.value, State.RECEIVED.value):
                 self.gateway.store.transition(self.unit_id, State.FAILED, f"rejected: {detail}", detail)

@@ -8,10 +8,14 @@ Sender side (ingest -> transfer)::
 
     received --(no new instance for stable_age_s)--> stable --(routed)--> queued
     queued -> waiting-peer | offering;  offering -> sending -> sent -> delivered
+    sent --(no delivery receipt within receipt_timeout_s)--> queued (sent again) | failed
+    offering -> sent when the peer answers that it already holds the bundle (a resend after a lost verdict)
+    queued | waiting-peer | failed -> delivered when a late receipt for the same bundle arrives
 
 Receiver side (transfer -> PACS)::
 
-    receiving -> received -> importing -> delivered
+    receiving -> received -> importing -> delivered   (the PACS holds every instance; receipt to the sender)
+    importing -> received (transient PACS failure, retried with backoff) | failed (permanent refusal)
 
 ``failed`` is a stop the admin can retry from; ``dead`` is the admin's "give up" and is terminal but kept.
 The state lives in one DB column (``study_units.state``); every move goes through :func:`check_move`
@@ -52,14 +56,14 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.RECEIVING: frozenset({S.RECEIVED, S.FAILED}),
     S.RECEIVED: frozenset({S.STABLE, S.IMPORTING, S.FAILED, S.DEAD}),
     S.STABLE: frozenset({S.QUEUED, S.DEAD}),
-    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DEAD}),
-    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DEAD}),
-    S.OFFERING: frozenset({S.SENDING, S.WAITING_PEER, S.QUEUED, S.FAILED}),
+    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DELIVERED, S.DEAD}),
+    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DELIVERED, S.DEAD}),
+    S.OFFERING: frozenset({S.SENDING, S.SENT, S.WAITING_PEER, S.QUEUED, S.FAILED}),
     S.SENDING: frozenset({S.SENT, S.QUEUED, S.FAILED}),
     S.SENT: frozenset({S.DELIVERED, S.QUEUED, S.FAILED}),
     S.IMPORTING: frozenset({S.DELIVERED, S.RECEIVED, S.FAILED}),
     S.DELIVERED: frozenset(),
-    S.FAILED: frozenset({S.QUEUED, S.RECEIVED, S.DEAD}),
+    S.FAILED: frozenset({S.QUEUED, S.RECEIVED, S.DELIVERED, S.DEAD}),
     S.DEAD: frozenset(),
 }
 

@@ -84,6 +84,9 @@ class StudySummary:
     bundle_bytes: int = 0
     attempts: int = 0
     next_attempt_at: datetime | None = None
+    bundle_sha256: str | None = None  # the manifest SHA-256 of the bundle that carries (carried) this unit
+    receipt_at: datetime | None = None  # sender: receipt came; receiver: the sender acknowledged our receipt
+    purged_at: datetime | None = None  # spool files removed by the retention policy
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,7 @@ class InstanceRecord:
     conflict: bool
     source: str
     received_at: datetime
+    instance_id: int = 0
+    pacs_status: int | None = None  # the local PACS's last C-STORE status for this instance
+    pacs_verdict: str | None = None  # gateway.importing.Verdict
+    pacs_detail: str | None = None

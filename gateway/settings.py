@@ -81,10 +81,46 @@ class XmppSettings:
     verdict_timeout_s: float = 600.0
     dispatch_interval_s: float = 1.0
     s5b_proxy: str = ""  # "host:port" to use instead of the address the server's proxy advertises
+    receipt_timeout_s: float = 3600.0  # a sent study without a delivery receipt after this is sent again
+    max_sends: int = 3  # ... at most this many times in all, then it is marked failed
 
     @property
     def enabled(self) -> bool:
         return bool(self.jid)
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """The local PACS that received studies are imported into; empty ``host`` = no import (they stay received)."""
+
+    ae_title: str = "PACS"
+    host: str = ""
+    port: int = 104
+    calling_ae_title: str = ""  # empty: the gateway's own [dicom] ae_title
+    timeout_s: float = 60.0
+    parallel_studies: int = 2
+    max_attempts: int = 10
+    retry_base_s: float = 5.0
+    retry_max_s: float = 300.0
+    storage_commitment: bool = False
+    commitment_timeout_s: float = 600.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """Spool clean-up: files of ``delivered`` units are removed ``keep_delivered_s`` after delivery
+    (never before; a negative value keeps them for ever). Rows and the audit log are kept."""
+
+    keep_delivered_s: float = 7 * 86400.0
+    check_interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +138,8 @@ class Settings:
     watch: WatchSettings = field(default_factory=WatchSettings)
     xmpp: XmppSettings = field(default_factory=XmppSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    pacs: PacsSettings = field(default_factory=PacsSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: Path | None = None
 
     def calling_ae_allowed(self, calling_ae_title: str) -> bool:
@@ -164,7 +202,29 @@ def settings_from_mapping(
     return Settings(
         dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ),
         routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
+        pacs=_pacs(_table(raw, "pacs"), dicom.ae_title),
+        retention=RetentionSettings(
+            keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
+            check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),
+        ),
         source=source,
+    )
+
+
+def _pacs(raw: Mapping[str, Any], own_ae_title: str) -> PacsSettings:
+    host = str(raw.get("host", ""))
+    return PacsSettings(
+        ae_title=_ae_title(raw.get("ae_title", "PACS"), "pacs.ae_title"),
+        host=host,
+        port=_int(raw.get("port", 104), "pacs.port", 1, 65535),
+        calling_ae_title=_ae_title(raw.get("calling_ae_title") or own_ae_title, "pacs.calling_ae_title"),
+        timeout_s=_float(raw.get("timeout_s", 60.0), "pacs.timeout_s", 0.1),
+        parallel_studies=_int(raw.get("parallel_studies", 2), "pacs.parallel_studies", 1, 64),
+        max_attempts=_int(raw.get("max_attempts", 10), "pacs.max_attempts", 1, 10000),
+        retry_base_s=_float(raw.get("retry_base_s", 5.0), "pacs.retry_base_s", 0.01),
+        retry_max_s=_float(raw.get("retry_max_s", 300.0), "pacs.retry_max_s", 0.01),
+        storage_commitment=bool(raw.get("storage_commitment", False)),
+        commitment_timeout_s=_float(raw.get("commitment_timeout_s", 600.0), "pacs.commitment_timeout_s", 0.1),
     )
 
 
@@ -200,6 +260,8 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
         verdict_timeout_s=_float(raw.get("verdict_timeout_s", 600.0), "xmpp.verdict_timeout_s", 1.0),
         dispatch_interval_s=_float(raw.get("dispatch_interval_s", 1.0), "xmpp.dispatch_interval_s", 0.05),
         s5b_proxy=str(raw.get("s5b_proxy", "")),
+        receipt_timeout_s=_float(raw.get("receipt_timeout_s", 3600.0), "xmpp.receipt_timeout_s", 0.1),
+        max_sends=_int(raw.get("max_sends", 3), "xmpp.max_sends", 1, 1000),
     )
 
 

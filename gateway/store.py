@@ -81,6 +81,10 @@ class StudyUnitRow(Base):
     bundle_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    bundle_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    receipt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    commit_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class InstanceRow(Base):
@@ -106,6 +110,10 @@ class InstanceRow(Base):
     conflict: Mapped[bool] = mapped_column(Boolean, default=False)
     source: Mapped[str] = mapped_column(String(80))
     received_at: Mapped[datetime] = mapped_column(DateTime)
+    pacs_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pacs_verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    pacs_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    imported_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class PeerRow(Base):
@@ -377,7 +385,8 @@ class QueueStore:
                 update(StudyUnitRow).where(StudyUnitRow.id == unit_id, StudyUnitRow.state.in_(in_flight)).values(**values)
             )
 
-    def begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str) -> int:
+    def begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str,
+                        bundle_sha256: str | None = None) -> int:
         """The ``receiving`` unit for an accepted offer: the one a cut transfer left, or a new one."""
         with self._unit_of_work() as session:
             unit = session.scalar(
@@ -401,6 +410,7 @@ class QueueStore:
                 session.add(AuditRow(at=now, unit_id=unit.id, study_instance_uid=study_instance_uid, event="created",
                                      to_state=State.RECEIVING.value, detail=f"offer from {origin_peer} accepted"))
             unit.bundle_bytes, unit.progress_bytes, unit.method = bundle_bytes, offset, method
+            unit.bundle_sha256 = bundle_sha256
             return unit.id
 
     def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int) -> None:
@@ -446,6 +456,155 @@ class QueueStore:
             if row is None:
                 raise KeyError(f"no study unit {unit_id}")
             return _summary(row, self._modalities(session, [unit_id]).get(unit_id, ""))
+
+    # -- import into the local PACS, receipts, retention ------------------------------------------
+    def due_for_import(self, now: datetime | None = None) -> list[StudySummary]:
+        """Received units from peers whose bundle is fully in the spool (``next_attempt_at`` set) and due."""
+        moment = now or utcnow()
+        return [
+            s for s in self.studies(state=State.RECEIVED.value)
+            if s.origin_peer and s.next_attempt_at is not None and s.next_attempt_at <= moment
+        ]
+
+    def ready_for_import(self, unit_id: int) -> None:
+        with self._unit_of_work() as session:
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(next_attempt_at=utcnow()))
+
+    def record_import(self, instance_id: int, status: int | None, verdict: str, detail: str) -> None:
+        with self._unit_of_work() as session:
+            session.execute(
+                update(InstanceRow).where(InstanceRow.id == instance_id).values(
+                    pacs_status=status, pacs_verdict=verdict, pacs_detail=detail, imported_at=utcnow()
+                )
+            )
+
+    def clear_imports(self, unit_id: int, sop_instance_uids: set[str]) -> None:
+        """Forget the PACS status of these instances so that the next attempt sends them again."""
+        with self._unit_of_work() as session:
+            session.execute(
+                update(InstanceRow)
+                .where(InstanceRow.unit_id == unit_id, InstanceRow.sop_instance_uid.in_(sorted(sop_instance_uids)))
+                .values(pacs_status=None, pacs_verdict=None, pacs_detail=None, imported_at=None)
+            )
+
+    def set_commitment(self, unit_id: int, transaction_uid: str) -> None:
+        with self._unit_of_work() as session:
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(commit_uid=transaction_uid))
+
+    def unit_for_commitment(self, transaction_uid: str) -> int | None:
+        with self._sessions() as session:
+            return session.scalar(
+                select(StudyUnitRow.id).where(
+                    StudyUnitRow.commit_uid == transaction_uid, StudyUnitRow.state == State.IMPORTING.value
+                )
+            )
+
+    def add_flag(self, unit_id: int, flag: str) -> None:
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None and flag not in unit.flags.split(","):
+                unit.flags = ",".join(filter(None, [unit.flags, flag]))
+
+    def inbound_bundle_state(self, origin_peer: str, bundle_sha256: str) -> tuple[int, str] | None:
+        """(unit id, state) of a bundle from this peer that was already verified here, if any."""
+        with self._sessions() as session:
+            row = session.execute(
+                select(StudyUnitRow.id, StudyUnitRow.state)
+                .where(
+                    StudyUnitRow.origin_peer == origin_peer,
+                    StudyUnitRow.bundle_sha256 == bundle_sha256,
+                    StudyUnitRow.state.in_(
+                        (State.RECEIVED.value, State.IMPORTING.value, State.DELIVERED.value, State.FAILED.value)
+                    ),
+                )
+                .order_by(StudyUnitRow.id.desc())
+            ).first()
+        if row is None or (row.state == State.FAILED.value and "pacs-refused" not in self.unit(row.id).flags):
+            return None  # a bundle that failed verification is received again
+        return row.id, row.state
+
+    def resend_receipt(self, unit_id: int, reason: str) -> None:
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None:
+                unit.receipt_at = None
+                session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
+                                     event="receipt_resend", detail=reason))
+
+    def receipts_due(self) -> list[StudySummary]:
+        """Receiver units whose outcome (delivered, or refused by the PACS) the sender has not acknowledged."""
+        return [
+            s for s in self.studies()
+            if s.origin_peer and s.bundle_sha256 and s.receipt_at is None
+            and (s.state == State.DELIVERED.value or (s.state == State.FAILED.value and "pacs-refused" in s.flags))
+        ]
+
+    def receipt_acknowledged(self, unit_id: int, detail: str) -> None:
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None:
+                unit.receipt_at = utcnow()
+                session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
+                                     event="receipt_sent", detail=detail))
+
+    def confirm_delivery(self, peer_bare: str, study_instance_uid: str, bundle_sha256: str, delivered: bool, detail: str) -> str:
+        """A receipt from ``peer_bare``: 'delivered' | 'failed' | 'noted' (kept for the running attempt) | 'unknown'."""
+        with self._unit_of_work() as session:
+            unit = session.scalar(
+                select(StudyUnitRow).where(
+                    StudyUnitRow.origin_peer.is_(None),
+                    StudyUnitRow.destination == peer_bare,
+                    StudyUnitRow.study_instance_uid == study_instance_uid,
+                    StudyUnitRow.bundle_sha256 == bundle_sha256,
+                ).order_by(StudyUnitRow.id.desc()).with_for_update()
+            )
+            if unit is None:
+                return "unknown"
+            if unit.state == State.DELIVERED.value:
+                return "delivered"
+            if not delivered:
+                if unit.state == State.SENT.value:
+                    self._move(session, unit, State.FAILED, f"{peer_bare}: {detail}", f"receiver's PACS refused: {detail}")
+                    return "failed"
+                return "noted"
+            unit.receipt_at = utcnow()
+            if unit.state in (State.SENT.value, State.QUEUED.value, State.WAITING_PEER.value, State.FAILED.value):
+                self._move(session, unit, State.DELIVERED, f"receipt from {peer_bare}: {detail}")
+                return "delivered"
+            return "noted"
+
+    def mark_sent(self, unit_id: int, detail: str, **values: Any) -> str:
+        """``sent``; straight on to ``delivered`` when the receipt already came (it may overtake the verdict)."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            self._move(session, unit, State.SENT, detail)
+            if values:
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+            if unit.receipt_at is not None:
+                unit.state = State.SENT.value
+                self._move(session, unit, State.DELIVERED, "the delivery receipt had already arrived")
+                return State.DELIVERED.value
+        return State.SENT.value
+
+    def overdue_sent(self, receipt_timeout_s: float, now: datetime | None = None) -> list[StudySummary]:
+        cutoff = (now or utcnow()) - timedelta(seconds=receipt_timeout_s)
+        return [s for s in self.studies(state=State.SENT.value) if s.origin_peer is None and s.state_changed_at <= cutoff]
+
+    def purgeable(self, keep_s: float, now: datetime | None = None) -> list[StudySummary]:
+        cutoff = (now or utcnow()) - timedelta(seconds=keep_s)
+        return [
+            s for s in self.studies(state=State.DELIVERED.value) if s.purged_at is None and s.state_changed_at <= cutoff
+        ]
+
+    def mark_purged(self, unit_id: int, detail: str) -> None:
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None:
+                unit.purged_at = utcnow()
+                session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
+                                     event="purged", detail=detail))
 
     # -- transfers (one row per attempt) ------------------------------------------------------------
     def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
@@ -670,6 +829,9 @@ def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
         bundle_bytes=unit.bundle_bytes or 0,
         attempts=unit.attempts or 0,
         next_attempt_at=unit.next_attempt_at,
+        bundle_sha256=unit.bundle_sha256,
+        receipt_at=unit.receipt_at,
+        purged_at=unit.purged_at,
     )
 
 
@@ -689,4 +851,8 @@ def _instance(row: InstanceRow) -> InstanceRecord:
         conflict=row.conflict,
         source=row.source,
         received_at=row.received_at,
+        instance_id=row.id,
+        pacs_status=row.pacs_status,
+        pacs_verdict=row.pacs_verdict,
+        pacs_detail=row.pacs_detail,
     )

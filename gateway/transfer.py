@@ -35,6 +35,22 @@ from gateway.store import QueueStore, utcnow
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """The receiving gateway's word that its PACS holds a study (or refused it for good)."""
+
+    study_instance_uid: str
+    bundle_sha256: str  # SHA-256 of the bundle manifest: names exactly which instances and bytes
+    instances: int
+    delivered: bool
+    detail: str = ""
+
+
+class ReceiptPort(Protocol):
+    def peer_online(self, bare_jid: str) -> str | None: ...
+    def send_receipt(self, peer_full_jid: str, receipt: Receipt) -> Awaitable[tuple[bool, str]]: ...
+
+
 @dataclass
 class SendOutcome:
     ok: bool
@@ -91,6 +107,8 @@ class Dispatcher:
         routing: RoutingRules,
         retry_base_s: float = 2.0,
         retry_max_s: float = 60.0,
+        receipt_timeout_s: float = 3600.0,
+        max_sends: int = 3,
     ) -> None:
         self.store = store
         self.spool_root = spool_root
@@ -98,10 +116,13 @@ class Dispatcher:
         self.routing = routing
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.receipt_timeout_s = receipt_timeout_s
+        self.max_sends = max_sends
         self._busy: set[int] = set()
 
     async def tick(self) -> None:
         await asyncio.to_thread(self.store.route_stable, self.routing.destination_for)
+        await asyncio.to_thread(self._chase_receipts)
         if not self.sender.online:
             return
         for unit in await asyncio.to_thread(self.store.due_for_sending):
@@ -111,6 +132,22 @@ class Dispatcher:
                     await self._dispatch(unit)
                 finally:
                     self._busy.discard(unit.unit_id)
+
+    def _chase_receipts(self) -> None:
+        """``sent`` without a delivery receipt for ``receipt_timeout_s``: send again (the receiver recognises
+        the bundle and only repeats its receipt), and after ``max_sends`` sends mark it failed."""
+        for unit in self.store.overdue_sent(self.receipt_timeout_s):
+            sends = sum(1 for t in self.store.transfers(unit.unit_id) if t["direction"] == "out" and t["outcome"] in ("received", "held"))
+            if sends >= self.max_sends:
+                self.store.transition(
+                    unit.unit_id, State.FAILED, f"no delivery receipt from {unit.destination} after {sends} send(s)",
+                    f"no delivery receipt after {sends} send(s) and {self.receipt_timeout_s:g} s",
+                )
+            else:
+                self.store.transition(
+                    unit.unit_id, State.QUEUED, f"no delivery receipt after {self.receipt_timeout_s:g} s: sending again",
+                    "no delivery receipt yet", next_attempt_at=None,
+                )
 
     def _backoff(self, unit: StudySummary) -> datetime:
         delay = min(self.retry_max_s, self.retry_base_s * (2 ** min(unit.attempts, 10)))
@@ -136,7 +173,7 @@ class Dispatcher:
         size = manifest.bundle_bytes
         await asyncio.to_thread(
             self.store.transition, unit.unit_id, State.OFFERING, f"offering {size} bytes to {full_jid}", None,
-            bundle_bytes=size, progress_bytes=0,
+            bundle_bytes=size, progress_bytes=0, bundle_sha256=hashlib.sha256(encoded).hexdigest(),
         )
         progress = _ProgressWriter(self.store, unit.unit_id)
         started = utcnow()
@@ -153,8 +190,13 @@ class Dispatcher:
         if outcome.ok:
             await asyncio.to_thread(progress.ensure_sending, _method_name(outcome.method))
             await asyncio.to_thread(
-                self.store.transition, unit.unit_id, State.SENT, f"{full_jid} verified it: {outcome.detail}", None,
+                self.store.mark_sent, unit.unit_id, f"{full_jid} verified it: {outcome.detail}",
                 method=_method_name(outcome.method), progress_bytes=size,
+            )
+            return
+        if outcome.detail.startswith("peer refused the offer: conflict") and not progress.moved_to_sending:
+            await asyncio.to_thread(
+                self.store.mark_sent, unit.unit_id, f"{full_jid} already holds this bundle: {outcome.detail}",
             )
             return
         busy = "resource-constraint" in outcome.detail
@@ -216,10 +258,18 @@ class InboundPolicy:
         self.active = 0
         self._lock = threading.Lock()
 
-    def authorize(self, peer_bare: str, size: int, study_uid: str) -> tuple[str, str] | None:
+    def authorize(self, peer_bare: str, size: int, study_uid: str, bundle_sha256: str = "") -> tuple[str, str] | None:
         if peer_bare not in self.allowed_peers and not self.store.peer_allowed(peer_bare):
             self.store.audit("offer_refused", f"offer of study {study_uid or '?'} from {peer_bare}: not an allowed peer")
             return "forbidden", f"{peer_bare} is not an allowed peer of this gateway"
+        held = self.store.inbound_bundle_state(peer_bare, bundle_sha256) if bundle_sha256 else None
+        if held is not None:
+            unit_id, state = held
+            if state in (State.DELIVERED.value, State.FAILED.value):
+                self.store.resend_receipt(unit_id, f"{peer_bare} offered bundle {bundle_sha256[:12]} again: receipt sent again")
+            self.store.audit("offer_refused", f"study {study_uid} from {peer_bare}: this bundle is already here ({state})",
+                             unit_id, study_uid)
+            return "conflict", f"already received here (unit {unit_id}, {state}); the receipt follows"
         if size < 0 or size > self.max_study_bytes:
             self.store.audit("offer_refused", f"offer of study {study_uid} from {peer_bare}: {size} bytes over the limit")
             return "not-acceptable", f"study of {size} bytes exceeds this gateway's limit of {self.max_study_bytes}"
@@ -239,3 +289,34 @@ class InboundPolicy:
             self.active = max(0, self.active - 1)
         if was_full and self.on_capacity:
             self.on_capacity(False)
+
+
+class ReceiptSender:
+    """Receiver side: tell each sender what became of its study (delivered to the PACS, or refused for good),
+    repeating until the sender acknowledges; waits while the sender is offline."""
+
+    def __init__(self, store: QueueStore, port: ReceiptPort) -> None:
+        self.store = store
+        self.port = port
+
+    async def tick(self) -> int:
+        sent = 0
+        for unit in await asyncio.to_thread(self.store.receipts_due):
+            peer = self.port.peer_online(unit.origin_peer or "")
+            if peer is None:
+                continue
+            delivered = unit.state == State.DELIVERED.value
+            receipt = Receipt(
+                unit.study_instance_uid, unit.bundle_sha256 or "", unit.instances, delivered,
+                (f"{unit.instances} instance(s) stored in the PACS" if delivered else (unit.error or "refused by the PACS")),
+            )
+            ok, detail = await self.port.send_receipt(peer, receipt)
+            if ok:
+                sent += 1
+                await asyncio.to_thread(
+                    self.store.receipt_acknowledged, unit.unit_id,
+                    f"{'delivery' if delivered else 'failure'} receipt to {peer}: {detail}",
+                )
+            else:
+                log.warning("receipt for unit %s to %s not acknowledged: %s", unit.unit_id, peer, detail)
+        return sent

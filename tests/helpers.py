@@ -111,6 +111,9 @@ class TamperingRelay:
                 if upstream and not self.tampered.is_set() and seen + len(data) > self.after_bytes:
                     self.tampered.set()
                     if self.mode == "cut":
+                        import time
+
+                        time.sleep(0.5)  # let what already passed drain to the receiver before the cut
                         break
                     index = max(0, self.after_bytes - seen)
                     data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]

@@ -49,9 +49,12 @@ from adapters.xmpp.stanzas import (
     Offer,
     build_accept,
     build_offer,
+    Receipt,
+    build_receipt,
     build_result,
     parse_accept,
     parse_offer,
+    parse_receipt,
     q,
 )
 
@@ -94,6 +97,9 @@ class InboundPort(Protocol):
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink:
         """Called only after ``authorize`` accepted; the sink's ``finish``/``close`` ends the admission."""
 
+    def receipt(self, peer_jid: str, receipt: Receipt) -> str:
+        """A delivery receipt from a peer we sent to: 'delivered' | 'failed' | 'noted' | 'unknown'."""
+
 
 class TransferCut(ConnectionError):
     """A bytestream failed after it started; the next offer resumes at the receiver's offset."""
@@ -134,6 +140,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self.register_handler(Callback("ibb data", MatchXPath(f"{IQ}/{q(NS_IBB, 'data')}"), self._on_ibb_data))
         self.register_handler(Callback("ibb close", MatchXPath(f"{IQ}/{q(NS_IBB, 'close')}"), self._on_ibb_close))
         self.register_handler(Callback("verdict", MatchXPath(f"{IQ}/{q(NS_RESULT, 'result')}"), self._on_verdict))
+        self.register_handler(CoroutineCallback("receipt", MatchXPath(f"{IQ}/{q(NS_RESULT, 'receipt')}"), self._on_receipt))
 
     # -- connection -----------------------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> None:
@@ -190,6 +197,24 @@ class GatewayAgent(slixmpp.ClientXMPP):
         if self.online:
             self.send_presence(pshow="dnd" if busy else None, pstatus=status)
 
+    def peer_online(self, bare_jid: str) -> str | None:
+        """A full JID of the peer if any of its resources is online (busy or not): for receipts."""
+        resources = sorted(self.peer_status.get(bare_jid, {}))
+        return f"{bare_jid}/{resources[0]}" if resources else None
+
+    async def send_receipt(self, peer_full_jid: str, receipt: Receipt) -> tuple[bool, str]:
+        """(acknowledged, detail): True when the sender answered (result, or item-not-found: not its study)."""
+        iq = self.make_iq_set(ito=peer_full_jid)
+        iq.xml.append(build_receipt(receipt))
+        try:
+            await iq.send(timeout=self.settings.iq_timeout_s)
+        except IqError as exc:
+            condition = exc.iq["error"]["condition"]
+            return condition == "item-not-found", f"{condition}: {exc.iq['error']['text']}"
+        except IqTimeout:
+            return False, "no answer (timeout)"
+        return True, "acknowledged"
+
     def peer_availability(self, bare_jid: str) -> tuple[str | None, str]:
         """(full JID to offer to, or None; 'available' | 'busy' | 'offline')."""
         resources = self.peer_status.get(bare_jid, {})
@@ -226,7 +251,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
             try:
                 method, offset = await self._offer(peer_full_jid, offer)
             except XMPPError as exc:
-                attempt.update(outcome="refused", error=f"{exc.condition}: {exc.text}")
+                attempt.update(outcome="held" if exc.condition == "conflict" else "refused", error=f"{exc.condition}: {exc.text}")
                 result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
                 return result
             attempt.update(method=method, offset=offset)
@@ -501,6 +526,18 @@ class GatewayAgent(slixmpp.ClientXMPP):
         if future is None or future.done():
             raise XMPPError("item-not-found", "no transfer with this stream id")
         future.set_result((el.get("outcome", ""), el.text or ""))
+        iq.reply().send()
+
+    async def _on_receipt(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        try:
+            receipt = parse_receipt(iq.xml.find(q(NS_RESULT, "receipt")))
+        except ValueError as exc:
+            raise XMPPError("bad-request", str(exc)) from exc
+        outcome = await asyncio.to_thread(self.inbound.receipt, iq["from"].bare, receipt)
+        if outcome == "unknown":
+            raise XMPPError("item-not-found", f"no study {receipt.study_instance_uid} with this bundle was sent to you")
         iq.reply().send()
 
 

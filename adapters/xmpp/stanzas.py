@@ -3,13 +3,18 @@
 - XEP-0095 Stream Initiation and XEP-0096 SI File Transfer: the study offer, with XEP-0020 feature
   negotiation of the stream method and XEP-0300 hashes (the SHA-256 of the bundle's manifest).
 - XEP-0065 SOCKS5 Bytestreams (mediated through the server's proxy) and XEP-0047 In-Band Bytestreams.
-- ``urn:dicomgw:transfer:1``: the receiver's verdict on a completed bundle (ours; XEP-0096 has none).
+- ``urn:dicomgw:transfer:1``: the receiver's verdict on a completed bundle (ours; XEP-0096 has none), and
+  the delivery receipt: ``<receipt study=UID bundle=SHA-256 instances=N outcome='delivered'|'failed'>text``
+  sent by the receiving gateway (IQ set) once its PACS holds every instance, or refused one for good. The
+  ``bundle`` digest is the SHA-256 of the manifest, which lists every instance's SHA-256.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+
+from gateway.transfer import Receipt
 
 NS_SI = "http://jabber.org/protocol/si"
 NS_FT = "http://jabber.org/protocol/si/profile/file-transfer"
@@ -93,3 +98,23 @@ def build_result(sid: str, outcome: str, detail: str = "") -> ET.Element:
     el = ET.Element(q(NS_RESULT, "result"), {"sid": sid, "outcome": outcome})
     el.text = detail
     return el
+
+
+def build_receipt(receipt: Receipt) -> ET.Element:
+    el = ET.Element(q(NS_RESULT, "receipt"), {
+        "study": receipt.study_instance_uid, "bundle": receipt.bundle_sha256, "instances": str(receipt.instances),
+        "outcome": "delivered" if receipt.delivered else "failed",
+    })
+    el.text = receipt.detail
+    return el
+
+
+def parse_receipt(el: ET.Element | None) -> Receipt:
+    """Raises ValueError (turned into bad-request) for anything malformed."""
+    if el is None:
+        raise ValueError("no receipt")
+    bundle = el.get("bundle", "")
+    outcome = el.get("outcome", "")
+    if len(bundle) != 64 or outcome not in ("delivered", "failed") or not el.get("study"):
+        raise ValueError("receipt needs study, a 64-digit bundle digest and outcome delivered|failed")
+    return Receipt(el.get("study", ""), bundle, int(el.get("instances", "0")), outcome == "delivered", (el.text or "").strip())

@@ -118,6 +118,9 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
+        command.downgrade(config, "-1")  # 0005 -> 0004: the PACS import and receipt columns go
+        assert "pacs_status" not in {c["name"] for c in inspect(engine).get_columns("instances")}
+        assert "bundle_sha256" not in {c["name"] for c in inspect(engine).get_columns("study_units")}
         command.downgrade(config, "-1")  # 0004 -> 0003
         assert "stream_s" not in {c["name"] for c in inspect(engine).get_columns("transfers")}
         command.downgrade(config, "-1")  # 0003 -> 0002: the transfer columns go, the rows stay
@@ -130,7 +133,7 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         assert "peers" not in tables and "transfers" not in tables and "instances" in tables
         command.upgrade(config, "head")
         assert {"peers", "transfers"} <= set(inspect(engine).get_table_names())
-        assert "origin_peer" in {c["name"] for c in inspect(engine).get_columns("study_units")}
+        assert {"origin_peer", "receipt_at", "purged_at"} <= {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert QueueStore(engine).count_instances() == 1  # data survived the round trip
     finally:
         engine.dispose()

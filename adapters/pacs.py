@@ -1,0 +1,233 @@
+"""The local PACS edge: C-STORE SCU of a whole study over one association, and Storage Commitment requests.
+
+Contract (PS3.4 Annex B and J, PS3.7 9.1.1 and 10.1.4)
+- One association per study. Each (SOP class, transfer syntax) pair of the study is proposed in its own
+  presentation context, so every instance goes in its own syntax, byte for byte from its data set on (no
+  re-encoding). Per SOP class a fallback context proposes Explicit and Implicit VR Little Endian: used only
+  when the PACS refuses the original syntax, and then the data set is converted (inflating a deflated one,
+  or re-encoding an uncompressed one with pydicom); the outcome's text says so. Encapsulated (compressed)
+  pixel data cannot be decoded here (no codecs installed) and such an instance is refused permanently with
+  that reason.
+- Failures become :mod:`gateway.importing` outcomes: no association (connection refused, timeout,
+  A-ASSOCIATE-RJ transient, A-ABORT) -> ``PacsUnavailable``; A-ASSOCIATE-RJ permanent -> ``PacsRefused``;
+  a presentation context the PACS rejects -> a permanent outcome naming the reason; each C-STORE response
+  -> :func:`classify_store_status` with the status and the PACS's Error Comment (0000,0902).
+- ``request_commitment`` sends N-ACTION-RQ (action type 1) on the Storage Commitment Push Model SOP class
+  with the Transaction UID and the Referenced SOP Sequence; the PACS answers later with N-EVENT-REPORT on a
+  new association to our SCP (``adapters.dicom_scp``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from adapters.dicom_files import RejectedFile, dataset_offset
+from adapters.dicom_ul import (
+    CONTEXT_RESULTS,
+    UI,
+    UL,
+    US,
+    Association,
+    AssociationAborted,
+    AssociationRejected,
+    FileSlice,
+    encode_command,
+)
+from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict, classify_store_status
+from gateway.model import InstanceRecord
+from gateway.settings import PacsSettings
+
+log = logging.getLogger(__name__)
+
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, N_ACTION_RQ = 0x0001, 0x8001, 0x0030, 0x0130
+
+
+class PacsClient:
+    """``gateway.importing.PacsPort`` over ``adapters.dicom_ul``; files are read from ``spool_root``."""
+
+    def __init__(self, settings: PacsSettings, spool_root: Path) -> None:
+        self.settings = settings
+        self.spool_root = spool_root
+
+    def _associate(self, proposals: list[tuple[str, tuple[str, ...]]], roles: dict[str, tuple[bool, bool]] | None = None) -> Association:
+        s = self.settings
+        try:
+            return Association.open(s.host, s.port, s.calling_ae_title, s.ae_title, proposals, s.timeout_s, roles=roles)
+        except AssociationRejected as exc:
+            if exc.permanent:
+                raise PacsRefused(f"{s.address}: {exc}") from exc
+            raise PacsUnavailable(f"{s.address}: {exc}") from exc
+        except (OSError, AssociationAborted) as exc:
+            raise PacsUnavailable(f"no association with {s.address}: {_describe(exc)}") from exc
+
+    def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+        pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})
+        classes = sorted({c for c, _ in pairs})
+        proposals = [(c, (ts,)) for c, ts in pairs] + [(c, FALLBACK_SYNTAXES) for c in classes]
+        if len(proposals) > 128:
+            raise PacsUnavailable(f"study needs {len(proposals)} presentation contexts; PS3.8 allows 128 per association")
+        assoc = self._associate(proposals)
+        message_id = 0
+        try:
+            for instance in instances:
+                context_id, data, note = self._prepare(assoc, instance)
+                if context_id is None:
+                    on_result(instance, PacsOutcome(Verdict.PERMANENT, None, note))
+                    continue
+                message_id = (message_id % 0xFFFF) + 1
+                command = encode_command([
+                    (0x00000002, UI, instance.sop_class_uid), (0x00000100, US, C_STORE_RQ), (0x00000110, US, message_id),
+                    (0x00000700, US, 0), (0x00000800, US, 0x0000), (0x00001000, UI, instance.sop_instance_uid),
+                ])
+                try:
+                    assoc.send_message(context_id, command, data)
+                    _ctx, response, _ds = assoc.receive_message()
+                finally:
+                    if isinstance(data, FileSlice):
+                        os.close(data.fd)
+                status = response.us(0x00000900)
+                comment = response.text(0x00000902)
+                detail = f"0x{status:04X}" + (f" {comment}" if comment else "") + (f" ({note})" if note else "")
+                on_result(instance, PacsOutcome(classify_store_status(status), status, detail))
+        except (OSError, AssociationAborted) as exc:
+            assoc.abort()
+            raise PacsUnavailable(f"association with {self.settings.address} lost: {_describe(exc)}") from exc
+        assoc.release()
+
+    def _prepare(self, assoc: Association, instance: InstanceRecord) -> tuple[int | None, bytes | FileSlice | None, str]:
+        """(context id, data set to send, note) or (None, None, why not)."""
+        path = self.spool_root / instance.spool_path
+        original = assoc.context_for(instance.sop_class_uid, instance.transfer_syntax_uid)
+        if original is not None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with open(fd, "rb", closefd=False) as fh:
+                    offset = dataset_offset(fh, os.fstat(fd).st_size)
+            except (OSError, RejectedFile):
+                os.close(fd)
+                raise
+            return original, FileSlice(fd, offset, os.fstat(fd).st_size - offset), ""
+        refused = next(
+            (c for c in assoc.contexts.values()
+             if c.abstract_syntax == instance.sop_class_uid and c.proposed == (instance.transfer_syntax_uid,)),
+            None,
+        )
+        reason = CONTEXT_RESULTS.get(refused.result, str(refused.result)) if refused else "not proposed"
+        for target in FALLBACK_SYNTAXES:
+            context_id = assoc.context_for(instance.sop_class_uid, target)
+            if context_id is None:
+                continue
+            try:
+                data = convert_dataset(path, instance.transfer_syntax_uid, target)
+            except CannotConvert as exc:
+                return None, None, f"PACS refused {instance.transfer_syntax_uid} for {instance.sop_class_uid} ({reason}) and {exc}"
+            note = f"converted {instance.transfer_syntax_uid} -> {target}: PACS refused the original syntax ({reason})"
+            return context_id, data, note
+        return None, None, f"PACS refused SOP class {instance.sop_class_uid} (presentation context: {reason})"
+
+    def request_commitment(self, transaction_uid: str, instances: list[InstanceRecord]) -> None:
+        ds = Dataset()
+        ds.TransactionUID = transaction_uid
+        refs = []
+        for instance in instances:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = instance.sop_class_uid
+            ref.ReferencedSOPInstanceUID = instance.sop_instance_uid
+            refs.append(ref)
+        ds.ReferencedSOPSequence = refs
+        assoc = self._associate([(STORAGE_COMMITMENT_PUSH, (ImplicitVRLittleEndian,))])
+        try:
+            context_id = assoc.context_for(STORAGE_COMMITMENT_PUSH, ImplicitVRLittleEndian)
+            if context_id is None:
+                raise PacsUnavailable(f"{self.settings.address} does not offer Storage Commitment Push Model")
+            command = encode_command([
+                (0x00000003, UI, STORAGE_COMMITMENT_PUSH), (0x00000100, US, N_ACTION_RQ), (0x00000110, US, 1),
+                (0x00000800, US, 0x0000), (0x00001001, UI, STORAGE_COMMITMENT_INSTANCE), (0x00001008, US, 1),
+            ])
+            assoc.send_message(context_id, command, encode_dataset(ds, ImplicitVRLittleEndian))
+            _ctx, response, _ds = assoc.receive_message()
+        except (OSError, AssociationAborted) as exc:
+            assoc.abort()
+            raise PacsUnavailable(f"storage commitment request to {self.settings.address} failed: {_describe(exc)}") from exc
+        assoc.release()
+        status = response.us(0x00000900)
+        if status != 0x0000:
+            raise PacsUnavailable(f"N-ACTION refused by {self.settings.address}: status 0x{status:04X} {response.text(0x00000902)}".rstrip())
+
+    def echo(self) -> str:
+        """C-ECHO the PACS: 'Success' or raises PacsUnavailable / PacsRefused."""
+        assoc = self._associate([(VERIFICATION, (ImplicitVRLittleEndian,))])
+        try:
+            context_id = assoc.context_for(VERIFICATION, ImplicitVRLittleEndian)
+            assert context_id is not None
+            assoc.send_message(context_id, encode_command([
+                (0x00000002, UI, VERIFICATION), (0x00000100, US, C_ECHO_RQ), (0x00000110, US, 1), (0x00000800, US, 0x0101),
+            ]))
+            _ctx, response, _ds = assoc.receive_message()
+        except (OSError, AssociationAborted) as exc:
+            assoc.abort()
+            raise PacsUnavailable(f"C-ECHO to {self.settings.address} failed: {_describe(exc)}") from exc
+        assoc.release()
+        return "Success" if response.us(0x00000900) == 0 else f"status 0x{response.us(0x00000900):04X}"
+
+
+class CannotConvert(ValueError):
+    pass
+
+
+def convert_dataset(path: Path, source_syntax: str, target_syntax: str) -> bytes:
+    """The data set of the Part-10 file at ``path`` encoded in ``target_syntax`` (uncompressed syntaxes only)."""
+    if source_syntax not in UNCOMPRESSED:
+        raise CannotConvert(f"the gateway cannot decompress {source_syntax} (no codec installed)")
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        offset = dataset_offset(fh, size)
+        fh.seek(offset)
+        body = fh.read()
+    if source_syntax == DeflatedExplicitVRLittleEndian:
+        body = zlib.decompress(body, -zlib.MAX_WBITS)
+        if target_syntax == ExplicitVRLittleEndian:
+            return body
+        source_syntax = ExplicitVRLittleEndian
+    return encode_dataset(_read_raw(body, source_syntax), target_syntax)
+
+
+def _read_raw(body: bytes, syntax: str) -> Dataset:
+    from pydicom.filereader import read_dataset
+
+    return read_dataset(io.BytesIO(body), is_implicit_VR=syntax == ImplicitVRLittleEndian, is_little_endian=syntax != ExplicitVRBigEndian)
+
+
+def encode_dataset(ds: Dataset, syntax: str) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = syntax == ImplicitVRLittleEndian
+    fp.is_little_endian = syntax != ExplicitVRBigEndian
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,220 @@
+"""Import received studies into the local PACS: status mapping, retries, the delivered state.
+
+Receiver side of a study's life (``gateway.lifecycle``)::
+
+    received --(import starts)--> importing --(PACS holds every instance)--> delivered
+    importing --(transient failure)--> received (retried with backoff, at most ``max_attempts``)
+    importing --(permanent refusal)--> failed (with the PACS's own status and error text)
+
+C-STORE statuses (PS3.4 B.2.3, PS3.7 Annex C) are classified by :func:`classify_store_status`:
+success and warnings (0x0001, 0xB000-0xB007) count as stored; 0xA7xx (out of resources), association
+trouble and timeouts are transient; 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand),
+0x0122 (SOP class not supported) and 0x0124 (not authorized) are permanent and never retried. Instances
+already stored are never sent again on a retry; each instance's status is kept (``instances.pacs_status``).
+
+When ``storage_commitment`` is on, the gateway asks the PACS to commit (N-ACTION, PS3.4 Annex J) and the
+unit stays ``importing`` until the N-EVENT-REPORT arrives (:meth:`ImportService.commitment_result`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from gateway.lifecycle import State
+from gateway.model import InstanceRecord, StudySummary
+from gateway.settings import PacsSettings
+from gateway.store import QueueStore, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(StrEnum):
+    STORED = "stored"
+    WARNING = "warning"  # stored, with a warning status
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+def classify_store_status(status: int) -> Verdict:
+    """Map a C-STORE response status to what the gateway does with the instance."""
+    if status == 0x0000:
+        return Verdict.STORED
+    if status == 0x0001 or 0xB000 <= status <= 0xB007:
+        return Verdict.WARNING
+    if 0xA700 <= status <= 0xA7FF:
+        return Verdict.TRANSIENT
+    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124):
+        return Verdict.PERMANENT
+    return Verdict.TRANSIENT  # anything else (0x0110 processing failure, ...) is retried, within max_attempts
+
+
+@dataclass(frozen=True)
+class PacsOutcome:
+    """What the PACS said about one instance: its status (None when no response came), the verdict, text."""
+
+    verdict: Verdict
+    status: int | None
+    detail: str
+
+
+class PacsUnavailable(ConnectionError):
+    """No association (refused, rejected transiently, timed out, aborted): the whole attempt is retried."""
+
+
+class PacsRefused(ConnectionError):
+    """The PACS rejected the association permanently (e.g. our AE title is not known to it)."""
+
+
+class PacsPort(Protocol):
+    def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+        """C-STORE the instances over one association; ``on_result`` once per instance that got an answer.
+        Raises :class:`PacsUnavailable` / :class:`PacsRefused` when no association can be had."""
+
+    def request_commitment(self, transaction_uid: str, instances: list[InstanceRecord]) -> None:
+        """N-ACTION Request Storage Commitment; raises :class:`PacsUnavailable` on failure."""
+
+
+class ImportService:
+    """Runs imports of received units on worker threads, at most ``parallel_studies`` at once."""
+
+    def __init__(self, store: QueueStore, pacs: PacsPort, settings: PacsSettings,
+                 on_outcome: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self.pacs = pacs
+        self.settings = settings
+        self.on_outcome = on_outcome
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+
+    def tick(self) -> list[threading.Thread]:
+        """Start imports for due units (and re-request overdue commitments); returns the started threads."""
+        self._expire_commitments()
+        started = []
+        for unit in self.store.due_for_import():
+            with self._lock:
+                if unit.unit_id in self._running or len(self._running) >= self.settings.parallel_studies:
+                    continue
+                self._running.add(unit.unit_id)
+            thread = threading.Thread(target=self._run, args=(unit,), name=f"import-{unit.unit_id}", daemon=True)
+            thread.start()
+            started.append(thread)
+        return started
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._running)
+
+    def _run(self, unit: StudySummary) -> None:
+        try:
+            self.import_unit(unit)
+        except Exception:  # a bug in one import must not stop the others: the unit is retried
+            log.exception("import of unit %s failed unexpectedly", unit.unit_id)
+            self._retry(unit, "internal error during import (see the gateway log)")
+        finally:
+            with self._lock:
+                self._running.discard(unit.unit_id)
+
+    def import_unit(self, unit: StudySummary) -> None:
+        instances = self.store.unit_instances(unit.unit_id)
+        pending = [i for i in instances if i.pacs_verdict not in (Verdict.STORED, Verdict.WARNING)]
+        self.store.transition(
+            unit.unit_id, State.IMPORTING, f"C-STORE of {len(pending)} of {len(instances)} instance(s) into the PACS", None
+        )
+        outcomes: dict[str, PacsOutcome] = {}
+
+        def record(instance: InstanceRecord, outcome: PacsOutcome) -> None:
+            outcomes[instance.sop_instance_uid] = outcome
+            self.store.record_import(instance.instance_id, outcome.status, outcome.verdict.value, outcome.detail)
+
+        try:
+            if pending:
+                self.pacs.store(pending, record)
+        except PacsRefused as exc:
+            self._fail(unit, f"PACS refused the association: {exc}")
+            return
+        except PacsUnavailable as exc:
+            self._retry(unit, f"PACS unavailable: {exc}")
+            return
+        refused = [(uid, o) for uid, o in outcomes.items() if o.verdict == Verdict.PERMANENT]
+        unanswered = [i for i in pending if i.sop_instance_uid not in outcomes or outcomes[i.sop_instance_uid].verdict == Verdict.TRANSIENT]
+        if refused:
+            first_uid, first = refused[0]
+            self._fail(unit, f"PACS refused {len(refused)} of {len(instances)} instance(s); first {first_uid}: {first.detail}")
+            return
+        if unanswered:
+            reasons = {outcomes[i.sop_instance_uid].detail for i in unanswered if i.sop_instance_uid in outcomes}
+            self._retry(unit, f"{len(unanswered)} instance(s) not stored yet: {'; '.join(sorted(reasons)) or 'no response'}")
+            return
+        if self.settings.storage_commitment:
+            transaction_uid = "2.25." + str(uuid.uuid4().int)
+            try:
+                self.store.set_commitment(unit.unit_id, transaction_uid)
+                self.pacs.request_commitment(transaction_uid, instances)
+            except PacsUnavailable as exc:
+                self._retry(unit, f"storage commitment request failed: {exc}")
+                return
+            self.store.audit("commitment_requested", f"N-ACTION transaction {transaction_uid} for {len(instances)} instance(s)",
+                             unit.unit_id, unit.study_instance_uid)
+            return
+        self._delivered(unit.unit_id, f"PACS holds all {len(instances)} instance(s)")
+
+    def commitment_result(self, transaction_uid: str, committed: set[str], failed: dict[str, int]) -> bool:
+        """The PACS's N-EVENT-REPORT (PS3.4 J.3.3): delivered when every instance is committed. False if the
+        transaction UID is not ours."""
+        unit_id = self.store.unit_for_commitment(transaction_uid)
+        if unit_id is None:
+            return False
+        unit = self.store.unit(unit_id)
+        expected = {i.sop_instance_uid for i in self.store.unit_instances(unit_id)}
+        if failed or not expected <= committed:
+            missing = sorted(expected - committed)
+            detail = f"storage commitment failed for {len(failed) or len(missing)} instance(s)"
+            if failed:
+                uid, reason = next(iter(failed.items()))
+                detail += f"; first {uid}: failure reason 0x{reason:04X}"
+            self.store.clear_imports(unit_id, set(failed) | set(missing))
+            self._retry(unit, detail)
+            return True
+        self._delivered(unit_id, f"PACS committed to all {len(expected)} instance(s) (transaction {transaction_uid})")
+        return True
+
+    def _expire_commitments(self) -> None:
+        cutoff = utcnow() - timedelta(seconds=self.settings.commitment_timeout_s)
+        for unit in self.store.studies(state=State.IMPORTING.value):
+            if unit.origin_peer and unit.state_changed_at < cutoff and unit.unit_id not in self._running:
+                self._retry(unit, f"no storage commitment report after {self.settings.commitment_timeout_s:g} s")
+
+    def _delivered(self, unit_id: int, detail: str) -> None:
+        self.store.transition(unit_id, State.DELIVERED, detail, None)
+        if self.on_outcome is not None:
+            self.on_outcome(unit_id)
+
+    def _retry(self, unit: StudySummary, detail: str) -> None:
+        current = self.store.unit(unit.unit_id)
+        attempts = current.attempts + 1
+        if attempts >= self.settings.max_attempts:
+            self._fail(unit, f"gave up after {attempts} attempts: {detail}")
+            return
+        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempts - 1))
+        when = utcnow() + timedelta(seconds=delay)
+        if current.state == State.RECEIVED.value:  # failed before the move to importing
+            self.store.reschedule(unit.unit_id, when, attempts)
+            return
+        self.store.transition(
+            unit.unit_id, State.RECEIVED, f"import attempt {attempts} failed, retry in {delay:g} s: {detail}", detail,
+            attempts=attempts, next_attempt_at=when,
+        )
+
+    def _fail(self, unit: StudySummary, detail: str) -> None:
+        self.store.transition(unit.unit_id, State.FAILED, detail, detail)
+        self.store.add_flag(unit.unit_id, "pacs-refused")
+        if self.on_outcome is not None:
+            self.on_outcome(unit.unit_id)

@@ -1,0 +1,43 @@
+"""Spool clean-up by policy: only what is confirmed delivered, only after the retention time.
+
+Sender side a unit is ``delivered`` when the receiving gateway's receipt says its PACS holds every instance;
+receiver side when its own PACS does (and, if configured, committed to it). Nothing else is ever removed:
+not ``sent``, not ``failed``, not the quarantine. The rows and the audit log stay; the unit shows the time
+its files were purged. An identical instance arriving again later is still recognised by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from gateway.store import QueueStore
+
+log = logging.getLogger(__name__)
+
+
+class RemovablePort(Protocol):
+    def remove(self, relative_path: str) -> bool:
+        """Remove one spool file; False if it was already gone."""
+
+
+class SpoolCleaner:
+    def __init__(self, store: QueueStore, spool: RemovablePort, keep_delivered_s: float) -> None:
+        self.store = store
+        self.spool = spool
+        self.keep_delivered_s = keep_delivered_s
+
+    def tick(self) -> list[int]:
+        if self.keep_delivered_s < 0:
+            return []
+        purged = []
+        for unit in self.store.purgeable(self.keep_delivered_s):
+            instances = self.store.unit_instances(unit.unit_id)
+            removed = sum(1 for i in instances if self.spool.remove(i.spool_path))
+            self.store.mark_purged(
+                unit.unit_id, f"retention {self.keep_delivered_s:g} s after delivery: {removed} of {len(instances)} spool file(s) removed"
+            )
+            purged.append(unit.unit_id)
+        if purged:
+            log.info("spool files of delivered units %s removed (retention)", purged)
+        return purged
