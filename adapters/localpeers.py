@@ -286,3 +286,13 @@ VirtualHost "{self.domain}"
         ready = (lambda: port_open(self.c2s_port) and port_open(self.proxy_port)) if self.proxy65 else (lambda: port_open(self.c2s_port))
         self._wait_ready(ready, timeout_s)
         return self
+
+
+def orthanc_instances(orthanc: Orthanc) -> dict[str, dict[str, str]]:
+    """Every instance Orthanc holds: SOP Instance UID -> {'id': Orthanc id, 'transfer_syntax': UID}."""
+    found = {}
+    for orthanc_id in orthanc.rest("/instances"):
+        tags = orthanc.rest(f"/instances/{orthanc_id}/simplified-tags")
+        syntax = orthanc.raw(f"/instances/{orthanc_id}/metadata/TransferSyntax").decode().strip()
+        found[str(tags["SOPInstanceUID"])] = {"id": orthanc_id, "transfer_syntax": syntax}
+    return found

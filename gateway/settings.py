@@ -96,7 +96,7 @@ class PacsSettings:
     ae_title: str = "PACS"
     host: str = ""
     port: int = 104
-    calling_ae_title: str = ""  # empty: the gateway's own [dicom] ae_title
+    calling_ae_title: str = "DICOMGW"  # the loader puts the gateway's own [dicom] ae_title here
     timeout_s: float = 60.0
     parallel_studies: int = 2
     max_attempts: int = 10
