@@ -12,7 +12,7 @@ import pytest
 from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
-from gateway.settings import RoutingSettings, XmppSettings
+from gateway.settings import PacsSettings, RoutingSettings, XmppSettings
 from tests.helpers import TamperingRelay, dataset_bytes, free_port, storescu, wait_for
 from tests.integration.test_scp import make_settings
 
@@ -48,8 +48,12 @@ class Site:
         self.controller.stop()
 
 
-def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "", **xmpp: object) -> Site:
-    settings = make_settings(tmp_path / name, free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
+def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "",
+               pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,
+               **xmpp: object) -> Site:
+    settings = make_settings(tmp_path / name, dicom_port or free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
+    settings = replace(settings, pacs=pacs or PacsSettings(),
+                       dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae))
     local = jid.split("@")[0]
     settings = replace(
         settings,
