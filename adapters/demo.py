@@ -1,11 +1,13 @@
 """``dicomgw demo``: the chain on one machine with embedded defaults, for a newcomer to watch.
 
-It starts Prosody on loopback with a generated config (mod_proxy65 on), two gateways (hospital A and B,
-each with its own spool and queue in a temporary folder), generates a CT study, pushes it into A with
-C-STORE (dcmtk's storescu when installed, else pynetdicom), and follows the study: A's queue (received,
-stable, queued, offering, sending n %, sent) and B's (received and verified). It prints the seconds of each
-stage and cleans up every process it started. Without Prosody installed it shows ingest only, and says so.
-Import into B's PACS and the delivery receipt come with the next issue. ``--json`` ends with one JSON line.
+It starts Prosody on loopback with a generated config (mod_proxy65 on), a PACS for hospital B (Orthanc
+with its own config when installed, else a small built-in storage SCP, labelled as such), two gateways
+(hospital A and B, each with its own spool and queue in a temporary folder), generates a CT study, pushes
+it into A with C-STORE (dcmtk's storescu when installed, else pynetdicom), and follows the study through
+A's queue (received, stable, queued, offering, sending n %, sent, delivered) while B verifies it, imports it
+into its PACS and sends the delivery receipt back. It prints the seconds of each stage (from the audit
+log of both gateways) and cleans up every process it started. Without Prosody installed it shows ingest
+only, and says so. ``--json`` ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from adapters.dicom_scu import store_files
-from adapters.localpeers import Prosody, free_port, nodelay_env
+from adapters.localpeers import BuiltinStorageSCP, Orthanc, Prosody, free_port, nodelay_env
 from adapters.synthetic import generate_ct_study
 from gateway.settings import (
     DicomSettings,
+    PacsSettings,
     PathSettings,
     QueueSettings,
     RoutingSettings,
@@ -73,6 +76,15 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
 
             a_settings = replace(a_settings, xmpp=xmpp(A_USER, B_USER), routing=RoutingSettings(default_destination=B_USER))
             b_settings = replace(b_settings, xmpp=xmpp(B_USER, A_USER))
+            pacs: Any = Orthanc(workdir / "orthanc", ae_title="PACS_B") if Orthanc.available() else BuiltinStorageSCP(workdir / "pacs")
+            pacs.start()
+            started.append(pacs)
+            pacs_label = f"Orthanc (AE PACS_B, DICOM :{pacs.dicom_port}, REST :{pacs.http_port})" if isinstance(pacs, Orthanc) else pacs.label
+            log(f"PACS of hospital B: {pacs_label}")
+            b_settings = replace(b_settings, pacs=PacsSettings(
+                ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port, calling_ae_title="HOSPITAL_B",
+                retry_base_s=0.5, retry_max_s=5,
+            ))
         else:
             log("Prosody is not installed: showing ingest only (install it with: apt-get install prosody)")
         b_controller = GatewayController(b_settings)
@@ -91,7 +103,7 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
         stages["ingest_s"] = time.perf_counter() - t0
         log(f"modality -> A ({sender}): {acknowledged}/{len(study.files)} acknowledged in {stages['ingest_s']:.2f} s")
 
-        final = "sent" if prosody else "stable"
+        final = "delivered" if prosody else "stable"
         last_shown, t1 = "", time.perf_counter()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -105,16 +117,14 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
                 break
             time.sleep(0.1)
         a_unit = a.store.studies()[0]
-        attempts = [t for t in a.store.transfers() if t["outcome"] == "received"]
         b_units = [s for s in b.store.studies() if s.origin_peer]
-        if attempts:
-            stages["stable_wait_s"] = stable_age_s
-            from datetime import datetime
-
-            stages["transfer_s"] = (datetime.fromisoformat(attempts[-1]["ended_at"]) - datetime.fromisoformat(attempts[-1]["started_at"])).total_seconds()
+        stages["stable_wait_s"] = stable_age_s
+        if prosody is not None:
+            stages.update(chain_stages(a.store, b.store))
         stages["total_s"] = time.perf_counter() - t0
+        in_pacs = pacs.instance_count() if prosody is not None else 0
         if b_units:
-            log(f"  B: {b_units[0].state}: {b_units[0].instances} instances verified (SHA-256) and stored, from {b_units[0].origin_peer}")
+            log(f"  B: {b_units[0].state}: {b_units[0].instances} instances verified (SHA-256), {in_pacs} in its PACS, from {b_units[0].origin_peer}")
         result = {
             "study_uid": study.study_instance_uid,
             "instances_sent": len(study.files),
@@ -128,12 +138,13 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             "xmpp": prosody is not None,
             "sender": sender,
             "stages_s": {k: round(v, 3) for k, v in stages.items()},
-            "instances_in_pacs": 0,
-            "delivered": False,
-            "note": "import into B's PACS and the delivery receipt are not built yet",
+            "instances_in_pacs": in_pacs,
+            "delivered": a_unit.state == "delivered",
+            "pacs": ("orthanc" if isinstance(pacs, Orthanc) else "built-in storage SCP") if prosody is not None else None,
         }
         log(
-            f"summary: {result['instances_received_b']} of {result['instances_sent']} instances at B, "
+            f"summary: {result['instances_in_pacs']} of {result['instances_sent']} instances in B's PACS, "
+            f"{'delivered' if result['delivered'] else 'NOT delivered'} (A's queue), "
             f"{result['bytes'] / 1e6:.1f} MB, method {result['method'] or '-'}, "
             + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result["stages_s"].items())
         )
@@ -147,6 +158,30 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def chain_stages(a_store: Any, b_store: Any) -> dict[str, float]:
+    """Seconds of each stage after the stable age, from both gateways' audit logs (same clock on one machine):
+    transfer (A offering -> A sent), import (B importing -> B delivered), receipt (B delivered -> A delivered)."""
+    from datetime import datetime
+
+    def first(store: Any, state: str, last: bool = False) -> datetime | None:
+        entries = [e for e in store.audit_entries(limit=10000) if e["to_state"] == state]  # newest first
+        if not entries:
+            return None
+        return datetime.fromisoformat(entries[0 if last else -1]["at"])
+
+    marks = {
+        "offering": first(a_store, "offering"), "sent": first(a_store, "sent", last=True),
+        "importing": first(b_store, "importing"), "b_delivered": first(b_store, "delivered", last=True),
+        "a_delivered": first(a_store, "delivered", last=True),
+    }
+    stages = {}
+    for name, start, end in (("transfer_s", "offering", "sent"), ("import_s", "importing", "b_delivered"),
+                             ("receipt_s", "b_delivered", "a_delivered")):
+        if marks[start] and marks[end]:
+            stages[name] = max(0.0, (marks[end] - marks[start]).total_seconds())  # type: ignore[operator]
+    return stages
+
+
 def _state_line(unit: Any) -> str:
     if unit is None:
         return "waiting for the first instance"
@@ -154,7 +189,9 @@ def _state_line(unit: Any) -> str:
     if unit.state == "sending" and unit.bundle_bytes:
         text += f", {100 * unit.progress_bytes // unit.bundle_bytes} % over {unit.method}"
     if unit.state == "sent":
-        text += f" over {unit.method}, verified by B"
+        text += f" over {unit.method}, verified by B; B imports it into its PACS"
+    if unit.state == "delivered":
+        text += f" over {unit.method}: B's PACS holds every instance (receipt from B)"
     if unit.error and unit.state not in ("sent",):
         text += f" ({unit.error})"
     return text

@@ -296,3 +296,42 @@ def orthanc_instances(orthanc: Orthanc) -> dict[str, dict[str, str]]:
         syntax = orthanc.raw(f"/instances/{orthanc_id}/metadata/TransferSyntax").decode().strip()
         found[str(tags["SOPInstanceUID"])] = {"id": orthanc_id, "transfer_syntax": syntax}
     return found
+
+
+class BuiltinStorageSCP:
+    """A small in-process Storage SCP (pynetdicom) standing in for a PACS when Orthanc is not installed: it
+    writes each received data set to ``workdir`` and counts them. Used by the demo only, and labelled so."""
+
+    label = "built-in storage SCP (a stand-in: Orthanc is not installed)"
+
+    def __init__(self, workdir: Path, ae_title: str = "DEMO_PACS") -> None:
+        self.workdir = workdir
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.stored: set[str] = set()
+        self._server: Any = None
+
+    def start(self) -> BuiltinStorageSCP:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+        def on_store(event: Any) -> int:
+            uid = str(event.request.AffectedSOPInstanceUID)
+            (self.workdir / f"{uid}.dcm").write_bytes(event.encoded_dataset())
+            self.stored.add(uid)
+            return 0x0000
+
+        self._server = ae.start_server(("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        return self
+
+    def instance_count(self) -> int:
+        return len(self.stored)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -258,6 +258,10 @@ def _summary_json(s: StudySummary) -> dict[str, Any]:
         "bundle_bytes": s.bundle_bytes,
         "progress_pct": round(100 * s.progress_bytes / s.bundle_bytes, 1) if s.bundle_bytes else None,
         "attempts": s.attempts,
+        "bundle_sha256": s.bundle_sha256,
+        "receipt_at": s.receipt_at.isoformat() + "Z" if s.receipt_at else None,
+        "awaiting_receipt_s": round(_age_s(s.state_changed_at), 1) if s.state == "sent" else None,
+        "purged_at": s.purged_at.isoformat() + "Z" if s.purged_at else None,
     }
 
 
@@ -277,6 +281,9 @@ def _instance_json(unit_seq: int, i: InstanceRecord) -> dict[str, Any]:
         "source": i.source,
         "unit_seq": unit_seq,
         "received_at": i.received_at.isoformat() + "Z",
+        "pacs_status": i.pacs_status,
+        "pacs_verdict": i.pacs_verdict,
+        "pacs_detail": i.pacs_detail,
     }
 
 
@@ -367,6 +374,10 @@ def _state_text(s: StudySummary) -> str:
         text += f" ({s.method})"
     if s.origin_peer and s.state == "received":
         text += " (from peer)"
+    if s.state == "sent" and s.origin_peer is None:
+        text += f", no receipt yet ({_human_age(_age_s(s.state_changed_at))})"
+    if s.purged_at is not None:
+        text += ", spool purged"
     if s.error and s.state not in ("sent", "delivered"):
         text += f": {s.error}"
     return text
@@ -399,7 +410,7 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
         for i in instances:
             by_series[i.series_instance_uid].append(i)
         table = Table(title="Instances")
-        for column in ("No", "SOP Instance UID", "Transfer syntax", "Size", "SHA-256", "Note"):
+        for column in ("No", "SOP Instance UID", "Transfer syntax", "Size", "SHA-256", "PACS", "Note"):
             table.add_column(column)
         for rows in by_series.values():
             for i in rows:
@@ -409,6 +420,7 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
                     i.transfer_syntax_uid,
                     _human_bytes(i.size_bytes),
                     i.sha256[:16] + "…",
+                    (i.pacs_detail or "") if i.pacs_verdict else "",
                     "CONFLICT: differs from first copy" if i.conflict else "",
                 )
         console.print(table)

@@ -188,5 +188,7 @@ def test_demo_runs_the_chain_and_reports_json() -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["instances_sent"] == result["instances_acknowledged"] == result["instances_queued"] == 120
-    assert (result["state_a"], result["state_b"], result["method"]) == ("sent", "received", "s5b")
-    assert result["instances_received_b"] == 120
+    assert (result["state_a"], result["state_b"], result["method"]) == ("delivered", "delivered", "s5b")
+    assert result["instances_received_b"] == result["instances_in_pacs"] == 120
+    assert result["delivered"] is True and result["pacs"] == "orthanc"
+    assert set(result["stages_s"]) >= {"ingest_s", "stable_wait_s", "transfer_s", "import_s", "receipt_s", "total_s"}

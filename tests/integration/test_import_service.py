@@ -1,0 +1,147 @@
+"""The import use case and the retention policy against a real queue DB, with a fake PACS (pure logic of
+retries and outcomes; the real PACS edge is tested in test_pacs.py and test_delivery.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.importing import ImportService, PacsOutcome, PacsUnavailable, Verdict
+from gateway.lifecycle import State
+from gateway.model import InstanceRecord
+from gateway.retention import SpoolCleaner
+from gateway.settings import PacsSettings
+from gateway.store import QueueStore, utcnow
+from tests.integration.test_queue import header, store  # noqa: F401  (fixture)
+
+PEER = "radiology.hospital-a@helsenett.test"
+
+
+class FakePacs:
+    """Answers from a script: a list of per-call behaviours (an exception, or a status per SOP Instance UID)."""
+
+    def __init__(self, *script: object) -> None:
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+        self.commitments: list[str] = []
+
+    def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+        self.calls.append([i.sop_instance_uid for i in instances])
+        step = self.script.pop(0) if self.script else {}
+        if isinstance(step, Exception):
+            raise step
+        for i in instances:
+            status = step.get(i.sop_instance_uid, 0x0000)  # type: ignore[union-attr]
+            verdict = Verdict.PERMANENT if status >= 0xA900 else Verdict.TRANSIENT if status >= 0xA700 else Verdict.STORED
+            on_result(i, PacsOutcome(verdict, status, f"0x{status:04X} test"))
+
+    def request_commitment(self, transaction_uid: str, instances: list[InstanceRecord]) -> None:
+        self.commitments.append(transaction_uid)
+
+
+def received_unit(store: QueueStore, count: int = 3) -> int:  # noqa: F811
+    unit_id = store.begin_receiving("1.2.3", PEER, 3000, 0, "s5b", "a" * 64)
+    store.transition(unit_id, State.RECEIVED, "verified")
+    for n in range(1, count + 1):
+        store.record_instance(header(f"1.2.3.1.{n}"), spool_path=f"studies/1.2.3/{n}.dcm", size_bytes=1000,
+                              sha256=str(n) * 64, source="test", conflict=False, origin_peer=PEER)
+    store.ready_for_import(unit_id)
+    return unit_id
+
+
+def service(store: QueueStore, pacs: FakePacs, **options: object) -> ImportService:  # noqa: F811
+    settings = PacsSettings(host="127.0.0.1", retry_base_s=0.0, retry_max_s=0.0, **options)  # type: ignore[arg-type]
+    return ImportService(store, pacs, settings)
+
+
+def run_due(svc: ImportService) -> None:
+    for thread in svc.tick():
+        thread.join(10)
+
+
+def test_transient_failures_are_retried_and_stored_instances_are_not_sent_again(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    pacs = FakePacs(PacsUnavailable("connection refused"), {"1.2.3.1.2": 0xA700}, {})
+    svc = service(store, pacs)
+    run_due(svc)
+    assert store.unit(unit_id).state == "received" and "PACS unavailable: connection refused" in (store.unit(unit_id).error or "")
+    run_due(svc)
+    assert store.unit(unit_id).state == "received" and store.unit(unit_id).attempts == 2
+    run_due(svc)
+    assert store.unit(unit_id).state == "delivered"
+    assert pacs.calls == [["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"]] * 2 + [["1.2.3.1.2"]]
+    assert {i.pacs_status for i in store.unit_instances(unit_id)} == {0x0000}
+
+
+def test_a_permanent_refusal_fails_the_unit_with_the_pacs_text_and_keeps_the_rest(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    svc = service(store, FakePacs({"1.2.3.1.3": 0xA900}))
+    run_due(svc)
+    unit = store.unit(unit_id)
+    assert unit.state == "failed" and "pacs-refused" in unit.flags
+    assert "PACS refused 1 of 3 instance(s); first 1.2.3.1.3: 0xA900 test" == unit.error
+    assert [i.pacs_status for i in store.unit_instances(unit_id)] == [0, 0, 0xA900]
+    assert [u.unit_id for u in store.receipts_due()] == [unit_id]  # the sender will hear of it
+
+
+def test_gives_up_after_max_attempts(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    svc = service(store, FakePacs(*[PacsUnavailable("down")] * 3), max_attempts=3)
+    for _ in range(3):
+        run_due(svc)
+    unit = store.unit(unit_id)
+    assert unit.state == "failed" and unit.error == "gave up after 3 attempts: PACS unavailable: down"
+
+
+def test_storage_commitment_waits_for_the_report(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    pacs = FakePacs({})
+    svc = service(store, pacs, storage_commitment=True)
+    run_due(svc)
+    assert store.unit(unit_id).state == "importing" and len(pacs.commitments) == 1
+    assert not svc.commitment_result("2.25.1", {"1.2.3.1.1"}, {})  # not our transaction
+    assert svc.commitment_result(pacs.commitments[0], {"1.2.3.1.1", "1.2.3.1.2"}, {"1.2.3.1.3": 0x0110})
+    assert store.unit(unit_id).state == "received"  # retried: the failed instance goes again
+    run_due(svc)
+    assert pacs.calls[-1] == ["1.2.3.1.3"]
+    assert svc.commitment_result(pacs.commitments[1], {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"}, {})
+    assert store.unit(unit_id).state == "delivered"
+
+
+class FakeSpool:
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def remove(self, relative_path: str) -> bool:
+        self.removed.append(relative_path)
+        return True
+
+
+def test_retention_removes_only_delivered_units_after_the_keep_time(store: QueueStore) -> None:  # noqa: F811
+    delivered = received_unit(store)
+    run_due(service(store, FakePacs({})))
+    other = store.record_instance(header("1.2.4.1.1", study="1.2.4"), spool_path="studies/1.2.4/1.dcm", size_bytes=1,
+                                  sha256="f" * 64, source="test", conflict=False)
+    spool = FakeSpool()
+    assert SpoolCleaner(store, spool, keep_delivered_s=3600).tick() == []  # too recent
+    assert SpoolCleaner(store, spool, keep_delivered_s=-1).tick() == []  # keep for ever
+    assert store.purgeable(3600, now=utcnow() + timedelta(hours=2))[0].unit_id == delivered
+    assert SpoolCleaner(store, spool, keep_delivered_s=0).tick() == [delivered]
+    assert spool.removed == ["studies/1.2.3/1.dcm", "studies/1.2.3/2.dcm", "studies/1.2.3/3.dcm"]
+    assert store.unit(delivered).purged_at is not None and store.unit(other).purged_at is None
+    assert SpoolCleaner(store, spool, keep_delivered_s=0).tick() == []  # once
+    assert any(e["event"] == "purged" for e in store.audit_entries(unit_id=delivered))
+
+
+def test_spool_remove_refuses_paths_outside_the_instance_tree(tmp_path: Path) -> None:
+    import pytest
+
+    from adapters.spool import Spool
+
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    spool.start()
+    for bad in ("../queue.db", "inbox/abc.part"):
+        with pytest.raises(ValueError, match="refusing to remove"):
+            spool.remove(bad)
+    assert spool.remove("studies/none.dcm") is False
