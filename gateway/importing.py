@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,20 +130,36 @@ class ImportService:
             unit.unit_id, State.IMPORTING, f"C-STORE of {len(pending)} of {len(instances)} instance(s) into the PACS", None
         )
         outcomes: dict[str, PacsOutcome] = {}
+        unsaved: list[tuple[int, int | None, str, str]] = []
+        last_save = time.monotonic()
+
+        def save() -> None:
+            nonlocal last_save
+            if unsaved:
+                self.store.record_imports(unsaved)
+                unsaved.clear()
+            last_save = time.monotonic()
 
         def record(instance: InstanceRecord, outcome: PacsOutcome) -> None:
+            # Statuses are committed in batches (a commit per instance cost as much as the C-STORE itself);
+            # a crash loses at most a second of them, and re-sending an instance the PACS holds duplicates nothing.
             outcomes[instance.sop_instance_uid] = outcome
-            self.store.record_import(instance.instance_id, outcome.status, outcome.verdict.value, outcome.detail)
+            unsaved.append((instance.instance_id, outcome.status, outcome.verdict.value, outcome.detail))
+            if time.monotonic() - last_save >= 1.0:
+                save()
 
         try:
             if pending:
                 self.pacs.store(pending, record)
         except PacsRefused as exc:
+            save()
             self._fail(unit, f"PACS refused the association: {exc}")
             return
         except PacsUnavailable as exc:
+            save()
             self._retry(unit, f"PACS unavailable: {exc}")
             return
+        save()
         refused = [(uid, o) for uid, o in outcomes.items() if o.verdict == Verdict.PERMANENT]
         unanswered = [i for i in pending if i.sop_instance_uid not in outcomes or outcomes[i.sop_instance_uid].verdict == Verdict.TRANSIENT]
         if refused:

@@ -470,12 +470,15 @@ class QueueStore:
         with self._unit_of_work() as session:
             session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(next_attempt_at=utcnow()))
 
-    def record_import(self, instance_id: int, status: int | None, verdict: str, detail: str) -> None:
-        with self._unit_of_work() as session:
-            session.execute(
-                update(InstanceRow).where(InstanceRow.id == instance_id).values(
-                    pacs_status=status, pacs_verdict=verdict, pacs_detail=detail, imported_at=utcnow()
-                )
+    def record_imports(self, results: list[tuple[int, int | None, str, str]]) -> None:
+        """Several (instance id, status, verdict, detail) in one transaction."""
+        now = utcnow()
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(InstanceRow.__table__).where(InstanceRow.__table__.c.id == bindparam("iid")).values(
+                    pacs_status=bindparam("st"), pacs_verdict=bindparam("vd"), pacs_detail=bindparam("dt"), imported_at=now,
+                ),
+                [{"iid": i, "st": s, "vd": v, "dt": d} for i, s, v, d in results],
             )
 
     def clear_imports(self, unit_id: int, sop_instance_uids: set[str]) -> None:

@@ -1,0 +1,159 @@
+"""End-to-end benchmark (issue 4): the whole chain against a direct store into the same kind of PACS.
+
+Each round, interleaved, with a fresh Orthanc started the same way for both (``TCP_NODELAY=1``,
+SyncStorageArea on, SQLite index in a temp dir):
+  direct  dcmtk ``storescu`` -> Orthanc: the floor (what a modality sending straight to the PACS costs);
+  chain   ``storescu`` -> gateway A -> Prosody (mediated S5B, stock proxy65) -> gateway B -> Orthanc, and
+          the delivery receipt back to A: from the first instance sent to A's queue showing ``delivered``,
+          minus the configured stable age (the time A waits for the study to be complete, reported apart).
+A and B are two ``dicomgw run`` processes, as at two hospitals. Stage times come from both gateways' audit
+logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification),
+import (B importing -> B delivered), receipt (B delivered -> A delivered); "other" is what is left
+(dispatch ticks, routing). Orthanc's instance count and SOP Instance UIDs are checked after each chain.
+The study: 400 slices of 512x512 16-bit CT (~210 MB); ``--quick``: 40 slices. Medians of ``--runs``.
+The last line printed is one JSON object with ``ratio`` = chain / direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapters.localpeers import Orthanc, Prosody, nodelay_env, orthanc_instances, peak_rss_mb
+from adapters.synthetic import generate_ct_study
+from bench.transfer import DOMAIN, GatewayProcess
+
+STABLE_AGE_S = 0.3  # what bench.transfer's GatewayProcess configures
+
+
+def storescu(port: int, files: list[Path], called_ae: str) -> None:
+    done = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+                          env=nodelay_env(), capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+
+
+def direct(root: Path, files: list[Path]) -> float:
+    with Orthanc(root / "orthanc-direct") as orthanc:
+        orthanc.start()
+        t0 = time.perf_counter()
+        storescu(orthanc.dicom_port, files, "ORTHANC")
+        seconds = time.perf_counter() - t0
+        if orthanc.instance_count() != len(files):
+            raise RuntimeError("direct store incomplete")
+    shutil.rmtree(root / "orthanc-direct", ignore_errors=True)
+    return seconds
+
+
+def _when(entries: list[dict[str, Any]], state: str, newest: bool = True) -> datetime:
+    found = [e for e in entries if e["to_state"] == state]  # audit is newest first
+    if not found:
+        raise RuntimeError(f"no move to {state} in the audit log")
+    return datetime.fromisoformat(found[0 if newest else -1]["at"]).replace(tzinfo=UTC)
+
+
+def chain(root: Path, files: list[Path], uids: set[str]) -> dict[str, Any]:
+    server = Prosody(root / "prosody", domain=DOMAIN)
+    for user in ("radiology.hospital-a", "radiology.hospital-b"):
+        server.add_account(user, f"pw-{user}")
+    server.start()
+    orthanc = Orthanc(root / "orthanc-chain", ae_title="PACS_B")
+    orthanc.start()
+    pacs = f'[pacs]\nae_title = "PACS_B"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalling_ae_title = "GWB"\n'
+    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a")
+    b.text += pacs
+    b.start()
+    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b").start()
+    try:
+        started = datetime.now(UTC)
+        t0 = time.perf_counter()
+        storescu(a.port, files, "DICOMGW")
+        ingest_s = time.perf_counter() - t0
+        ingest_end = datetime.now(UTC)
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            units = a.cli("queue")
+            if units and units[0]["state"] in ("delivered", "failed"):
+                break
+            time.sleep(0.05)
+        if not units or units[0]["state"] != "delivered":
+            raise RuntimeError(f"chain did not deliver: {units}")
+        audit_a = a.cli("audit", "--limit", "200")
+        audit_b = b.cli("audit", "--limit", "200")
+        stable_wait_s = (_when(audit_a, "stable") - ingest_end).total_seconds()
+        delivered_at = _when(audit_a, "delivered")
+        total_s = (delivered_at - started).total_seconds()
+        stages = {
+            "ingest_s": ingest_s,
+            "transfer_s": (_when(audit_a, "sent") - _when(audit_a, "offering", newest=False)).total_seconds(),
+            "import_s": (_when(audit_b, "delivered") - _when(audit_b, "importing", newest=False)).total_seconds(),
+            "receipt_s": (delivered_at - _when(audit_b, "delivered")).total_seconds(),
+        }
+        chain_s = total_s - stable_wait_s
+        stages["other_s"] = chain_s - sum(stages.values())
+        held = set(orthanc_instances(orthanc))
+        if held != uids:
+            raise RuntimeError(f"Orthanc holds {len(held)} of {len(uids)} instances")
+        rss = {"gateway_a": peak_rss_mb(a.pid), "gateway_b": peak_rss_mb(b.pid)}
+        return {"chain_s": chain_s, "stable_wait_s": stable_wait_s, "stages": stages, "rss_mb": rss,
+                "bundle_bytes": units[0]["bundle_bytes"], "method": units[0]["method"]}
+    finally:
+        a.stop()
+        b.stop()
+        orthanc.stop()
+        server.stop()
+        shutil.rmtree(root / "a", ignore_errors=True)
+        shutil.rmtree(root / "b", ignore_errors=True)
+        shutil.rmtree(root / "orthanc-chain", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="40 slices instead of 400")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-e2e-"))
+    try:
+        slices = 20 if args.quick else 200
+        study = generate_ct_study(root / "study", series=2, slices_per_series=slices)
+        uids = set(study.sop_instance_uids)
+        print(f"study: {len(study.files)} instances, {study.size_bytes / 1e6:.1f} MB; {args.runs} run(s), interleaved", flush=True)
+        directs, chains = [], []
+        for run in range(args.runs):
+            directs.append(direct(root, study.files))
+            chains.append(chain(root / f"run{run}", study.files, uids))
+            c = chains[-1]
+            print(f"run {run + 1}: direct {directs[-1]:.2f} s, chain {c['chain_s']:.2f} s ("
+                  + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in c["stages"].items())
+                  + f"; stable wait {c['stable_wait_s']:.2f} s excluded)", flush=True)
+        direct_s = statistics.median(directs)
+        middle = sorted(chains, key=lambda c: c["chain_s"])[len(chains) // 2]
+        mb = study.size_bytes / 1e6
+        print(f"direct storescu -> Orthanc:        {direct_s:6.2f} s  {mb / direct_s:6.1f} MB/s  (median)")
+        print(f"chain modality -> A -> B -> Orthanc: {middle['chain_s']:6.2f} s  {mb / middle['chain_s']:6.1f} MB/s  (median, "
+              f"method {middle['method']}, stable age {STABLE_AGE_S} s configured, excluded)")
+        for name, seconds in middle["stages"].items():
+            print(f"  {name.removesuffix('_s'):9s} {seconds:6.2f} s")
+        ratio = middle["chain_s"] / direct_s
+        print(f"ratio chain / direct: {ratio:.2f} (target <= 3)")
+        print(json.dumps({
+            "ratio": round(ratio, 3), "direct_s": round(direct_s, 3), "chain_s": round(middle["chain_s"], 3),
+            "stages_s": {k: round(v, 3) for k, v in middle["stages"].items()},
+            "stable_wait_s": round(middle["stable_wait_s"], 3), "instances": len(study.files), "bytes": study.size_bytes,
+            "method": middle["method"], "rss_mb": middle["rss_mb"], "runs": args.runs,
+            "all_direct_s": [round(d, 3) for d in directs], "all_chain_s": [round(c["chain_s"], 3) for c in chains],
+        }))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
