@@ -126,6 +126,14 @@ def header_from_dataset_bytes(dataset: bytes, transfer_syntax: str) -> InstanceH
     )
 
 
+def header_from_part10_prefix(prefix: bytes, transfer_syntax: str) -> InstanceHeader:
+    """Header from the first bytes of a Part-10 file whose integrity is already established (its size and
+    SHA-256 matched a manifest): the fast walker on the start of the data set. Raises :class:`RejectedFile`
+    when the prefix does not reach the end of group 0020 (the caller then reads the whole file)."""
+    offset = dataset_offset(io.BytesIO(prefix), len(prefix))  # type: ignore[arg-type]
+    return header_from_dataset_bytes(prefix[offset:], transfer_syntax)
+
+
 def _text(value: bytes) -> str:
     return value.decode("ascii", "replace").strip(" \x00")
 

@@ -66,8 +66,9 @@ class Spool:
         ]
 
     # -- staging --------------------------------------------------------------------------------
-    def stage_bytes(self, chunks: Iterable[bytes | memoryview]) -> StagedFile:
-        """Write ``chunks`` to a new staged file, fsync it, and return its size and SHA-256."""
+    def stage_bytes(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> StagedFile:
+        """Write ``chunks`` to a new staged file, fsync it (unless ``durable`` is False: then the caller
+        passes it to :meth:`make_durable` before placing it), and return its size and SHA-256."""
         temp_path = self.staging_dir / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         size = 0
@@ -81,13 +82,24 @@ class Spool:
                         written = os.write(fd, view)
                         view = view[written:]
                     size += len(chunk)
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             _remove_quietly(temp_path)
             raise _as_spool_error(exc) from exc
         return StagedFile(temp_path=temp_path, size_bytes=size, sha256=digest.hexdigest())
+
+    def make_durable(self, staged: list[StagedFile]) -> None:
+        """fsync many staged files at once (a few threads: the file system commits them together)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda f: _fsync_file(f.temp_path), staged))
+        except OSError as exc:
+            raise _as_spool_error(exc) from exc
 
     def stage_file(self, source: Path) -> StagedFile:
         """Copy ``source`` into staging (streamed, hashed, fsynced); the source is left untouched."""
@@ -107,19 +119,28 @@ class Spool:
             ("studies", safe_component(header.study_instance_uid), safe_component(header.series_instance_uid), name + ".dcm")
         )
 
-    def place(self, staged: StagedFile, relative_path: str) -> Path:
-        """Rename the staged file to ``relative_path`` and fsync the directory so the name is durable."""
+    def place(self, staged: StagedFile, relative_path: str, sync: bool = True) -> Path:
+        """Rename the staged file to ``relative_path`` and fsync the directory so the name is durable
+        (with ``sync`` False the caller fsyncs the directories once for many files: :meth:`sync_dirs`)."""
         target = self.root / relative_path
         try:
             created = _make_dirs(target.parent, self.root)
             os.replace(staged.temp_path, target)
-            fsync_dir(target.parent)
+            if sync:
+                fsync_dir(target.parent)
             for directory in created:
                 fsync_dir(directory.parent)
         except OSError as exc:
             _remove_quietly(staged.temp_path)
             raise _as_spool_error(exc) from exc
         return target
+
+    def sync_dirs(self, paths: Iterable[Path]) -> None:
+        try:
+            for directory in sorted({p.parent for p in paths}):
+                fsync_dir(directory)
+        except OSError as exc:
+            raise _as_spool_error(exc) from exc
 
     def absolute(self, relative_path: str) -> Path:
         return self.root / relative_path

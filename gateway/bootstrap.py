@@ -142,6 +142,8 @@ class Gateway:
         if self.settings.xmpp.enabled:
             self._build_xmpp()
         await asyncio.to_thread(upgrade_schema, self.engine)
+        for unit_id, before, after in await asyncio.to_thread(self.store.recover_in_flight):
+            log.warning("unit %s was %s when the gateway stopped: now %s", unit_id, before, after)
         for kept in self.spool.start():
             self._audit("quarantined", f"recovered at start-up: {kept}")
         self.scp.start()

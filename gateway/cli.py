@@ -4,6 +4,7 @@
     dicomgw queue [--state STATE] [--json] [--config FILE]
     dicomgw queue show STUDY_UID [--json] [--config FILE]
     dicomgw peers [list|add JID|remove JID] [--json]
+    dicomgw queue retry UNIT_ID
     dicomgw audit [--transfers] [--limit N] [--json]
     dicomgw echo AE@HOST:PORT [--calling-ae AE]
     dicomgw demo [--json]
@@ -53,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="list the queue, or show one study")
     _config_option(queue)
-    queue.add_argument("action", nargs="?", choices=["show"], help="show one study")
-    queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show')")
+    queue.add_argument("action", nargs="?", choices=["show", "retry"], help="show one study; retry a failed unit")
+    queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'), unit id (with 'retry')")
     queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
@@ -215,11 +216,31 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         else:
             _print_study(args.study_uid, units)
         return 0
+    if args.action == "retry":
+        return _retry(store, args.study_uid or "")
     studies = store.studies(state=args.state)
     if args.json:
         print(json.dumps([_summary_json(s) for s in studies], indent=2))
     else:
         _print_queue(studies, args.state)
+    return 0
+
+
+def _retry(store: Any, unit_text: str) -> int:
+    from gateway.lifecycle import IllegalTransition
+
+    if not unit_text.isdigit():
+        print("dicomgw queue retry: a unit id is required (the unit_id column of `dicomgw queue --json`)", file=sys.stderr)
+        return 2
+    try:
+        state = store.retry_unit(int(unit_text), who=f"{os.environ.get('USER', 'admin')} via dicomgw queue retry")
+    except KeyError:
+        print(f"dicomgw queue retry: no unit {unit_text}", file=sys.stderr)
+        return 1
+    except IllegalTransition as exc:
+        print(f"dicomgw queue retry: unit {unit_text} cannot be retried ({exc}); only failed units can", file=sys.stderr)
+        return 1
+    print(f"unit {unit_text} is {state} again; the running gateway picks it up")
     return 0
 
 

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class SpoolPort(Protocol):
     def relative_path(self, header: InstanceHeader, sha256: str, conflict: bool) -> str: ...
-    def place(self, staged: StagedFile, relative_path: str) -> Path: ...
+    def place(self, staged: StagedFile, relative_path: str, sync: bool = True) -> Path: ...
+    def sync_dirs(self, paths: list[Path]) -> None: ...
     def discard(self, staged: StagedFile) -> None: ...
 
 
@@ -71,6 +72,30 @@ class IngestService:
             log.warning("conflict: %s from %s differs from the stored copy; kept at %s", header.sop_instance_uid, source, relative)
             return IngestResult(IngestOutcome.CONFLICT, unit_id, header.sop_instance_uid, final_path)
         return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
+
+
+    def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None) -> int:
+        """Place and record many durable staged files at once (a verified bundle): one directory fsync per
+        directory and one transaction for all rows; returns how many were new. Identical duplicates are
+        dropped; conflicting copies are kept beside and flagged, as in :meth:`ingest`. If the transaction
+        fails, the placed files stay where the identical bytes of a retry will land."""
+        with self._lock:
+            rows = []
+            for header, staged in items:
+                copies = self._store.instance_hashes(header.sop_instance_uid)
+                if any(sha256 == staged.sha256 for sha256, _ in copies) or any(
+                    r[0].sop_instance_uid == header.sop_instance_uid and r[3] == staged.sha256 for r in rows
+                ):
+                    self._spool.discard(staged)
+                    continue
+                conflict = bool(copies) or any(r[0].sop_instance_uid == header.sop_instance_uid for r in rows)
+                relative = self._spool.relative_path(header, staged.sha256, conflict)
+                placed = self._spool.place(staged, relative, sync=False)
+                rows.append((header, relative, staged.size_bytes, staged.sha256, conflict, placed))
+            self._spool.sync_dirs([r[5] for r in rows])
+            if rows:
+                self._store.record_instances([r[:5] for r in rows], source, origin_peer)
+        return len(rows)
 
 
 class CompletenessService:

@@ -270,6 +270,15 @@ class QueueStore:
                 continue  # another process opened the same unit first: look again
         raise RuntimeError(f"could not open a study unit for {header.study_instance_uid}")
 
+    def record_instances(self, rows: list[tuple[InstanceHeader, str, int, str, bool]], source: str,
+                         origin_peer: str | None = None) -> list[int]:
+        """Record (header, spool_path, size, sha256, conflict) rows in one transaction; returns unit ids."""
+        with self._unit_of_work() as session:
+            return [
+                self._record(session, header, path, size, sha256, source, conflict, origin_peer)
+                for header, path, size, sha256, conflict in rows
+            ]
+
     def _record_fast(
         self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str, origin_peer: str | None
     ) -> int | None:
@@ -456,6 +465,44 @@ class QueueStore:
             if row is None:
                 raise KeyError(f"no study unit {unit_id}")
             return _summary(row, self._modalities(session, [unit_id]).get(unit_id, ""))
+
+    def retry_unit(self, unit_id: int, who: str = "admin") -> str:
+        """The admin's retry of a ``failed`` unit: a local one is queued again; one from a peer is imported
+        again (instances the PACS refused are sent again, those it stored are not). Returns the new state."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            target = State.RECEIVED if unit.origin_peer else State.QUEUED
+            self._move(session, unit, target, f"retry requested by {who}")
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(
+                attempts=0, next_attempt_at=utcnow(), receipt_at=None,
+                flags=",".join(f for f in unit.flags.split(",") if f and f != "pacs-refused"),
+            ))
+            session.execute(
+                update(InstanceRow).where(InstanceRow.unit_id == unit_id, InstanceRow.pacs_verdict == "permanent")
+                .values(pacs_status=None, pacs_verdict=None, pacs_detail=None, imported_at=None)
+            )
+            return target.value
+
+    def recover_in_flight(self) -> list[tuple[int, str, str]]:
+        """At start-up, nothing of this process is in flight: a local unit left ``offering``/``sending`` goes
+        back to ``queued`` (the resend resumes at the receiver's offset); a received unit left ``importing``
+        without a pending Storage Commitment goes back to ``received``, due now. Returns (unit, from, to)."""
+        moved = []
+        with self._unit_of_work() as session:
+            units = session.scalars(
+                select(StudyUnitRow).where(StudyUnitRow.state.in_((State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)))
+            ).all()
+            for unit in units:
+                if unit.state == State.IMPORTING.value and unit.commit_uid:
+                    continue  # the PACS's commitment report may still come; commitment_timeout_s covers it
+                target = State.RECEIVED if unit.state == State.IMPORTING.value else State.QUEUED
+                before = unit.state
+                self._move(session, unit, target, f"gateway restarted while {before}: resuming")
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(next_attempt_at=utcnow()))
+                moved.append((unit.id, before, target.value))
+        return moved
 
     # -- import into the local PACS, receipts, retention ------------------------------------------
     def due_for_import(self, now: datetime | None = None) -> list[StudySummary]:

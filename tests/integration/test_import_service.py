@@ -145,3 +145,32 @@ def test_spool_remove_refuses_paths_outside_the_instance_tree(tmp_path: Path) ->
         with pytest.raises(ValueError, match="refusing to remove"):
             spool.remove(bad)
     assert spool.remove("studies/none.dcm") is False
+
+
+def test_start_up_recovers_units_left_in_flight(store: QueueStore) -> None:  # noqa: F811
+    importing = received_unit(store)
+    store.transition(importing, State.IMPORTING, "import attempt")
+    committing = store.begin_receiving("1.2.9", PEER, 10, 0, "s5b", "b" * 64)
+    store.transition(committing, State.RECEIVED, "verified")
+    store.transition(committing, State.IMPORTING, "import attempt")
+    store.set_commitment(committing, "2.25.7")
+    sending = store.record_instance(header("1.2.8.1.1", study="1.2.8"), spool_path="x", size_bytes=1, sha256="e" * 64,
+                                    source="test", conflict=False)
+    for state in (State.STABLE, State.QUEUED, State.OFFERING, State.SENDING):
+        store.transition(sending, state, "test")
+    moved = store.recover_in_flight()
+    assert sorted(moved) == sorted([(importing, "importing", "received"), (sending, "sending", "queued")])
+    assert store.unit(committing).state == "importing"  # its commitment report may still come
+    assert [u.unit_id for u in store.due_for_import()] == [importing]
+    assert [u.unit_id for u in store.due_for_sending()] == [sending]
+
+
+def test_admin_retry_of_a_refused_import_sends_only_the_refused_instances_again(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    pacs = FakePacs({"1.2.3.1.3": 0xA900}, {})
+    svc = service(store, pacs)
+    run_due(svc)
+    assert store.unit(unit_id).state == "failed"
+    assert store.retry_unit(unit_id) == "received" and "pacs-refused" not in store.unit(unit_id).flags
+    run_due(svc)
+    assert store.unit(unit_id).state == "delivered" and pacs.calls[-1] == ["1.2.3.1.3"]
