@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -321,6 +321,92 @@ class Association:
             self.release()
         else:
             self.abort()
+
+
+# -- acceptor side ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AssociateRequest:
+    """An A-ASSOCIATE-RQ as the acceptor sees it (PS3.8 9.3.2)."""
+
+    calling_ae: str
+    called_ae: str
+    max_pdu: int  # the requestor's maximum receive length (0 = unlimited)
+    contexts: tuple[tuple[int, str, tuple[str, ...]], ...]  # (id, abstract syntax, proposed transfer syntaxes)
+    roles: dict[str, tuple[bool, bool]]  # abstract syntax -> (SCU role, SCP role) the requestor proposes
+
+
+def parse_associate_rq(body: bytes | bytearray) -> AssociateRequest:
+    if len(body) < 68:
+        raise AssociationAborted("A-ASSOCIATE-RQ too short")
+    called = bytes(body[4:20]).decode("ascii", "replace").strip()
+    calling = bytes(body[20:36]).decode("ascii", "replace").strip()
+    contexts: list[tuple[int, str, tuple[str, ...]]] = []
+    roles: dict[str, tuple[bool, bool]] = {}
+    max_pdu = 0
+    for item_type, payload in _items(body, 68):
+        if item_type == 0x20 and len(payload) >= 4:
+            abstract, syntaxes = "", []
+            for sub_type, sub in _items(payload, 4):
+                text = bytes(sub).decode("ascii", "replace").rstrip("\x00 ")
+                if sub_type == 0x30:
+                    abstract = text
+                elif sub_type == 0x40:
+                    syntaxes.append(text)
+            contexts.append((payload[0], abstract, tuple(syntaxes)))
+        elif item_type == 0x50:
+            for sub_type, sub in _items(payload, 0):
+                if sub_type == 0x51 and len(sub) == 4:
+                    max_pdu = struct.unpack(">I", sub)[0]
+                elif sub_type == 0x54 and len(sub) >= 4:
+                    uid_length = struct.unpack_from(">H", sub)[0]
+                    uid = bytes(sub[2 : 2 + uid_length]).decode("ascii", "replace").rstrip("\x00 ")
+                    roles[uid] = (bool(sub[2 + uid_length]), bool(sub[3 + uid_length]))
+    return AssociateRequest(calling, called, max_pdu, tuple(contexts), roles)
+
+
+def associate_ac(request: AssociateRequest, results: Sequence[tuple[int, int, str]], max_receive_pdu: int,
+                 roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
+    """A-ASSOCIATE-AC with (context id, result, transfer syntax) per proposed context (PS3.8 9.3.3)."""
+    items = bytearray(_item(0x10, APPLICATION_CONTEXT.encode()))
+    for context_id, result, syntax in results:
+        items += _item(0x21, struct.pack(">BBBB", context_id, 0, result, 0) + _item(0x40, syntax.encode()))
+    user = _item(0x51, struct.pack(">I", max_receive_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
+    for uid, (scu, scp) in (roles or {}).items():
+        raw = uid.encode()
+        user += _item(0x54, struct.pack(">H", len(raw)) + raw + bytes((int(scu), int(scp))))
+    user += _item(0x55, IMPLEMENTATION_VERSION.encode())
+    items += _item(0x50, user)
+    body = struct.pack(">HH", 1, 0) + _ae(request.called_ae) + _ae(request.calling_ae) + b"\x00" * 32 + bytes(items)
+    return struct.pack(">BBI", 0x02, 0, len(body)) + body
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+RELEASE_RP = struct.pack(">BBII", 0x06, 0, 4, 0)
+
+
+def _items(body: bytes | bytearray, pos: int) -> Iterator[tuple[int, bytes | bytearray]]:
+    while pos + 4 <= len(body):
+        item_type, _r, length = struct.unpack_from(">BBH", body, pos)
+        yield item_type, body[pos + 4 : pos + 4 + length]
+        pos += 4 + length
+
+
+def iter_pdvs(body: bytes | bytearray) -> Iterator[tuple[int, int, memoryview]]:
+    """(context id, message control header, fragment) of each PDV item in a P-DATA-TF body."""
+    view = memoryview(body)
+    pos = 0
+    while pos + 6 <= len(body):
+        length, context_id, flags = struct.unpack_from(">IBB", body, pos)
+        yield context_id, flags, view[pos + 6 : pos + 4 + length]
+        pos += 4 + length
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytearray]:
+    """The next PDU: (type, body)."""
+    return _read_pdu(sock)
 
 
 def _read_exact(sock: socket.socket, size: int) -> bytearray:

@@ -69,27 +69,18 @@ class Spool:
     def stage_bytes(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> StagedFile:
         """Write ``chunks`` to a new staged file, fsync it (unless ``durable`` is False: then the caller
         passes it to :meth:`make_durable` before placing it), and return its size and SHA-256."""
-        temp_path = self.staging_dir / f"{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256()
-        size = 0
+        writer = self.open_staged()
         try:
-            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    digest.update(view)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                    size += len(chunk)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            _remove_quietly(temp_path)
-            raise _as_spool_error(exc) from exc
-        return StagedFile(temp_path=temp_path, size_bytes=size, sha256=digest.hexdigest())
+            for chunk in chunks:
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close(durable)
+
+    def open_staged(self) -> StagedWriter:
+        """A new staged file to write piece by piece (a data set as its PDVs arrive)."""
+        return StagedWriter(self.staging_dir / f"{uuid.uuid4().hex}.part")
 
     def make_durable(self, staged: list[StagedFile]) -> None:
         """fsync many staged files at once (a few threads: the file system commits them together)."""
@@ -183,6 +174,52 @@ class Spool:
         renamed = staged.temp_path.with_name(name)
         os.replace(staged.temp_path, renamed)
         return self.quarantine(renamed, reason)
+
+
+class StagedWriter:
+    """One staged file being written: hashed as it goes; ``close`` fsyncs it and returns the StagedFile,
+    ``abort`` removes it. Errors are raised as :class:`SpoolFull` or ``OSError`` and leave nothing behind."""
+
+    def __init__(self, temp_path: Path) -> None:
+        self.temp_path = temp_path
+        self._digest = hashlib.sha256()
+        self.size = 0
+        try:
+            self._fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _as_spool_error(exc) from exc
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk)
+        self._digest.update(view)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.abort()
+            raise _as_spool_error(exc) from exc
+        self.size += len(chunk)
+
+    def close(self, durable: bool = True) -> StagedFile:
+        try:
+            if durable:
+                os.fsync(self._fd)
+            os.close(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise _as_spool_error(exc) from exc
+        self._fd = -1
+        return StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=self._digest.hexdigest())
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        _remove_quietly(self.temp_path)
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

@@ -3,10 +3,12 @@
 Each round, interleaved, with a fresh Orthanc started the same way for both (``TCP_NODELAY=1``,
 SyncStorageArea on, SQLite index in a temp dir):
   direct  dcmtk ``storescu`` -> Orthanc: the floor (what a modality sending straight to the PACS costs);
-  chain   ``storescu`` -> gateway A -> Prosody (mediated S5B, stock proxy65) -> gateway B -> Orthanc, and
+  chain   ``storescu`` -> gateway A -> Prosody (mediated S5B) -> gateway B -> Orthanc, and
           the delivery receipt back to A: from the first instance sent to A's queue showing ``delivered``,
           minus the configured stable age (the time A waits for the study to be complete, reported apart).
-A and B are two ``dicomgw run`` processes, as at two hospitals. Stage times come from both gateways' audit
+A and B are two ``dicomgw run`` processes, as at two hospitals. Prosody loads the proxy65 variant shipped in
+conf/prosody (64 KiB relay buffers, what the README tells a site to deploy); ``--stock-proxy`` runs
+Debian's own mod_proxy65 instead (4 KiB stop-and-wait relaying). Stage times come from both gateways' audit
 logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification),
 import (B importing -> B delivered), receipt (B delivered -> A delivered); "other" is what is left
 (dispatch ticks, routing). Orthanc's instance count and SOP Instance UIDs are checked after each chain.
@@ -29,7 +31,7 @@ from typing import Any
 
 from adapters.localpeers import Orthanc, Prosody, nodelay_env, orthanc_instances, peak_rss_mb
 from adapters.synthetic import generate_ct_study
-from bench.transfer import DOMAIN, GatewayProcess
+from bench.transfer import DOMAIN, VARIANT, GatewayProcess
 
 STABLE_AGE_S = 0.3  # what bench.transfer's GatewayProcess configures
 
@@ -60,8 +62,8 @@ def _when(entries: list[dict[str, Any]], state: str, newest: bool = True) -> dat
     return datetime.fromisoformat(found[0 if newest else -1]["at"]).replace(tzinfo=UTC)
 
 
-def chain(root: Path, files: list[Path], uids: set[str]) -> dict[str, Any]:
-    server = Prosody(root / "prosody", domain=DOMAIN)
+def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = False) -> dict[str, Any]:
+    server = Prosody(root / "prosody", domain=DOMAIN, plugin_paths=[] if stock_proxy else [VARIANT])
     for user in ("radiology.hospital-a", "radiology.hospital-b"):
         server.add_account(user, f"pw-{user}")
     server.start()
@@ -119,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="40 slices instead of 400")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--stock-proxy", action="store_true", help="Debian's mod_proxy65 instead of the conf/prosody variant")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-e2e-"))
     try:
@@ -129,7 +132,7 @@ def main() -> None:
         directs, chains = [], []
         for run in range(args.runs):
             directs.append(direct(root, study.files))
-            chains.append(chain(root / f"run{run}", study.files, uids))
+            chains.append(chain(root / f"run{run}", study.files, uids, args.stock_proxy))
             c = chains[-1]
             print(f"run {run + 1}: direct {directs[-1]:.2f} s, chain {c['chain_s']:.2f} s ("
                   + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in c["stages"].items())
@@ -138,8 +141,9 @@ def main() -> None:
         middle = sorted(chains, key=lambda c: c["chain_s"])[len(chains) // 2]
         mb = study.size_bytes / 1e6
         print(f"direct storescu -> Orthanc:        {direct_s:6.2f} s  {mb / direct_s:6.1f} MB/s  (median)")
+        proxy = "Debian's stock mod_proxy65" if args.stock_proxy else "the conf/prosody proxy65 variant"
         print(f"chain modality -> A -> B -> Orthanc: {middle['chain_s']:6.2f} s  {mb / middle['chain_s']:6.1f} MB/s  (median, "
-              f"method {middle['method']}, stable age {STABLE_AGE_S} s configured, excluded)")
+              f"method {middle['method']} through {proxy}, stable age {STABLE_AGE_S} s configured, excluded)")
         for name, seconds in middle["stages"].items():
             print(f"  {name.removesuffix('_s'):9s} {seconds:6.2f} s")
         ratio = middle["chain_s"] / direct_s
@@ -148,7 +152,7 @@ def main() -> None:
             "ratio": round(ratio, 3), "direct_s": round(direct_s, 3), "chain_s": round(middle["chain_s"], 3),
             "stages_s": {k: round(v, 3) for k, v in middle["stages"].items()},
             "stable_wait_s": round(middle["stable_wait_s"], 3), "instances": len(study.files), "bytes": study.size_bytes,
-            "method": middle["method"], "rss_mb": middle["rss_mb"], "runs": args.runs,
+            "method": middle["method"], "proxy65": "stock" if args.stock_proxy else "variant", "rss_mb": middle["rss_mb"], "runs": args.runs,
             "all_direct_s": [round(d, 3) for d in directs], "all_chain_s": [round(c["chain_s"], 3) for c in chains],
         }))
     finally:
