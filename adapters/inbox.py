@@ -1,13 +1,19 @@
-"""Inbound bundles on disk: resume-able partial files, verification, and import into the spool.
+"""Inbound bundles on disk, split and verified while they arrive; resume-able; handed on file by file.
 
-A bundle being received is ``<spool>/inbox/<manifest sha256>.part`` (the name comes from the hash we
-were offered and checked to be 64 hex digits, never from a name on the wire). Its length is how far we
-got: a new offer of the same bundle resumes at that length rounded down to whole chunks (the format's
-64 KiB). When the last byte arrives the bundle is verified end to end in one pass while its files are
-copied into staging (manifest, every file's size and SHA-256, the manifest's own SHA-256 against the
-offer); then all instances are fsynced, placed and recorded through the same ``IngestService`` as network
-instances (in one transaction), in a unit whose ``origin_peer`` is the sender. A bundle that fails verification is
-moved to quarantine with the reason, so the sender's retry starts from zero with nothing lost.
+A bundle being received lives in ``<spool>/inbox/<manifest sha256>/`` (the name comes from the hash we were
+offered and checked to be 64 hex digits, never from a name on the wire): ``head`` holds the magic, length
+and manifest as received, and ``00000.dcm``, ``00001.dcm``, ... the instance files in manifest order, each
+written as its bytes arrive and hashed on the way. So the bundle is never copied a second time, and each
+file is known good (size and SHA-256 from the manifest, whose own SHA-256 the offer carried) the moment its
+last byte lands: ``on_file(entry, path)`` then hands it on (the early import into the PACS).
+
+Resume: the bytes kept are the head plus the files; a new offer of the same bundle resumes at that length
+rounded down to whole chunks (the format's 64 KiB), the file holding that offset is truncated to it and
+later ones removed, and the hashes of what was kept are recomputed. ``close`` (a cut stream, a stop)
+fsyncs what arrived. ``finish`` needs every file verified: they are fsynced together, ``on_verified`` is
+called, and all instances are placed and recorded through the same ``IngestService`` as network instances
+(one transaction), in a unit whose ``origin_peer`` is the sender. A bundle that fails verification is moved
+to quarantine with the reason, so the sender's retry starts from zero with nothing lost.
 """
 
 from __future__ import annotations
@@ -16,24 +22,28 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import struct
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable
+from pathlib import Path
 
 from adapters.dicom_files import RejectedFile, header_from_part10_prefix, inspect_part10_file
-from adapters.spool import Spool
-from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleError, BundleFile, read_manifest, resume_offset
+from adapters.spool import Spool, fsync_dir
+from gateway.manifest import DEFAULT_CHUNK_BYTES, MAGIC, MAX_MANIFEST_BYTES, BundleError, BundleFile, Manifest, resume_offset
 from gateway.model import InstanceHeader, StagedFile
 from gateway.service import IngestService
 
 log = logging.getLogger(__name__)
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HEADER_PREFIX_BYTES = 256 * 1024
+FileHook = Callable[[BundleFile, Path], None]
 
 
 class InboundBundle:
     """The sink for one offered bundle (``adapters.xmpp.agent.Sink``)."""
 
-    def __init__(self, spool: Spool, ingest: IngestService, peer_jid: str, manifest_sha256: str, size: int) -> None:
+    def __init__(self, spool: Spool, ingest: IngestService, peer_jid: str, manifest_sha256: str, size: int,
+                 on_file: FileHook | None = None) -> None:
         if not HEX64.match(manifest_sha256):
             raise ValueError("manifest hash must be 64 lower-case hex digits")
         self.spool = spool
@@ -41,91 +51,205 @@ class InboundBundle:
         self.peer_jid = peer_jid
         self.manifest_sha256 = manifest_sha256
         self.size = size
-        self.path = spool.root / "inbox" / f"{manifest_sha256}.part"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = self.path.stat().st_size if self.path.exists() else 0
-        self.offset = min(resume_offset(kept, DEFAULT_CHUNK_BYTES), size)
-        self._fh = self.path.open("r+b" if self.path.exists() else "w+b")
-        self._fh.truncate(self.offset)
-        self._fh.seek(self.offset)
+        self.on_file = on_file
+        self.dir = spool.root / "inbox" / manifest_sha256
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest: Manifest | None = None
+        self.head = bytearray()
+        self.rejected: str | None = None  # set when what arrived cannot be this bundle: bytes are then dropped
+        self.verified: list[bool] = []
+        self._index = 0  # the file being written
+        self._written = 0  # bytes of it so far
+        self._hash = hashlib.sha256()
+        self._fd = -1
+        self.offset = self._resume()
         self.resumed_from = self.offset
 
+    # -- resume ---------------------------------------------------------------------------------
+    def _segments(self) -> list[tuple[Path, int]]:
+        head = self.dir / "head"
+        found = [(head, head.stat().st_size if head.exists() else 0)]
+        index = 0
+        while (path := self._file(index)).exists():
+            found.append((path, path.stat().st_size))
+            index += 1
+        return found
+
+    def _file(self, index: int) -> Path:
+        return self.dir / f"{index:05d}.dcm"
+
+    def _resume(self) -> int:
+        segments = self._segments()
+        target = min(resume_offset(sum(size for _p, size in segments), DEFAULT_CHUNK_BYTES), self.size)
+        start = 0
+        for path, size in segments:
+            if start + size > target:
+                keep = max(0, target - start)
+                if keep or path.name == "head":
+                    os.truncate(path, keep)
+                else:
+                    path.unlink()
+            start += size
+        self.head = bytearray((self.dir / "head").read_bytes()) if (self.dir / "head").exists() else bytearray()
+        if len(self.head) >= 12:
+            self._parse_manifest()
+        if self.manifest is not None:
+            self.verified = [False] * len(self.manifest.files)
+            self._index = 0
+            while self._index < len(self.manifest.files) and self._file(self._index).exists():
+                self._hash = hashlib.sha256()
+                with self._file(self._index).open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        self._hash.update(block)
+                self._written = self._file(self._index).stat().st_size
+                if self._written < self.manifest.files[self._index].size:
+                    break  # the partial file: appending continues here
+                self._file_done()
+                self._index += 1
+                self._written, self._hash = 0, hashlib.sha256()
+        return target
+
+    # -- receiving ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.offset + len(data) > self.size:
             raise ValueError(f"more bytes than offered ({self.offset + len(data)} > {self.size})")
-        self._fh.write(data)
         self.offset += len(data)
+        view = memoryview(data)
+        while view:
+            if self.manifest is None and self.rejected is None:
+                view = self._take_head(view)
+            elif self.manifest is not None and self._index < len(self.manifest.files):
+                view = self._take_file(view)  # also after a SHA-256 mismatch: the quarantine keeps it all
+            else:
+                with (self.dir / "rest").open("ab") as fh:  # what cannot be split: kept as it came
+                    fh.write(view)
+                self.rejected = self.rejected or "bytes after the last file of the manifest"
+                break
+
+    def _take_head(self, view: memoryview) -> memoryview:
+        need = 12 if len(self.head) < 12 else 12 + struct.unpack_from(">I", self.head, 8)[0]
+        piece = view[: need - len(self.head)]
+        self.head += piece
+        with (self.dir / "head").open("ab") as fh:
+            fh.write(piece)
+        if len(self.head) >= 12:
+            self._parse_manifest()
+        return view[len(piece):]
+
+    def _parse_manifest(self) -> None:
+        if self.head[:8] != MAGIC:
+            self.rejected = "not a dicomgw bundle (bad magic)"
+            return
+        length = struct.unpack_from(">I", self.head, 8)[0]
+        if length > MAX_MANIFEST_BYTES:
+            self.rejected = f"manifest of {length} bytes announced"
+            return
+        if len(self.head) < 12 + length:
+            return
+        encoded = bytes(self.head[12 : 12 + length])
+        if hashlib.sha256(encoded).hexdigest() != self.manifest_sha256:
+            self.rejected = "the manifest's SHA-256 differs from the one in the offer"
+            return
+        try:
+            self.manifest = Manifest.decode(encoded)
+        except BundleError as exc:
+            self.rejected = str(exc)
+            return
+        if 12 + length + self.manifest.total_bytes != self.size:
+            self.rejected = f"manifest accounts for {12 + length + self.manifest.total_bytes} bytes, the offer said {self.size}"
+            self.manifest = None
+            return
+        self.verified = [False] * len(self.manifest.files)
+
+    def _take_file(self, view: memoryview) -> memoryview:
+        assert self.manifest is not None
+        entry = self.manifest.files[self._index]
+        piece = view[: entry.size - self._written]
+        if self._fd < 0:
+            self._fd = os.open(self._file(self._index), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        remaining = piece
+        while remaining:
+            remaining = remaining[os.write(self._fd, remaining):]
+        self._hash.update(piece)
+        self._written += len(piece)
+        if self._written == entry.size:
+            os.close(self._fd)
+            self._fd = -1
+            self._file_done()
+            self._index += 1
+            self._written, self._hash = 0, hashlib.sha256()
+        return view[len(piece):]
+
+    def _file_done(self) -> None:
+        assert self.manifest is not None
+        entry = self.manifest.files[self._index]
+        self.verified[self._index] = self._hash.hexdigest() == entry.sha256
+        if not self.verified[self._index]:
+            self.rejected = self.rejected or f"SHA-256 mismatch for instance {entry.sop_instance_uid}"
+        elif self.on_file is not None and self.rejected is None:
+            try:
+                self.on_file(entry, self._file(self._index))
+            except Exception:  # the early import is an optimisation: never let it break the transfer
+                log.exception("early hand-on of %s failed", entry.sop_instance_uid)
 
     def close(self, reason: str) -> None:
         """Keep what arrived for a resume (the stream was cut or the gateway stops)."""
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for path, _size in self._segments():
+            if path.exists():
+                _fsync(path)
         log.info("bundle %s from %s paused at %d of %d bytes: %s", self.manifest_sha256[:12], self.peer_jid, self.offset, self.size, reason)
 
+    # -- the end --------------------------------------------------------------------------------
     def finish(self, on_verified: Callable[[], None] | None = None) -> tuple[bool, str]:
-        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread.
-
-        One pass over the bundle: each file is hashed while it is copied into staging, checked against its
-        manifest entry (size, SHA-256), and only when every file matched are they made durable together
-        (fsync), placed, and recorded in one transaction. The partial bundle itself is not fsynced here:
-        its instances are, and a bundle lost to a crash before that is simply sent again.
-        """
-        self._fh.flush()
-        self._fh.close()
-        staged: list[StagedFile] = []
+        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         try:
-            with self.path.open("rb") as fh:
-                manifest, start = read_manifest(fh)
-                if hashlib.sha256(manifest.encode()).hexdigest() != self.manifest_sha256:
-                    raise BundleError("the manifest's SHA-256 differs from the one in the offer")
-                actual = os.fstat(fh.fileno()).st_size
-                if actual != self.size or start + manifest.total_bytes != actual:
-                    raise BundleError(f"bundle is {actual} bytes; offer said {self.size}, manifest {start + manifest.total_bytes}")
-                items = [self._stage(fh, entry, staged) for entry in manifest.files]
+            manifest = self._check_complete()
+            staged = [StagedFile(self._file(i), e.size, e.sha256) for i, e in enumerate(manifest.files)]
             self.spool.make_durable(staged)
+            items = [(self._header(entry, copy.temp_path), copy) for entry, copy in zip(manifest.files, staged, strict=True)]
             if on_verified is not None:
                 on_verified()
             stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid)
         except (BundleError, RejectedFile) as exc:
-            for leftover in staged:
-                self.spool.discard(leftover)
-            kept = self.spool.quarantine(self.path, f"bundle from {self.peer_jid} rejected: {exc}")
+            kept = self.spool.quarantine(self.dir, f"bundle from {self.peer_jid} rejected: {exc}")
             log.warning("rejected bundle from %s: %s (kept at %s)", self.peer_jid, exc, kept)
             return False, str(exc)
-        except BaseException:
-            for leftover in staged:
-                self.spool.discard(leftover)
-            raise
-        os.unlink(self.path)  # every instance in it is now fsynced in the spool and committed
+        shutil.rmtree(self.dir, ignore_errors=True)  # every instance in it is now fsynced in the spool and committed
+        fsync_dir(self.dir.parent)
         return True, (f"{len(manifest.files)} instance(s) of study {manifest.study_instance_uid} verified and stored"
                       + (f" ({len(manifest.files) - stored} already here)" if stored < len(manifest.files) else ""))
 
-    def _stage(self, fh: BinaryIO, entry: BundleFile, staged: list[StagedFile]) -> tuple[InstanceHeader, StagedFile]:
-        """Copy one file of the bundle into staging while hashing it; its header from the first block read."""
-        remaining = entry.size
-        first: list[bytes] = []
+    def _check_complete(self) -> Manifest:
+        if self.rejected is not None:
+            raise BundleError(self.rejected)
+        if self.manifest is None or self.offset != self.size or not all(self.verified):
+            raise BundleError(f"bundle incomplete: {self.offset} of {self.size} bytes, "
+                              f"{sum(self.verified)} of {len(self.verified)} files verified")
+        return self.manifest
 
-        def chunks() -> Iterator[bytes]:
-            nonlocal remaining
-            while remaining > 0:
-                block = fh.read(min(1 << 20, remaining))
-                if not block:
-                    raise BundleError(f"bundle ends inside {entry.sop_instance_uid}")
-                remaining -= len(block)
-                if not first:
-                    first.append(block)
-                yield block
-
-        copy = self.spool.stage_bytes(chunks(), durable=False)
-        staged.append(copy)
-        if copy.size_bytes != entry.size or copy.sha256 != entry.sha256:
-            raise BundleError(f"SHA-256 mismatch for instance {entry.sop_instance_uid}")
+    @staticmethod
+    def _header(entry: BundleFile, path: Path) -> InstanceHeader:
+        """The header from the first block (the file's SHA-256 already matched); the full check otherwise."""
+        with path.open("rb") as fh:
+            prefix = fh.read(HEADER_PREFIX_BYTES)
         try:
-            header = header_from_part10_prefix(first[0] if first else b"", entry.transfer_syntax_uid)
+            header = header_from_part10_prefix(prefix, entry.transfer_syntax_uid)
         except (RejectedFile, ValueError, struct.error, OSError):
-            header = inspect_part10_file(copy.temp_path)  # the full check when the first block is not enough
+            header = inspect_part10_file(path)
         if header.sop_instance_uid != entry.sop_instance_uid:
             raise BundleError(f"instance {entry.sop_instance_uid} does not match its manifest entry")
-        return header, copy
+        return header
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,7 +24,8 @@ import logging
 import os
 import socket
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -50,6 +51,7 @@ from adapters.dicom_ul import (
     encode_command,
 )
 from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict, classify_store_status
+from gateway.manifest import BundleFile, Manifest
 from gateway.model import InstanceRecord
 from gateway.settings import PacsSettings
 
@@ -81,8 +83,14 @@ class PacsClient:
         except (OSError, AssociationAborted) as exc:
             raise PacsUnavailable(f"no association with {s.address}: {_describe(exc)}") from exc
 
-    def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
-        pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})
+    def store(self, instances: Iterable[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None],
+              pairs: Iterable[tuple[str, str]] | None = None) -> None:
+        """C-STORE ``instances`` over one association. ``pairs`` (SOP class, transfer syntax) announces what
+        will come when ``instances`` is a stream still being produced (the early import)."""
+        if pairs is None:
+            instances = list(instances)
+            pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
+        pairs = sorted(set(pairs))
         classes = sorted({c for c, _ in pairs})
         proposals = [(c, (ts,)) for c, ts in pairs] + [(c, FALLBACK_SYNTAXES) for c in classes]
         if len(proposals) > 128:
@@ -190,6 +198,53 @@ class PacsClient:
             raise PacsUnavailable(f"C-ECHO to {self.settings.address} failed: {_describe(exc)}") from exc
         assoc.release()
         return "Success" if response.us(0x00000900) == 0 else f"status 0x{response.us(0x00000900):04X}"
+
+
+class StreamingImport:
+    """The early import: C-STOREs the files of a bundle while the rest of it is still arriving, over one
+    association, so that the PACS works while the network does. Outcomes are kept by SOP Instance UID for
+    the import service, which then sends only what is not stored yet. Any failure just stops it (logged):
+    the regular import does the rest."""
+
+    def __init__(self, client: PacsClient, manifest: Manifest) -> None:
+        import queue
+        import threading
+
+        self.client = client
+        self.pairs = [(f.sop_class_uid, f.transfer_syntax_uid) for f in manifest.files]
+        self.outcomes: dict[str, PacsOutcome] = {}
+        self._queue: queue.Queue[InstanceRecord | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="early-import", daemon=True)
+        self._thread.start()
+
+    def feed(self, entry: BundleFile, path: Path) -> None:
+        self._queue.put(InstanceRecord(
+            entry.sop_instance_uid, entry.sop_class_uid, entry.transfer_syntax_uid, "", None, "", "", None, entry.size,
+            entry.sha256, str(path), False, "early-import", datetime.now(UTC).replace(tzinfo=None),
+        ))
+
+    def _records(self) -> Iterator[InstanceRecord]:
+        while not self._stop.is_set():
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    def _run(self) -> None:
+        try:
+            self.client.store(self._records(), lambda i, o: self.outcomes.__setitem__(i.sop_instance_uid, o), self.pairs)
+        except (PacsUnavailable, PacsRefused, OSError) as exc:
+            log.info("early import stopped (the regular import will do the rest): %s", exc)
+
+    def finish(self, timeout_s: float) -> dict[str, PacsOutcome]:
+        """Wait for what was fed (at most ``timeout_s``); stop feeding after that. Returns the outcomes."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._queue.put(None)
+        return dict(self.outcomes)
 
 
 class CannotConvert(ValueError):

@@ -20,7 +20,7 @@ from adapters.dicom_scu import EchoResult, echo
 from adapters.folder_watch import FolderWatcher
 from adapters.spool import Spool
 from adapters.inbox import InboundBundle
-from adapters.pacs import PacsClient
+from adapters.pacs import PacsClient, StreamingImport
 from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.importing import ImportService
@@ -60,10 +60,9 @@ class Gateway:
         self.completeness = CompletenessService(self.store, settings.queue.stable_age_s)
         self.instances_stored = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.pacs = PacsClient(settings.pacs, settings.paths.spool_dir) if settings.pacs.enabled else None
         self.importer = (
-            ImportService(self.store, PacsClient(settings.pacs, settings.paths.spool_dir), settings.pacs, self._outcome_threadsafe)
-            if settings.pacs.enabled
-            else None
+            ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe) if self.pacs is not None else None
         )
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
         self.scp = StorageSCP(
@@ -243,13 +242,41 @@ class _Inbound:
         return outcome
 
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
-        bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size)
-        return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb")
+        early = _EarlyImport(self.gateway.pacs) if self.gateway.pacs is not None else None
+        bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size,
+                               on_file=early.feed if early else None)
+        if early is not None:
+            early.bundle = bundle
+        return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb", early)
+
+
+class _EarlyImport:
+    """Starts the streaming import at the first verified file of a bundle (the manifest is known by then)."""
+
+    def __init__(self, client: PacsClient) -> None:
+        self.client = client
+        self.bundle: InboundBundle | None = None
+        self.running: StreamingImport | None = None
+
+    def feed(self, entry: object, path: object) -> None:
+        if self.running is None and self.bundle is not None and self.bundle.manifest is not None:
+            self.running = StreamingImport(self.client, self.bundle.manifest)
+        if self.running is not None:
+            self.running.feed(entry, path)  # type: ignore[arg-type]
+
+    def finish(self) -> dict[str, tuple[int | None, str, str]]:
+        if self.running is None:
+            return {}
+        outcomes = self.running.finish(timeout_s=120.0)
+        self.running = None
+        return {uid: (o.status, o.verdict.value, o.detail) for uid, o in outcomes.items()}
 
 
 class _AuditedSink:
-    def __init__(self, gateway: Gateway, bundle: InboundBundle, peer_jid: str, offer: Offer, method: str) -> None:
+    def __init__(self, gateway: Gateway, bundle: InboundBundle, peer_jid: str, offer: Offer, method: str,
+                 early: _EarlyImport | None = None) -> None:
         self.gateway, self.bundle, self.peer_jid, self.offer, self.method = gateway, bundle, peer_jid, offer, method
+        self.early = early
         self.started = utcnow()
         self.size = bundle.size
         self.bundle_key = offer.manifest_sha256
@@ -277,12 +304,15 @@ class _AuditedSink:
                 progress_bytes=self.size,
             )
 
+        early = self.early.finish() if self.early is not None else {}  # before the files move into the spool
         try:
             ok, detail = self.bundle.finish(on_verified=verified)
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
         if ok:
+            if early:
+                self.gateway.store.record_imports_by_uid(self.unit_id, early)
             self.gateway.store.ready_for_import(self.unit_id)
             self.gateway.kick_import()
         else:
@@ -293,6 +323,8 @@ class _AuditedSink:
         return ok, detail
 
     def close(self, reason: str) -> None:
+        if self.early is not None:
+            self.early.finish()  # what it stored is stored; the regular import sends the rest
         self.bundle.close(reason)
         self._end("cut", reason)
 

@@ -528,6 +528,14 @@ class QueueStore:
                 [{"iid": i, "st": s, "vd": v, "dt": d} for i, s, v, d in results],
             )
 
+    def record_imports_by_uid(self, unit_id: int, results: dict[str, tuple[int | None, str, str]]) -> int:
+        """Statuses of the early import, by SOP Instance UID, for the instances of ``unit_id``."""
+        ids = {i.sop_instance_uid: i.instance_id for i in self.unit_instances(unit_id)}
+        rows = [(ids[uid], *value) for uid, value in results.items() if uid in ids]
+        if rows:
+            self.record_imports(rows)
+        return len(rows)
+
     def clear_imports(self, unit_id: int, sop_instance_uids: set[str]) -> None:
         """Forget the PACS status of these instances so that the next attempt sends them again."""
         with self._unit_of_work() as session:

@@ -191,7 +191,10 @@ def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody
         assert outcomes == [("s5b", "rejected"), ("s5b", "received")]
         assert "SHA-256 mismatch" in (a.gateway.store.transfers()[0]["error"] or "")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
-        assert any(b.gateway.spool.quarantine_dir.glob("*.part.reason.txt"))  # the bad bundle is kept, not deleted
+        (reason,) = b.gateway.spool.quarantine_dir.glob("*.reason.txt")  # the bad bundle is kept, not deleted
+        assert "SHA-256 mismatch" in reason.read_text()
+        kept = Path(str(reason).removesuffix(".reason.txt"))
+        assert (kept / "head").is_file() and len(list(kept.glob("*.dcm"))) == len(study.files)
         states = sorted((s.state, s.error or "") for s in b.gateway.store.studies())
         assert states[0][0] == "failed" and "SHA-256 mismatch" in states[0][1] and states[1] == ("received", "")
     finally:
