@@ -203,8 +203,10 @@ class InboundBundle:
         log.info("bundle %s from %s paused at %d of %d bytes: %s", self.manifest_sha256[:12], self.peer_jid, self.offset, self.size, reason)
 
     # -- the end --------------------------------------------------------------------------------
-    def finish(self, on_verified: Callable[[], None] | None = None) -> tuple[bool, str]:
-        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread."""
+    def finish(self, on_verified: Callable[[], None] | None = None, keep_files: bool = False) -> tuple[bool, str]:
+        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread.
+        With ``keep_files`` the instance files are hard-linked into the spool and the inbox folder stays
+        readable (an early import still reading it) until :meth:`cleanup`."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -215,15 +217,20 @@ class InboundBundle:
             items = [(self._header(entry, copy.temp_path), copy) for entry, copy in zip(manifest.files, staged, strict=True)]
             if on_verified is not None:
                 on_verified()
-            stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid)
+            stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid, keep_source=keep_files)
         except (BundleError, RejectedFile) as exc:
             kept = self.spool.quarantine(self.dir, f"bundle from {self.peer_jid} rejected: {exc}")
             log.warning("rejected bundle from %s: %s (kept at %s)", self.peer_jid, exc, kept)
             return False, str(exc)
-        shutil.rmtree(self.dir, ignore_errors=True)  # every instance in it is now fsynced in the spool and committed
-        fsync_dir(self.dir.parent)
+        if not keep_files:
+            self.cleanup()
         return True, (f"{len(manifest.files)} instance(s) of study {manifest.study_instance_uid} verified and stored"
                       + (f" ({len(manifest.files) - stored} already here)" if stored < len(manifest.files) else ""))
+
+    def cleanup(self) -> None:
+        """Remove the inbox folder: every instance in it is fsynced in the spool and committed."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        fsync_dir(self.dir.parent)
 
     def _check_complete(self) -> Manifest:
         if self.rejected is not None:

@@ -99,7 +99,11 @@ class PacsClient:
         message_id = 0
         try:
             for instance in instances:
-                context_id, data, note = self._prepare(assoc, instance)
+                try:
+                    context_id, data, note = self._prepare(assoc, instance)
+                except (OSError, RejectedFile) as exc:  # the file went away or is unreadable: this one only
+                    on_result(instance, PacsOutcome(Verdict.TRANSIENT, None, f"spool file not readable: {exc}"))
+                    continue
                 if context_id is None:
                     on_result(instance, PacsOutcome(Verdict.PERMANENT, None, note))
                     continue

@@ -110,13 +110,18 @@ class Spool:
             ("studies", safe_component(header.study_instance_uid), safe_component(header.series_instance_uid), name + ".dcm")
         )
 
-    def place(self, staged: StagedFile, relative_path: str, sync: bool = True) -> Path:
+    def place(self, staged: StagedFile, relative_path: str, sync: bool = True, keep_source: bool = False) -> Path:
         """Rename the staged file to ``relative_path`` and fsync the directory so the name is durable
-        (with ``sync`` False the caller fsyncs the directories once for many files: :meth:`sync_dirs`)."""
+        (with ``sync`` False the caller fsyncs the directories once for many files: :meth:`sync_dirs`;
+        with ``keep_source`` the file is hard-linked instead, and the staged name stays readable)."""
         target = self.root / relative_path
         try:
             created = _make_dirs(target.parent, self.root)
-            os.replace(staged.temp_path, target)
+            if keep_source:
+                _remove_quietly(target)  # identical bytes a crash left before their row was committed
+                os.link(staged.temp_path, target)
+            else:
+                os.replace(staged.temp_path, target)
             if sync:
                 fsync_dir(target.parent)
             for directory in created:

@@ -11,7 +11,10 @@ conf/prosody (64 KiB relay buffers, what the README tells a site to deploy); ``-
 Debian's own mod_proxy65 instead (4 KiB stop-and-wait relaying). Stage times come from both gateways' audit
 logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification),
 import (B importing -> B delivered), receipt (B delivered -> A delivered); "other" is what is left
-(dispatch ticks, routing). Orthanc's instance count and SOP Instance UIDs are checked after each chain.
+(dispatch ticks, routing, and since the receiver imports each verified instance while the rest of the
+bundle still arrives, the wait for that early import to end after the stream). Orthanc's SOP Instance
+UIDs are checked after each chain. ``cpu_s`` is each process's CPU time (this machine has few cores: the
+chain runs four busy processes where the direct store runs two).
 The study: 400 slices of 512x512 16-bit CT (~210 MB); ``--quick``: 40 slices. Medians of ``--runs``.
 The last line printed is one JSON object with ``ratio`` = chain / direct.
 """
@@ -53,6 +56,14 @@ def direct(root: Path, files: list[Path]) -> float:
             raise RuntimeError("direct store incomplete")
     shutil.rmtree(root / "orthanc-direct", ignore_errors=True)
     return seconds
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat, clock ticks)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def _when(entries: list[dict[str, Any]], state: str, newest: bool = True) -> datetime:
@@ -107,7 +118,9 @@ def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = Fal
         if held != uids:
             raise RuntimeError(f"Orthanc holds {len(held)} of {len(uids)} instances")
         rss = {"gateway_a": peak_rss_mb(a.pid), "gateway_b": peak_rss_mb(b.pid)}
-        return {"chain_s": chain_s, "stable_wait_s": stable_wait_s, "stages": stages, "rss_mb": rss, "stream_s": stream_s,
+        cpu = {name: _cpu_s(pid) for name, pid in (("gateway_a", a.pid), ("gateway_b", b.pid), ("orthanc", orthanc.pid),
+                                                    ("prosody", int((server.workdir / "prosody.pid").read_text().strip())))}
+        return {"chain_s": chain_s, "stable_wait_s": stable_wait_s, "stages": stages, "rss_mb": rss, "cpu_s": cpu, "stream_s": stream_s,
                 "bundle_bytes": units[0]["bundle_bytes"], "method": units[0]["method"]}
     finally:
         a.stop()
@@ -154,7 +167,7 @@ def main() -> None:
             "ratio": round(ratio, 3), "direct_s": round(direct_s, 3), "chain_s": round(middle["chain_s"], 3),
             "stages_s": {k: round(v, 3) for k, v in middle["stages"].items()},
             "stable_wait_s": round(middle["stable_wait_s"], 3), "stream_s": round(middle["stream_s"], 3), "instances": len(study.files), "bytes": study.size_bytes,
-            "method": middle["method"], "proxy65": "stock" if args.stock_proxy else "variant", "rss_mb": middle["rss_mb"], "runs": args.runs,
+            "cpu_s": middle["cpu_s"], "method": middle["method"], "proxy65": "stock" if args.stock_proxy else "variant", "rss_mb": middle["rss_mb"], "runs": args.runs,
             "all_direct_s": [round(d, 3) for d in directs], "all_chain_s": [round(c["chain_s"], 3) for c in chains],
         }))
     finally:

@@ -304,27 +304,41 @@ class _AuditedSink:
                 progress_bytes=self.size,
             )
 
-        early = self.early.finish() if self.early is not None else {}  # before the files move into the spool
         try:
-            ok, detail = self.bundle.finish(on_verified=verified)
+            ok, detail = self.bundle.finish(on_verified=verified, keep_files=self.early is not None)
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
-        if ok:
-            if early:
-                self.gateway.store.record_imports_by_uid(self.unit_id, early)
+        if ok and self.early is not None:
+            # The verdict goes out now; the early import finishes in the background, then the regular import
+            # (only what the early one did not store) and the receipt follow.
+            threading.Thread(target=self._after_early_import, name="early-import-wait", daemon=True).start()
+        elif ok:
             self.gateway.store.ready_for_import(self.unit_id)
             self.gateway.kick_import()
         else:
+            if self.early is not None:  # stop feeding it (nothing more of a rejected bundle goes to the PACS)
+                threading.Thread(target=self.early.finish, name="early-import-stop", daemon=True).start()
             state = self.gateway.store.unit(self.unit_id).state
             if state in (State.RECEIVING.value, State.RECEIVED.value):
                 self.gateway.store.transition(self.unit_id, State.FAILED, f"rejected: {detail}", detail)
         self._end("received" if ok else "rejected", None if ok else detail)
         return ok, detail
 
+    def _after_early_import(self) -> None:
+        assert self.early is not None
+        try:
+            outcomes = self.early.finish()
+            if outcomes:
+                self.gateway.store.record_imports_by_uid(self.unit_id, outcomes)
+            self.bundle.cleanup()
+        finally:
+            self.gateway.store.ready_for_import(self.unit_id)
+            self.gateway.kick_import()
+
     def close(self, reason: str) -> None:
-        if self.early is not None:
-            self.early.finish()  # what it stored is stored; the regular import sends the rest
+        if self.early is not None:  # what it stored is stored; the regular import sends the rest
+            threading.Thread(target=self.early.finish, name="early-import-stop", daemon=True).start()
         self.bundle.close(reason)
         self._end("cut", reason)
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 class SpoolPort(Protocol):
     def relative_path(self, header: InstanceHeader, sha256: str, conflict: bool) -> str: ...
-    def place(self, staged: StagedFile, relative_path: str, sync: bool = True) -> Path: ...
+    def place(self, staged: StagedFile, relative_path: str, sync: bool = True, keep_source: bool = False) -> Path: ...
     def sync_dirs(self, paths: list[Path]) -> None: ...
     def discard(self, staged: StagedFile) -> None: ...
 
@@ -74,7 +74,8 @@ class IngestService:
         return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
 
 
-    def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None) -> int:
+    def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None,
+                     keep_source: bool = False) -> int:
         """Place and record many durable staged files at once (a verified bundle): one directory fsync per
         directory and one transaction for all rows; returns how many were new. Identical duplicates are
         dropped; conflicting copies are kept beside and flagged, as in :meth:`ingest`. If the transaction
@@ -86,11 +87,12 @@ class IngestService:
                 if any(sha256 == staged.sha256 for sha256, _ in copies) or any(
                     r[0].sop_instance_uid == header.sop_instance_uid and r[3] == staged.sha256 for r in rows
                 ):
-                    self._spool.discard(staged)
+                    if not keep_source:
+                        self._spool.discard(staged)
                     continue
                 conflict = bool(copies) or any(r[0].sop_instance_uid == header.sop_instance_uid for r in rows)
                 relative = self._spool.relative_path(header, staged.sha256, conflict)
-                placed = self._spool.place(staged, relative, sync=False)
+                placed = self._spool.place(staged, relative, sync=False, keep_source=keep_source)
                 rows.append((header, relative, staged.size_bytes, staged.sha256, conflict, placed))
             self._spool.sync_dirs([r[5] for r in rows])
             if rows:

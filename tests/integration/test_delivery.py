@@ -65,6 +65,10 @@ def test_storescu_to_orthanc_through_both_gateways_and_the_receipt_back(tmp_path
             (unit_b,) = b.gateway.store.studies()
             instances_b = b.gateway.store.unit_instances(unit_b.unit_id)
             assert {i.pacs_status for i in instances_b} == {0x0000} and len(instances_b) == 30
+            # B stored every instance while the bundle was still arriving (the early import): its regular
+            # import had nothing left to send.
+            moves = [e["detail"] for e in b.gateway.store.audit_entries(unit_id=unit_b.unit_id) if e["to_state"] == "importing"]
+            assert moves == ["C-STORE of 0 of 30 instance(s) into the PACS"]
             assert any(e["event"] == "receipt_sent" for e in b.gateway.store.audit_entries())
             assert any(e["event"] == "receipt" and "delivered" in e["detail"] for e in a.gateway.store.audit_entries())
         finally:
