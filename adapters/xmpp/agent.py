@@ -455,10 +455,14 @@ class GatewayAgent(slixmpp.ClientXMPP):
         peer, sink, _method = self._sinks[sid]
         try:
             while sink.offset < sink.size:
-                data = await reader.read(1 << 20)
-                if not data:
+                # Whole 1 MiB blocks (the relay delivers 4-64 KiB pieces): one sink call per block, not per piece.
+                try:
+                    data = await reader.readexactly(min(1 << 20, sink.size - sink.offset))
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        sink.write(exc.partial)
                     break
-                sink.write(data)  # page-cache write; a thread hop per (often 4 KiB) relay read cost more
+                sink.write(data)  # page-cache write; a thread hop per block cost more than the write
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
         finally:

@@ -145,8 +145,10 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         assert first["outcome"] == "refused" and first["error"].startswith("forbidden:")
         assert b.gateway.store.studies() == []
         assert any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries())
-        (unit,) = x.gateway.store.studies()
-        assert unit.state == "queued" and "forbidden" in (unit.error or "")
+        # The refusal sends the unit back to the queue with the reason (read from the audit: the dispatcher
+        # may already be on its next attempt).
+        wait_for(lambda: any(e["to_state"] == "queued" and "forbidden" in e["detail"] for e in x.gateway.store.audit_entries()),
+                 10, 0.05, what="the unit queued again with the refusal")
         b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin")  # what `dicomgw peers add` does
         wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1, what="the admitted peer's study to be sent")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
