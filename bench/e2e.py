@@ -9,10 +9,10 @@ SyncStorageArea on, SQLite index in a temp dir):
 A and B are two ``dicomgw run`` processes, as at two hospitals. Prosody loads the proxy65 variant shipped in
 conf/prosody (64 KiB relay buffers, what the README tells a site to deploy); ``--stock-proxy`` runs
 Debian's own mod_proxy65 instead (4 KiB stop-and-wait relaying). Stage times come from both gateways' audit
-logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification),
-import (B importing -> B delivered), receipt (B delivered -> A delivered); "other" is what is left
-(dispatch ticks, routing, and since the receiver imports each verified instance while the rest of the
-bundle still arrives, the wait for that early import to end after the stream). Orthanc's SOP Instance
+logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification;
+B imports each verified instance into Orthanc while the rest still arrives), import (A sent -> B delivered:
+what the import adds after the transfer), receipt (B delivered -> A delivered); "other" is what is left
+(dispatch ticks, routing). Orthanc's SOP Instance
 UIDs are checked after each chain. ``cpu_s`` is each process's CPU time (this machine has few cores: the
 chain runs four busy processes where the direct store runs two).
 The study: 400 slices of 512x512 16-bit CT (~210 MB); ``--quick``: 40 slices. Medians of ``--runs``.
@@ -104,10 +104,11 @@ def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = Fal
         stable_wait_s = (_when(audit_a, "stable") - ingest_end).total_seconds()
         delivered_at = _when(audit_a, "delivered")
         total_s = (delivered_at - started).total_seconds()
+        sent_at = _when(audit_a, "sent")
         stages = {
             "ingest_s": ingest_s,
-            "transfer_s": (_when(audit_a, "sent") - _when(audit_a, "offering", newest=False)).total_seconds(),
-            "import_s": (_when(audit_b, "delivered") - _when(audit_b, "importing", newest=False)).total_seconds(),
+            "transfer_s": (sent_at - _when(audit_a, "offering", newest=False)).total_seconds(),
+            "import_s": (_when(audit_b, "delivered") - sent_at).total_seconds(),
             "receipt_s": (delivered_at - _when(audit_b, "delivered")).total_seconds(),
         }
         attempts = [t for t in a.cli("audit", "--transfers", "--limit", "20") if t["outcome"] == "received"]
