@@ -125,11 +125,15 @@ class ImportService:
 
     def import_unit(self, unit: StudySummary) -> None:
         instances = self.store.unit_instances(unit.unit_id)
-        pending = [i for i in instances if i.pacs_verdict not in (Verdict.STORED, Verdict.WARNING)]
+        # Stored ones are never sent again; refused ones (by the early import) are never retried.
+        pending = [i for i in instances if i.pacs_verdict not in (Verdict.STORED, Verdict.WARNING, Verdict.PERMANENT)]
         self.store.transition(
             unit.unit_id, State.IMPORTING, f"C-STORE of {len(pending)} of {len(instances)} instance(s) into the PACS", None
         )
-        outcomes: dict[str, PacsOutcome] = {}
+        outcomes: dict[str, PacsOutcome] = {
+            i.sop_instance_uid: PacsOutcome(Verdict.PERMANENT, i.pacs_status, i.pacs_detail or "")
+            for i in instances if i.pacs_verdict == Verdict.PERMANENT
+        }
         unsaved: list[tuple[int, int | None, str, str]] = []
         last_save = time.monotonic()
 
@@ -210,6 +214,10 @@ class ImportService:
                 self._retry(unit, f"no storage commitment report after {self.settings.commitment_timeout_s:g} s")
 
     def _delivered(self, unit_id: int, detail: str) -> None:
+        converted = [i for i in self.store.unit_instances(unit_id) if "converted" in (i.pacs_detail or "")]
+        if converted:
+            self.store.audit("converted", f"{len(converted)} instance(s) converted for the PACS; first "
+                             f"{converted[0].sop_instance_uid}: {converted[0].pacs_detail}", unit_id)
         self.store.transition(unit_id, State.DELIVERED, detail, None)
         if self.on_outcome is not None:
             self.on_outcome(unit_id)

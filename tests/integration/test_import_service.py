@@ -174,3 +174,25 @@ def test_admin_retry_of_a_refused_import_sends_only_the_refused_instances_again(
     assert store.retry_unit(unit_id) == "received" and "pacs-refused" not in store.unit(unit_id).flags
     run_due(svc)
     assert store.unit(unit_id).state == "delivered" and pacs.calls[-1] == ["1.2.3.1.3"]
+
+
+def test_outcomes_of_the_early_import_are_kept_refusals_not_retried_conversions_audited(store: QueueStore) -> None:  # noqa: F811
+    unit_id = received_unit(store)
+    store.record_imports_by_uid(unit_id, {
+        "1.2.3.1.1": (0x0000, "stored", "0x0000 (converted 1.2.840.10008.1.2.1.99 -> 1.2.840.10008.1.2.1: PACS refused the original syntax)"),
+        "1.2.3.1.2": (0x0000, "stored", "0x0000"),
+    })
+    pacs = FakePacs({})
+    run_due(service(store, pacs))
+    assert pacs.calls == [["1.2.3.1.3"]] and store.unit(unit_id).state == "delivered"
+    assert any(e["event"] == "converted" and "1.2.3.1.1" in e["detail"] for e in store.audit_entries(unit_id=unit_id))
+
+    refused = store.begin_receiving("1.2.7", PEER, 10, 0, "s5b", "c" * 64)
+    store.transition(refused, State.RECEIVED, "verified")
+    store.record_instance(header("1.2.7.1.1", study="1.2.7"), spool_path="s/7.dcm", size_bytes=1, sha256="7" * 64,
+                          source="test", conflict=False, origin_peer=PEER)
+    store.record_imports_by_uid(refused, {"1.2.7.1.1": (0xA900, "permanent", "0xA900 data set does not match")})
+    store.ready_for_import(refused)
+    run_due(service(store, pacs))
+    assert pacs.calls[-1] == ["1.2.3.1.3"]  # nothing sent for the refused unit: never retried
+    assert store.unit(refused).state == "failed" and "0xA900 data set does not match" in (store.unit(refused).error or "")
