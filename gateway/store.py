@@ -442,13 +442,11 @@ class QueueStore:
 
     def due_for_sending(self, now: datetime | None = None) -> list[StudySummary]:
         moment = now or utcnow()
-        return [
-            s
-            for s in self.studies()
-            if s.state in (State.QUEUED.value, State.WAITING_PEER.value)
-            and s.origin_peer is None
-            and (s.next_attempt_at is None or s.next_attempt_at <= moment)
-        ]
+        return self.studies(where=(
+            StudyUnitRow.state.in_((State.QUEUED.value, State.WAITING_PEER.value)),
+            StudyUnitRow.origin_peer.is_(None),
+            (StudyUnitRow.next_attempt_at.is_(None)) | (StudyUnitRow.next_attempt_at <= moment),
+        ))
 
     def unit_instances(self, unit_id: int) -> list[InstanceRecord]:
         with self._sessions() as session:
@@ -508,10 +506,9 @@ class QueueStore:
     def due_for_import(self, now: datetime | None = None) -> list[StudySummary]:
         """Received units from peers whose bundle is fully in the spool (``next_attempt_at`` set) and due."""
         moment = now or utcnow()
-        return [
-            s for s in self.studies(state=State.RECEIVED.value)
-            if s.origin_peer and s.next_attempt_at is not None and s.next_attempt_at <= moment
-        ]
+        return self.studies(state=State.RECEIVED.value, where=(
+            StudyUnitRow.origin_peer.is_not(None), StudyUnitRow.next_attempt_at <= moment,
+        ))
 
     def ready_for_import(self, unit_id: int) -> None:
         with self._unit_of_work() as session:
@@ -591,11 +588,11 @@ class QueueStore:
 
     def receipts_due(self) -> list[StudySummary]:
         """Receiver units whose outcome (delivered, or refused by the PACS) the sender has not acknowledged."""
-        return [
-            s for s in self.studies()
-            if s.origin_peer and s.bundle_sha256 and s.receipt_at is None
-            and (s.state == State.DELIVERED.value or (s.state == State.FAILED.value and "pacs-refused" in s.flags))
-        ]
+        candidates = self.studies(where=(
+            StudyUnitRow.origin_peer.is_not(None), StudyUnitRow.bundle_sha256.is_not(None), StudyUnitRow.receipt_at.is_(None),
+            StudyUnitRow.state.in_((State.DELIVERED.value, State.FAILED.value)),
+        ))
+        return [s for s in candidates if s.state == State.DELIVERED.value or "pacs-refused" in s.flags]
 
     def receipt_acknowledged(self, unit_id: int, detail: str) -> None:
         with self._unit_of_work() as session:
@@ -648,13 +645,11 @@ class QueueStore:
 
     def overdue_sent(self, receipt_timeout_s: float, now: datetime | None = None) -> list[StudySummary]:
         cutoff = (now or utcnow()) - timedelta(seconds=receipt_timeout_s)
-        return [s for s in self.studies(state=State.SENT.value) if s.origin_peer is None and s.state_changed_at <= cutoff]
+        return self.studies(state=State.SENT.value, where=(StudyUnitRow.origin_peer.is_(None), StudyUnitRow.state_changed_at <= cutoff))
 
     def purgeable(self, keep_s: float, now: datetime | None = None) -> list[StudySummary]:
         cutoff = (now or utcnow()) - timedelta(seconds=keep_s)
-        return [
-            s for s in self.studies(state=State.DELIVERED.value) if s.purged_at is None and s.state_changed_at <= cutoff
-        ]
+        return self.studies(state=State.DELIVERED.value, where=(StudyUnitRow.purged_at.is_(None), StudyUnitRow.state_changed_at <= cutoff))
 
     def mark_purged(self, unit_id: int, detail: str) -> None:
         with self._unit_of_work() as session:
@@ -787,8 +782,10 @@ class QueueStore:
         ]
 
     # -- reading ----------------------------------------------------------------------------------
-    def studies(self, state: str | None = None) -> list[StudySummary]:
-        query = select(StudyUnitRow).order_by(StudyUnitRow.created_at, StudyUnitRow.id)
+    def studies(self, state: str | None = None, where: Sequence[Any] = ()) -> list[StudySummary]:
+        """Units in creation order, optionally in one ``state`` and matching ``where`` (SQL conditions: the
+        periodic queries select in the database, not by loading every unit ever kept)."""
+        query = select(StudyUnitRow).order_by(StudyUnitRow.created_at, StudyUnitRow.id).where(*where)
         if state:
             query = query.where(StudyUnitRow.state == state)
         with self._sessions() as session:
