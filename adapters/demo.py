@@ -48,7 +48,8 @@ def _site(workdir: Path, ae_title: str, stable_age_s: float) -> Settings:
     )
 
 
-def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = False, say: Any = print) -> dict[str, Any]:
+def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = False, say: Any = print,
+             builtin_pacs: bool = False) -> dict[str, Any]:
     from gateway.bootstrap import GatewayController  # the composition root wires the edges
 
     workdir = Path(tempfile.mkdtemp(prefix="dicomgw-demo-"))
@@ -78,10 +79,14 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
 
             a_settings = replace(a_settings, xmpp=xmpp(A_USER, B_USER), routing=RoutingSettings(default_destination=B_USER))
             b_settings = replace(b_settings, xmpp=xmpp(B_USER, A_USER))
-            pacs: Any = Orthanc(workdir / "orthanc", ae_title="PACS_B") if Orthanc.available() else BuiltinStorageSCP(workdir / "pacs")
+            use_orthanc = Orthanc.available() and not builtin_pacs
+            pacs: Any = Orthanc(workdir / "orthanc", ae_title="PACS_B") if use_orthanc else BuiltinStorageSCP(workdir / "pacs")
             pacs.start()
             started.append(pacs)
-            pacs_label = f"Orthanc (AE PACS_B, DICOM :{pacs.dicom_port}, REST :{pacs.http_port})" if isinstance(pacs, Orthanc) else pacs.label
+            pacs_label = (
+                f"Orthanc (AE PACS_B, DICOM :{pacs.dicom_port}, REST :{pacs.http_port})" if use_orthanc
+                else f"{pacs.label}: " + ("asked for with --builtin-pacs" if builtin_pacs else "Orthanc is not installed (apt-get install orthanc)")
+            )
             log(f"PACS of hospital B: {pacs_label}")
             b_settings = replace(b_settings, pacs=PacsSettings(
                 ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port, calling_ae_title="HOSPITAL_B",

@@ -172,8 +172,12 @@ class StorageSCP:
             sock.sendall(associate_rj(2, 3, 2))  # rejected-transient, provider (presentation), local limit exceeded
             log.warning("association from %s refused: %d associations already open", address, self._settings.max_associations)
             return None
-        results, contexts, roles = self._choose(request)
-        sock.sendall(associate_ac(request, results, self._settings.max_pdu_bytes, roles))
+        try:
+            results, contexts, roles = self._choose(request)
+            sock.sendall(associate_ac(request, results, self._settings.max_pdu_bytes, roles))
+        except BaseException:
+            self._slots.release()
+            raise
         return _Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots)
 
     def _choose(self, request: AssociateRequest) -> tuple[list[tuple[int, int, str]], dict[int, PresentationContext], dict[str, tuple[bool, bool]]]:

@@ -302,7 +302,7 @@ class BuiltinStorageSCP:
     """A small in-process Storage SCP (pynetdicom) standing in for a PACS when Orthanc is not installed: it
     writes each received data set to ``workdir`` and counts them. Used by the demo only, and labelled so."""
 
-    label = "built-in storage SCP (a stand-in: Orthanc is not installed)"
+    label = "built-in storage SCP (a stand-in for a PACS)"
 
     def __init__(self, workdir: Path, ae_title: str = "DEMO_PACS") -> None:
         self.workdir = workdir

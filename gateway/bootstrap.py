@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 __all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_demo", "run_forever"]
 
 
-def run_demo(as_json: bool = False) -> dict:
+def run_demo(as_json: bool = False, builtin_pacs: bool = False) -> dict:
     from adapters.demo import run_demo as demo
 
-    return demo(as_json=as_json)
+    return demo(as_json=as_json, builtin_pacs=builtin_pacs)
 
 
 def open_store(settings: Settings) -> QueueStore:

@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the chain on this machine with embedded defaults and show it")
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
+    demo.add_argument("--builtin-pacs", action="store_true", help="use the built-in storage SCP as B's PACS even if Orthanc is installed")
     demo.set_defaults(handler=_cmd_demo)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@HOST:PORT")
@@ -175,9 +176,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from gateway.bootstrap import run_demo
 
-    result = run_demo(as_json=args.json)
-    complete = result["instances_received_b"] if result["xmpp"] else result["instances_queued"]
-    return 0 if complete == result["instances_sent"] else 1
+    result = run_demo(as_json=args.json, builtin_pacs=args.builtin_pacs)
+    if result["xmpp"]:
+        return 0 if result["delivered"] and result["instances_in_pacs"] == result["instances_sent"] else 1
+    return 0 if result["instances_queued"] == result["instances_sent"] else 1
 
 
 # -- echo -----------------------------------------------------------------------------------------

@@ -192,3 +192,12 @@ def test_demo_runs_the_chain_and_reports_json() -> None:
     assert result["instances_received_b"] == result["instances_in_pacs"] == 120
     assert result["delivered"] is True and result["pacs"] == "orthanc"
     assert set(result["stages_s"]) >= {"ingest_s", "stable_wait_s", "transfer_s", "import_s", "receipt_s", "total_s"}
+
+
+def test_demo_without_orthanc_uses_the_labelled_built_in_scp() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--builtin-pacs"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "PACS of hospital B: built-in storage SCP (a stand-in for a PACS): asked for with --builtin-pacs" in done.stdout
+    assert "summary: 120 of 120 instances in B's PACS, delivered (A's queue)" in done.stdout
