@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class InboundBundle:
         self._written = 0  # bytes of it so far
         self._hash = hashlib.sha256()
         self._fd = -1
+        self._lock = threading.Lock()  # the receiver writes from a worker thread; close may come from the loop
         self.offset = self._resume()
         self.resumed_from = self.offset
 
@@ -111,6 +113,10 @@ class InboundBundle:
 
     # -- receiving ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        with self._lock:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self.offset + len(data) > self.size:
             raise ValueError(f"more bytes than offered ({self.offset + len(data)} > {self.size})")
         self.offset += len(data)
@@ -194,6 +200,10 @@ class InboundBundle:
 
     def close(self, reason: str) -> None:
         """Keep what arrived for a resume (the stream was cut or the gateway stops)."""
+        with self._lock:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -207,6 +217,10 @@ class InboundBundle:
         """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread.
         With ``keep_files`` the instance files are hard-linked into the spool and the inbox folder stays
         readable (an early import still reading it) until :meth:`cleanup`."""
+        with self._lock:
+            return self._finish(on_verified, keep_files)
+
+    def _finish(self, on_verified: Callable[[], None] | None, keep_files: bool) -> tuple[bool, str]:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import logging
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 from xml.sax.saxutils import quoteattr
@@ -452,17 +454,31 @@ class GatewayAgent(slixmpp.ClientXMPP):
         raise XMPPError("item-not-found", "none of the streamhosts could be reached")
 
     async def _receive_s5b(self, sid: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read whole 1 MiB blocks (the relay delivers 4-64 KiB pieces) and hand them, in order, to one writer
+        thread: splitting, hashing and writing (which release the GIL) overlap with reading the next block."""
         peer, sink, _method = self._sinks[sid]
+        loop = asyncio.get_running_loop()
+        pending: collections.deque[asyncio.Future[None]] = collections.deque()
+        received = sink.offset
         try:
-            while sink.offset < sink.size:
-                # Whole 1 MiB blocks (the relay delivers 4-64 KiB pieces): one sink call per block, not per piece.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"s5b-{sid[:8]}") as executor:
                 try:
-                    data = await reader.readexactly(min(1 << 20, sink.size - sink.offset))
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        sink.write(exc.partial)
-                    break
-                sink.write(data)  # page-cache write; a thread hop per block cost more than the write
+                    while received < sink.size:
+                        try:
+                            data = await reader.readexactly(min(1 << 20, sink.size - received))
+                        except asyncio.IncompleteReadError as exc:
+                            data = exc.partial
+                        if not data:
+                            break
+                        received += len(data)
+                        pending.append(loop.run_in_executor(executor, sink.write, data))
+                        while len(pending) > 4 or (pending and pending[0].done()):
+                            await pending.popleft()
+                        if len(data) < (1 << 20) and received < sink.size:
+                            break  # the stream ended early
+                finally:
+                    while pending:
+                        await pending.popleft()
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
         finally:
