@@ -112,11 +112,11 @@ class InboundBundle:
         return target
 
     # -- receiving ------------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         with self._lock:
             self._write(data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if self.offset + len(data) > self.size:
             raise ValueError(f"more bytes than offered ({self.offset + len(data)} > {self.size})")
         self.offset += len(data)

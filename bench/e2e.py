@@ -92,11 +92,12 @@ def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = Fal
         ingest_s = time.perf_counter() - t0
         ingest_end = datetime.now(UTC)
         deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            units = a.cli("queue")
-            if units and units[0]["state"] in ("delivered", "failed"):
+        while time.monotonic() < deadline:  # the DB, not the CLI: a CLI process per poll would steal a core
+            unit = a.unit_state()
+            if unit and unit[0] in ("delivered", "failed"):
                 break
             time.sleep(0.05)
+        units = a.cli("queue")
         if not units or units[0]["state"] != "delivered":
             raise RuntimeError(f"chain did not deliver: {units}")
         audit_a = a.cli("audit", "--limit", "200")

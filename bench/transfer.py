@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -69,6 +71,20 @@ class GatewayProcess(PeerProcess):
         self._wait_ready(lambda: port_open(self.port), 30)
         return self
 
+    def unit_state(self) -> tuple[str, str] | None:
+        """(state, error) of the first study unit, read straight from the queue DB (stdlib sqlite3, read-only).
+        Polling through ``dicomgw queue --json`` would start a Python process (~0.5 CPU-s) per poll and take a
+        core away from the transfer being measured on a 2-core machine."""
+        db = self.workdir / "queue.db"
+        if not db.exists():
+            return None
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+                row = conn.execute("SELECT state, coalesce(error, '') FROM study_units ORDER BY id LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # schema not created yet
+            return None
+        return (row[0], row[1]) if row else None
+
     def cli(self, *args: str) -> Any:
         out = subprocess.run([sys.executable, "-m", "gateway", *args, "--json", "--config", str(self.config)],
                              cwd=REPO, capture_output=True, text=True, check=True)
@@ -94,14 +110,15 @@ def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str) 
             raise RuntimeError(pushed.stderr[-2000:])
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
-            units = a.cli("queue")
-            if units and units[0]["state"] == "sent":
+            unit = a.unit_state()
+            if unit and unit[0] == "sent":
                 break
-            if units and units[0]["state"] == "failed":
-                raise RuntimeError(units[0]["error"])
-            time.sleep(0.2)
+            if unit and unit[0] == "failed":
+                raise RuntimeError(unit[1])
+            time.sleep(0.1)
         else:
             raise TimeoutError("transfer did not finish")
+        units = a.cli("queue")
         attempts = [t for t in a.cli("audit", "--transfers", "--limit", "100") if t["outcome"] == "received"]
         seconds = (datetime.fromisoformat(attempts[-1]["ended_at"]) - datetime.fromisoformat(attempts[-1]["started_at"])).total_seconds()
         sent = a.cli("queue", "show", units[0]["study_uid"])["instances"]

@@ -290,7 +290,7 @@ class _AuditedSink:
     def offset(self) -> int:
         return self.bundle.offset
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.bundle.write(data)
         now = time.monotonic()
         if now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import contextlib
 import logging
+import socket
+import struct
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 from xml.sax.saxutils import quoteattr
@@ -76,6 +77,7 @@ class XmppSettings:
     ibb_window: int = 8
     s5b_write_bytes: int = 1 << 20
     verdict_timeout_s: float = 600.0
+    s5b_idle_timeout_s: float = 120.0  # an inbound S5B stream with no byte for this long counts as cut
     iq_timeout_s: float = 30.0
     proxy_address: tuple[str, int] | None = None  # override the address the proxy advertises (NAT, relays)
 
@@ -87,7 +89,7 @@ class Sink(Protocol):
     size: int
     bundle_key: str  # the manifest SHA-256: one sink per bundle at a time
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     def finish(self) -> tuple[bool, str]: ...
     def close(self, reason: str) -> None: ...
 
@@ -130,6 +132,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._stopping = False
         self._reconnects = 0
         self._readers: dict[str, asyncio.Future[None]] = {}
+        self._sockets: dict[str, socket.socket] = {}  # sid -> inbound S5B socket, read on its own thread
         self.stream_managed = False  # XEP-0198 enabled by the server on this session
 
         self.add_event_handler("session_start", self._on_session_start)
@@ -153,6 +156,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
+        for sock in list(self._sockets.values()):
+            _shut(sock)  # the reader threads see the end of their stream and return
         for _peer, sink, _m in self._sinks.values():
             sink.close("gateway stopping")
         self._sinks.clear()
@@ -438,51 +443,36 @@ class GatewayAgent(slixmpp.ClientXMPP):
         hosts = [h for h in query.iterfind(q(NS_S5B, "streamhost")) if h.get("host") and h.get("port")]
         for host in hosts:
             try:
-                reader, writer = await socks5.connect(
-                    host.get("host", ""), int(host.get("port", "0")), socks5.dst_addr(sid, entry[0], self.boundjid.full)
+                sock = await asyncio.to_thread(
+                    socks5.connect_blocking,
+                    host.get("host", ""), int(host.get("port", "0")), socks5.dst_addr(sid, entry[0], self.boundjid.full),
                 )
             except socks5.Socks5Error as exc:
                 log.warning("streamhost %s unusable: %s", host.get("jid"), exc)
                 continue
+            if self._sinks.get(sid) is not entry:  # dropped or superseded while we connected
+                sock.close()
+                raise XMPPError("item-not-found", "the offer was withdrawn")
             reply = iq.reply()
             ET.SubElement(ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
             reply.send()
-            self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, reader, writer))
+            self._sockets[sid] = sock
+            self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, sock))
             self._readers[sid].add_done_callback(lambda _t, sid=sid: self._readers.pop(sid, None))
             return
         self._drop(sid, "no streamhost reachable")
         raise XMPPError("item-not-found", "none of the streamhosts could be reached")
 
-    async def _receive_s5b(self, sid: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Read whole 1 MiB blocks (the relay delivers 4-64 KiB pieces) and hand them, in order, to one writer
-        thread: splitting, hashing and writing (which release the GIL) overlap with reading the next block."""
+    async def _receive_s5b(self, sid: str, sock: socket.socket) -> None:
+        """The stream is read on a thread of its own (see :func:`_pump_s5b`); the loop only waits for its end."""
         peer, sink, _method = self._sinks[sid]
-        loop = asyncio.get_running_loop()
-        pending: collections.deque[asyncio.Future[None]] = collections.deque()
-        received = sink.offset
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"s5b-{sid[:8]}") as executor:
-                try:
-                    while received < sink.size:
-                        try:
-                            data = await reader.readexactly(min(1 << 20, sink.size - received))
-                        except asyncio.IncompleteReadError as exc:
-                            data = exc.partial
-                        if not data:
-                            break
-                        received += len(data)
-                        pending.append(loop.run_in_executor(executor, sink.write, data))
-                        while len(pending) > 4 or (pending and pending[0].done()):
-                            await pending.popleft()
-                        if len(data) < (1 << 20) and received < sink.size:
-                            break  # the stream ended early
-                finally:
-                    while pending:
-                        await pending.popleft()
+            await _on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, sink, self.settings.s5b_idle_timeout_s)
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
         finally:
-            writer.close()
+            self._sockets.pop(sid, None)
+            sock.close()
         await self._complete(sid)
 
     def _ibb_stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, tuple[str, Sink, str]]:
@@ -532,6 +522,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
             await iq.send(timeout=self.settings.iq_timeout_s)
 
     def _drop(self, sid: str, reason: str) -> None:
+        _shut(self._sockets.pop(sid, None))
         reader = self._readers.pop(sid, None)
         if reader is not None:
             reader.cancel()
@@ -559,6 +550,58 @@ class GatewayAgent(slixmpp.ClientXMPP):
         if outcome == "unknown":
             raise XMPPError("item-not-found", f"no study {receipt.study_instance_uid} with this bundle was sent to you")
         iq.reply().send()
+
+
+S5B_BLOCK_BYTES = 1 << 20
+
+
+def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float) -> None:
+    """Read an inbound S5B stream into ``sink`` until its announced size, the sender's end of stream, or
+    ``idle_timeout_s`` without a byte (then ``TimeoutError``). Blocking ``recv_into`` with MSG_WAITALL
+    fills a whole 1 MiB block per system call whatever piece size the proxy relays (stock proxy65: 4 KiB),
+    and the sink splits, hashes and writes it on this same thread (all of which release the GIL)."""
+    seconds = max(1, int(idle_timeout_s))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+    block = memoryview(bytearray(S5B_BLOCK_BYTES))
+    received = sink.offset
+    while received < sink.size:
+        want = min(S5B_BLOCK_BYTES, sink.size - received)
+        try:
+            count = sock.recv_into(block[:want], want, socket.MSG_WAITALL)
+        except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
+            raise TimeoutError(f"no byte for {seconds} s") from exc
+        if count == 0:
+            return  # the sender (or a stop) ended the stream: the sink keeps what came
+        sink.write(block[:count])
+        received += count
+
+
+async def _on_own_thread(name: str, fn: Callable[..., None], *args: object) -> None:
+    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(None)
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine, which decides
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits any more
+            loop.call_soon_threadsafe(finish, outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
+
+
+def _shut(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _in_thread(progress: Callable[[int, str], None] | None) -> Callable[[int, str], None] | None:
