@@ -1,7 +1,9 @@
-"""The local PACS edge: C-STORE SCU of a whole study over one association, and Storage Commitment requests.
+"""The local PACS edge: C-STORE SCU of a whole study over reused associations, and Storage Commitment requests.
 
 Contract (PS3.4 Annex B and J, PS3.7 9.1.1 and 10.1.4)
-- One association per study. Each (SOP class, transfer syntax) pair of the study is proposed in its own
+- A study goes over ``associations_per_study`` associations at once (default 2; 1 for a PACS that takes
+  one association per calling AE title: an extra one it refuses is simply not used), each reused for its
+  share of the study. Each (SOP class, transfer syntax) pair of the study is proposed in its own
   presentation context, so every instance goes in its own syntax, byte for byte from its data set on (no
   re-encoding). Per SOP class a fallback context proposes Explicit and Implicit VR Little Endian: used only
   when the PACS refuses the original syntax, and then the data set is converted (inflating a deflated one,
@@ -23,6 +25,7 @@ import io
 import logging
 import os
 import socket
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -85,8 +88,12 @@ class PacsClient:
 
     def store(self, instances: Iterable[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None],
               pairs: Iterable[tuple[str, str]] | None = None) -> None:
-        """C-STORE ``instances`` over one association. ``pairs`` (SOP class, transfer syntax) announces what
-        will come when ``instances`` is a stream still being produced (the early import)."""
+        """C-STORE ``instances`` over up to ``associations_per_study`` associations at once, each reused for its
+        share (a PACS stores in parallel what it would otherwise fsync one by one). ``pairs`` (SOP class,
+        transfer syntax) announces what will come when ``instances`` is a stream still being produced (the
+        early import). ``on_result`` is called once per answered instance, never from two threads at once.
+        An extra association the PACS refuses is no error (the others carry the study); only when none could
+        be opened, or every one was lost, does this raise."""
         if pairs is None:
             instances = list(instances)
             pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
@@ -95,7 +102,44 @@ class PacsClient:
         proposals = [(c, (ts,)) for c, ts in pairs] + [(c, FALLBACK_SYNTAXES) for c in classes]
         if len(proposals) > 128:
             raise PacsUnavailable(f"study needs {len(proposals)} presentation contexts; PS3.8 allows 128 per association")
-        assoc = self._associate(proposals)
+        count = max(1, self.settings.associations_per_study)
+        if isinstance(instances, list):
+            count = min(count, max(1, len(instances)))
+        first = self._associate(proposals)  # the extra ones only once this one is up: a PACS with a limit may
+        if count == 1:                      # refuse two requests that arrive together
+            self._store_over(first, iter(instances), on_result)
+            return
+        shared = _SharedIterator(iter(instances))
+        lock = threading.Lock()
+
+        def locked_result(instance: InstanceRecord, outcome: PacsOutcome) -> None:
+            with lock:
+                on_result(instance, outcome)
+
+        errors: list[BaseException] = []
+        finished: list[int] = []
+
+        def work(index: int) -> None:
+            try:
+                assoc = first if index == 0 else self._associate(proposals)
+                self._store_over(assoc, shared, locked_result)
+                finished.append(index)
+            except (PacsUnavailable, PacsRefused) as exc:
+                errors.append(exc)
+                if index > 0:
+                    log.info("extra association %d with %s not used: %s", index + 1, self.settings.address, exc)
+
+        workers = [threading.Thread(target=work, args=(n,), name=f"pacs-store-{n + 1}", daemon=True) for n in range(count)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if not finished:
+            raise errors[0]
+
+    def _store_over(self, assoc: Association, instances: Iterator[InstanceRecord],
+                    on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+        """C-STORE what ``instances`` yields over ``assoc``, then release it (abort it if it failed)."""
         message_id = 0
         try:
             for instance in instances:
@@ -249,6 +293,21 @@ class StreamingImport:
             self._stop.set()
             self._queue.put(None)
         return dict(self.outcomes)
+
+
+class _SharedIterator:
+    """One iterator drawn from by several store threads: each ``next`` under a lock."""
+
+    def __init__(self, inner: Iterator[InstanceRecord]) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _SharedIterator:
+        return self
+
+    def __next__(self) -> InstanceRecord:
+        with self._lock:
+            return next(self._inner)
 
 
 class CannotConvert(ValueError):

@@ -75,7 +75,8 @@ class PacsRefused(ConnectionError):
 
 class PacsPort(Protocol):
     def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
-        """C-STORE the instances over one association; ``on_result`` once per instance that got an answer.
+        """C-STORE the instances (associations reused for the study); ``on_result`` once per instance that got
+        an answer, never concurrently.
         Raises :class:`PacsUnavailable` / :class:`PacsRefused` when no association can be had."""
 
     def request_commitment(self, transaction_uid: str, instances: list[InstanceRecord]) -> None:

@@ -99,6 +99,7 @@ class PacsSettings:
     calling_ae_title: str = "DICOMGW"  # the loader puts the gateway's own [dicom] ae_title here
     timeout_s: float = 60.0
     parallel_studies: int = 2
+    associations_per_study: int = 2  # C-STORE associations one study's import uses at once
     max_attempts: int = 10
     retry_base_s: float = 5.0
     retry_max_s: float = 300.0
@@ -220,6 +221,7 @@ def _pacs(raw: Mapping[str, Any], own_ae_title: str) -> PacsSettings:
         calling_ae_title=_ae_title(raw.get("calling_ae_title") or own_ae_title, "pacs.calling_ae_title"),
         timeout_s=_float(raw.get("timeout_s", 60.0), "pacs.timeout_s", 0.1),
         parallel_studies=_int(raw.get("parallel_studies", 2), "pacs.parallel_studies", 1, 64),
+        associations_per_study=_int(raw.get("associations_per_study", 2), "pacs.associations_per_study", 1, 16),
         max_attempts=_int(raw.get("max_attempts", 10), "pacs.max_attempts", 1, 10000),
         retry_base_s=_float(raw.get("retry_base_s", 5.0), "pacs.retry_base_s", 0.01),
         retry_max_s=_float(raw.get("retry_max_s", 300.0), "pacs.retry_max_s", 0.01),

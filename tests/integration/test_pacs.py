@@ -111,3 +111,48 @@ def test_no_pacs_listening_is_transient(tmp_path: Path) -> None:
     study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=1, rows=32, columns=32)
     with pytest.raises(PacsUnavailable, match="no association with ORTHANC@127.0.0.1"):
         store(free_port(), study.files)
+
+
+class CountingSCP:
+    """A real pynetdicom Storage SCP that records which association stored each instance."""
+
+    def __init__(self, maximum_associations: int) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        self.port = free_port()
+        self.stored: list[tuple[int, str]] = []  # (association id, SOP Instance UID)
+        self.accepted = 0
+        ae = AE(ae_title="LIMITED")
+        ae.maximum_associations = maximum_associations
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+        def on_store(event: object) -> int:
+            self.stored.append((id(event.assoc), str(event.request.AffectedSOPInstanceUID)))  # type: ignore[attr-defined]
+            return 0x0000
+
+        def on_accepted(_event: object) -> None:
+            self.accepted += 1
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)])
+
+
+@pytest.mark.parametrize("maximum_associations", [1, 8])
+def test_a_study_goes_over_the_associations_the_pacs_accepts_each_instance_once(tmp_path: Path, maximum_associations: int) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=30, rows=64, columns=64)
+    scp = CountingSCP(maximum_associations)
+    try:
+        client = PacsClient(PacsSettings(ae_title="LIMITED", host="127.0.0.1", port=scp.port, timeout_s=10,
+                                         associations_per_study=2), Path("/"))
+        outcomes: dict[str, PacsOutcome] = {}
+        client.store([record(p) for p in study.files], lambda i, o: outcomes.__setitem__(i.sop_instance_uid, o))
+    finally:
+        scp.server.shutdown()
+    uids = [uid for _assoc, uid in scp.stored]
+    assert sorted(uids) == sorted(study.sop_instance_uids)  # every instance, none twice
+    assert {o.verdict for o in outcomes.values()} == {Verdict.STORED} and len(outcomes) == len(study.files)
+    used = {assoc for assoc, _uid in scp.stored}
+    # A PACS that takes one association at a time refuses the second (A-ASSOCIATE-RJ): the study still
+    # arrives whole over the first. One that takes more gets the study over two.
+    assert len(used) == min(2, maximum_associations)
