@@ -471,8 +471,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, peer, exc)
         finally:
-            self._sockets.pop(sid, None)
-            sock.close()
+            self._sockets.pop(sid, None)  # the reading thread closes the socket itself when it returns
         await self._complete(sid)
 
     def _ibb_stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, tuple[str, Sink, str]]:
@@ -561,19 +560,20 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float) -> None:
     fills a whole 1 MiB block per system call whatever piece size the proxy relays (stock proxy65: 4 KiB),
     and the sink splits, hashes and writes it on this same thread (all of which release the GIL)."""
     seconds = max(1, int(idle_timeout_s))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
     block = memoryview(bytearray(S5B_BLOCK_BYTES))
     received = sink.offset
-    while received < sink.size:
-        want = min(S5B_BLOCK_BYTES, sink.size - received)
-        try:
-            count = sock.recv_into(block[:want], want, socket.MSG_WAITALL)
-        except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
-            raise TimeoutError(f"no byte for {seconds} s") from exc
-        if count == 0:
-            return  # the sender (or a stop) ended the stream: the sink keeps what came
-        sink.write(block[:count])
-        received += count
+    with sock:  # this thread owns the socket: others only shut it down to end the stream
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+        while received < sink.size:
+            want = min(S5B_BLOCK_BYTES, sink.size - received)
+            try:
+                count = sock.recv_into(block[:want], want, socket.MSG_WAITALL)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
+                raise TimeoutError(f"no byte for {seconds} s") from exc
+            if count == 0:
+                return  # the sender (or a stop) ended the stream: the sink keeps what came
+            sink.write(block[:count])
+            received += count
 
 
 async def _on_own_thread(name: str, fn: Callable[..., None], *args: object) -> None:
