@@ -147,12 +147,19 @@ class StorageSCP:
         sock.settimeout(self._settings.network_timeout_s)
         with self._lock:
             self._open.add(sock)
+        link: _Link | None = None
         try:
-            assoc = self._negotiate(sock, address)
-            if assoc is not None:
-                _AssociationHandler(self, assoc, address).run()
+            link = self._negotiate(sock, address)
+            if link is not None:
+                _AssociationHandler(self, link, address).run()
         except (OSError, AssociationAborted) as exc:
             log.info("association from %s ended: %s", address, exc or type(exc).__name__)
+            if link is not None and isinstance(exc, ProtocolViolation):
+                link.assoc.abort()  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
+        except Exception:  # never a dead thread with the peer left waiting: log, A-ABORT, keep serving others
+            log.exception("association from %s failed", address)
+            if link is not None:
+                link.assoc.abort()
         finally:
             with self._lock:
                 self._open.discard(sock)
@@ -197,6 +204,11 @@ class StorageSCP:
         return results, contexts, roles
 
 
+class ProtocolViolation(AssociationAborted):
+    """The requestor broke PS3.7/PS3.8 (a message on a context we did not accept, a stray fragment):
+    the association is aborted and nothing of the message is kept."""
+
+
 class _Link:
     """An accepted association: the UL object, the request it answered, and its slot to give back."""
 
@@ -233,7 +245,7 @@ class _AssociationHandler:
                 if pdu_type == 0x07:
                     return
                 if pdu_type != 0x04:
-                    raise AssociationAborted(f"unexpected PDU type 0x{pdu_type:02X}")
+                    raise ProtocolViolation(f"unexpected PDU type 0x{pdu_type:02X}")
                 for context_id, flags, fragment in iter_pdvs(body):
                     self._pdv(context_id, flags, fragment)
         finally:
@@ -245,6 +257,9 @@ class _AssociationHandler:
         if flags & 0x01:  # command fragment
             self.command += fragment
             if flags & 0x02:
+                context = self.assoc.contexts.get(context_id)
+                if context is None or not context.transfer_syntax:
+                    raise ProtocolViolation(f"a message on presentation context {context_id}, which was not accepted")
                 command = Command.decode(bytes(self.command))
                 self.command.clear()
                 self.context_id = context_id
@@ -254,7 +269,7 @@ class _AssociationHandler:
                     self._dispatch(command)
             return
         if self.pending is None:
-            raise AssociationAborted("data set fragment without a command")
+            raise ProtocolViolation("data set fragment without a command")
         if self.pending.command_field == C_STORE_RQ:
             self._store_fragment(fragment)
         else:
@@ -375,7 +390,7 @@ class _AssociationHandler:
                 (0x00001000, UI, command.text(0x00001000)), (0x00001002, US, command.us(0x00001002)),
             ]))
         else:
-            raise AssociationAborted(f"unsupported DIMSE command 0x{field:04X}")
+            raise ProtocolViolation(f"unsupported DIMSE command 0x{field:04X}")
 
     def _event_report(self, dataset: bytes) -> int:
         """Storage Commitment result: event type 1 (all committed) or 2 (failures exist), PS3.4 J.3.3."""

@@ -13,6 +13,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import text
 
+from adapters.dicom_files import inspect_part10_file
+from adapters.dicom_ul import UI, US, Association, encode_command, read_pdu
 from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import DicomSettings, PathSettings, QueueSettings, Settings, WatchSettings
@@ -219,3 +221,42 @@ def test_full_disk_answers_out_of_resources_and_keeps_nothing_half_written(tmp_p
     finally:
         controller.stop()
     shutil.rmtree(tmp_path / "ct", ignore_errors=True)
+
+
+def _half_sent_store(port: int, path: Path, context_ok: bool = True) -> Association:
+    """A requestor (our own UL client) that sends a C-STORE command and half of the data set, then stops."""
+    header = inspect_part10_file(path)
+    assoc = Association.open("127.0.0.1", port, "STORESCU", "DICOMGW", [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+    context_id = 1 if context_ok else 3  # 3 was never proposed, let alone accepted
+    command = encode_command([
+        (0x00000002, UI, header.sop_class_uid), (0x00000100, US, 0x0001), (0x00000110, US, 1),
+        (0x00000700, US, 0), (0x00000800, US, 0x0000), (0x00001000, UI, header.sop_instance_uid),
+    ])
+    data = dataset_bytes(path)
+    assoc._send_fragments(context_id, 0x01, memoryview(command))
+    assoc._send_fragments(context_id, 0x00, memoryview(data)[: len(data) // 2], last=False)
+    return assoc
+
+
+def test_a_modality_that_drops_mid_instance_leaves_nothing_and_the_scp_serves_on(gateway: Gateway, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=256, columns=256)
+    assoc = _half_sent_store(gateway.scp.port, study.files[0])
+    wait_for(lambda: any(gateway.spool.staging_dir.iterdir()), timeout_s=10, what="the staged file of the half-sent instance")
+    assoc.sock.close()  # the modality crashed: no A-ABORT, no rest of the data set
+    assert wait_for(lambda: not any(gateway.spool.staging_dir.iterdir()), timeout_s=10)  # the half-written file is gone
+    assert stored_instances(gateway) == {}
+    result = storescu(gateway.scp.port, study.files)  # its slot was given back: the resend is stored whole
+    assert result.returncode == 0, result.stderr
+    assert set(stored_instances(gateway)) == set(study.sop_instance_uids)
+
+
+def test_a_message_on_a_context_that_was_not_accepted_is_aborted(gateway: Gateway, tmp_path: Path) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=1, rows=64, columns=64)
+    assoc = _half_sent_store(gateway.scp.port, study.files[0], context_ok=False)
+    try:
+        pdu_type, _body = read_pdu(assoc.sock)
+    finally:
+        assoc.sock.close()
+    assert pdu_type == 0x07  # A-ABORT (PS3.8 9.3.8), not a hang and not a stored instance
+    assert stored_instances(gateway) == {}
+    assert not any(gateway.spool.staging_dir.iterdir())
