@@ -99,9 +99,11 @@ class Orthanc(PeerProcess):
 
     name = "orthanc"
 
-    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", sync_storage: bool = True, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", sync_storage: bool = True, extra: dict[str, Any] | None = None,
+                 nagle: bool = False) -> None:
         super().__init__(workdir)
         self.ae_title = ae_title
+        self.nagle = nagle  # True: started as Debian starts it, without TCP_NODELAY=1 (Nagle's algorithm on)
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.config = {
@@ -129,7 +131,8 @@ class Orthanc(PeerProcess):
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
-        self._spawn(["Orthanc", str(config_path)], env=nodelay_env())
+        env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"} if self.nagle else nodelay_env()
+        self._spawn(["Orthanc", str(config_path)], env=env)
         self._wait_ready(lambda: port_open(self.dicom_port) and self._http_ok(), timeout_s)
         return self
 
