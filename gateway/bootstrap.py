@@ -88,6 +88,7 @@ class Gateway:
         self.inbound_policy: InboundPolicy | None = None
         self.receipts: ReceiptSender | None = None
         self._receipts_due = asyncio.Event()
+        self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
 
     def _build_xmpp(self) -> None:
         """On the running loop: slixmpp binds to the event loop current at construction."""
@@ -167,7 +168,8 @@ class Gateway:
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
             next_clean = 0.0
             while not stop.is_set():
-                await asyncio.to_thread(self.completeness.tick)
+                if await asyncio.to_thread(self.completeness.tick):
+                    self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
                 if self.importer is not None:
                     await asyncio.to_thread(self.importer.tick)
                 if time.monotonic() >= next_clean:
@@ -194,12 +196,13 @@ class Gateway:
         receipts = asyncio.ensure_future(self._receipt_loop(stop))
         try:
             while not stop.is_set():
+                self._dispatch_due.clear()
                 try:
                     await self.dispatcher.tick()
                 except Exception:  # one bad tick must not stop the queue: logged, retried next tick
                     log.exception("dispatch tick failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.xmpp.dispatch_interval_s)
+                with contextlib.suppress(TimeoutError):  # every interval (backoffs, retries), or at once when woken
+                    await asyncio.wait_for(self._dispatch_due.wait(), self.settings.xmpp.dispatch_interval_s)
         finally:
             receipts.cancel()
 

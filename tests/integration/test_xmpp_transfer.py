@@ -238,3 +238,17 @@ def test_offline_receiver_gets_the_study_when_it_comes_back(tmp_path: Path, pros
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_a_study_is_offered_as_soon_as_it_is_stable_not_at_the_next_dispatch_tick(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    # With an hour between dispatch ticks, only the wake-up from the completeness check can send it in time.
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", dispatch_interval_s=3600)
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=5, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+    finally:
+        a.stop()
+        b.stop()
