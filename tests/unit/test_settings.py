@@ -18,6 +18,7 @@ def test_shipped_sample_resolves_paths_under_the_checkout() -> None:
     assert settings.queue.db_url == f"sqlite:///{REPO / 'var' / 'queue.db'}"
     assert "STORESCU" in settings.dicom.allowed_calling_ae_titles
     assert settings.calling_ae_allowed("STORESCU") and not settings.calling_ae_allowed("NOPE")
+    assert (settings.pacs.associations_per_study, settings.xmpp.s5b_idle_timeout_s) == (2, 120.0)
 
 
 def test_environment_overrides(tmp_path: Path) -> None:
@@ -35,6 +36,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[queue]\nstable_age_s = "soon"', "queue.stable_age_s: 'soon' is not a number"),
         ('dicom = 3', "[dicom] must be a table"),
         ("[dicom\n", "not valid TOML"),
+        ('[pacs]\nassociations_per_study = 0', "pacs.associations_per_study: 0 is outside 1..16"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
