@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters.dicom_files import RejectedFile, header_from_part10_prefix, inspect_part10_file
-from adapters.spool import Spool, fsync_dir
+from adapters.spool import Spool, fsync_dir, fsync_file
 from gateway.manifest import DEFAULT_CHUNK_BYTES, MAGIC, MAX_MANIFEST_BYTES, BundleError, BundleFile, Manifest, resume_offset
 from gateway.model import InstanceHeader, StagedFile
 from gateway.service import IngestService
@@ -209,7 +209,7 @@ class InboundBundle:
             self._fd = -1
         for path, _size in self._segments():
             if path.exists():
-                _fsync(path)
+                fsync_file(path)
         log.info("bundle %s from %s paused at %d of %d bytes: %s", self.manifest_sha256[:12], self.peer_jid, self.offset, self.size, reason)
 
     # -- the end --------------------------------------------------------------------------------
@@ -267,10 +267,3 @@ class InboundBundle:
             raise BundleError(f"instance {entry.sop_instance_uid} does not match its manifest entry")
         return header
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue
 import socket
 import threading
 import zlib
@@ -255,9 +256,6 @@ class StreamingImport:
     the regular import does the rest."""
 
     def __init__(self, client: PacsClient, manifest: Manifest) -> None:
-        import queue
-        import threading
-
         self.client = client
         self.pairs = [(f.sop_class_uid, f.transfer_syntax_uid) for f in manifest.files]
         self.outcomes: dict[str, PacsOutcome] = {}

@@ -88,7 +88,7 @@ class Spool:
 
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(lambda f: _fsync_file(f.temp_path), staged))
+                list(pool.map(lambda f: fsync_file(f.temp_path), staged))
         except OSError as exc:
             raise _as_spool_error(exc) from exc
 
@@ -165,11 +165,11 @@ class Spool:
             if exc.errno != errno.EXDEV:
                 raise
             shutil.copy2(source, target)
-            _fsync_file(target)
+            fsync_file(target)
             os.unlink(source)
         reason_path = target.with_name(target.name + ".reason.txt")
         reason_path.write_text(f"{reason}\noriginal path: {source}\nquarantined at: {stamp}\n", encoding="utf-8")
-        _fsync_file(reason_path)
+        fsync_file(reason_path)
         fsync_dir(self.quarantine_dir)
         return target
 
@@ -244,7 +244,8 @@ def _make_dirs(directory: Path, root: Path) -> list[Path]:
     return created
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """fsync a file by name (it was written and closed before)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

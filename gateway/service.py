@@ -81,22 +81,22 @@ class IngestService:
         dropped; conflicting copies are kept beside and flagged, as in :meth:`ingest`. If the transaction
         fails, the placed files stay where the identical bytes of a retry will land."""
         with self._lock:
-            rows = []
+            known = self._store.hashes_by_uid(header.sop_instance_uid for header, _ in items)
+            rows, placed = [], []
             for header, staged in items:
-                copies = self._store.instance_hashes(header.sop_instance_uid)
-                if any(sha256 == staged.sha256 for sha256, _ in copies) or any(
-                    r[0].sop_instance_uid == header.sop_instance_uid and r[3] == staged.sha256 for r in rows
-                ):
+                copies = known.setdefault(header.sop_instance_uid, set())
+                if staged.sha256 in copies:
                     if not keep_source:
                         self._spool.discard(staged)
                     continue
-                conflict = bool(copies) or any(r[0].sop_instance_uid == header.sop_instance_uid for r in rows)
+                conflict = bool(copies)
                 relative = self._spool.relative_path(header, staged.sha256, conflict)
-                placed = self._spool.place(staged, relative, sync=False, keep_source=keep_source)
-                rows.append((header, relative, staged.size_bytes, staged.sha256, conflict, placed))
-            self._spool.sync_dirs([r[5] for r in rows])
+                placed.append(self._spool.place(staged, relative, sync=False, keep_source=keep_source))
+                copies.add(staged.sha256)
+                rows.append((header, relative, staged.size_bytes, staged.sha256, conflict))
+            self._spool.sync_dirs(placed)
             if rows:
-                self._store.record_instances([r[:5] for r in rows], source, origin_peer)
+                self._store.record_instances(rows, source, origin_peer)
         return len(rows)
 
 

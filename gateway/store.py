@@ -11,7 +11,7 @@ Contract
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -237,6 +237,18 @@ class QueueStore:
         with self._engine.connect() as conn:
             rows = conn.execute(_SELECT_COPIES, {"uid": sop_instance_uid}).all()
         return [(r.sha256, r.spool_path) for r in rows]
+
+    def hashes_by_uid(self, sop_instance_uids: Iterable[str]) -> dict[str, set[str]]:
+        """SHA-256 of every stored copy of each SOP Instance UID (one query per 500 UIDs, a bundle's worth)."""
+        uids = list(dict.fromkeys(sop_instance_uids))
+        found: dict[str, set[str]] = {}
+        with self._engine.connect() as conn:
+            for start in range(0, len(uids), 500):
+                query = select(InstanceRow.sop_instance_uid, InstanceRow.sha256).where(
+                    InstanceRow.sop_instance_uid.in_(uids[start : start + 500]))
+                for uid, sha256 in conn.execute(query):
+                    found.setdefault(uid, set()).add(sha256)
+        return found
 
     def record_instance(
         self,

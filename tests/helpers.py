@@ -111,9 +111,7 @@ class TamperingRelay:
                 if upstream and not self.tampered.is_set() and seen + len(data) > self.after_bytes:
                     self.tampered.set()
                     if self.mode == "cut":
-                        import time
-
-                        time.sleep(0.5)  # let what already passed drain to the receiver before the cut
+                        _drain(dst)  # what already passed reaches the proxy before the cut
                         break
                     index = max(0, self.after_bytes - seen)
                     data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]
@@ -133,3 +131,20 @@ class TamperingRelay:
 
     def stop(self) -> None:
         self._listener.close()
+
+
+def _drain(sock: object, timeout_s: float = 10.0) -> None:
+    """Half-close ``sock`` and poll until the peer has acknowledged every byte sent (SIOCOUTQ = 0)."""
+    import fcntl
+    import socket
+    import struct
+    import termios
+
+    def unacknowledged() -> int:
+        fd = sock.fileno()  # type: ignore[attr-defined]
+        if fd < 0:  # the other pump closed it: the proxy answered our FIN, so it had every byte
+            return 0
+        return struct.unpack("I", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+    sock.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+    wait_for(lambda: unacknowledged() == 0, timeout_s, 0.01, what="the relay's sent bytes to be acknowledged")
