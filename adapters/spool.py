@@ -168,8 +168,10 @@ class Spool:
             fsync_file(target)
             os.unlink(source)
         reason_path = target.with_name(target.name + ".reason.txt")
-        reason_path.write_text(f"{reason}\noriginal path: {source}\nquarantined at: {stamp}\n", encoding="utf-8")
-        fsync_file(reason_path)
+        partial = target.with_name(target.name + ".reason.part")  # the reason appears whole or not at all
+        partial.write_text(f"{reason}\noriginal path: {source}\nquarantined at: {stamp}\n", encoding="utf-8")
+        fsync_file(partial)
+        os.replace(partial, reason_path)
         fsync_dir(self.quarantine_dir)
         return target
 
