@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from adapters.dicom_scp import StorageSCP
 from adapters.dicom_scu import EchoResult, echo
@@ -22,10 +24,12 @@ from adapters.spool import Spool
 from adapters.inbox import InboundBundle
 from adapters.pacs import PacsClient, StreamingImport
 from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
+from adapters.xmpp.e2e import Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.model import IngestResult
+from gateway.pins import redact
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
@@ -41,6 +45,19 @@ def run_demo(as_json: bool = False, builtin_pacs: bool = False) -> dict:
     from adapters.demo import run_demo as demo
 
     return demo(as_json=as_json, builtin_pacs=builtin_pacs)
+
+
+def identity_paths(settings: Settings) -> tuple[Path, Path]:
+    """Key and certificate files; a relative path (settings built in code) sits beside the spool."""
+    base = settings.paths.spool_dir.parent
+    x = settings.xmpp
+    return tuple(p if p.is_absolute() else base / p for p in (x.identity_key_file, x.identity_cert_file))  # type: ignore[return-value]
+
+
+def load_identity(settings: Settings) -> tuple[Identity, bool]:
+    """This gateway's end-to-end identity, made on first use: (identity, created)."""
+    key_path, cert_path = identity_paths(settings)
+    return ensure_identity(key_path, cert_path, settings.xmpp.jid.split("/")[0] or settings.dicom.ae_title)
 
 
 def open_store(settings: Settings) -> QueueStore:
@@ -84,6 +101,7 @@ class Gateway:
         )
 
         self.agent: GatewayAgent | None = None
+        self.identity: Identity | None = None
         self.dispatcher: Dispatcher | None = None
         self.inbound_policy: InboundPolicy | None = None
         self.receipts: ReceiptSender | None = None
@@ -94,8 +112,13 @@ class Gateway:
         """On the running loop: slixmpp binds to the event loop current at construction."""
         x = self.settings.xmpp
         methods = tuple({"s5b": NS_S5B, "ibb": NS_IBB}[m] for m in x.methods)
+        self.identity, created = load_identity(self.settings)
+        if created:
+            self._audit("identity_created", f"new end-to-end identity, certificate SHA-256 {self.identity.fingerprint}")
+        log.info("end-to-end identity: certificate SHA-256 %s", self.identity.fingerprint)
         self.inbound_policy = InboundPolicy(
-            self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed
+            self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
+            pin_for=self.pin_for, require_e2e=x.require_e2e,
         )
         self.agent = GatewayAgent(
             AgentSettings(
@@ -103,6 +126,8 @@ class Gateway:
                 ibb_block_bytes=x.ibb_block_bytes, ibb_window=x.ibb_window, verdict_timeout_s=x.verdict_timeout_s,
                 s5b_idle_timeout_s=x.s5b_idle_timeout_s,
                 proxy_address=_host_port(x.s5b_proxy) if x.s5b_proxy else None,
+                ca_file=str(x.ca_file) if x.ca_file else "", server_cert_sha256=x.server_cert_sha256,
+                identity=self.identity, require_e2e=x.require_e2e, stream_start_timeout_s=x.stream_start_timeout_s,
             ),
             _Inbound(self),
         )
@@ -112,6 +137,10 @@ class Gateway:
             retry_base_s=x.retry_base_s, retry_max_s=x.retry_max_s, receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends,
         )
         self.receipts = ReceiptSender(self.store, self.agent)
+
+    def pin_for(self, peer_jid: str) -> str | None:
+        """The peer's pinned certificate: `dicomgw peers add --fingerprint` first, then the TOML file."""
+        return self.store.peer_fingerprint(peer_jid) or self.settings.xmpp.pin_for(peer_jid)
 
     def _capacity_changed(self, full: bool) -> None:
         if self.agent is not None and self._loop is not None:
@@ -234,7 +263,8 @@ class _Inbound:
 
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         assert self.gateway.inbound_policy is not None
-        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.study_instance_uid, offer.manifest_sha256)
+        cert = fingerprint(offer.cert_der) if offer.cert_der else None
+        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert)
 
     def receipt(self, peer_jid: str, receipt: Receipt) -> str:
         outcome = self.gateway.store.confirm_delivery(
@@ -242,16 +272,31 @@ class _Inbound:
             f"{receipt.instances} instance(s): {receipt.detail}",
         )
         self.gateway.store.audit("receipt", f"{'delivery' if receipt.delivered else 'failure'} receipt from {peer_jid} for "
-                                 f"study {receipt.study_instance_uid} (bundle {receipt.bundle_sha256[:12]}): {outcome}")
+                                 f"bundle {receipt.bundle_sha256[:12]}: {outcome}")
         return outcome
 
+    def pin_for(self, peer_jid: str) -> str | None:
+        return self.gateway.pin_for(peer_jid)
+
+    def security_event(self, peer_jid: str, text: str) -> None:
+        self.gateway.store.audit("e2e_refused", text)
+
+    def status_changed(self, status: dict) -> None:
+        self.gateway.store.set_runtime_status("xmpp", json.dumps(status, default=str))
+
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
-        early = _EarlyImport(self.gateway.pacs) if self.gateway.pacs is not None else None
-        bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size,
-                               on_file=early.feed if early else None)
-        if early is not None:
-            early.bundle = bundle
-        return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb", early)
+        """Takes over the admission ``authorize`` gave: released here if the sink cannot be made."""
+        try:
+            early = _EarlyImport(self.gateway.pacs) if self.gateway.pacs is not None else None
+            bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size,
+                                   on_file=early.feed if early else None)
+            if early is not None:
+                early.bundle = bundle
+            return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb", early)
+        except BaseException:
+            assert self.gateway.inbound_policy is not None
+            self.gateway.inbound_policy.release()
+            raise
 
 
 class _EarlyImport:
@@ -286,9 +331,15 @@ class _AuditedSink:
         self.bundle_key = offer.manifest_sha256
         self._ended = False
         self._last_progress = 0.0
-        self.unit_id = gateway.store.begin_receiving(
-            offer.study_instance_uid, peer_jid, offer.size, bundle.offset, method, offer.manifest_sha256
-        )
+        self.unit_id: int | None = None  # the offer names no study: the unit is made when the manifest arrives
+        self._begin()
+
+    def _begin(self) -> None:
+        manifest = self.bundle.manifest
+        if self.unit_id is None and manifest is not None:
+            self.unit_id = self.gateway.store.begin_receiving(
+                manifest.study_instance_uid, self.peer_jid, self.size, self.bundle.offset, self.method, self.offer.manifest_sha256
+            )
 
     @property
     def offset(self) -> int:
@@ -296,12 +347,27 @@ class _AuditedSink:
 
     def write(self, data: bytes | memoryview) -> None:
         self.bundle.write(data)
+        if self.unit_id is None:
+            self._begin()
         now = time.monotonic()
-        if now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"
+        if self.unit_id is not None and now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"
             self._last_progress = now
             self.gateway.store.set_progress(self.unit_id, self.bundle.offset)
 
+    def _redacted(self, text: str) -> str:
+        """What the verdict may say over the XMPP server: no study or instance UID."""
+        manifest = self.bundle.manifest
+        if manifest is None:
+            return text
+        return redact(text, manifest.study_instance_uid, [f.sop_instance_uid for f in manifest.files])
+
     def finish(self) -> tuple[bool, str]:
+        self._begin()
+        if self.unit_id is None:  # no valid manifest came: fails, and what came goes to quarantine
+            ok, detail = self.bundle.finish()
+            self._end("rejected", detail)
+            return False, detail
+
         def verified() -> None:
             self.gateway.store.transition(
                 self.unit_id, State.RECEIVED, f"bundle verified ({self.size} bytes over {self.method})", None,
@@ -327,7 +393,7 @@ class _AuditedSink:
             if state in (State.RECEIVING.value, State.RECEIVED.value):
                 self.gateway.store.transition(self.unit_id, State.FAILED, f"rejected: {detail}", detail)
         self._end("received" if ok else "rejected", None if ok else detail)
-        return ok, detail
+        return ok, self._redacted(detail)
 
     def _after_early_import(self) -> None:
         assert self.early is not None

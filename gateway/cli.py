@@ -3,7 +3,9 @@
     dicomgw run [--config FILE]
     dicomgw queue [--state STATE] [--json] [--config FILE]
     dicomgw queue show STUDY_UID [--json] [--config FILE]
-    dicomgw peers [list|add JID|remove JID] [--json]
+    dicomgw peers [list|add JID [--fingerprint SHA256]|remove JID] [--json]
+    dicomgw keys [show|init] [--json]
+    dicomgw status [--json]
     dicomgw queue retry UNIT_ID
     dicomgw audit [--transfers] [--limit N] [--json]
     dicomgw echo AE@HOST:PORT [--calling-ae AE]
@@ -65,8 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
     peers.add_argument("jid", nargs="?", help="peer gateway JID per the naming standard, e.g. radiology.hospital-b@helsenett.test")
     peers.add_argument("--name", default="", help="a label for people")
+    peers.add_argument("--fingerprint", help="the peer's certificate SHA-256 (its `dicomgw keys show`), verified out of band")
     peers.add_argument("--json", action="store_true")
     peers.set_defaults(handler=_cmd_peers)
+
+    keys = sub.add_parser("keys", help="this gateway's end-to-end identity (key and self-signed certificate)")
+    _config_option(keys)
+    keys.add_argument("action", nargs="?", choices=["show", "init"], default="show")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(handler=_cmd_keys)
+
+    status = sub.add_parser("status", help="the running gateway's XMPP connection: state, server, TLS, last error")
+    _config_option(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_cmd_status)
 
     audit = sub.add_parser("audit", help="the audit log: state moves, refusals, quarantines, transfers")
     _config_option(audit)
@@ -124,8 +138,17 @@ def _cmd_peers(args: argparse.Namespace) -> int:
             print(f"dicomgw peers {args.action}: {exc}", file=sys.stderr)
             return 2
         if args.action == "add":
-            store.add_peer(bare, args.name)
-            print(f"{bare} may now exchange studies with this gateway")
+            from gateway.pins import normalize_fingerprint
+
+            try:
+                pin = normalize_fingerprint(args.fingerprint) if args.fingerprint else None
+            except ValueError as exc:
+                print(f"dicomgw peers add: --fingerprint: {exc}", file=sys.stderr)
+                return 2
+            store.add_peer(bare, args.name, pin)
+            print(f"{bare} may now exchange studies with this gateway"
+                  + (f" (certificate pinned: SHA-256 {pin})" if pin else
+                     "; no certificate pinned yet: nothing is exchanged until `--fingerprint` is given"))
             return 0
         if not store.remove_peer(bare):
             print(f"dicomgw peers remove: {bare} is not a known peer", file=sys.stderr)
@@ -139,12 +162,54 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"Peers: {sum(r['allowed'] for r in rows)} allowed")
-    for column in ("JID", "Name", "Allowed", "Since"):
+    for column in ("JID", "Name", "Allowed", "Pinned certificate SHA-256", "Since"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["jid"], r["name"] or "-", "yes" if r["allowed"] else "no", r["created_at"][:19])
+        table.add_row(r["jid"], r["name"] or "-", "yes" if r["allowed"] else "no", r["fingerprint"] or "-", r["created_at"][:19])
     _console().print(table)
     return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """``init`` makes the identity if there is none (never replaces one); ``show`` prints its fingerprint."""
+    from gateway.bootstrap import identity_paths, load_identity
+    from gateway.pins import grouped
+
+    settings = load_settings(args.config)
+    key_path, cert_path = identity_paths(settings)
+    if args.action == "show" and not key_path.exists():
+        print(f"dicomgw keys: no identity yet at {key_path}; make one with `dicomgw keys init`", file=sys.stderr)
+        return 1
+    try:
+        identity, created = load_identity(settings)
+    except (OSError, ValueError) as exc:
+        print(f"dicomgw keys: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"fingerprint": identity.fingerprint, "certificate": str(cert_path), "key": str(key_path),
+                          "created": created}))
+        return 0
+    print(f"{'created' if created else 'identity'}: {cert_path} (key {key_path}, mode 600)")
+    print(f"SHA-256 {identity.fingerprint}")
+    print(f"        {grouped(identity.fingerprint)}")
+    print("Read it to the peer's operator; they pin it with `dicomgw peers add YOUR_JID --fingerprint SHA256`.")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    found = _store(settings).runtime_status("xmpp")
+    if found is None:
+        print("dicomgw status: no XMPP status recorded (is `dicomgw run` running with an [xmpp] jid?)", file=sys.stderr)
+        return 1
+    value, updated_at = found
+    status = {**json.loads(value), "recorded_at": updated_at.isoformat()}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error", "recorded_at"):
+            print(f"{key:>20}: {status.get(key) if status.get(key) is not None else '-'}")
+    return 0 if status.get("state") == "online" else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

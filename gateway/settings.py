@@ -26,6 +26,9 @@ from typing import Any
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
 
 
+SECRET_KEYS = ("password",)  # keys that must not sit in a file others can read
+
+
 class SettingsError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 
@@ -84,6 +87,16 @@ class XmppSettings:
     s5b_proxy: str = ""  # "host:port" to use instead of the address the server's proxy advertises
     receipt_timeout_s: float = 3600.0  # a sent study without a delivery receipt after this is sent again
     max_sends: int = 3  # ... at most this many times in all, then it is marked failed
+    ca_file: Path | None = None  # PEM CA(s) for the XMPP server's certificate; None: the system store
+    server_cert_sha256: str = ""  # optional pin of the XMPP server's certificate
+    identity_key_file: Path = Path("var/identity/gateway.key")  # this gateway's end-to-end identity (0600)
+    identity_cert_file: Path = Path("var/identity/gateway.crt")
+    require_e2e: bool = True  # false (lab only): peers without a pinned certificate exchange in plaintext
+    peer_pins: tuple[tuple[str, str], ...] = ()  # (bare JID, certificate SHA-256) from the TOML `peers`
+    stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+
+    def pin_for(self, peer_jid: str) -> str | None:
+        return next((fp for jid, fp in self.peer_pins if jid == peer_jid), None)
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +173,14 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{config_path}: not valid TOML: {exc}") from None
     env = os.environ if environ is None else environ
+    inline = [f"{name}.{key}" for name, table in raw.items() if isinstance(table, Mapping)
+              for key in SECRET_KEYS if table.get(key)]
+    mode = config_path.stat().st_mode
+    if inline and mode & 0o077:
+        raise SettingsError(
+            f"{config_path} holds a secret ({', '.join(inline)}) and may be read by others (mode {mode & 0o777:o}): "
+            f"chmod 600 it, or move the secret to password_file / DICOMGW_XMPP_PASSWORD"
+        )
     base_dir = (config_path.parent / str(raw.get("base_dir", "."))).resolve()
     return settings_from_mapping(raw, base_dir, env, source=config_path)
 
@@ -202,7 +223,7 @@ def settings_from_mapping(
         scan_interval_s=_float(watch_raw.get("scan_interval_s", 0.5), "watch.scan_interval_s", 0.05),
     )
     return Settings(
-        dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ),
+        dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ, base_dir),
         routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
         pacs=_pacs(_table(raw, "pacs"), dicom.ae_title),
         retention=RetentionSettings(
@@ -231,11 +252,51 @@ def _pacs(raw: Mapping[str, Any], own_ae_title: str) -> PacsSettings:
     )
 
 
-def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
+def _peers(raw: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """``peers = ["jid", { jid = "...", fingerprint = "..." }]``: the allowed JIDs and their pins."""
+    from gateway.pins import normalize_fingerprint
+
+    if not isinstance(raw, list):
+        raise SettingsError("xmpp.peers: must be a list of JIDs or { jid, fingerprint } tables")
+    jids: list[str] = []
+    pins: list[tuple[str, str]] = []
+    for item in raw:
+        if isinstance(item, Mapping):
+            jid = str(item.get("jid", ""))
+            if item.get("fingerprint"):
+                try:
+                    pins.append((jid, normalize_fingerprint(str(item["fingerprint"]))))
+                except ValueError as exc:
+                    raise SettingsError(f"xmpp.peers: {jid}: {exc}") from None
+        else:
+            jid = str(item)
+        jids.append(jid)
+    return tuple(jids), tuple(pins)
+
+
+def _secret(raw: Mapping[str, Any], key: str, environ: Mapping[str, str], env_key: str, base_dir: Path) -> str:
+    """A secret from the environment, from ``<key>_file`` (a file only its owner may read), or inline."""
+    if environ.get(env_key):
+        return str(environ[env_key])
+    file_value = raw.get(f"{key}_file")
+    if file_value:
+        path = _path(file_value, base_dir)
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise SettingsError(f"xmpp.{key}_file: cannot read {path}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise SettingsError(f"xmpp.{key}_file: {path} may be read by others (mode {mode & 0o777:o}); chmod 600 it")
+        return path.read_text().strip()
+    return str(raw.get(key, ""))
+
+
+def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = Path(".")) -> XmppSettings:
     from gateway.addressing import AddressError, parse
+    from gateway.pins import normalize_fingerprint
 
     jid = str(environ.get("DICOMGW_XMPP_JID", raw.get("jid", "")))
-    peers = tuple(str(p) for p in raw.get("peers", []))
+    peers, peer_pins = _peers(raw.get("peers", []))
     try:
         if jid:
             parse(jid)
@@ -243,12 +304,18 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
             parse(peer)
     except AddressError as exc:
         raise SettingsError(f"xmpp: {exc}") from None
+    server_pin = str(raw.get("server_cert_sha256", ""))
+    if server_pin:
+        try:
+            server_pin = normalize_fingerprint(server_pin)
+        except ValueError as exc:
+            raise SettingsError(f"xmpp.server_cert_sha256: {exc}") from None
     methods = tuple(str(m) for m in raw.get("methods", ["s5b", "ibb"]))
     if not methods or any(m not in ("s5b", "ibb") for m in methods):
         raise SettingsError(f"xmpp.methods: {list(methods)!r} must list 's5b' and/or 'ibb'")
     return XmppSettings(
         jid=jid,
-        password=str(environ.get("DICOMGW_XMPP_PASSWORD", raw.get("password", ""))),
+        password=_secret(raw, "password", environ, "DICOMGW_XMPP_PASSWORD", base_dir),
         host=str(raw.get("host", "127.0.0.1")),
         port=_int(raw.get("port", 5222), "xmpp.port", 1, 65535),
         use_tls=bool(raw.get("use_tls", True)),
@@ -266,6 +333,13 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str]) -> XmppSettings:
         s5b_proxy=str(raw.get("s5b_proxy", "")),
         receipt_timeout_s=_float(raw.get("receipt_timeout_s", 3600.0), "xmpp.receipt_timeout_s", 0.1),
         max_sends=_int(raw.get("max_sends", 3), "xmpp.max_sends", 1, 1000),
+        ca_file=_path(raw["ca_file"], base_dir) if raw.get("ca_file") else None,
+        server_cert_sha256=server_pin,
+        identity_key_file=_path(raw.get("identity_key_file", "var/identity/gateway.key"), base_dir),
+        identity_cert_file=_path(raw.get("identity_cert_file", "var/identity/gateway.crt"), base_dir),
+        require_e2e=bool(raw.get("require_e2e", True)),
+        peer_pins=peer_pins,
+        stream_start_timeout_s=_float(raw.get("stream_start_timeout_s", 60.0), "xmpp.stream_start_timeout_s", 0.1),
     )
 
 

@@ -124,6 +124,7 @@ class PeerRow(Base):
     name: Mapped[str] = mapped_column(String(255), default="")
     allowed: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)  # pinned certificate SHA-256
 
 
 class TransferRow(Base):
@@ -155,6 +156,17 @@ class AuditRow(Base):
     from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    repeat_count: Mapped[int] = mapped_column(Integer, default=1)  # aggregated refusals (see audit_repeated)
+
+
+class RuntimeStatusRow(Base):
+    """What a running gateway reports about itself (the XMPP connection), read by `dicomgw status`."""
+
+    __tablename__ = "runtime_status"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 # Hot-path statements, built once (expression construction costs more than SQLite's own work here).
@@ -415,7 +427,7 @@ class QueueStore:
                     StudyUnitRow.study_instance_uid == study_instance_uid,
                     StudyUnitRow.origin_peer == origin_peer,
                     StudyUnitRow.state == State.RECEIVING.value,
-                )
+                ).order_by(StudyUnitRow.id.desc()).limit(1)
             )
             now = utcnow()
             if unit is None:
@@ -621,7 +633,6 @@ class QueueStore:
                 select(StudyUnitRow).where(
                     StudyUnitRow.origin_peer.is_(None),
                     StudyUnitRow.destination == peer_bare,
-                    StudyUnitRow.study_instance_uid == study_instance_uid,
                     StudyUnitRow.bundle_sha256 == bundle_sha256,
                 ).order_by(StudyUnitRow.id.desc()).with_for_update()
             )
@@ -695,15 +706,22 @@ class QueueStore:
         ]
 
     # -- peers --------------------------------------------------------------------------------------
-    def add_peer(self, jid: str, name: str = "") -> None:
+    def add_peer(self, jid: str, name: str = "", fingerprint: str | None = None) -> None:
         with self._unit_of_work() as session:
             existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
             if existing is None:
-                session.add(PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow()))
+                existing = PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow())
+                session.add(existing)
             else:
                 existing.allowed = True
                 existing.name = name or existing.name
-            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies"))
+            pinned = ""
+            if fingerprint:
+                pinned = f"; certificate pinned to SHA-256 {fingerprint}"
+                if existing.fingerprint and existing.fingerprint != fingerprint:
+                    pinned = f"; certificate pin changed from {existing.fingerprint} to {fingerprint}"
+                existing.fingerprint = fingerprint
+            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies{pinned}"))
 
     def remove_peer(self, jid: str) -> bool:
         with self._unit_of_work() as session:
@@ -717,7 +735,12 @@ class QueueStore:
     def peers(self) -> list[dict[str, Any]]:
         with self._sessions() as session:
             rows = session.scalars(select(PeerRow).order_by(PeerRow.jid)).all()
-        return [{"jid": r.jid, "name": r.name, "allowed": r.allowed, "created_at": r.created_at.isoformat()} for r in rows]
+        return [{"jid": r.jid, "name": r.name, "allowed": r.allowed, "fingerprint": r.fingerprint,
+                 "created_at": r.created_at.isoformat()} for r in rows]
+
+    def peer_fingerprint(self, jid: str) -> str | None:
+        with self._sessions() as session:
+            return session.scalar(select(PeerRow.fingerprint).where(PeerRow.jid == jid, PeerRow.allowed.is_(True)))
 
     def peer_allowed(self, jid: str) -> bool:
         with self._sessions() as session:
@@ -773,6 +796,34 @@ class QueueStore:
                 AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=study_instance_uid, event=event_name, detail=detail)
             )
 
+    def audit_repeated(self, event_name: str, key: str, detail: str, window_s: float = 60.0) -> None:
+        """One row per ``key`` (e.g. a refused sender) and ``window_s``: a repeat within the window only
+        counts (``repeat_count``), so a flood of refusals cannot flood the audit log."""
+        since = utcnow() - timedelta(seconds=window_s)
+        marker = f"[{key}] "
+        with self._unit_of_work() as session:
+            row = session.scalar(
+                select(AuditRow).where(AuditRow.event == event_name, AuditRow.at >= since, AuditRow.detail.startswith(marker, autoescape=True))
+                .order_by(AuditRow.id.desc()).limit(1).with_for_update()
+            )
+            if row is None:
+                session.add(AuditRow(at=utcnow(), event=event_name, detail=marker + detail))
+            else:
+                row.repeat_count += 1
+
+    def set_runtime_status(self, name: str, value: str) -> None:
+        with self._unit_of_work() as session:
+            row = session.get(RuntimeStatusRow, name)
+            if row is None:
+                session.add(RuntimeStatusRow(name=name, value=value, updated_at=utcnow()))
+            else:
+                row.value, row.updated_at = value, utcnow()
+
+    def runtime_status(self, name: str) -> tuple[str, datetime] | None:
+        with self._sessions() as session:
+            row = session.get(RuntimeStatusRow, name)
+            return (row.value, row.updated_at) if row is not None else None
+
     def audit_entries(self, limit: int = 100, unit_id: int | None = None) -> list[dict[str, Any]]:
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
         if unit_id is not None:
@@ -789,6 +840,7 @@ class QueueStore:
                 "from_state": r.from_state,
                 "to_state": r.to_state,
                 "detail": r.detail,
+                "count": r.repeat_count,
             }
             for r in rows
         ]

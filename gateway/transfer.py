@@ -8,9 +8,12 @@ Sender side (:class:`Dispatcher`, run on the asyncio loop)
   ``received``; a refusal, a cut stream or a rejected bundle goes back to ``queued`` with the reason and a
   backoff; every attempt is a ``transfers`` row (sid, method, offset, bytes, outcome, error).
 
-Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused ``forbidden``, audited),
-up to ``max_study_bytes`` (``not-acceptable``), and at most ``max_inbound`` at once (``resource-constraint``,
-and the agent shows ``dnd`` while full).
+Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused ``forbidden``, audited
+once per sender and minute with a count), whose certificate is the one pinned for them (``not-authorized``,
+audited; without a pin only when ``require_e2e`` is off), up to ``max_study_bytes`` (``not-acceptable``),
+and at most ``max_inbound`` at once (``resource-constraint``, and the agent shows ``dnd`` while full).
+Nothing said to the peer over the XMPP server names a study: receipts and verdicts refer to the bundle by
+the SHA-256 of its manifest, and their texts are redacted (``gateway.pins.redact``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gateway.addressing import destination_jid
 from gateway.lifecycle import State
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import StudySummary
+from gateway.pins import redact
 from gateway.store import QueueStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -69,10 +73,8 @@ class SenderPort(Protocol):
     def send_bundle(
         self,
         peer_full_jid: str,
-        name: str,
         size: int,
         manifest_sha256: str,
-        study_instance_uid: str,
         stream_from: Callable[[int], Iterator[bytes]],
         progress: Callable[[int, str], None],
     ) -> Awaitable[SendOutcome]: ...
@@ -179,10 +181,8 @@ class Dispatcher:
         started = utcnow()
         outcome = await self.sender.send_bundle(
             full_jid,
-            f"study-{unit.study_instance_uid}-{unit.unit_seq}.dgwb",
             size,
             hashlib.sha256(encoded).hexdigest(),
-            unit.study_instance_uid,
             lambda offset: stream_bundle(manifest, paths, offset),
             progress.update,
         )
@@ -249,8 +249,11 @@ class InboundPolicy:
     """Which offers the receiving gateway accepts (thread-safe counter of active inbound transfers)."""
 
     def __init__(self, store: QueueStore, allowed_peers: tuple[str, ...], max_study_bytes: int, max_inbound: int,
-                 on_capacity: Callable[[bool], None] | None = None) -> None:
+                 on_capacity: Callable[[bool], None] | None = None,
+                 pin_for: Callable[[str], str | None] | None = None, require_e2e: bool = True) -> None:
         self.store = store
+        self.pin_for = pin_for or (lambda _jid: None)
+        self.require_e2e = require_e2e
         self.allowed_peers = allowed_peers
         self.max_study_bytes = max_study_bytes
         self.max_inbound = max_inbound
@@ -258,29 +261,47 @@ class InboundPolicy:
         self.active = 0
         self._lock = threading.Lock()
 
-    def authorize(self, peer_bare: str, size: int, study_uid: str, bundle_sha256: str = "") -> tuple[str, str] | None:
+    def authorize(self, peer_bare: str, size: int, bundle_sha256: str = "", cert_sha256: str | None = None) -> tuple[str, str] | None:
+        """None to admit (then :meth:`release` must follow on every path), else (stanza condition, text).
+        ``cert_sha256``: the fingerprint of the certificate the offer carries (None: a plaintext offer)."""
+        bundle = bundle_sha256[:12] or "?"
         if peer_bare not in self.allowed_peers and not self.store.peer_allowed(peer_bare):
-            self.store.audit("offer_refused", f"offer of study {study_uid or '?'} from {peer_bare}: not an allowed peer")
+            self.store.audit_repeated("offer_refused", peer_bare, f"offer from {peer_bare}: not an allowed peer")
             return "forbidden", f"{peer_bare} is not an allowed peer of this gateway"
+        refusal = self._check_pin(peer_bare, cert_sha256)
+        if refusal is not None:
+            self.store.audit("e2e_refused", f"offer of bundle {bundle} from {peer_bare}: {refusal}")
+            return "not-authorized", refusal
         held = self.store.inbound_bundle_state(peer_bare, bundle_sha256) if bundle_sha256 else None
         if held is not None:
             unit_id, state = held
             if state in (State.DELIVERED.value, State.FAILED.value):
                 self.store.resend_receipt(unit_id, f"{peer_bare} offered bundle {bundle_sha256[:12]} again: receipt sent again")
-            self.store.audit("offer_refused", f"study {study_uid} from {peer_bare}: this bundle is already here ({state})",
-                             unit_id, study_uid)
+            self.store.audit("offer_refused", f"bundle {bundle} from {peer_bare}: already here ({state})", unit_id)
             return "conflict", f"already received here (unit {unit_id}, {state}); the receipt follows"
         if size < 0 or size > self.max_study_bytes:
-            self.store.audit("offer_refused", f"offer of study {study_uid} from {peer_bare}: {size} bytes over the limit")
+            self.store.audit("offer_refused", f"offer of bundle {bundle} from {peer_bare}: {size} bytes over the limit")
             return "not-acceptable", f"study of {size} bytes exceeds this gateway's limit of {self.max_study_bytes}"
         with self._lock:
             if self.active >= self.max_inbound:
                 return "resource-constraint", f"busy: {self.active} inbound transfer(s) running"
             self.active += 1
             full = self.active >= self.max_inbound
-        self.store.audit("offer_accepted", f"study {study_uid} ({size} bytes) from {peer_bare}")
+        self.store.audit("offer_accepted", f"bundle {bundle} ({size} bytes) from {peer_bare}"
+                         f"{', end-to-end encrypted' if cert_sha256 else ', NOT encrypted (require_e2e is off)'}")
         if full and self.on_capacity:
             self.on_capacity(True)
+        return None
+
+    def _check_pin(self, peer_bare: str, cert_sha256: str | None) -> str | None:
+        pin = self.pin_for(peer_bare)
+        if cert_sha256 is None:
+            return "this gateway exchanges studies end-to-end encrypted only" if self.require_e2e or pin else None
+        if pin is None:
+            return (f"no certificate pinned for {peer_bare} (its SHA-256 is {cert_sha256}; verify it out of band, then "
+                    f"dicomgw peers add {peer_bare} --fingerprint SHA256)") if self.require_e2e else None
+        if pin != cert_sha256:
+            return f"certificate SHA-256 {cert_sha256} of {peer_bare} does not match the pin {pin}"
         return None
 
     def release(self) -> None:
@@ -306,10 +327,11 @@ class ReceiptSender:
             if peer is None:
                 continue
             delivered = unit.state == State.DELIVERED.value
-            receipt = Receipt(
-                unit.study_instance_uid, unit.bundle_sha256 or "", unit.instances, delivered,
-                (f"{unit.instances} instance(s) stored in the PACS" if delivered else (unit.error or "refused by the PACS")),
-            )
+            detail = f"{unit.instances} instance(s) stored in the PACS" if delivered else (unit.error or "refused by the PACS")
+            if not delivered:  # the PACS's text may name instances: not for the XMPP server's eyes
+                uids = [i.sop_instance_uid for i in await asyncio.to_thread(self.store.unit_instances, unit.unit_id)]
+                detail = redact(detail, unit.study_instance_uid, uids)
+            receipt = Receipt(unit.study_instance_uid, unit.bundle_sha256 or "", unit.instances, delivered, detail)
             ok, detail = await self.port.send_receipt(peer, receipt)
             if ok:
                 sent += 1

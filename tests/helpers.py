@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
-def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> T:
+def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, what: str | Callable[[], str] = "") -> T:
     """Poll ``predicate`` until it returns a truthy value or the deadline passes (then fail loudly)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -28,7 +28,7 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {(what() if callable(what) else what) or predicate}")
         time.sleep(interval_s)
 
 
@@ -148,3 +148,57 @@ def _drain(sock: object, timeout_s: float = 10.0) -> None:
 
     sock.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
     wait_for(lambda: unacknowledged() == 0, timeout_s, 0.01, what="the relay's sent bytes to be acknowledged")
+
+
+class CapturingRelay:
+    """A loopback TCP relay in front of a real server port that keeps every byte it relays, both ways
+    (what the XMPP server or its proxy could see). ``captured()`` joins them; ``stop()`` closes the listener."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: object, dst: object) -> None:
+        import socket
+
+        try:
+            while data := src.recv(1 << 16):  # type: ignore[attr-defined]
+                with self._lock:
+                    self._chunks.append(data)
+                dst.sendall(data)  # type: ignore[attr-defined]
+            dst.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+        except OSError:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+                except OSError:
+                    pass
+
+    def captured(self) -> bytes:
+        with self._lock:
+            return b"".join(self._chunks)
+
+    def stop(self) -> None:
+        self._listener.close()

@@ -4,13 +4,23 @@
   negotiation of the stream method and XEP-0300 hashes (the SHA-256 of the bundle's manifest).
 - XEP-0065 SOCKS5 Bytestreams (mediated through the server's proxy) and XEP-0047 In-Band Bytestreams.
 - ``urn:dicomgw:transfer:1``: the receiver's verdict on a completed bundle (ours; XEP-0096 has none), and
-  the delivery receipt: ``<receipt study=UID bundle=SHA-256 instances=N outcome='delivered'|'failed'>text``
-  sent by the receiving gateway (IQ set) once its PACS holds every instance, or refused one for good. The
+  the delivery receipt: ``<receipt bundle=SHA-256 instances=N outcome='delivered'|'failed'>text`` sent by
+  the receiving gateway (IQ set) once its PACS holds every instance, or refused one for good. The
   ``bundle`` digest is the SHA-256 of the manifest, which lists every instance's SHA-256.
+- ``urn:dicomgw:e2e:1``: ``<identity>`` in an offer carries the sender's certificate (base64 DER) for the
+  end-to-end channel (``adapters.xmpp.e2e``); an offer without it is a plaintext (lab-only) transfer.
+
+Nothing here names a patient or a study: an offer's file name is its stream id, it has no description,
+and a bundle is referred to by the SHA-256 of its manifest (opaque; the manifest itself travels inside
+the end-to-end channel). Parsers raise ``ValueError`` for anything malformed (turned into ``bad-request``
+before any admission).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -26,7 +36,11 @@ NS_HASHES = "urn:xmpp:hashes:2"
 NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_RESULT = "urn:dicomgw:transfer:1"
+NS_E2E = "urn:dicomgw:e2e:1"
 BUNDLE_MIME = "application/x-dicomgw-bundle"
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_CERT_BYTES = 16384
 
 
 def q(ns: str, tag: str) -> str:
@@ -39,14 +53,13 @@ class Offer:
     name: str
     size: int
     manifest_sha256: str
-    study_instance_uid: str
     methods: tuple[str, ...]
+    cert_der: bytes = b""  # the sender's certificate: the bundle travels end-to-end encrypted
 
 
 def build_offer(offer: Offer) -> ET.Element:
     si = ET.Element(q(NS_SI, "si"), {"id": offer.sid, "mime-type": BUNDLE_MIME, "profile": NS_FT})
     file_el = ET.SubElement(si, q(NS_FT, "file"), {"name": offer.name, "size": str(offer.size)})
-    ET.SubElement(file_el, q(NS_FT, "desc")).text = f"DICOM study {offer.study_instance_uid}"
     ET.SubElement(file_el, q(NS_FT, "range"))
     ET.SubElement(file_el, q(NS_HASHES, "hash"), {"algo": "sha-256"}).text = offer.manifest_sha256
     feature = ET.SubElement(si, q(NS_FEATURE, "feature"))
@@ -54,6 +67,8 @@ def build_offer(offer: Offer) -> ET.Element:
     field = ET.SubElement(form, q(NS_DATA, "field"), {"var": "stream-method", "type": "list-single"})
     for method in offer.methods:
         ET.SubElement(ET.SubElement(field, q(NS_DATA, "option")), q(NS_DATA, "value")).text = method
+    if offer.cert_der:
+        ET.SubElement(si, q(NS_E2E, "identity")).text = base64.b64encode(offer.cert_der).decode("ascii")
     return si
 
 
@@ -62,16 +77,30 @@ def parse_offer(si: ET.Element) -> Offer:
     file_el = si.find(q(NS_FT, "file"))
     if file_el is None or si.get("profile") != NS_FT:
         raise ValueError("not a file-transfer stream initiation")
-    desc = (file_el.findtext(q(NS_FT, "desc")) or "").removeprefix("DICOM study ").strip()
     hash_el = file_el.find(q(NS_HASHES, "hash"))
     methods = tuple(
         (v.text or "").strip()
         for v in si.iterfind(f"{q(NS_FEATURE, 'feature')}/{q(NS_DATA, 'x')}/{q(NS_DATA, 'field')}/{q(NS_DATA, 'option')}/{q(NS_DATA, 'value')}")
     )
     sha = (hash_el.text or "").strip() if hash_el is not None and hash_el.get("algo") == "sha-256" else ""
-    if not sha or len(sha) != 64:
-        raise ValueError("offer carries no SHA-256 of the bundle manifest")
-    return Offer(si.get("id", ""), file_el.get("name", ""), int(file_el.get("size", "-1")), sha, desc, methods)
+    if not HEX64.match(sha):
+        raise ValueError("offer carries no SHA-256 of the bundle manifest (64 lower-case hex digits)")
+    sid = si.get("id", "")
+    if not SID.match(sid):
+        raise ValueError("offer has no usable stream id (1-64 letters, digits, '_', '.', '-')")
+    size_text = file_el.get("size", "")
+    if not size_text.isdigit() or len(size_text) > 19:
+        raise ValueError(f"offer size {size_text[:32]!r} is not a whole number of bytes")
+    if any(m not in (NS_S5B, NS_IBB) for m in methods) or not methods:
+        raise ValueError("offer lists no stream method or an unknown one (XEP-0065, XEP-0047 only)")
+    cert_text = (si.findtext(q(NS_E2E, "identity")) or "").strip()
+    try:
+        cert_der = base64.b64decode(cert_text, validate=True) if cert_text else b""
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("offer's identity is not valid base64") from exc
+    if len(cert_der) > MAX_CERT_BYTES:
+        raise ValueError("offer's identity certificate is too large")
+    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der)
 
 
 def build_accept(method: str, offset: int) -> ET.Element:
@@ -90,8 +119,10 @@ def parse_accept(si: ET.Element | None) -> tuple[str, int]:
         raise ValueError("the accept carries no <si/>")
     method = si.findtext(f"{q(NS_FEATURE, 'feature')}/{q(NS_DATA, 'x')}/{q(NS_DATA, 'field')}/{q(NS_DATA, 'value')}") or ""
     range_el = si.find(f"{q(NS_FT, 'file')}/{q(NS_FT, 'range')}")
-    offset = int(range_el.get("offset", "0")) if range_el is not None else 0
-    return method.strip(), offset
+    offset_text = range_el.get("offset", "0") if range_el is not None else "0"
+    if not offset_text.isdigit() or len(offset_text) > 19:
+        raise ValueError(f"accept's offset {offset_text[:32]!r} is not a whole number")
+    return method.strip(), int(offset_text)
 
 
 def build_result(sid: str, outcome: str, detail: str = "") -> ET.Element:
@@ -102,7 +133,7 @@ def build_result(sid: str, outcome: str, detail: str = "") -> ET.Element:
 
 def build_receipt(receipt: Receipt) -> ET.Element:
     el = ET.Element(q(NS_RESULT, "receipt"), {
-        "study": receipt.study_instance_uid, "bundle": receipt.bundle_sha256, "instances": str(receipt.instances),
+        "bundle": receipt.bundle_sha256, "instances": str(receipt.instances),
         "outcome": "delivered" if receipt.delivered else "failed",
     })
     el.text = receipt.detail
@@ -115,6 +146,7 @@ def parse_receipt(el: ET.Element | None) -> Receipt:
         raise ValueError("no receipt")
     bundle = el.get("bundle", "")
     outcome = el.get("outcome", "")
-    if len(bundle) != 64 or outcome not in ("delivered", "failed") or not el.get("study"):
-        raise ValueError("receipt needs study, a 64-digit bundle digest and outcome delivered|failed")
-    return Receipt(el.get("study", ""), bundle, int(el.get("instances", "0")), outcome == "delivered", (el.text or "").strip())
+    instances = el.get("instances", "0")
+    if not HEX64.match(bundle) or outcome not in ("delivered", "failed") or not instances.isdigit() or len(instances) > 9:
+        raise ValueError("receipt needs a 64-digit bundle digest, a count of instances and outcome delivered|failed")
+    return Receipt("", bundle, int(instances), outcome == "delivered", (el.text or "").strip()[:2000])

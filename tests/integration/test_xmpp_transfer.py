@@ -20,6 +20,16 @@ DOMAIN = "helsenett.test"
 A_JID = f"radiology.hospital-a@{DOMAIN}"
 B_JID = f"radiology.hospital-b@{DOMAIN}"
 STRANGER_JID = f"radiology.hospital-x@{DOMAIN}"
+SITE_OF = {A_JID: "a", B_JID: "b", STRANGER_JID: "x"}  # each site's directory under tmp_path
+
+
+def site_identity(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
+    """A site's identity files (made on first use, as `dicomgw keys init` does) and its fingerprint."""
+    from adapters.xmpp.e2e import ensure_identity
+
+    key, cert = tmp_path / name / "identity" / "gateway.key", tmp_path / name / "identity" / "gateway.crt"
+    identity, _created = ensure_identity(key, cert, name)
+    return key, cert, identity.fingerprint
 
 
 PROXY65_VARIANT = Path(__file__).resolve().parents[2] / "conf" / "prosody" / "plugins"
@@ -55,12 +65,15 @@ def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tup
     settings = replace(settings, pacs=pacs or PacsSettings(),
                        dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae))
     local = jid.split("@")[0]
+    key, cert, _fp = site_identity(tmp_path, name)
+    pins = tuple((p, site_identity(tmp_path, SITE_OF[p])[2]) for p in peers if p in SITE_OF)
     settings = replace(
         settings,
         xmpp=replace(
             XmppSettings(
                 jid=f"{jid}/gw1", password=f"pw-{local}", host="127.0.0.1", port=prosody.c2s_port, use_tls=False,
                 peers=peers, retry_base_s=0.2, retry_max_s=1.0, verdict_timeout_s=60, dispatch_interval_s=0.1,
+                identity_key_file=key, identity_cert_file=cert, peer_pins=pins,
             ),
             **xmpp,
         ),
@@ -149,8 +162,10 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         # may already be on its next attempt).
         wait_for(lambda: any(e["to_state"] == "queued" and "forbidden" in e["detail"] for e in x.gateway.store.audit_entries()),
                  10, 0.05, what="the unit queued again with the refusal")
-        b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin")  # what `dicomgw peers add` does
-        wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1, what="the admitted peer's study to be sent")
+        # What `dicomgw peers add JID --fingerprint SHA256` does, the fingerprint read out of band.
+        b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin", site_identity(tmp_path, "x")[2])
+        wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1,
+                 what=lambda: f"the admitted peer's study to be sent: {x.gateway.store.transfers()[-3:]}")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
     finally:
         x.stop()
@@ -182,16 +197,20 @@ def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosod
 
 
 def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody: Prosody) -> None:
+    """Lab mode (no end-to-end channel): the receiver's SHA-256 check catches the flipped byte."""
     relay = TamperingRelay(prosody.proxy_port, after_bytes=300_000, mode="flip")
-    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
-    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", s5b_proxy=f"127.0.0.1:{relay.port}")
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), require_e2e=False, peer_pins=())
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b",
+                   s5b_proxy=f"127.0.0.1:{relay.port}", require_e2e=False, peer_pins=())
     try:
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=8, rows=256, columns=256)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
         outcomes = [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()]
         assert outcomes == [("s5b", "rejected"), ("s5b", "received")]
-        assert "SHA-256 mismatch" in (a.gateway.store.transfers()[0]["error"] or "")
+        error = a.gateway.store.transfers()[0]["error"] or ""
+        assert "SHA-256 mismatch for instance <instance " in error  # the verdict over XMPP names no UID
+        assert not any(uid in error for uid in study.sop_instance_uids)
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
         (reason,) = b.gateway.spool.quarantine_dir.glob("*.reason.txt")  # the bad bundle is kept, not deleted
         assert "SHA-256 mismatch" in reason.read_text()
@@ -199,6 +218,32 @@ def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody
         assert (kept / "head").is_file() and len(list(kept.glob("*.dcm"))) == len(study.files)
         states = sorted((s.state, s.error or "") for s in b.gateway.store.studies())
         assert states[0][0] == "failed" and "SHA-256 mismatch" in states[0][1] and states[1] == ("received", "")
+        assert any("NOT encrypted" in e["detail"] for e in b.gateway.store.audit_entries() if e["event"] == "offer_accepted")
+    finally:
+        a.stop()
+        b.stop()
+        relay.stop()
+
+
+def test_tampering_with_the_encrypted_stream_is_caught_by_tls_and_the_study_resumed(tmp_path: Path, prosody: Prosody) -> None:
+    """End to end: a flipped byte fails the TLS record's authentication; what came before it is kept and
+    the study resumes over IBB, whole and verified."""
+    relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode="flip")
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", s5b_proxy=f"127.0.0.1:{relay.port}")
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=30, rows=256, columns=256)  # ~4 MB
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        assert relay.tampered.is_set()
+        attempts = a.gateway.store.transfers()
+        assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")]
+        assert attempts[1]["offset_bytes"] > 0
+        assert any(e["event"] == "e2e_refused" and "bad record mac" in e["detail"].lower() for e in b.gateway.store.audit_entries())
+        received = received_instances(b.gateway)
+        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+            assert dataset_bytes(received[uid]) == dataset_bytes(path)
+        assert list(b.gateway.spool.quarantine_dir.glob("*.reason.txt")) == []
     finally:
         a.stop()
         b.stop()

@@ -1,8 +1,14 @@
-"""Who may offer a study, how large, how many at once (presence as flow control)."""
+"""Who may offer a study, with which certificate, how large, how many at once (presence as flow control)."""
 
 from __future__ import annotations
 
+import pytest
+
+from gateway.pins import grouped, normalize_fingerprint, redact
 from gateway.transfer import InboundPolicy
+
+PIN_A = "ab" * 32
+OTHER = "cd" * 32
 
 
 class FakeStore:
@@ -16,17 +22,59 @@ class FakeStore:
     def audit(self, event: str, detail: str) -> None:
         self.audited.append((event, detail))
 
+    def audit_repeated(self, event: str, key: str, detail: str) -> None:
+        self.audited.append((event, f"[{key}] {detail}"))
+
+    def inbound_bundle_state(self, peer: str, bundle: str) -> None:
+        return None
+
 
 def test_admission_rules_and_capacity_signal() -> None:
     store = FakeStore({"radiology.b@net.test"})
     capacity: list[bool] = []
-    policy = InboundPolicy(store, ("radiology.a@net.test",), max_study_bytes=1000, max_inbound=1, on_capacity=capacity.append)  # type: ignore[arg-type]
-    assert policy.authorize("radiology.x@net.test", 10, "1.2")[0] == "forbidden"
+    policy = InboundPolicy(store, ("radiology.a@net.test",), max_study_bytes=1000, max_inbound=1,  # type: ignore[arg-type]
+                           on_capacity=capacity.append, require_e2e=False)
+    assert policy.authorize("radiology.x@net.test", 10)[0] == "forbidden"
     assert store.audited[-1][0] == "offer_refused" and "radiology.x@net.test" in store.audited[-1][1]
-    assert policy.authorize("radiology.a@net.test", 1001, "1.2")[0] == "not-acceptable"
-    assert policy.authorize("radiology.a@net.test", 1000, "1.2") is None
+    assert policy.authorize("radiology.a@net.test", 1001)[0] == "not-acceptable"
+    assert policy.authorize("radiology.a@net.test", 1000) is None
     assert capacity == [True]
-    assert policy.authorize("radiology.b@net.test", 10, "1.3") == ("resource-constraint", "busy: 1 inbound transfer(s) running")
+    assert policy.authorize("radiology.b@net.test", 10) == ("resource-constraint", "busy: 1 inbound transfer(s) running")
     policy.release()
     assert capacity == [True, False]
-    assert policy.authorize("radiology.b@net.test", 10, "1.3") is None
+    assert policy.authorize("radiology.b@net.test", 10) is None
+
+
+def test_certificate_must_match_the_pin_before_any_admission() -> None:
+    store = FakeStore(set())
+    policy = InboundPolicy(store, ("radiology.a@net.test", "radiology.b@net.test"), 1000, 5,  # type: ignore[arg-type]
+                           pin_for={"radiology.a@net.test": PIN_A}.get, require_e2e=True)
+    condition, text = policy.authorize("radiology.a@net.test", 10, "ff" * 32, OTHER)  # type: ignore[misc]
+    assert condition == "not-authorized" and f"{OTHER} of radiology.a@net.test does not match the pin {PIN_A}" in text
+    assert store.audited[-1][0] == "e2e_refused"
+    condition, text = policy.authorize("radiology.b@net.test", 10, "ff" * 32, OTHER)  # type: ignore[misc]
+    assert condition == "not-authorized" and "no certificate pinned for radiology.b@net.test" in text
+    assert policy.authorize("radiology.a@net.test", 10, "ff" * 32, None)[0] == "not-authorized"  # type: ignore[index]
+    assert policy.active == 0  # nothing was admitted
+    assert policy.authorize("radiology.a@net.test", 10, "ff" * 32, PIN_A) is None and policy.active == 1
+
+
+def test_lab_mode_exchanges_in_plaintext_only_without_a_pin() -> None:
+    policy = InboundPolicy(FakeStore(set()), ("radiology.a@net.test",), 1000, 5,  # type: ignore[arg-type]
+                           pin_for={"radiology.a@net.test": PIN_A}.get, require_e2e=False)
+    assert policy.authorize("radiology.a@net.test", 10, "ff" * 32, None)[0] == "not-authorized"  # pinned: encrypted only
+    lab = InboundPolicy(FakeStore(set()), ("radiology.a@net.test",), 1000, 5, require_e2e=False)  # type: ignore[arg-type]
+    assert lab.authorize("radiology.a@net.test", 10, "ff" * 32, None) is None
+
+
+def test_fingerprints_are_read_in_any_usual_spelling() -> None:
+    spaced = grouped(PIN_A)
+    assert spaced.count(" ") == 15 and normalize_fingerprint(spaced) == PIN_A
+    assert normalize_fingerprint("SHA256:" + ":".join(PIN_A[i:i + 2].upper() for i in range(0, 64, 2))) == PIN_A
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        normalize_fingerprint("abc")
+
+
+def test_redact_names_no_study_and_no_instance() -> None:
+    text = "SHA-256 mismatch for instance 1.2.3.4.5 of study 1.2.3 (not 1.2.3.4.55 nor 11.2.3)"
+    assert redact(text, "1.2.3", ["1.2.3.4.5"]) == "SHA-256 mismatch for instance <instance 1> of study <study> (not 1.2.3.4.55 nor 11.2.3)"

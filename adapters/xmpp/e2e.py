@@ -1,0 +1,179 @@
+"""The end-to-end channel between two gateways: mutual TLS 1.3 inside the bytestream (XEP-0065 or XEP-0047).
+
+The XMPP server and its SOCKS5 proxy route bytes; they are a third party and never see a study. So the
+bundle (manifest and instances) travels inside a TLS 1.3 session whose two ends are the gateways:
+
+- Identity: each gateway has an EC P-256 key (file mode 0600) and a self-signed certificate
+  (:func:`ensure_identity`); its fingerprint is the SHA-256 of the certificate's DER (``gateway.pins``).
+- Roles: the offer's receiver is the TLS server, the sender the client. The offer carries the sender's
+  certificate (public). The receiver admits the offer only when that certificate's fingerprint is the
+  pin it holds for the sender, and then requires exactly that certificate in the handshake
+  (``CERT_REQUIRED`` with it as the only trust anchor: the handshake proves the sender holds its key).
+  The sender checks the receiver's certificate against its own pin after the handshake and before the
+  first byte of the bundle (:func:`check_pin`): a mismatch ends the attempt with :class:`PinMismatch`.
+- TLS 1.3 only, no session tickets, no resumption: every attempt is a fresh session, and resume offsets
+  (XEP-0096 ``<range offset>``) count plaintext bytes of the bundle, so a cut stream resumes exactly.
+- Over S5B the relayed socket is wrapped (``ssl`` on the receiver's blocking socket, asyncio's
+  ``start_tls`` on the sender's stream); over IBB a :class:`TlsPipe` (``ssl.MemoryBIO``/``SSLObject``)
+  turns plaintext into the blocks' bytes and back, both directions on the same IBB session.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.pins import normalize_fingerprint
+
+CERT_DAYS = 3650
+
+
+class PinMismatch(ssl.SSLError):
+    """The peer's certificate is not the one pinned for it (or none is pinned)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_path: Path
+    cert_path: Path
+    cert_der: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_der)
+
+
+def fingerprint(cert_der: bytes) -> str:
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def ensure_identity(key_path: Path, cert_path: Path, common_name: str) -> tuple[Identity, bool]:
+    """Load this gateway's identity, creating key and certificate when neither exists: (identity, created).
+    A key file that others may read is refused (``PermissionError``), as is one half of a pair missing."""
+    if key_path.exists() != cert_path.exists():
+        missing = cert_path if key_path.exists() else key_path
+        raise FileNotFoundError(f"identity incomplete: {missing} is missing (restore it, or remove both files to make a new identity)")
+    created = False
+    if not key_path.exists():
+        _create(key_path, cert_path, common_name)
+        created = True
+    mode = key_path.stat().st_mode & 0o077
+    if mode:
+        raise PermissionError(f"{key_path} is readable by others (mode {key_path.stat().st_mode & 0o777:o}); chmod 600 it")
+    return Identity(key_path, cert_path, ssl.PEM_cert_to_DER_cert(cert_path.read_text())), created
+
+
+def _create(key_path: Path, cert_path: Path, common_name: str) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "dicomgw")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _base(purpose: int, identity: Identity) -> ssl.SSLContext:
+    context = ssl.SSLContext(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(identity.cert_path, identity.key_path)
+    return context
+
+
+def server_context(identity: Identity, peer_cert_der: bytes) -> ssl.SSLContext:
+    """The receiver's side: requires the client to present exactly ``peer_cert_der`` (checked against the
+    pin before this is called)."""
+    context = _base(ssl.PROTOCOL_TLS_SERVER, identity)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=peer_cert_der)
+    context.num_tickets = 0
+    return context
+
+
+def client_context(identity: Identity) -> ssl.SSLContext:
+    """The sender's side: presents our certificate; the server's is checked by :func:`check_pin`."""
+    context = _base(ssl.PROTOCOL_TLS_CLIENT, identity)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # no CA for self-signed gateway certificates: the pin decides
+    return context
+
+
+def check_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pin: str, peer: str) -> None:
+    """Raise :class:`PinMismatch` unless the peer's certificate has fingerprint ``pin``."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise PinMismatch(f"{peer} presented no certificate")
+    seen = fingerprint(der)
+    if seen != normalize_fingerprint(pin):
+        raise PinMismatch(f"{peer}'s certificate SHA-256 {seen} does not match the pin {normalize_fingerprint(pin)}")
+
+
+class TlsPipe:
+    """TLS over a message transport (IBB blocks): ``feed`` ciphertext in, get plaintext out;
+    ``outgoing()`` is what must be sent to the peer (handshake records, encrypted data)."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
+        self.handshaken = False
+
+    def start(self) -> bytes:
+        """The client's first flight (ClientHello)."""
+        self._handshake()
+        return self.outgoing()
+
+    def _handshake(self) -> None:
+        try:
+            self.ssl.do_handshake()
+            self.handshaken = True
+        except ssl.SSLWantReadError:
+            pass
+
+    def feed(self, data: bytes) -> bytes:
+        """Ciphertext from the peer; returns the plaintext it completes (raises ``ssl.SSLError`` on a bad
+        record or a failed handshake)."""
+        self._in.write(data)
+        if not self.handshaken:
+            self._handshake()
+            if not self.handshaken:
+                return b""
+        plain = bytearray()
+        while True:
+            try:
+                piece = self.ssl.read(1 << 20)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not piece:
+                break
+            plain += piece
+        return bytes(plain)
+
+    def encrypt(self, data: bytes | memoryview) -> bytes:
+        self.ssl.write(data)
+        return self.outgoing()
+
+    def outgoing(self) -> bytes:
+        return self._out.read()
