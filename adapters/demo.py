@@ -71,10 +71,18 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             log(f"XMPP server: Prosody on 127.0.0.1:{prosody.c2s_port}, SOCKS5 proxy {prosody.proxy_jid} on :{prosody.proxy_port}"
                 + (" (the proxy65 variant from conf/prosody)" if variant.is_dir() else " (Debian's proxy65)"))
 
+            identities = {user: _identity(workdir / site, user) for user, site in ((A_USER, "hospital-a"), (B_USER, "hospital-b"))}
+            log(f"TLS to the XMPP server: STARTTLS required, verified against the CA made for this run ({prosody.ca_file})")
+            log(f"end-to-end identities: A SHA-256 {identities[A_USER][2][:16]}..., B SHA-256 {identities[B_USER][2][:16]}..., "
+                "each pinned by the other")
+
             def xmpp(user: str, peer: str) -> XmppSettings:
+                key, cert, _fp = identities[user]
                 return XmppSettings(
-                    jid=f"{user}@{DOMAIN}/gw1", password=f"demo-{user}", port=prosody.c2s_port, use_tls=False,
-                    peers=(f"{peer}@{DOMAIN}",), retry_base_s=0.5, retry_max_s=5, dispatch_interval_s=0.1,
+                    jid=f"{user}@{DOMAIN}/gw1", password=f"demo-{user}", port=prosody.c2s_port, use_tls=True,
+                    ca_file=prosody.ca_file, identity_key_file=key, identity_cert_file=cert,
+                    peers=(f"{peer}@{DOMAIN}",), peer_pins=((f"{peer}@{DOMAIN}", identities[peer][2]),),
+                    retry_base_s=0.5, retry_max_s=5, dispatch_interval_s=0.1,
                 )
 
             a_settings = replace(a_settings, xmpp=xmpp(A_USER, B_USER), routing=RoutingSettings(default_destination=B_USER))
@@ -147,6 +155,8 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             "stages_s": {k: round(v, 3) for k, v in stages.items()},
             "instances_in_pacs": in_pacs,
             "delivered": a_unit.state == "delivered",
+            "xmpp_tls": a.agent.status.get("tls_version") if a.agent is not None else None,
+            "end_to_end": prosody is not None,
             "pacs": ("orthanc" if isinstance(pacs, Orthanc) else "built-in storage SCP") if prosody is not None else None,
         }
         log(
@@ -205,10 +215,20 @@ def _state_line(unit: Any) -> str:
     return text
 
 
+def _identity(site_dir: Path, user: str) -> tuple[Path, Path, str]:
+    from adapters.xmpp.e2e import ensure_identity
+
+    key, cert = site_dir / "identity" / "gateway.key", site_dir / "identity" / "gateway.crt"
+    return key, cert, ensure_identity(key, cert, f"{user}@{DOMAIN}")[0].fingerprint
+
+
+DCMTK_STORESCU = "/usr/bin/storescu"  # by path: the venv's pynetdicom ships a storescu of its own
+
+
 def _push(port: int, files: list[str]) -> tuple[str, int]:
-    if shutil.which("storescu"):
+    if Path(DCMTK_STORESCU).exists():
         done = subprocess.run(
-            ["storescu", "-v", "-aet", "MODALITY", "-aec", "HOSPITAL_A", "127.0.0.1", str(port), *files],
+            [DCMTK_STORESCU, "-v", "-aet", "MODALITY", "-aec", "HOSPITAL_A", "127.0.0.1", str(port), *files],
             env=nodelay_env(), capture_output=True, text=True, timeout=600, check=False,
         )
         return "dcmtk storescu", (done.stdout + done.stderr).count("Received Store Response (Success)")

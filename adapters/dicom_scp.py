@@ -30,7 +30,9 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -51,6 +53,7 @@ from adapters.dicom_ul import (
     Association,
     AssociationAborted,
     Command,
+    ProtocolError,
     PresentationContext,
     associate_ac,
     associate_rj,
@@ -81,7 +84,11 @@ class StoreStatus(IntEnum):
 
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (dcmtk and Orthanc answer it for a UID mismatch)
     CANNOT_UNDERSTAND = 0xC000
+
+
+MAX_UNASSOCIATED = 64  # connections that have not associated yet; more are closed at once
 
 
 class StorageSCP:
@@ -106,6 +113,7 @@ class StorageSCP:
         self._slots = threading.BoundedSemaphore(settings.max_associations)
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._unassociated = threading.BoundedSemaphore(MAX_UNASSOCIATED)
         self.storage_classes = frozenset(c.abstract_syntax for c in AllStoragePresentationContexts)
         self.transfer_syntaxes = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 
@@ -134,12 +142,29 @@ class StorageSCP:
         return int(self._listener.getsockname()[1])
 
     def _accept_loop(self, listener: socket.socket) -> None:
-        while True:
+        """Accept until ``stop``; an accept error (EMFILE at the descriptor limit, ENOBUFS) is logged and
+        retried with backoff, never the end of the loop."""
+        backoff_s = 0.05
+        while self._listener is listener:
             try:
                 sock, address = listener.accept()
-            except OSError:
-                return  # closed by stop()
-            threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), name="dicom-assoc", daemon=True).start()
+            except OSError as exc:
+                if self._listener is not listener:
+                    return  # closed by stop()
+                log.error("DICOM SCP cannot accept a connection (%s); retrying in %.2f s", exc, backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(2.0, backoff_s * 2)
+                continue
+            backoff_s = 0.05
+            if not self._unassociated.acquire(blocking=False):
+                log.warning("connection from %s closed: %d connections have not associated yet", address[0], MAX_UNASSOCIATED)
+                sock.close()
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), name="dicom-assoc", daemon=True).start()
+            except RuntimeError:  # cannot start a thread: the connection goes, the loop stays
+                self._unassociated.release()
+                sock.close()
 
     # -- one association ------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, address: str) -> None:
@@ -148,27 +173,39 @@ class StorageSCP:
         with self._lock:
             self._open.add(sock)
         link: _Link | None = None
+        unassociated = True
         try:
-            link = self._negotiate(sock, address)
+            try:
+                link = self._negotiate(sock, address)
+            finally:
+                unassociated = False
+                self._unassociated.release()
             if link is not None:
                 _AssociationHandler(self, link, address).run()
         except (OSError, AssociationAborted) as exc:
             log.info("association from %s ended: %s", address, exc or type(exc).__name__)
-            if link is not None and isinstance(exc, ProtocolViolation):
-                link.assoc.abort()  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
+            if isinstance(exc, ProtocolError):
+                _send_abort(sock)  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
         except Exception:  # never a dead thread with the peer left waiting: log, A-ABORT, keep serving others
             log.exception("association from %s failed", address)
-            if link is not None:
-                link.assoc.abort()
+            _send_abort(sock)
         finally:
+            if unassociated:
+                self._unassociated.release()
             with self._lock:
                 self._open.discard(sock)
             sock.close()
 
     def _negotiate(self, sock: socket.socket, address: str) -> _Link | None:
-        pdu_type, body = read_pdu(sock)
+        pdu_type, body = read_pdu(sock, deadline=time.monotonic() + self._settings.artim_timeout_s)
         if pdu_type != 0x01:
-            raise AssociationAborted(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        rejection = _check_associate_rq(body)
+        if rejection is not None:
+            (result, source, reason), why = rejection
+            sock.sendall(associate_rj(result, source, reason))
+            self._audit("association_rejected", f"A-ASSOCIATE-RQ from {address} rejected: {why}")
+            return None
         request = parse_associate_rq(body)
         allowed = self._settings.allowed_calling_ae_titles
         if allowed and request.calling_ae not in allowed:
@@ -185,7 +222,8 @@ class StorageSCP:
         except BaseException:
             self._slots.release()
             raise
-        return _Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots)
+        return _Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots,
+                     self._settings.max_pdu_bytes or 64 * 1024 * 1024)
 
     def _choose(self, request: AssociateRequest) -> tuple[list[tuple[int, int, str]], dict[int, PresentationContext], dict[str, tuple[bool, bool]]]:
         results, contexts = [], {}
@@ -204,7 +242,7 @@ class StorageSCP:
         return results, contexts, roles
 
 
-class ProtocolViolation(AssociationAborted):
+class ProtocolViolation(ProtocolError):
     """The requestor broke PS3.7/PS3.8 (a message on a context we did not accept, a stray fragment):
     the association is aborted and nothing of the message is kept."""
 
@@ -212,8 +250,10 @@ class ProtocolViolation(AssociationAborted):
 class _Link:
     """An accepted association: the UL object, the request it answered, and its slot to give back."""
 
-    def __init__(self, assoc: Association, request: AssociateRequest, slots: threading.BoundedSemaphore) -> None:
+    def __init__(self, assoc: Association, request: AssociateRequest, slots: threading.BoundedSemaphore,
+                 max_pdu_bytes: int) -> None:
         self.assoc, self.request, self._slots = assoc, request, slots
+        self.max_pdu_bytes = max_pdu_bytes  # what we announced: a P-DATA-TF above it is a protocol error
 
     def release_slot(self) -> None:
         self._slots.release()
@@ -234,11 +274,12 @@ class _AssociationHandler:
         self.write_error: Exception | None = None
         self.prefix = bytearray()
         self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
+        self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
 
     def run(self) -> None:
         try:
             while True:
-                pdu_type, body = read_pdu(self.assoc.sock)
+                pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes)
                 if pdu_type == 0x05:
                     self.assoc.sock.sendall(RELEASE_RP)
                     return
@@ -260,16 +301,26 @@ class _AssociationHandler:
                 context = self.assoc.contexts.get(context_id)
                 if context is None or not context.transfer_syntax:
                     raise ProtocolViolation(f"a message on presentation context {context_id}, which was not accepted")
+                if len(self.command) > MAX_COMMAND_BYTES:
+                    raise ProtocolViolation(f"command set of {len(self.command)} bytes")
+                if self.pending is not None:
+                    raise ProtocolViolation("a new command while the previous data set is incomplete")
                 command = Command.decode(bytes(self.command))
                 self.command.clear()
+                if command.us(0x00000110) < 0:
+                    raise ProtocolViolation("command without a Message ID (0000,0110)")
                 self.context_id = context_id
                 if command.has_dataset:
                     self._begin_dataset(command)
                 else:
                     self._dispatch(command)
             return
+        if self.command:
+            raise ProtocolViolation("a data set fragment inside a command")
         if self.pending is None:
             raise ProtocolViolation("data set fragment without a command")
+        if context_id != self.context_id:
+            raise ProtocolViolation(f"data set fragment on context {context_id}, its command came on {self.context_id}")
         if self.pending.command_field == C_STORE_RQ:
             self._store_fragment(fragment)
         else:
@@ -281,13 +332,23 @@ class _AssociationHandler:
             else:
                 self._dispatch(command, bytes(self.dataset))
                 self.dataset.clear()
+        elif self.pending is not None and self.pending.command_field != C_STORE_RQ and len(self.dataset) > MAX_COMMAND_BYTES * 64:
+            raise ProtocolViolation("an N-EVENT-REPORT data set over 4 MiB")
 
     # -- C-STORE ---------------------------------------------------------------------------------
     def _begin_dataset(self, command: Command) -> None:
         self.pending = command
         self.prefix.clear()
         self.write_error = None
+        self.refusal = None
+        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ):
+            raise ProtocolViolation(f"a data set with DIMSE command 0x{command.command_field:04X}")
         if command.command_field != C_STORE_RQ:
+            return
+        missing = [name for tag, name in ((0x00000002, "Affected SOP Class UID"), (0x00001000, "Affected SOP Instance UID"))
+                   if not command.text(tag)]
+        if missing:  # answered once the data set is off the wire; nothing of it is written
+            self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without {' and '.join(missing)}")
             return
         context = self.assoc.contexts.get(self.context_id)
         meta = FileMetaDataset()
@@ -327,6 +388,9 @@ class _AssociationHandler:
     def _store(self, command: Command) -> tuple[StoreStatus, str]:
         writer, self.writer = self.writer, None
         sop_instance_uid = command.text(0x00001000)
+        if self.refusal is not None:
+            log.warning("refusing a C-STORE from %s: %s", self.source, self.refusal[1])
+            return self.refusal
         if writer is None:
             log.error("refusing %s from %s: %s", sop_instance_uid, self.source, self.write_error)
             full = isinstance(self.write_error, SpoolFull)
@@ -342,6 +406,12 @@ class _AssociationHandler:
             header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
         except RejectedFile as exc:
             return self._refuse_unreadable(staged.temp_path, exc)
+        mismatch = [f"{name} {ours!r} in the data set, {theirs!r} in the command"
+                    for name, ours, theirs in (("SOP Instance UID", header.sop_instance_uid, sop_instance_uid),
+                                               ("SOP Class UID", header.sop_class_uid, command.text(0x00000002)))
+                    if ours != theirs]
+        if mismatch:
+            return self._refuse_unreadable(staged.temp_path, RejectedFile("; ".join(mismatch)), StoreStatus.DATASET_MISMATCH)
         try:
             result = self.scp._ingest.ingest(header, staged, self.source)
         except SpoolFull as exc:
@@ -365,14 +435,15 @@ class _AssociationHandler:
             raw = fh.read()
         return header_from_dataset_bytes(raw[raw.index(b"DICM") + 4 :][_meta_length(raw) :], transfer_syntax)
 
-    def _refuse_unreadable(self, staged_path: object, exc: RejectedFile) -> tuple[StoreStatus, str]:
+    def _refuse_unreadable(self, staged_path: object, exc: RejectedFile,
+                           status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND) -> tuple[StoreStatus, str]:
         reason = f"received from {self.source} but refused: {exc}"
         try:
             kept = self.scp._spool.quarantine(staged_path, reason)  # type: ignore[arg-type]
             self.scp._audit("quarantined", f"{reason}; kept at {kept}")
         except OSError:
             log.exception("could not quarantine a refused instance from %s", self.source)
-        return StoreStatus.CANNOT_UNDERSTAND, str(exc)
+        return status, str(exc)
 
     # -- C-ECHO, N-EVENT-REPORT -----------------------------------------------------------------
     def _dispatch(self, command: Command, dataset: bytes = b"") -> None:
@@ -411,6 +482,69 @@ class _AssociationHandler:
         if self.scp._on_commitment is None or not self.scp._on_commitment(transaction_uid, committed, failed):
             return 0x0119
         return 0x0000
+
+
+MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
+
+
+def _send_abort(sock: socket.socket) -> None:
+    """A-ABORT (service provider, reason not specified), best effort (PS3.8 9.3.8)."""
+    try:
+        sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
+    except OSError:
+        pass
+
+
+def _check_associate_rq(body: bytes | bytearray) -> tuple[tuple[int, int, int], str] | None:
+    """Validate an A-ASSOCIATE-RQ (PS3.8 9.3.2): None when acceptable, else the A-ASSOCIATE-RJ (result,
+    source, reason) and why. Items whose lengths do not fit, and anything pynetdicom's PDU codec cannot
+    decode, raise :class:`ProtocolError` (A-ABORT)."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    raw = bytes(body)
+    if len(raw) < 68:
+        raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
+    version = int.from_bytes(raw[0:2], "big")
+    if version != 1:
+        return (1, 2, 2), f"protocol version {version} (only 1 is supported)"
+    called, calling = raw[4:20], raw[20:36]
+    if any(b < 0x20 or b > 0x7E for b in called) or not called.strip():
+        return (1, 1, 7), "called AE title is not printable ASCII"
+    if any(b < 0x20 or b > 0x7E for b in calling) or not calling.strip():
+        return (1, 1, 3), "calling AE title is not printable ASCII"
+    _check_items(raw, 68, nested=(0x20, 0x50))
+    try:
+        request = A_ASSOCIATE_RQ()
+        request.decode(b"\x01\x00" + len(raw).to_bytes(4, "big") + raw)
+        contexts = request.presentation_context
+    except Exception as exc:  # pynetdicom raises anything from struct.error to ValueError on bad items
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+    if not contexts:
+        return (1, 1, 1), "no presentation context proposed"
+    return None
+
+
+def _check_items(raw: bytes, pos: int, nested: tuple[int, ...] = ()) -> None:
+    """Every item (type, reserved, 16-bit length) ends inside its parent; UIDs and names are ASCII; a role
+    selection sub-item's UID length fits it (PS3.7 D.3.3.4)."""
+    end = len(raw)
+    while pos < end:
+        if pos + 4 > end:
+            raise ProtocolError("A-ASSOCIATE-RQ ends inside an item header")
+        item_type, _r, length = struct.unpack_from(">BBH", raw, pos)
+        payload = raw[pos + 4 : pos + 4 + length]
+        if len(payload) != length:
+            raise ProtocolError(f"item 0x{item_type:02X} of {length} bytes runs past the PDU")
+        if item_type == 0x20:
+            _check_items(payload, 4)
+        elif item_type == 0x50:
+            _check_items(payload, 0)
+        elif item_type == 0x54:
+            if length < 4 or 2 + struct.unpack_from(">H", payload)[0] + 2 != length:
+                raise ProtocolError("role selection item's UID length overruns it")
+        elif item_type in (0x10, 0x30, 0x40, 0x52, 0x55) and any(b > 0x7E for b in payload):
+            raise ProtocolError(f"item 0x{item_type:02X} is not ASCII")
+        pos += 4 + length
 
 
 def _meta_length(raw: bytes) -> int:

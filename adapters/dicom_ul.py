@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,11 @@ class AssociationRejected(ConnectionError):
 
 class AssociationAborted(ConnectionError):
     """The peer sent A-ABORT or closed the connection."""
+
+
+class ProtocolError(AssociationAborted):
+    """The peer broke PS3.8 framing (a PDV past its PDU, a PDU over the announced maximum, a malformed
+    association request): the association is aborted (A-ABORT) and nothing of the message is kept."""
 
 
 @dataclass
@@ -118,12 +124,18 @@ class Command:
 
     @classmethod
     def decode(cls, data: bytes) -> Command:
+        """Implicit VR little endian group 0000 (PS3.7 6.3.1); raises :class:`ProtocolError` when an element
+        runs past the end, bytes are left over, or an element is not in group 0000."""
         values: dict[int, bytes] = {}
         pos = 0
         while pos + 8 <= len(data):
             group, element, length = struct.unpack_from("<HHI", data, pos)
+            if group != 0x0000 or pos + 8 + length > len(data):
+                raise ProtocolError(f"malformed command set at byte {pos}")
             values[(group << 16) | element] = data[pos + 8 : pos + 8 + length]
             pos += 8 + length
+        if pos != len(data):
+            raise ProtocolError("command set ends inside an element header")
         return cls(values)
 
     def us(self, tag: int, default: int = -1) -> int:
@@ -396,11 +408,21 @@ def _items(body: bytes | bytearray, pos: int) -> Iterator[tuple[int, bytes | byt
 
 
 def iter_pdvs(body: bytes | bytearray) -> Iterator[tuple[int, int, memoryview]]:
-    """(context id, message control header, fragment) of each PDV item in a P-DATA-TF body."""
+    """(context id, message control header, fragment) of each PDV item in a P-DATA-TF body (PS3.8 9.3.5.1);
+    a PDV shorter than its header, longer than what is left of the PDU, or trailing bytes raise
+    :class:`ProtocolError` before anything of the bad item is yielded."""
     view = memoryview(body)
     pos = 0
-    while pos + 6 <= len(body):
+    if len(body) < 6:
+        raise ProtocolError("P-DATA-TF without a PDV item")
+    while pos < len(body):
+        if pos + 6 > len(body):
+            raise ProtocolError("P-DATA-TF ends inside a PDV header")
         length, context_id, flags = struct.unpack_from(">IBB", body, pos)
+        if length < 2 or pos + 4 + length > len(body):
+            raise ProtocolError(f"PDV of {length} bytes does not fit its PDU")
+        if flags & 0xFC:
+            raise ProtocolError(f"PDV message control header 0x{flags:02X} has reserved bits set")
         yield context_id, flags, view[pos + 6 : pos + 4 + length]
         pos += 4 + length
 
@@ -417,16 +439,45 @@ def _quick_ack(sock: socket.socket) -> None:
             pass
 
 
-def read_pdu(sock: socket.socket) -> tuple[int, bytearray]:
-    """The next PDU: (type, body)."""
-    return _read_pdu(sock)
+MAX_CONTROL_PDU_BYTES = 64 * 1024  # A-ASSOCIATE-RQ/AC/RJ, release, abort: far larger than any real one
+PDU_LIMITS = {0x01: MAX_CONTROL_PDU_BYTES, 0x02: MAX_CONTROL_PDU_BYTES, 0x03: 4, 0x05: 4, 0x06: 4, 0x07: 4}
 
 
-def _read_exact(sock: socket.socket, size: int) -> bytearray:
+def read_pdu(sock: socket.socket, max_data_bytes: int = 64 * 1024 * 1024, deadline: float | None = None) -> tuple[int, bytearray]:
+    """The next PDU: (type, body). Bounded before anything is allocated: a P-DATA-TF body over
+    ``max_data_bytes`` (what we announced), another PDU over its sane size, or an unknown PDU type raise
+    :class:`ProtocolError`. With ``deadline`` (``time.monotonic()``) the whole PDU must arrive by then,
+    however slowly its bytes trickle in (ARTIM-like: a deadline per PDU, not per read)."""
+    if deadline is None:
+        return _read_pdu(sock, max_data_bytes)
+    previous = sock.gettimeout()
+    try:
+        header = _read_exact(sock, 6, deadline)
+        pdu_type, _reserved, length = struct.unpack(">BBI", header)
+        _check_length(pdu_type, length, max_data_bytes)
+        return pdu_type, _read_exact(sock, length, deadline)
+    finally:
+        sock.settimeout(previous)
+
+
+def _check_length(pdu_type: int, length: int, max_data_bytes: int) -> None:
+    limit = max_data_bytes if pdu_type == 0x04 else PDU_LIMITS.get(pdu_type)
+    if limit is None:
+        raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}")
+    if length > limit:
+        raise ProtocolError(f"PDU type 0x{pdu_type:02X} of {length} bytes announced (at most {limit})")
+
+
+def _read_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{got} of {size} bytes of a PDU by the deadline")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
             raise AssociationAborted("the peer closed the connection")
@@ -434,11 +485,10 @@ def _read_exact(sock: socket.socket, size: int) -> bytearray:
     return buf
 
 
-def _read_pdu(sock: socket.socket) -> tuple[int, bytearray]:
+def _read_pdu(sock: socket.socket, max_data_bytes: int = 64 * 1024 * 1024) -> tuple[int, bytearray]:
     header = _read_exact(sock, 6)
     pdu_type, _reserved, length = struct.unpack(">BBI", header)
-    if length > 64 * 1024 * 1024:
-        raise AssociationAborted(f"PDU of {length} bytes announced: refusing")
+    _check_length(pdu_type, length, max_data_bytes)
     return pdu_type, _read_exact(sock, length)
 
 

@@ -178,8 +178,57 @@ class StoreSCP(PeerProcess):
         return self
 
 
+def make_test_pki(directory: Path, server_name: str, kind: str = "ca") -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for ``server_name`` generated for one run: (CA PEM, cert PEM, key PEM).
+    ``kind``: ``ca`` (issued by the CA, as a site runs it), ``wrong-name`` (issued by the CA for another
+    name), ``self-signed`` (not issued by the CA), ``expired`` (issued by the CA, validity over)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = f"dicomgw test CA {os.urandom(4).hex()}"
+    ca = (x509.CertificateBuilder().subject_name(name(ca_name)).issuer_name(name(ca_name))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - day).not_valid_after(now + 30 * day)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = "other.example" if kind == "wrong-name" else server_name
+    builder = (x509.CertificateBuilder().subject_name(name(subject)).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(subject), x509.DNSName(f"*.{subject}")]), critical=False))
+    if kind == "expired":
+        builder = builder.not_valid_before(now - 20 * day).not_valid_after(now - 10 * day)
+    else:
+        builder = builder.not_valid_before(now - day).not_valid_after(now + 30 * day)
+    if kind == "self-signed":
+        cert = builder.issuer_name(name(subject)).sign(key, hashes.SHA256())
+    else:
+        cert = builder.issuer_name(ca.subject).sign(ca_key, hashes.SHA256())
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / "ca.pem", directory / "server.crt", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].chmod(0o600)
+    return paths
+
+
 class Prosody(PeerProcess):
-    """Debian's Prosody with a generated config on loopback: c2s without TLS (loopback only), a proxy65
+    """Debian's Prosody with a generated config on loopback: c2s with STARTTLS required (a CA and a server
+    certificate generated for the run, ``ca_file`` for the gateways; ``tls=False`` for a plaintext server), a proxy65
     component (``proxy.<domain>``), server-side shared roster groups so every gateway account sees the
     others' presence, and the settings that matter for throughput (xmpp-notes.md). Runs as the ``prosody``
     user when started as root (Prosody refuses root and then hangs)."""
@@ -193,6 +242,7 @@ class Prosody(PeerProcess):
         plugin_paths: list[Path] | None = None,
         proxy65: bool = True,
         stanza_size_limit: int = 1 << 20,
+        tls: bool | str = True,
     ) -> None:
         # Prosody runs as its own user, which cannot enter private temp dirs (pytest's are 0700): its
         # runtime dir is a fresh world-traversable one under /tmp; its log is copied to ``workdir`` on stop.
@@ -209,6 +259,14 @@ class Prosody(PeerProcess):
         self.stanza_size_limit = stanza_size_limit
         self.config_path = self.workdir / "prosody.cfg.lua"
         self.accounts: dict[str, str] = {}
+        self.tls = bool(tls)
+        self.ca_file: Path | None = None
+        if tls:  # the CA stays with the test (report dir); the key and certificate with the server
+            ca, cert, key = make_test_pki(self.workdir / "certs", domain, "ca" if tls is True else str(tls))
+            self.ca_file = workdir / "ca.pem"
+            workdir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ca, self.ca_file)
+            self.cert_path, self.key_path = cert, key
 
     @staticmethod
     def available() -> bool:
@@ -216,6 +274,11 @@ class Prosody(PeerProcess):
 
     def _config_text(self) -> str:
         paths = ", ".join(f'"{p}"' for p in self.plugin_paths)
+        tls = (
+            f'ssl = {{ certificate = "{self.cert_path}"; key = "{self.key_path}"; }}\n'
+            'c2s_require_encryption = true\nallow_unencrypted_plain_auth = false'
+            if self.tls else "c2s_require_encryption = false\nallow_unencrypted_plain_auth = true"
+        )
         proxy = (
             f'Component "{self.proxy_jid}" "proxy65"\n'
             f'    proxy65_address = "127.0.0.1"\n'
@@ -239,12 +302,11 @@ proxy65_interfaces = {{ "127.0.0.1" }}
 network_default_read_size = 65536
 network_settings = {{ nagle = false }}
 c2s_stanza_size_limit = {self.stanza_size_limit}
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
+{tls}
 authentication = "internal_hashed"
 storage = "internal"
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "smacks"; "groups" }}
-modules_disabled = {{ "s2s"; "limits"; "tls" }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "smacks"; "groups"{'; "tls"' if self.tls else ''} }}
+modules_disabled = {{ "s2s"; "limits"{'' if self.tls else '; "tls"'} }}
 groups_file = "{self.workdir}/groups.txt"
 VirtualHost "{self.domain}"
 {proxy}"""

@@ -3,7 +3,8 @@
 Each round, interleaved, with a fresh Orthanc started the same way for both (``TCP_NODELAY=1``,
 SyncStorageArea on, SQLite index in a temp dir):
   direct  dcmtk ``storescu`` -> Orthanc: the floor (what a modality sending straight to the PACS costs);
-  chain   ``storescu`` -> gateway A -> Prosody (mediated S5B) -> gateway B -> Orthanc, and
+  chain   ``storescu`` -> gateway A -> Prosody (mediated S5B, end-to-end TLS 1.3 between the gateways
+          unless ``--plain``; c2s TLS verified) -> gateway B -> Orthanc, and
           the delivery receipt back to A: from the first instance sent to A's queue showing ``delivered``,
           minus the configured stable age (the time A waits for the study to be complete, reported apart).
 A and B are two ``dicomgw run`` processes, as at two hospitals. Prosody loads the proxy65 variant shipped in
@@ -34,13 +35,13 @@ from typing import Any
 
 from adapters.localpeers import Orthanc, Prosody, nodelay_env, orthanc_instances, peak_rss_mb
 from adapters.synthetic import generate_ct_study
-from bench.transfer import DOMAIN, VARIANT, GatewayProcess
+from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity
 
 STABLE_AGE_S = 0.3  # what bench.transfer's GatewayProcess configures
 
 
 def storescu(port: int, files: list[Path], called_ae: str) -> None:
-    done = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+    done = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
                           env=nodelay_env(), capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
@@ -73,7 +74,7 @@ def _when(entries: list[dict[str, Any]], state: str, newest: bool = True) -> dat
     return datetime.fromisoformat(found[0 if newest else -1]["at"]).replace(tzinfo=UTC)
 
 
-def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = False) -> dict[str, Any]:
+def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = False, encrypted: bool = True) -> dict[str, Any]:
     server = Prosody(root / "prosody", domain=DOMAIN, plugin_paths=[] if stock_proxy else [VARIANT])
     for user in ("radiology.hospital-a", "radiology.hospital-b"):
         server.add_account(user, f"pw-{user}")
@@ -81,10 +82,12 @@ def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = Fal
     orthanc = Orthanc(root / "orthanc-chain", ae_title="PACS_B")
     orthanc.start()
     pacs = f'[pacs]\nae_title = "PACS_B"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalling_ae_title = "GWB"\n'
-    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a")
+    a_fp, b_fp = (identity(root / "a"), identity(root / "b")) if encrypted else ("", "")
+    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a", peer_fingerprint=a_fp)
     b.text += pacs
     b.start()
-    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b").start()
+    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b",
+                       peer_fingerprint=b_fp).start()
     try:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
@@ -139,6 +142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 slices instead of 400")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--stock-proxy", action="store_true", help="Debian's mod_proxy65 instead of the conf/prosody variant")
+    parser.add_argument("--plain", action="store_true", help="no end-to-end encryption between the gateways (lab only)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-e2e-"))
     try:
@@ -149,7 +153,7 @@ def main() -> None:
         directs, chains = [], []
         for run in range(args.runs):
             directs.append(direct(root, study.files))
-            chains.append(chain(root / f"run{run}", study.files, uids, args.stock_proxy))
+            chains.append(chain(root / f"run{run}", study.files, uids, args.stock_proxy, not args.plain))
             c = chains[-1]
             print(f"run {run + 1}: direct {directs[-1]:.2f} s, chain {c['chain_s']:.2f} s ("
                   + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in c["stages"].items())
@@ -169,7 +173,7 @@ def main() -> None:
             "ratio": round(ratio, 3), "direct_s": round(direct_s, 3), "chain_s": round(middle["chain_s"], 3),
             "stages_s": {k: round(v, 3) for k, v in middle["stages"].items()},
             "stable_wait_s": round(middle["stable_wait_s"], 3), "stream_s": round(middle["stream_s"], 3), "instances": len(study.files), "bytes": study.size_bytes,
-            "cpu_s": middle["cpu_s"], "method": middle["method"], "proxy65": "stock" if args.stock_proxy else "variant", "rss_mb": middle["rss_mb"], "runs": args.runs,
+            "cpu_s": middle["cpu_s"], "method": middle["method"], "proxy65": "stock" if args.stock_proxy else "variant", "end_to_end": not args.plain, "rss_mb": middle["rss_mb"], "runs": args.runs,
             "all_direct_s": [round(d, 3) for d in directs], "all_chain_s": [round(c["chain_s"], 3) for c in chains],
         }))
     finally:

@@ -49,7 +49,7 @@ def _one(root: Path, files: list[Path], sender: str, nagle: bool) -> float:
         orthanc.start()
         started = time.perf_counter()
         if sender == "storescu":
-            done = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "PACS", "127.0.0.1", str(orthanc.dicom_port),
+            done = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "PACS", "127.0.0.1", str(orthanc.dicom_port),
                                    *map(str, files)], env=nodelay_env(), capture_output=True, text=True, timeout=900, check=False)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-2000:])

@@ -67,7 +67,7 @@ class BarePynetdicom(PeerProcess):
 def push(port: int, called_ae: str, files: list[Path]) -> float:
     start = time.perf_counter()
     result = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
         env=nodelay_env(), capture_output=True, text=True, timeout=600, check=False,
     )
     elapsed = time.perf_counter() - start

@@ -3,13 +3,15 @@
 For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three runs:
   (a) the gateway's own study transfer over mediated S5B through Prosody's stock proxy65,
   (a') the same through the proxy65 variant shipped in conf/prosody (64 KiB relay buffers),
+  (a'') the same as (a') in plaintext (``require_e2e = false``, lab only): ``encrypted_vs_plain`` = a'/a'',
   (b) the gateway over IBB with the study's settings (4096-byte blocks, one in flight),
   (c) the gateway over IBB tuned (65535-byte blocks, 8 in flight),
   (d) a bare S5B relay of the same number of bytes through the same stock proxy (both ends in this process,
       only SOCKS5 + the activate IQ: the proxy's ceiling),
   (e) a raw TCP copy over loopback (the physical limit).
 (a)-(c) run two real gateway processes (``dicomgw run``): the study is pushed into A with storescu, A routes
-it to B, and the figure is A's transfer attempt from offer to B's verdict (B has verified every SHA-256 and
+it to B, and the figure is A's transfer attempt (end to end encrypted unless said otherwise; c2s TLS to
+Prosody verified against a CA made for the run) from offer to B's verdict (B has verified every SHA-256 and
 stored every instance by then). MB/s = 10^6 bytes of bundle per second, median of the runs. Peak RSS of
 sender, receiver and Prosody is read from /proc (VmHWM). The last line printed is one JSON object.
 """
@@ -51,22 +53,26 @@ VARIANT = REPO / "conf" / "prosody" / "plugins"
 class GatewayProcess(PeerProcess):
     name = "gateway"
 
-    def __init__(self, workdir: Path, user: str, prosody: Prosody, peer: str, destination: str = "", xmpp: str = "") -> None:
+    def __init__(self, workdir: Path, user: str, prosody: Prosody, peer: str, destination: str = "", xmpp: str = "",
+                 peer_fingerprint: str = "") -> None:
         super().__init__(workdir)
         self.port = free_port()
         self.config = workdir / "gateway.toml"
+        peer_entry = f'{{ jid = "{peer}@{DOMAIN}", fingerprint = "{peer_fingerprint}" }}' if peer_fingerprint else f'"{peer}@{DOMAIN}"'
         self.text = (
             f'[dicom]\nae_title = "DICOMGW"\nport = {self.port}\nallowed_calling_ae_titles = []\n'
             f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "quarantine"\n'
             f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 0.3\nstable_check_interval_s = 0.1\n'
-            f'[xmpp]\njid = "{user}@{DOMAIN}/gw1"\npassword = "pw-{user}"\nport = {prosody.c2s_port}\nuse_tls = false\n'
-            f'peers = ["{peer}@{DOMAIN}"]\nretry_base_s = 0.2\nretry_max_s = 1\ndispatch_interval_s = 0.05\n{xmpp}\n'
+            f'[xmpp]\njid = "{user}@{DOMAIN}/gw1"\npassword = "pw-{user}"\nport = {prosody.c2s_port}\nuse_tls = true\n'
+            f'ca_file = "{prosody.ca_file}"\nrequire_e2e = {"true" if peer_fingerprint else "false"}\n'
+            f'peers = [{peer_entry}]\nretry_base_s = 0.2\nretry_max_s = 1\ndispatch_interval_s = 0.05\n{xmpp}\n'
             f'[routing]\ndefault_destination = "{destination}"\n'
         )
 
     def start(self) -> GatewayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.text)
+        self.config.chmod(0o600)  # it holds a password
         self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(self.config), "--log-level", "WARNING"], cwd=REPO)
         self._wait_ready(lambda: port_open(self.port), 30)
         return self
@@ -98,13 +104,22 @@ def prosody_rss(server: Prosody) -> float:
         return 0.0
 
 
-def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str) -> tuple[float, float, int, dict[str, float]]:
+def identity(workdir: Path) -> str:
+    """Make a gateway's end-to-end identity where its config expects it (var/identity); its fingerprint."""
+    from adapters.xmpp.e2e import ensure_identity
+
+    return ensure_identity(workdir / "var/identity/gateway.key", workdir / "var/identity/gateway.crt", workdir.name)[0].fingerprint
+
+
+def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str, encrypted: bool = True) -> tuple[float, float, int, dict[str, float]]:
     """(seconds of the stream incl. its set-up, seconds from offer to B's verdict, bundle bytes, peak RSS);
     checks that B holds every SHA-256 that A sent."""
-    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a").start()
-    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b", xmpp).start()
+    a_fp, b_fp = (identity(root / "a"), identity(root / "b")) if encrypted else ("", "")
+    b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a", peer_fingerprint=a_fp).start()
+    a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b", xmpp,
+                       peer_fingerprint=b_fp).start()
     try:
-        pushed = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMGW", "127.0.0.1", str(a.port), *map(str, files)],
+        pushed = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "DICOMGW", "127.0.0.1", str(a.port), *map(str, files)],
                                 env=nodelay_env(), capture_output=True, text=True, timeout=600)
         if pushed.returncode != 0:
             raise RuntimeError(pushed.stderr[-2000:])
@@ -134,11 +149,11 @@ def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str) 
 
 
 async def _bare_s5b(server: Prosody, size: int) -> tuple[float, bool]:
+    import ssl
+
     client = slixmpp.ClientXMPP(f"bench@{DOMAIN}/r", "pw-bench")
     client.enable_direct_tls = False
-    client.enable_starttls = False
-    client.enable_plaintext = True
-    client.plugin["feature_mechanisms"].unencrypted_plain = True
+    client.ssl_context = ssl.create_default_context(cafile=str(server.ca_file))  # c2s as the gateways run it
     online = asyncio.Event()
     client.add_event_handler("session_start", lambda _e: online.set())
     client.connect("127.0.0.1", server.c2s_port)
@@ -248,7 +263,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes up to 10 MB only")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", type=lambda text: [int(x) for x in text.split(",")], help="e.g. 50,200")
-    parser.add_argument("--only", help="comma-separated gateway columns to run (a_s5b,a2_s5b_variant,b_ibb_4096,c_ibb_tuned)")
+    parser.add_argument("--only", help="comma-separated gateway columns to run "
+                        "(a_s5b,a2_s5b_variant,a3_s5b_variant_plain,b_ibb_4096,c_ibb_tuned)")
     args = parser.parse_args()
     sizes_mb = args.sizes or ([1, 10] if args.quick else [1, 10, 50, 100, 200])
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-transfer-"))
@@ -263,6 +279,7 @@ def main() -> None:
     methods = {
         "a_s5b": ("stock", 'methods = ["s5b"]'),
         "a2_s5b_variant": ("variant", 'methods = ["s5b"]'),
+        "a3_s5b_variant_plain": ("variant", 'methods = ["s5b"]'),
         "b_ibb_4096": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 4096\nibb_window = 1'),
         "c_ibb_tuned": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 65535\nibb_window = 8'),
     }
@@ -281,7 +298,7 @@ def main() -> None:
                 stream_times, verdict_times = [], []
                 for run in range(args.runs):
                     stream_s, verdict_s, bundle_bytes, peaks = gateway_transfer(
-                        root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp
+                        root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp, encrypted=not name.endswith("_plain")
                     )
                     stream_times.append(stream_s)
                     verdict_times.append(verdict_s)
@@ -302,7 +319,7 @@ def main() -> None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    columns = [c for c in ["a_s5b", "a2_s5b_variant", "b_ibb_4096", "c_ibb_tuned"] if c in methods] + ["d_bare_s5b", "e_raw_tcp"]
+    columns = [c for c in ["a_s5b", "a2_s5b_variant", "a3_s5b_variant_plain", "b_ibb_4096", "c_ibb_tuned"] if c in methods] + ["d_bare_s5b", "e_raw_tcp"]
     print("MB/s of bundle bytes; gateway columns: the stream incl. its set-up [offer to receiver's verdict]")
     print(f"{'MB':>5}" + "".join(f"{c:>22}" for c in columns) + f"{'a/d':>7}{'c/b':>7}")
     for size_mb, row in table.items():
@@ -324,6 +341,8 @@ def main() -> None:
         "s5b_vs_ref": round(_ratio(largest, "a_s5b", "d_bare_s5b"), 3),
         "ibb_vs_4096": round(_ratio(largest, "c_ibb_tuned", "b_ibb_4096"), 2),
         "variant_vs_stock": round(_ratio(largest, "a2_s5b_variant", "a_s5b"), 2),
+        "s5b_variant_plain_mb_s": round(largest.get("a3_s5b_variant_plain", float("nan")), 2),
+        "encrypted_vs_plain": round(_ratio(largest, "a2_s5b_variant", "a3_s5b_variant_plain"), 3),
         "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "sha256_ok": sha_ok,
         "table_mb_s": {str(k): {c: round(v, 2) for c, v in r.items()} for k, r in table.items()},

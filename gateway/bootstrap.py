@@ -169,9 +169,9 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(upgrade_schema, self.engine)
         if self.settings.xmpp.enabled:
             self._build_xmpp()
-        await asyncio.to_thread(upgrade_schema, self.engine)
         for unit_id, before, after in await asyncio.to_thread(self.store.recover_in_flight):
             log.warning("unit %s was %s when the gateway stopped: now %s", unit_id, before, after)
         for kept in self.spool.start():
@@ -193,6 +193,9 @@ class Gateway:
                 except TimeoutError:
                     log.error("XMPP server %s:%s not reachable yet; retrying in the background",
                               self.settings.xmpp.host, self.settings.xmpp.port)
+                except ConnectionRefusedError as exc:
+                    log.error("XMPP server %s:%s refused (%s); retrying with backoff, never in plaintext",
+                              self.settings.xmpp.host, self.settings.xmpp.port, exc)
             if ready is not None:
                 ready()
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None

@@ -42,6 +42,7 @@ class DicomSettings:
     max_pdu_bytes: int = 262144
     max_associations: int = 16
     network_timeout_s: float = 60.0
+    artim_timeout_s: float = 10.0  # the whole A-ASSOCIATE-RQ must arrive within this (PS3.8 ARTIM)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def settings_from_mapping(
         max_pdu_bytes=_int(dicom_raw.get("max_pdu_bytes", 262144), "dicom.max_pdu_bytes", 0, 2**32 - 1),
         max_associations=_int(dicom_raw.get("max_associations", 16), "dicom.max_associations", 1, 1000),
         network_timeout_s=_float(dicom_raw.get("network_timeout_s", 60.0), "dicom.network_timeout_s", 0.1),
+        artim_timeout_s=_float(dicom_raw.get("artim_timeout_s", 10.0), "dicom.artim_timeout_s", 0.1),
     )
     watch_value = environ.get("DICOMGW_WATCH_DIR", paths_raw.get("watch_dir", "var/incoming"))
     paths = PathSettings(

@@ -161,6 +161,7 @@ class TransferCut(ConnectionError):
 
 TLS_REASONS = (
     ("unable to get local issuer certificate", "unknown CA"),
+    ("certificate signature failure", "unknown CA (a CA of the same name did not sign it)"),
     ("self-signed certificate", "self-signed server certificate (not issued by the configured CA)"),
     ("certificate has expired", "server certificate expired"),
     ("not yet valid", "server certificate not yet valid"),
@@ -205,6 +206,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         }
         self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
         self._online = asyncio.Event()
+        self._settled = asyncio.Event()  # online, or refused for a reason an operator must fix
         self._sinks: dict[str, _Inbound] = {}  # sid -> accepted inbound offer
         self._outbound: dict[str, _Outbound] = {}  # sid -> our end-to-end IBB stream
         self._verdicts: dict[str, asyncio.Future[tuple[str, str]]] = {}
@@ -238,8 +240,12 @@ class GatewayAgent(slixmpp.ClientXMPP):
 
     # -- connection -----------------------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> None:
+        """Connect; returns when the session is up, or raises ``ConnectionRefusedError`` at once when the
+        server failed verification (then retried in the background), or ``TimeoutError``."""
         self.connect(self.settings.host, self.settings.port)
-        await asyncio.wait_for(self._online.wait(), timeout_s)
+        await asyncio.wait_for(self._settled.wait(), timeout_s)
+        if not self.online:
+            raise ConnectionRefusedError(self.status.get("last_error") or "XMPP server refused")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -255,6 +261,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
 
     def _set_status(self, **values: Any) -> None:
         self.status.update(values, updated_at=time.time())
+        if self.status["state"] in ("online", "refused"):
+            self._settled.set()
         with contextlib.suppress(Exception):  # a status that cannot be written must not stop the connection
             self.inbound.status_changed(dict(self.status))
 

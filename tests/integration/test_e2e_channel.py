@@ -4,8 +4,7 @@ and a certificate that is not the pinned one is refused on both sides."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,26 @@ from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from tests.helpers import CapturingRelay, dataset_bytes, storescu, wait_for
 from tests.integration.test_xmpp_transfer import (  # noqa: F401  (the prosody fixture)
-    A_JID, B_JID, prosody, received_instances, site_identity, start_site, unit_states,
+    A_JID, B_JID, DOMAIN, prosody, received_instances, site_identity, start_site, unit_states,
 )
 
 
+@pytest.fixture
+def plain_prosody(tmp_path: Path) -> Iterator[Prosody]:
+    """c2s without TLS, so that the capture reads the stanzas as the XMPP server itself reads them."""
+    server = Prosody(tmp_path / "prosody-plain", domain=DOMAIN, tls=False)
+    for user in ("radiology.hospital-a", "radiology.hospital-b"):
+        server.add_account(user, f"pw-{user}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("method", ["s5b", "ibb"])
-def test_relayed_bytes_name_no_patient_no_study_and_carry_no_dicom(tmp_path: Path, prosody: Prosody, method: str) -> None:
+def test_relayed_bytes_name_no_patient_no_study_and_carry_no_dicom(tmp_path: Path, plain_prosody: Prosody, method: str) -> None:
+    prosody = plain_prosody
     c2s_a, c2s_b = CapturingRelay(prosody.c2s_port), CapturingRelay(prosody.c2s_port)
     proxy = CapturingRelay(prosody.proxy_port)
     # c2s in plaintext through the capture: the strongest check, since the server itself reads every stanza.

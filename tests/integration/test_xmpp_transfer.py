@@ -71,7 +71,8 @@ def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tup
         settings,
         xmpp=replace(
             XmppSettings(
-                jid=f"{jid}/gw1", password=f"pw-{local}", host="127.0.0.1", port=prosody.c2s_port, use_tls=False,
+                jid=f"{jid}/gw1", password=f"pw-{local}", host="127.0.0.1", port=prosody.c2s_port, use_tls=prosody.tls,
+                ca_file=prosody.ca_file,
                 peers=peers, retry_base_s=0.2, retry_max_s=1.0, verdict_timeout_s=60, dispatch_interval_s=0.1,
                 identity_key_file=key, identity_cert_file=cert, peer_pins=pins,
             ),
@@ -119,6 +120,8 @@ def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Pr
         out = a.gateway.store.transfers()
         assert [(t["direction"], t["method"], t["outcome"]) for t in out] == [("out", "s5b", "received")]
         assert a.gateway.agent.stream_managed and b.gateway.agent.stream_managed  # XEP-0198 on Prosody
+        status = a.gateway.agent.status  # what `dicomgw status` shows
+        assert (status["state"], status["tls_version"]) == ("online", "TLSv1.3") and len(status["server_cert_sha256"]) == 64
     finally:
         a.stop()
         b.stop()
