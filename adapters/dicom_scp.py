@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import socket
 import struct
 import threading
@@ -42,6 +43,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dsutils import encode_file_meta
 
 from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
+from adapters.dicom_walk import DatasetWalker
 from adapters.dicom_ul import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -275,6 +277,7 @@ class _AssociationHandler:
         self.prefix = bytearray()
         self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
         self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
+        self.walker: DatasetWalker | None = None  # the data set's element structure, followed as it streams
 
     def run(self) -> None:
         try:
@@ -346,11 +349,12 @@ class _AssociationHandler:
         if command.command_field != C_STORE_RQ:
             return
         missing = [name for tag, name in ((0x00000002, "Affected SOP Class UID"), (0x00001000, "Affected SOP Instance UID"))
-                   if not command.text(tag)]
+                   if not _uid(command.text(tag))]
         if missing:  # answered once the data set is off the wire; nothing of it is written
-            self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without {' and '.join(missing)}")
+            self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without a valid {' and '.join(missing)}")
             return
         context = self.assoc.contexts.get(self.context_id)
+        self.walker = DatasetWalker(context.transfer_syntax if context else IMPLICIT_LE)
         meta = FileMetaDataset()
         meta.FileMetaInformationVersion = b"\x00\x01"
         meta.MediaStorageSOPClassUID = command.text(0x00000002)
@@ -366,6 +370,8 @@ class _AssociationHandler:
             self.writer, self.write_error = None, exc
 
     def _store_fragment(self, fragment: memoryview) -> None:
+        if self.walker is not None:
+            self.walker.feed(fragment)
         if len(self.prefix) < HEADER_PREFIX_BYTES:
             self.prefix += fragment[: HEADER_PREFIX_BYTES - len(self.prefix)]
         if self.writer is not None:
@@ -377,12 +383,13 @@ class _AssociationHandler:
     def _finish_store(self, command: Command) -> None:
         status, comment = self._store(command)
         elements = [
-            (0x00000002, UI, command.text(0x00000002)), (0x00000100, US, 0x8001),
+            (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8001),
             (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, int(status)),
-            (0x00001000, UI, command.text(0x00001000)),
+            (0x00001000, UI, _uid(command.text(0x00001000))),
         ]
         if comment:
-            elements.append((0x00000902, LO, comment[:64]))  # LO: 64 characters at most
+            # LO: 64 characters at most, of the default repertoire (the reason may quote what was received)
+            elements.append((0x00000902, LO, "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])))
         self.assoc.send_message(self.context_id, encode_command(elements))
 
     def _store(self, command: Command) -> tuple[StoreStatus, str]:
@@ -402,6 +409,9 @@ class _AssociationHandler:
         except OSError as exc:
             log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
             return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {getattr(exc, 'strerror', '')}"
+        walker, self.walker = self.walker, None
+        if walker is not None and not walker.complete():
+            return self._refuse_unreadable(staged.temp_path, RejectedFile(walker.problem()))
         try:
             header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
         except RejectedFile as exc:
@@ -456,9 +466,9 @@ class _AssociationHandler:
         elif field == N_EVENT_REPORT_RQ:
             status = self._event_report(dataset)
             self.assoc.send_message(self.context_id, encode_command([
-                (0x00000002, UI, command.text(0x00000002)), (0x00000100, US, 0x8100),
+                (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8100),
                 (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
-                (0x00001000, UI, command.text(0x00001000)), (0x00001002, US, command.us(0x00001002)),
+                (0x00001000, UI, _uid(command.text(0x00001000))), (0x00001002, US, max(0, command.us(0x00001002))),
             ]))
         else:
             raise ProtocolViolation(f"unsupported DIMSE command 0x{field:04X}")
@@ -485,6 +495,12 @@ class _AssociationHandler:
 
 
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _uid(text: str) -> str:
+    """``text`` if it is a UID (PS3.5 9.1: digits and dots, at most 64 characters), else ""."""
+    return text if len(text) <= 64 and UID_RE.match(text) else ""
 
 
 def _send_abort(sock: socket.socket) -> None:

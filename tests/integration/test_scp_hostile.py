@@ -178,3 +178,25 @@ def test_accept_errors_at_the_descriptor_limit_do_not_stop_the_scp(tmp_path: Pat
         proc.terminate()
         proc.wait(15)
         log.close()
+
+
+@pytest.mark.parametrize("cut", ["inside the pixel data", "a length past the end"])
+def test_a_data_set_that_does_not_end_on_an_element_boundary_is_refused_and_kept(gateway: Gateway, cut: str) -> None:
+    ds = raw.dataset(raw.CT_STORAGE, "1.2.3.4.6", pixel_bytes=256)
+    if cut == "inside the pixel data":
+        ds = ds[:-100]
+    else:  # the pixel data element claims 4096 bytes, 256 follow
+        at = ds.index(b"\xe0\x7f\x10\x00")
+        ds = ds[: at + 4] + struct.pack("<I", 4096) + ds[at + 8 :]
+    peer = raw.RawPeer(gateway.scp.port)
+    peer.associate()
+    peer.send(raw.pdata((1, 0x03, raw.c_store_rq(raw.CT_STORAGE, "1.2.3.4.6"))))
+    peer.send(raw.pdata((1, 0x02, ds)))
+    answer = peer.reply()
+    assert answer is not None and raw.status_of(answer[1]) == 0xC000
+    assert gateway.store.count_instances() == 0
+    (reason,) = gateway.spool.quarantine_dir.glob("*.reason.txt")
+    assert "short of the end of element (7FE0,0010)" in reason.read_text()
+    kept = Path(str(reason).removesuffix(".reason.txt"))
+    assert kept.read_bytes().endswith(ds)  # every byte that came is kept
+    peer.close()
