@@ -1,0 +1,206 @@
+"""Hostile input at the XMPP edge: a client logged in with an allowed peer's account (or a stranger's)
+sends crafted offers and IBB blocks to gateway B on a real Prosody. Every admission is released on every
+path, every stream end gets a verdict, floods do not flood the audit log, and B keeps serving A."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import slixmpp
+from slixmpp.exceptions import IqError
+
+from adapters.localpeers import Prosody
+from adapters.synthetic import generate_ct_study
+from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, Offer, build_offer, q
+from tests.helpers import storescu, wait_for
+from tests.integration.test_xmpp_transfer import A_JID, B_JID, DOMAIN, STRANGER_JID, received_instances, start_site, unit_states
+
+B_FULL = f"{B_JID}/gw1"
+
+
+@pytest.fixture
+def prosody(tmp_path: Path) -> Iterator[Prosody]:
+    """One server (these cases do not depend on the proxy65 variant)."""
+    server = Prosody(tmp_path / "prosody", domain=DOMAIN)
+    for user in ("radiology.hospital-a", "radiology.hospital-b", "radiology.hospital-x"):
+        server.add_account(user, f"pw-{user}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Intruder:
+    """A slixmpp client on its own event loop, logged in as ``user`` (resource 'intruder')."""
+
+    def __init__(self, server: Prosody, user: str) -> None:
+        self.client = slixmpp.ClientXMPP(f"{user}@{DOMAIN}/intruder", f"pw-{user}")
+        self.client.enable_direct_tls = False
+        self.client.ssl_context = ssl.create_default_context(cafile=str(server.ca_file))
+        self.server = server
+        self.verdicts: list[tuple[str, str]] = []
+        self.client.register_handler(slixmpp.xmlstream.handler.Callback(
+            "verdict", slixmpp.xmlstream.matcher.MatchXPath(f"{{jabber:client}}iq/{q(NS_RESULT, 'result')}"), self._verdict))
+
+    def _verdict(self, iq: Any) -> None:
+        el = iq.xml.find(q(NS_RESULT, "result"))
+        self.verdicts.append((el.get("outcome", ""), el.text or ""))
+        iq.reply().send()
+
+    async def start(self) -> None:
+        online = asyncio.Event()
+        self.client.add_event_handler("session_start", lambda _e: online.set())
+        self.client.connect("127.0.0.1", self.server.c2s_port)
+        await asyncio.wait_for(online.wait(), 20)
+
+    async def iq(self, payload: ET.Element, to: str = B_FULL) -> tuple[str, str]:
+        """('result', '') or ('error', condition)."""
+        iq = self.client.make_iq_set(ito=to)
+        iq.xml.append(payload)
+        try:
+            await iq.send(timeout=10)
+        except IqError as exc:
+            return "error", exc.iq["error"]["condition"]
+        return "result", ""
+
+    async def stop(self) -> None:
+        self.client.disconnect()
+
+
+def offer(sid: str, size: int = 1000, sha: str = "ab" * 32, cert: bytes = b"") -> ET.Element:
+    return build_offer(Offer(sid, f"{sid}.dgwb", size, sha, ("http://jabber.org/protocol/ibb",), cert))
+
+
+def ibb(tag: str, sid: str, seq: int | None = None, data: bytes = b"") -> ET.Element:
+    attrs = {"sid": sid}
+    if tag == "open":
+        attrs.update({"block-size": "4096", "stanza": "iq"})
+    if seq is not None:
+        attrs["seq"] = str(seq)
+    el = ET.Element(q(NS_IBB, tag), attrs)
+    if data:
+        el.text = base64.b64encode(data).decode()
+    return el
+
+
+def a_study_still_goes_through(tmp_path: Path, a: Any, b: Any) -> None:
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=32, columns=32)
+    assert storescu(a.gateway.scp.port, study.files).returncode == 0
+    wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+    assert set(received_instances(b.gateway)) >= set(study.sop_instance_uids)
+
+
+def test_malformed_offers_are_bad_requests_and_hold_no_slot(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1)
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+
+    async def attack() -> list[tuple[str, str]]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answers = [
+            await intruder.iq(offer("bad1", sha="Z" * 64)),  # not lower-case hex
+            await intruder.iq(offer("bad2", sha="ab" * 16)),  # too short
+        ]
+        size = offer("bad3")
+        size.find(".//{http://jabber.org/protocol/si/profile/file-transfer}file").set("size", "-5")
+        answers.append(await intruder.iq(size))
+        await intruder.stop()
+        return answers
+
+    try:
+        assert asyncio.run(attack()) == [("error", "bad-request")] * 3
+        assert b.gateway.inbound_policy.active == 0
+        a_study_still_goes_through(tmp_path, a, b)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_accepted_offer_whose_stream_never_starts_is_released(tmp_path: Path, prosody: Prosody) -> None:
+    from tests.integration.test_xmpp_transfer import site_identity
+
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, stream_start_timeout_s=1.0)
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    cert = ssl.PEM_cert_to_DER_cert(site_identity(tmp_path, "a")[1].read_text())  # A's certificate: public
+
+    async def attack() -> tuple[str, str]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answer = await intruder.iq(offer("silent", cert=cert))
+        await intruder.stop()
+        return answer
+
+    try:
+        assert asyncio.run(attack()) == ("result", "")
+        assert b.gateway.inbound_policy.active == 1  # admitted ...
+        wait_for(lambda: b.gateway.inbound_policy.active == 0, 10, 0.05, what="the silent offer to be released")
+        (row,) = [t for t in b.gateway.store.transfers() if t["sid"] == "silent"]
+        assert row["outcome"] == "cut" and "did not start within 1 s" in row["error"]
+        a_study_still_goes_through(tmp_path, a, b)
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("case", ["sequence gap", "replayed block", "past the announced size"])
+def test_ibb_blocks_out_of_order_or_too_many_close_the_stream_with_a_verdict(tmp_path: Path, prosody: Prosody, case: str) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, require_e2e=False, peer_pins=())
+
+    async def attack() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answers = [await intruder.iq(offer("s1", size=100)), await intruder.iq(ibb("open", "s1"))]
+        if case == "sequence gap":
+            answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 10)), await intruder.iq(ibb("data", "s1", 2, b"x" * 10))]
+        elif case == "replayed block":
+            answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 10)), await intruder.iq(ibb("data", "s1", 0, b"x" * 10))]
+        else:
+            answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 60)), await intruder.iq(ibb("data", "s1", 1, b"x" * 60))]
+        await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not intruder.verdicts and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await intruder.stop()
+        return answers, intruder.verdicts
+
+    try:
+        answers, verdicts = asyncio.run(attack())
+        expected = "bad-request" if case == "past the announced size" else "unexpected-request"
+        assert answers == [("result", "")] * 3 + [("error", expected)]
+        assert verdicts and verdicts[0][0] in ("incomplete", "rejected")
+        wait_for(lambda: b.gateway.inbound_policy.active == 0, 10, 0.05, what="the slot to be released")
+        assert all(s.state != "received" for s in b.gateway.store.studies())
+    finally:
+        b.stop()
+
+
+def test_a_flood_of_refused_offers_is_audited_once_per_minute_with_a_count(tmp_path: Path, prosody: Prosody) -> None:
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    floods = 2000
+
+    async def attack() -> list[tuple[str, str]]:
+        intruder = Intruder(prosody, "radiology.hospital-x")
+        await intruder.start()
+        answers = await asyncio.gather(*(intruder.iq(offer(f"f{i}")) for i in range(floods)))
+        await intruder.stop()
+        return list(answers)
+
+    try:
+        answers = asyncio.run(attack())
+        assert answers == [("error", "forbidden")] * floods
+        rows = [e for e in b.gateway.store.audit_entries(limit=5000) if e["event"] == "offer_refused"]
+        assert 1 <= len(rows) <= 2 and sum(r["count"] for r in rows) == floods  # at most a minute boundary between
+        assert all(STRANGER_JID in r["detail"] for r in rows)
+        a_study_still_goes_through(tmp_path, a, b)
+    finally:
+        a.stop()
+        b.stop()
