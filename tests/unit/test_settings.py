@@ -55,3 +55,38 @@ def test_empty_watch_dir_disables_the_watched_folder(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text('[paths]\nwatch_dir = ""\n')
     assert load_settings(path, environ={}).paths.watch_dir is None
+
+
+def test_secrets_come_from_a_private_file_and_a_readable_config_with_a_secret_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "xmpp.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    config = tmp_path / "gw.toml"
+    config.write_text('[xmpp]\njid = "radiology.hospital-a@net.test/gw1"\npassword_file = "xmpp.password"\n')
+    config.chmod(0o644)  # no secret in it: may be readable
+    assert load_settings(config, environ={}).xmpp.password == "s3cret"
+    assert load_settings(config, environ={"DICOMGW_XMPP_PASSWORD": "env"}).xmpp.password == "env"
+    secret.chmod(0o640)
+    with pytest.raises(SettingsError, match=r"xmpp.password_file: .*xmpp.password may be read by others \(mode 640\); chmod 600 it"):
+        load_settings(config, environ={})
+    config.write_text('[xmpp]\njid = "radiology.hospital-a@net.test/gw1"\npassword = "inline"\n')
+    with pytest.raises(SettingsError, match=r"holds a secret \(xmpp.password\) and may be read by others \(mode 644\)"):
+        load_settings(config, environ={})
+    config.chmod(0o600)
+    assert load_settings(config, environ={}).xmpp.password == "inline"
+
+
+def test_peer_pins_and_tls_settings_from_toml(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    pin = "AB" * 32
+    config.write_text(
+        '[xmpp]\njid = "radiology.hospital-a@net.test/gw1"\nca_file = "ca.pem"\n'
+        f'peers = ["radiology.hospital-b@net.test", {{ jid = "radiology.hospital-c@net.test", fingerprint = "SHA256:{pin}" }}]\n'
+    )
+    x = load_settings(config, environ={}).xmpp
+    assert x.peers == ("radiology.hospital-b@net.test", "radiology.hospital-c@net.test")
+    assert x.pin_for("radiology.hospital-c@net.test") == pin.lower() and x.pin_for("radiology.hospital-b@net.test") is None
+    assert x.ca_file == tmp_path / "ca.pem" and x.require_e2e and x.identity_key_file == tmp_path / "var/identity/gateway.key"
+    config.write_text('[xmpp]\npeers = [{ jid = "radiology.hospital-c@net.test", fingerprint = "12ab" }]\n')
+    with pytest.raises(SettingsError, match="xmpp.peers: radiology.hospital-c@net.test: '12ab' is not a SHA-256 fingerprint"):
+        load_settings(config, environ={})

@@ -1,0 +1,68 @@
+"""The security commands as an admin uses them, against `dicomgw run` in its own process and a real
+Prosody with TLS: `keys init/show`, `peers add --fingerprint`, `status`, and no secret in any log line."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from adapters.localpeers import Prosody
+from tests.e2e.test_gateway_process import GatewayProcess
+from tests.helpers import REPO, wait_for
+
+DOMAIN = "helsenett.test"
+PASSWORD = "Pa55-w0rd-never-logged"
+
+
+def test_keys_peers_status_and_no_secret_in_the_log(tmp_path: Path) -> None:
+    server = Prosody(tmp_path / "prosody", domain=DOMAIN)
+    server.add_account("radiology.hospital-a", PASSWORD)
+    server.start()
+    gw = GatewayProcess(tmp_path / "site")
+    secret = gw.workdir / "xmpp.password"  # relative paths resolve against base_dir
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    with gw.config.open("a") as fh:
+        fh.write(f'[xmpp]\njid = "radiology.hospital-a@{DOMAIN}/gw1"\npassword_file = "xmpp.password"\n'
+                 f'port = {server.c2s_port}\nca_file = "{server.ca_file}"\n')
+    try:
+        made = gw.cli("keys", "init", "--json")
+        assert made.returncode == 0, made.stderr
+        identity = json.loads(made.stdout)
+        assert identity["created"] and len(identity["fingerprint"]) == 64
+        assert stat.S_IMODE(Path(identity["key"]).stat().st_mode) == 0o600
+        shown = gw.cli("keys", "show")
+        assert identity["fingerprint"] in shown.stdout and shown.returncode == 0
+        assert not json.loads(gw.cli("keys", "init", "--json").stdout)["created"]  # never replaced
+        peer_fp = "ab" * 32
+        added = gw.cli("peers", "add", f"radiology.hospital-b@{DOMAIN}", "--fingerprint", "AB:" * 31 + "AB")
+        assert added.returncode == 0 and peer_fp in added.stdout
+        assert gw.cli("peers", "add", f"radiology.hospital-b@{DOMAIN}", "--fingerprint", "123").returncode == 2
+        (peer,) = json.loads(gw.cli("peers", "--json").stdout)
+        assert peer["fingerprint"] == peer_fp
+        log_level = ["--log-level", "DEBUG"]
+        gw.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(gw.config), *log_level],
+                                   cwd=REPO, stdout=(gw.workdir / "gateway.log").open("ab"), stderr=subprocess.STDOUT)
+
+        def online() -> bool:
+            result = gw.cli("status", "--json")
+            return result.returncode == 0 and json.loads(result.stdout)["state"] == "online"
+
+        wait_for(online, 60, 0.3, what="dicomgw status to show the session online")
+        status = json.loads(gw.cli("status", "--json").stdout)
+        assert status["tls_version"] == "TLSv1.3" and len(status["server_cert_sha256"]) == 64
+        assert status["server"] == f"127.0.0.1:{server.c2s_port}"
+        gw.stop()
+        log = (gw.workdir / "gateway.log").read_text()
+        assert "SEND:" in log  # DEBUG really logged the XML stream
+        for form in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(),
+                     base64.b64encode(f"\0radiology.hospital-a\0{PASSWORD}".encode()).decode()):
+            assert form not in log
+        assert "BEGIN PRIVATE KEY" not in log
+    finally:
+        gw.stop()
+        server.stop()
