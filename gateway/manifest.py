@@ -86,6 +86,8 @@ class Manifest:
     def decode(data: bytes) -> Manifest:
         try:
             body = json.loads(data.decode("utf-8"))
+            if not isinstance(body, dict) or not isinstance(body.get("files"), list):
+                raise BundleError("manifest is not a JSON object with a file list")
             if body.get("format") != FORMAT_VERSION:
                 raise BundleError(f"unsupported bundle format {body.get('format')!r}")
             files = tuple(
@@ -99,7 +101,7 @@ class Manifest:
                 for f in body["files"]
             )
             manifest = Manifest(str(body["study_instance_uid"]), int(body["unit_seq"]), int(body["chunk_bytes"]), files)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, BundleError):
                 raise
             raise BundleError(f"manifest is not valid: {exc}") from exc

@@ -125,9 +125,17 @@ def parse_accept(si: ET.Element | None) -> tuple[str, int]:
     return method.strip(), int(offset_text)
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str, limit: int = 2000) -> str:
+    """``text`` with the characters XML 1.0 cannot carry replaced (a PACS's reason may hold any byte)."""
+    return _NOT_XML.sub("?", text[:limit])
+
+
 def build_result(sid: str, outcome: str, detail: str = "") -> ET.Element:
     el = ET.Element(q(NS_RESULT, "result"), {"sid": sid, "outcome": outcome})
-    el.text = detail
+    el.text = xml_text(detail)
     return el
 
 
@@ -136,7 +144,7 @@ def build_receipt(receipt: Receipt) -> ET.Element:
         "bundle": receipt.bundle_sha256, "instances": str(receipt.instances),
         "outcome": "delivered" if receipt.delivered else "failed",
     })
-    el.text = receipt.detail
+    el.text = xml_text(receipt.detail)
     return el
 
 
