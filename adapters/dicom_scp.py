@@ -31,6 +31,7 @@ import io
 import logging
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -43,6 +44,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dsutils import encode_file_meta
 
 from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
+from adapters.dicom_tls import server_context
 from adapters.dicom_walk import DatasetWalker
 from adapters.dicom_ul import (
     IMPLEMENTATION_CLASS_UID,
@@ -112,6 +114,7 @@ class StorageSCP:
         self._on_stored = on_stored
         self._on_commitment = on_commitment
         self._listener: socket.socket | None = None
+        self._tls_listener: socket.socket | None = None
         self._slots = threading.BoundedSemaphore(settings.max_associations)
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -125,11 +128,21 @@ class StorageSCP:
         self._listener = listener
         threading.Thread(target=self._accept_loop, args=(listener,), name="dicom-scp", daemon=True).start()
         log.info("DICOM SCP %s listening on %s:%s", self._settings.ae_title, self._settings.host, self.port)
+        s = self._settings
+        if s.tls_port and s.tls_cert_file and s.tls_key_file:
+            context = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.require_client_cert)
+            self._tls_listener = socket.create_server((s.host, s.tls_port), backlog=64)
+            threading.Thread(target=self._accept_loop, args=(self._tls_listener, context), name="dicom-scp-tls", daemon=True).start()
+            log.info("DICOM SCP %s listening for TLS on %s:%s (client certificate %s)", s.ae_title, s.host, self.tls_port,
+                     "required" if s.require_client_cert else "optional")
 
     def stop(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
+        tls_listener, self._tls_listener = self._tls_listener, None
+        if tls_listener is not None:
+            tls_listener.close()
         with self._lock:
             for sock in list(self._open):
                 try:
@@ -138,20 +151,24 @@ class StorageSCP:
                     pass
 
     @property
+    def tls_port(self) -> int:
+        return int(self._tls_listener.getsockname()[1]) if self._tls_listener is not None else 0
+
+    @property
     def port(self) -> int:
         if self._listener is None:
             return self._settings.port
         return int(self._listener.getsockname()[1])
 
-    def _accept_loop(self, listener: socket.socket) -> None:
+    def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None = None) -> None:
         """Accept until ``stop``; an accept error (EMFILE at the descriptor limit, ENOBUFS) is logged and
         retried with backoff, never the end of the loop."""
         backoff_s = 0.05
-        while self._listener is listener:
+        while listener in (self._listener, self._tls_listener):
             try:
                 sock, address = listener.accept()
             except OSError as exc:
-                if self._listener is not listener:
+                if listener not in (self._listener, self._tls_listener):
                     return  # closed by stop()
                 log.error("DICOM SCP cannot accept a connection (%s); retrying in %.2f s", exc, backoff_s)
                 time.sleep(backoff_s)
@@ -163,21 +180,29 @@ class StorageSCP:
                 sock.close()
                 continue
             try:
-                threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), name="dicom-assoc", daemon=True).start()
+                threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}", tls), name="dicom-assoc", daemon=True).start()
             except RuntimeError:  # cannot start a thread: the connection goes, the loop stays
                 self._unassociated.release()
                 sock.close()
 
     # -- one association ------------------------------------------------------------------------
-    def _serve(self, sock: socket.socket, address: str) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self._settings.network_timeout_s)
+    def _serve(self, raw_sock: socket.socket, address: str, tls: ssl.SSLContext | None = None) -> None:
+        raw_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
-            self._open.add(sock)
+            self._open.add(raw_sock)
+        sock = raw_sock
         link: _Link | None = None
         unassociated = True
         try:
             try:
+                if tls is not None:  # the handshake counts against the association's ARTIM deadline
+                    raw_sock.settimeout(self._settings.artim_timeout_s)
+                    try:
+                        sock = tls.wrap_socket(raw_sock, server_side=True)
+                    except ssl.SSLError as exc:
+                        self._audit("association_rejected", f"TLS from {address} refused: {getattr(exc, 'verify_message', '') or exc.reason or exc}")
+                        return
+                sock.settimeout(self._settings.network_timeout_s)
                 link = self._negotiate(sock, address)
             finally:
                 unassociated = False
@@ -195,8 +220,9 @@ class StorageSCP:
             if unassociated:
                 self._unassociated.release()
             with self._lock:
-                self._open.discard(sock)
+                self._open.discard(raw_sock)
             sock.close()
+            raw_sock.close()
 
     def _negotiate(self, sock: socket.socket, address: str) -> _Link | None:
         pdu_type, body = read_pdu(sock, deadline=time.monotonic() + self._settings.artim_timeout_s)

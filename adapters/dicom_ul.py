@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -198,14 +199,18 @@ class Association:
         timeout_s: float = 30.0,
         max_receive_pdu: int = DEFAULT_MAX_RECEIVE_PDU,
         roles: dict[str, tuple[bool, bool]] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Association:
-        """Connect and negotiate; raises ``OSError`` (no connection), :class:`AssociationRejected`, ..."""
+        """Connect (over TLS with ``tls``) and negotiate; raises ``OSError`` (no connection, TLS refused),
+        :class:`AssociationRejected`, ..."""
         contexts = [PresentationContext(2 * i + 1, abstract, tuple(syntaxes)) for i, (abstract, syntaxes) in enumerate(proposals)]
         if not 0 < len(contexts) <= 128:
             raise ValueError(f"{len(contexts)} presentation contexts: PS3.8 allows 1..128")
         sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host if tls.check_hostname else None)
             sock.sendall(_associate_rq(calling_ae, called_ae, contexts, max_receive_pdu, roles or {}))
             pdu_type, body = _read_pdu(sock)
             if pdu_type == 0x03:
@@ -267,6 +272,9 @@ class Association:
 
     def _sendmsg(self, buffers: list[bytes | memoryview]) -> None:
         total = sum(len(b) for b in buffers)
+        if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg on TLS: one write of the joined buffers
+            self.sock.sendall(b"".join(buffers))
+            return
         sent = self.sock.sendmsg(buffers)
         if sent < total:  # partial write: finish with sendall on the rest
             self.sock.sendall(b"".join(bytes(b) for b in buffers)[sent:])

@@ -161,18 +161,23 @@ class StoreSCP(PeerProcess):
 
     name = "storescp"
 
-    def __init__(self, workdir: Path, ae_title: str = "STORESCP", bit_preserving: bool = False) -> None:
+    def __init__(self, workdir: Path, ae_title: str = "STORESCP", bit_preserving: bool = False,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         super().__init__(workdir)
         self.ae_title = ae_title
         self.port = free_port()
         self.out_dir = workdir / "out"
         self.bit_preserving = bit_preserving
+        self.tls = tls  # (key, certificate, CA): TLS with the client's certificate required
 
     def start(self, timeout_s: float = 15.0) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        argv = ["storescp", "-aet", self.ae_title, "-od", str(self.out_dir)]
+        argv = ["/usr/bin/storescp", "-aet", self.ae_title, "-od", str(self.out_dir)]
         if self.bit_preserving:
             argv += ["+B", "-xf", "/etc/dcmtk/storescp.cfg", "AllDICOM"]
+        if self.tls is not None:
+            key, cert, ca = self.tls
+            argv += ["+tls", str(key), str(cert), "+cf", str(ca), "-rc", "+px"]
         self._spawn([*argv, str(self.port)], env=nodelay_env())
         self._wait_ready(lambda: port_open(self.port), timeout_s)
         return self
@@ -219,11 +224,41 @@ def make_test_pki(directory: Path, server_name: str, kind: str = "ca") -> tuple[
     directory.mkdir(parents=True, exist_ok=True)
     paths = directory / "ca.pem", directory / "server.crt", directory / "server.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    (directory / "ca.key").chmod(0o600)
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     paths[2].chmod(0o600)
     return paths
+
+
+def issue_test_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for ``name`` (client and server use) from the CA ``make_test_pki`` left in ``directory``:
+    (certificate PEM, key PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 class Prosody(PeerProcess):

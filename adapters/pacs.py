@@ -57,6 +57,7 @@ from adapters.dicom_ul import (
 from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict, classify_store_status
 from gateway.manifest import BundleFile, Manifest
 from gateway.model import InstanceRecord
+from adapters.dicom_tls import client_context
 from gateway.settings import PacsSettings
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,13 @@ class PacsClient:
     def __init__(self, settings: PacsSettings, spool_root: Path) -> None:
         self.settings = settings
         self.spool_root = spool_root
+        self.tls = (client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+                    if settings.tls else None)
 
     def _associate(self, proposals: list[tuple[str, tuple[str, ...]]], roles: dict[str, tuple[bool, bool]] | None = None) -> Association:
         s = self.settings
         try:
-            return Association.open(s.host, s.port, s.calling_ae_title, s.ae_title, proposals, s.timeout_s, roles=roles)
+            return Association.open(s.host, s.port, s.calling_ae_title, s.ae_title, proposals, s.timeout_s, roles=roles, tls=self.tls)
         except AssociationRejected as exc:
             if exc.permanent:
                 raise PacsRefused(f"{s.address}: {exc}") from exc

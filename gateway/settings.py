@@ -43,6 +43,11 @@ class DicomSettings:
     max_associations: int = 16
     network_timeout_s: float = 60.0
     artim_timeout_s: float = 10.0  # the whole A-ASSOCIATE-RQ must arrive within this (PS3.8 ARTIM)
+    tls_port: int = 0  # a second listener for DICOM over TLS (PS3.15 B.1 suggests 2762); 0 = none
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # CA(s) client certificates must chain to
+    require_client_cert: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,10 @@ class PacsSettings:
     retry_max_s: float = 300.0
     storage_commitment: bool = False
     commitment_timeout_s: float = 600.0
+    tls: bool = False  # DICOM over TLS to the PACS (BCP 195 profile)
+    tls_ca_file: Path | None = None  # CA the PACS's certificate chains to (None: the system store)
+    tls_cert_file: Path | None = None  # our client certificate, when the PACS requires one
+    tls_key_file: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -206,7 +215,16 @@ def settings_from_mapping(
         max_associations=_int(dicom_raw.get("max_associations", 16), "dicom.max_associations", 1, 1000),
         network_timeout_s=_float(dicom_raw.get("network_timeout_s", 60.0), "dicom.network_timeout_s", 0.1),
         artim_timeout_s=_float(dicom_raw.get("artim_timeout_s", 10.0), "dicom.artim_timeout_s", 0.1),
+        tls_port=_int(dicom_raw.get("tls_port", 0), "dicom.tls_port", 0, 65535),
+        tls_cert_file=_path(dicom_raw["tls_cert_file"], base_dir) if dicom_raw.get("tls_cert_file") else None,
+        tls_key_file=_path(dicom_raw["tls_key_file"], base_dir) if dicom_raw.get("tls_key_file") else None,
+        tls_ca_file=_path(dicom_raw["tls_ca_file"], base_dir) if dicom_raw.get("tls_ca_file") else None,
+        require_client_cert=bool(dicom_raw.get("require_client_cert", True)),
     )
+    if dicom.tls_port and not (dicom.tls_cert_file and dicom.tls_key_file):
+        raise SettingsError("dicom.tls_port needs tls_cert_file and tls_key_file")
+    if dicom.tls_port and dicom.require_client_cert and not dicom.tls_ca_file:
+        raise SettingsError("dicom.require_client_cert needs tls_ca_file (the CA client certificates chain to)")
     watch_value = environ.get("DICOMGW_WATCH_DIR", paths_raw.get("watch_dir", "var/incoming"))
     paths = PathSettings(
         spool_dir=_path(environ.get("DICOMGW_SPOOL_DIR", paths_raw.get("spool_dir", "var/spool")), base_dir),
@@ -227,7 +245,7 @@ def settings_from_mapping(
     return Settings(
         dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ, base_dir),
         routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
-        pacs=_pacs(_table(raw, "pacs"), dicom.ae_title),
+        pacs=_pacs(_table(raw, "pacs"), dicom.ae_title, base_dir),
         retention=RetentionSettings(
             keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
             check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),
@@ -236,7 +254,7 @@ def settings_from_mapping(
     )
 
 
-def _pacs(raw: Mapping[str, Any], own_ae_title: str) -> PacsSettings:
+def _pacs(raw: Mapping[str, Any], own_ae_title: str, base_dir: Path = Path(".")) -> PacsSettings:
     host = str(raw.get("host", ""))
     return PacsSettings(
         ae_title=_ae_title(raw.get("ae_title", "PACS"), "pacs.ae_title"),
@@ -251,6 +269,10 @@ def _pacs(raw: Mapping[str, Any], own_ae_title: str) -> PacsSettings:
         retry_max_s=_float(raw.get("retry_max_s", 300.0), "pacs.retry_max_s", 0.01),
         storage_commitment=bool(raw.get("storage_commitment", False)),
         commitment_timeout_s=_float(raw.get("commitment_timeout_s", 600.0), "pacs.commitment_timeout_s", 0.1),
+        tls=bool(raw.get("tls", False)),
+        tls_ca_file=_path(raw["tls_ca_file"], base_dir) if raw.get("tls_ca_file") else None,
+        tls_cert_file=_path(raw["tls_cert_file"], base_dir) if raw.get("tls_cert_file") else None,
+        tls_key_file=_path(raw["tls_key_file"], base_dir) if raw.get("tls_key_file") else None,
     )
 
 
