@@ -1,0 +1,188 @@
+"""What the XMPP adapter's parts share: settings, the ports to the core, the state of a stream, helpers.
+
+- :class:`XmppSettings`: the agent's configuration (built by the composition root from ``gateway.settings``).
+- :class:`InboundPort`: what the agent asks the core (admission, sinks, receipts, pins, audit, status);
+  :class:`Sink`: where an accepted bundle's bytes go.
+- :class:`InboundStream` / :class:`OutboundStream`: one accepted inbound offer, one end-to-end IBB stream we send.
+- :class:`TransferCut`: a bytestream failed after it started; the next offer resumes at the receiver's offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from slixmpp.exceptions import IqError, IqTimeout
+
+from adapters.xmpp.e2e import Identity, TlsPipe
+from adapters.xmpp.stanzas import (  # noqa: F401
+    NS_DISCO_ITEMS,
+    NS_IBB,
+    NS_RESULT,
+    NS_S5B,
+    NS_SI,
+    Offer,
+    Receipt,
+    build_accept,
+    build_offer,
+    build_receipt,
+    build_result,
+    parse_accept,
+    parse_offer,
+    parse_receipt,
+    q,
+)
+
+log = logging.getLogger(__name__)
+IQ = "{jabber:client}iq"
+
+
+IQ = "{jabber:client}iq"
+
+
+@dataclass(frozen=True)
+class XmppSettings:
+    jid: str
+    password: str
+    host: str = "127.0.0.1"
+    port: int = 5222
+    use_tls: bool = True
+    methods: tuple[str, ...] = (NS_S5B, NS_IBB)
+    ibb_block_bytes: int = 65535  # XEP-0047: at most 65535 bytes of data per block (before base64)
+    ibb_window: int = 8
+    s5b_write_bytes: int = 1 << 20
+    verdict_timeout_s: float = 600.0
+    s5b_idle_timeout_s: float = 120.0  # an inbound S5B stream with no byte for this long counts as cut
+    iq_timeout_s: float = 30.0
+    proxy_address: tuple[str, int] | None = None  # override the address the proxy advertises (NAT, relays)
+    ca_file: str = ""  # PEM CA bundle for the server's certificate; empty: the system store
+    server_cert_sha256: str = ""  # optional pin of the server's certificate (64 hex digits)
+    identity: Identity | None = None  # this gateway's end-to-end identity
+    require_e2e: bool = True  # no pinned peer certificate, no exchange
+    stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+
+
+class Sink(Protocol):
+    """Where an accepted inbound bundle's bytes go (see ``adapters.inbox``)."""
+
+    offset: int
+    size: int
+    bundle_key: str  # the manifest SHA-256: one sink per bundle at a time
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def finish(self) -> tuple[bool, str]: ...
+    def close(self, reason: str) -> None: ...
+
+
+class InboundPort(Protocol):
+    def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
+        """None to accept, else (stanza error condition, text)."""
+
+    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink:
+        """Called only after ``authorize`` accepted; the sink's ``finish``/``close`` ends the admission."""
+
+    def receipt(self, peer_jid: str, receipt: Receipt) -> str:
+        """A delivery receipt from a peer we sent to: 'delivered' | 'failed' | 'noted' | 'unknown'."""
+
+    def pin_for(self, peer_jid: str) -> str | None:
+        """The pinned certificate fingerprint of a peer gateway (bare JID), if any."""
+
+    def security_event(self, peer_jid: str, text: str) -> None:
+        """A refused end-to-end channel (pin mismatch, failed handshake): audited."""
+
+    def status_changed(self, status: dict[str, Any]) -> None:
+        """The XMPP connection's state changed (``GatewayAgent.status``)."""
+
+
+@dataclass
+class InboundStream:
+    """An accepted offer: where its bytes go, and its end-to-end channel."""
+
+    peer: str  # full JID of the sender
+    sink: Sink
+    method: str
+    tls: ssl.SSLContext | None  # None: plaintext (lab only)
+    pipe: TlsPipe | None = None  # IBB: TLS over the blocks
+    next_seq: int = 0  # XEP-0047: the seq the next block from the sender must carry
+    out_seq: int = 0  # our blocks back to the sender (TLS handshake records)
+    started: bool = False  # the bytestream was opened
+
+
+@dataclass
+class OutboundStream:
+    """An IBB stream we send on end to end: the receiver's TLS records come back on it."""
+
+    peer: str
+    pipe: TlsPipe
+    handshake: asyncio.Future[None]
+    next_seq: int = 0
+    pending: list[bytes] = field(default_factory=list)
+
+
+class TransferCut(ConnectionError):
+    """A bytestream failed after it started; the next offer resumes at the receiver's offset."""
+
+
+async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> None:
+    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc is not None else done.set_result(None)
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine, which decides
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits any more
+            loop.call_soon_threadsafe(finish, outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
+
+
+def shut(sock: socket.socket | None, close: bool = False) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        if close:
+            sock.close()
+
+
+def progress_in_thread(progress: Callable[[int, str], None] | None) -> Callable[[int, str], None] | None:
+    """Progress callbacks write to the DB: keep them off the event loop, at most one in flight."""
+    if progress is None:
+        return None
+    running: list[asyncio.Future[None]] = []
+
+    def call(position: int, method: str) -> None:
+        if running and not running[0].done():
+            return
+        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, position, short_method(method).lower()))]
+
+    return call
+
+
+def short_method(method: str) -> str:
+    return {NS_S5B: "S5B", NS_IBB: "IBB"}.get(method, method or "?")
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, IqError):
+        return f"{exc.iq['error']['condition']}: {exc.iq['error']['text']}"
+    if isinstance(exc, IqTimeout):
+        return "no answer (timeout)"
+    if isinstance(exc, ssl.SSLError):
+        return getattr(exc, "verify_message", "") or str(exc)
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,198 @@
+"""XEP-0047 In-Band Bytestreams (IQ stanzas): the fallback when the proxy path fails.
+
+Sender: open with 65535-byte blocks, keep ``ibb_window`` blocks in flight, close at the end; end to end,
+a :class:`adapters.xmpp.e2e.TlsPipe` turns plaintext into the blocks' bytes and the receiver's TLS
+records come back on the same stream. Receiver: sequence numbers are checked (a gap or a replay closes the
+stream with ``unexpected-request`` and a verdict, XEP-0047 2.2), data past the announced size is refused,
+every block is answered; ``close`` ends the stream and brings the verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from xml.sax.saxutils import quoteattr
+
+import slixmpp
+from slixmpp.exceptions import XMPPError
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.id import MatcherId
+
+from adapters.xmpp.common import InboundStream, OutboundStream, TransferCut, describe
+from adapters.xmpp.e2e import PinMismatch, TlsPipe, check_pin
+from adapters.xmpp.stanzas import NS_IBB, q
+
+log = logging.getLogger(__name__)
+
+
+class IBBMixin:
+    """The XEP-0047 half of :class:`adapters.xmpp.agent.GatewayAgent`."""
+
+    async def _send_ibb(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
+                        progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
+                        moved: list[int]) -> int:
+        block = self.settings.ibb_block_bytes
+        iq = self.make_iq_set(ito=peer)
+        ET.SubElement(iq.xml, q(NS_IBB, "open"), {"sid": sid, "block-size": str(block), "stanza": "iq"})
+        await iq.send(timeout=self.settings.iq_timeout_s)
+        window = asyncio.Semaphore(self.settings.ibb_window)
+        pending: set[asyncio.Future[object]] = set()
+        failure: list[BaseException] = []
+        to_attr = quoteattr(peer)
+        seq = 0
+        buffer = bytearray()
+
+        def acked(fut: asyncio.Future[object]) -> None:
+            pending.discard(fut)
+            window.release()
+            stanza = None if fut.cancelled() else fut.result()
+            if stanza is None or stanza["type"] != "result":  # type: ignore[index]
+                failure.append(TransferCut(f"IBB block refused: {stanza['error']['condition'] if stanza is not None else 'cancelled'}"))  # type: ignore[index]
+
+        async def send_block(data: bytes) -> None:
+            nonlocal seq
+            await window.acquire()
+            if failure:
+                raise failure[0]
+            iq_id = self.new_id()
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            self.register_handler(Callback(f"ibb-ack-{iq_id}", MatcherId(iq_id), fut.set_result, once=True))
+            fut.add_done_callback(acked)
+            pending.add(fut)
+            self.send_raw(_ibb_data(to_attr, iq_id, seq, sid, data))
+            seq = (seq + 1) % 65536
+
+        async def flush(final: bool) -> None:
+            while len(buffer) >= block or (final and buffer):
+                piece = bytes(buffer[:block])
+                del buffer[:block]
+                await send_block(piece)
+
+        channel: OutboundStream | None = None
+        try:
+            if tls is not None:
+                channel = OutboundStream(peer, TlsPipe(tls, server_side=False), asyncio.get_running_loop().create_future())
+                self._outbound[sid] = channel
+                buffer += channel.pipe.start()
+                await flush(True)
+                await asyncio.wait_for(asyncio.shield(channel.handshake), self.settings.iq_timeout_s)
+                check_pin(channel.pipe.ssl, pin or "", peer)
+                buffer += channel.pipe.outgoing()  # our Certificate and Finished
+            for chunk in chunks:
+                buffer += channel.pipe.encrypt(chunk) if channel is not None else chunk
+                await flush(False)
+                moved[0] += len(chunk)
+                if progress is not None:
+                    progress(offset + moved[0], "ibb")
+            await flush(True)
+            deadline = time.monotonic() + self.settings.iq_timeout_s
+            while pending and time.monotonic() < deadline and not failure:
+                await asyncio.wait(set(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if failure or pending:
+                raise failure[0] if failure else TransferCut("IBB acknowledgements timed out")
+        except ssl.SSLError as exc:
+            if isinstance(exc, PinMismatch):
+                raise
+            raise TransferCut(f"end-to-end TLS over IBB failed: {describe(exc)}") from exc
+        finally:
+            self._outbound.pop(sid, None)
+        close = self.make_iq_set(ito=peer)
+        ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
+        await close.send(timeout=self.settings.iq_timeout_s)
+        return moved[0]
+
+    def _fail_outbound(self, sid: str, exc: BaseException) -> None:
+        channel = self._outbound.get(sid)
+        if channel is not None and not channel.handshake.done():
+            channel.handshake.set_exception(exc)
+
+    def _ibb_stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, InboundStream]:
+        """The IBB element, its sid, and the accepted offer it belongs to (from the same full JID)."""
+        el = iq.xml.find(q(NS_IBB, tag))
+        sid = el.get("sid", "") if el is not None else ""
+        entry = self._sinks.get(sid)
+        if el is None or entry is None or entry.peer != iq["from"].full:
+            raise XMPPError("item-not-found", "no accepted offer with this stream id")
+        return el, sid, entry
+
+    def _on_ibb_open(self, iq: slixmpp.Iq) -> None:
+        el, _sid, entry = self._ibb_stream(iq, "open")
+        block = el.get("block-size", "")
+        if not block.isdigit() or not 0 < int(block) <= 65535 or el.get("stanza", "iq") != "iq":
+            raise XMPPError("resource-constraint", "block-size 1..65535 with stanza='iq' only", etype="modify")
+        if entry.started:
+            raise XMPPError("not-acceptable", "this stream is already open")
+        entry.started = True
+        if entry.tls is not None:
+            entry.pipe = TlsPipe(entry.tls, server_side=True)
+        iq.reply().send()
+
+    def _on_ibb_data(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_IBB, "data"))
+        if el is not None and el.get("sid", "") in self._outbound:
+            self._on_ibb_reply_data(iq, el)
+            return
+        el, sid, entry = self._ibb_stream(iq, "data")
+        seq = el.get("seq", "")
+        if not entry.started or not seq.isdigit() or int(seq) != entry.next_seq:  # XEP-0047 2.2: gap or replay
+            self._drop(sid, f"IBB block out of order: seq {seq[:8]!r}, expected {entry.next_seq}")
+            self._spawn(self._send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order"))
+            raise XMPPError("unexpected-request", f"expected seq {entry.next_seq}; the stream is closed", etype="cancel")
+        entry.next_seq = (entry.next_seq + 1) % 65536
+        try:
+            data = base64.b64decode(el.text or "", validate=True)
+            if entry.pipe is not None:
+                plain = entry.pipe.feed(data)
+                back = entry.pipe.outgoing()
+                if back:  # handshake records for the sender, on the same IBB session
+                    self.send_raw(_ibb_data(quoteattr(entry.peer), self.new_id(), entry.out_seq, sid, back))
+                    entry.out_seq = (entry.out_seq + 1) % 65536
+                data = plain
+            if entry.sink.offset + len(data) > entry.sink.size:
+                raise OverflowError(f"data past the announced size of {entry.sink.size} bytes")
+            if data:
+                entry.sink.write(data)
+        except ssl.SSLError as exc:
+            self.inbound.security_event(iq["from"].bare, f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
+            self._drop(sid, f"end-to-end TLS failed: {describe(exc)}")
+            self._spawn(self._send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed"))
+            raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
+        except (ValueError, OverflowError) as exc:
+            self._drop(sid, f"bad IBB data: {exc}")
+            self._spawn(self._send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}"))
+            raise XMPPError("bad-request", str(exc)) from exc
+        iq.reply().send()
+
+    def _on_ibb_reply_data(self, iq: slixmpp.Iq, el: ET.Element) -> None:
+        """A TLS record from the receiver on an IBB stream we send (its handshake flight)."""
+        sid = el.get("sid", "")
+        channel = self._outbound[sid]
+        seq = el.get("seq", "")
+        if channel.peer != iq["from"].full or not seq.isdigit() or int(seq) != channel.next_seq:
+            self._fail_outbound(sid, TransferCut("IBB block from the receiver out of order"))
+            raise XMPPError("unexpected-request", "unexpected block", etype="cancel")
+        channel.next_seq = (channel.next_seq + 1) % 65536
+        try:
+            channel.pipe.feed(base64.b64decode(el.text or "", validate=True))
+        except (ssl.SSLError, ValueError) as exc:
+            self._fail_outbound(sid, exc if isinstance(exc, ssl.SSLError) else TransferCut(str(exc)))
+            raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
+        if channel.pipe.handshaken and not channel.handshake.done():
+            channel.handshake.set_result(None)
+        iq.reply().send()
+
+    def _on_ibb_close(self, iq: slixmpp.Iq) -> None:
+        _el, sid, _entry = self._ibb_stream(iq, "close")
+        iq.reply().send()
+        self._spawn(self._complete(sid))
+
+
+def _ibb_data(to_attr: str, iq_id: str, seq: int, sid: str, data: bytes) -> str:
+    """One XEP-0047 data stanza, written directly (slixmpp's per-character escaping costs 3.7 ms per block)."""
+    payload = base64.b64encode(data).decode("ascii")
+    return f"<iq type='set' to={to_attr} id='{iq_id}'><data xmlns='{NS_IBB}' seq='{seq}' sid='{sid}'>{payload}</data></iq>"

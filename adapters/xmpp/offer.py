@@ -1,0 +1,245 @@
+"""XEP-0095/0096 stream initiation (the study offer), our verdict and the delivery receipt.
+
+Sender (``send_bundle``): one offer per attempt, with an opaque name, the size, the manifest's SHA-256 and
+(end to end) our certificate; the receiver answers with the method and the offset to resume from; the
+stream goes over S5B and falls back to IBB (resuming) when the proxy path fails; the receiver's verdict
+ends the attempt. A pin mismatch ends it at once (no fallback).
+Receiver (``_on_offer``): a malformed offer is ``bad-request`` before any admission; the core admits or
+refuses (``forbidden``, ``not-authorized``, ``not-acceptable``, ``resource-constraint``, ``conflict``); an
+admitted offer holds its admission until its sink ends, on every path, also when the stream never starts
+(``stream_start_timeout_s``). Verdicts and receipts refer to the bundle, never to a study.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout, XMPPError
+
+from adapters.xmpp import socks5
+from adapters.xmpp.common import (
+    InboundStream,
+    TransferCut,
+    describe,
+    progress_in_thread,
+    short_method,
+    shut,
+)
+from adapters.xmpp.e2e import PinMismatch, client_context, server_context
+from adapters.xmpp.stanzas import (
+    NS_IBB,
+    NS_RESULT,
+    NS_S5B,
+    NS_SI,
+    Offer,
+    Receipt,
+    build_accept,
+    build_offer,
+    build_receipt,
+    build_result,
+    parse_accept,
+    parse_offer,
+    parse_receipt,
+    q,
+)
+from gateway.transfer import SendOutcome
+
+log = logging.getLogger(__name__)
+
+
+class OfferMixin:
+    """The offer, verdict and receipt part of :class:`adapters.xmpp.agent.GatewayAgent`."""
+
+    async def send_bundle(
+        self,
+        peer_full_jid: str,
+        size: int,
+        manifest_sha256: str,
+        stream_from: Callable[[int], Iterator[bytes]],
+        progress: Callable[[int, str], None] | None = None,
+    ) -> SendOutcome:
+        """Offer and stream one bundle; falls back from S5B to IBB (resuming) when the S5B path fails.
+        With a pin for the peer the bundle goes end-to-end encrypted; without one, only if ``require_e2e``
+        is off."""
+        result = SendOutcome(ok=False)
+        peer_bare = peer_full_jid.split("/", 1)[0]
+        pin = self.inbound.pin_for(peer_bare)
+        identity = self.settings.identity
+        if pin is None and self.settings.require_e2e:
+            result.detail = (f"no pinned certificate for {peer_bare}: nothing is sent unencrypted "
+                             f"(dicomgw peers add {peer_bare} --fingerprint SHA256)")
+            return result
+        encrypted = pin is not None and identity is not None
+        methods = tuple(self.settings.methods)
+        while methods:
+            sid = uuid.uuid4().hex
+            offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods, identity.cert_der if encrypted and identity else b"")
+            started = time.time()
+            attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
+            result.attempts.append(attempt)
+            try:
+                method, offset = await self._offer(peer_full_jid, offer)
+            except XMPPError as exc:
+                attempt.update(outcome="held" if exc.condition == "conflict" else "refused", error=f"{exc.condition}: {exc.text}")
+                result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
+                return result
+            except (IqTimeout, ValueError) as exc:
+                attempt.update(outcome="cut", error=describe(exc))
+                result.detail = f"offer not answered: {describe(exc)}"
+                return result
+            attempt.update(method=method, offset=offset)
+            result.method, result.offset = method, offset
+            verdict = asyncio.get_running_loop().create_future()
+            self._verdicts[sid] = verdict
+            tls = client_context(identity) if encrypted and identity else None
+            moved = [0]
+            try:
+                stream_started = time.perf_counter()
+                sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
+                    peer_full_jid, sid, stream_from(offset), offset, progress_in_thread(progress), tls, pin, moved
+                )
+                attempt["stream_s"] = time.perf_counter() - stream_started
+                attempt["bytes"] = sent
+                result.bytes_sent += sent
+                outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
+                if outcome == "incomplete":
+                    raise TransferCut(f"receiver got {detail}")
+            except PinMismatch as exc:
+                attempt.update(outcome="refused", error=str(exc), bytes=moved[0])
+                self.inbound.security_event(peer_bare, f"end-to-end channel to {peer_full_jid} refused: {exc}")
+                result.detail = f"end-to-end channel refused: {exc}"
+                return result
+            except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
+                attempt.update(outcome="cut", error=describe(exc), bytes=moved[0])
+                log.warning("%s transfer %s to %s failed: %s", short_method(method), sid, peer_full_jid, describe(exc))
+                if method == NS_S5B and NS_IBB in methods:
+                    methods = (NS_IBB,)
+                    continue
+                result.detail = f"{short_method(method)} failed: {describe(exc)}"
+                return result
+            finally:
+                self._verdicts.pop(sid, None)
+            attempt.update(outcome=outcome, error=detail)
+            result.ok = outcome == "received"
+            result.detail = detail
+            return result
+        result.detail = "no stream method left"
+        return result
+
+    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int]:
+        iq = self.make_iq_set(ito=peer)
+        iq.xml.append(build_offer(offer))
+        try:
+            response = await iq.send(timeout=self.settings.iq_timeout_s)
+        except IqError as exc:
+            error = exc.iq["error"]
+            raise XMPPError(error["condition"] or "undefined-condition", error["text"] or "") from exc
+        method, offset = parse_accept(response.xml.find(q(NS_SI, "si")))
+        if method not in offer.methods or offset < 0 or offset > offer.size:
+            raise XMPPError("bad-request", f"peer chose {method!r} at offset {offset}")
+        return method, offset
+
+    async def _on_offer(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        peer = iq["from"]
+        try:  # a malformed offer is refused before anything is admitted
+            offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
+        except ValueError as exc:
+            raise XMPPError("bad-request", str(exc)) from exc
+        if offer.sid in self._sinks or offer.sid in self._outbound:
+            raise XMPPError("conflict", "this stream id is in use")
+        refusal = self.inbound.authorize(peer.bare, offer)
+        if refusal is not None:
+            condition, text = refusal
+            raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
+        method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
+        for old_sid, old in list(self._sinks.items()):
+            if old.peer == peer.full and getattr(old.sink, "bundle_key", None) == offer.manifest_sha256:
+                self._drop(old_sid, "superseded by a new offer of the same bundle")
+        try:  # from here on the admission is the sink's: every path below ends it
+            tls = server_context(self.settings.identity, offer.cert_der) if offer.cert_der and self.settings.identity else None
+            sink = self.inbound.open_sink(peer.bare, offer, method)
+        except Exception as exc:
+            log.exception("could not open a sink for an offer from %s", peer)
+            raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
+        self._sinks[offer.sid] = InboundStream(peer.full, sink, method, tls)
+        reply = iq.reply()
+        reply.xml.append(build_accept(method, sink.offset))
+        reply.send()
+        asyncio.get_running_loop().call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
+
+    def _check_started(self, sid: str) -> None:
+        entry = self._sinks.get(sid)
+        if entry is not None and not entry.started:
+            log.warning("offer %s from %s: no stream within %.0f s; released", sid, entry.peer, self.settings.stream_start_timeout_s)
+            self._drop(sid, f"the stream did not start within {self.settings.stream_start_timeout_s:g} s")
+
+    async def _complete(self, sid: str) -> None:
+        entry = self._sinks.pop(sid, None)
+        if entry is None:
+            return
+        sink = entry.sink
+        if sink.offset < sink.size:
+            detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
+            sink.close(detail)  # kept: the sender re-offers and resumes at our offset
+            outcome = "incomplete"
+        else:
+            ok, detail = await asyncio.to_thread(sink.finish)
+            outcome = "received" if ok else "rejected"
+        await self._send_verdict(entry.peer, sid, outcome, detail)
+
+    async def _send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
+        iq = self.make_iq_set(ito=peer)
+        iq.xml.append(build_result(sid, outcome, detail))
+        with contextlib.suppress(IqError, IqTimeout):
+            await iq.send(timeout=self.settings.iq_timeout_s)
+
+    def _drop(self, sid: str, reason: str) -> None:
+        shut(self._sockets.pop(sid, None), close=True)
+        reader = self._readers.pop(sid, None)
+        if reader is not None:
+            reader.cancel()
+        entry = self._sinks.pop(sid, None)
+        if entry is not None:
+            entry.sink.close(reason)
+
+    def _on_verdict(self, iq: slixmpp.Iq) -> None:
+        el = iq.xml.find(q(NS_RESULT, "result"))
+        sid = el.get("sid", "") if el is not None else ""
+        future = self._verdicts.get(sid)
+        if future is None or future.done():
+            raise XMPPError("item-not-found", "no transfer with this stream id")
+        future.set_result((el.get("outcome", ""), el.text or ""))
+        iq.reply().send()
+
+    async def _on_receipt(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        try:
+            receipt = parse_receipt(iq.xml.find(q(NS_RESULT, "receipt")))
+        except ValueError as exc:
+            raise XMPPError("bad-request", str(exc)) from exc
+        outcome = await asyncio.to_thread(self.inbound.receipt, iq["from"].bare, receipt)
+        if outcome == "unknown":
+            raise XMPPError("item-not-found", f"no bundle {receipt.bundle_sha256[:12]} was sent to you")
+        iq.reply().send()
+
+    async def send_receipt(self, peer_full_jid: str, receipt: Receipt) -> tuple[bool, str]:
+        """(acknowledged, detail): True when the sender answered (result, or item-not-found: not its study)."""
+        iq = self.make_iq_set(ito=peer_full_jid)
+        iq.xml.append(build_receipt(receipt))
+        try:
+            await iq.send(timeout=self.settings.iq_timeout_s)
+        except IqError as exc:
+            condition = exc.iq["error"]["condition"]
+            return condition == "item-not-found", f"{condition}: {exc.iq['error']['text']}"
+        except IqTimeout:
+            return False, "no answer (timeout)"
+        return True, "acknowledged"

@@ -1,0 +1,190 @@
+"""XEP-0065 SOCKS5 Bytestreams, mediated through the server's proxy (the only mode slixmpp's plugin and
+Prosody's mod_proxy65 offer between two clients behind NAT).
+
+Sender: find the proxy (disco#items, then a bytestreams query; cached), send the streamhost to the
+receiver, connect to the proxy with DST.ADDR = SHA1(sid + initiator + target) (XEP-0065 5.3.2), activate,
+then (end to end) TLS 1.3 as the client, the receiver's pin checked before the first byte, and stream.
+Receiver: connect to the offered streamhost (at most four tried), answer ``streamhost-used``, read the
+stream on a thread of its own (``_pump_s5b``: whole 1 MiB blocks, an idle limit, TLS server side when the
+offer carried a certificate) into the sink; its end, or its failure, ends in a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+
+import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout, XMPPError
+
+from adapters.xmpp import socks5
+from adapters.xmpp.common import Sink, TransferCut, describe, on_own_thread, shut
+from adapters.xmpp.e2e import PinMismatch, check_pin
+from adapters.xmpp.stanzas import NS_S5B, q
+
+log = logging.getLogger(__name__)
+
+
+class S5BMixin:
+    """The XEP-0065 half of :class:`adapters.xmpp.agent.GatewayAgent`."""
+
+    async def _discover_proxy(self) -> tuple[str, str, int]:
+        if self._proxy is None:
+            items = await self.plugin["xep_0030"].get_items(jid=self.boundjid.domain, timeout=self.settings.iq_timeout_s)
+            for item in items["disco_items"]["items"]:
+                iq = self.make_iq_get(ito=item[0])
+                ET.SubElement(iq.xml, q(NS_S5B, "query"))
+                try:
+                    response = await iq.send(timeout=self.settings.iq_timeout_s)
+                except (IqError, IqTimeout):
+                    continue
+                host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
+                if host is not None and host.get("host") and host.get("port"):
+                    address = self.settings.proxy_address or (host.get("host", ""), int(host.get("port", "0")))
+                    self._proxy = (host.get("jid", item[0]), address[0], address[1])
+                    break
+            if self._proxy is None:
+                raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
+        return self._proxy
+
+    async def _send_s5b(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
+                        progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
+                        moved: list[int]) -> int:
+        proxy_jid, host, port = await self._discover_proxy()
+        iq = self.make_iq_set(ito=peer)
+        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
+        await iq.send(timeout=self.settings.iq_timeout_s)
+        reader, writer = await socks5.connect(host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
+        try:
+            activate = self.make_iq_set(ito=proxy_jid)
+            ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
+            await activate.send(timeout=self.settings.iq_timeout_s)
+            if tls is not None:  # the relayed socket becomes a TLS 1.3 session with the receiving gateway
+                await asyncio.wait_for(writer.start_tls(tls), self.settings.iq_timeout_s)
+                check_pin(writer.get_extra_info("ssl_object"), pin or "", peer)
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+                moved[0] += len(chunk)
+                if progress is not None:
+                    progress(offset + moved[0], "s5b")
+            if tls is None:
+                writer.write_eof()  # TLS has no half-close: the receiver stops at the announced size
+            await writer.drain()
+            return moved[0]
+        except PinMismatch:
+            raise
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
+            raise TransferCut(f"SOCKS5 stream cut: {describe(exc)}") from exc
+        finally:
+            writer.close()
+
+    async def _on_s5b(self, iq: slixmpp.Iq) -> None:
+        if iq["type"] != "set":
+            return
+        query = iq.xml.find(q(NS_S5B, "query"))
+        sid = query.get("sid", "") if query is not None else ""
+        entry = self._sinks.get(sid)
+        if entry is None or entry.peer != iq["from"].full or entry.started:
+            raise XMPPError("item-not-found", "no accepted offer with this stream id")
+        entry.started = True
+        hosts = [h for h in query.iterfind(q(NS_S5B, "streamhost")) if h.get("host") and (h.get("port") or "").isdigit()]
+        for host in hosts[:4]:
+            try:
+                sock = await asyncio.to_thread(
+                    socks5.connect_blocking,
+                    host.get("host", ""), int(host.get("port", "0")), socks5.dst_addr(sid, entry.peer, self.boundjid.full),
+                )
+            except (socks5.Socks5Error, ValueError, OverflowError) as exc:
+                log.warning("streamhost %s unusable: %s", host.get("jid"), exc)
+                continue
+            if self._sinks.get(sid) is not entry:  # dropped or superseded while we connected
+                sock.close()
+                raise XMPPError("item-not-found", "the offer was withdrawn")
+            reply = iq.reply()
+            ET.SubElement(ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
+            reply.send()
+            self._sockets[sid] = sock.dup()  # to shut the stream down from the loop (the reader may wrap it in TLS)
+            self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, sock))
+            self._readers[sid].add_done_callback(lambda _t, sid=sid: self._readers.pop(sid, None))
+            return
+        self._drop(sid, "no streamhost reachable")
+        raise XMPPError("item-not-found", "none of the streamhosts could be reached")
+
+    async def _receive_s5b(self, sid: str, sock: socket.socket) -> None:
+        """The stream is read on a thread of its own (see :func:`_pump_s5b`); the loop only waits for its end."""
+        entry = self._sinks[sid]
+        try:
+            await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.settings.s5b_idle_timeout_s, entry.tls)
+        except ssl.SSLError as exc:
+            log.warning("S5B stream %s from %s: end-to-end TLS failed: %s", sid, entry.peer, exc)
+            self.inbound.security_event(entry.peer.split("/")[0], f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
+        except (ConnectionError, OSError, ValueError) as exc:
+            log.warning("S5B stream %s from %s cut: %s", sid, entry.peer, exc)
+        finally:
+            shut(self._sockets.pop(sid, None), close=True)  # the reading thread closes its own socket
+        await self._complete(sid)
+
+
+S5B_BLOCK_BYTES = 1 << 20
+
+
+def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
+    """Read an inbound S5B stream into ``sink`` until its announced size, the sender's end of stream, or
+    ``idle_timeout_s`` without a byte (then ``TimeoutError``). Plaintext: blocking ``recv_into`` with
+    MSG_WAITALL fills a whole 1 MiB block per system call whatever piece size the proxy relays (stock
+    proxy65: 4 KiB). End to end (``tls``): the socket is the TLS server side of the gateways' channel, and
+    a block is filled record by record. The sink splits, hashes and writes each block on this thread."""
+    seconds = max(1, int(idle_timeout_s))
+    block = memoryview(bytearray(S5B_BLOCK_BYTES))
+    received = sink.offset
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+    stream: socket.socket = sock
+    with contextlib.ExitStack() as owned:  # this thread owns the socket: others only shut it down
+        owned.enter_context(sock)
+        if tls is not None:
+            try:
+                stream = owned.enter_context(tls.wrap_socket(sock, server_side=True))
+            except ssl.SSLWantReadError as exc:
+                raise TimeoutError(f"no TLS handshake within {seconds} s") from exc
+        failed: list[OSError] = []
+        while received < sink.size:
+            want = min(S5B_BLOCK_BYTES, sink.size - received)
+            try:
+                count = _fill(stream, block[:want], failed) if tls is not None else stream.recv_into(block[:want], want, socket.MSG_WAITALL)
+            except (BlockingIOError, ssl.SSLWantReadError) as exc:  # SO_RCVTIMEO expired with nothing read
+                raise TimeoutError(f"no byte for {seconds} s") from exc
+            if count:
+                sink.write(block[:count])
+                received += count
+            if failed:
+                raise TimeoutError(f"no byte for {seconds} s") if isinstance(failed[0], (BlockingIOError, ssl.SSLWantReadError)) else failed[0]
+            if count == 0:
+                return  # the sender (or a stop) ended the stream: the sink keeps what came
+
+
+def _fill(stream: socket.socket, view: memoryview, failed: list[OSError]) -> int:
+    """Fill ``view`` from a TLS socket (one record per read); fewer bytes only at the end of the stream or
+    before an error, which is then put in ``failed`` (what was authenticated before it is kept first)."""
+    filled = 0
+    while filled < len(view):
+        try:
+            count = stream.recv_into(view[filled:], len(view) - filled)
+        except ssl.SSLZeroReturnError:
+            count = 0
+        except OSError as exc:  # timeout, bad record, reset
+            if not filled:
+                raise
+            failed.append(exc)
+            return filled
+        if count == 0:
+            break
+        filled += count
+    return filled
