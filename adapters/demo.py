@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from adapters.dicom_scu import store_files
-from adapters.localpeers import BuiltinStorageSCP, Orthanc, Prosody, free_port, nodelay_env
+from adapters.localpeers import (
+    BuiltinStorageSCP,
+    Orthanc,
+    Prosody,
+    free_port,
+    nodelay_env,
+)
 from adapters.synthetic import generate_ct_study
 from gateway.settings import (
     DicomSettings,
@@ -50,7 +56,9 @@ def _site(workdir: Path, ae_title: str, stable_age_s: float) -> Settings:
 
 def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = False, say: Any = print,
              builtin_pacs: bool = False) -> dict[str, Any]:
-    from gateway.bootstrap import GatewayController  # the composition root wires the edges
+    from gateway.bootstrap import (
+        GatewayController,  # the composition root wires the edges
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="dicomgw-demo-"))
     log = (lambda *a: None) if as_json else say

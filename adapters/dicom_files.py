@@ -20,7 +20,11 @@ from pathlib import Path
 import pydicom
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 
 from gateway.model import InstanceHeader
 

@@ -21,75 +21,58 @@ Why not pynetdicom here: its association and DUL threads poll with sleeps and bu
 a bare pynetdicom SCP took about as long as Orthanc plus half again (bench/ingest). One thread per
 association here reads whole PDUs with ``recv_into`` and writes fragments straight to the staged file.
 
+Hostile connections (issue 8): an accept error (EMFILE) is logged and retried with backoff; at most
+``MAX_UNASSOCIATED`` connections wait to associate, each with ``artim_timeout_s`` for its whole
+A-ASSOCIATE-RQ; an optional second listener (``tls_port``) wraps each connection in TLS (``dicom_tls``).
+
+The DICOM edge by part: this module (listeners, accept, negotiation), ``dicom_assoc`` (association request
+checks), ``dicom_ul`` (PDU and P-DATA framing, bounded reads), ``dicom_store`` (the DIMSE handler: C-STORE,
+C-ECHO, N-EVENT-REPORT), ``dicom_walk`` (the data-set walker).
+
 Events handed out: ``on_stored(IngestResult)`` runs on the association's thread; the composition root
 wraps it with ``loop.call_soon_threadsafe`` to reach the asyncio side.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import re
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
-from enum import IntEnum
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import read_dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pynetdicom.dsutils import encode_file_meta
 
-from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
+from adapters.dicom_assoc import check_associate_rq, send_abort
+from adapters.dicom_store import (
+    AssociationHandler,
+    AuditFn,
+    CommitmentFn,
+    Link,
+)
 from adapters.dicom_tls import server_context
-from adapters.dicom_walk import DatasetWalker
 from adapters.dicom_ul import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION,
-    LO,
-    RELEASE_RP,
-    UI,
-    US,
     AssociateRequest,
     Association,
     AssociationAborted,
-    Command,
-    ProtocolError,
     PresentationContext,
+    ProtocolError,
     associate_ac,
     associate_rj,
-    encode_command,
-    iter_pdvs,
     parse_associate_rq,
     read_pdu,
 )
-from adapters.spool import Spool, SpoolFull, StagedWriter
+from adapters.spool import Spool
 from gateway.model import IngestResult
 from gateway.service import IngestService
 from gateway.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 
-AuditFn = Callable[[str, str], None]
-CommitmentFn = Callable[[str, set[str], dict[str, int]], bool]
-PART10_PREFIX = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-HEADER_PREFIX_BYTES = 256 * 1024  # enough of a data set for its group 0008-0020 header, kept in memory
-C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
-
-
-class StoreStatus(IntEnum):
-    """C-STORE response statuses used here (PS3.4 Table B.2-1)."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (dcmtk and Orthanc answer it for a UID mismatch)
-    CANNOT_UNDERSTAND = 0xC000
 
 
 MAX_UNASSOCIATED = 64  # connections that have not associated yet; more are closed at once
@@ -191,7 +174,7 @@ class StorageSCP:
         with self._lock:
             self._open.add(raw_sock)
         sock = raw_sock
-        link: _Link | None = None
+        link: Link | None = None
         unassociated = True
         try:
             try:
@@ -208,14 +191,14 @@ class StorageSCP:
                 unassociated = False
                 self._unassociated.release()
             if link is not None:
-                _AssociationHandler(self, link, address).run()
+                AssociationHandler(self, link, address).run()
         except (OSError, AssociationAborted) as exc:
             log.info("association from %s ended: %s", address, exc or type(exc).__name__)
             if isinstance(exc, ProtocolError):
-                _send_abort(sock)  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
+                send_abort(sock)  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
         except Exception:  # never a dead thread with the peer left waiting: log, A-ABORT, keep serving others
             log.exception("association from %s failed", address)
-            _send_abort(sock)
+            send_abort(sock)
         finally:
             if unassociated:
                 self._unassociated.release()
@@ -224,11 +207,11 @@ class StorageSCP:
             sock.close()
             raw_sock.close()
 
-    def _negotiate(self, sock: socket.socket, address: str) -> _Link | None:
+    def _negotiate(self, sock: socket.socket, address: str) -> Link | None:
         pdu_type, body = read_pdu(sock, deadline=time.monotonic() + self._settings.artim_timeout_s)
         if pdu_type != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        rejection = _check_associate_rq(body)
+        rejection = check_associate_rq(body)
         if rejection is not None:
             (result, source, reason), why = rejection
             sock.sendall(associate_rj(result, source, reason))
@@ -250,7 +233,7 @@ class StorageSCP:
         except BaseException:
             self._slots.release()
             raise
-        return _Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots,
+        return Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots,
                      self._settings.max_pdu_bytes or 64 * 1024 * 1024)
 
     def _choose(self, request: AssociateRequest) -> tuple[list[tuple[int, int, str]], dict[int, PresentationContext], dict[str, tuple[bool, bool]]]:
@@ -270,326 +253,3 @@ class StorageSCP:
         return results, contexts, roles
 
 
-class ProtocolViolation(ProtocolError):
-    """The requestor broke PS3.7/PS3.8 (a message on a context we did not accept, a stray fragment):
-    the association is aborted and nothing of the message is kept."""
-
-
-class _Link:
-    """An accepted association: the UL object, the request it answered, and its slot to give back."""
-
-    def __init__(self, assoc: Association, request: AssociateRequest, slots: threading.BoundedSemaphore,
-                 max_pdu_bytes: int) -> None:
-        self.assoc, self.request, self._slots = assoc, request, slots
-        self.max_pdu_bytes = max_pdu_bytes  # what we announced: a P-DATA-TF above it is a protocol error
-
-    def release_slot(self) -> None:
-        self._slots.release()
-
-
-class _AssociationHandler:
-    """Reads PDUs until release or abort; assembles each DIMSE message and answers it."""
-
-    def __init__(self, scp: StorageSCP, link: _Link, address: str) -> None:
-        self.scp = scp
-        self.assoc = link.assoc
-        self.link = link
-        self.source = f"scp:{link.request.calling_ae}@{address.rsplit(':', 1)[0]}"
-        self.command = bytearray()
-        self.pending: Command | None = None  # a command whose data set is arriving
-        self.context_id = 0
-        self.writer: StagedWriter | None = None
-        self.write_error: Exception | None = None
-        self.prefix = bytearray()
-        self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
-        self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
-        self.walker: DatasetWalker | None = None  # the data set's element structure, followed as it streams
-
-    def run(self) -> None:
-        try:
-            while True:
-                pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes)
-                if pdu_type == 0x05:
-                    self.assoc.sock.sendall(RELEASE_RP)
-                    return
-                if pdu_type == 0x07:
-                    return
-                if pdu_type != 0x04:
-                    raise ProtocolViolation(f"unexpected PDU type 0x{pdu_type:02X}")
-                for context_id, flags, fragment in iter_pdvs(body):
-                    self._pdv(context_id, flags, fragment)
-        finally:
-            if self.writer is not None:
-                self.writer.abort()
-            self.link.release_slot()
-
-    def _pdv(self, context_id: int, flags: int, fragment: memoryview) -> None:
-        if flags & 0x01:  # command fragment
-            self.command += fragment
-            if flags & 0x02:
-                context = self.assoc.contexts.get(context_id)
-                if context is None or not context.transfer_syntax:
-                    raise ProtocolViolation(f"a message on presentation context {context_id}, which was not accepted")
-                if len(self.command) > MAX_COMMAND_BYTES:
-                    raise ProtocolViolation(f"command set of {len(self.command)} bytes")
-                if self.pending is not None:
-                    raise ProtocolViolation("a new command while the previous data set is incomplete")
-                command = Command.decode(bytes(self.command))
-                self.command.clear()
-                if command.us(0x00000110) < 0:
-                    raise ProtocolViolation("command without a Message ID (0000,0110)")
-                self.context_id = context_id
-                if command.has_dataset:
-                    self._begin_dataset(command)
-                else:
-                    self._dispatch(command)
-            return
-        if self.command:
-            raise ProtocolViolation("a data set fragment inside a command")
-        if self.pending is None:
-            raise ProtocolViolation("data set fragment without a command")
-        if context_id != self.context_id:
-            raise ProtocolViolation(f"data set fragment on context {context_id}, its command came on {self.context_id}")
-        if self.pending.command_field == C_STORE_RQ:
-            self._store_fragment(fragment)
-        else:
-            self.dataset += fragment
-        if flags & 0x02:
-            command, self.pending = self.pending, None
-            if command.command_field == C_STORE_RQ:
-                self._finish_store(command)
-            else:
-                self._dispatch(command, bytes(self.dataset))
-                self.dataset.clear()
-        elif self.pending is not None and self.pending.command_field != C_STORE_RQ and len(self.dataset) > MAX_COMMAND_BYTES * 64:
-            raise ProtocolViolation("an N-EVENT-REPORT data set over 4 MiB")
-
-    # -- C-STORE ---------------------------------------------------------------------------------
-    def _begin_dataset(self, command: Command) -> None:
-        self.pending = command
-        self.prefix.clear()
-        self.write_error = None
-        self.refusal = None
-        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ):
-            raise ProtocolViolation(f"a data set with DIMSE command 0x{command.command_field:04X}")
-        if command.command_field != C_STORE_RQ:
-            return
-        missing = [name for tag, name in ((0x00000002, "Affected SOP Class UID"), (0x00001000, "Affected SOP Instance UID"))
-                   if not _uid(command.text(tag))]
-        if missing:  # answered once the data set is off the wire; nothing of it is written
-            self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without a valid {' and '.join(missing)}")
-            return
-        context = self.assoc.contexts.get(self.context_id)
-        self.walker = DatasetWalker(context.transfer_syntax if context else IMPLICIT_LE)
-        meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
-        meta.MediaStorageSOPClassUID = command.text(0x00000002)
-        meta.MediaStorageSOPInstanceUID = command.text(0x00001000)
-        meta.TransferSyntaxUID = context.transfer_syntax if context else IMPLICIT_LE
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        meta.SourceApplicationEntityTitle = self.link.request.calling_ae
-        try:
-            self.writer = self.scp._spool.open_staged()
-            self.writer.write(PART10_PREFIX + encode_file_meta(meta))
-        except OSError as exc:
-            self.writer, self.write_error = None, exc
-
-    def _store_fragment(self, fragment: memoryview) -> None:
-        if self.walker is not None:
-            self.walker.feed(fragment)
-        if len(self.prefix) < HEADER_PREFIX_BYTES:
-            self.prefix += fragment[: HEADER_PREFIX_BYTES - len(self.prefix)]
-        if self.writer is not None:
-            try:
-                self.writer.write(fragment)
-            except OSError as exc:  # keep reading the data set off the wire, answer after it
-                self.writer, self.write_error = None, exc
-
-    def _finish_store(self, command: Command) -> None:
-        status, comment = self._store(command)
-        elements = [
-            (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8001),
-            (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, int(status)),
-            (0x00001000, UI, _uid(command.text(0x00001000))),
-        ]
-        if comment:
-            # LO: 64 characters at most, of the default repertoire (the reason may quote what was received)
-            elements.append((0x00000902, LO, "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])))
-        self.assoc.send_message(self.context_id, encode_command(elements))
-
-    def _store(self, command: Command) -> tuple[StoreStatus, str]:
-        writer, self.writer = self.writer, None
-        sop_instance_uid = command.text(0x00001000)
-        if self.refusal is not None:
-            log.warning("refusing a C-STORE from %s: %s", self.source, self.refusal[1])
-            return self.refusal
-        if writer is None:
-            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, self.write_error)
-            full = isinstance(self.write_error, SpoolFull)
-            return StoreStatus.OUT_OF_RESOURCES, (f"gateway spool full: {getattr(self.write_error, 'strerror', '')}" if full
-                                                  else f"gateway could not store the instance: {type(self.write_error).__name__}")
-        transfer_syntax = self.assoc.contexts[self.context_id].transfer_syntax
-        try:
-            staged = writer.close()
-        except OSError as exc:
-            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
-            return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {getattr(exc, 'strerror', '')}"
-        walker, self.walker = self.walker, None
-        if walker is not None and not walker.complete():
-            return self._refuse_unreadable(staged.temp_path, RejectedFile(walker.problem()))
-        try:
-            header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
-        except RejectedFile as exc:
-            return self._refuse_unreadable(staged.temp_path, exc)
-        mismatch = [f"{name} {ours!r} in the data set, {theirs!r} in the command"
-                    for name, ours, theirs in (("SOP Instance UID", header.sop_instance_uid, sop_instance_uid),
-                                               ("SOP Class UID", header.sop_class_uid, command.text(0x00000002)))
-                    if ours != theirs]
-        if mismatch:
-            return self._refuse_unreadable(staged.temp_path, RejectedFile("; ".join(mismatch)), StoreStatus.DATASET_MISMATCH)
-        try:
-            result = self.scp._ingest.ingest(header, staged, self.source)
-        except SpoolFull as exc:
-            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
-            return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {exc.strerror}"
-        except Exception as exc:  # DB down, I/O error: never Success, never an exception on the wire
-            log.exception("refusing %s from %s", sop_instance_uid, self.source)
-            return StoreStatus.OUT_OF_RESOURCES, f"gateway could not store the instance: {type(exc).__name__}"
-        if self.scp._on_stored is not None:
-            self.scp._on_stored(result)
-        return StoreStatus.SUCCESS, ""
-
-    @staticmethod
-    def _header(prefix: bytes, staged_path: object, transfer_syntax: str) -> object:
-        try:
-            return header_from_dataset_bytes(prefix, transfer_syntax)
-        except RejectedFile:
-            if len(prefix) < HEADER_PREFIX_BYTES:
-                raise  # that was the whole data set
-        with open(staged_path, "rb") as fh:  # type: ignore[call-overload]
-            raw = fh.read()
-        return header_from_dataset_bytes(raw[raw.index(b"DICM") + 4 :][_meta_length(raw) :], transfer_syntax)
-
-    def _refuse_unreadable(self, staged_path: object, exc: RejectedFile,
-                           status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND) -> tuple[StoreStatus, str]:
-        reason = f"received from {self.source} but refused: {exc}"
-        try:
-            kept = self.scp._spool.quarantine(staged_path, reason)  # type: ignore[arg-type]
-            self.scp._audit("quarantined", f"{reason}; kept at {kept}")
-        except OSError:
-            log.exception("could not quarantine a refused instance from %s", self.source)
-        return status, str(exc)
-
-    # -- C-ECHO, N-EVENT-REPORT -----------------------------------------------------------------
-    def _dispatch(self, command: Command, dataset: bytes = b"") -> None:
-        field = command.command_field
-        if field == C_ECHO_RQ:
-            self.assoc.send_message(self.context_id, encode_command([
-                (0x00000002, UI, VERIFICATION), (0x00000100, US, 0x8030), (0x00000120, US, command.us(0x00000110)),
-                (0x00000800, US, 0x0101), (0x00000900, US, 0x0000),
-            ]))
-        elif field == N_EVENT_REPORT_RQ:
-            status = self._event_report(dataset)
-            self.assoc.send_message(self.context_id, encode_command([
-                (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8100),
-                (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
-                (0x00001000, UI, _uid(command.text(0x00001000))), (0x00001002, US, max(0, command.us(0x00001002))),
-            ]))
-        else:
-            raise ProtocolViolation(f"unsupported DIMSE command 0x{field:04X}")
-
-    def _event_report(self, dataset: bytes) -> int:
-        """Storage Commitment result: event type 1 (all committed) or 2 (failures exist), PS3.4 J.3.3."""
-        calling = self.link.request.calling_ae
-        try:
-            info = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
-            transaction_uid = str(info.TransactionUID)
-            committed = {str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])}
-            failed = {
-                str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0x0110))
-                for item in info.get("FailedSOPSequence", [])
-            }
-        except Exception:  # malformed report: refuse it, never raise into the association
-            log.exception("unreadable N-EVENT-REPORT from %s", calling)
-            return 0x0110
-        self.scp._audit("commitment_report", f"N-EVENT-REPORT from {calling}: transaction "
-                        f"{transaction_uid}, {len(committed)} committed, {len(failed)} failed")
-        if self.scp._on_commitment is None or not self.scp._on_commitment(transaction_uid, committed, failed):
-            return 0x0119
-        return 0x0000
-
-
-MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
-
-def _uid(text: str) -> str:
-    """``text`` if it is a UID (PS3.5 9.1: digits and dots, at most 64 characters), else ""."""
-    return text if len(text) <= 64 and UID_RE.match(text) else ""
-
-
-def _send_abort(sock: socket.socket) -> None:
-    """A-ABORT (service provider, reason not specified), best effort (PS3.8 9.3.8)."""
-    try:
-        sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
-    except OSError:
-        pass
-
-
-def _check_associate_rq(body: bytes | bytearray) -> tuple[tuple[int, int, int], str] | None:
-    """Validate an A-ASSOCIATE-RQ (PS3.8 9.3.2): None when acceptable, else the A-ASSOCIATE-RJ (result,
-    source, reason) and why. Items whose lengths do not fit, and anything pynetdicom's PDU codec cannot
-    decode, raise :class:`ProtocolError` (A-ABORT)."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-
-    raw = bytes(body)
-    if len(raw) < 68:
-        raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
-    version = int.from_bytes(raw[0:2], "big")
-    if version != 1:
-        return (1, 2, 2), f"protocol version {version} (only 1 is supported)"
-    called, calling = raw[4:20], raw[20:36]
-    if any(b < 0x20 or b > 0x7E for b in called) or not called.strip():
-        return (1, 1, 7), "called AE title is not printable ASCII"
-    if any(b < 0x20 or b > 0x7E for b in calling) or not calling.strip():
-        return (1, 1, 3), "calling AE title is not printable ASCII"
-    _check_items(raw, 68, nested=(0x20, 0x50))
-    try:
-        request = A_ASSOCIATE_RQ()
-        request.decode(b"\x01\x00" + len(raw).to_bytes(4, "big") + raw)
-        contexts = request.presentation_context
-    except Exception as exc:  # pynetdicom raises anything from struct.error to ValueError on bad items
-        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
-    if not contexts:
-        return (1, 1, 1), "no presentation context proposed"
-    return None
-
-
-def _check_items(raw: bytes, pos: int, nested: tuple[int, ...] = ()) -> None:
-    """Every item (type, reserved, 16-bit length) ends inside its parent; UIDs and names are ASCII; a role
-    selection sub-item's UID length fits it (PS3.7 D.3.3.4)."""
-    end = len(raw)
-    while pos < end:
-        if pos + 4 > end:
-            raise ProtocolError("A-ASSOCIATE-RQ ends inside an item header")
-        item_type, _r, length = struct.unpack_from(">BBH", raw, pos)
-        payload = raw[pos + 4 : pos + 4 + length]
-        if len(payload) != length:
-            raise ProtocolError(f"item 0x{item_type:02X} of {length} bytes runs past the PDU")
-        if item_type == 0x20:
-            _check_items(payload, 4)
-        elif item_type == 0x50:
-            _check_items(payload, 0)
-        elif item_type == 0x54:
-            if length < 4 or 2 + struct.unpack_from(">H", payload)[0] + 2 != length:
-                raise ProtocolError("role selection item's UID length overruns it")
-        elif item_type in (0x10, 0x30, 0x40, 0x52, 0x55) and any(b > 0x7E for b in payload):
-            raise ProtocolError(f"item 0x{item_type:02X} is not ASCII")
-        pos += 4 + length
-
-
-def _meta_length(raw: bytes) -> int:
-    """Length of the File Meta group after 'DICM' (its first element is the group length, PS3.10 7.1)."""
-    start = raw.index(b"DICM") + 4
-    return 12 + int.from_bytes(raw[start + 8 : start + 12], "little")

@@ -28,9 +28,21 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters.dicom_files import RejectedFile, header_from_part10_prefix, inspect_part10_file
+from adapters.dicom_files import (
+    RejectedFile,
+    header_from_part10_prefix,
+    inspect_part10_file,
+)
 from adapters.spool import Spool, fsync_dir, fsync_file
-from gateway.manifest import DEFAULT_CHUNK_BYTES, MAGIC, MAX_MANIFEST_BYTES, BundleError, BundleFile, Manifest, resume_offset
+from gateway.manifest import (
+    DEFAULT_CHUNK_BYTES,
+    MAGIC,
+    MAX_MANIFEST_BYTES,
+    BundleError,
+    BundleFile,
+    Manifest,
+    resume_offset,
+)
 from gateway.model import InstanceHeader, StagedFile
 from gateway.service import IngestService
 

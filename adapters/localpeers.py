@@ -412,7 +412,12 @@ class BuiltinStorageSCP:
         self._server: Any = None
 
     def start(self) -> BuiltinStorageSCP:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import (
+            AE,
+            ALL_TRANSFER_SYNTAXES,
+            AllStoragePresentationContexts,
+            evt,
+        )
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)

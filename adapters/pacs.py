@@ -43,10 +43,10 @@ from pydicom.uid import (
 )
 
 from adapters.dicom_files import RejectedFile, dataset_offset
+from adapters.dicom_tls import client_context
 from adapters.dicom_ul import (
     CONTEXT_RESULTS,
     UI,
-    UL,
     US,
     Association,
     AssociationAborted,
@@ -54,10 +54,15 @@ from adapters.dicom_ul import (
     FileSlice,
     encode_command,
 )
-from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict, classify_store_status
+from gateway.importing import (
+    PacsOutcome,
+    PacsRefused,
+    PacsUnavailable,
+    Verdict,
+    classify_store_status,
+)
 from gateway.manifest import BundleFile, Manifest
 from gateway.model import InstanceRecord
-from adapters.dicom_tls import client_context
 from gateway.settings import PacsSettings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1456."  # pydicom's organisational root with a gateway sub-arc
 

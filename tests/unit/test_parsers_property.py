@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from adapters.dicom_scp import _check_associate_rq
+from adapters.dicom_assoc import check_associate_rq as _check_associate_rq
 from adapters.dicom_ul import UI, US, Command, ProtocolError, encode_command, iter_pdvs
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer, build_offer, build_receipt, parse_offer, parse_receipt
 from gateway.manifest import BundleError, BundleFile, Manifest

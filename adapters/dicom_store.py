@@ -1,0 +1,330 @@
+"""The DIMSE side of one association: C-STORE (streamed to a staged file), C-ECHO, N-EVENT-REPORT.
+
+Contract (PS3.4 B.2, PS3.7 9.1.1, 9.3.1, 10.1.1): ``AssociationHandler(scp, link, address).run()`` reads
+PDUs until release or abort and assembles each message. A C-STORE data set goes to a staged file as it
+arrives, its element structure followed by ``adapters.dicom_walk.DatasetWalker``; the answer is Success
+only after the file is durable and its row committed, 0xA700 when it cannot be, 0xA900 when the command's
+UIDs differ from the data set's, 0xC000 when the data set is unreadable or does not end on an element
+boundary (its bytes kept in quarantine with the reason) or the command lacks a valid Affected SOP
+Instance UID. A message that breaks PS3.7/PS3.8 (a command inside a data set, a fragment on another
+context, no Message ID, a data set with C-ECHO) raises :class:`ProtocolViolation`: A-ABORT, nothing kept.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_dataset
+from pynetdicom.dsutils import encode_file_meta
+
+from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
+from adapters.dicom_ul import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    LO,
+    RELEASE_RP,
+    UI,
+    US,
+    AssociateRequest,
+    Association,
+    Command,
+    ProtocolError,
+    encode_command,
+    iter_pdvs,
+    read_pdu,
+)
+from adapters.dicom_walk import DatasetWalker
+from adapters.spool import SpoolFull, StagedWriter
+
+if TYPE_CHECKING:
+    from adapters.dicom_scp import StorageSCP
+
+log = logging.getLogger(__name__)
+
+AuditFn = Callable[[str, str], None]
+CommitmentFn = Callable[[str, set[str], dict[str, int]], bool]
+PART10_PREFIX = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+HEADER_PREFIX_BYTES = 256 * 1024  # enough of a data set for its group 0008-0020 header, kept in memory
+C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
+MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses used here (PS3.4 Table B.2-1)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (dcmtk and Orthanc answer it for a UID mismatch)
+    CANNOT_UNDERSTAND = 0xC000
+
+
+class ProtocolViolation(ProtocolError):
+    """The requestor broke PS3.7/PS3.8 (a message on a context we did not accept, a stray fragment):
+    the association is aborted and nothing of the message is kept."""
+
+
+class Link:
+    """An accepted association: the UL object, the request it answered, and its slot to give back."""
+
+    def __init__(self, assoc: Association, request: AssociateRequest, slots: threading.BoundedSemaphore,
+                 max_pdu_bytes: int) -> None:
+        self.assoc, self.request, self._slots = assoc, request, slots
+        self.max_pdu_bytes = max_pdu_bytes  # what we announced: a P-DATA-TF above it is a protocol error
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+
+class AssociationHandler:
+    """Reads PDUs until release or abort; assembles each DIMSE message and answers it."""
+
+    def __init__(self, scp: StorageSCP, link: Link, address: str) -> None:
+        self.scp = scp
+        self.assoc = link.assoc
+        self.link = link
+        self.source = f"scp:{link.request.calling_ae}@{address.rsplit(':', 1)[0]}"
+        self.command = bytearray()
+        self.pending: Command | None = None  # a command whose data set is arriving
+        self.context_id = 0
+        self.writer: StagedWriter | None = None
+        self.write_error: Exception | None = None
+        self.prefix = bytearray()
+        self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
+        self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
+        self.walker: DatasetWalker | None = None  # the data set's element structure, followed as it streams
+
+    def run(self) -> None:
+        try:
+            while True:
+                pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes)
+                if pdu_type == 0x05:
+                    self.assoc.sock.sendall(RELEASE_RP)
+                    return
+                if pdu_type == 0x07:
+                    return
+                if pdu_type != 0x04:
+                    raise ProtocolViolation(f"unexpected PDU type 0x{pdu_type:02X}")
+                for context_id, flags, fragment in iter_pdvs(body):
+                    self._pdv(context_id, flags, fragment)
+        finally:
+            if self.writer is not None:
+                self.writer.abort()
+            self.link.release_slot()
+
+    def _pdv(self, context_id: int, flags: int, fragment: memoryview) -> None:
+        if flags & 0x01:  # command fragment
+            self.command += fragment
+            if flags & 0x02:
+                context = self.assoc.contexts.get(context_id)
+                if context is None or not context.transfer_syntax:
+                    raise ProtocolViolation(f"a message on presentation context {context_id}, which was not accepted")
+                if len(self.command) > MAX_COMMAND_BYTES:
+                    raise ProtocolViolation(f"command set of {len(self.command)} bytes")
+                if self.pending is not None:
+                    raise ProtocolViolation("a new command while the previous data set is incomplete")
+                command = Command.decode(bytes(self.command))
+                self.command.clear()
+                if command.us(0x00000110) < 0:
+                    raise ProtocolViolation("command without a Message ID (0000,0110)")
+                self.context_id = context_id
+                if command.has_dataset:
+                    self._begin_dataset(command)
+                else:
+                    self._dispatch(command)
+            return
+        if self.command:
+            raise ProtocolViolation("a data set fragment inside a command")
+        if self.pending is None:
+            raise ProtocolViolation("data set fragment without a command")
+        if context_id != self.context_id:
+            raise ProtocolViolation(f"data set fragment on context {context_id}, its command came on {self.context_id}")
+        if self.pending.command_field == C_STORE_RQ:
+            self._store_fragment(fragment)
+        else:
+            self.dataset += fragment
+        if flags & 0x02:
+            command, self.pending = self.pending, None
+            if command.command_field == C_STORE_RQ:
+                self._finish_store(command)
+            else:
+                self._dispatch(command, bytes(self.dataset))
+                self.dataset.clear()
+        elif self.pending is not None and self.pending.command_field != C_STORE_RQ and len(self.dataset) > MAX_COMMAND_BYTES * 64:
+            raise ProtocolViolation("an N-EVENT-REPORT data set over 4 MiB")
+
+    # -- C-STORE ---------------------------------------------------------------------------------
+    def _begin_dataset(self, command: Command) -> None:
+        self.pending = command
+        self.prefix.clear()
+        self.write_error = None
+        self.refusal = None
+        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ):
+            raise ProtocolViolation(f"a data set with DIMSE command 0x{command.command_field:04X}")
+        if command.command_field != C_STORE_RQ:
+            return
+        missing = [name for tag, name in ((0x00000002, "Affected SOP Class UID"), (0x00001000, "Affected SOP Instance UID"))
+                   if not _uid(command.text(tag))]
+        if missing:  # answered once the data set is off the wire; nothing of it is written
+            self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without a valid {' and '.join(missing)}")
+            return
+        context = self.assoc.contexts.get(self.context_id)
+        self.walker = DatasetWalker(context.transfer_syntax if context else IMPLICIT_LE)
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = command.text(0x00000002)
+        meta.MediaStorageSOPInstanceUID = command.text(0x00001000)
+        meta.TransferSyntaxUID = context.transfer_syntax if context else IMPLICIT_LE
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta.SourceApplicationEntityTitle = self.link.request.calling_ae
+        try:
+            self.writer = self.scp._spool.open_staged()
+            self.writer.write(PART10_PREFIX + encode_file_meta(meta))
+        except OSError as exc:
+            self.writer, self.write_error = None, exc
+
+    def _store_fragment(self, fragment: memoryview) -> None:
+        if self.walker is not None:
+            self.walker.feed(fragment)
+        if len(self.prefix) < HEADER_PREFIX_BYTES:
+            self.prefix += fragment[: HEADER_PREFIX_BYTES - len(self.prefix)]
+        if self.writer is not None:
+            try:
+                self.writer.write(fragment)
+            except OSError as exc:  # keep reading the data set off the wire, answer after it
+                self.writer, self.write_error = None, exc
+
+    def _finish_store(self, command: Command) -> None:
+        status, comment = self._store(command)
+        elements = [
+            (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8001),
+            (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, int(status)),
+            (0x00001000, UI, _uid(command.text(0x00001000))),
+        ]
+        if comment:
+            # LO: 64 characters at most, of the default repertoire (the reason may quote what was received)
+            elements.append((0x00000902, LO, "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])))
+        self.assoc.send_message(self.context_id, encode_command(elements))
+
+    def _store(self, command: Command) -> tuple[StoreStatus, str]:
+        writer, self.writer = self.writer, None
+        sop_instance_uid = command.text(0x00001000)
+        if self.refusal is not None:
+            log.warning("refusing a C-STORE from %s: %s", self.source, self.refusal[1])
+            return self.refusal
+        if writer is None:
+            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, self.write_error)
+            full = isinstance(self.write_error, SpoolFull)
+            return StoreStatus.OUT_OF_RESOURCES, (f"gateway spool full: {getattr(self.write_error, 'strerror', '')}" if full
+                                                  else f"gateway could not store the instance: {type(self.write_error).__name__}")
+        transfer_syntax = self.assoc.contexts[self.context_id].transfer_syntax
+        try:
+            staged = writer.close()
+        except OSError as exc:
+            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
+            return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {getattr(exc, 'strerror', '')}"
+        walker, self.walker = self.walker, None
+        if walker is not None and not walker.complete():
+            return self._refuse_unreadable(staged.temp_path, RejectedFile(walker.problem()))
+        try:
+            header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
+        except RejectedFile as exc:
+            return self._refuse_unreadable(staged.temp_path, exc)
+        mismatch = [f"{name} {ours!r} in the data set, {theirs!r} in the command"
+                    for name, ours, theirs in (("SOP Instance UID", header.sop_instance_uid, sop_instance_uid),
+                                               ("SOP Class UID", header.sop_class_uid, command.text(0x00000002)))
+                    if ours != theirs]
+        if mismatch:
+            return self._refuse_unreadable(staged.temp_path, RejectedFile("; ".join(mismatch)), StoreStatus.DATASET_MISMATCH)
+        try:
+            result = self.scp._ingest.ingest(header, staged, self.source)
+        except SpoolFull as exc:
+            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
+            return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {exc.strerror}"
+        except Exception as exc:  # DB down, I/O error: never Success, never an exception on the wire
+            log.exception("refusing %s from %s", sop_instance_uid, self.source)
+            return StoreStatus.OUT_OF_RESOURCES, f"gateway could not store the instance: {type(exc).__name__}"
+        if self.scp._on_stored is not None:
+            self.scp._on_stored(result)
+        return StoreStatus.SUCCESS, ""
+
+    @staticmethod
+    def _header(prefix: bytes, staged_path: object, transfer_syntax: str) -> object:
+        try:
+            return header_from_dataset_bytes(prefix, transfer_syntax)
+        except RejectedFile:
+            if len(prefix) < HEADER_PREFIX_BYTES:
+                raise  # that was the whole data set
+        with open(staged_path, "rb") as fh:  # type: ignore[call-overload]
+            raw = fh.read()
+        return header_from_dataset_bytes(raw[raw.index(b"DICM") + 4 :][_meta_length(raw) :], transfer_syntax)
+
+    def _refuse_unreadable(self, staged_path: object, exc: RejectedFile,
+                           status: StoreStatus = StoreStatus.CANNOT_UNDERSTAND) -> tuple[StoreStatus, str]:
+        reason = f"received from {self.source} but refused: {exc}"
+        try:
+            kept = self.scp._spool.quarantine(staged_path, reason)  # type: ignore[arg-type]
+            self.scp._audit("quarantined", f"{reason}; kept at {kept}")
+        except OSError:
+            log.exception("could not quarantine a refused instance from %s", self.source)
+        return status, str(exc)
+
+    # -- C-ECHO, N-EVENT-REPORT -----------------------------------------------------------------
+    def _dispatch(self, command: Command, dataset: bytes = b"") -> None:
+        field = command.command_field
+        if field == C_ECHO_RQ:
+            self.assoc.send_message(self.context_id, encode_command([
+                (0x00000002, UI, VERIFICATION), (0x00000100, US, 0x8030), (0x00000120, US, command.us(0x00000110)),
+                (0x00000800, US, 0x0101), (0x00000900, US, 0x0000),
+            ]))
+        elif field == N_EVENT_REPORT_RQ:
+            status = self._event_report(dataset)
+            self.assoc.send_message(self.context_id, encode_command([
+                (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8100),
+                (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
+                (0x00001000, UI, _uid(command.text(0x00001000))), (0x00001002, US, max(0, command.us(0x00001002))),
+            ]))
+        else:
+            raise ProtocolViolation(f"unsupported DIMSE command 0x{field:04X}")
+
+    def _event_report(self, dataset: bytes) -> int:
+        """Storage Commitment result: event type 1 (all committed) or 2 (failures exist), PS3.4 J.3.3."""
+        calling = self.link.request.calling_ae
+        try:
+            info = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
+            transaction_uid = str(info.TransactionUID)
+            committed = {str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])}
+            failed = {
+                str(item.ReferencedSOPInstanceUID): int(item.get("FailureReason", 0x0110))
+                for item in info.get("FailedSOPSequence", [])
+            }
+        except Exception:  # malformed report: refuse it, never raise into the association
+            log.exception("unreadable N-EVENT-REPORT from %s", calling)
+            return 0x0110
+        self.scp._audit("commitment_report", f"N-EVENT-REPORT from {calling}: transaction "
+                        f"{transaction_uid}, {len(committed)} committed, {len(failed)} failed")
+        if self.scp._on_commitment is None or not self.scp._on_commitment(transaction_uid, committed, failed):
+            return 0x0119
+        return 0x0000
+
+
+def _uid(text: str) -> str:
+    """``text`` if it is a UID (PS3.5 9.1: digits and dots, at most 64 characters), else ""."""
+    return text if len(text) <= 64 and UID_RE.match(text) else ""
+
+
+def _meta_length(raw: bytes) -> int:
+    """Length of the File Meta group after 'DICM' (its first element is the group length, PS3.10 7.1)."""
+    start = raw.index(b"DICM") + 4
+    return 12 + int.from_bytes(raw[start + 8 : start + 12], "little")
