@@ -1,9 +1,10 @@
-"""Association negotiation checks for the SCP (PS3.8 9.3.2, 9.3.4, 9.3.8), before anything is accepted.
+"""The association request as the SCP reads it (PS3.8 9.3.2, 9.3.4, 9.3.8), before anything is accepted.
 
-``check_associate_rq(body)`` validates an A-ASSOCIATE-RQ: None when it may be answered, else the
-A-ASSOCIATE-RJ (result, source, reason) and why (protocol version, AE titles that are not printable ASCII,
-no presentation context); an item that overruns its parent, a role-selection item whose UID length
-overruns it, non-ASCII UIDs, or anything pynetdicom's PDU codec (``pynetdicom.pdu.A_ASSOCIATE_RQ``) cannot
+``decode_associate_rq(body)`` returns ``(request, None)`` for a request that may be answered, or
+``(None, ((result, source, reason), why))`` for one to answer with A-ASSOCIATE-RJ (protocol version, AE
+titles that are not printable ASCII, no presentation context). The items are decoded by pynetdicom's PDU
+codec (``pynetdicom.pdu.A_ASSOCIATE_RQ``), after a walk of the item lengths; an item that overruns its
+parent, a role-selection item whose UID length overruns it, non-ASCII UIDs, or anything the codec cannot
 decode raises :class:`adapters.dicom_ul.ProtocolError`, answered with ``send_abort`` (A-ABORT).
 """
 
@@ -12,9 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from adapters.dicom_ul import (
-    ProtocolError,
-)
+from adapters.dicom_ul import AssociateRequest, ProtocolError
 
 
 def send_abort(sock: socket.socket) -> None:
@@ -25,10 +24,15 @@ def send_abort(sock: socket.socket) -> None:
         pass
 
 
-def check_associate_rq(body: bytes | bytearray) -> tuple[tuple[int, int, int], str] | None:
-    """Validate an A-ASSOCIATE-RQ (PS3.8 9.3.2): None when acceptable, else the A-ASSOCIATE-RJ (result,
-    source, reason) and why. Items whose lengths do not fit, and anything pynetdicom's PDU codec cannot
-    decode, raise :class:`ProtocolError` (A-ABORT)."""
+Rejection = tuple[tuple[int, int, int], str]
+
+
+def check_associate_rq(body: bytes | bytearray) -> Rejection | None:
+    """None when the request may be answered, else the A-ASSOCIATE-RJ and why (see the module)."""
+    return decode_associate_rq(body)[1]
+
+
+def decode_associate_rq(body: bytes | bytearray) -> tuple[AssociateRequest | None, Rejection | None]:
     from pynetdicom.pdu import A_ASSOCIATE_RQ
 
     raw = bytes(body)
@@ -36,25 +40,32 @@ def check_associate_rq(body: bytes | bytearray) -> tuple[tuple[int, int, int], s
         raise ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
     version = int.from_bytes(raw[0:2], "big")
     if version != 1:
-        return (1, 2, 2), f"protocol version {version} (only 1 is supported)"
+        return None, ((1, 2, 2), f"protocol version {version} (only 1 is supported)")
     called, calling = raw[4:20], raw[20:36]
     if any(b < 0x20 or b > 0x7E for b in called) or not called.strip():
-        return (1, 1, 7), "called AE title is not printable ASCII"
+        return None, ((1, 1, 7), "called AE title is not printable ASCII")
     if any(b < 0x20 or b > 0x7E for b in calling) or not calling.strip():
-        return (1, 1, 3), "calling AE title is not printable ASCII"
-    _check_items(raw, 68, nested=(0x20, 0x50))
+        return None, ((1, 1, 3), "calling AE title is not printable ASCII")
+    _check_items(raw, 68)
     try:
-        request = A_ASSOCIATE_RQ()
-        request.decode(b"\x01\x00" + len(raw).to_bytes(4, "big") + raw)
-        contexts = request.presentation_context
+        pdu = A_ASSOCIATE_RQ()
+        pdu.decode(b"\x01\x00" + len(raw).to_bytes(4, "big") + raw)
+        contexts = tuple(
+            (int(c.context_id), str(c.abstract_syntax or ""), tuple(str(ts) for ts in c.transfer_syntax))
+            for c in pdu.presentation_context
+        )
+        user = pdu.user_information
+        roles = {str(uid): (bool(item.scu_role), bool(item.scp_role)) for uid, item in (user.role_selection if user else {}).items()}
+        request = AssociateRequest(str(pdu.calling_ae_title).strip(), str(pdu.called_ae_title).strip(),
+                                   int((user.maximum_length if user else 0) or 0), contexts, roles)
     except Exception as exc:  # pynetdicom raises anything from struct.error to ValueError on bad items
         raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
     if not contexts:
-        return (1, 1, 1), "no presentation context proposed"
-    return None
+        return None, ((1, 1, 1), "no presentation context proposed")
+    return request, None
 
 
-def _check_items(raw: bytes, pos: int, nested: tuple[int, ...] = ()) -> None:
+def _check_items(raw: bytes, pos: int) -> None:
     """Every item (type, reserved, 16-bit length) ends inside its parent; UIDs and names are ASCII; a role
     selection sub-item's UID length fits it (PS3.7 D.3.3.4)."""
     end = len(raw)

@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
-from adapters.dicom_assoc import check_associate_rq, send_abort
+from adapters.dicom_assoc import decode_associate_rq, send_abort
 from adapters.dicom_store import (
     AssociationHandler,
     AuditFn,
@@ -60,7 +60,6 @@ from adapters.dicom_ul import (
     ProtocolError,
     associate_ac,
     associate_rj,
-    parse_associate_rq,
     read_pdu,
 )
 from adapters.spool import Spool
@@ -211,13 +210,12 @@ class StorageSCP:
         pdu_type, body = read_pdu(sock, deadline=time.monotonic() + self._settings.artim_timeout_s)
         if pdu_type != 0x01:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        rejection = check_associate_rq(body)
-        if rejection is not None:
-            (result, source, reason), why = rejection
+        request, rejection = decode_associate_rq(body)
+        if rejection is not None or request is None:
+            (result, source, reason), why = rejection or ((1, 1, 1), "no request")
             sock.sendall(associate_rj(result, source, reason))
             self._audit("association_rejected", f"A-ASSOCIATE-RQ from {address} rejected: {why}")
             return None
-        request = parse_associate_rq(body)
         allowed = self._settings.allowed_calling_ae_titles
         if allowed and request.calling_ae not in allowed:
             sock.sendall(associate_rj(1, 1, 3))  # rejected-permanent, service user, calling AE not recognised

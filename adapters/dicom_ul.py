@@ -356,35 +356,6 @@ class AssociateRequest:
     roles: dict[str, tuple[bool, bool]]  # abstract syntax -> (SCU role, SCP role) the requestor proposes
 
 
-def parse_associate_rq(body: bytes | bytearray) -> AssociateRequest:
-    if len(body) < 68:
-        raise AssociationAborted("A-ASSOCIATE-RQ too short")
-    called = bytes(body[4:20]).decode("ascii", "replace").strip()
-    calling = bytes(body[20:36]).decode("ascii", "replace").strip()
-    contexts: list[tuple[int, str, tuple[str, ...]]] = []
-    roles: dict[str, tuple[bool, bool]] = {}
-    max_pdu = 0
-    for item_type, payload in _items(body, 68):
-        if item_type == 0x20 and len(payload) >= 4:
-            abstract, syntaxes = "", []
-            for sub_type, sub in _items(payload, 4):
-                text = bytes(sub).decode("ascii", "replace").rstrip("\x00 ")
-                if sub_type == 0x30:
-                    abstract = text
-                elif sub_type == 0x40:
-                    syntaxes.append(text)
-            contexts.append((payload[0], abstract, tuple(syntaxes)))
-        elif item_type == 0x50:
-            for sub_type, sub in _items(payload, 0):
-                if sub_type == 0x51 and len(sub) == 4:
-                    max_pdu = struct.unpack(">I", sub)[0]
-                elif sub_type == 0x54 and len(sub) >= 4:
-                    uid_length = struct.unpack_from(">H", sub)[0]
-                    uid = bytes(sub[2 : 2 + uid_length]).decode("ascii", "replace").rstrip("\x00 ")
-                    roles[uid] = (bool(sub[2 + uid_length]), bool(sub[3 + uid_length]))
-    return AssociateRequest(calling, called, max_pdu, tuple(contexts), roles)
-
-
 def associate_ac(request: AssociateRequest, results: Sequence[tuple[int, int, str]], max_receive_pdu: int,
                  roles: dict[str, tuple[bool, bool]] | None = None) -> bytes:
     """A-ASSOCIATE-AC with (context id, result, transfer syntax) per proposed context (PS3.8 9.3.3)."""
@@ -406,13 +377,6 @@ def associate_rj(result: int, source: int, reason: int) -> bytes:
 
 
 RELEASE_RP = struct.pack(">BBII", 0x06, 0, 4, 0)
-
-
-def _items(body: bytes | bytearray, pos: int) -> Iterator[tuple[int, bytes | bytearray]]:
-    while pos + 4 <= len(body):
-        item_type, _r, length = struct.unpack_from(">BBH", body, pos)
-        yield item_type, body[pos + 4 : pos + 4 + length]
-        pos += 4 + length
 
 
 def iter_pdvs(body: bytes | bytearray) -> Iterator[tuple[int, int, memoryview]]:

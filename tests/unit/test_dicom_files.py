@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters.dicom_files import RejectedFile, header_from_part10_bytes, inspect_part10_file
+from adapters.dicom_files import (
+    RejectedFile,
+    header_from_part10_bytes,
+    inspect_part10_file,
+)
 from tests.helpers import PYDICOM_FILES
 
 

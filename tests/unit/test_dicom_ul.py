@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from adapters.dicom_assoc import decode_associate_rq
 from adapters.dicom_ul import (
     LO,
     UI,
@@ -15,7 +16,6 @@ from adapters.dicom_ul import (
     associate_ac,
     encode_command,
     iter_pdvs,
-    parse_associate_rq,
 )
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -34,7 +34,8 @@ def test_command_round_trip_with_group_length_and_even_padding() -> None:
 def test_associate_request_parsed_by_the_acceptor_and_answered() -> None:
     contexts = [PresentationContext(1, CT, (EXPLICIT, IMPLICIT)), PresentationContext(3, "1.2.840.10008.1.20.1", (IMPLICIT,))]
     pdu = _associate_rq("CALLER", "CALLED", contexts, 65536, {"1.2.840.10008.1.20.1": (False, True)})
-    request = parse_associate_rq(pdu[6:])
+    request, rejection = decode_associate_rq(pdu[6:])  # pynetdicom's PDU codec decodes it
+    assert rejection is None and request is not None
     assert (request.calling_ae, request.called_ae, request.max_pdu) == ("CALLER", "CALLED", 65536)
     assert request.contexts == ((1, CT, (EXPLICIT, IMPLICIT)), (3, "1.2.840.10008.1.20.1", (IMPLICIT,)))
     assert request.roles == {"1.2.840.10008.1.20.1": (False, True)}

@@ -3,8 +3,6 @@ uncompressed transfer syntax, with nested sequences of defined and undefined len
 
 from __future__ import annotations
 
-import io
-
 import pydicom
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from adapters.dicom_assoc import check_associate_rq as _check_associate_rq
 from adapters.dicom_ul import UI, US, Command, ProtocolError, encode_command, iter_pdvs
-from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer, build_offer, build_receipt, parse_offer, parse_receipt
+from adapters.xmpp.stanzas import (
+    NS_IBB,
+    NS_S5B,
+    Offer,
+    build_offer,
+    build_receipt,
+    parse_offer,
+    parse_receipt,
+)
 from gateway.manifest import BundleError, BundleFile, Manifest
 from gateway.transfer import Receipt
 from tests import rawdicom as raw
