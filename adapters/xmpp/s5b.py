@@ -61,30 +61,22 @@ class S5BMixin:
         query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
         ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
         await iq.send(timeout=self.settings.iq_timeout_s)
-        reader, writer = await socks5.connect(host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
+        sock = await asyncio.to_thread(socks5.connect_blocking, host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
+        loop = asyncio.get_running_loop()
+        report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         try:
             activate = self.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
             await activate.send(timeout=self.settings.iq_timeout_s)
-            if tls is not None:  # the relayed socket becomes a TLS 1.3 session with the receiving gateway
-                await asyncio.wait_for(writer.start_tls(tls), self.settings.iq_timeout_s)
-                check_pin(writer.get_extra_info("ssl_object"), pin or "", peer)
-            for chunk in chunks:
-                writer.write(chunk)
-                await writer.drain()
-                moved[0] += len(chunk)
-                if progress is not None:
-                    progress(offset + moved[0], "s5b")
-            if tls is None:
-                writer.write_eof()  # TLS has no half-close: the receiver stops at the announced size
-            await writer.drain()
+            await on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "", peer, moved, report,
+                                self.settings.s5b_idle_timeout_s)
             return moved[0]
         except PinMismatch:
             raise
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise TransferCut(f"SOCKS5 stream cut: {describe(exc)}") from exc
         finally:
-            writer.close()
+            shut(sock)  # ends the sending thread if this attempt was cancelled; it closes the socket itself
 
     async def _on_s5b(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
@@ -168,6 +160,35 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 raise TimeoutError(f"no byte for {seconds} s") if isinstance(failed[0], (BlockingIOError, ssl.SSLWantReadError)) else failed[0]
             if count == 0:
                 return  # the sender (or a stop) ended the stream: the sink keeps what came
+
+
+def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext | None, pin: str, peer: str,
+              moved: list[int], report: Callable[[int], object] | None, idle_timeout_s: float) -> None:
+    """Send a bundle on an activated S5B socket (a thread of its own, blocking writes). End to end: TLS 1.3
+    as the client, the receiver's certificate checked against ``pin`` before the first byte. Then a TCP
+    half-close (no TLS close_notify: the receiver stops at the announced size) and a wait for the
+    receiver to close, so that every byte was taken before the socket goes: a FIN, unlike a TLS alert, is
+    an event Prosody's stock proxy65 acts on (its paused link otherwise leaves the tail unrelayed until the
+    next event on the socket: 30 s of asyncio's TLS shutdown timeout, seen here)."""
+    seconds = max(1, int(idle_timeout_s))
+    with contextlib.ExitStack() as owned:
+        owned.enter_context(sock)
+        stream: socket.socket = sock
+        if tls is not None:
+            sock.settimeout(idle_timeout_s)
+            stream = owned.enter_context(tls.wrap_socket(sock))
+            check_pin(stream, pin, peer)  # type: ignore[arg-type]
+            stream.settimeout(None)
+        for chunk in chunks:
+            stream.sendall(chunk)
+            moved[0] += len(chunk)
+            if report is not None:
+                report(moved[0])
+        stream.shutdown(socket.SHUT_WR)  # on a TLS socket: drops the TLS layer, then the TCP half-close
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+        with contextlib.suppress(OSError):
+            while stream.recv(65536):
+                pass
 
 
 def _fill(stream: socket.socket, view: memoryview, failed: list[OSError]) -> int:

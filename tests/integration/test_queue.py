@@ -118,6 +118,11 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
+        assert "runtime_status" in tables and "fingerprint" in {c["name"] for c in inspect(engine).get_columns("peers")}
+        command.downgrade(config, "-1")  # 0006 -> 0005: pins, the status table and the audit repeat count go
+        assert "runtime_status" not in set(inspect(engine).get_table_names())
+        assert "fingerprint" not in {c["name"] for c in inspect(engine).get_columns("peers")}
+        assert "repeat_count" not in {c["name"] for c in inspect(engine).get_columns("audit_log")}
         command.downgrade(config, "-1")  # 0005 -> 0004: the PACS import and receipt columns go
         assert "pacs_status" not in {c["name"] for c in inspect(engine).get_columns("instances")}
         assert "bundle_sha256" not in {c["name"] for c in inspect(engine).get_columns("study_units")}
