@@ -22,22 +22,11 @@ from typing import Any, Protocol
 from slixmpp.exceptions import IqError, IqTimeout
 
 from adapters.xmpp.e2e import Identity, TlsPipe
-from adapters.xmpp.stanzas import (  # noqa: F401
-    NS_DISCO_ITEMS,
+from adapters.xmpp.stanzas import (
     NS_IBB,
-    NS_RESULT,
     NS_S5B,
-    NS_SI,
     Offer,
     Receipt,
-    build_accept,
-    build_offer,
-    build_receipt,
-    build_result,
-    parse_accept,
-    parse_offer,
-    parse_receipt,
-    q,
 )
 
 log = logging.getLogger(__name__)

@@ -13,21 +13,15 @@ from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from tests.helpers import CapturingRelay, dataset_bytes, storescu, wait_for
 from tests.integration.test_xmpp_transfer import (  # noqa: F401  (the prosody fixture)
-    A_JID, B_JID, DOMAIN, prosody, received_instances, site_identity, start_site, unit_states,
+    A_JID, B_JID, prosody, received_instances, running_prosody, site_identity, start_site, unit_states,
 )
 
 
 @pytest.fixture
 def plain_prosody(tmp_path: Path) -> Iterator[Prosody]:
     """c2s without TLS, so that the capture reads the stanzas as the XMPP server itself reads them."""
-    server = Prosody(tmp_path / "prosody-plain", domain=DOMAIN, tls=False)
-    for user in ("radiology.hospital-a", "radiology.hospital-b"):
-        server.add_account(user, f"pw-{user}")
-    server.start()
-    try:
+    with running_prosody(tmp_path / "prosody-plain", tls=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("method", ["s5b", "ibb"])

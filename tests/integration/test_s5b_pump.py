@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from adapters.xmpp.agent import _pump_s5b
+from adapters.xmpp.s5b import _pump_s5b
 
 
 class MemorySink:

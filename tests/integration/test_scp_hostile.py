@@ -4,7 +4,6 @@ status), nothing is stored that should not be, and the SCP goes on serving store
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import subprocess

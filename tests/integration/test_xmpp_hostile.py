@@ -20,7 +20,9 @@ from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, Offer, build_offer, q
 from tests.helpers import storescu, wait_for
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, DOMAIN, STRANGER_JID, received_instances, start_site, unit_states
+from tests.integration.test_xmpp_transfer import (
+    A_JID, B_JID, DOMAIN, STRANGER_JID, received_instances, running_prosody, start_site, unit_states,
+)
 
 B_FULL = f"{B_JID}/gw1"
 
@@ -28,14 +30,8 @@ B_FULL = f"{B_JID}/gw1"
 @pytest.fixture
 def prosody(tmp_path: Path) -> Iterator[Prosody]:
     """One server (these cases do not depend on the proxy65 variant)."""
-    server = Prosody(tmp_path / "prosody", domain=DOMAIN)
-    for user in ("radiology.hospital-a", "radiology.hospital-b", "radiology.hospital-x"):
-        server.add_account(user, f"pw-{user}")
-    server.start()
-    try:
+    with running_prosody(tmp_path / "prosody") as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Intruder:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,11 +37,10 @@ def site_identity(tmp_path: Path, name: str) -> tuple[Path, Path, str]:
 PROXY65_VARIANT = Path(__file__).resolve().parents[2] / "conf" / "prosody" / "plugins"
 
 
-@pytest.fixture(params=["stock-proxy65", "dicomgw-proxy65"])
-def prosody(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prosody]:
-    """Every transfer test runs against Debian's proxy65 and against the variant shipped in conf/prosody."""
-    plugins = [PROXY65_VARIANT] if request.param == "dicomgw-proxy65" else []
-    server = Prosody(tmp_path / "prosody", domain=DOMAIN, plugin_paths=plugins)
+@contextmanager
+def running_prosody(workdir: Path, **options: Any) -> Iterator[Prosody]:
+    """A Prosody on loopback with the three gateway accounts of these tests, stopped by PID at the end."""
+    server = Prosody(workdir, domain=DOMAIN, **options)
     for user in ("radiology.hospital-a", "radiology.hospital-b", "radiology.hospital-x"):
         server.add_account(user, f"pw-{user}")
     server.start()
@@ -47,6 +48,13 @@ def prosody(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prosody]
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["stock-proxy65", "dicomgw-proxy65"])
+def prosody(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Prosody]:
+    """Every transfer test runs against Debian's proxy65 and against the variant shipped in conf/prosody."""
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT] if request.param == "dicomgw-proxy65" else []) as server:
+        yield server
 
 
 @dataclass
