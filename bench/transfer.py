@@ -5,7 +5,7 @@ For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three 
   (a') the same through the proxy65 variant shipped in conf/prosody (64 KiB relay buffers),
   (a'') the same as (a') in plaintext (``require_e2e = false``, lab only): ``encrypted_vs_plain`` = a'/a'',
   (b) the gateway over IBB with the study's settings (4096-byte blocks, one in flight),
-  (c) the gateway over IBB tuned (65535-byte blocks, 8 in flight),
+  (c) the gateway over IBB tuned (65535-byte blocks, 8 in flight), (c') the same in plaintext (lab only),
   (d) a bare S5B relay of the same number of bytes through the same stock proxy (both ends in this process,
       only SOCKS5 + the activate IQ: the proxy's ceiling),
   (e) a raw TCP copy over loopback (the physical limit).
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", type=lambda text: [int(x) for x in text.split(",")], help="e.g. 50,200")
     parser.add_argument("--only", help="comma-separated gateway columns to run "
-                        "(a_s5b,a2_s5b_variant,a3_s5b_variant_plain,b_ibb_4096,c_ibb_tuned)")
+                        "(a_s5b,a2_s5b_variant,a3_s5b_variant_plain,b_ibb_4096,c_ibb_tuned,c2_ibb_tuned_plain)")
     args = parser.parse_args()
     sizes_mb = args.sizes or ([1, 10] if args.quick else [1, 10, 50, 100, 200])
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-transfer-"))
@@ -282,6 +282,7 @@ def main() -> None:
         "a3_s5b_variant_plain": ("variant", 'methods = ["s5b"]'),
         "b_ibb_4096": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 4096\nibb_window = 1'),
         "c_ibb_tuned": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 65535\nibb_window = 8'),
+        "c2_ibb_tuned_plain": ("stock", 'methods = ["ibb"]\nibb_block_bytes = 65535\nibb_window = 8'),
     }
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
@@ -319,7 +320,7 @@ def main() -> None:
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    columns = [c for c in ["a_s5b", "a2_s5b_variant", "a3_s5b_variant_plain", "b_ibb_4096", "c_ibb_tuned"] if c in methods] + ["d_bare_s5b", "e_raw_tcp"]
+    columns = [c for c in ["a_s5b", "a2_s5b_variant", "a3_s5b_variant_plain", "b_ibb_4096", "c_ibb_tuned", "c2_ibb_tuned_plain"] if c in methods] + ["d_bare_s5b", "e_raw_tcp"]
     print("MB/s of bundle bytes; gateway columns: the stream incl. its set-up [offer to receiver's verdict]")
     print(f"{'MB':>5}" + "".join(f"{c:>22}" for c in columns) + f"{'a/d':>7}{'c/b':>7}")
     for size_mb, row in table.items():
@@ -343,6 +344,8 @@ def main() -> None:
         "variant_vs_stock": round(_ratio(largest, "a2_s5b_variant", "a_s5b"), 2),
         "s5b_variant_plain_mb_s": round(largest.get("a3_s5b_variant_plain", float("nan")), 2),
         "encrypted_vs_plain": round(_ratio(largest, "a2_s5b_variant", "a3_s5b_variant_plain"), 3),
+        "ibb_plain_mb_s": round(largest.get("c2_ibb_tuned_plain", float("nan")), 2),
+        "ibb_encrypted_vs_plain": round(_ratio(largest, "c_ibb_tuned", "c2_ibb_tuned_plain"), 3),
         "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "sha256_ok": sha_ok,
         "table_mb_s": {str(k): {c: round(v, 2) for c, v in r.items()} for k, r in table.items()},
