@@ -138,3 +138,17 @@ def test_receipt_parser_raises_only_value_errors(attrs: dict[str, str]) -> None:
         parse_receipt(el)
     except ValueError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_bundle_header_parser_raises_only_bundle_errors(data: bytes) -> None:
+    import io
+
+    from gateway.manifest import MAGIC, read_manifest
+
+    for candidate in (data, MAGIC + data):
+        try:
+            read_manifest(io.BytesIO(candidate))
+        except BundleError:
+            pass
