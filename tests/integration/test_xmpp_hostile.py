@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -43,12 +44,14 @@ class Intruder:
         self.client.ssl_context = ssl.create_default_context(cafile=str(server.ca_file))
         self.server = server
         self.verdicts: list[tuple[str, str]] = []
+        self.verdict_came = asyncio.Event()
         self.client.register_handler(slixmpp.xmlstream.handler.Callback(
             "verdict", slixmpp.xmlstream.matcher.MatchXPath(f"{{jabber:client}}iq/{q(NS_RESULT, 'result')}"), self._verdict))
 
     def _verdict(self, iq: Any) -> None:
         el = iq.xml.find(q(NS_RESULT, "result"))
         self.verdicts.append((el.get("outcome", ""), el.text or ""))
+        self.verdict_came.set()
         iq.reply().send()
 
     async def start(self) -> None:
@@ -160,10 +163,8 @@ def test_ibb_blocks_out_of_order_or_too_many_close_the_stream_with_a_verdict(tmp
             answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 10)), await intruder.iq(ibb("data", "s1", 0, b"x" * 10))]
         else:
             answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 60)), await intruder.iq(ibb("data", "s1", 1, b"x" * 60))]
-        await asyncio.sleep(0)
-        deadline = asyncio.get_running_loop().time() + 10
-        while not intruder.verdicts and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(intruder.verdict_came.wait(), 10)
         await intruder.stop()
         return answers, intruder.verdicts
 
