@@ -69,19 +69,15 @@ def transfer_syntax(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
 
 
-class TamperingRelay:
-    """A loopback TCP relay in front of a real server port, for failure tests. The first connection whose
-    upstream passes ``after_bytes`` is cut (``mode='cut'``) or gets one byte flipped (``mode='flip'``);
-    every other connection is relayed untouched. Threads are daemons; ``stop()`` closes the listener."""
+class LoopbackRelay:
+    """A loopback TCP relay in front of a real server port: each accepted connection gets its own upstream
+    connection and two daemon threads running ``_pump(src, dst, upstream)``; ``stop()`` closes the listener."""
 
-    def __init__(self, target_port: int, after_bytes: int, mode: str = "cut") -> None:
+    def __init__(self, target_port: int) -> None:
         import socket
         import threading
 
         self.target_port = target_port
-        self.after_bytes = after_bytes
-        self.mode = mode
-        self.tampered = threading.Event()
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(16)
@@ -100,6 +96,25 @@ class TamperingRelay:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: object, dst: object, upstream: bool) -> None:
+        raise NotImplementedError  # each relay says what it does with the bytes
+
+    def stop(self) -> None:
+        self._listener.close()
+
+
+class TamperingRelay(LoopbackRelay):
+    """For failure tests: the first connection whose upstream passes ``after_bytes`` is cut (``mode='cut'``)
+    or gets one byte flipped (``mode='flip'``); every other connection is relayed untouched."""
+
+    def __init__(self, target_port: int, after_bytes: int, mode: str = "cut") -> None:
+        import threading
+
+        self.after_bytes = after_bytes
+        self.mode = mode
+        self.tampered = threading.Event()
+        super().__init__(target_port)
 
     def _pump(self, src: object, dst: object, upstream: bool) -> None:
         seen = 0
@@ -129,9 +144,6 @@ class TamperingRelay:
                     pass
                 sock.close()  # type: ignore[attr-defined]
 
-    def stop(self) -> None:
-        self._listener.close()
-
 
 def _drain(sock: object, timeout_s: float = 10.0) -> None:
     """Half-close ``sock`` and poll until the peer has acknowledged every byte sent (SIOCOUTQ = 0)."""
@@ -150,37 +162,17 @@ def _drain(sock: object, timeout_s: float = 10.0) -> None:
     wait_for(lambda: unacknowledged() == 0, timeout_s, 0.01, what="the relay's sent bytes to be acknowledged")
 
 
-class CapturingRelay:
-    """A loopback TCP relay in front of a real server port that keeps every byte it relays, both ways
-    (what the XMPP server or its proxy could see). ``captured()`` joins them; ``stop()`` closes the listener."""
+class CapturingRelay(LoopbackRelay):
+    """Keeps every byte it relays, both ways (what the XMPP server or its proxy could see); ``captured()``."""
 
     def __init__(self, target_port: int) -> None:
-        import socket
         import threading
 
-        self.target_port = target_port
         self._chunks: list[bytes] = []
         self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: object, dst: object) -> None:
+    def _pump(self, src: object, dst: object, upstream: bool) -> None:
         import socket
 
         try:
@@ -199,6 +191,3 @@ class CapturingRelay:
     def captured(self) -> bytes:
         with self._lock:
             return b"".join(self._chunks)
-
-    def stop(self) -> None:
-        self._listener.close()
