@@ -413,6 +413,11 @@ class _AuditedSink:
         if self.early is not None:  # what it stored is stored; the regular import sends the rest
             threading.Thread(target=self.early.finish, name="early-import-stop", daemon=True).start()
         self.bundle.close(reason)
+        if self.unit_id is not None and not self._ended:  # `dicomgw queue` says why it stopped and what comes next
+            self.gateway.store.receive_paused(
+                self.unit_id, self.bundle.offset,
+                f"paused at {self.bundle.offset} of {self.size} bytes ({reason}); resumes when {self.peer_jid} offers it again",
+            )
         self._end("cut", reason)
 
     def _end(self, outcome: str, error: str | None) -> None:

@@ -443,8 +443,19 @@ class QueueStore:
                 session.add(AuditRow(at=now, unit_id=unit.id, study_instance_uid=study_instance_uid, event="created",
                                      to_state=State.RECEIVING.value, detail=f"offer from {origin_peer} accepted"))
             unit.bundle_bytes, unit.progress_bytes, unit.method = bundle_bytes, offset, method
+            unit.error = None  # a pause (see receive_paused) ends with the new stream
             unit.bundle_sha256 = bundle_sha256
             return unit.id
+
+    def receive_paused(self, unit_id: int, progress_bytes: int, detail: str) -> None:
+        """An inbound stream ended before its bundle did: the unit stays ``receiving`` (what arrived is kept for
+        the resume) with the reason and its progress shown, and an audit row."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None and unit.state == State.RECEIVING.value:
+                unit.error, unit.progress_bytes = detail, progress_bytes
+                session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
+                                     event="receive_paused", detail=detail))
 
     def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int) -> None:
         with self._unit_of_work() as session:

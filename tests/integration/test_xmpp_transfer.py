@@ -201,6 +201,10 @@ def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosod
             assert dataset_bytes(received[uid]) == dataset_bytes(path)
         inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
         assert [t["outcome"] for t in inbound] == ["cut", "received"] and inbound[1]["offset_bytes"] > 0
+        (b_unit,) = b.gateway.store.studies()
+        paused = [e["detail"] for e in b.gateway.store.audit_entries(unit_id=b_unit.unit_id) if e["event"] == "receive_paused"]
+        assert len(paused) == 1 and f"resumes when {A_JID} offers it again" in paused[0]
+        assert b_unit.error is None  # the resumed stream cleared it
     finally:
         a.stop()
         b.stop()
