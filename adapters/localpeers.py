@@ -7,8 +7,10 @@ with a deadline, and is stopped by the PID we started (terminate, then kill). dc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -376,6 +378,21 @@ VirtualHost "{self.domain}"
                 if (self.workdir / name).exists():
                     shutil.copy(self.workdir / name, self.report_dir / name)
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def kill(self, timeout_s: float = 15.0) -> None:
+        """SIGKILL the server process itself (not the ``runuser`` wrapper, which would leave it running), as a
+        crash would; its config, accounts and certificates stay, so ``start()`` brings it back on the same ports."""
+        pid_file = self.workdir / "prosody.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while port_open(self.c2s_port) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def start(self, timeout_s: float = 30.0) -> Prosody:
         self._write_files()

@@ -37,6 +37,7 @@ from adapters.xmpp.common import (
     InboundPort,
     InboundStream,
     OutboundStream,
+    StreamLost,
     TransferCut,
     XmppSettings,
     shut,
@@ -108,6 +109,8 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._reconnects = 0
         self._reconnect_pending = False
         self._readers: dict[str, asyncio.Future[None]] = {}
+        self._pending_iqs: set[asyncio.Future[Any]] = set()  # answers we wait for: failed at once on disconnect
+        self._pending_stanzas: dict[asyncio.Future[Any], Any] = {}
         self._sockets: dict[str, socket.socket] = {}  # sid -> inbound S5B socket, read on its own thread
         self.stream_managed = False  # XEP-0198 enabled by the server on this session
 
@@ -186,9 +189,33 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
                          tls_version=ssl_object.version() if ssl_object is not None else None)
         log.info("XMPP session up as %s", self.boundjid.full)
 
+    async def send_iq(self, iq: slixmpp.Iq, timeout_s: float | None = None) -> Any:
+        """Send an IQ and wait for its answer; on a dead connection fail at once (:class:`StreamLost`)."""
+        if not self.online:
+            raise StreamLost(iq)
+        future = iq.send(timeout=timeout_s or self.settings.iq_timeout_s)
+        self._pending_iqs.add(future)
+        future.add_done_callback(self._pending_iqs.discard)
+        self._pending_stanzas[future] = iq
+        future.add_done_callback(lambda f: self._pending_stanzas.pop(f, None))
+        return await future
+
+    def track(self, future: asyncio.Future[Any], iq: Any) -> None:
+        """An answer awaited outside ``send_iq`` (IBB blocks): failed at once on disconnect too."""
+        self._pending_iqs.add(future)
+        future.add_done_callback(self._pending_iqs.discard)
+        self._pending_stanzas[future] = iq
+        future.add_done_callback(lambda f: self._pending_stanzas.pop(f, None))
+
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
         self.peer_status.clear()
+        for future in list(self._pending_iqs):  # no answer comes on a dead stream: fail now, not at the timeout
+            if not future.done():
+                future.set_exception(StreamLost(self._pending_stanzas.get(future)))
+        for future in list(self._verdicts.values()):
+            if not future.done():
+                future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
         for sid in list(self._outbound):
             self._fail_outbound(sid, TransferCut("XMPP connection lost"))
         if not self._stopping and not self._reconnect_pending:

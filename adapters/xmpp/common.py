@@ -115,6 +115,14 @@ class OutboundStream:
     pending: list[bytes] = field(default_factory=list)
 
 
+class StreamLost(IqTimeout):
+    """The XMPP connection dropped while an IQ waited for its answer (or none could be sent): failed at
+    once instead of waiting out the IQ timeout."""
+
+    def __str__(self) -> str:
+        return "XMPP connection lost"
+
+
 class TransferCut(ConnectionError):
     """A bytestream failed after it started; the next offer resumes at the receiver's offset."""
 
@@ -168,6 +176,8 @@ def short_method(method: str) -> str:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, StreamLost):
+        return str(exc)
     if isinstance(exc, IqError):
         return f"{exc.iq['error']['condition']}: {exc.iq['error']['text']}"
     if isinstance(exc, IqTimeout):

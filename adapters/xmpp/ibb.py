@@ -39,7 +39,7 @@ class IBBMixin:
         block = self.settings.ibb_block_bytes
         iq = self.make_iq_set(ito=peer)
         ET.SubElement(iq.xml, q(NS_IBB, "open"), {"sid": sid, "block-size": str(block), "stanza": "iq"})
-        await iq.send(timeout=self.settings.iq_timeout_s)
+        await self.send_iq(iq)
         window = asyncio.Semaphore(self.settings.ibb_window)
         pending: set[asyncio.Future[object]] = set()
         failure: list[BaseException] = []
@@ -50,6 +50,9 @@ class IBBMixin:
         def acked(fut: asyncio.Future[object]) -> None:
             pending.discard(fut)
             window.release()
+            if not fut.cancelled() and fut.exception() is not None:  # the connection dropped (StreamLost)
+                failure.append(TransferCut(describe(fut.exception())))  # type: ignore[arg-type]
+                return
             stanza = None if fut.cancelled() else fut.result()
             if stanza is None or stanza["type"] != "result":  # type: ignore[index]
                 failure.append(TransferCut(f"IBB block refused: {stanza['error']['condition'] if stanza is not None else 'cancelled'}"))  # type: ignore[index]
@@ -63,6 +66,7 @@ class IBBMixin:
             fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             self.register_handler(Callback(f"ibb-ack-{iq_id}", MatcherId(iq_id), fut.set_result, once=True))
             fut.add_done_callback(acked)
+            self.track(fut, None)
             pending.add(fut)
             self.send_raw(_ibb_data(to_attr, iq_id, seq, sid, data))
             seq = (seq + 1) % 65536
@@ -103,7 +107,7 @@ class IBBMixin:
             self._outbound.pop(sid, None)
         close = self.make_iq_set(ito=peer)
         ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
-        await close.send(timeout=self.settings.iq_timeout_s)
+        await self.send_iq(close)
         return moved[0]
 
     def _fail_outbound(self, sid: str, exc: BaseException) -> None:

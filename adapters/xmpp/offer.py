@@ -136,7 +136,7 @@ class OfferMixin:
         iq = self.make_iq_set(ito=peer)
         iq.xml.append(build_offer(offer))
         try:
-            response = await iq.send(timeout=self.settings.iq_timeout_s)
+            response = await self.send_iq(iq)
         except IqError as exc:
             error = exc.iq["error"]
             raise XMPPError(error["condition"] or "undefined-condition", error["text"] or "") from exc
@@ -199,7 +199,7 @@ class OfferMixin:
         iq = self.make_iq_set(ito=peer)
         iq.xml.append(build_result(sid, outcome, detail))
         with contextlib.suppress(IqError, IqTimeout):
-            await iq.send(timeout=self.settings.iq_timeout_s)
+            await self.send_iq(iq)
 
     def _drop(self, sid: str, reason: str) -> None:
         shut(self._sockets.pop(sid, None), close=True)
@@ -236,7 +236,7 @@ class OfferMixin:
         iq = self.make_iq_set(ito=peer_full_jid)
         iq.xml.append(build_receipt(receipt))
         try:
-            await iq.send(timeout=self.settings.iq_timeout_s)
+            await self.send_iq(iq)
         except IqError as exc:
             condition = exc.iq["error"]["condition"]
             return condition == "item-not-found", f"{condition}: {exc.iq['error']['text']}"

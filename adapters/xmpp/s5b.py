@@ -41,7 +41,7 @@ class S5BMixin:
                 iq = self.make_iq_get(ito=item[0])
                 ET.SubElement(iq.xml, q(NS_S5B, "query"))
                 try:
-                    response = await iq.send(timeout=self.settings.iq_timeout_s)
+                    response = await self.send_iq(iq)
                 except (IqError, IqTimeout):
                     continue
                 host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
@@ -60,14 +60,14 @@ class S5BMixin:
         iq = self.make_iq_set(ito=peer)
         query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
         ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-        await iq.send(timeout=self.settings.iq_timeout_s)
+        await self.send_iq(iq)
         sock = await asyncio.to_thread(socks5.connect_blocking, host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         try:
             activate = self.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
-            await activate.send(timeout=self.settings.iq_timeout_s)
+            await self.send_iq(activate)
             await on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "", peer, moved, report,
                                 self.settings.s5b_idle_timeout_s)
             return moved[0]

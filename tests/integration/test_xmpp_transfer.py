@@ -312,3 +312,32 @@ def test_a_study_is_offered_as_soon_as_it_is_stable_not_at_the_next_dispatch_tic
     finally:
         a.stop()
         b.stop()
+
+
+def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_after_restart(tmp_path: Path) -> None:
+    """Prosody SIGKILLed while A streams over IBB, then started again on the same ports: A's waiting IQs
+    fail at once with "XMPP connection lost" (not the 30 s IQ timeout), and after reconnecting A offers the
+    study again; B resumes from what it kept, every instance arrives once."""
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT]) as server:
+        b = start_site(tmp_path, "b", B_JID, server, peers=(A_JID,))
+        a = start_site(tmp_path, "a", A_JID, server, peers=(B_JID,), destination="radiology.hospital-b",
+                       methods=("ibb",), ibb_block_bytes=4096, ibb_window=1)
+        try:
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=40, rows=512, columns=512)  # ~21 MB
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+            wait_for(lambda: any(s.state == "sending" and s.progress_bytes > 1_000_000 for s in a.gateway.store.studies()),
+                     60, 0.02, what="A to be streaming")
+            server.kill()  # SIGKILL: no goodbye on any stream
+            server.start()
+            wait_for(lambda: unit_states(a.gateway) == ["sent"], 120, 0.1,
+                     what=lambda: f"A study sent after the restart: {a.gateway.store.transfers()}")
+            attempts = a.gateway.store.transfers()
+            assert attempts[0]["outcome"] == "cut" and "XMPP connection lost" in (attempts[0]["error"] or ""), [(t["method"], t["outcome"], t["bytes"], t["error"]) for t in attempts]
+            assert attempts[0]["bytes"] > 0 and attempts[-1]["outcome"] in ("received", "held")
+            received = received_instances(b.gateway)
+            assert set(received) == set(study.sop_instance_uids)
+            for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+                assert dataset_bytes(received[uid]) == dataset_bytes(path)
+        finally:
+            a.stop()
+            b.stop()
