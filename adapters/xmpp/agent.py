@@ -109,8 +109,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._reconnects = 0
         self._reconnect_pending = False
         self._readers: dict[str, asyncio.Future[None]] = {}
-        self._pending_iqs: set[asyncio.Future[Any]] = set()  # answers we wait for: failed at once on disconnect
-        self._pending_stanzas: dict[asyncio.Future[Any], Any] = {}
+        self._pending_iqs: dict[asyncio.Future[Any], Any] = {}  # answers we wait for (-> the IQ): failed on disconnect
         self._sockets: dict[str, socket.socket] = {}  # sid -> inbound S5B socket, read on its own thread
         self.stream_managed = False  # XEP-0198 enabled by the server on this session
 
@@ -194,25 +193,20 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         if not self.online:
             raise StreamLost(iq)
         future = iq.send(timeout=timeout_s or self.settings.iq_timeout_s)
-        self._pending_iqs.add(future)
-        future.add_done_callback(self._pending_iqs.discard)
-        self._pending_stanzas[future] = iq
-        future.add_done_callback(lambda f: self._pending_stanzas.pop(f, None))
+        self.track(future, iq)
         return await future
 
     def track(self, future: asyncio.Future[Any], iq: Any) -> None:
-        """An answer awaited outside ``send_iq`` (IBB blocks): failed at once on disconnect too."""
-        self._pending_iqs.add(future)
-        future.add_done_callback(self._pending_iqs.discard)
-        self._pending_stanzas[future] = iq
-        future.add_done_callback(lambda f: self._pending_stanzas.pop(f, None))
+        """An answer awaited (``send_iq``, IBB blocks): failed at once on disconnect."""
+        self._pending_iqs[future] = iq
+        future.add_done_callback(lambda f: self._pending_iqs.pop(f, None))
 
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
         self.peer_status.clear()
-        for future in list(self._pending_iqs):  # no answer comes on a dead stream: fail now, not at the timeout
+        for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
             if not future.done():
-                future.set_exception(StreamLost(self._pending_stanzas.get(future)))
+                future.set_exception(StreamLost(iq))
         for future in list(self._verdicts.values()):
             if not future.done():
                 future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
