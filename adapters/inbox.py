@@ -76,6 +76,7 @@ class InboundBundle:
         self._hash = hashlib.sha256()
         self._fd = -1
         self._lock = threading.Lock()  # the receiver writes from a worker thread; close may come from the loop
+        self._closed = False
         self.offset = self._resume()
         self.resumed_from = self.offset
 
@@ -126,6 +127,8 @@ class InboundBundle:
     # -- receiving ------------------------------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
         with self._lock:
+            if self._closed:  # a stream that was cut or superseded must never append behind the next one
+                raise ConnectionAbortedError(f"the inbound stream of bundle {self.manifest_sha256[:12]} was closed")
             self._write(data)
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -216,6 +219,7 @@ class InboundBundle:
             self._close(reason)
 
     def _close(self, reason: str) -> None:
+        self._closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -264,6 +268,9 @@ class InboundBundle:
         if self.manifest is None or self.offset != self.size or not all(self.verified):
             raise BundleError(f"bundle incomplete: {self.offset} of {self.size} bytes, "
                               f"{sum(self.verified)} of {len(self.verified)} files verified")
+        for index, entry in enumerate(self.manifest.files):  # what is on disk, not only what this stream hashed
+            if (on_disk := self._file(index).stat().st_size) != entry.size:
+                raise BundleError(f"instance {entry.sop_instance_uid} is {on_disk} bytes on disk, its manifest says {entry.size}")
         return self.manifest
 
     @staticmethod

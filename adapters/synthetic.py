@@ -40,7 +40,10 @@ def generate_ct_study(
     seed: int = 1,
     patient_name: str = "DEMO^PATIENT",
     study_description: str = "CT THORAX",
+    phantom: bool = False,
 ) -> GeneratedStudy:
+    """Random pixels by default (nothing for a compressor to find); ``phantom``: slices that look like a
+    scanner's (see :func:`phantom_slice`; needs numpy, a test dependency)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     study_uid = generate_uid(UID_ROOT)
@@ -55,7 +58,12 @@ def generate_ct_study(
             ds = _ct_slice(study_uid, series_uid, sop_uid, series_index, slice_index, rows, columns, now)
             ds.PatientName = patient_name
             ds.StudyDescription = study_description
-            ds.PixelData = rng.randbytes(rows * columns * 2)
+            if phantom:
+                position = (slice_index - 0.5) / slices_per_series * 2 - 1 + (series_index - 1) * 0.01
+                ds.PixelData = phantom_slice(rows, columns, position, seed * 100003 + series_index * 1009 + slice_index)
+                ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+            else:
+                ds.PixelData = rng.randbytes(rows * columns * 2)
             path = out_dir / f"s{series_index:02d}_i{slice_index:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
@@ -107,3 +115,37 @@ def _ct_slice(
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     return ds
+
+
+#: Shepp-Logan head phantom ellipses (Shepp & Logan 1974): centre x, y; half axes a, b; angle (degrees);
+#: attenuation change, scaled here to Hounsfield units (skull +1000 over air, brain ~ +40).
+_SHEPP_LOGAN = (
+    (0.0, 0.0, 0.69, 0.92, 0.0, 2000.0),
+    (0.0, -0.0184, 0.6624, 0.874, 0.0, -960.0),
+    (0.22, 0.0, 0.11, 0.31, -18.0, -20.0),
+    (-0.22, 0.0, 0.16, 0.41, 18.0, -20.0),
+    (0.0, 0.35, 0.21, 0.25, 0.0, 10.0),
+    (0.0, 0.1, 0.046, 0.046, 0.0, 10.0),
+    (0.0, -0.1, 0.046, 0.046, 0.0, 10.0),
+    (-0.08, -0.605, 0.046, 0.023, 0.0, 10.0),
+    (0.0, -0.605, 0.023, 0.023, 0.0, 10.0),
+    (0.06, -0.605, 0.023, 0.046, 0.0, 10.0),
+)
+
+
+def phantom_slice(rows: int, columns: int, position: float, seed: int, noise_hu: float = 10.0) -> bytes:
+    """One axial slice of a Shepp-Logan head in Hounsfield units at ``position`` (-1..1 along the head: the
+    ellipses shrink towards the ends), air (-1000 HU) around it, Gaussian noise of ``noise_hu``, stored as
+    CT does: unsigned 16-bit with a rescale intercept of -1024. Every slice differs (noise, position)."""
+    import numpy as np
+
+    y, x = np.mgrid[-1 : 1 : rows * 1j, -1 : 1 : columns * 1j]
+    image = np.full((rows, columns), -1000.0)
+    scale = float(np.sqrt(max(0.05, 1.0 - position * position)))
+    for x0, y0, a, b, degrees, value in _SHEPP_LOGAN:
+        phi = np.radians(degrees)
+        xr = (x - x0 * scale) * np.cos(phi) + (y - y0 * scale) * np.sin(phi)
+        yr = -(x - x0 * scale) * np.sin(phi) + (y - y0 * scale) * np.cos(phi)
+        image[(xr / (a * scale)) ** 2 + (yr / (b * scale)) ** 2 <= 1.0] += value
+    image += np.random.default_rng(seed).normal(0.0, noise_hu, image.shape)
+    return (image + 1024).clip(0, 4095).astype("<u2").tobytes()

@@ -33,7 +33,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import Orthanc, Prosody, nodelay_env, orthanc_instances, peak_rss_mb
+from adapters.localpeers import (
+    Orthanc,
+    Prosody,
+    nodelay_env,
+    orthanc_instances,
+    peak_rss_mb,
+)
 from adapters.synthetic import generate_ct_study
 from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity
 

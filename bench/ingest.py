@@ -25,7 +25,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters.localpeers import Orthanc, PeerProcess, StoreSCP, free_port, nodelay_env, peak_rss_mb, port_open
+from adapters.localpeers import (
+    Orthanc,
+    PeerProcess,
+    StoreSCP,
+    free_port,
+    nodelay_env,
+    peak_rss_mb,
+    port_open,
+)
 from adapters.synthetic import generate_ct_study
 
 REPO = Path(__file__).resolve().parent.parent

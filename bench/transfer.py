@@ -39,7 +39,14 @@ from typing import Any
 
 import slixmpp
 
-from adapters.localpeers import PeerProcess, Prosody, free_port, nodelay_env, peak_rss_mb, port_open
+from adapters.localpeers import (
+    PeerProcess,
+    Prosody,
+    free_port,
+    nodelay_env,
+    peak_rss_mb,
+    port_open,
+)
 from adapters.synthetic import generate_ct_study
 from adapters.xmpp import socks5
 from adapters.xmpp.stanzas import NS_S5B, q

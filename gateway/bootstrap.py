@@ -12,29 +12,38 @@ import contextlib
 import json
 import logging
 import signal
-import time
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from adapters.dicom_scp import StorageSCP
 from adapters.dicom_scu import EchoResult, echo
 from adapters.folder_watch import FolderWatcher
-from adapters.spool import Spool
 from adapters.inbox import InboundBundle
 from adapters.pacs import PacsClient, StreamingImport
-from adapters.xmpp.agent import GatewayAgent, XmppSettings as AgentSettings
+from adapters.spool import Spool
+from adapters.xmpp.agent import GatewayAgent
+from adapters.xmpp.agent import XmppSettings as AgentSettings
 from adapters.xmpp.e2e import Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
+from gateway.claims import Claims
 from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.model import IngestResult
 from gateway.pins import redact
+from gateway.retention import SpoolCleaner
+from gateway.retry import RetryPolicy
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
-from gateway.retention import SpoolCleaner
-from gateway.transfer import Dispatcher, InboundPolicy, Receipt, ReceiptSender, RoutingRules
+from gateway.transfer import (
+    Dispatcher,
+    InboundPolicy,
+    Receipt,
+    ReceiptSender,
+    RoutingRules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ class Gateway:
         self.settings = settings
         self.engine = make_engine(settings.queue.db_url)
         self.store = QueueStore(self.engine)
+        self.claims = Claims(self.engine, lease_s=settings.queue.lease_s)
         self.spool = Spool(settings.paths.spool_dir, settings.paths.quarantine_dir)
         self.ingest = IngestService(self.store, self.spool)
         self.completeness = CompletenessService(self.store, settings.queue.stable_age_s)
@@ -79,7 +89,8 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pacs = PacsClient(settings.pacs, settings.paths.spool_dir) if settings.pacs.enabled else None
         self.importer = (
-            ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe) if self.pacs is not None else None
+            ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe, claims=self.claims)
+            if self.pacs is not None else None
         )
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
         self.scp = StorageSCP(
@@ -118,7 +129,7 @@ class Gateway:
         log.info("end-to-end identity: certificate SHA-256 %s", self.identity.fingerprint)
         self.inbound_policy = InboundPolicy(
             self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
-            pin_for=self.pin_for, require_e2e=x.require_e2e,
+            pin_for=self.pin_for, require_e2e=x.require_e2e, claims=self.claims,
         )
         self.agent = GatewayAgent(
             AgentSettings(
@@ -128,13 +139,16 @@ class Gateway:
                 proxy_address=_host_port(x.s5b_proxy) if x.s5b_proxy else None,
                 ca_file=str(x.ca_file) if x.ca_file else "", server_cert_sha256=x.server_cert_sha256,
                 identity=self.identity, require_e2e=x.require_e2e, stream_start_timeout_s=x.stream_start_timeout_s,
+                compress=x.compress,
             ),
             _Inbound(self),
         )
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
         self.dispatcher = Dispatcher(
             self.store, self.settings.paths.spool_dir, self.agent, RoutingRules(domain, self.settings.routing.default_destination),
-            retry_base_s=x.retry_base_s, retry_max_s=x.retry_max_s, receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends,
+            policy=RetryPolicy(base_s=x.retry_base_s, cap_s=x.retry_max_s, max_attempts=x.retry_max_attempts,
+                               max_age_s=x.retry_max_age_s),
+            receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends, claims=self.claims,
         )
         self.receipts = ReceiptSender(self.store, self.agent)
 
@@ -172,8 +186,7 @@ class Gateway:
         await asyncio.to_thread(upgrade_schema, self.engine)
         if self.settings.xmpp.enabled:
             self._build_xmpp()
-        for unit_id, before, after in await asyncio.to_thread(self.store.recover_in_flight):
-            log.warning("unit %s was %s when the gateway stopped: now %s", unit_id, before, after)
+        await asyncio.to_thread(self._recover)
         for kept in self.spool.start():
             self._audit("quarantined", f"recovered at start-up: {kept}")
         self.scp.start()
@@ -199,8 +212,12 @@ class Gateway:
             if ready is not None:
                 ready()
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
-            next_clean = 0.0
+            next_clean = next_beat = 0.0
             while not stop.is_set():
+                if time.monotonic() >= next_beat:  # leases of what this process works on; lapsed ones of others
+                    next_beat = time.monotonic() + self.settings.queue.lease_s / 4
+                    await asyncio.to_thread(self.claims.heartbeat)
+                    await asyncio.to_thread(self._recover)
                 if await asyncio.to_thread(self.completeness.tick):
                     self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
                 if self.importer is not None:
@@ -223,6 +240,11 @@ class Gateway:
             self.engine.dispose()
             log.info("gateway stopped")
 
+
+    def _recover(self) -> None:
+        """Units in flight whose process is gone (its lease lapsed, or its PID on this host ended) resume."""
+        for unit_id, before, after in self.store.recover_in_flight(self.claims.lapsed()):
+            log.warning("unit %s was %s in a gateway process that stopped: now %s", unit_id, before, after)
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         assert self.dispatcher is not None and self.receipts is not None
@@ -298,7 +320,7 @@ class _Inbound:
             return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb", early)
         except BaseException:
             assert self.gateway.inbound_policy is not None
-            self.gateway.inbound_policy.release()
+            self.gateway.inbound_policy.release(offer.manifest_sha256)
             raise
 
 
@@ -425,11 +447,13 @@ class _AuditedSink:
             return
         self._ended = True
         assert self.gateway.inbound_policy is not None
-        self.gateway.inbound_policy.release()
-        self.gateway.store.record_transfer(
-            self.unit_id, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
-            self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
-        )
+        try:  # the row first: whoever sees the admission released also sees the attempt recorded
+            self.gateway.store.record_transfer(
+                self.unit_id, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
+                self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
+            )
+        finally:
+            self.gateway.inbound_policy.release(self.offer.manifest_sha256)
 
 
 def run_forever(settings: Settings) -> None:

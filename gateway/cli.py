@@ -6,7 +6,7 @@
     dicomgw peers [list|add JID [--fingerprint SHA256]|remove JID] [--json]
     dicomgw keys [show|init] [--json]
     dicomgw status [--json]
-    dicomgw queue retry UNIT_ID
+    dicomgw queue retry UNIT_ID|STUDY_UID
     dicomgw audit [--transfers] [--limit N] [--json]
     dicomgw echo AE@HOST:PORT [--calling-ae AE]
     dicomgw demo [--json]
@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="list the queue, or show one study")
     _config_option(queue)
-    queue.add_argument("action", nargs="?", choices=["show", "retry"], help="show one study; retry a failed unit")
-    queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'), unit id (with 'retry')")
+    queue.add_argument("action", nargs="?", choices=["show", "retry"], help="show one study; retry a failed or dead unit")
+    queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'); unit id or Study Instance UID (with 'retry')")
     queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
@@ -293,21 +293,32 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retry(store: Any, unit_text: str) -> int:
+def _retry(store: Any, target: str) -> int:
+    """``dicomgw queue retry UNIT_ID|STUDY_UID``: a failed or dead unit goes back (every such unit of the study)."""
     from gateway.lifecycle import IllegalTransition
 
-    if not unit_text.isdigit():
-        print("dicomgw queue retry: a unit id is required (the unit_id column of `dicomgw queue --json`)", file=sys.stderr)
+    if not target:
+        print("dicomgw queue retry: a unit id or a Study Instance UID is required (see `dicomgw queue`)", file=sys.stderr)
         return 2
-    try:
-        state = store.retry_unit(int(unit_text), who=f"{os.environ.get('USER', 'admin')} via dicomgw queue retry")
-    except KeyError:
-        print(f"dicomgw queue retry: no unit {unit_text}", file=sys.stderr)
-        return 1
-    except IllegalTransition as exc:
-        print(f"dicomgw queue retry: unit {unit_text} cannot be retried ({exc}); only failed units can", file=sys.stderr)
-        return 1
-    print(f"unit {unit_text} is {state} again; the running gateway picks it up")
+    if target.isdigit():
+        unit_ids = [int(target)]
+    else:
+        unit_ids = [unit.unit_id for unit, _rows in store.study_units(target) if unit.state in ("failed", "dead")]
+        if not unit_ids:
+            print(f"dicomgw queue retry: study {target} has no failed or dead unit", file=sys.stderr)
+            return 1
+    who = f"{os.environ.get('USER', 'admin')} via dicomgw queue retry"
+    for unit_id in unit_ids:
+        try:
+            state = store.retry_unit(unit_id, who=who)
+        except KeyError:
+            print(f"dicomgw queue retry: no unit {unit_id}", file=sys.stderr)
+            return 1
+        except IllegalTransition as exc:
+            print(f"dicomgw queue retry: unit {unit_id} cannot be retried ({exc}); only failed and dead units can",
+                  file=sys.stderr)
+            return 1
+        print(f"unit {unit_id} is {state} again; the running gateway picks it up")
     return 0
 
 

@@ -28,8 +28,11 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from gateway.claims import Claims
 from gateway.lifecycle import State
 from gateway.model import InstanceRecord, StudySummary
+from gateway.retry import ErrorKind
+from gateway.retry import classify_store_status as store_status_kind
 from gateway.settings import PacsSettings
 from gateway.store import QueueStore, utcnow
 
@@ -44,16 +47,12 @@ class Verdict(StrEnum):
 
 
 def classify_store_status(status: int) -> Verdict:
-    """Map a C-STORE response status to what the gateway does with the instance."""
-    if status == 0x0000:
-        return Verdict.STORED
-    if status == 0x0001 or 0xB000 <= status <= 0xB007:
-        return Verdict.WARNING
-    if 0xA700 <= status <= 0xA7FF:
-        return Verdict.TRANSIENT
-    if 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF or status in (0x0122, 0x0124):
-        return Verdict.PERMANENT
-    return Verdict.TRANSIENT  # anything else (0x0110 processing failure, ...) is retried, within max_attempts
+    """Map a C-STORE response status to what the gateway does with the instance (the table is
+    :func:`gateway.retry.classify_store_status`, shared with every other transient/permanent decision)."""
+    kind = store_status_kind(status)
+    if kind is None:
+        return Verdict.STORED if status == 0x0000 else Verdict.WARNING
+    return Verdict.TRANSIENT if kind is ErrorKind.TRANSIENT else Verdict.PERMANENT
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,9 @@ class ImportService:
     """Runs imports of received units on worker threads, at most ``parallel_studies`` at once."""
 
     def __init__(self, store: QueueStore, pacs: PacsPort, settings: PacsSettings,
-                 on_outcome: Callable[[int], None] | None = None) -> None:
+                 on_outcome: Callable[[int], None] | None = None, claims: Claims | None = None) -> None:
         self.store = store
+        self.claims = claims or Claims(store.engine)
         self.pacs = pacs
         self.settings = settings
         self.on_outcome = on_outcome
@@ -103,6 +103,8 @@ class ImportService:
             with self._lock:
                 if unit.unit_id in self._running or len(self._running) >= self.settings.parallel_studies:
                     continue
+                if not self.claims.claim(unit.unit_id):
+                    continue  # another gateway process on this queue imports it
                 self._running.add(unit.unit_id)
             thread = threading.Thread(target=self._run, args=(unit,), name=f"import-{unit.unit_id}", daemon=True)
             thread.start()
@@ -123,6 +125,7 @@ class ImportService:
         finally:
             with self._lock:
                 self._running.discard(unit.unit_id)
+            self.claims.release(unit.unit_id)
 
     def import_unit(self, unit: StudySummary) -> None:
         instances = self.store.unit_instances(unit.unit_id)

@@ -17,7 +17,9 @@ Receiver side (transfer -> PACS)::
     receiving -> received -> importing -> delivered   (the PACS holds every instance; receipt to the sender)
     importing -> received (transient PACS failure, retried with backoff) | failed (permanent refusal)
 
-``failed`` is a stop the admin can retry from; ``dead`` is the admin's "give up" and is terminal but kept.
+``failed`` is a permanent refusal (``gateway.retry``) the admin can retry from; ``dead`` is where a study
+goes whose transient failures went on for the retry policy's attempts or age, keeping its last error; the
+admin's ``dicomgw queue retry`` brings either back (``queued`` on the sender, ``received`` on the receiver).
 The state lives in one DB column (``study_units.state``); every move goes through :func:`check_move`
 and writes an audit row (see ``gateway.store``). An illegal move raises :class:`IllegalTransition`.
 """
@@ -56,15 +58,15 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.RECEIVING: frozenset({S.RECEIVED, S.FAILED}),
     S.RECEIVED: frozenset({S.STABLE, S.IMPORTING, S.FAILED, S.DEAD}),
     S.STABLE: frozenset({S.QUEUED, S.DEAD}),
-    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DELIVERED, S.DEAD}),
-    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DELIVERED, S.DEAD}),
-    S.OFFERING: frozenset({S.SENDING, S.SENT, S.WAITING_PEER, S.QUEUED, S.FAILED}),
-    S.SENDING: frozenset({S.SENT, S.QUEUED, S.FAILED}),
+    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
+    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
+    S.OFFERING: frozenset({S.SENDING, S.SENT, S.WAITING_PEER, S.QUEUED, S.FAILED, S.DEAD}),
+    S.SENDING: frozenset({S.SENT, S.QUEUED, S.FAILED, S.DEAD}),
     S.SENT: frozenset({S.DELIVERED, S.QUEUED, S.FAILED}),
     S.IMPORTING: frozenset({S.DELIVERED, S.RECEIVED, S.FAILED}),
     S.DELIVERED: frozenset(),
     S.FAILED: frozenset({S.QUEUED, S.RECEIVED, S.DELIVERED, S.DEAD}),
-    S.DEAD: frozenset(),
+    S.DEAD: frozenset({S.QUEUED, S.RECEIVED}),
 }
 
 #: States in which a unit still accepts new instances from modalities.

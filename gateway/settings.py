@@ -62,6 +62,7 @@ class QueueSettings:
     db_url: str = "sqlite:///var/queue.db"
     stable_age_s: float = 30.0
     stable_check_interval_s: float = 1.0
+    lease_s: float = 60.0  # a claim (unit being sent or imported, inbound stream) lasts this long unless renewed
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class XmppSettings:
     max_study_bytes: int = 20 * 10**9
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0
+    retry_max_attempts: int = 20  # transient failures of one study before it goes to `dead`
+    retry_max_age_s: float = 7 * 86400.0  # ... or this long since it was queued
     verdict_timeout_s: float = 600.0
     s5b_idle_timeout_s: float = 120.0  # an inbound S5B stream silent this long counts as cut (resumed later)
     dispatch_interval_s: float = 1.0
@@ -100,6 +103,7 @@ class XmppSettings:
     require_e2e: bool = True  # false (lab only): peers without a pinned certificate exchange in plaintext
     peer_pins: tuple[tuple[str, str], ...] = ()  # (bare JID, certificate SHA-256) from the TOML `peers`
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+    compress: bool = True  # the bundle as zstd frames where it pays (gateway.wire); off: always plain bytes
 
     def pin_for(self, peer_jid: str) -> str | None:
         return next((fp for jid, fp in self.peer_pins if jid == peer_jid), None)
@@ -237,6 +241,7 @@ def settings_from_mapping(
         db_url=_db_url(str(environ.get("DICOMGW_DB_URL", queue_raw.get("db_url", "sqlite:///var/queue.db"))), base_dir),
         stable_age_s=_float(environ.get("DICOMGW_STABLE_AGE_S", queue_raw.get("stable_age_s", 30.0)), "queue.stable_age_s", 0.0),
         stable_check_interval_s=_float(queue_raw.get("stable_check_interval_s", 1.0), "queue.stable_check_interval_s", 0.05),
+        lease_s=_float(queue_raw.get("lease_s", 60.0), "queue.lease_s", 1.0),
     )
     watch = WatchSettings(
         settle_s=_float(watch_raw.get("settle_s", 2.0), "watch.settle_s", 0.0),
@@ -351,6 +356,8 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         max_study_bytes=_int(raw.get("max_study_bytes", 20 * 10**9), "xmpp.max_study_bytes", 1, 2**62),
         retry_base_s=_float(raw.get("retry_base_s", 2.0), "xmpp.retry_base_s", 0.01),
         retry_max_s=_float(raw.get("retry_max_s", 60.0), "xmpp.retry_max_s", 0.01),
+        retry_max_attempts=_int(raw.get("retry_max_attempts", 20), "xmpp.retry_max_attempts", 1, 100000),
+        retry_max_age_s=_float(raw.get("retry_max_age_s", 7 * 86400.0), "xmpp.retry_max_age_s", 1.0),
         verdict_timeout_s=_float(raw.get("verdict_timeout_s", 600.0), "xmpp.verdict_timeout_s", 1.0),
         s5b_idle_timeout_s=_float(raw.get("s5b_idle_timeout_s", 120.0), "xmpp.s5b_idle_timeout_s", 1.0),
         dispatch_interval_s=_float(raw.get("dispatch_interval_s", 1.0), "xmpp.dispatch_interval_s", 0.05),
@@ -362,6 +369,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         identity_key_file=_path(raw.get("identity_key_file", "var/identity/gateway.key"), base_dir),
         identity_cert_file=_path(raw.get("identity_cert_file", "var/identity/gateway.crt"), base_dir),
         require_e2e=bool(raw.get("require_e2e", True)),
+        compress=bool(raw.get("compress", True)),
         peer_pins=peer_pins,
         stream_start_timeout_s=_float(raw.get("stream_start_timeout_s", 60.0), "xmpp.stream_start_timeout_s", 0.1),
     )

@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from gateway.lifecycle import OPEN_FOR_INSTANCES, State, check_move
+from gateway.lifecycle import OPEN_FOR_INSTANCES, IllegalTransition, State, check_move
 from gateway.model import InstanceHeader, InstanceRecord, StudySummary
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -85,6 +85,8 @@ class StudyUnitRow(Base):
     receipt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     commit_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the process working on it (gateway.claims)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class InstanceRow(Base):
@@ -159,6 +161,17 @@ class AuditRow(Base):
     repeat_count: Mapped[int] = mapped_column(Integer, default=1)  # aggregated refusals (see audit_repeated)
 
 
+class StreamClaimRow(Base):
+    """One inbound stream per bundle at a time, across every process on this queue (gateway.claims)."""
+
+    __tablename__ = "stream_claims"
+
+    bundle_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    peer_jid: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime] = mapped_column(DateTime)
+
+
 class RuntimeStatusRow(Base):
     """What a running gateway reports about itself (the XMPP connection), read by `dicomgw status`."""
 
@@ -224,6 +237,10 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+class ConcurrentMove(RuntimeError):
+    """Another writer (process or thread) moved the unit between our read and our update."""
+
+
 class DuplicateInstance(Exception):
     """Raised inside a record attempt when another writer stored the same bytes first."""
 
@@ -232,6 +249,7 @@ class QueueStore:
     """Repository over the queue DB; each public method is one unit of work (one transaction)."""
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # study_instance_uid -> id of the unit last seen open for it: lets the hot path skip the lookup.
@@ -457,11 +475,13 @@ class QueueStore:
                 session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
                                      event="receive_paused", detail=detail))
 
-    def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int) -> None:
+    def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int, error: str | None = None) -> None:
+        """A later try without a state move (``error``: the reason now shown, when it changed)."""
+        values: dict[str, Any] = {"next_attempt_at": next_attempt_at, "attempts": attempts}
+        if error is not None:
+            values["error"] = error
         with self._unit_of_work() as session:
-            session.execute(
-                update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(next_attempt_at=next_attempt_at, attempts=attempts)
-            )
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
 
     def route_stable(self, destination_for: Any) -> list[tuple[int, str]]:
         """Queue every local ``stable`` unit that ``destination_for(summary)`` gives a destination."""
@@ -471,17 +491,24 @@ class QueueStore:
                 continue
             destination = destination_for(summary)
             if destination:
-                self.transition(summary.unit_id, State.QUEUED, f"routed to {destination}", destination=destination)
+                try:
+                    self.transition(summary.unit_id, State.QUEUED, f"routed to {destination}", destination=destination)
+                except (ConcurrentMove, IllegalTransition):
+                    continue  # another process on this queue routed it first
                 routed.append((summary.unit_id, destination))
         return routed
 
-    def due_for_sending(self, now: datetime | None = None) -> list[StudySummary]:
+    def due_for_sending_where(self, now: datetime | None = None) -> tuple[Any, ...]:
+        """SQL conditions of a local unit due for an offer (for ``gateway.claims.Claims.claim_due``)."""
         moment = now or utcnow()
-        return self.studies(where=(
+        return (
             StudyUnitRow.state.in_((State.QUEUED.value, State.WAITING_PEER.value)),
             StudyUnitRow.origin_peer.is_(None),
             (StudyUnitRow.next_attempt_at.is_(None)) | (StudyUnitRow.next_attempt_at <= moment),
-        ))
+        )
+
+    def due_for_sending(self, now: datetime | None = None) -> list[StudySummary]:
+        return self.studies(where=self.due_for_sending_where(now))
 
     def unit_instances(self, unit_id: int) -> list[InstanceRecord]:
         with self._sessions() as session:
@@ -518,22 +545,29 @@ class QueueStore:
             )
             return target.value
 
-    def recover_in_flight(self) -> list[tuple[int, str, str]]:
-        """At start-up, nothing of this process is in flight: a local unit left ``offering``/``sending`` goes
-        back to ``queued`` (the resend resumes at the receiver's offset); a received unit left ``importing``
-        without a pending Storage Commitment goes back to ``received``, due now. Returns (unit, from, to)."""
+    def recover_in_flight(self, free: Any = None) -> list[tuple[int, str, str]]:
+        """Units no process works on any more: a local unit left ``offering``/``sending`` goes back to
+        ``queued`` (the resend resumes at the receiver's offset); a received unit left ``importing`` without a
+        pending Storage Commitment goes back to ``received``, due now; their ``running`` transfer rows are
+        closed as ``interrupted``. ``free`` (SQL, ``gateway.claims.Claims.free``) limits it to units whose
+        claim has lapsed; None: all of them (one process). Returns (unit, from, to)."""
         moved = []
         with self._unit_of_work() as session:
-            units = session.scalars(
-                select(StudyUnitRow).where(StudyUnitRow.state.in_((State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)))
-            ).all()
-            for unit in units:
+            query = select(StudyUnitRow).where(
+                StudyUnitRow.state.in_((State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)))
+            if free is not None:
+                query = query.where(free)
+            for unit in session.scalars(query.with_for_update(skip_locked=True)).all():
                 if unit.state == State.IMPORTING.value and unit.commit_uid:
                     continue  # the PACS's commitment report may still come; commitment_timeout_s covers it
                 target = State.RECEIVED if unit.state == State.IMPORTING.value else State.QUEUED
                 before = unit.state
-                self._move(session, unit, target, f"gateway restarted while {before}: resuming")
-                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(next_attempt_at=utcnow()))
+                self._move(session, unit, target, f"gateway process stopped while {before}: resuming")
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(
+                    next_attempt_at=utcnow(), owner=None, lease_until=None))
+                session.execute(update(TransferRow).where(TransferRow.unit_id == unit.id, TransferRow.outcome == "running")
+                                .values(outcome="interrupted", ended_at=utcnow(),
+                                        error="the gateway process stopped during the stream"))
                 moved.append((unit.id, before, target.value))
         return moved
 
@@ -697,13 +731,39 @@ class QueueStore:
     def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
                         offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None,
                         stream_s: float | None = None) -> None:
+        self.close_transfer(None, unit_id, sid, peer_jid, direction, method, offset_bytes, bytes_moved, started_at,
+                            outcome, error, stream_s)
+
+    def open_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
+                      offset_bytes: int) -> int:
+        """The row of a stream at its first byte (outcome ``running``); returns its id."""
         with self._unit_of_work() as session:
-            session.add(TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, method=method,
-                                    offset_bytes=offset_bytes, bytes_moved=bytes_moved, started_at=started_at,
-                                    ended_at=utcnow(), outcome=outcome, error=error, stream_s=stream_s))
+            row = TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, method=method,
+                              offset_bytes=offset_bytes, bytes_moved=0, started_at=utcnow(), outcome="running")
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def transfer_progress(self, row_id: int, bytes_moved: int) -> None:
+        with self._unit_of_work() as session:
+            session.execute(update(TransferRow).where(TransferRow.id == row_id, TransferRow.outcome == "running")
+                            .values(bytes_moved=bytes_moved))
+
+    def close_transfer(self, row_id: int | None, unit_id: int | None, sid: str, peer_jid: str, direction: str,
+                       method: str, offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str,
+                       error: str | None, stream_s: float | None = None) -> None:
+        """End an attempt's row (the one :meth:`open_transfer` made, or a new one for an attempt that moved
+        no byte)."""
+        with self._unit_of_work() as session:
+            row = session.get(TransferRow, row_id) if row_id is not None else None
+            if row is None:
+                row = TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, started_at=started_at)
+                session.add(row)
+            row.method, row.offset_bytes, row.bytes_moved = method, offset_bytes, bytes_moved
+            row.ended_at, row.outcome, row.error, row.stream_s = utcnow(), outcome, error, stream_s
 
     def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
-        query = select(TransferRow).order_by(TransferRow.id)
+        query = select(TransferRow).order_by(TransferRow.started_at, TransferRow.id)
         if unit_id is not None:
             query = query.where(TransferRow.unit_id == unit_id)
         with self._sessions() as session:
@@ -769,7 +829,7 @@ class QueueStore:
             .values(state=target.value, state_changed_at=now, error=error)
         )
         if result.rowcount != 1:
-            raise RuntimeError(f"study unit {unit.id} moved concurrently from {current}")
+            raise ConcurrentMove(f"study unit {unit.id} moved concurrently from {current}")
         session.add(
             AuditRow(
                 at=now,
@@ -793,7 +853,7 @@ class QueueStore:
                     StudyUnitRow.origin_peer.is_(None),
                     StudyUnitRow.last_instance_at <= cutoff,
                     StudyUnitRow.instance_count > 0,
-                )
+                ).with_for_update(skip_locked=True)  # another process on this queue may be moving them
             ).all()
             for unit in units:
                 self._move(session, unit, State.STABLE, f"no new instance for {stable_age_s:g} s")

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.addressing import destination_jid
+from gateway.claims import Claims
 from gateway.lifecycle import State
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import StudySummary
 from gateway.pins import redact
-from gateway.store import QueueStore, utcnow
+from gateway.retry import ErrorKind, RetryPolicy, classify
+from gateway.store import ConcurrentMove, QueueStore, utcnow
+from gateway.wire import Adaptive, encode_frames
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class SenderPort(Protocol):
         peer_full_jid: str,
         size: int,
         manifest_sha256: str,
-        stream_from: Callable[[int], Iterator[bytes]],
+        stream_from: Callable[[int, bool], Iterator[bytes]],
         progress: Callable[[int, str], None],
     ) -> Awaitable[SendOutcome]: ...
 
@@ -101,93 +104,104 @@ class RoutingRules:
 
 
 class Dispatcher:
+    """Offers due units, one claimed unit at a time (``gateway.claims``), spacing retries by
+    ``gateway.retry``: transient failures back off per peer and end in ``dead`` after the policy's attempts or
+    age; permanent ones stop the unit in ``failed``; a spool file that changed since ingest stops its unit."""
+
     def __init__(
         self,
         store: QueueStore,
         spool_root: Path,
         sender: SenderPort,
         routing: RoutingRules,
-        retry_base_s: float = 2.0,
-        retry_max_s: float = 60.0,
+        policy: RetryPolicy | None = None,
         receipt_timeout_s: float = 3600.0,
         max_sends: int = 3,
+        claims: Claims | None = None,
+        max_per_tick: int = 1000,
     ) -> None:
         self.store = store
         self.spool_root = spool_root
         self.sender = sender
         self.routing = routing
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.policy = policy or RetryPolicy()
         self.receipt_timeout_s = receipt_timeout_s
         self.max_sends = max_sends
-        self._busy: set[int] = set()
+        self.claims = claims or Claims(store.engine)
+        self.max_per_tick = max_per_tick
+        self._peer_next: dict[str, float] = {}  # monotonic time before which a failing peer is not tried
+        self._adaptive: dict[str, Adaptive] = {}  # per peer: whether compressing its stream pays (gateway.wire)
 
     async def tick(self) -> None:
         await asyncio.to_thread(self.store.route_stable, self.routing.destination_for)
         await asyncio.to_thread(self._chase_receipts)
         if not self.sender.online:
             return
-        for unit in await asyncio.to_thread(self.store.due_for_sending):
-            if unit.unit_id not in self._busy:
-                self._busy.add(unit.unit_id)
-                try:
-                    await self._dispatch(unit)
-                finally:
-                    self._busy.discard(unit.unit_id)
+        for _ in range(self.max_per_tick):
+            claimed = await asyncio.to_thread(self.claims.claim_due, self.store.due_for_sending_where(), 1)
+            if not claimed:
+                return
+            try:
+                await self._dispatch(await asyncio.to_thread(self.store.unit, claimed[0]))
+            finally:
+                await asyncio.to_thread(self.claims.release, claimed[0])
 
     def _chase_receipts(self) -> None:
         """``sent`` without a delivery receipt for ``receipt_timeout_s``: send again (the receiver recognises
         the bundle and only repeats its receipt), and after ``max_sends`` sends mark it failed."""
         for unit in self.store.overdue_sent(self.receipt_timeout_s):
-            sends = sum(1 for t in self.store.transfers(unit.unit_id) if t["direction"] == "out" and t["outcome"] in ("received", "held"))
-            if sends >= self.max_sends:
-                self.store.transition(
-                    unit.unit_id, State.FAILED, f"no delivery receipt from {unit.destination} after {sends} send(s)",
-                    f"no delivery receipt after {sends} send(s) and {self.receipt_timeout_s:g} s",
-                )
-            else:
-                self.store.transition(
-                    unit.unit_id, State.QUEUED, f"no delivery receipt after {self.receipt_timeout_s:g} s: sending again",
-                    "no delivery receipt yet", next_attempt_at=None,
-                )
+            if not self.claims.claim(unit.unit_id):
+                continue
+            try:
+                sends = sum(1 for t in self.store.transfers(unit.unit_id) if t["direction"] == "out" and t["outcome"] in ("received", "held"))
+                if sends >= self.max_sends:
+                    self.store.transition(
+                        unit.unit_id, State.FAILED, f"no delivery receipt from {unit.destination} after {sends} send(s)",
+                        f"no delivery receipt after {sends} send(s) and {self.receipt_timeout_s:g} s",
+                    )
+                else:
+                    self.store.transition(
+                        unit.unit_id, State.QUEUED, f"no delivery receipt after {self.receipt_timeout_s:g} s: sending again",
+                        "no delivery receipt yet", next_attempt_at=None,
+                    )
+            except ConcurrentMove:
+                pass  # a late receipt moved it first
+            finally:
+                self.claims.release(unit.unit_id)
 
-    def _backoff(self, unit: StudySummary) -> datetime:
-        delay = min(self.retry_max_s, self.retry_base_s * (2 ** min(unit.attempts, 10)))
-        return utcnow() + timedelta(seconds=delay)
+    def _age_s(self, unit: StudySummary) -> float:
+        return (utcnow() - unit.created_at).total_seconds()
 
     async def _dispatch(self, unit: StudySummary) -> None:
         peer_bare = unit.destination or ""
         full_jid, availability = self.sender.peer_availability(peer_bare)
         if full_jid is None:
-            if unit.state != State.WAITING_PEER.value or unit.error != f"peer {availability}":
-                await asyncio.to_thread(
-                    self.store.transition, unit.unit_id, State.WAITING_PEER, f"{peer_bare} is {availability}",
-                    f"peer {availability}", next_attempt_at=self._backoff(unit), attempts=unit.attempts + 1,
-                )
-            else:
-                await asyncio.to_thread(
-                    self.store.reschedule, unit.unit_id, self._backoff(unit), unit.attempts + 1
-                )
+            await asyncio.to_thread(self._peer_unavailable, unit, peer_bare, availability)
             return
         manifest, relative_paths = await asyncio.to_thread(manifest_for, self.store, unit)
         paths = [self.spool_root / p for p in relative_paths]
+        damaged = await asyncio.to_thread(check_spool, manifest, paths)
+        if damaged is not None:
+            await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"not sent: {damaged}", damaged)
+            await asyncio.to_thread(self.store.audit, "integrity", damaged, unit.unit_id, unit.study_instance_uid)
+            return
         encoded = manifest.encode()
         size = manifest.bundle_bytes
         await asyncio.to_thread(
             self.store.transition, unit.unit_id, State.OFFERING, f"offering {size} bytes to {full_jid}", None,
             bundle_bytes=size, progress_bytes=0, bundle_sha256=hashlib.sha256(encoded).hexdigest(),
         )
-        progress = _ProgressWriter(self.store, unit.unit_id)
-        started = utcnow()
-        outcome = await self.sender.send_bundle(
-            full_jid,
-            size,
-            hashlib.sha256(encoded).hexdigest(),
-            lambda offset: stream_bundle(manifest, paths, offset),
-            progress.update,
-        )
-        await asyncio.to_thread(self._record_attempts, unit, full_jid, outcome, started)
+        progress = _ProgressWriter(self.store, unit.unit_id, full_jid)
+        adaptive = self._adaptive.setdefault(peer_bare, Adaptive())  # what it learnt of this peer's link
+
+        def stream_from(offset: int, framed: bool = False) -> Iterator[bytes]:
+            return encode_frames(manifest, paths, offset, adaptive) if framed else stream_bundle(manifest, paths, offset)
+
+        outcome = await self.sender.send_bundle(full_jid, size, hashlib.sha256(encoded).hexdigest(), stream_from, progress.update)
+        await asyncio.to_thread(progress.finish, outcome)
         if outcome.ok:
+            self.policy.peer_ok(peer_bare)
+            self._peer_next.pop(peer_bare, None)
             await asyncio.to_thread(progress.ensure_sending, _method_name(outcome.method))
             await asyncio.to_thread(
                 self.store.mark_sent, unit.unit_id, f"{full_jid} verified it: {outcome.detail}",
@@ -199,33 +213,85 @@ class Dispatcher:
                 self.store.mark_sent, unit.unit_id, f"{full_jid} already holds this bundle: {outcome.detail}",
             )
             return
-        busy = "resource-constraint" in outcome.detail
-        target = State.WAITING_PEER if busy and not progress.moved_to_sending else State.QUEUED
-        await asyncio.to_thread(
-            self.store.transition, unit.unit_id, target, f"attempt failed: {outcome.detail}", outcome.detail,
-            next_attempt_at=self._backoff(unit), attempts=unit.attempts + 1,
+        await asyncio.to_thread(self._attempt_failed, unit, peer_bare, outcome.detail, progress.moved_to_sending)
+
+    def _peer_unavailable(self, unit: StudySummary, peer_bare: str, availability: str) -> None:
+        """The peer is offline or busy: wait with the peer's backoff (not a failed attempt of the study), until
+        the study's age says ``dead``."""
+        if self.policy.gives_up(0, self._age_s(unit)):
+            self.store.transition(unit.unit_id, State.DEAD, f"gave up: {peer_bare} {availability} for "
+                                  f"{self._age_s(unit):.0f} s", f"peer {availability}")
+            return
+        if self._peer_due(peer_bare):  # the first unit of this peer this round counts one failure of the peer
+            delay = self.policy.peer_failed(peer_bare)
+            self._peer_next[peer_bare] = time.monotonic() + delay
+        else:
+            delay = self._peer_wait(peer_bare)
+        next_at = utcnow() + timedelta(seconds=delay)
+        if unit.state != State.WAITING_PEER.value:
+            self.store.transition(unit.unit_id, State.WAITING_PEER, f"{peer_bare} is {availability}",
+                                  f"peer {availability}", next_attempt_at=next_at)
+        else:
+            self.store.reschedule(unit.unit_id, next_at, unit.attempts, error=f"peer {availability}")
+
+    def _peer_due(self, peer_bare: str) -> bool:
+        return time.monotonic() >= self._peer_next.get(peer_bare, 0.0)
+
+    def _peer_wait(self, peer_bare: str) -> float:
+        return max(0.0, self._peer_next.get(peer_bare, 0.0) - time.monotonic())
+
+    def _attempt_failed(self, unit: StudySummary, peer_bare: str, detail: str, streamed: bool) -> None:
+        attempts = unit.attempts + 1
+        if classify(detail) is ErrorKind.PERMANENT:
+            self.store.transition(unit.unit_id, State.FAILED, f"attempt {attempts} refused for good: {detail}", detail,
+                                  attempts=attempts)
+            return
+        if self.policy.gives_up(attempts, self._age_s(unit)):
+            self.store.transition(unit.unit_id, State.DEAD, f"gave up after {attempts} attempt(s) over "
+                                  f"{self._age_s(unit):.0f} s: {detail}", detail, attempts=attempts)
+            return
+        busy = "resource-constraint" in detail and not streamed
+        delay = self.policy.peer_failed(peer_bare) if busy else self.policy.delay_s(attempts)
+        target = State.WAITING_PEER if busy else State.QUEUED
+        self.store.transition(
+            unit.unit_id, target, f"attempt {attempts} failed: {detail}", detail,
+            next_attempt_at=utcnow() + timedelta(seconds=delay), attempts=attempts,
         )
 
-    def _record_attempts(self, unit: StudySummary, peer: str, outcome: SendOutcome, started: datetime) -> None:
-        for attempt in outcome.attempts:
-            self.store.record_transfer(
-                unit.unit_id, str(attempt.get("sid", "")), peer, "out", _method_name(str(attempt.get("method", ""))),
-                int(attempt.get("offset", 0) or 0), int(attempt.get("bytes", 0) or 0),
-                datetime.fromtimestamp(float(attempt.get("started", time.time())), UTC).replace(tzinfo=None), str(attempt.get("outcome", "")),
-                str(attempt.get("error") or "") or None,
-                float(attempt["stream_s"]) if attempt.get("stream_s") is not None else None,
-            )
+
+def check_spool(manifest: Manifest, paths: list[Path]) -> str | None:
+    """Re-hash every spool file against the size and SHA-256 recorded at ingest; the first difference, or None."""
+    for entry, path in zip(manifest.files, paths, strict=True):
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with path.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+                    size += len(block)
+        except OSError as exc:
+            return f"spool file of instance {entry.sop_instance_uid} cannot be read: {exc.strerror or exc}"
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            return (f"spool file of instance {entry.sop_instance_uid} changed since ingest ({size} bytes, SHA-256 "
+                    f"{digest.hexdigest()[:16]}..., recorded {entry.size} bytes, {entry.sha256[:16]}...)")
+    return None
 
 
 class _ProgressWriter:
-    """Moves the unit to ``sending`` at the first byte and writes progress at most once a second."""
+    """Moves the unit to ``sending`` at the first byte; each stream attempt gets its ``transfers`` row at its
+    first byte, whose byte count follows the stream (written at most once a second) and is closed by
+    :meth:`finish` (a killed gateway leaves it ``running``, closed as ``interrupted`` at recovery)."""
 
-    def __init__(self, store: QueueStore, unit_id: int) -> None:
+    def __init__(self, store: QueueStore, unit_id: int, peer_jid: str) -> None:
         self.store = store
         self.unit_id = unit_id
+        self.peer_jid = peer_jid
         self.moved_to_sending = False
         self._last = 0.0
+        self._rows: dict[str, tuple[int, int]] = {}  # sid -> (row id, offset)
         self._lock = threading.Lock()
+        self._rows_lock = threading.Lock()
+        self._finished = False
 
     def ensure_sending(self, method: str) -> None:
         with self._lock:
@@ -233,12 +299,34 @@ class _ProgressWriter:
                 self.moved_to_sending = True
                 self.store.transition(self.unit_id, State.SENDING, f"streaming over {method}", None, method=method)
 
-    def update(self, position: int, method: str) -> None:
+    def update(self, position: int, method: str, sid: str = "", offset: int = 0) -> None:
         self.ensure_sending(method)
-        now = time.monotonic()
-        if now - self._last >= 1.0:
-            self._last = now
-            self.store.set_progress(self.unit_id, position, method)
+        with self._rows_lock:
+            if self._finished:
+                return
+            if sid and sid not in self._rows:
+                self._rows[sid] = (self.store.open_transfer(self.unit_id, sid, self.peer_jid, "out", method, offset), offset)
+            now = time.monotonic()
+            if now - self._last >= 1.0:
+                self._last = now
+                self.store.set_progress(self.unit_id, position, method)
+                if sid:
+                    self.store.transfer_progress(self._rows[sid][0], position - self._rows[sid][1])
+
+    def finish(self, outcome: SendOutcome) -> None:
+        """Close (or write) one row per attempt of ``outcome`` with its bytes, outcome and error."""
+        with self._rows_lock:
+            self._finished = True
+        for attempt in outcome.attempts:
+            sid = str(attempt.get("sid", ""))
+            self.store.close_transfer(
+                self._rows.get(sid, (None, 0))[0], self.unit_id, sid, self.peer_jid, "out",
+                _method_name(str(attempt.get("method", ""))), int(attempt.get("offset", 0) or 0),
+                int(attempt.get("bytes", 0) or 0),
+                datetime.fromtimestamp(float(attempt.get("started", time.time())), UTC).replace(tzinfo=None),
+                str(attempt.get("outcome", "")), str(attempt.get("error") or "") or None,
+                float(attempt["stream_s"]) if attempt.get("stream_s") is not None else None,
+            )
 
 
 def _method_name(method: str) -> str:
@@ -250,8 +338,10 @@ class InboundPolicy:
 
     def __init__(self, store: QueueStore, allowed_peers: tuple[str, ...], max_study_bytes: int, max_inbound: int,
                  on_capacity: Callable[[bool], None] | None = None,
-                 pin_for: Callable[[str], str | None] | None = None, require_e2e: bool = True) -> None:
+                 pin_for: Callable[[str], str | None] | None = None, require_e2e: bool = True,
+                 claims: Claims | None = None) -> None:
         self.store = store
+        self.claims = claims
         self.pin_for = pin_for or (lambda _jid: None)
         self.require_e2e = require_e2e
         self.allowed_peers = allowed_peers
@@ -287,6 +377,11 @@ class InboundPolicy:
                 return "resource-constraint", f"busy: {self.active} inbound transfer(s) running"
             self.active += 1
             full = self.active >= self.max_inbound
+        holder = self.claims.claim_stream(bundle_sha256, peer_bare) if self.claims and bundle_sha256 else None
+        if holder is not None:
+            self.release()
+            self.store.audit("offer_refused", f"bundle {bundle} from {peer_bare}: a stream of it is running ({holder})")
+            return "resource-constraint", "busy: this bundle is being received on another stream"
         self.store.audit("offer_accepted", f"bundle {bundle} ({size} bytes) from {peer_bare}"
                          f"{', end-to-end encrypted' if cert_sha256 else ', NOT encrypted (require_e2e is off)'}")
         if full and self.on_capacity:
@@ -304,7 +399,10 @@ class InboundPolicy:
             return f"certificate SHA-256 {cert_sha256} of {peer_bare} does not match the pin {pin}"
         return None
 
-    def release(self) -> None:
+    def release(self, bundle_sha256: str = "") -> None:
+        """End an admission; with the bundle, its stream claim too (another stream of it may start)."""
+        if bundle_sha256 and self.claims is not None:
+            self.claims.release_stream(bundle_sha256)
         with self._lock:
             was_full = self.active >= self.max_inbound
             self.active = max(0, self.active - 1)

@@ -28,6 +28,7 @@ from adapters.xmpp.stanzas import (
     Offer,
     Receipt,
 )
+from gateway.wire import FrameDecoder
 
 log = logging.getLogger(__name__)
 IQ = "{jabber:client}iq"
@@ -56,6 +57,7 @@ class XmppSettings:
     identity: Identity | None = None  # this gateway's end-to-end identity
     require_e2e: bool = True  # no pinned peer certificate, no exchange
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+    compress: bool = True  # offer and accept the bundle as compressed frames (gateway.wire)
 
 
 class Sink(Protocol):
@@ -115,6 +117,44 @@ class OutboundStream:
     pending: list[bytes] = field(default_factory=list)
 
 
+class FramedSink:
+    """A sink that takes the bundle as compressed frames (``gateway.wire``) and hands the original bytes to
+    ``inner``; ``offset`` and ``size`` stay those of the original bundle. A frame that is not valid raises
+    :class:`gateway.wire.FrameError` (a ValueError: the stream is closed with a verdict)."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.decoder = FrameDecoder()
+        self.bundle_key = getattr(inner, "bundle_key", None)
+
+    @property
+    def offset(self) -> int:
+        return self.inner.offset
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def wanted(self) -> int:
+        """Wire bytes that complete the frame under way (so a reader never waits past the last frame)."""
+        return self.decoder.wanted()
+
+    def write(self, data: bytes | memoryview) -> None:
+        for piece in self.decoder.feed(data):
+            if self.inner.offset + len(piece) > self.inner.size:
+                raise OverflowError(f"data past the announced size of {self.inner.size} bytes")
+            self.inner.write(piece)
+
+    def close(self, reason: str) -> None:
+        self.inner.close(reason)
+
+    def finish(self) -> tuple[bool, str]:
+        if self.decoder.pending:
+            self.inner.close("a partial frame at the end of the stream")
+            return False, "a partial frame at the end of the stream"
+        return self.inner.finish()
+
+
 class StreamLost(IqTimeout):
     """The XMPP connection dropped while an IQ waited for its answer (or none could be sent): failed at
     once instead of waiting out the IQ timeout."""
@@ -157,8 +197,9 @@ def shut(sock: socket.socket | None, close: bool = False) -> None:
             sock.close()
 
 
-def progress_in_thread(progress: Callable[[int, str], None] | None) -> Callable[[int, str], None] | None:
-    """Progress callbacks write to the DB: keep them off the event loop, at most one in flight."""
+def progress_in_thread(progress: Callable[..., None] | None, sid: str = "", offset: int = 0) -> Callable[[int, str], None] | None:
+    """Progress callbacks write to the DB: keep them off the event loop, at most one in flight. The callback
+    gets (position, method, sid, offset): the stream attempt it belongs to and where that attempt started."""
     if progress is None:
         return None
     running: list[asyncio.Future[None]] = []
@@ -166,7 +207,7 @@ def progress_in_thread(progress: Callable[[int, str], None] | None) -> Callable[
     def call(position: int, method: str) -> None:
         if running and not running[0].done():
             return
-        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, position, short_method(method).lower()))]
+        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, position, short_method(method).lower(), sid, offset))]
 
     return call
 

@@ -24,6 +24,7 @@ from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
 from adapters.xmpp import socks5
 from adapters.xmpp.common import (
+    FramedSink,
     InboundStream,
     TransferCut,
     describe,
@@ -43,6 +44,7 @@ from adapters.xmpp.stanzas import (
     build_offer,
     build_receipt,
     build_result,
+    offers_frames,
     parse_accept,
     parse_offer,
     parse_receipt,
@@ -61,7 +63,7 @@ class OfferMixin:
         peer_full_jid: str,
         size: int,
         manifest_sha256: str,
-        stream_from: Callable[[int], Iterator[bytes]],
+        stream_from: Callable[[int, bool], Iterator[bytes]],
         progress: Callable[[int, str], None] | None = None,
     ) -> SendOutcome:
         """Offer and stream one bundle; falls back from S5B to IBB (resuming) when the S5B path fails.
@@ -79,12 +81,13 @@ class OfferMixin:
         methods = tuple(self.settings.methods)
         while methods:
             sid = uuid.uuid4().hex
-            offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods, identity.cert_der if encrypted and identity else b"")
+            offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
+                          identity.cert_der if encrypted and identity else b"", self.settings.compress)
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
             try:
-                method, offset = await self._offer(peer_full_jid, offer)
+                method, offset, framed = await self._offer(peer_full_jid, offer)
             except XMPPError as exc:
                 attempt.update(outcome="held" if exc.condition == "conflict" else "refused", error=f"{exc.condition}: {exc.text}")
                 result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
@@ -93,7 +96,7 @@ class OfferMixin:
                 attempt.update(outcome="cut", error=describe(exc))
                 result.detail = f"offer not answered: {describe(exc)}"
                 return result
-            attempt.update(method=method, offset=offset)
+            attempt.update(method=method, offset=offset, compressed=framed)
             result.method, result.offset = method, offset
             verdict = asyncio.get_running_loop().create_future()
             self._verdicts[sid] = verdict
@@ -102,7 +105,7 @@ class OfferMixin:
             try:
                 stream_started = time.perf_counter()
                 sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
-                    peer_full_jid, sid, stream_from(offset), offset, progress_in_thread(progress), tls, pin, moved
+                    peer_full_jid, sid, stream_from(offset, framed), offset, progress_in_thread(progress, sid, offset), tls, pin, moved
                 )
                 attempt["stream_s"] = time.perf_counter() - stream_started
                 attempt["bytes"] = sent
@@ -132,7 +135,7 @@ class OfferMixin:
         result.detail = "no stream method left"
         return result
 
-    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int]:
+    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int, bool]:
         iq = self.make_iq_set(ito=peer)
         iq.xml.append(build_offer(offer))
         try:
@@ -140,10 +143,11 @@ class OfferMixin:
         except IqError as exc:
             error = exc.iq["error"]
             raise XMPPError(error["condition"] or "undefined-condition", error["text"] or "") from exc
-        method, offset = parse_accept(response.xml.find(q(NS_SI, "si")))
+        accept = response.xml.find(q(NS_SI, "si"))
+        method, offset = parse_accept(accept)
         if method not in offer.methods or offset < 0 or offset > offer.size:
             raise XMPPError("bad-request", f"peer chose {method!r} at offset {offset}")
-        return method, offset
+        return method, offset, offer.compress and offers_frames(accept)
 
     async def _on_offer(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
@@ -160,8 +164,8 @@ class OfferMixin:
             condition, text = refusal
             raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
         method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
-        for old_sid, old in list(self._sinks.items()):
-            if old.peer == peer.full and getattr(old.sink, "bundle_key", None) == offer.manifest_sha256:
+        for old_sid, old in list(self._sinks.items()):  # one writer per bundle: the sender (any of its processes)
+            if old.peer.split("/", 1)[0] == peer.bare and getattr(old.sink, "bundle_key", None) == offer.manifest_sha256:
                 self._drop(old_sid, "superseded by a new offer of the same bundle")
         try:  # from here on the admission is the sink's: every path below ends it
             tls = server_context(self.settings.identity, offer.cert_der) if offer.cert_der and self.settings.identity else None
@@ -169,9 +173,10 @@ class OfferMixin:
         except Exception as exc:
             log.exception("could not open a sink for an offer from %s", peer)
             raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
-        self._sinks[offer.sid] = InboundStream(peer.full, sink, method, tls)
+        framed = offer.compress and self.settings.compress
+        self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls)
         reply = iq.reply()
-        reply.xml.append(build_accept(method, sink.offset))
+        reply.xml.append(build_accept(method, sink.offset, framed))
         reply.send()
         asyncio.get_running_loop().call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
 

@@ -147,8 +147,9 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
             except ssl.SSLWantReadError as exc:
                 raise TimeoutError(f"no TLS handshake within {seconds} s") from exc
         failed: list[OSError] = []
-        while received < sink.size:
-            want = min(S5B_BLOCK_BYTES, sink.size - received)
+        framed = getattr(sink, "wanted", None)  # compressed frames: read up to the end of the frame under way
+        while sink.offset < sink.size:
+            want = min(S5B_BLOCK_BYTES, framed() if framed else sink.size - received)
             try:
                 count = _fill(stream, block[:want], failed) if tls is not None else stream.recv_into(block[:want], want, socket.MSG_WAITALL)
             except (BlockingIOError, ssl.SSLWantReadError) as exc:  # SO_RCVTIMEO expired with nothing read

@@ -37,6 +37,8 @@ NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_RESULT = "urn:dicomgw:transfer:1"
 NS_E2E = "urn:dicomgw:e2e:1"
+NS_WIRE = "urn:dicomgw:wire:1"  # the bundle as compressed frames (gateway.wire)
+WIRE_ALGO = "zstd-frames-1"
 BUNDLE_MIME = "application/x-dicomgw-bundle"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -55,6 +57,7 @@ class Offer:
     manifest_sha256: str
     methods: tuple[str, ...]
     cert_der: bytes = b""  # the sender's certificate: the bundle travels end-to-end encrypted
+    compress: bool = False  # the sender can send the bundle as compressed frames (gateway.wire)
 
 
 def build_offer(offer: Offer) -> ET.Element:
@@ -69,6 +72,8 @@ def build_offer(offer: Offer) -> ET.Element:
         ET.SubElement(ET.SubElement(field, q(NS_DATA, "option")), q(NS_DATA, "value")).text = method
     if offer.cert_der:
         ET.SubElement(si, q(NS_E2E, "identity")).text = base64.b64encode(offer.cert_der).decode("ascii")
+    if offer.compress:
+        ET.SubElement(si, q(NS_WIRE, "frames"), {"algo": WIRE_ALGO})
     return si
 
 
@@ -100,11 +105,13 @@ def parse_offer(si: ET.Element) -> Offer:
         raise ValueError("offer's identity is not valid base64") from exc
     if len(cert_der) > MAX_CERT_BYTES:
         raise ValueError("offer's identity certificate is too large")
-    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der)
+    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si))
 
 
-def build_accept(method: str, offset: int) -> ET.Element:
+def build_accept(method: str, offset: int, compress: bool = False) -> ET.Element:
     si = ET.Element(q(NS_SI, "si"))
+    if compress:
+        ET.SubElement(si, q(NS_WIRE, "frames"), {"algo": WIRE_ALGO})
     file_el = ET.SubElement(si, q(NS_FT, "file"))
     ET.SubElement(file_el, q(NS_FT, "range"), {"offset": str(offset)})
     feature = ET.SubElement(si, q(NS_FEATURE, "feature"))
@@ -112,6 +119,12 @@ def build_accept(method: str, offset: int) -> ET.Element:
     field = ET.SubElement(form, q(NS_DATA, "field"), {"var": "stream-method"})
     ET.SubElement(field, q(NS_DATA, "value")).text = method
     return si
+
+
+def offers_frames(si: ET.Element | None) -> bool:
+    """The offer (or accept) asks for the bundle as compressed frames (gateway.wire)."""
+    el = si.find(q(NS_WIRE, "frames")) if si is not None else None
+    return el is not None and el.get("algo") == WIRE_ALGO
 
 
 def parse_accept(si: ET.Element | None) -> tuple[str, int]:

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from adapters.synthetic import generate_ct_study
-from tests.helpers import REPO, dataset_bytes, dcmtk_env, free_port, port_open, storescu, wait_for
+from tests.helpers import (
+    REPO,
+    dataset_bytes,
+    dcmtk_env,
+    free_port,
+    port_open,
+    storescu,
+    wait_for,
+)
 
 
 class GatewayProcess:

@@ -15,7 +15,14 @@ from adapters.synthetic import generate_ct_study
 from gateway.settings import PacsSettings
 from tests.helpers import dataset_bytes, storescu, wait_for
 from tests.integration.test_pacs import dataset_bytes_of_bytes
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, DOMAIN, Site, start_site, unit_states
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    DOMAIN,
+    Site,
+    start_site,
+    unit_states,
+)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from adapters.dicom_files import inspect_part10_file
 from adapters.localpeers import StoreSCP, free_port, issue_test_cert, make_test_pki
 from adapters.synthetic import generate_ct_study
@@ -15,8 +17,6 @@ from gateway.settings import PacsSettings
 from tests.helpers import dataset_bytes, run_dcmtk
 from tests.integration.test_pacs import record
 from tests.integration.test_scp import make_settings, stored_instances
-
-import pytest
 
 
 def test_storescu_over_tls_with_a_client_certificate(tmp_path: Path) -> None:

@@ -13,7 +13,14 @@ from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from tests.helpers import CapturingRelay, dataset_bytes, storescu, wait_for
 from tests.integration.test_xmpp_transfer import (  # noqa: F401  (the prosody fixture)
-    A_JID, B_JID, prosody, received_instances, running_prosody, site_identity, start_site, unit_states,
+    A_JID,
+    B_JID,
+    prosody,
+    received_instances,
+    running_prosody,
+    site_identity,
+    start_site,
+    unit_states,
 )
 
 

@@ -117,7 +117,12 @@ class CountingSCP:
     """A real pynetdicom Storage SCP that records which association stored each instance."""
 
     def __init__(self, maximum_associations: int) -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import (
+            AE,
+            ALL_TRANSFER_SYNTAXES,
+            AllStoragePresentationContexts,
+            evt,
+        )
 
         self.port = free_port()
         self.stored: list[tuple[int, str]] = []  # (association id, SOP Instance UID)

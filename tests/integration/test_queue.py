@@ -11,7 +11,13 @@ from sqlalchemy import inspect, text
 
 from gateway.lifecycle import IllegalTransition, State
 from gateway.model import InstanceHeader
-from gateway.store import QueueStore, alembic_config, make_engine, upgrade_schema, utcnow
+from gateway.store import (
+    QueueStore,
+    alembic_config,
+    make_engine,
+    upgrade_schema,
+    utcnow,
+)
 
 
 def header(sop: str, study: str = "1.2.3", series: str = "1.2.3.1", modality: str = "CT") -> InstanceHeader:
@@ -118,6 +124,10 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
+        assert "stream_claims" in tables and "owner" in {c["name"] for c in inspect(engine).get_columns("study_units")}
+        command.downgrade(config, "-1")  # 0007 -> 0006: claims and leases go
+        assert "stream_claims" not in set(inspect(engine).get_table_names())
+        assert "lease_until" not in {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert "runtime_status" in tables and "fingerprint" in {c["name"] for c in inspect(engine).get_columns("peers")}
         command.downgrade(config, "-1")  # 0006 -> 0005: pins, the status table and the audit repeat count go
         assert "runtime_status" not in set(inspect(engine).get_table_names())

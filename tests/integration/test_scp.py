@@ -17,7 +17,13 @@ from adapters.dicom_files import inspect_part10_file
 from adapters.dicom_ul import UI, US, Association, encode_command, read_pdu
 from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
-from gateway.settings import DicomSettings, PathSettings, QueueSettings, Settings, WatchSettings
+from gateway.settings import (
+    DicomSettings,
+    PathSettings,
+    QueueSettings,
+    Settings,
+    WatchSettings,
+)
 from tests.helpers import (
     PYDICOM_FILES,
     dataset_bytes,

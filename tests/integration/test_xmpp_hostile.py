@@ -22,7 +22,14 @@ from adapters.synthetic import generate_ct_study
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, Offer, build_offer, q
 from tests.helpers import storescu, wait_for
 from tests.integration.test_xmpp_transfer import (
-    A_JID, B_JID, DOMAIN, STRANGER_JID, received_instances, running_prosody, start_site, unit_states,
+    A_JID,
+    B_JID,
+    DOMAIN,
+    STRANGER_JID,
+    received_instances,
+    running_prosody,
+    start_site,
+    unit_states,
 )
 
 B_FULL = f"{B_JID}/gw1"

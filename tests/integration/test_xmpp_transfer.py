@@ -169,12 +169,15 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         assert first["outcome"] == "refused" and first["error"].startswith("forbidden:")
         assert b.gateway.store.studies() == []
         assert any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries())
-        # The refusal sends the unit back to the queue with the reason (read from the audit: the dispatcher
-        # may already be on its next attempt).
-        wait_for(lambda: any(e["to_state"] == "queued" and "forbidden" in e["detail"] for e in x.gateway.store.audit_entries()),
-                 10, 0.05, what="the unit queued again with the refusal")
-        # What `dicomgw peers add JID --fingerprint SHA256` does, the fingerprint read out of band.
+        # A refusal no retry can change (gateway.retry: permanent) stops the unit in `failed` with the reason.
+        wait_for(lambda: unit_states(x.gateway) == ["failed"], 10, 0.05, what="the unit failed with the refusal")
+        (unit,) = x.gateway.store.studies()
+        assert unit.error is not None and unit.error.startswith("peer refused the offer: forbidden")
+        assert len(x.gateway.store.transfers()) == 1  # not retried by itself
+        # B's admin admits X (`dicomgw peers add JID --fingerprint SHA256`, read out of band); X's admin
+        # retries the study (`dicomgw queue retry`).
         b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin", site_identity(tmp_path, "x")[2])
+        x.gateway.store.retry_unit(unit.unit_id)
         wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1,
                  what=lambda: f"the admitted peer's study to be sent: {x.gateway.store.transfers()[-3:]}")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
@@ -298,6 +301,87 @@ def test_offline_receiver_gets_the_study_when_it_comes_back(tmp_path: Path, pros
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_a_spool_file_changed_since_ingest_stops_its_study_and_not_the_others(tmp_path: Path, prosody: Prosody) -> None:
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    b = None
+    try:
+        damaged = generate_ct_study(tmp_path / "ct1", series=1, slices_per_series=3, rows=64, columns=64)
+        intact = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=3, rows=64, columns=64)
+        for study in (damaged, intact):
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"] * 2, 30, 0.1, what="A to wait for offline B")
+        (victim,) = [u for u in a.gateway.store.studies() if u.study_instance_uid == damaged.study_instance_uid]
+        spool_file = a.gateway.spool.absolute(a.gateway.store.unit_instances(victim.unit_id)[1].spool_path)
+        raw = bytearray(spool_file.read_bytes())
+        raw[-1] ^= 0xFF  # a disk or a hand changed one pixel byte
+        spool_file.write_bytes(bytes(raw))
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+        wait_for(lambda: sorted(unit_states(a.gateway)) == ["failed", "sent"], 30, 0.1, what="one failed, one sent")
+        stopped = a.gateway.store.unit(victim.unit_id)
+        assert stopped.state == "failed" and "changed since ingest" in (stopped.error or "")
+        assert a.gateway.store.transfers(victim.unit_id) == []  # not one byte of it left
+        assert set(received_instances(b.gateway)) == set(intact.sop_instance_uids)
+        assert any(e["event"] == "integrity" for e in a.gateway.store.audit_entries(unit_id=victim.unit_id))
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
+def test_a_study_that_keeps_failing_goes_dead_with_its_last_error_and_the_admin_brings_it_back(
+        tmp_path: Path, prosody: Prosody, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import _retry
+
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b",
+                   methods=("s5b",), s5b_proxy=f"127.0.0.1:{free_port()}", retry_max_attempts=3)  # a proxy that is down
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["dead"], 30, 0.1, what="the unit to go dead after 3 attempts")
+        (unit,) = a.gateway.store.studies()
+        assert unit.attempts == 3 and unit.error is not None and unit.error.startswith("S5B failed")
+        assert [t["outcome"] for t in a.gateway.store.transfers()] == ["cut"] * 3
+        gaps = [e["at"] for e in a.gateway.store.audit_entries(unit_id=unit.unit_id) if e["to_state"] == "queued"]
+        assert len(gaps) >= 2  # it waited between attempts (backoff), each attempt audited
+        assert _retry(a.gateway.store, study.study_instance_uid) == 0
+        assert "is queued again" in capsys.readouterr().out
+        wait_for(lambda: len(a.gateway.store.transfers()) > 3, 30, 0.1, what="a new attempt after the retry")
+        assert b.gateway.store.studies() == []
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize("method", ["s5b", "ibb"])
+def test_a_scanner_like_study_crosses_a_slow_link_compressed_and_arrives_byte_for_byte(
+        tmp_path: Path, prosody: Prosody, method: str) -> None:
+    from adapters.netem import FaultRelay
+
+    link = FaultRelay(prosody.proxy_port if method == "s5b" else prosody.c2s_port, rate_bytes_s=4e6)  # 32 Mbit/s
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    route = {"s5b_proxy": f"127.0.0.1:{link.port}"} if method == "s5b" else {"port": link.port}
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b",
+                   methods=(method,), **route)
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=12, rows=256, columns=256, phantom=True)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        (unit,) = a.gateway.store.studies()
+        (attempt,) = a.gateway.store.transfers(unit.unit_id)
+        assert attempt["method"] == method and attempt["outcome"] == "received"
+        assert attempt["bytes"] < 0.6 * unit.bundle_bytes  # on the wire: compressed (phantom ~2.5x)
+        sent = {i.sop_instance_uid: i.sha256 for i in a.gateway.store.unit_instances(unit.unit_id)}
+        received = received_instances(b.gateway)
+        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+            assert hashlib.sha256(received[uid].read_bytes()).hexdigest() == sent[uid]  # the spool file, byte for byte
+            assert dataset_bytes(received[uid]) == dataset_bytes(path)  # the modality's data set
+    finally:
+        a.stop()
+        b.stop()
+        link.stop()
 
 
 def test_a_study_is_offered_as_soon_as_it_is_stable_not_at_the_next_dispatch_tick(tmp_path: Path, prosody: Prosody) -> None:

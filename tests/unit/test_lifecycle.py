@@ -25,15 +25,16 @@ def test_the_main_path_is_legal(current: str, target: str) -> None:
 
 @pytest.mark.parametrize(
     ("current", "target"),
-    [("received", "sent"), ("stable", "received"), ("delivered", "queued"), ("dead", "queued"), ("sent", "sending")],
+    [("received", "sent"), ("stable", "received"), ("delivered", "queued"), ("dead", "sending"), ("sent", "sending")],
 )
 def test_illegal_moves_raise_with_both_states_named(current: str, target: str) -> None:
     with pytest.raises(IllegalTransition, match=f"{current} -> {target}"):
         check_move(current, target)
 
 
-def test_terminal_states() -> None:
-    assert TRANSITIONS[State.DELIVERED] == frozenset() and TRANSITIONS[State.DEAD] == frozenset()
+def test_delivered_is_terminal_and_dead_only_leaves_by_the_admins_retry() -> None:
+    assert TRANSITIONS[State.DELIVERED] == frozenset()
+    assert TRANSITIONS[State.DEAD] == frozenset({State.QUEUED, State.RECEIVED})
 
 
 def test_unknown_state_is_an_error() -> None:

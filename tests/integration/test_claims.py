@@ -1,0 +1,113 @@
+"""Claims and leases on a real database (SQLite file and PostgreSQL): several processes on one queue never
+offer, import or receive the same thing at once, and the claims of a process that died are taken over."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.claims import Claims
+from gateway.lifecycle import State
+from gateway.store import QueueStore, make_engine, upgrade_schema
+from tests.integration.test_queue import record
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[QueueStore]:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield QueueStore(engine)
+    engine.dispose()
+
+
+def queued_units(store: QueueStore, count: int) -> list[int]:
+    ids = []
+    for n in range(count):
+        unit = record(store, f"1.2.{n + 1}.1", study=f"1.2.{n + 1}")
+        store.transition(unit, State.STABLE)
+        store.transition(unit, State.QUEUED, destination="b@x")
+        ids.append(unit)
+    return ids
+
+
+def test_concurrent_claimers_never_take_the_same_unit(store: QueueStore) -> None:
+    ids = queued_units(store, 30)
+    owners = [Claims(store.engine, owner=f"proc-{n}", lease_s=60) for n in range(3)]
+    taken: dict[str, list[int]] = {c.owner: [] for c in owners}
+
+    def work(claims: Claims) -> None:  # what each process's dispatcher does: claim one, offer it
+        for _ in range(100):
+            got = claims.claim_due(store.due_for_sending_where(), 1)
+            if not got:
+                return
+            taken[claims.owner].extend(got)
+            store.transition(got[0], State.OFFERING)
+            time.sleep(0.01)  # the offer itself: the other claimers run meanwhile
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in owners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = sorted(i for got in taken.values() for i in got)
+    assert every == ids  # each unit claimed exactly once, none left
+    if store.engine.dialect.name == "postgresql":  # (SQLite's one writer may let one thread win every round)
+        assert sum(1 for got in taken.values() if got) >= 2  # the claimers really competed
+
+
+def test_a_held_claim_is_skipped_until_its_lease_lapses(store: QueueStore) -> None:
+    (unit,) = queued_units(store, 1)
+    first = Claims(store.engine, owner="host-a:1:x", lease_s=1.0, owner_gone=lambda _o: False)
+    second = Claims(store.engine, owner="host-b:2:y", lease_s=1.0, owner_gone=lambda _o: False)
+    assert first.claim_due(store.due_for_sending_where()) == [unit]
+    assert second.claim_due(store.due_for_sending_where()) == []
+    assert not second.claim(unit)
+    first.heartbeat()  # the owner renews: still held
+    assert not second.claim(unit)
+    time.sleep(1.3)  # the owner stopped renewing (it was killed)
+    assert second.claim(unit)
+    assert not first.claim(unit)
+
+
+def test_a_dead_owner_on_this_host_frees_its_claims_at_once(store: QueueStore) -> None:
+    (unit,) = queued_units(store, 1)
+    dead = Claims(store.engine, owner="thishost:999999:dead", lease_s=600)
+    assert dead.claim(unit)
+    alive = Claims(store.engine, owner="thishost:1:new", lease_s=600, owner_gone=lambda o: o == dead.owner)
+    assert alive.claim(unit)
+
+
+def test_recovery_takes_only_units_whose_claim_lapsed(store: QueueStore) -> None:
+    mine, theirs = queued_units(store, 2)
+    other = Claims(store.engine, owner="host-b:2:y", lease_s=600, owner_gone=lambda _o: False)
+    gone = Claims(store.engine, owner="host-c:3:z", lease_s=600, owner_gone=lambda _o: False)
+    for claims, unit in ((other, theirs), (gone, mine)):
+        assert claims.claim(unit)
+        store.transition(unit, State.OFFERING)
+        store.transition(unit, State.SENDING)
+    row = store.open_transfer(mine, "sid-1", "b@x/gw", "out", "s5b", 0)
+    store.transfer_progress(row, 150_000_000)
+    me = Claims(store.engine, owner="host-a:1:x", lease_s=600, owner_gone=lambda o: o == gone.owner)
+    assert me.claim(theirs) is False
+    moved = store.recover_in_flight(me.lapsed())
+    assert moved == [(mine, "sending", "queued")]
+    assert store.recover_in_flight(other.lapsed()) == []  # a process never recovers what it works on itself
+    assert store.unit(theirs).state == "sending"  # its owner is alive and renews: not touched
+    (attempt,) = store.transfers(mine)
+    assert (attempt["outcome"], attempt["bytes"]) == ("interrupted", 150_000_000)  # what moved before the crash
+
+
+def test_one_stream_per_bundle_across_processes(store: QueueStore) -> None:
+    bundle = "ab" * 32
+    a = Claims(store.engine, owner="host-a:1:x", lease_s=600, owner_gone=lambda _o: False)
+    b = Claims(store.engine, owner="host-b:2:y", lease_s=600, owner_gone=lambda _o: False)
+    assert a.claim_stream(bundle, "s@x") is None
+    assert a.claim_stream(bundle, "s@x") is None  # the same process: a fallback offer supersedes its first
+    assert b.claim_stream(bundle, "s@x") == a.owner
+    a.release_stream(bundle)
+    assert b.claim_stream(bundle, "s@x") == a.owner  # one of a's two streams still runs
+    a.release_stream(bundle)
+    assert b.claim_stream(bundle, "s@x") is None
