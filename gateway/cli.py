@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.lifecycle import State
@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=_cmd_audit)
 
+    stats = sub.add_parser("stats", help="transfer metrics as the field study defined them: T, N, S, F, MTBF, MB/s")
+    _config_option(stats)
+    stats.add_argument("--since", help="only attempts from then on: an ISO date/time (UTC) or an age like 24h, 7d, 30m")
+    stats.add_argument("--peer", help="only attempts with this peer (bare JID)")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=_cmd_stats)
+
     demo = sub.add_parser("demo", help="run the chain on this machine with embedded defaults and show it")
     demo.add_argument("--json", action="store_true", help="end with one JSON line")
     demo.add_argument("--builtin-pacs", action="store_true", help="use the built-in storage SCP as B's PACS even if Orthanc is installed")
@@ -107,6 +114,46 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=os.environ.get("DICOMGW_CONFIG", "conf/gateway.toml"), help="TOML settings file"
     )
+
+
+# -- stats ----------------------------------------------------------------------------------------
+def _since(text: str | None) -> datetime | None:
+    """An ISO date/time (UTC) or an age: 30m, 24h, 7d."""
+    if not text:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        from gateway.store import utcnow
+
+        return utcnow() - timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=None)
+    except ValueError as exc:
+        raise SettingsError(f"--since {text!r}: give an ISO date/time or an age like 24h, 7d, 30m") from exc
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from gateway.stats import attempts, summary
+
+    store = _store(load_settings(args.config))
+    figures = summary(attempts(store.engine, _since(args.since), args.peer))
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    rate = f"{figures['success_rate']:.2%}" if figures["success_rate"] is not None else "-"
+    mtbf = f"{figures['mtbf_s']:,.0f} s" if figures["mtbf_s"] is not None else "- (no failure)"
+    rows = [("T", "time with active transfers", f"{figures['T_s']:,.0f} s"), ("N", "attempted transfers", figures["N"]),
+            ("S", "successful transfers", figures["S"]), ("F", "failed transfers during T", figures["F"]),
+            ("S/N", "success rate", rate), ("MTBF", "T / F", mtbf)]
+    print(f"{'Variable':<9}{'Description':<30}Value")
+    for name, text, value in rows:
+        print(f"{name:<9}{text:<30}{value}")
+    if figures["failures"]:
+        print("failures: " + ", ".join(f"{k} {v}" for k, v in figures["failures"].items()))
+    for title, key in (("method", "by_method"), ("size", "by_size")):
+        for label, row in figures[key].items():  # type: ignore[union-attr]
+            print(f"{title} {label:<16}{row['transfers']:>6} transfers {row['mb']:>12,.1f} MB {row['mb_s']:>9.2f} MB/s")
+    return 0
 
 
 # -- run ------------------------------------------------------------------------------------------

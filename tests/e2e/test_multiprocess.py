@@ -182,6 +182,11 @@ def test_a_killed_process_hands_its_study_to_another_after_the_lease(tmp_path: P
         assert "in a gateway process that stopped" in log  # taken over, not found by a start-up sweep
         interrupted = [t for t in transfer_rows(pg_url) if t[0] == "interrupted"]
         assert len(interrupted) == 1 and interrupted[0][1] > 0  # the killed attempt's row, with the bytes it moved
+        stats = senders[1].cli("stats", "--json")
+        assert stats.returncode == 0, stats.stderr
+        figures = json.loads(stats.stdout)  # `dicomgw stats`: the study's Table 20 from the shared queue
+        assert (figures["N"], figures["S"], figures["F"], figures["failures"]) == (2, 1, 1, {"interrupted": 1})
+        assert figures["mtbf_s"] == figures["T_s"] and figures["by_method"]["s5b"]["transfers"] == 1
     finally:
         for proc in started:
             proc.stop()
