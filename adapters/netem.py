@@ -93,14 +93,14 @@ class FaultRelay:
             while not self._stopping.is_set():
                 data = src.recv(PIECE_BYTES)
                 if not data:
-                    break
+                    break  # a FIN: passed on as a half-close once the wire is drained
                 with ready:
                     pieces.append((time.monotonic(), data))
                     ready.notify()
                     while sum(len(p) for _t, p in pieces) > window and not self._stopping.is_set():
                         ready.wait(0.5)
-        except OSError:
-            pass
+        except OSError:  # a reset: the far side learns it as on a real path
+            _abort(src, dst)
         with ready:
             done[0] = True
             ready.notify()
@@ -133,8 +133,9 @@ class FaultRelay:
                 if upstream:
                     with self._lock:
                         self.bytes_up += len(data)
-        except OSError:
-            pass
+        except OSError:  # the receiving side is gone (reset, killed): so is the connection, both ways
+            _abort(src, dst)
+            return
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
@@ -158,9 +159,15 @@ class FaultRelay:
                 sock.close()
             return True
         if self.reset_after and moved < self.reset_after <= end and self._once("reset"):
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+            _abort(src, dst)
             return True
         return False
+
+
+def _abort(*sockets: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a dead host's kernel or a failed middlebox would."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.close()

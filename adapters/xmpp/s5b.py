@@ -174,6 +174,9 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
     seconds = max(1, int(idle_timeout_s))
     with contextlib.ExitStack() as owned:
         owned.enter_context(sock)
+        # A receiver (or a proxy) that stops reading without closing must not hold the sender for ever: a
+        # write that makes no progress for the idle timeout fails the attempt (resumed later).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
         stream: socket.socket = sock
         if tls is not None:
             sock.settimeout(idle_timeout_s)
