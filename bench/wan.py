@@ -6,7 +6,8 @@ direction by a quarter of the round trip (gateway to gateway over the server: ``
 measured in the study). A study whose slices look like a scanner's (a Shepp-Logan head in Hounsfield
 units, air around it, 10 HU noise, every slice distinct: ``adapters.synthetic.phantom_slice``) is pushed
 into A with dcmtk's storescu and sent to B end to end encrypted, by S5B (mediated) and by IBB, with
-compression off (``[xmpp] compress = false``) and on, at each link rate (``--rates``, Mbit/s).
+compression off (``[xmpp] compress = false``) and on, at each link rate (``--rates``, Mbit/s; 0: plain
+loopback without relays, where compression must switch itself off; ``--random``: random pixels).
 
 Figures per run: seconds from offer to B's verdict (B verified every SHA-256 and stored every instance),
 ``MB/s`` of original bundle bytes delivered, wire bytes (A's transfer row), ``compression_ratio`` = bundle
@@ -53,14 +54,17 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
             rtt_ms: float) -> dict[str, object]:
     rate = rate_mbit * 1e6 / 8
     one_way = rtt_ms / 4 / 1000  # two relays between the gateways, each delays both directions
-    links = {side: (FaultRelay(server.c2s_port, one_way, rate), FaultRelay(server.proxy_port, one_way, rate)) for side in "ab"}
+    links = {side: (FaultRelay(server.c2s_port, one_way, rate), FaultRelay(server.proxy_port, one_way, rate))
+             for side in ("ab" if rate_mbit > 0 else "")}  # rate 0: plain loopback, no relay at all
     a_fp, b_fp = identity(root / "a"), identity(root / "b")
-    options = f'methods = ["{method}"]\ncompress = {"true" if compress else "false"}\ns5b_proxy = "127.0.0.1:{links["a"][1].port}"\n'
+    proxy = {side: f's5b_proxy = "127.0.0.1:{pair[1].port}"\n' for side, pair in links.items()}
+    options = f'methods = ["{method}"]\ncompress = {"true" if compress else "false"}\n{proxy.get("a", "")}'
     b = GatewayProcess(root / "b", B_USER, server, A_USER, peer_fingerprint=a_fp,
-                       xmpp=f's5b_proxy = "127.0.0.1:{links["b"][1].port}"\ns5b_idle_timeout_s = 600\n')
+                       xmpp=f'{proxy.get("b", "")}s5b_idle_timeout_s = 600\n')
     a = GatewayProcess(root / "a", A_USER, server, B_USER, B_USER, options + "verdict_timeout_s = 3600\n", peer_fingerprint=b_fp)
     for gateway, side in ((a, "a"), (b, "b")):
-        gateway.text = gateway.text.replace(f"port = {server.c2s_port}\n", f"port = {links[side][0].port}\n")
+        if side in links:
+            gateway.text = gateway.text.replace(f"port = {server.c2s_port}\n", f"port = {links[side][0].port}\n")
     try:
         b.start()
         a.start()
@@ -92,7 +96,7 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
         wire = int(done["bytes"])
         return {"method": method, "compress": compress, "rate_mbit": rate_mbit, "rtt_ms": rtt_ms, "seconds": round(seconds, 2),
                 "bundle_bytes": bundle, "wire_bytes": wire, "compression_ratio": round(bundle / max(wire, 1), 3),
-                "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3)}
+                "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3) if rate else None}
     finally:
         a.stop()
         b.stop()
@@ -109,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rates", default="10,100", help="link rates in Mbit/s, e.g. 10,100")
     parser.add_argument("--rtt-ms", type=float, default=27.0)
     parser.add_argument("--methods", default="s5b,ibb")
+    parser.add_argument("--random", action="store_true", help="random pixels (nothing to compress) instead of the phantom")
     args = parser.parse_args()
     size_mb, rates = (20.0, [100.0]) if args.quick else (args.size_mb, [float(r) for r in args.rates.split(",")])
     slices = max(1, round(size_mb * 1e6 / (512 * 512 * 2 + 1400)))
@@ -118,8 +123,8 @@ def main() -> None:
         server.add_account(user, f"pw-{user}")
     runs = []
     try:
-        study = generate_ct_study(work / "study", series=1, slices_per_series=slices, phantom=True)
-        print(f"study: {len(study.files)} phantom slices, {study.size_bytes / 1e6:.1f} MB; link RTT {args.rtt_ms:g} ms", flush=True)
+        study = generate_ct_study(work / "study", series=1, slices_per_series=slices, phantom=not args.random)
+        print(f"study: {len(study.files)} {'random' if args.random else 'phantom'} slices, {study.size_bytes / 1e6:.1f} MB; link RTT {args.rtt_ms:g} ms", flush=True)
         server.start()
         for rate in rates:
             for method in args.methods.split(","):
@@ -127,7 +132,7 @@ def main() -> None:
                     run = one_run(work / "run", server, study.files, method, compress, rate, args.rtt_ms)
                     runs.append(run)
                     print(f"{rate:>6g} Mbit/s {method:>4} compress={str(compress):5}  {run['seconds']:>8.2f} s  "
-                          f"{run['mb_s']:>7.3f} MB/s  ratio {run['compression_ratio']:.2f}  vs_link {run['vs_link']:.3f}", flush=True)
+                          f"{run['mb_s']:>7.3f} MB/s  ratio {run['compression_ratio']:.2f}  vs_link {run['vs_link']}", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from gateway.lifecycle import State
-from gateway.store import StreamClaimRow, StudyUnitRow, utcnow
+from gateway.rows import StreamClaimRow, StudyUnitRow, utcnow
 
 IN_FLIGHT = (State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)
 

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, select
 
-from gateway.store import StudyUnitRow, TransferRow, utcnow
+from gateway.rows import StudyUnitRow, TransferRow, utcnow
 
 SUCCESS = ("received", "held")
 SIZE_CLASSES = ((1e6, "< 1 MB"), (10e6, "1-10 MB"), (100e6, "10-100 MB"), (1e9, "100 MB - 1 GB"), (float("inf"), ">= 1 GB"))

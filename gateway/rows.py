@@ -1,0 +1,184 @@
+"""The queue database's tables as SQLAlchemy 2 models (mirroring the newest Alembic revision), the
+statements of the ingest hot path, and the repository's exceptions. The repository is ``gateway.store``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from gateway.lifecycle import State
+
+
+def utcnow() -> datetime:
+    """Naive UTC: what every timestamp column holds (SQLite keeps no zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyUnitRow(Base):
+    __tablename__ = "study_units"
+    __table_args__ = (UniqueConstraint("study_instance_uid", "unit_seq", name="uq_study_unit_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    unit_seq: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    destination: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    flags: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime)
+    origin_peer: Mapped[str | None] = mapped_column(String(255), nullable=True)  # None: from local modalities
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bundle_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    bundle_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    receipt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    commit_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the process working on it (gateway.claims)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instance_uid_sha256"),
+        Index("ix_instances_sop_instance_uid", "sop_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("study_units.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(Text)
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[str] = mapped_column(String(80))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    pacs_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pacs_verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    pacs_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    imported_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PeerRow(Base):
+    __tablename__ = "peers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    jid: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)  # pinned certificate SHA-256
+
+
+class TransferRow(Base):
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit_id: Mapped[int | None] = mapped_column(ForeignKey("study_units.id"), nullable=True, index=True)
+    sid: Mapped[str] = mapped_column(String(128), index=True)
+    peer_jid: Mapped[str] = mapped_column(String(255))
+    direction: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(16), default="")
+    offset_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stream_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    unit_id: Mapped[int | None] = mapped_column(ForeignKey("study_units.id"), nullable=True, index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    event: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    repeat_count: Mapped[int] = mapped_column(Integer, default=1)  # aggregated refusals (see audit_repeated)
+
+
+class StreamClaimRow(Base):
+    """One inbound stream per bundle at a time, across every process on this queue (gateway.claims)."""
+
+    __tablename__ = "stream_claims"
+
+    bundle_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    peer_jid: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime] = mapped_column(DateTime)
+
+
+class RuntimeStatusRow(Base):
+    """What a running gateway reports about itself (the XMPP connection), read by `dicomgw status`."""
+
+    __tablename__ = "runtime_status"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+# Hot-path statements, built once (expression construction costs more than SQLite's own work here).
+_SELECT_COPIES = select(InstanceRow.sha256, InstanceRow.spool_path).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_GROW_OPEN_UNIT = (
+    update(StudyUnitRow.__table__)
+    .where(StudyUnitRow.__table__.c.id == bindparam("unit"), StudyUnitRow.__table__.c.state == State.RECEIVED.value)
+    .values(
+        instance_count=StudyUnitRow.__table__.c.instance_count + 1,
+        size_bytes=StudyUnitRow.__table__.c.size_bytes + bindparam("bytes"),
+        last_instance_at=bindparam("now"),
+    )
+)
+_INSERT_INSTANCE = InstanceRow.__table__.insert()
+
+
+class ConcurrentMove(RuntimeError):
+    """Another writer (process or thread) moved the unit between our read and our update."""
+
+
+class DuplicateInstance(Exception):
+    """Raised inside a record attempt when another writer stored the same bytes first."""

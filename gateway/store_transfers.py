@@ -1,0 +1,108 @@
+"""Queue repository, transfer attempts (one row per attempt, from its first byte) and peers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from gateway.rows import (
+    AuditRow,
+    PeerRow,
+    TransferRow,
+    utcnow,
+)
+
+
+class TransfersRepo:
+    """Transfer attempts and peers (mixed into ``QueueStore``)."""
+
+    def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
+                        offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None,
+                        stream_s: float | None = None) -> None:
+        self.close_transfer(None, unit_id, sid, peer_jid, direction, method, offset_bytes, bytes_moved, started_at,
+                            outcome, error, stream_s)
+
+    def open_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
+                      offset_bytes: int) -> int:
+        """The row of a stream at its first byte (outcome ``running``); returns its id."""
+        with self._unit_of_work() as session:
+            row = TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, method=method,
+                              offset_bytes=offset_bytes, bytes_moved=0, started_at=utcnow(), outcome="running")
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def transfer_progress(self, row_id: int, bytes_moved: int) -> None:
+        with self._unit_of_work() as session:
+            session.execute(update(TransferRow).where(TransferRow.id == row_id, TransferRow.outcome == "running")
+                            .values(bytes_moved=bytes_moved))
+
+    def close_transfer(self, row_id: int | None, unit_id: int | None, sid: str, peer_jid: str, direction: str,
+                       method: str, offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str,
+                       error: str | None, stream_s: float | None = None) -> None:
+        """End an attempt's row (the one :meth:`open_transfer` made, or a new one for an attempt that moved
+        no byte)."""
+        with self._unit_of_work() as session:
+            row = session.get(TransferRow, row_id) if row_id is not None else None
+            if row is None:
+                row = TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, started_at=started_at)
+                session.add(row)
+            row.method, row.offset_bytes, row.bytes_moved = method, offset_bytes, bytes_moved
+            row.ended_at, row.outcome, row.error, row.stream_s = utcnow(), outcome, error, stream_s
+
+    def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
+        query = select(TransferRow).order_by(TransferRow.started_at, TransferRow.id)
+        if unit_id is not None:
+            query = query.where(TransferRow.unit_id == unit_id)
+        with self._sessions() as session:
+            rows = session.scalars(query).all()
+        return [
+            {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
+             "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved, "started_at": r.started_at.isoformat(),
+             "ended_at": r.ended_at.isoformat() if r.ended_at else None, "outcome": r.outcome, "error": r.error,
+             "stream_s": r.stream_s}
+            for r in rows
+        ]
+
+    def add_peer(self, jid: str, name: str = "", fingerprint: str | None = None) -> None:
+        with self._unit_of_work() as session:
+            existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
+            if existing is None:
+                existing = PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow())
+                session.add(existing)
+            else:
+                existing.allowed = True
+                existing.name = name or existing.name
+            pinned = ""
+            if fingerprint:
+                pinned = f"; certificate pinned to SHA-256 {fingerprint}"
+                if existing.fingerprint and existing.fingerprint != fingerprint:
+                    pinned = f"; certificate pin changed from {existing.fingerprint} to {fingerprint}"
+                existing.fingerprint = fingerprint
+            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies{pinned}"))
+
+    def remove_peer(self, jid: str) -> bool:
+        with self._unit_of_work() as session:
+            existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
+            if existing is None:
+                return False
+            existing.allowed = False
+            session.add(AuditRow(at=utcnow(), event="peer_removed", detail=f"{jid} may no longer exchange studies"))
+            return True
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            rows = session.scalars(select(PeerRow).order_by(PeerRow.jid)).all()
+        return [{"jid": r.jid, "name": r.name, "allowed": r.allowed, "fingerprint": r.fingerprint,
+                 "created_at": r.created_at.isoformat()} for r in rows]
+
+    def peer_fingerprint(self, jid: str) -> str | None:
+        with self._sessions() as session:
+            return session.scalar(select(PeerRow.fingerprint).where(PeerRow.jid == jid, PeerRow.allowed.is_(True)))
+
+    def peer_allowed(self, jid: str) -> bool:
+        with self._sessions() as session:
+            return bool(session.scalar(select(PeerRow.allowed).where(PeerRow.jid == jid)))
+

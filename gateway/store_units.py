@@ -1,0 +1,328 @@
+"""Queue repository, study units: state moves (checked and audited), scheduling, recovery, reading."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from gateway.lifecycle import IllegalTransition, State, check_move
+from gateway.model import InstanceRecord, StudySummary
+from gateway.rows import (
+    AuditRow,
+    ConcurrentMove,
+    InstanceRow,
+    StudyUnitRow,
+    TransferRow,
+    utcnow,
+)
+
+
+class UnitsRepo:
+    """State moves, scheduling, recovery and reading of study units (mixed into ``QueueStore``)."""
+
+    def transition(
+        self, unit_id: int, target: State, detail: str = "", error: str | None = None, **values: Any
+    ) -> None:
+        """Move one unit to ``target`` (checked against the lifecycle table) and audit it; ``values`` sets
+        other columns of the unit in the same transaction (destination, next_attempt_at, ...)."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            self._move(session, unit, target, detail, error)
+            if values:
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+
+    def set_progress(self, unit_id: int, progress_bytes: int, method: str | None = None) -> None:
+        values: dict[str, Any] = {"progress_bytes": progress_bytes}
+        if method:
+            values["method"] = method
+        in_flight = (State.OFFERING.value, State.SENDING.value, State.RECEIVING.value)
+        with self._unit_of_work() as session:
+            session.execute(
+                update(StudyUnitRow).where(StudyUnitRow.id == unit_id, StudyUnitRow.state.in_(in_flight)).values(**values)
+            )
+
+    def begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str,
+                        bundle_sha256: str | None = None) -> int:
+        """The ``receiving`` unit for an accepted offer: the one a cut transfer left, or a new one."""
+        with self._unit_of_work() as session:
+            unit = session.scalar(
+                select(StudyUnitRow).where(
+                    StudyUnitRow.study_instance_uid == study_instance_uid,
+                    StudyUnitRow.origin_peer == origin_peer,
+                    StudyUnitRow.state == State.RECEIVING.value,
+                ).order_by(StudyUnitRow.id.desc()).limit(1)
+            )
+            now = utcnow()
+            if unit is None:
+                last = session.scalar(
+                    select(func.max(StudyUnitRow.unit_seq)).where(StudyUnitRow.study_instance_uid == study_instance_uid)
+                )
+                unit = StudyUnitRow(
+                    study_instance_uid=study_instance_uid, unit_seq=(last or 0) + 1, state=State.RECEIVING.value,
+                    origin_peer=origin_peer, created_at=now, last_instance_at=now, state_changed_at=now,
+                )
+                session.add(unit)
+                session.flush()
+                session.add(AuditRow(at=now, unit_id=unit.id, study_instance_uid=study_instance_uid, event="created",
+                                     to_state=State.RECEIVING.value, detail=f"offer from {origin_peer} accepted"))
+            unit.bundle_bytes, unit.progress_bytes, unit.method = bundle_bytes, offset, method
+            unit.error = None  # a pause (see receive_paused) ends with the new stream
+            unit.bundle_sha256 = bundle_sha256
+            return unit.id
+
+    def receive_paused(self, unit_id: int, progress_bytes: int, detail: str) -> None:
+        """An inbound stream ended before its bundle did: the unit stays ``receiving`` (what arrived is kept for
+        the resume) with the reason and its progress shown, and an audit row."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is not None and unit.state == State.RECEIVING.value:
+                unit.error, unit.progress_bytes = detail, progress_bytes
+                session.add(AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=unit.study_instance_uid,
+                                     event="receive_paused", detail=detail))
+
+    def reschedule(self, unit_id: int, next_attempt_at: datetime, attempts: int, error: str | None = None) -> None:
+        """A later try without a state move (``error``: the reason now shown, when it changed)."""
+        values: dict[str, Any] = {"next_attempt_at": next_attempt_at, "attempts": attempts}
+        if error is not None:
+            values["error"] = error
+        with self._unit_of_work() as session:
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
+
+    def route_stable(self, destination_for: Any) -> list[tuple[int, str]]:
+        """Queue every local ``stable`` unit that ``destination_for(summary)`` gives a destination."""
+        routed = []
+        for summary in self.studies(state=State.STABLE.value):
+            if summary.origin_peer:
+                continue
+            destination = destination_for(summary)
+            if destination:
+                try:
+                    self.transition(summary.unit_id, State.QUEUED, f"routed to {destination}", destination=destination)
+                except (ConcurrentMove, IllegalTransition):
+                    continue  # another process on this queue routed it first
+                routed.append((summary.unit_id, destination))
+        return routed
+
+    def due_for_sending_where(self, now: datetime | None = None) -> tuple[Any, ...]:
+        """SQL conditions of a local unit due for an offer (for ``gateway.claims.Claims.claim_due``)."""
+        moment = now or utcnow()
+        return (
+            StudyUnitRow.state.in_((State.QUEUED.value, State.WAITING_PEER.value)),
+            StudyUnitRow.origin_peer.is_(None),
+            (StudyUnitRow.next_attempt_at.is_(None)) | (StudyUnitRow.next_attempt_at <= moment),
+        )
+
+    def due_for_sending(self, now: datetime | None = None) -> list[StudySummary]:
+        return self.studies(where=self.due_for_sending_where(now))
+
+    def unit_instances(self, unit_id: int) -> list[InstanceRecord]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(InstanceRow)
+                .where(InstanceRow.unit_id == unit_id)
+                .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.sop_instance_uid, InstanceRow.id)
+            ).all()
+        return [_instance(r) for r in rows]
+
+    def unit(self, unit_id: int) -> StudySummary:
+        with self._sessions() as session:
+            row = session.get(StudyUnitRow, unit_id)
+            if row is None:
+                raise KeyError(f"no study unit {unit_id}")
+            return _summary(row, self._modalities(session, [unit_id]).get(unit_id, ""))
+
+    def retry_unit(self, unit_id: int, who: str = "admin") -> str:
+        """The admin's retry of a ``failed`` unit: a local one is queued again; one from a peer is imported
+        again (instances the PACS refused are sent again, those it stored are not). Returns the new state."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            target = State.RECEIVED if unit.origin_peer else State.QUEUED
+            self._move(session, unit, target, f"retry requested by {who}")
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(
+                attempts=0, next_attempt_at=utcnow(), receipt_at=None,
+                flags=",".join(f for f in unit.flags.split(",") if f and f != "pacs-refused"),
+            ))
+            session.execute(
+                update(InstanceRow).where(InstanceRow.unit_id == unit_id, InstanceRow.pacs_verdict == "permanent")
+                .values(pacs_status=None, pacs_verdict=None, pacs_detail=None, imported_at=None)
+            )
+            return target.value
+
+    def recover_in_flight(self, free: Any = None) -> list[tuple[int, str, str]]:
+        """Units no process works on any more: a local unit left ``offering``/``sending`` goes back to
+        ``queued`` (the resend resumes at the receiver's offset); a received unit left ``importing`` without a
+        pending Storage Commitment goes back to ``received``, due now; their ``running`` transfer rows are
+        closed as ``interrupted``. ``free`` (SQL, ``gateway.claims.Claims.free``) limits it to units whose
+        claim has lapsed; None: all of them (one process). Returns (unit, from, to)."""
+        moved = []
+        with self._unit_of_work() as session:
+            query = select(StudyUnitRow).where(
+                StudyUnitRow.state.in_((State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)))
+            if free is not None:
+                query = query.where(free)
+            for unit in session.scalars(query.with_for_update(skip_locked=True)).all():
+                if unit.state == State.IMPORTING.value and unit.commit_uid:
+                    continue  # the PACS's commitment report may still come; commitment_timeout_s covers it
+                target = State.RECEIVED if unit.state == State.IMPORTING.value else State.QUEUED
+                before = unit.state
+                self._move(session, unit, target, f"gateway process stopped while {before}: resuming")
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(
+                    next_attempt_at=utcnow(), owner=None, lease_until=None))
+                session.execute(update(TransferRow).where(TransferRow.unit_id == unit.id, TransferRow.outcome == "running")
+                                .values(outcome="interrupted", ended_at=utcnow(),
+                                        error="the gateway process stopped during the stream"))
+                moved.append((unit.id, before, target.value))
+        return moved
+
+    def _move(
+        self, session: Session, unit: StudyUnitRow, target: State, detail: str, error: str | None = None
+    ) -> None:
+        current = unit.state
+        check_move(current, target)
+        now = utcnow()
+        result = session.execute(
+            update(StudyUnitRow)
+            .where(StudyUnitRow.id == unit.id, StudyUnitRow.state == current)
+            .values(state=target.value, state_changed_at=now, error=error)
+        )
+        if result.rowcount != 1:
+            raise ConcurrentMove(f"study unit {unit.id} moved concurrently from {current}")
+        session.add(
+            AuditRow(
+                at=now,
+                unit_id=unit.id,
+                study_instance_uid=unit.study_instance_uid,
+                event="transition",
+                from_state=current,
+                to_state=target.value,
+                detail=detail,
+            )
+        )
+
+    def mark_stable(self, stable_age_s: float, now: datetime | None = None) -> list[int]:
+        """Move every ``received`` unit with no new instance for ``stable_age_s`` to ``stable``."""
+        cutoff = (now or utcnow()) - timedelta(seconds=stable_age_s)
+        moved: list[int] = []
+        with self._unit_of_work() as session:
+            units = session.scalars(
+                select(StudyUnitRow).where(
+                    StudyUnitRow.state == State.RECEIVED.value,
+                    StudyUnitRow.origin_peer.is_(None),
+                    StudyUnitRow.last_instance_at <= cutoff,
+                    StudyUnitRow.instance_count > 0,
+                ).with_for_update(skip_locked=True)  # another process on this queue may be moving them
+            ).all()
+            for unit in units:
+                self._move(session, unit, State.STABLE, f"no new instance for {stable_age_s:g} s")
+                moved.append(unit.id)
+        return moved
+
+    def studies(self, state: str | None = None, where: Sequence[Any] = ()) -> list[StudySummary]:
+        """Units in creation order, optionally in one ``state`` and matching ``where`` (SQL conditions: the
+        periodic queries select in the database, not by loading every unit ever kept)."""
+        query = select(StudyUnitRow).order_by(StudyUnitRow.created_at, StudyUnitRow.id).where(*where)
+        if state:
+            query = query.where(StudyUnitRow.state == state)
+        with self._sessions() as session:
+            units = session.scalars(query).all()
+            modalities = self._modalities(session, [u.id for u in units])
+        return [_summary(u, modalities.get(u.id, "")) for u in units]
+
+    def study_units(self, study_instance_uid: str) -> list[tuple[StudySummary, list[InstanceRecord]]]:
+        """Every unit of one study with its instances, ordered by series and instance number."""
+        with self._sessions() as session:
+            units = session.scalars(
+                select(StudyUnitRow)
+                .where(StudyUnitRow.study_instance_uid == study_instance_uid)
+                .order_by(StudyUnitRow.unit_seq)
+            ).all()
+            modalities = self._modalities(session, [u.id for u in units])
+            result = []
+            for unit in units:
+                rows = session.scalars(
+                    select(InstanceRow)
+                    .where(InstanceRow.unit_id == unit.id)
+                    .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.id)
+                ).all()
+                result.append((_summary(unit, modalities.get(unit.id, "")), [_instance(r) for r in rows]))
+        return result
+
+    def _modalities(self, session: Session, unit_ids: Sequence[int]) -> dict[int, str]:
+        if not unit_ids:
+            return {}
+        rows = session.execute(
+            select(InstanceRow.unit_id, InstanceRow.modality)
+            .where(InstanceRow.unit_id.in_(unit_ids))
+            .group_by(InstanceRow.unit_id, InstanceRow.modality)
+        ).all()
+        found: dict[int, list[str]] = {}
+        for unit_id, modality in rows:
+            if modality:
+                found.setdefault(unit_id, []).append(modality)
+        return {k: "/".join(sorted(v)) for k, v in found.items()}
+
+    def count_instances(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count(InstanceRow.id))) or 0)
+
+
+
+def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
+    return StudySummary(
+        unit_id=unit.id,
+        study_instance_uid=unit.study_instance_uid,
+        unit_seq=unit.unit_seq,
+        state=unit.state,
+        patient_name=unit.patient_name,
+        patient_id=unit.patient_id,
+        study_description=unit.study_description,
+        modalities=modalities,
+        instances=unit.instance_count,
+        size_bytes=unit.size_bytes,
+        destination=unit.destination,
+        created_at=unit.created_at,
+        last_instance_at=unit.last_instance_at,
+        state_changed_at=unit.state_changed_at,
+        flags=unit.flags,
+        error=unit.error,
+        origin_peer=unit.origin_peer,
+        method=unit.method,
+        progress_bytes=unit.progress_bytes or 0,
+        bundle_bytes=unit.bundle_bytes or 0,
+        attempts=unit.attempts or 0,
+        next_attempt_at=unit.next_attempt_at,
+        bundle_sha256=unit.bundle_sha256,
+        receipt_at=unit.receipt_at,
+        purged_at=unit.purged_at,
+    )
+
+
+def _instance(row: InstanceRow) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=row.sop_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        series_instance_uid=row.series_instance_uid,
+        series_number=row.series_number,
+        series_description=row.series_description,
+        modality=row.modality,
+        instance_number=row.instance_number,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        spool_path=row.spool_path,
+        conflict=row.conflict,
+        source=row.source,
+        received_at=row.received_at,
+        instance_id=row.id,
+        pacs_status=row.pacs_status,
+        pacs_verdict=row.pacs_verdict,
+        pacs_detail=row.pacs_detail,
+    )
