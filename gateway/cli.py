@@ -129,14 +129,19 @@ def _since(text: str | None) -> datetime | None:
     try:
         return datetime.fromisoformat(text).replace(tzinfo=None)
     except ValueError as exc:
-        raise SettingsError(f"--since {text!r}: give an ISO date/time or an age like 24h, 7d, 30m") from exc
+        raise ValueError(f"--since {text!r}: give an ISO date/time (UTC) or an age like 24h, 7d, 30m") from exc
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from gateway.stats import attempts, summary
 
+    try:
+        since = _since(args.since)
+    except ValueError as exc:
+        print(f"dicomgw stats: {exc}", file=sys.stderr)
+        return 2
     store = _store(load_settings(args.config))
-    figures = summary(attempts(store.engine, _since(args.since), args.peer))
+    figures = summary(attempts(store.engine, since, args.peer))
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0

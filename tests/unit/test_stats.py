@@ -40,3 +40,15 @@ def test_no_failure_no_mtbf_and_size_classes() -> None:
     assert summary([])["success_rate"] is None
     assert [size_class(s) for s in (5, 1_000_000, 50_000_000, 999_999_999, 10**9)] == [
         "< 1 MB", "1-10 MB", "10-100 MB", "100 MB - 1 GB", ">= 1 GB"]
+
+
+def test_since_takes_an_age_or_an_iso_time_and_refuses_anything_else() -> None:
+    import pytest
+
+    from gateway.cli import _since
+    from gateway.store import utcnow
+
+    assert abs((utcnow() - _since("24h")).total_seconds() - 86400) < 5
+    assert _since("2026-11-25T08:00:00") == T0 and _since(None) is None
+    with pytest.raises(ValueError, match="an age like 24h"):
+        _since("yesterday")
