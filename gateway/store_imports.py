@@ -131,6 +131,7 @@ class ImportsRepo:
             )
             if unit is None:
                 return "unknown"
+            self._lock_fresh(session, unit)  # the verdict's `sent` committed meanwhile must be seen here
             if unit.state == State.DELIVERED.value:
                 return "delivered"
             if not delivered:
@@ -150,6 +151,7 @@ class ImportsRepo:
             unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
             if unit is None:
                 raise KeyError(f"no study unit {unit_id}")
+            self._lock_fresh(session, unit)  # a receipt committed meanwhile must be seen here
             self._move(session, unit, State.SENT, detail)
             if values:
                 session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))

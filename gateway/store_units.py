@@ -182,6 +182,14 @@ class UnitsRepo:
                 moved.append((unit.id, before, target.value))
         return moved
 
+    def _lock_fresh(self, session: Session, unit: StudyUnitRow) -> None:
+        """Hold the unit's row for this transaction, then re-read it. PostgreSQL: ``FOR UPDATE`` (the row
+        lock). SQLite: a no-op write takes the database's write lock (pysqlite begins the transaction only
+        at the first write, so a plain read before it may be stale by the time we write)."""
+        if session.get_bind().dialect.name == "sqlite":
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(state=StudyUnitRow.state))
+        session.refresh(unit, with_for_update=session.get_bind().dialect.name != "sqlite")
+
     def _move(
         self, session: Session, unit: StudyUnitRow, target: State, detail: str, error: str | None = None
     ) -> None:

@@ -111,3 +111,32 @@ def test_one_stream_per_bundle_across_processes(store: QueueStore) -> None:
     assert b.claim_stream(bundle, "s@x") == a.owner  # one of a's two streams still runs
     a.release_stream(bundle)
     assert b.claim_stream(bundle, "s@x") is None
+
+
+def test_a_receipt_racing_the_verdict_always_ends_delivered(store: QueueStore) -> None:
+    """The receiver's receipt may arrive while the sender records the verdict (`sent`): in either order,
+    on SQLite and PostgreSQL, the unit must end `delivered` (seen once in a soak: it stayed `sent`)."""
+    units = queued_units(store, 60)
+    bundle = {}
+    for n, unit in enumerate(units):
+        bundle[unit] = f"{n:064x}"
+        store.transition(unit, State.OFFERING, bundle_sha256=bundle[unit])
+        store.transition(unit, State.SENDING)
+    study = {u.unit_id: u.study_instance_uid for u in store.studies()}
+    for unit in units:
+        start = threading.Barrier(2)
+
+        def verdict(unit: int = unit, start: threading.Barrier = start) -> None:
+            start.wait()
+            store.mark_sent(unit, "verified")
+
+        def receipt(unit: int = unit, start: threading.Barrier = start) -> None:
+            start.wait()
+            store.confirm_delivery("b@x", study[unit], bundle[unit], True, "stored")
+
+        threads = [threading.Thread(target=verdict), threading.Thread(target=receipt)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert [store.unit(u).state for u in units] == ["delivered"] * len(units)
