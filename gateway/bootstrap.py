@@ -156,10 +156,16 @@ class Gateway:
         """The peer's pinned certificate: `dicomgw peers add --fingerprint` first, then the TOML file."""
         return self.store.peer_fingerprint(peer_jid) or self.settings.xmpp.pin_for(peer_jid)
 
-    def _capacity_changed(self, full: bool) -> None:
+    def _capacity_changed(self, _full: bool) -> None:
+        """Admissions and releases come from several threads: the presence shown is decided on the loop from
+        the count as it is then, so a late 'full' can never outlive the release that followed it."""
         if self.agent is not None and self._loop is not None:
-            status = "busy: at the inbound transfer limit" if full else "ready"
-            self._loop.call_soon_threadsafe(self.agent.set_busy, full, status)
+            self._loop.call_soon_threadsafe(self._show_capacity)
+
+    def _show_capacity(self) -> None:
+        if self.agent is not None and self.inbound_policy is not None:
+            full = self.inbound_policy.full
+            self.agent.set_busy(full, "busy: at the inbound transfer limit" if full else "ready")
 
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)

@@ -399,6 +399,11 @@ class InboundPolicy:
             return f"certificate SHA-256 {cert_sha256} of {peer_bare} does not match the pin {pin}"
         return None
 
+    @property
+    def full(self) -> bool:
+        with self._lock:
+            return self.active >= self.max_inbound
+
     def release(self, bundle_sha256: str = "") -> None:
         """End an admission; with the bundle, its stream claim too (another stream of it may start)."""
         if bundle_sha256 and self.claims is not None:
