@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway (SCP, watched folder, queue)")
     _config_option(run)
     run.add_argument("--log-level", default=os.environ.get("DICOMGW_LOG_LEVEL", "INFO"))
+    run.add_argument("--log-format", choices=["text", "json"], help="text (default, or [log] format) or json: one object per line")
     run.set_defaults(handler=_cmd_run)
 
     queue = sub.add_parser("queue", help="list the queue, or show one study")
@@ -164,9 +165,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 # -- run ------------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from gateway.logs import configure
+
+    configure(args.log_level, args.log_format or settings.log_format)
     # pynetdicom logs every request at INFO: one line per instance is noise for an admin.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     from gateway.bootstrap import run_forever

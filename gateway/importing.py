@@ -30,6 +30,7 @@ from typing import Protocol
 
 from gateway.claims import Claims
 from gateway.lifecycle import State
+from gateway.logs import bind
 from gateway.model import InstanceRecord, StudySummary
 from gateway.retry import ErrorKind
 from gateway.retry import classify_store_status as store_status_kind
@@ -118,7 +119,8 @@ class ImportService:
 
     def _run(self, unit: StudySummary) -> None:
         try:
-            self.import_unit(unit)
+            with bind(study_uid=unit.study_instance_uid, unit_id=unit.unit_id, peer=unit.origin_peer):
+                self.import_unit(unit)
         except Exception:  # a bug in one import must not stop the others: the unit is retried
             log.exception("import of unit %s failed unexpectedly", unit.unit_id)
             self._retry(unit, "internal error during import (see the gateway log)")

@@ -169,11 +169,18 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     pacs: PacsSettings = field(default_factory=PacsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    log_format: str = "text"  # [log] format: "text" for people, "json" for a log collector (gateway.logs)
     source: Path | None = None
 
     def calling_ae_allowed(self, calling_ae_title: str) -> bool:
         allowed = self.dicom.allowed_calling_ae_titles
         return not allowed or calling_ae_title.strip() in allowed
+
+
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise SettingsError(f"log.format = {value!r}: use \"text\" or \"json\"")
+    return value
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -251,6 +258,7 @@ def settings_from_mapping(
         dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ, base_dir),
         routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
         pacs=_pacs(_table(raw, "pacs"), dicom.ae_title, base_dir),
+        log_format=_log_format(str(environ.get("DICOMGW_LOG_FORMAT", _table(raw, "log").get("format", "text")))),
         retention=RetentionSettings(
             keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
             check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from gateway.addressing import destination_jid
 from gateway.claims import Claims
 from gateway.lifecycle import State
+from gateway.logs import bind
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import StudySummary
 from gateway.pins import redact
@@ -173,6 +174,10 @@ class Dispatcher:
         return (utcnow() - unit.created_at).total_seconds()
 
     async def _dispatch(self, unit: StudySummary) -> None:
+        with bind(study_uid=unit.study_instance_uid, unit_id=unit.unit_id, peer=unit.destination):
+            await self._dispatch_unit(unit)
+
+    async def _dispatch_unit(self, unit: StudySummary) -> None:
         peer_bare = unit.destination or ""
         full_jid, availability = self.sender.peer_availability(peer_bare)
         if full_jid is None:

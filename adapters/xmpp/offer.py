@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
@@ -50,6 +51,7 @@ from adapters.xmpp.stanzas import (
     parse_receipt,
     q,
 )
+from gateway.logs import set_fields
 from gateway.transfer import SendOutcome
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,12 @@ log = logging.getLogger(__name__)
 class OfferMixin:
     """The offer, verdict and receipt part of :class:`adapters.xmpp.agent.GatewayAgent`."""
 
-    async def send_bundle(
+    async def send_bundle(self, *args: Any, **kwargs: Any) -> SendOutcome:
+        """See :meth:`_send_bundle`; runs as a task of its own so that the log fields it sets (the attempt's
+        stream id, ``gateway.logs``) stay within it."""
+        return await asyncio.create_task(self._send_bundle(*args, **kwargs))
+
+    async def _send_bundle(
         self,
         peer_full_jid: str,
         size: int,
@@ -81,6 +88,7 @@ class OfferMixin:
         methods = tuple(self.settings.methods)
         while methods:
             sid = uuid.uuid4().hex
+            set_fields(transfer_id=sid)  # every log line of this attempt names it
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
                           identity.cert_der if encrypted and identity else b"", self.settings.compress)
             started = time.time()
@@ -129,6 +137,8 @@ class OfferMixin:
             finally:
                 self._verdicts.pop(sid, None)
             attempt.update(outcome=outcome, error=detail)
+            log.info("%s stream to %s: %s, %d bytes from offset %d", short_method(method), peer_full_jid, outcome,
+                     int(attempt.get("bytes", 0) or 0), offset)
             result.ok = outcome == "received"
             result.detail = detail
             return result

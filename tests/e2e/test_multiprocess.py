@@ -113,6 +113,7 @@ def build(tmp_path: Path, pg_url: str, processes: int, sender_xmpp: str = "") ->
                f'[routing]\ndefault_destination = "{B_USER}"')
     b = SiteProcess(tmp_path / "b", "gw1", f"sqlite:///{tmp_path / 'b' / 'var' / 'queue.db'}", server, B_USER,
                     f'peers = [{{ jid = "{A_USER}@{DOMAIN}", fingerprint = "{a_fp}" }}]')
+    a_extra += '\n[log]\nformat = "json"'  # the senders log for a collector (gateway.logs)
     senders = [SiteProcess(tmp_path / "a", f"gw{n + 1}", pg_url, server, A_USER, a_extra) for n in range(processes)]
     return server, senders, b
 
@@ -151,8 +152,14 @@ def test_several_processes_on_one_queue_send_every_study_exactly_once(tmp_path: 
         received = queue(b)
         assert sorted(u["study_uid"] for u in received) == sorted(s.study_instance_uid for s in studies)
         assert all(u["instances"] == 4 for u in received)  # one unit per study at B, nothing twice
+        streams = []
         for proc in senders:
             assert "IllegalTransition" not in proc.log.read_text() and "dispatch tick failed" not in proc.log.read_text()
+            lines = [json.loads(line) for line in proc.log.read_text().splitlines() if line.strip()]  # every line JSON
+            streams += [line for line in lines if line["msg"].startswith("S5B stream to")]
+        assert len(streams) == len(studies)  # one per study, each naming its study, unit and attempt
+        assert all({"study_uid", "unit_id", "transfer_id", "peer"} <= set(line) for line in streams)
+        assert sorted(line["study_uid"] for line in streams) == sorted(s.study_instance_uid for s in studies)
     finally:
         for proc in started:
             proc.stop()

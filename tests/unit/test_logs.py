@@ -1,0 +1,69 @@
+"""Structured logs: bound fields on every line of a block, in threads started with to_thread, JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from gateway.logs import (
+    JsonFormatter,
+    TextFormatter,
+    _ContextFilter,
+    bind,
+    bound,
+    set_fields,
+)
+
+
+def record(msg: str = "hello %s", args: tuple = ("world",)) -> logging.LogRecord:
+    rec = logging.LogRecord("gateway.test", logging.INFO, __file__, 1, msg, args, None)
+    _ContextFilter().filter(rec)
+    return rec
+
+
+def test_bound_fields_reach_json_and_text_lines_and_end_with_the_block() -> None:
+    with bind(study_uid="1.2.3", unit_id=7), bind(transfer_id="abc"):
+        line = json.loads(JsonFormatter().format(record()))
+        text = TextFormatter().format(record())
+    assert (line["msg"], line["study_uid"], line["unit_id"], line["transfer_id"]) == ("hello world", "1.2.3", 7, "abc")
+    assert text.endswith("[study_uid=1.2.3 unit_id=7 transfer_id=abc]")
+    assert "study_uid" not in json.loads(JsonFormatter().format(record()))
+
+
+def test_fields_follow_into_to_thread_and_stay_inside_their_task() -> None:
+    async def attempt(sid: str) -> dict:
+        set_fields(transfer_id=sid)
+        return await asyncio.to_thread(bound)
+
+    async def main() -> tuple[dict, dict, dict]:
+        with bind(unit_id=1):
+            first = await asyncio.create_task(attempt("s1"))
+            second = await asyncio.create_task(attempt("s2"))
+            return first, second, bound()
+
+    first, second, after = asyncio.run(main())
+    assert first == {"unit_id": 1, "transfer_id": "s1"} and second == {"unit_id": 1, "transfer_id": "s2"}
+    assert after == {"unit_id": 1}
+
+
+def test_an_exception_is_in_the_json_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info())
+    _ContextFilter().filter(rec)
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exc"]
+
+
+def test_the_config_key_is_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.settings import SettingsError, load_settings
+
+    path = tmp_path / "g.toml"
+    path.write_text('[log]\nformat = "json"\n')
+    assert load_settings(path, environ={}).log_format == "json"
+    path.write_text('[log]\nformat = "xml"\n')
+    with pytest.raises(SettingsError, match="log.format"):
+        load_settings(path, environ={})
