@@ -30,6 +30,7 @@ from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
 from gateway.importing import ImportService
 from gateway.lifecycle import State
+from gateway.maintenance import Maintenance, maintenance
 from gateway.model import IngestResult
 from gateway.pins import redact
 from gateway.retention import SpoolCleaner
@@ -118,6 +119,7 @@ class Gateway:
         self.receipts: ReceiptSender | None = None
         self._receipts_due = asyncio.Event()
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
+        self._maintenance = Maintenance(False)
 
     def _build_xmpp(self) -> None:
         """On the running loop: slixmpp binds to the event loop current at construction."""
@@ -163,9 +165,24 @@ class Gateway:
             self._loop.call_soon_threadsafe(self._show_capacity)
 
     def _show_capacity(self) -> None:
+        """The presence: ``dnd`` with the admin's message in maintenance, ``dnd`` busy at the inbound limit."""
         if self.agent is not None and self.inbound_policy is not None:
+            if self._maintenance.on:
+                self.agent.set_busy(True, self._maintenance.status_text)
+                return
             full = self.inbound_policy.full
             self.agent.set_busy(full, "busy: at the inbound transfer limit" if full else "ready")
+
+    def _check_maintenance(self) -> None:
+        """Each tick: follow `dicomgw maintenance on|off` (a row shared by every process of this gateway)."""
+        now = maintenance(self.store)
+        if now != self._maintenance:
+            self._maintenance = now
+            if self.inbound_policy is not None:
+                self.inbound_policy.maintenance = now.status_text if now.on else None
+            log.warning("maintenance %s%s", "on" if now.on else "off", f": {now.message}" if now.message else "")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._show_capacity)
 
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)
@@ -220,6 +237,7 @@ class Gateway:
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
             next_clean = next_beat = 0.0
             while not stop.is_set():
+                await asyncio.to_thread(self._check_maintenance)
                 if time.monotonic() >= next_beat:  # leases of what this process works on; lapsed ones of others
                     next_beat = time.monotonic() + self.settings.queue.lease_s / 4
                     await asyncio.to_thread(self.claims.heartbeat)

@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=_cmd_audit)
 
+    maint = sub.add_parser("maintenance", help="take this gateway out of the exchange for a while (peers hold their sends)")
+    maint.add_argument("action", nargs="?", choices=["on", "off"], help="no action: show the state")
+    maint.add_argument("--message", default="", help="what peers see, e.g. 'PACS upgrade until 14:00'")
+    _config_option(maint)
+    maint.set_defaults(handler=_cmd_maintenance)
+
     stats = sub.add_parser("stats", help="transfer metrics as the field study defined them: T, N, S, F, MTBF, MB/s")
     _config_option(stats)
     stats.add_argument("--since", help="only attempts from then on: an ISO date/time (UTC) or an age like 24h, 7d, 30m")
@@ -115,6 +121,19 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=os.environ.get("DICOMGW_CONFIG", "conf/gateway.toml"), help="TOML settings file"
     )
+
+
+# -- maintenance ----------------------------------------------------------------------------------
+def _cmd_maintenance(args: argparse.Namespace) -> int:
+    from gateway.maintenance import maintenance, set_maintenance
+
+    store = _store(load_settings(args.config))
+    if args.action is not None:
+        set_maintenance(store, args.action == "on", args.message, who=f"{os.environ.get('USER', 'admin')} via dicomgw")
+    state = maintenance(store)
+    print(f"maintenance {'on since ' + state.since if state.on else 'off'}" + (f": {state.message}" if state.message else "")
+          + ("; peers see dnd and hold their sends" if state.on else ""))
+    return 0
 
 
 # -- stats ----------------------------------------------------------------------------------------

@@ -354,6 +354,7 @@ class InboundPolicy:
         self.max_inbound = max_inbound
         self.on_capacity = on_capacity
         self.active = 0
+        self.maintenance: str | None = None  # the admin's maintenance text while it is on (gateway.maintenance)
         self._lock = threading.Lock()
 
     def authorize(self, peer_bare: str, size: int, bundle_sha256: str = "", cert_sha256: str | None = None) -> tuple[str, str] | None:
@@ -363,6 +364,8 @@ class InboundPolicy:
         if peer_bare not in self.allowed_peers and not self.store.peer_allowed(peer_bare):
             self.store.audit_repeated("offer_refused", peer_bare, f"offer from {peer_bare}: not an allowed peer")
             return "forbidden", f"{peer_bare} is not an allowed peer of this gateway"
+        if self.maintenance is not None:
+            return "resource-constraint", f"busy: {self.maintenance}"
         refusal = self._check_pin(peer_bare, cert_sha256)
         if refusal is not None:
             self.store.audit("e2e_refused", f"offer of bundle {bundle} from {peer_bare}: {refusal}")

@@ -97,6 +97,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             "tls": settings.use_tls, "tls_version": None, "server_cert_sha256": None, "last_error": None,
         }
         self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
+        self.peer_text: dict[str, dict[str, str]] = {}  # bare JID -> {resource: status text}
         self._online = asyncio.Event()
         self._settled = asyncio.Event()  # online, or refused for a reason an operator must fix
         self._sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
@@ -204,6 +205,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
         self.peer_status.clear()
+        self.peer_text.clear()
         for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
             if not future.done():
                 future.set_exception(StreamLost(iq))
@@ -236,6 +238,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             resources.pop(sender.resource, None)
         elif presence["type"] in ("available", "", "chat", "away", "dnd", "xa"):
             resources[sender.resource] = presence["show"] or "available"
+            self.peer_text.setdefault(sender.bare, {})[sender.resource] = (presence["status"] or "")[:200]
 
     @property
     def online(self) -> bool:
@@ -259,7 +262,10 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         free = sorted(r for r, show in resources.items() if show in ("available", "chat"))
         if free:
             return f"{bare_jid}/{free[0]}", "available"
-        return (None, "busy") if resources else (None, "offline")
+        if not resources:
+            return None, "offline"
+        text = next((t for r, t in sorted(self.peer_text.get(bare_jid, {}).items()) if r in resources and t), "")
+        return None, f"busy ({text})" if text.startswith("maintenance") else "busy"
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -384,6 +384,29 @@ def test_a_scanner_like_study_crosses_a_slow_link_compressed_and_arrives_byte_fo
         link.stop()
 
 
+def test_maintenance_makes_peers_hold_their_sends_until_it_ends(tmp_path: Path, prosody: Prosody) -> None:
+    from gateway.maintenance import set_maintenance
+
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        set_maintenance(b.gateway.store, True, "PACS upgrade until 14:00")  # what `dicomgw maintenance on` does
+        wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == "busy (maintenance: PACS upgrade until 14:00)",
+                 20, 0.05, what="A to see B's maintenance presence")
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 20, 0.05, what="A to hold the study")
+        assert a.gateway.store.studies()[0].error == "peer busy (maintenance: PACS upgrade until 14:00)"
+        assert a.gateway.store.transfers() == [] and b.gateway.store.studies() == []
+        assert any(e["event"] == "maintenance" and "PACS upgrade" in e["detail"] for e in b.gateway.store.audit_entries())
+        set_maintenance(b.gateway.store, False)
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once maintenance ends")
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_study_is_offered_as_soon_as_it_is_stable_not_at_the_next_dispatch_tick(tmp_path: Path, prosody: Prosody) -> None:
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
     # With an hour between dispatch ticks, only the wake-up from the completeness check can send it in time.
