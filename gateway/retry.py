@@ -18,6 +18,7 @@ study. A study whose transient failures go on for ``max_attempts`` attempts or `
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -87,19 +88,28 @@ class RetryPolicy:
     max_age_s: float = 7 * 86400.0
     rng: random.Random = field(default_factory=random.Random)
     _failures: dict[str, int] = field(default_factory=dict)
+    _next_try: dict[str, float] = field(default_factory=dict)  # peer -> monotonic time of its next try
 
     def delay_s(self, failures: int) -> float:
         """Seconds before the next try after ``failures`` consecutive failures (>= 1)."""
         ceiling = min(self.cap_s, self.base_s * (2 ** min(max(failures, 1) - 1, 30)))
         return self.rng.uniform(min(self.base_s / 2, ceiling), ceiling)
 
-    def peer_failed(self, peer: str) -> float:
-        """Count one more failure of ``peer``; returns the delay before it is tried again."""
+    def peer_failed(self, peer: str, now_s: float | None = None) -> float:
+        """Count one more failure of ``peer``; returns the delay before it is tried again (kept: see
+        :meth:`peer_wait_s`)."""
         self._failures[peer] = self._failures.get(peer, 0) + 1
-        return self.delay_s(self._failures[peer])
+        delay = self.delay_s(self._failures[peer])
+        self._next_try[peer] = (time.monotonic() if now_s is None else now_s) + delay
+        return delay
+
+    def peer_wait_s(self, peer: str, now_s: float | None = None) -> float:
+        """Seconds until ``peer`` may be tried again (0: now)."""
+        return max(0.0, self._next_try.get(peer, 0.0) - (time.monotonic() if now_s is None else now_s))
 
     def peer_ok(self, peer: str) -> None:
         self._failures.pop(peer, None)
+        self._next_try.pop(peer, None)
 
     def peer_failures(self, peer: str) -> int:
         return self._failures.get(peer, 0)

@@ -130,7 +130,6 @@ class Dispatcher:
         self.max_sends = max_sends
         self.claims = claims or Claims(store.engine)
         self.max_per_tick = max_per_tick
-        self._peer_next: dict[str, float] = {}  # monotonic time before which a failing peer is not tried
         self._adaptive: dict[str, Adaptive] = {}  # per peer: whether compressing its stream pays (gateway.wire)
 
     async def tick(self) -> None:
@@ -206,7 +205,6 @@ class Dispatcher:
         await asyncio.to_thread(progress.finish, outcome)
         if outcome.ok:
             self.policy.peer_ok(peer_bare)
-            self._peer_next.pop(peer_bare, None)
             await asyncio.to_thread(progress.ensure_sending, _method_name(outcome.method))
             await asyncio.to_thread(
                 self.store.mark_sent, unit.unit_id, f"{full_jid} verified it: {outcome.detail}",
@@ -227,23 +225,14 @@ class Dispatcher:
             self.store.transition(unit.unit_id, State.DEAD, f"gave up: {peer_bare} {availability} for "
                                   f"{self._age_s(unit):.0f} s", f"peer {availability}")
             return
-        if self._peer_due(peer_bare):  # the first unit of this peer this round counts one failure of the peer
-            delay = self.policy.peer_failed(peer_bare)
-            self._peer_next[peer_bare] = time.monotonic() + delay
-        else:
-            delay = self._peer_wait(peer_bare)
+        # The first unit of this peer this round counts one failure of the peer; the others wait with it.
+        delay = self.policy.peer_wait_s(peer_bare) or self.policy.peer_failed(peer_bare)
         next_at = utcnow() + timedelta(seconds=delay)
         if unit.state != State.WAITING_PEER.value:
             self.store.transition(unit.unit_id, State.WAITING_PEER, f"{peer_bare} is {availability}",
                                   f"peer {availability}", next_attempt_at=next_at)
         else:
             self.store.reschedule(unit.unit_id, next_at, unit.attempts, error=f"peer {availability}")
-
-    def _peer_due(self, peer_bare: str) -> bool:
-        return time.monotonic() >= self._peer_next.get(peer_bare, 0.0)
-
-    def _peer_wait(self, peer_bare: str) -> float:
-        return max(0.0, self._peer_next.get(peer_bare, 0.0) - time.monotonic())
 
     def _attempt_failed(self, unit: StudySummary, peer_bare: str, detail: str, streamed: bool) -> None:
         attempts = unit.attempts + 1

@@ -12,6 +12,7 @@ import pytest
 from gateway.claims import Claims
 from gateway.lifecycle import State
 from gateway.store import QueueStore, make_engine, upgrade_schema
+from tests.helpers import wait_for
 from tests.integration.test_queue import record
 
 
@@ -67,8 +68,8 @@ def test_a_held_claim_is_skipped_until_its_lease_lapses(store: QueueStore) -> No
     assert not second.claim(unit)
     first.heartbeat()  # the owner renews: still held
     assert not second.claim(unit)
-    time.sleep(1.3)  # the owner stopped renewing (it was killed)
-    assert second.claim(unit)
+    # The owner stops renewing (it was killed): the claim is free once its 1 s lease has run out.
+    wait_for(lambda: second.claim(unit), 10, 0.05, what="the lapsed claim to be taken over")
     assert not first.claim(unit)
 
 

@@ -61,8 +61,10 @@ def test_backoff_is_per_peer_and_resets_on_success() -> None:
         policy.peer_failed("b@x")
     assert policy.peer_failures("b@x") == 5 and policy.peer_failures("c@x") == 0
     assert policy.peer_failed("c@x") <= 1.0  # another peer starts at the base
+    delay = policy.peer_failed("b@x", now_s=100.0)
+    assert abs(policy.peer_wait_s("b@x", now_s=100.0) - delay) < 1e-9 and policy.peer_wait_s("b@x", now_s=101.0 + delay) == 0.0
     policy.peer_ok("b@x")
-    assert policy.peer_failures("b@x") == 0
+    assert policy.peer_failures("b@x") == 0 and policy.peer_wait_s("b@x") == 0.0
 
 
 def test_a_study_dies_after_the_attempts_or_the_age() -> None:
