@@ -326,3 +326,42 @@ def _int_or_none(value: object) -> int | None:
         return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def read_tags(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """The attributes routing rules name (``gateway.routing``), as text, from a Part-10 file's header (pixel
+    data not read). ``keys``: keywords or ``"gggg,eeee"``. An attribute absent at the top level is looked for
+    in the first item of the Request Attributes Sequence (0040,0275), where images carry the request's
+    Requested Procedure Priority and ID; absent there too: "". Raises ValueError for an unknown keyword."""
+    if not keys:
+        return {}
+    tags = {key: _tag(key) for key in keys}
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    request = ds.get((0x0040, 0x0275))
+    nested = request.value[0] if request is not None and request.VR == "SQ" and request.value else None
+    found = {}
+    for key, tag in tags.items():
+        element = ds.get(tag) if tag in ds else (nested.get(tag) if nested is not None and tag in nested else None)
+        found[key] = _as_text(element.value) if element is not None and element.VR != "SQ" else ""
+    return found
+
+
+def _tag(key: str) -> pydicom.tag.BaseTag:
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.tag import Tag
+
+    if "," in key:
+        group, element = key.split(",", 1)
+        return Tag(int(group, 16), int(element, 16))
+    value = tag_for_keyword(key)
+    if value is None:
+        raise ValueError(f"{key!r} is not a DICOM keyword (routing rule tags)")
+    return Tag(value)
+
+
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()

@@ -42,6 +42,7 @@ from adapters.dicom_ul import (
 )
 from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
+from gateway.routing import scp_source
 
 if TYPE_CHECKING:
     from adapters.dicom_scp import StorageSCP
@@ -93,7 +94,7 @@ class AssociationHandler:
         self.scp = scp
         self.assoc = link.assoc
         self.link = link
-        self.source = f"scp:{link.request.calling_ae}@{address.rsplit(':', 1)[0]}"
+        self.source = scp_source(link.request.calling_ae, link.request.called_ae, address.rsplit(':', 1)[0])
         self.command = bytearray()
         self.pending: Command | None = None  # a command whose data set is arriving
         self.context_id = 0

@@ -280,6 +280,9 @@ class Prosody(PeerProcess):
         proxy65: bool = True,
         stanza_size_limit: int = 1 << 20,
         tls: bool | str = True,
+        admins: tuple[str, ...] = (),
+        modules: tuple[str, ...] = (),
+        groups_text: str | None = None,
     ) -> None:
         # Prosody runs as its own user, which cannot enter private temp dirs (pytest's are 0700): its
         # runtime dir is a fresh world-traversable one under /tmp; its log is copied to ``workdir`` on stop.
@@ -296,6 +299,9 @@ class Prosody(PeerProcess):
         self.stanza_size_limit = stanza_size_limit
         self.config_path = self.workdir / "prosody.cfg.lua"
         self.accounts: dict[str, str] = {}
+        self.admins = admins  # bare JIDs that may send server announcements (mod_announce)
+        self.modules = modules  # more modules to load, e.g. ("announce",)
+        self.groups_text = groups_text  # a mod_groups file (e.g. `dicomgw peers export prosody`); None: every account
         self.tls = bool(tls)
         self.ca_file: Path | None = None
         if tls:  # the CA stays with the test (report dir); the key and certificate with the server
@@ -342,7 +348,8 @@ c2s_stanza_size_limit = {self.stanza_size_limit}
 {tls}
 authentication = "internal_hashed"
 storage = "internal"
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "smacks"; "groups"{'; "tls"' if self.tls else ''} }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "smacks"; "groups"{'; "tls"' if self.tls else ''}{''.join(f'; "{m}"' for m in self.modules)} }}
+admins = {{ {'; '.join(f'"{a}"' for a in self.admins)} }}
 modules_disabled = {{ "s2s"; "limits"{'' if self.tls else '; "tls"'} }}
 groups_file = "{self.workdir}/groups.txt"
 VirtualHost "{self.domain}"
@@ -363,7 +370,7 @@ VirtualHost "{self.domain}"
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         (self.workdir / "certs").mkdir(parents=True, exist_ok=True)
         members = "\n".join(f"{u}@{self.domain}={u}" for u in sorted(self.accounts))
-        (self.workdir / "groups.txt").write_text(f"[Gateways]\n{members}\n")
+        (self.workdir / "groups.txt").write_text(self.groups_text if self.groups_text is not None else f"[Gateways]\n{members}\n")
         self.config_path.write_text(self._config_text())
         if os.geteuid() == 0:
             shutil.chown(self.workdir, "prosody", "prosody")

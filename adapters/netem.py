@@ -4,7 +4,10 @@
 direction: a one-way ``latency_s`` (each piece is delivered that long after it was read, so a round trip
 costs twice it), a ``rate_bytes_s`` cap (token bucket, the link rate of *each* connection and direction),
 and faults on the client->server direction: ``stall_after``/``stall_s`` (the link goes quiet), ``cut_after``
-(both sides closed after that many bytes, once) and ``reset_after`` (an RST instead of a FIN). ``faults``
+(both sides closed after that many bytes, once) and ``reset_after`` (an RST instead of a FIN). With a
+:class:`SharedLink` the rate is that of one link that all connections of the relays given it share (per
+direction), as a site's line is shared by its XMPP session and its streams; otherwise each connection has a
+link of its own. ``faults``
 counts what was injected. Point a gateway's ``[xmpp] port`` and ``s5b_proxy`` at relays to put it behind
 the emulated link. Threads only; every socket is closed by :meth:`stop`.
 """
@@ -21,10 +24,29 @@ import time
 PIECE_BYTES = 1 << 16
 
 
+class SharedLink:
+    """One line of ``rate_bytes_s`` per direction: pieces take their turn on it in the order they come."""
+
+    def __init__(self, rate_bytes_s: float) -> None:
+        self.rate_bytes_s = rate_bytes_s
+        self._free_at = {True: 0.0, False: 0.0}
+        self._lock = threading.Lock()
+
+    def turn(self, upstream: bool, size: int) -> float:
+        """When a piece of ``size`` bytes has left, if it joins the queue now (monotonic time)."""
+        with self._lock:
+            self._free_at[upstream] = max(self._free_at[upstream], time.monotonic()) + size / self.rate_bytes_s
+            return self._free_at[upstream]
+
+
 class FaultRelay:
     def __init__(self, target_port: int, latency_s: float = 0.0, rate_bytes_s: float = 0.0,
-                 stall_after: int = 0, stall_s: float = 0.0, cut_after: int = 0, reset_after: int = 0) -> None:
+                 stall_after: int = 0, stall_s: float = 0.0, cut_after: int = 0, reset_after: int = 0,
+                 link: SharedLink | None = None) -> None:
         self.target_port = target_port
+        self.link = link
+        if link is not None:
+            rate_bytes_s = link.rate_bytes_s
         self.latency_s = latency_s
         self.rate_bytes_s = rate_bytes_s
         self.stall_after, self.stall_s = stall_after, stall_s
@@ -124,7 +146,10 @@ class FaultRelay:
                     time.sleep(wait)
                 if upstream and self._fault(moved, len(data), src, dst):
                     return
-                if self.rate_bytes_s > 0:  # token bucket: this piece may leave once the link has carried the last
+                if self.link is not None:  # the piece takes its turn on the one line
+                    if (lag := self.link.turn(upstream, len(data)) - time.monotonic()) > 0:
+                        time.sleep(lag)
+                elif self.rate_bytes_s > 0:  # token bucket: this piece may leave once the link has carried the last
                     budget_at = max(budget_at, time.monotonic()) + len(data) / self.rate_bytes_s
                     if (lag := budget_at - time.monotonic()) > 0:
                         time.sleep(lag)

@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from adapters.dicom_files import inspect_part10_file, read_tags
 from adapters.dicom_scp import StorageSCP
 from adapters.dicom_scu import EchoResult, echo
 from adapters.folder_watch import FolderWatcher
@@ -28,22 +30,22 @@ from adapters.xmpp.agent import XmppSettings as AgentSettings
 from adapters.xmpp.e2e import Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
+from gateway.dispatch import Dispatcher
 from gateway.importing import ImportService
 from gateway.lifecycle import State
-from gateway.maintenance import Maintenance, maintenance
+from gateway.maintenance import Maintenance, maintenance, obey_announcement
 from gateway.model import IngestResult
 from gateway.pins import redact
 from gateway.retention import SpoolCleaner
 from gateway.retry import RetryPolicy
+from gateway.routing import Router, Rules, StudyFacts
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
 from gateway.transfer import (
-    Dispatcher,
     InboundPolicy,
     Receipt,
     ReceiptSender,
-    RoutingRules,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ def load_identity(settings: Settings) -> tuple[Identity, bool]:
     """This gateway's end-to-end identity, made on first use: (identity, created)."""
     key_path, cert_path = identity_paths(settings)
     return ensure_identity(key_path, cert_path, settings.xmpp.jid.split("/")[0] or settings.dicom.ae_title)
+
+
+def facts_from_file(path: str | Path, source: str, tag_keys: tuple[str, ...]) -> StudyFacts:
+    """What routing sees of a study whose first instance is this Part-10 file (``dicomgw route test``)."""
+    header = inspect_part10_file(Path(path))
+    return StudyFacts(source, (header.modality,) if header.modality else (), read_tags(Path(path), tag_keys))
 
 
 def open_store(settings: Settings) -> QueueStore:
@@ -120,6 +128,7 @@ class Gateway:
         self._receipts_due = asyncio.Event()
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
         self._maintenance = Maintenance(False)
+        self.web: Any = None  # adapters.web.WebServer while [web] port is set
 
     def _build_xmpp(self) -> None:
         """On the running loop: slixmpp binds to the event loop current at construction."""
@@ -131,7 +140,8 @@ class Gateway:
         log.info("end-to-end identity: certificate SHA-256 %s", self.identity.fingerprint)
         self.inbound_policy = InboundPolicy(
             self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
-            pin_for=self.pin_for, require_e2e=x.require_e2e, claims=self.claims,
+            pin_for=self.pin_for, require_e2e=x.require_e2e, claims=self.claims, stat_reserve=x.stat_reserve,
+            peer_config=lambda jid: self.store.peer_configs().get(jid),
         )
         self.agent = GatewayAgent(
             AgentSettings(
@@ -146,11 +156,14 @@ class Gateway:
             _Inbound(self),
         )
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
+        rules = Rules(self.settings.routing.rules, self.settings.routing.default_destination)
+        router = Router(rules, domain, self.store, self.settings.paths.spool_dir, read_tags, self.store.peer_configs)
         self.dispatcher = Dispatcher(
-            self.store, self.settings.paths.spool_dir, self.agent, RoutingRules(domain, self.settings.routing.default_destination),
+            self.store, self.settings.paths.spool_dir, self.agent, router,
             policy=RetryPolicy(base_s=x.retry_base_s, cap_s=x.retry_max_s, max_attempts=x.retry_max_attempts,
                                max_age_s=x.retry_max_age_s),
             receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends, claims=self.claims,
+            peer_configs=self.store.peer_configs, wake=self._dispatch_due.set,
         )
         self.receipts = ReceiptSender(self.store, self.agent)
 
@@ -214,6 +227,7 @@ class Gateway:
             self._audit("quarantined", f"recovered at start-up: {kept}")
         self.scp.start()
         try:
+            await self._start_web()
             if self.watcher is not None:
                 self.watcher.start()
             log.info(
@@ -256,6 +270,8 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dispatching
         finally:
+            if self.web is not None:
+                await self.web.stop()
             if self.agent is not None:
                 await self.agent.stop()
             if self.watcher is not None:
@@ -264,6 +280,25 @@ class Gateway:
             self.engine.dispose()
             log.info("gateway stopped")
 
+
+    async def _start_web(self) -> None:
+        """The admin web page and /metrics on ``[web]`` host and port (``adapters.web``), when a port is set."""
+        w = self.settings.web
+        if not w.port:
+            return
+        from adapters.web import WebAccess, WebServer, make_app
+
+        access = WebAccess(w.auth_user, w.auth_password_hash, str(w.tls_cert_file or ""), str(w.tls_key_file or ""),
+                           str(w.client_ca_file or ""))
+
+        def presence(jid: str) -> str:
+            return self.agent.peer_availability(jid)[1] if self.agent is not None and self.agent.online else "unknown (offline)"
+
+        app = make_app(self.store, presence, self.settings.xmpp.peers,
+                       lambda: self.agent.online if self.agent is not None else None, access, w.refresh_s,
+                       own_jid=self.settings.xmpp.jid or self.settings.dicom.ae_title, pin_for=self.pin_for)
+        self.web = WebServer(app, w.host, w.port, access)
+        await self.web.start()
 
     def _recover(self) -> None:
         """Units in flight whose process is gone (its lease lapsed, or its PID on this host ended) resume."""
@@ -284,6 +319,7 @@ class Gateway:
                     await asyncio.wait_for(self._dispatch_due.wait(), self.settings.xmpp.dispatch_interval_s)
         finally:
             receipts.cancel()
+            await self.dispatcher.stop()
 
     async def _receipt_loop(self, stop: asyncio.Event) -> None:
         """Receipts to senders: at once when an import ends, else every dispatch interval (retries)."""
@@ -313,7 +349,7 @@ class _Inbound:
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         assert self.gateway.inbound_policy is not None
         cert = fingerprint(offer.cert_der) if offer.cert_der else None
-        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert)
+        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert, offer.priority)
 
     def receipt(self, peer_jid: str, receipt: Receipt) -> str:
         outcome = self.gateway.store.confirm_delivery(
@@ -332,6 +368,15 @@ class _Inbound:
 
     def status_changed(self, status: dict) -> None:
         self.gateway.store.set_runtime_status("xmpp", json.dumps(status, default=str))
+
+    def server_announcement(self, server: str, text: str) -> None:
+        """The server operator's broadcast (``gateway.maintenance``): obeyed off the loop, at once."""
+        def obey() -> None:
+            if obey_announcement(self.gateway.store, server, text) is not None:
+                self.gateway._check_maintenance()
+
+        if self.gateway._loop is not None:
+            self.gateway._loop.run_in_executor(None, obey)
 
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
         """Takes over the admission ``authorize`` gave: released here if the sink cannot be made."""

@@ -96,13 +96,14 @@ class Claims:
 
     def claim_due(self, where: Sequence[Any], limit: int = 100) -> list[int]:
         """Claim up to ``limit`` unclaimed units matching ``where`` (skipping rows another process has locked);
-        returns their ids, oldest first. Each row is taken by a compare-and-set, so SQLite (no row locks)
+        returns their ids, STAT first, then oldest first. Each row is taken by a compare-and-set, so SQLite (no row locks)
         is as safe as PostgreSQL."""
         free = self.free()
         until = self._until()
         with self._sessions.begin() as session:
             ids = session.scalars(
-                select(StudyUnitRow.id).where(*where, free).order_by(StudyUnitRow.id).limit(limit)
+                select(StudyUnitRow.id).where(*where, free)
+                .order_by(StudyUnitRow.priority != "stat", StudyUnitRow.id).limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
             won = [unit_id for unit_id in ids if session.execute(

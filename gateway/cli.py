@@ -63,14 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
 
-    peers = sub.add_parser("peers", help="which peer gateways may exchange studies with this one")
-    _config_option(peers)
-    peers.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
-    peers.add_argument("jid", nargs="?", help="peer gateway JID per the naming standard, e.g. radiology.hospital-b@helsenett.test")
-    peers.add_argument("--name", default="", help="a label for people")
-    peers.add_argument("--fingerprint", help="the peer's certificate SHA-256 (its `dicomgw keys show`), verified out of band")
-    peers.add_argument("--json", action="store_true")
-    peers.set_defaults(handler=_cmd_peers)
+    from gateway.cli_peers import add_parsers
+
+    add_parsers(sub, _config_option)
 
     keys = sub.add_parser("keys", help="this gateway's end-to-end identity (key and self-signed certificate)")
     _config_option(keys)
@@ -196,52 +191,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- peers and audit ------------------------------------------------------------------------------
-def _cmd_peers(args: argparse.Namespace) -> int:
-    from gateway.addressing import AddressError, parse
-
-    store = _store(load_settings(args.config))
-    if args.action in ("add", "remove"):
-        if not args.jid:
-            print(f"dicomgw peers {args.action}: a peer JID is required", file=sys.stderr)
-            return 2
-        try:
-            bare = parse(args.jid).bare
-        except AddressError as exc:
-            print(f"dicomgw peers {args.action}: {exc}", file=sys.stderr)
-            return 2
-        if args.action == "add":
-            from gateway.pins import normalize_fingerprint
-
-            try:
-                pin = normalize_fingerprint(args.fingerprint) if args.fingerprint else None
-            except ValueError as exc:
-                print(f"dicomgw peers add: --fingerprint: {exc}", file=sys.stderr)
-                return 2
-            store.add_peer(bare, args.name, pin)
-            print(f"{bare} may now exchange studies with this gateway"
-                  + (f" (certificate pinned: SHA-256 {pin})" if pin else
-                     "; no certificate pinned yet: nothing is exchanged until `--fingerprint` is given"))
-            return 0
-        if not store.remove_peer(bare):
-            print(f"dicomgw peers remove: {bare} is not a known peer", file=sys.stderr)
-            return 1
-        print(f"{bare} may no longer exchange studies with this gateway")
-        return 0
-    rows = store.peers()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.table import Table
-
-    table = Table(title=f"Peers: {sum(r['allowed'] for r in rows)} allowed")
-    for column in ("JID", "Name", "Allowed", "Pinned certificate SHA-256", "Since"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["jid"], r["name"] or "-", "yes" if r["allowed"] else "no", r["fingerprint"] or "-", r["created_at"][:19])
-    _console().print(table)
-    return 0
-
-
 def _cmd_keys(args: argparse.Namespace) -> int:
     """``init`` makes the identity if there is none (never replaces one); ``show`` prints its fingerprint."""
     from gateway.bootstrap import identity_paths, load_identity

@@ -7,7 +7,8 @@ follow-up unit of the same study, so nothing that arrives is ever lost behind a 
 Sender side (ingest -> transfer)::
 
     received --(no new instance for stable_age_s)--> stable --(routed)--> queued
-    queued -> waiting-peer | offering;  offering -> sending -> sent -> delivered
+    queued -> waiting-peer | waiting-window | offering;  offering -> sending -> sent -> delivered
+    waiting-window: a routine study outside its peer's transfer window, until the next opening
     sent --(no delivery receipt within receipt_timeout_s)--> queued (sent again) | failed
     offering -> sent when the peer answers that it already holds the bundle (a resend after a lost verdict)
     queued | waiting-peer | failed -> delivered when a late receipt for the same bundle arrives
@@ -35,6 +36,7 @@ class State(StrEnum):
     STABLE = "stable"
     QUEUED = "queued"
     WAITING_PEER = "waiting-peer"
+    WAITING_WINDOW = "waiting-window"
     OFFERING = "offering"
     SENDING = "sending"
     SENT = "sent"
@@ -58,8 +60,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.RECEIVING: frozenset({S.RECEIVED, S.FAILED}),
     S.RECEIVED: frozenset({S.STABLE, S.IMPORTING, S.FAILED, S.DEAD}),
     S.STABLE: frozenset({S.QUEUED, S.DEAD}),
-    S.QUEUED: frozenset({S.WAITING_PEER, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
-    S.WAITING_PEER: frozenset({S.QUEUED, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
+    S.QUEUED: frozenset({S.WAITING_PEER, S.WAITING_WINDOW, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
+    S.WAITING_PEER: frozenset({S.QUEUED, S.WAITING_WINDOW, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
+    S.WAITING_WINDOW: frozenset({S.QUEUED, S.WAITING_PEER, S.OFFERING, S.DELIVERED, S.FAILED, S.DEAD}),
     S.OFFERING: frozenset({S.SENDING, S.SENT, S.WAITING_PEER, S.QUEUED, S.FAILED, S.DEAD}),
     S.SENDING: frozenset({S.SENT, S.QUEUED, S.FAILED, S.DEAD}),
     S.SENT: frozenset({S.DELIVERED, S.QUEUED, S.FAILED}),

@@ -4,11 +4,19 @@ The switch is a row in ``runtime_status`` (name ``maintenance``) so that the CLI
 of the gateway share it; the running gateway reads it each tick, shows ``dnd`` with the message as its
 presence (peers' dispatchers hold their sends to it: ``waiting-peer``) and refuses offers as busy while it
 is on. Each switch is audited.
+
+The XMPP server's operator can switch every gateway at once, as the field study proposed: a server-wide
+announcement (Prosody's mod_announce: a message from an admin to ``DOMAIN/announce/online``; ejabberd's
+mod_announce: ``DOMAIN/announce/online`` likewise) arrives at each gateway from the bare server domain. A
+gateway obeys one whose first line is ``maintenance on[: TEXT]`` or ``maintenance off`` (an optional
+``dicomgw`` before it, any case); any other announcement is audited and otherwise ignored. Only the server
+itself can send from its bare domain (it stamps the sender), so no other account can switch gateways.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from gateway.store import QueueStore, utcnow
@@ -43,3 +51,25 @@ def maintenance(store: QueueStore) -> Maintenance:
         return Maintenance(bool(data.get("on")), str(data.get("message", "")), str(data.get("since", "")))
     except (ValueError, AttributeError):
         return Maintenance(False)
+
+
+_ANNOUNCEMENT = re.compile(r"^\s*(?:dicomgw\s+)?maintenance\s+(on|off)\b\s*:?\s*(.*)$", re.IGNORECASE)
+
+
+def parse_announcement(text: str) -> tuple[bool, str] | None:
+    """(on, message) for a maintenance announcement from the XMPP server; None for any other text."""
+    first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    found = _ANNOUNCEMENT.match(first)
+    if not found:
+        return None
+    return found.group(1).lower() == "on", found.group(2).strip()[:200]
+
+
+def obey_announcement(store: QueueStore, server: str, text: str) -> Maintenance | None:
+    """Apply a server announcement (audited either way); the new state, or None when it was not one."""
+    parsed = parse_announcement(text)
+    if parsed is None:
+        store.audit("server_announcement", f"from {server} (not a maintenance switch, ignored): {text.strip()[:300]}")
+        return None
+    on, message = parsed
+    return set_maintenance(store, on, message or f"announced by {server}", who=f"server announcement from {server}")

@@ -87,6 +87,9 @@ class StudySummary:
     bundle_sha256: str | None = None  # the manifest SHA-256 of the bundle that carries (carried) this unit
     receipt_at: datetime | None = None  # sender: receipt came; receiver: the sender acknowledged our receipt
     purged_at: datetime | None = None  # spool files removed by the retention policy
+    priority: str = "routine"  # "stat" goes ahead of routine and ignores transfer windows
+    rule: str | None = None  # the routing rule that queued it
+    instances_of: int | None = None  # a copy of that unit for a further destination: sends its instances
 
 
 @dataclass(frozen=True)
@@ -109,3 +112,28 @@ class InstanceRecord:
     pacs_status: int | None = None  # the local PACS's last C-STORE status for this instance
     pacs_verdict: str | None = None  # gateway.importing.Verdict
     pacs_detail: str | None = None
+
+
+DIRECTIONS = ("both", "send", "receive")  # a peer we exchange with both ways, only send to, only receive from
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """What the admin set for one peer gateway (``dicomgw peers``)."""
+
+    jid: str
+    name: str = ""
+    fingerprint: str | None = None
+    destinations: tuple[str, ...] = ()  # routing destinations this peer serves besides its own address
+    max_concurrent: int = 1  # routine transfers to it at once (a STAT study may add one more)
+    directions: str = "both"
+    schedule: str = ""  # transfer windows for routine studies (gateway.windows); "" = always
+    allowed: bool = True
+
+    @property
+    def may_send_to(self) -> bool:
+        return self.allowed and self.directions in ("both", "send")
+
+    @property
+    def may_receive_from(self) -> bool:
+        return self.allowed and self.directions in ("both", "receive")

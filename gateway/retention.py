@@ -2,7 +2,8 @@
 
 Sender side a unit is ``delivered`` when the receiving gateway's receipt says its PACS holds every instance;
 receiver side when its own PACS does (and, if configured, committed to it). Nothing else is ever removed:
-not ``sent``, not ``failed``, not the quarantine. The rows and the audit log stay; the unit shows the time
+not ``sent``, not ``failed``, not the quarantine, not the files of a study routed to several peers until it
+is delivered to each. The rows and the audit log stay; the unit shows the time
 its files were purged. An identical instance arriving again later is still recognised by its SHA-256.
 """
 
@@ -32,6 +33,8 @@ class SpoolCleaner:
             return []
         purged = []
         for unit in self.store.purgeable(self.keep_delivered_s):
+            if self.store.shared_and_pending(unit.unit_id, self.keep_delivered_s):
+                continue  # the same files go to another destination too, not yet delivered there
             instances = self.store.unit_instances(unit.unit_id)
             removed = sum(1 for i in instances if self.spool.remove(i.spool_path))
             self.store.mark_purged(

@@ -67,6 +67,9 @@ class StudyUnitRow(Base):
     purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the process working on it (gateway.claims)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    priority: Mapped[str] = mapped_column(String(8), default="routine", server_default="routine")  # stat | routine
+    rule: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the routing rule that queued it
+    instances_of: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a copy for a further destination
 
 
 class InstanceRow(Base):
@@ -107,6 +110,10 @@ class PeerRow(Base):
     allowed: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)  # pinned certificate SHA-256
+    destinations: Mapped[str] = mapped_column(Text, default="", server_default="")  # comma-separated
+    max_concurrent: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    directions: Mapped[str] = mapped_column(String(8), default="both", server_default="both")  # both|send|receive
+    schedule: Mapped[str] = mapped_column(Text, default="", server_default="")  # gateway.windows spec
 
 
 class TransferRow(Base):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.routing import Rule, RuleError, parse_rules
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
 
 
@@ -85,6 +87,7 @@ class XmppSettings:
     ibb_window: int = 8
     peers: tuple[str, ...] = ()
     max_inbound: int = 2
+    stat_reserve: int = 1  # inbound transfers admitted beyond max_inbound for STAT offers only
     max_study_bytes: int = 20 * 10**9
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0
@@ -154,9 +157,27 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class RoutingSettings:
-    """Where stable studies go: a destination per the naming standard (``radiology.hospital-b``)."""
+    """Where stable studies go: ``rules`` (``gateway.routing``, first match wins), else
+    ``default_destination`` (a destination per the naming standard, ``radiology.hospital-b``)."""
 
     default_destination: str = ""
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The admin web page and /metrics (``adapters.web``); port 0 = off. Basic auth when ``auth_user`` is
+    set (``auth_password_hash`` from ``dicomgw web hash-password``); TLS with ``tls_cert_file`` and
+    ``tls_key_file``, a client certificate required when ``client_ca_file`` is set."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    refresh_s: int = 5
+    auth_user: str = ""
+    auth_password_hash: str = ""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +190,7 @@ class Settings:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     pacs: PacsSettings = field(default_factory=PacsSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     log_format: str = "text"  # [log] format: "text" for people, "json" for a log collector (gateway.logs)
     source: Path | None = None
 
@@ -256,7 +278,8 @@ def settings_from_mapping(
     )
     return Settings(
         dicom=dicom, paths=paths, queue=queue, watch=watch, xmpp=_xmpp(_table(raw, "xmpp"), environ, base_dir),
-        routing=RoutingSettings(default_destination=str(_table(raw, "routing").get("default_destination", ""))),
+        routing=_routing(_table(raw, "routing")),
+        web=_web(_table(raw, "web"), base_dir),
         pacs=_pacs(_table(raw, "pacs"), dicom.ae_title, base_dir),
         log_format=_log_format(str(environ.get("DICOMGW_LOG_FORMAT", _table(raw, "log").get("format", "text")))),
         retention=RetentionSettings(
@@ -265,6 +288,43 @@ def settings_from_mapping(
         ),
         source=source,
     )
+
+
+def _web(raw: Mapping[str, Any], base_dir: Path) -> WebSettings:
+    web = WebSettings(
+        host=str(raw.get("host", "127.0.0.1")),
+        port=_int(raw.get("port", 0), "web.port", 0, 65535),
+        refresh_s=_int(raw.get("refresh_s", 5), "web.refresh_s", 1, 3600),
+        auth_user=str(raw.get("auth_user", "")),
+        auth_password_hash=str(raw.get("auth_password_hash", "")),
+        tls_cert_file=_path(raw["tls_cert_file"], base_dir) if raw.get("tls_cert_file") else None,
+        tls_key_file=_path(raw["tls_key_file"], base_dir) if raw.get("tls_key_file") else None,
+        client_ca_file=_path(raw["client_ca_file"], base_dir) if raw.get("client_ca_file") else None,
+    )
+    if web.auth_user and not web.auth_password_hash.startswith("pbkdf2_sha256$"):
+        raise SettingsError("web.auth_user needs auth_password_hash (make one with: dicomgw web hash-password)")
+    if bool(web.tls_cert_file) != bool(web.tls_key_file):
+        raise SettingsError("web.tls_cert_file and web.tls_key_file go together")
+    if web.client_ca_file and not web.tls_cert_file:
+        raise SettingsError("web.client_ca_file (client certificates) needs tls_cert_file and tls_key_file")
+    if web.port and not web.auth_user and not web.client_ca_file and web.host not in ("127.0.0.1", "::1", "localhost"):
+        raise SettingsError(f"web.host {web.host!r} is not loopback: set auth_user/auth_password_hash or client_ca_file")
+    return web
+
+
+def _routing(raw: Mapping[str, Any]) -> RoutingSettings:
+    from gateway.addressing import destination_jid
+
+    def check(destination: str) -> None:
+        destination_jid(destination, "example.org")
+
+    default = str(raw.get("default_destination", ""))
+    try:
+        if default:
+            check(default)
+        return RoutingSettings(default_destination=default, rules=parse_rules(raw.get("rules"), check))
+    except (RuleError, ValueError) as exc:
+        raise SettingsError(f"routing: {exc}") from None
 
 
 def _pacs(raw: Mapping[str, Any], own_ae_title: str, base_dir: Path = Path(".")) -> PacsSettings:
@@ -361,6 +421,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         ibb_window=_int(raw.get("ibb_window", 8), "xmpp.ibb_window", 1, 64),
         peers=peers,
         max_inbound=_int(raw.get("max_inbound", 2), "xmpp.max_inbound", 1, 100),
+        stat_reserve=_int(raw.get("stat_reserve", 1), "xmpp.stat_reserve", 0, 100),
         max_study_bytes=_int(raw.get("max_study_bytes", 20 * 10**9), "xmpp.max_study_bytes", 1, 2**62),
         retry_base_s=_float(raw.get("retry_base_s", 2.0), "xmpp.retry_base_s", 0.01),
         retry_max_s=_float(raw.get("retry_max_s", 60.0), "xmpp.retry_max_s", 0.01),

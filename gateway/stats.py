@@ -4,7 +4,8 @@ As defined in the study (section 5.6, Table 20): T = time with active transfers 
 attempts' intervals, so two parallel transfers count once), N = attempted transfers, S = successful, F =
 failed, success rate = S / N, MTBF = T / F. An attempt succeeded when the receiver verified the bundle
 (``received``) or already held it (``held``); it failed when it was cut, rejected, refused or interrupted
-by a stopped process; one still ``running`` is not counted. Throughput is bundle bytes moved per second of
+by a stopped process; one still ``running`` is not counted, nor one ``suspended`` to give the link to a
+STAT study (it is no failure; its time counts in T). Throughput is bundle bytes moved per second of
 the byte stream (``stream_s``) of successful attempts, per method (S5B mediated, IBB) and per size class.
 """
 
@@ -75,10 +76,11 @@ def _throughput(items: list[Attempt]) -> dict[str, float | int]:
 
 
 def summary(items: list[Attempt], now: datetime | None = None) -> dict[str, object]:
-    ended = [a for a in items if a.outcome != "running"]
+    ended = [a for a in items if a.outcome not in ("running", "suspended")]
+    suspended = [a for a in items if a.outcome == "suspended"]
     good = [a for a in ended if a.outcome in SUCCESS]
     failed = len(ended) - len(good)
-    active = active_seconds(ended, now)
+    active = active_seconds(ended + suspended, now)
     by_method: dict[str, list[Attempt]] = {}
     by_size: dict[str, list[Attempt]] = {}
     for a in good:
@@ -91,5 +93,6 @@ def summary(items: list[Attempt], now: datetime | None = None) -> dict[str, obje
         "failures": {o: sum(1 for a in ended if a.outcome == o) for o in sorted({a.outcome for a in ended} - set(SUCCESS))},
         "by_method": {m: _throughput(v) for m, v in sorted(by_method.items())},
         "by_size": {label: _throughput(by_size[label]) for _limit, label in SIZE_CLASSES if label in by_size},
-        "running": len(items) - len(ended),
+        "running": sum(1 for a in items if a.outcome == "running"),
+        "suspended": len(suspended),
     }

@@ -140,7 +140,8 @@ class ImportsRepo:
                     return "failed"
                 return "noted"
             unit.receipt_at = utcnow()
-            if unit.state in (State.SENT.value, State.QUEUED.value, State.WAITING_PEER.value, State.FAILED.value):
+            if unit.state in (State.SENT.value, State.QUEUED.value, State.WAITING_PEER.value, State.WAITING_WINDOW.value,
+                              State.FAILED.value):
                 self._move(session, unit, State.DELIVERED, f"receipt from {peer_bare}: {detail}")
                 return "delivered"
             return "noted"
@@ -168,6 +169,17 @@ class ImportsRepo:
     def purgeable(self, keep_s: float, now: datetime | None = None) -> list[StudySummary]:
         cutoff = (now or utcnow()) - timedelta(seconds=keep_s)
         return self.studies(state=State.DELIVERED.value, where=(StudyUnitRow.purged_at.is_(None), StudyUnitRow.state_changed_at <= cutoff))
+
+    def shared_and_pending(self, unit_id: int, keep_s: float, now: datetime | None = None) -> bool:
+        """The unit's spool files are also those of another unit (a study routed to several peers) that is not
+        yet delivered, or delivered less than ``keep_s`` ago: they must stay."""
+        cutoff = (now or utcnow()) - timedelta(seconds=keep_s)
+        with self._sessions() as session:
+            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id)) or unit_id
+            pending = session.scalar(select(StudyUnitRow.id).where(
+                (StudyUnitRow.id == source) | (StudyUnitRow.instances_of == source),
+                (StudyUnitRow.state != State.DELIVERED.value) | (StudyUnitRow.state_changed_at > cutoff)).limit(1))
+        return pending is not None
 
     def mark_purged(self, unit_id: int, detail: str) -> None:
         with self._unit_of_work() as session:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from gateway.model import PeerConfig
 from gateway.rows import (
     AuditRow,
     PeerRow,
@@ -66,11 +67,14 @@ class TransfersRepo:
             for r in rows
         ]
 
-    def add_peer(self, jid: str, name: str = "", fingerprint: str | None = None) -> None:
+    def add_peer(self, jid: str, name: str = "", fingerprint: str | None = None, **config: Any) -> None:
+        """Allow ``jid`` (again) and set what is given; audited. ``config``: destinations (tuple),
+        max_concurrent, directions, schedule (``gateway.model.PeerConfig``)."""
         with self._unit_of_work() as session:
             existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
             if existing is None:
-                existing = PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow())
+                existing = PeerRow(jid=jid, name=name, allowed=True, created_at=utcnow(), destinations="",
+                                   max_concurrent=1, directions="both", schedule="")
                 session.add(existing)
             else:
                 existing.allowed = True
@@ -81,7 +85,19 @@ class TransfersRepo:
                 if existing.fingerprint and existing.fingerprint != fingerprint:
                     pinned = f"; certificate pin changed from {existing.fingerprint} to {fingerprint}"
                 existing.fingerprint = fingerprint
-            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies{pinned}"))
+            changes = _apply_config(existing, config)
+            session.add(AuditRow(at=utcnow(), event="peer_added", detail=f"{jid} may exchange studies{pinned}{changes}"))
+
+    def edit_peer(self, jid: str, name: str | None = None, fingerprint: str | None = None, **config: Any) -> bool:
+        """Change what is given of a known peer; audited with the old and new values. False: unknown peer."""
+        with self._unit_of_work() as session:
+            existing = session.scalar(select(PeerRow).where(PeerRow.jid == jid))
+            if existing is None:
+                return False
+            changes = _apply_config(existing, {**config, **({"name": name} if name is not None else {}),
+                                               **({"fingerprint": fingerprint} if fingerprint else {})})
+            session.add(AuditRow(at=utcnow(), event="peer_edited", detail=f"{jid}{changes or ': nothing changed'}"))
+            return True
 
     def remove_peer(self, jid: str) -> bool:
         with self._unit_of_work() as session:
@@ -96,7 +112,16 @@ class TransfersRepo:
         with self._sessions() as session:
             rows = session.scalars(select(PeerRow).order_by(PeerRow.jid)).all()
         return [{"jid": r.jid, "name": r.name, "allowed": r.allowed, "fingerprint": r.fingerprint,
+                 "destinations": _split(r.destinations), "max_concurrent": r.max_concurrent or 1,
+                 "directions": r.directions or "both", "schedule": r.schedule or "",
                  "created_at": r.created_at.isoformat()} for r in rows]
+
+    def peer_configs(self) -> dict[str, PeerConfig]:
+        """Every peer row as set by the admin, allowed or not, by bare JID."""
+        with self._sessions() as session:
+            rows = session.scalars(select(PeerRow)).all()
+        return {r.jid: PeerConfig(r.jid, r.name, r.fingerprint, tuple(_split(r.destinations)), r.max_concurrent or 1,
+                                  r.directions or "both", r.schedule or "", r.allowed) for r in rows}
 
     def peer_fingerprint(self, jid: str) -> str | None:
         with self._sessions() as session:
@@ -106,3 +131,21 @@ class TransfersRepo:
         with self._sessions() as session:
             return bool(session.scalar(select(PeerRow.allowed).where(PeerRow.jid == jid)))
 
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _apply_config(row: PeerRow, config: dict[str, Any]) -> str:
+    """Set the given columns; returns '; key old -> new' for each change (for the audit)."""
+    changes = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        stored = ",".join(value) if key == "destinations" else value
+        before = getattr(row, key)
+        if before != stored:
+            setattr(row, key, stored)
+            changes.append(f"; {key} {before!r} -> {stored!r}")
+    return "".join(changes)

@@ -94,26 +94,57 @@ class UnitsRepo:
         with self._unit_of_work() as session:
             session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))
 
-    def route_stable(self, destination_for: Any) -> list[tuple[int, str]]:
-        """Queue every local ``stable`` unit that ``destination_for(summary)`` gives a destination."""
-        routed = []
-        for summary in self.studies(state=State.STABLE.value):
-            if summary.origin_peer:
+    def route_stable(self, route: Any) -> list[tuple[int, str]]:
+        """Queue every local ``stable`` unit that ``route(summary)`` gives destinations, as (peer JIDs,
+        priority, rule name). The unit goes to the first destination; each further one gets a unit of its own
+        that sends the same instances (``instances_of``) and has its own state. Returns (unit, peer) pairs."""
+        routed: list[tuple[int, str]] = []
+        for summary in self.studies(state=State.STABLE.value, where=(StudyUnitRow.origin_peer.is_(None),)):
+            decision = route(summary)
+            if not decision or not decision[0]:
                 continue
-            destination = destination_for(summary)
-            if destination:
-                try:
-                    self.transition(summary.unit_id, State.QUEUED, f"routed to {destination}", destination=destination)
-                except (ConcurrentMove, IllegalTransition):
-                    continue  # another process on this queue routed it first
-                routed.append((summary.unit_id, destination))
+            try:
+                routed.extend(self._route_unit(summary.unit_id, *decision))
+            except (ConcurrentMove, IllegalTransition):
+                continue  # another process on this queue routed it first
         return routed
+
+    def _route_unit(self, unit_id: int, peers: Sequence[str], priority: str, rule: str) -> list[tuple[int, str]]:
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is None:
+                raise KeyError(f"no study unit {unit_id}")
+            why = f"{priority}, {'rule ' + repr(rule) if rule != 'default_destination' else 'default_destination'}"
+            self._move(session, unit, State.QUEUED, f"routed to {peers[0]} ({why})")
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id)
+                            .values(destination=peers[0], priority=priority, rule=rule[:64]))
+            routed = [(unit_id, peers[0])]
+            seq = session.scalar(select(func.max(StudyUnitRow.unit_seq))
+                                 .where(StudyUnitRow.study_instance_uid == unit.study_instance_uid)) or unit.unit_seq
+            now = utcnow()
+            for peer in peers[1:]:
+                seq += 1
+                copy = StudyUnitRow(
+                    study_instance_uid=unit.study_instance_uid, unit_seq=seq, state=State.QUEUED.value,
+                    patient_name=unit.patient_name, patient_id=unit.patient_id, study_description=unit.study_description,
+                    study_date=unit.study_date, accession_number=unit.accession_number, destination=peer,
+                    instance_count=unit.instance_count, size_bytes=unit.size_bytes, flags=unit.flags,
+                    created_at=now, last_instance_at=unit.last_instance_at, state_changed_at=now,
+                    priority=priority, rule=rule[:64], instances_of=unit_id,
+                )
+                session.add(copy)
+                session.flush()
+                session.add(AuditRow(at=now, unit_id=copy.id, study_instance_uid=unit.study_instance_uid,
+                                     event="transition", from_state=State.STABLE.value, to_state=State.QUEUED.value,
+                                     detail=f"routed to {peer} ({why}): the instances of unit {unit_id}, a unit of its own"))
+                routed.append((copy.id, peer))
+            return routed
 
     def due_for_sending_where(self, now: datetime | None = None) -> tuple[Any, ...]:
         """SQL conditions of a local unit due for an offer (for ``gateway.claims.Claims.claim_due``)."""
         moment = now or utcnow()
         return (
-            StudyUnitRow.state.in_((State.QUEUED.value, State.WAITING_PEER.value)),
+            StudyUnitRow.state.in_((State.QUEUED.value, State.WAITING_PEER.value, State.WAITING_WINDOW.value)),
             StudyUnitRow.origin_peer.is_(None),
             (StudyUnitRow.next_attempt_at.is_(None)) | (StudyUnitRow.next_attempt_at <= moment),
         )
@@ -122,10 +153,13 @@ class UnitsRepo:
         return self.studies(where=self.due_for_sending_where(now))
 
     def unit_instances(self, unit_id: int) -> list[InstanceRecord]:
+        """The instances a unit sends: its own, or for a copy made for a further destination, those of the
+        unit it copies."""
         with self._sessions() as session:
+            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id))
             rows = session.scalars(
                 select(InstanceRow)
-                .where(InstanceRow.unit_id == unit_id)
+                .where(InstanceRow.unit_id == (source or unit_id))
                 .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.sop_instance_uid, InstanceRow.id)
             ).all()
         return [_instance(r) for r in rows]
@@ -257,7 +291,7 @@ class UnitsRepo:
             for unit in units:
                 rows = session.scalars(
                     select(InstanceRow)
-                    .where(InstanceRow.unit_id == unit.id)
+                    .where(InstanceRow.unit_id == (unit.instances_of or unit.id))
                     .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.id)
                 ).all()
                 result.append((_summary(unit, modalities.get(unit.id, "")), [_instance(r) for r in rows]))
@@ -266,16 +300,26 @@ class UnitsRepo:
     def _modalities(self, session: Session, unit_ids: Sequence[int]) -> dict[int, str]:
         if not unit_ids:
             return {}
+        source_of = {unit_id: source or unit_id for unit_id, source in session.execute(
+            select(StudyUnitRow.id, StudyUnitRow.instances_of).where(StudyUnitRow.id.in_(unit_ids))).all()}
         rows = session.execute(
             select(InstanceRow.unit_id, InstanceRow.modality)
-            .where(InstanceRow.unit_id.in_(unit_ids))
+            .where(InstanceRow.unit_id.in_(set(source_of.values())))
             .group_by(InstanceRow.unit_id, InstanceRow.modality)
         ).all()
         found: dict[int, list[str]] = {}
         for unit_id, modality in rows:
             if modality:
                 found.setdefault(unit_id, []).append(modality)
-        return {k: "/".join(sorted(v)) for k, v in found.items()}
+        return {unit_id: "/".join(sorted(found.get(source, []))) for unit_id, source in source_of.items()}
+
+    def first_instance(self, unit_id: int) -> InstanceRecord | None:
+        """The unit's first recorded instance (what routing reads: its source and attributes)."""
+        with self._sessions() as session:
+            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id))
+            row = session.scalars(select(InstanceRow).where(InstanceRow.unit_id == (source or unit_id))
+                                  .order_by(InstanceRow.id).limit(1)).first()
+        return _instance(row) if row is not None else None
 
     def count_instances(self) -> int:
         with self._sessions() as session:
@@ -310,6 +354,9 @@ def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
         bundle_sha256=unit.bundle_sha256,
         receipt_at=unit.receipt_at,
         purged_at=unit.purged_at,
+        priority=unit.priority or "routine",
+        rule=unit.rule,
+        instances_of=unit.instances_of,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
+
 from gateway.store import Base, make_engine
 
 config = context.config

@@ -117,6 +117,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
         self.add_event_handler("presence", self._on_presence)
+        self.add_event_handler("message", self._on_message)
         self.add_event_handler("sm_enabled", lambda _e: setattr(self, "stream_managed", True))
         self.add_event_handler("ssl_cert", self._on_server_cert)
         self.add_event_handler("ssl_invalid_chain", self._on_tls_refused)
@@ -256,8 +257,20 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         return f"{bare_jid}/{resources[0]}" if resources else None
 
 
-    def peer_availability(self, bare_jid: str) -> tuple[str | None, str]:
-        """(full JID to offer to, or None; 'available' | 'busy' | 'offline')."""
+    def _on_message(self, msg: slixmpp.Message) -> None:
+        """Only the server's own broadcasts matter here (mod_announce: from the bare domain, any type but
+        error); messages from accounts are not part of the protocol and are dropped."""
+        sender = msg["from"]
+        if msg["type"] == "error" or sender.user or sender.resource or sender.domain != self.boundjid.domain:
+            return
+        text = msg["body"] or msg["subject"] or ""
+        if text:
+            log.warning("announcement from the XMPP server %s: %s", sender.domain, text.strip()[:200])
+            self.inbound.server_announcement(sender.domain, text)
+
+    def peer_availability(self, bare_jid: str, priority: str = "routine") -> tuple[str | None, str]:
+        """(full JID to offer to, or None; 'available' | 'busy' | 'offline'). A STAT study is offered to a
+        peer busy at its inbound limit (it keeps room for STAT), not to one in maintenance."""
         resources = self.peer_status.get(bare_jid, {})
         free = sorted(r for r, show in resources.items() if show in ("available", "chat"))
         if free:
@@ -265,6 +278,8 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         if not resources:
             return None, "offline"
         text = next((t for r, t in sorted(self.peer_text.get(bare_jid, {}).items()) if r in resources and t), "")
+        if priority == "stat" and not text.startswith("maintenance"):
+            return f"{bare_jid}/{sorted(resources)[0]}", "busy (STAT offered into its reserved room)"
         return None, f"busy ({text})" if text.startswith("maintenance") else "busy"
 
     def _spawn(self, coro: object) -> None:

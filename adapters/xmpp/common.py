@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class InboundPort(Protocol):
     def status_changed(self, status: dict[str, Any]) -> None:
         """The XMPP connection's state changed (``GatewayAgent.status``)."""
 
+    def server_announcement(self, server: str, text: str) -> None:
+        """A message from the XMPP server itself (its bare domain): an operator's broadcast."""
+
 
 @dataclass
 class InboundStream:
@@ -104,6 +108,7 @@ class InboundStream:
     next_seq: int = 0  # XEP-0047: the seq the next block from the sender must carry
     out_seq: int = 0  # our blocks back to the sender (TLS handshake records)
     started: bool = False  # the bytestream was opened
+    priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
 
 
 @dataclass
@@ -187,6 +192,13 @@ async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> No
 
     threading.Thread(target=run, name=name, daemon=True).start()
     await done
+
+
+def abort(sock: socket.socket) -> None:
+    """End a TCP connection with a reset (SO_LINGER 0): queued bytes are dropped at both ends, not sent."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    shut(sock)
 
 
 def shut(sock: socket.socket | None, close: bool = False) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import ssl
 import time
@@ -19,13 +20,14 @@ from collections.abc import Callable, Iterator
 from xml.sax.saxutils import quoteattr
 
 import slixmpp
-from slixmpp.exceptions import XMPPError
+from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.id import MatcherId
 
 from adapters.xmpp.common import InboundStream, OutboundStream, TransferCut, describe
 from adapters.xmpp.e2e import PinMismatch, TlsPipe, check_pin
 from adapters.xmpp.stanzas import NS_IBB, q
+from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,12 @@ class IBBMixin:
             if isinstance(exc, PinMismatch):
                 raise
             raise TransferCut(f"end-to-end TLS over IBB failed: {describe(exc)}") from exc
+        except StreamSuspended:  # the receiver keeps what came (its offset for the resume)
+            close = self.make_iq_set(ito=peer)
+            ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
+            with contextlib.suppress(IqError, IqTimeout):  # StreamLost is an IqTimeout
+                await self.send_iq(close)
+            raise
         finally:
             self._outbound.pop(sid, None)
         close = self.make_iq_set(ito=peer)

@@ -28,6 +28,7 @@ from adapters.xmpp.common import (
     FramedSink,
     InboundStream,
     TransferCut,
+    abort,
     describe,
     progress_in_thread,
     short_method,
@@ -52,7 +53,7 @@ from adapters.xmpp.stanzas import (
     q,
 )
 from gateway.logs import set_fields
-from gateway.transfer import SendOutcome
+from gateway.transfer import SendOutcome, StreamSuspended
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class OfferMixin:
         manifest_sha256: str,
         stream_from: Callable[[int, bool], Iterator[bytes]],
         progress: Callable[[int, str], None] | None = None,
+        priority: str = "routine",
     ) -> SendOutcome:
         """Offer and stream one bundle; falls back from S5B to IBB (resuming) when the S5B path fails.
         With a pin for the peer the bundle goes end-to-end encrypted; without one, only if ``require_e2e``
@@ -90,7 +92,7 @@ class OfferMixin:
             sid = uuid.uuid4().hex
             set_fields(transfer_id=sid)  # every log line of this attempt names it
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
-                          identity.cert_der if encrypted and identity else b"", self.settings.compress)
+                          identity.cert_der if encrypted and identity else b"", self.settings.compress, priority)
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
@@ -121,6 +123,14 @@ class OfferMixin:
                 outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
                 if outcome == "incomplete":
                     raise TransferCut(f"receiver got {detail}")
+            except StreamSuspended as exc:
+                attempt.update(outcome="suspended", error=str(exc), bytes=moved[0],
+                               stream_s=time.perf_counter() - stream_started)
+                log.info("%s stream to %s suspended for a STAT transfer after %d bytes from offset %d",
+                         short_method(method), peer_full_jid, moved[0], offset)
+                result.suspended, result.bytes_sent = True, result.bytes_sent + moved[0]
+                result.detail = f"suspended for a STAT transfer: {exc}"
+                return result
             except PinMismatch as exc:
                 attempt.update(outcome="refused", error=str(exc), bytes=moved[0])
                 self.inbound.security_event(peer_bare, f"end-to-end channel to {peer_full_jid} refused: {exc}")
@@ -184,7 +194,10 @@ class OfferMixin:
             log.exception("could not open a sink for an offer from %s", peer)
             raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
         framed = offer.compress and self.settings.compress
-        self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls)
+        if offer.priority == "stat":
+            self._reset_routine_streams(peer.bare)
+        self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
+                                               priority=offer.priority)
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed))
         reply.send()
@@ -215,6 +228,15 @@ class OfferMixin:
         iq.xml.append(build_result(sid, outcome, detail))
         with contextlib.suppress(IqError, IqTimeout):
             await self.send_iq(iq)
+
+    def _reset_routine_streams(self, peer_bare: str) -> None:
+        """A STAT offer from ``peer_bare``: its sender has suspended its routine streams to us; reset ours (a
+        TCP RST, so the proxy drops what it still holds of them instead of sending it ahead of the STAT
+        study). What arrived is kept; the sender resumes from it later."""
+        for sid, entry in list(self._sinks.items()):
+            if entry.priority != "stat" and entry.peer.split("/", 1)[0] == peer_bare and sid in self._sockets:
+                log.info("S5B stream %s from %s reset: a STAT study from it comes first", sid, entry.peer)
+                abort(self._sockets[sid])
 
     def _drop(self, sid: str, reason: str) -> None:
         shut(self._sockets.pop(sid, None), close=True)

@@ -24,9 +24,10 @@ import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
 from adapters.xmpp import socks5
-from adapters.xmpp.common import Sink, TransferCut, describe, on_own_thread, shut
+from adapters.xmpp.common import Sink, TransferCut, abort, describe, on_own_thread, shut
 from adapters.xmpp.e2e import PinMismatch, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
+from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class S5BMixin:
 
 
 S5B_BLOCK_BYTES = 1 << 20
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux 3.12+
+NOTSENT_LOWAT_BYTES = 256 << 10
 
 
 def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
@@ -177,17 +180,33 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
         # A receiver (or a proxy) that stops reading without closing must not hold the sender for ever: a
         # write that makes no progress for the idle timeout fails the attempt (resumed later).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
+        # Keep at most NOTSENT_LOWAT_BYTES not yet sent in the kernel (the bytes in flight still grow with the
+        # link): progress then counts what went on the wire, and a STAT stream is not queued behind megabytes
+        # of a routine one in our own send buffer.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
         stream: socket.socket = sock
         if tls is not None:
             sock.settimeout(idle_timeout_s)
             stream = owned.enter_context(tls.wrap_socket(sock))
             check_pin(stream, pin, peer)  # type: ignore[arg-type]
             stream.settimeout(None)
-        for chunk in chunks:
-            stream.sendall(chunk)
-            moved[0] += len(chunk)
-            if report is not None:
-                report(moved[0])
+        if hasattr(chunks, "on_suspend"):  # a routine stream: a STAT transfer may reset it at once
+            chunks.on_suspend = lambda: abort(stream)  # the TLS socket owns the descriptor once wrapped
+        try:
+            for chunk in chunks:
+                stream.sendall(chunk)
+                moved[0] += len(chunk)
+                if report is not None:
+                    report(moved[0])
+        except StreamSuspended:  # a reset, not a FIN: what is queued in buffers along the path is dropped
+            with contextlib.suppress(OSError):
+                stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise
+        except OSError as exc:  # ssl.SSLError too
+            if getattr(chunks, "suspended", False):  # our own reset for a STAT transfer, not a cut
+                raise StreamSuspended("suspended for a STAT transfer") from exc
+            raise
         stream.shutdown(socket.SHUT_WR)  # on a TLS socket: drops the TLS layer, then the TCP half-close
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
         with contextlib.suppress(OSError):

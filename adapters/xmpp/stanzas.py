@@ -58,6 +58,7 @@ class Offer:
     methods: tuple[str, ...]
     cert_der: bytes = b""  # the sender's certificate: the bundle travels end-to-end encrypted
     compress: bool = False  # the sender can send the bundle as compressed frames (gateway.wire)
+    priority: str = "routine"  # "stat": the receiver admits it into the room it keeps for STAT studies
 
 
 def build_offer(offer: Offer) -> ET.Element:
@@ -74,6 +75,8 @@ def build_offer(offer: Offer) -> ET.Element:
         ET.SubElement(si, q(NS_E2E, "identity")).text = base64.b64encode(offer.cert_der).decode("ascii")
     if offer.compress:
         ET.SubElement(si, q(NS_WIRE, "frames"), {"algo": WIRE_ALGO})
+    if offer.priority == "stat":
+        ET.SubElement(si, q(NS_WIRE, "priority"), {"level": "stat"})
     return si
 
 
@@ -105,7 +108,9 @@ def parse_offer(si: ET.Element) -> Offer:
         raise ValueError("offer's identity is not valid base64") from exc
     if len(cert_der) > MAX_CERT_BYTES:
         raise ValueError("offer's identity certificate is too large")
-    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si))
+    priority_el = si.find(q(NS_WIRE, "priority"))
+    priority = "stat" if priority_el is not None and priority_el.get("level") == "stat" else "routine"
+    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si), priority)
 
 
 def build_accept(method: str, offset: int, compress: bool = False) -> ET.Element:

@@ -124,6 +124,12 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
             header("1.2.3.1.1"), spool_path="x", size_bytes=1, sha256="c" * 64, source="test", conflict=False
         )
         config = alembic_config(db_url)
+        units = {c["name"] for c in inspect(engine).get_columns("study_units")}
+        assert {"priority", "rule", "instances_of"} <= units
+        assert {"destinations", "max_concurrent", "directions", "schedule"} <= {c["name"] for c in inspect(engine).get_columns("peers")}
+        command.downgrade(config, "-1")  # 0008 -> 0007: routing, priority and per-peer settings go, the rows stay
+        assert not {"priority", "rule", "instances_of"} & {c["name"] for c in inspect(engine).get_columns("study_units")}
+        assert "schedule" not in {c["name"] for c in inspect(engine).get_columns("peers")}
         assert "stream_claims" in tables and "owner" in {c["name"] for c in inspect(engine).get_columns("study_units")}
         command.downgrade(config, "-1")  # 0007 -> 0006: claims and leases go
         assert "stream_claims" not in set(inspect(engine).get_table_names())

@@ -14,7 +14,7 @@ import pytest
 from adapters.localpeers import Prosody
 from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
-from gateway.settings import PacsSettings, RoutingSettings, XmppSettings
+from gateway.settings import PacsSettings, RoutingSettings, WebSettings, XmppSettings
 from tests.helpers import TamperingRelay, dataset_bytes, free_port, storescu, wait_for
 from tests.integration.test_scp import make_settings
 
@@ -68,7 +68,7 @@ class Site:
 
 def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "",
                pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,
-               **xmpp: object) -> Site:
+               routing: RoutingSettings | None = None, web: WebSettings | None = None, **xmpp: object) -> Site:
     settings = make_settings(tmp_path / name, dicom_port or free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
     settings = replace(settings, pacs=pacs or PacsSettings(),
                        dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae))
@@ -86,7 +86,8 @@ def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tup
             ),
             **xmpp,
         ),
-        routing=RoutingSettings(default_destination=destination),
+        routing=routing or RoutingSettings(default_destination=destination),
+        web=web or settings.web,
     )
     controller = GatewayController(settings)
     return Site(controller, controller.start())

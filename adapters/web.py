@@ -1,0 +1,215 @@
+"""The admin web page and ``/metrics``: Starlette with Jinja2 templates, served by uvicorn in the gateway's
+own event loop (``[web]``; loopback by default). Read-only: nothing on the page changes the queue.
+
+Pages (auto-refreshing every ``refresh_s``): ``/`` the queue by state, studies in flight with their
+progress, the latest moves, the XMPP connection and maintenance; ``/study/{uid}`` a study's units, audit
+trail and transfer attempts; ``/peers`` presence, pinned fingerprints and per-peer settings; ``/stats`` the
+field study's metrics with a throughput chart. ``/metrics``: Prometheus text format (prometheus-client),
+gathered from the queue database at each scrape, so several processes of one gateway report the same.
+
+Access: optional HTTP basic auth (``auth_user`` and a PBKDF2-SHA256 ``auth_password_hash`` made by
+``dicomgw web hash-password``), and/or TLS with a required client certificate (``tls_cert_file``,
+``tls_key_file``, ``client_ca_file``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from jinja2 import DictLoader, Environment, select_autoescape
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from adapters.web_templates import TEMPLATES
+from gateway import dashboard
+from gateway.lifecycle import State
+from gateway.passwords import check_password
+from gateway.store import QueueStore
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class WebAccess:
+    auth_user: str = ""
+    auth_password_hash: str = ""  # pbkdf2_sha256$iterations$salt_b64$hash_b64
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    client_ca_file: str = ""
+
+
+class _BasicAuth(BaseHTTPMiddleware):
+    def __init__(self, app: Any, access: WebAccess) -> None:
+        super().__init__(app)
+        self.access = access
+
+    async def dispatch(self, request: Request, call_next: Any) -> Response:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            except (ValueError, binascii.Error):
+                user, password = "", ""
+            if hmac.compare_digest(user, self.access.auth_user) and await asyncio.to_thread(
+                    check_password, password, self.access.auth_password_hash):
+                return await call_next(request)
+        return PlainTextResponse("authentication required", status_code=401,
+                                 headers={"WWW-Authenticate": 'Basic realm="dicomgw", charset="UTF-8"'})
+
+
+class QueueCollector(Collector):
+    """Prometheus metrics read from the queue database at each scrape."""
+
+    def __init__(self, store: QueueStore, xmpp_online: Callable[[], bool | None]) -> None:
+        self.store = store
+        self.xmpp_online = xmpp_online
+
+    def collect(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily("dicomgw_queue_units", "Study units in the queue by direction and state",
+                                  labels=["direction", "state"])
+        counts = self.store.state_counts()
+        for state in State:
+            for direction in ("out", "in"):
+                depth.add_metric([direction, state.value], counts.get((direction, state.value), 0))
+        yield depth
+        attempts = CounterMetricFamily("dicomgw_transfers", "Transfer attempts by direction, method and outcome",
+                                       labels=["direction", "method", "outcome"])
+        moved = CounterMetricFamily("dicomgw_transfer_bytes", "Bytes moved by transfer attempts",
+                                    labels=["direction", "method", "outcome"])
+        failures = CounterMetricFamily("dicomgw_transfer_failures", "Failed transfer attempts by kind", labels=["direction", "kind"])
+        for row in self.store.transfer_totals():
+            labels = [row["direction"], row["method"], row["outcome"]]
+            attempts.add_metric(labels, row["count"])
+            moved.add_metric(labels, row["bytes"])
+            if row["outcome"] not in ("received", "held", "running", "suspended"):
+                failures.add_metric([row["direction"], row["outcome"]], row["count"])
+        yield attempts
+        yield moved
+        yield failures
+        latencies = sorted(self.store.import_latencies())
+        buckets, seen = [], 0
+        for bound in LATENCY_BUCKETS_S:
+            while seen < len(latencies) and latencies[seen] <= bound:
+                seen += 1
+            buckets.append((str(float(bound)), seen))
+        buckets.append(("+Inf", len(latencies)))
+        latency = HistogramMetricFamily("dicomgw_import_latency_seconds",
+                                        "From a received study's verification to the local PACS holding it")
+        latency.add_metric([], buckets, sum(latencies))
+        yield latency
+        online = self.xmpp_online()
+        connected = GaugeMetricFamily("dicomgw_xmpp_connected", "1 while the XMPP session is online")
+        connected.add_metric([], 1.0 if online else 0.0)
+        yield connected
+
+
+def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers: tuple[str, ...],
+             xmpp_online: Callable[[], bool | None], access: WebAccess | None = None, refresh_s: int = 5,
+             own_jid: str = "", pin_for: Callable[[str], str | None] = lambda _jid: None) -> Starlette:
+    env = Environment(loader=DictLoader(TEMPLATES), autoescape=select_autoescape(default=True))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(store, xmpp_online))
+
+    def page(name: str, **data: Any) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(refresh_s=refresh_s, own_jid=own_jid, **data))
+
+    async def index(_request: Request) -> Response:
+        return page("index.html", title="Queue", **await asyncio.to_thread(dashboard.overview, store))
+
+    async def study(request: Request) -> Response:
+        found = await asyncio.to_thread(dashboard.study, store, request.path_params["study_uid"])
+        if found is None:
+            return page("missing.html", title="Not found", what=request.path_params["study_uid"])
+        return page("study.html", title=f"Study {found['study_uid']}", study=found)
+
+    async def peers(_request: Request) -> Response:
+        rows = await asyncio.to_thread(dashboard.peers, store, configured_peers, presence, pin_for)
+        return page("peers.html", title="Peers", peers=rows)
+
+    async def statistics(request: Request) -> Response:
+        hours = float(request.query_params.get("hours", "24") or 24)
+        found = await asyncio.to_thread(dashboard.statistics, store, max(0.1, min(hours, 24 * 366)))
+        return page("stats.html", title="Statistics", stats=found, chart=dashboard.chart_svg(found["points"]))
+
+    async def metrics(_request: Request) -> Response:
+        body = await asyncio.to_thread(generate_latest, registry)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    middleware = [Middleware(_BasicAuth, access=access)] if access is not None and access.auth_user else []
+    routes = [Route("/", index), Route("/study/{study_uid}", study), Route("/peers", peers),
+              Route("/stats", statistics), Route("/metrics", metrics)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside the gateway's loop: the gateway owns SIGINT/SIGTERM, not the web server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class WebServer:
+    """``start()`` on the running loop serves the app; ``stop()`` ends it (open requests get a moment)."""
+
+    def __init__(self, app: Starlette, host: str, port: int, access: WebAccess | None = None) -> None:
+        access = access or WebAccess()
+        tls: dict[str, Any] = {}
+        if access.tls_cert_file:
+            tls = {"ssl_certfile": access.tls_cert_file, "ssl_keyfile": access.tls_key_file}
+            if access.client_ca_file:
+                tls.update(ssl_ca_certs=access.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                     access_log=False, timeout_graceful_shutdown=2, **tls)
+        self.server = _Server(self.config)
+        self.task: asyncio.Task[None] | None = None
+        self.scheme = "https" if tls else "http"
+        self.host, self.port = host, port
+
+    async def start(self) -> None:
+        """Bind (an error here, e.g. the port in use, raises OSError naming it), then serve."""
+        try:
+            sock = socket.create_server((self.host, self.port), reuse_port=False)
+        except OSError as exc:
+            raise OSError(exc.errno, f"admin web page: cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        self.port = sock.getsockname()[1]
+        self.task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+        for _ in range(200):  # bounded: the socket is bound within a moment or the start failed
+            if self.server.started or self.task.done():
+                break
+            await asyncio.sleep(0.025)
+        if self.task.done():
+            self.task.result()  # raises what stopped it (e.g. the port in use)
+            raise RuntimeError(f"web server on {self.host}:{self.port} did not start")
+        log.info("admin web page on %s://%s:%d/", self.scheme, self.host, self.port)
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self.task, 10)

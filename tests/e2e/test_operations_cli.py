@@ -1,0 +1,132 @@
+"""The operations commands as an admin types them: `peers add|edit|rm|ls|export`, `route test`,
+`web hash-password`, and a running gateway serving its page on [web] port with a hashed password."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from adapters.localpeers import free_port
+from adapters.synthetic import generate_ct_study
+from tests.e2e.test_gateway_process import GatewayProcess
+from tests.helpers import REPO, wait_for
+
+B = "radiology.hospital-b@helsenett.test"
+C = "archive.hospital-c@helsenett.test"
+RULES = """
+[routing]
+default_destination = "radiology.hospital-b"
+
+[[routing.rules]]
+name = "trauma"
+destinations = ["radiology.hospital-b", "archive.hospital-c"]
+priority = "stat"
+tags = { StudyDescription = "re:(?i)trauma" }
+
+[[routing.rules]]
+name = "mr from MR01"
+destinations = ["radiology.hospital-b"]
+calling_ae = "MR01"
+modality = "MR"
+"""
+
+
+def test_peers_add_edit_rm_ls_and_export(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path / "site")
+    added = gw.cli("peers", "add", B, "--name", "Radiology, Hospital B", "--fingerprint", "ab" * 32,
+                   "--max-concurrent", "2", "--schedule", "mon-fri 18:00-07:00; sat,sun 00:00-24:00")
+    assert added.returncode == 0, added.stderr
+    assert gw.cli("peers", "add", C, "--directions", "send", "--destinations", "oncology.hospital-c").returncode == 0
+    bad = gw.cli("peers", "edit", B, "--schedule", "nights")
+    assert bad.returncode == 2 and "transfer window 'nights': write [DAYS] HH:MM-HH:MM" in bad.stderr
+    assert gw.cli("peers", "edit", "nobody.nowhere@helsenett.test", "--max-concurrent", "3").returncode == 1
+    assert gw.cli("peers", "edit", B, "--schedule", "22:00-06:00").returncode == 0
+    peers = {p["jid"]: p for p in json.loads(gw.cli("peers", "ls", "--json").stdout)}
+    assert peers[B]["name"] == "Radiology, Hospital B" and peers[B]["fingerprint"] == "ab" * 32
+    assert (peers[B]["max_concurrent"], peers[B]["schedule"], peers[B]["directions"]) == (2, "22:00-06:00", "both")
+    assert (peers[C]["directions"], peers[C]["destinations"]) == ("send", ["oncology.hospital-c"])
+    shown = gw.cli("peers", "ls")
+    assert "22:00-06:00" in shown.stdout and "Radiology, Hospital B" in shown.stdout
+
+    prosody = gw.cli("peers", "export", "prosody", "--group", "Helse Vest gateways")
+    assert prosody.returncode == 0
+    assert prosody.stdout == f"[Helse Vest gateways]\n{C}={C}\n{B}=Radiology, Hospital B\n"
+    ejabberd = gw.cli("peers", "export", "ejabberd").stdout.splitlines()
+    assert ejabberd[0] == ("ejabberdctl srg_create dicom_gateways helsenett.test 'DICOM gateways' 'dicomgw peers export' "
+                           "dicom_gateways")
+    assert ejabberd[1:] == ["ejabberdctl srg_user_add archive.hospital-c helsenett.test dicom_gateways helsenett.test",
+                            "ejabberdctl srg_user_add radiology.hospital-b helsenett.test dicom_gateways helsenett.test"]
+
+    assert gw.cli("peers", "rm", C).returncode == 0
+    assert [p["jid"] for p in json.loads(gw.cli("peers", "ls", "--json").stdout)] == [B]
+    assert {p["jid"]: p["allowed"] for p in json.loads(gw.cli("peers", "ls", "--all", "--json").stdout)} == {B: True, C: False}
+    audit = [e["detail"] for e in json.loads(gw.cli("audit", "--json").stdout) if e["event"].startswith("peer_")]
+    assert f"{B}; schedule 'mon-fri 18:00-07:00; sat,sun 00:00-24:00' -> '22:00-06:00'" in audit
+    assert f"{C} may no longer exchange studies" in audit
+    (c_added,) = [d for d in audit if d.startswith(f"{C} may exchange studies")]
+    assert "directions 'both' -> 'send'" in c_added and "destinations '' -> 'oncology.hospital-c'" in c_added
+
+
+def test_route_test_says_which_rule_matches_and_why_not_the_others(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path / "site")
+    with gw.config.open("a") as fh:
+        fh.write(RULES)
+    trauma = generate_ct_study(tmp_path / "t", series=1, slices_per_series=1, rows=16, columns=16, study_description="CT Trauma neck")
+    plain = generate_ct_study(tmp_path / "p", series=1, slices_per_series=1, rows=16, columns=16, study_description="CT thorax")
+    out = gw.cli("route", "test", str(trauma.files[0]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "rule 'trauma' matches: StudyDescription 'CT Trauma neck' is /(?i)trauma/ -> radiology.hospital-b, archive.hospital-c (stat)",
+        "=> radiology.hospital-b, archive.hospital-c (stat)",
+    ]
+    out = gw.cli("route", "test", str(plain.files[0]), "--calling-ae", "MR01", "--json")
+    verdict = json.loads(out.stdout)
+    assert (verdict["rule"], verdict["destinations"], verdict["priority"]) == ("default_destination", ["radiology.hospital-b"], "routine")
+    assert verdict["explanation"] == [
+        "rule 'trauma' does not match: StudyDescription 'CT thorax' is not /(?i)trauma/",
+        "rule 'mr from MR01' does not match: modality 'CT' is not 'MR'",
+        "no rule matched: default_destination -> radiology.hospital-b (routine)",
+    ]
+    missing = gw.cli("route", "test", str(tmp_path / "nothing.dcm"))
+    assert missing.returncode == 2 and "nothing.dcm" in missing.stderr
+    with gw.config.open("a") as fh:
+        fh.write('\n[[routing.rules]]\nname = "broken"\ndestinations = ["x.y"]\npriority = "urgent"\n')
+    broken = gw.cli("route", "test", str(plain.files[0]))
+    assert broken.returncode != 0 and "routing rule 'broken': priority 'urgent'" in broken.stderr
+
+
+def test_the_running_gateway_serves_its_page_behind_a_hashed_password(tmp_path: Path) -> None:
+    made = subprocess.run([sys.executable, "-m", "gateway", "web", "hash-password", "--password-stdin"], cwd=REPO,
+                          input="a long enough password\n", capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and made.stdout.startswith("pbkdf2_sha256$310000$")
+    short = subprocess.run([sys.executable, "-m", "gateway", "web", "hash-password", "--password-stdin"], cwd=REPO,
+                           input="short\n", capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "at least 12 characters" in short.stderr
+    gw = GatewayProcess(tmp_path / "site")
+    port = free_port()
+    with gw.config.open("a") as fh:
+        fh.write(f'[web]\nport = {port}\nauth_user = "pacsadmin"\nauth_password_hash = "{made.stdout.strip()}"\n')
+    gw.start()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for(lambda: _status(url) == 401, 30, 0.1, what="the web page to answer")
+        page = httpx.get(url, auth=("pacsadmin", "a long enough password"), timeout=10)
+        assert page.status_code == 200 and "XMPP: <span class=\"bad\">not started</span>" in page.text
+        metrics = httpx.get(url + "metrics", auth=("pacsadmin", "a long enough password"), timeout=10).text
+        assert 'dicomgw_queue_units{direction="out",state="received"} 0.0' in metrics
+        assert "dicomgw_xmpp_connected 0.0" in metrics
+    finally:
+        gw.stop()
+    log = (gw.workdir / "gateway.log").read_text()
+    assert "a long enough password" not in log
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0

@@ -1,0 +1,283 @@
+"""The dispatcher's operations against a real queue database: routing to several peers, STAT ahead of
+routine (order, lanes, the link), transfer windows with an injected clock, directions. The XMPP side is a
+fake sender here (the real one is covered with Prosody in test_xmpp_transfer and test_operations)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from gateway.claims import Claims
+from gateway.dispatch import Dispatcher
+from gateway.model import InstanceHeader
+from gateway.retention import SpoolCleaner
+from gateway.routing import Router, Rules, parse_rules
+from gateway.store import QueueStore, make_engine, upgrade_schema
+from gateway.transfer import SendOutcome, StreamSuspended
+
+PEER = "radiology.hospital-b@example.org"
+OTHER = "archive.hospital-c@example.org"
+UTC1 = timezone(timedelta(hours=1))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[QueueStore]:
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    yield QueueStore(engine)
+    engine.dispose()
+
+
+def stable_study(store: QueueStore, spool: Path, study: str, description: str = "CT HEAD", count: int = 2,
+                 size: int = 4096) -> int:
+    unit_id = 0
+    for n in range(1, count + 1):
+        data = (f"{study}.{n}".encode() * (size // 8 + 1))[:size]
+        relative = f"studies/{study}/{n}.dcm"
+        (spool / relative).parent.mkdir(parents=True, exist_ok=True)
+        (spool / relative).write_bytes(data)
+        header = InstanceHeader(f"{study}.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", study, f"{study}.0",
+                                study_description=description, modality="CT", series_number=1, instance_number=n)
+        unit_id = store.record_instance(header, spool_path=relative, size_bytes=size,
+                                        sha256=hashlib.sha256(data).hexdigest(), source="scp:CT01\\DICOMGW@127.0.0.1",
+                                        conflict=False)
+    assert store.mark_stable(0.0, datetime.now(UTC1).astimezone(timezone.utc).replace(tzinfo=None) + timedelta(seconds=1))
+    return unit_id
+
+
+RULES = [
+    {"name": "trauma", "destinations": ["radiology.hospital-b", "archive.hospital-c"], "priority": "stat",
+     "tags": {"StudyDescription": "re:(?i)trauma"}},
+    {"name": "ct", "destinations": ["radiology.hospital-b"], "modality": "CT"},
+]
+
+
+def router(store: QueueStore, spool: Path) -> Router:
+    tags = {}
+
+    def read_tags(path: Path, keys: tuple[str, ...]) -> dict[str, str]:  # the unit's description stands in
+        return {key: tags.get(path.parent.name, "") for key in keys}
+
+    r = Router(Rules(parse_rules(RULES)), "example.org", store, spool, read_tags, store.peer_configs)
+    r.descriptions = tags  # type: ignore[attr-defined]
+    return r
+
+
+class FakeSender:
+    """Records the order of offers; each send pulls its blocks through ``step`` (awaited per block)."""
+
+    def __init__(self) -> None:
+        self.online = True
+        self.offers: list[tuple[str, str]] = []  # (unit's study, priority)
+        self.blocks: dict[str, list[bytes]] = {}
+        self.release = asyncio.Event()
+        self.release.set()
+        self.busy: set[str] = set()
+
+    def peer_availability(self, bare_jid: str, priority: str = "routine") -> tuple[str | None, str]:
+        if bare_jid in self.busy and priority != "stat":
+            return None, "busy"
+        return f"{bare_jid}/gw1", "available"
+
+    async def send_bundle(self, peer_full_jid: str, size: int, manifest_sha256: str,
+                          stream_from: Callable[[int, bool], Iterator[bytes]], progress: Callable[..., None],
+                          priority: str = "routine") -> SendOutcome:
+        self.offers.append((manifest_sha256, priority))
+        got = self.blocks.setdefault(manifest_sha256, [])
+        offset = sum(len(b) for b in got)  # the receiver's offset: what came before
+        moved = 0
+        try:
+            for block in stream_from(offset, False):
+                got.append(block)
+                moved += len(block)
+                await self.release.wait()
+                await asyncio.sleep(0)
+        except StreamSuspended as exc:
+            return SendOutcome(ok=False, method="s5b", offset=offset, bytes_sent=moved, detail=str(exc), suspended=True,
+                               attempts=[{"sid": f"{manifest_sha256[:8]}-{offset}", "method": "s5b", "bytes": moved,
+                                          "outcome": "suspended"}])
+        return SendOutcome(ok=True, method="s5b", bytes_sent=moved, detail="verified",
+                           attempts=[{"sid": manifest_sha256[:8], "method": "s5b", "bytes": moved, "outcome": "received"}])
+
+
+def dispatcher(store: QueueStore, spool: Path, sender: FakeSender, clock: Callable[[], datetime] | None = None) -> Dispatcher:
+    return Dispatcher(store, spool, sender, router(store, spool), claims=Claims(store.engine),
+                      peer_configs=store.peer_configs, clock=clock)
+
+
+def states(store: QueueStore) -> dict[int, str]:
+    return {s.unit_id: s.state for s in store.studies()}
+
+
+async def drain(d: Dispatcher) -> None:
+    for _ in range(200):
+        if not d.running:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"sends still running: {d.running}")
+
+
+def test_a_study_matching_a_two_destination_rule_gets_a_unit_per_peer(store: QueueStore, tmp_path: Path) -> None:
+    unit = stable_study(store, tmp_path, "1.2.9")
+    r = router(store, tmp_path)
+    r.descriptions["1.2.9"] = "CT TRAUMA"  # type: ignore[attr-defined]
+    routed = store.route_stable(r)
+    assert [peer for _u, peer in routed] == [PEER, OTHER]
+    units = {s.destination: s for s in store.studies()}
+    assert set(units) == {PEER, OTHER}
+    assert all(s.state == "queued" and s.priority == "stat" and s.rule == "trauma" for s in units.values())
+    copy = units[OTHER]
+    assert copy.instances_of == unit and copy.modalities == "CT"
+    assert [i.sop_instance_uid for i in store.unit_instances(copy.unit_id)] == ["1.2.9.1", "1.2.9.2"]
+    audit = [e["detail"] for e in store.audit_entries() if e["unit_id"] == copy.unit_id]
+    assert audit == [f"routed to {OTHER} (stat, rule 'trauma'): the instances of unit {unit}, a unit of its own"]
+
+    # Retention keeps the shared files until both destinations have the study.
+    from gateway.lifecycle import State
+
+    class Spool:
+        removed: list[str] = []
+
+        def remove(self, relative_path: str) -> bool:
+            self.removed.append(relative_path)
+            return True
+
+    spool = Spool()
+    for state in (State.OFFERING, State.SENDING, State.SENT, State.DELIVERED):
+        store.transition(unit, state, "test")
+    assert SpoolCleaner(store, spool, keep_delivered_s=0).tick() == []
+    for state in (State.OFFERING, State.SENDING, State.SENT, State.DELIVERED):
+        store.transition(copy.unit_id, state, "test")
+    assert sorted(SpoolCleaner(store, spool, keep_delivered_s=0).tick()) == sorted([unit, copy.unit_id])
+
+
+def test_stat_is_offered_first_and_gets_the_link_while_routine_waits(store: QueueStore, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sender = FakeSender()
+        d = dispatcher(store, tmp_path, sender)
+        routine = stable_study(store, tmp_path, "1.2.10", count=40, size=300_000)
+        await d.tick()  # the routine study starts streaming ...
+        assert d.running == [(routine, PEER, "routine")]
+        sender.release.clear()  # ... and is now between two blocks
+        await asyncio.sleep(0.05)
+        r = d.route
+        stat = stable_study(store, tmp_path, "1.2.11")
+        r.descriptions["1.2.11"] = "TRAUMA"  # type: ignore[attr-defined]
+        await d.tick()  # the STAT study starts beside it (a routine lane is full, the STAT lane is free)
+        assert sorted(d.running) == sorted([(routine, PEER, "routine"), (stat, PEER, "stat")] + [
+            (u, OTHER, "stat") for u, s in states(store).items() if u not in (routine, stat)])
+        sender.release.set()
+        await drain(d)  # the STAT sends end; the routine one gave way at its next block
+        assert d.gate.suspended == 1
+        assert states(store)[routine] == "queued"
+        assert store.unit(routine).attempts == 0  # a suspension is no failed attempt
+        await d.tick()  # ... and it resumes where the receiver is
+        await drain(d)
+        routine_sha = store.unit(routine).bundle_sha256
+        assert sum(len(b) for b in sender.blocks[routine_sha]) == store.unit(routine).bundle_bytes
+        assert [o for _sha, o in sender.offers] == ["routine", "stat", "stat", "routine"]
+        assert set(states(store).values()) == {"sent"}
+        outcomes = [t["outcome"] for t in store.transfers(routine)]
+        assert outcomes == ["suspended", "received"]
+        moves = [(e["from_state"], e["to_state"], e["detail"]) for e in store.audit_entries() if e["unit_id"] == routine][::-1]
+        suspension = next(m for m in moves if m[1] == "queued" and m[0] in ("offering", "sending"))
+        assert suspension[2].startswith("suspended for a STAT transfer at byte ")
+        assert moves[-1][:2] == ("sending", "sent")
+
+    asyncio.run(scenario())
+
+
+def test_claims_order_stat_before_older_routine(store: QueueStore, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sender = FakeSender()
+        d = dispatcher(store, tmp_path, sender)
+        store.add_peer(PEER, "B", None, max_concurrent=1)
+        sender.busy.add(PEER)  # B busy: nothing routine goes, STAT does
+        older = stable_study(store, tmp_path, "1.2.20")
+        stat = stable_study(store, tmp_path, "1.2.21")
+        d.route.descriptions["1.2.21"] = "trauma"  # type: ignore[attr-defined]
+        await d.tick()
+        assert {(peer, p) for _u, peer, p in d.running} == {(PEER, "stat"), (OTHER, "stat")}  # routine waits
+        await drain(d)
+        assert states(store)[stat] == "sent" and states(store)[older] == "queued"
+        await d.tick()
+        await drain(d)
+        assert states(store)[older] == "waiting-peer"
+        assert [p for _sha, p in sender.offers] == ["stat", "stat"]  # B (and C) got STAT; routine was never offered
+
+    asyncio.run(scenario())
+
+
+def test_routine_waits_for_the_window_and_stat_ignores_it(store: QueueStore, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        now = [datetime(2026, 11, 25, 12, 0, tzinfo=UTC1)]  # a Wednesday noon
+        sender = FakeSender()
+        d = dispatcher(store, tmp_path, sender, clock=lambda: now[0])
+        store.add_peer(PEER, "B", None, schedule="22:00-06:00")
+        routine = stable_study(store, tmp_path, "1.2.30")
+        stat = stable_study(store, tmp_path, "1.2.31")
+        d.route.descriptions["1.2.31"] = "trauma"  # type: ignore[attr-defined]
+        await d.tick()  # STAT goes at noon, outside the window ...
+        await drain(d)
+        assert states(store)[stat] == "sent"
+        await d.tick()  # ... the routine study waits for it
+        unit = store.unit(routine)
+        assert unit.state == "waiting-window"
+        assert unit.error == f"outside {PEER}'s transfer window (22:00-06:00): opens 2026-11-25T22:00+01:00"
+        assert unit.next_attempt_at == datetime(2026, 11, 25, 21, 0)  # UTC in the row
+        assert states(store)[stat] == "sent"
+        # The window opens: the unit is due (its next attempt time) and goes by itself.
+        now[0] = datetime(2026, 11, 25, 22, 0, tzinfo=UTC1)
+        from sqlalchemy import update
+
+        from gateway.rows import StudyUnitRow
+        with store.engine.begin() as conn:  # the row's time is in the past when the clock reaches it
+            conn.execute(update(StudyUnitRow).where(StudyUnitRow.id == routine).values(
+                next_attempt_at=datetime(2026, 1, 1)))
+        await d.tick()
+        await drain(d)
+        assert store.unit(routine).state == "sent"
+        moves = [(e["from_state"], e["to_state"]) for e in store.audit_entries() if e["unit_id"] == routine]
+        assert ("queued", "waiting-window") in moves and ("waiting-window", "offering") in moves
+
+    asyncio.run(scenario())
+
+
+def test_a_receive_only_peer_gets_nothing_sent(store: QueueStore, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sender = FakeSender()
+        d = dispatcher(store, tmp_path, sender)
+        store.add_peer(PEER, "B", None, directions="receive")
+        unit = stable_study(store, tmp_path, "1.2.40")
+        await d.tick()
+        await drain(d)
+        summary = store.unit(unit)
+        assert summary.state == "failed"
+        assert summary.error == f"this gateway only receives from {PEER} (dicomgw peers edit {PEER} --directions both)"
+        assert sender.offers == []
+
+    asyncio.run(scenario())
+
+
+def test_max_concurrent_lanes_per_peer(store: QueueStore, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sender = FakeSender()
+        sender.release.clear()
+        d = dispatcher(store, tmp_path, sender)
+        store.add_peer(PEER, "B", None, max_concurrent=2)
+        units = [stable_study(store, tmp_path, f"1.2.5{n}") for n in range(3)]
+        await d.tick()
+        assert sorted(u for u, _p, _q in d.running) == units[:2]  # the third waits for a lane
+        assert states(store)[units[2]] == "queued"
+        sender.release.set()
+        await drain(d)
+        await d.tick()
+        await drain(d)
+        assert set(states(store).values()) == {"sent"}
+
+    asyncio.run(scenario())
