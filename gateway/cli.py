@@ -382,6 +382,10 @@ def _summary_json(s: StudySummary) -> dict[str, Any]:
         "receipt_at": s.receipt_at.isoformat() + "Z" if s.receipt_at else None,
         "awaiting_receipt_s": round(_age_s(s.state_changed_at), 1) if s.state == "sent" else None,
         "purged_at": s.purged_at.isoformat() + "Z" if s.purged_at else None,
+        "priority": s.priority,
+        "rule": s.rule,
+        "instances_of": s.instances_of,
+        "next_attempt_at": s.next_attempt_at.isoformat() + "Z" if s.next_attempt_at else None,
     }
 
 
@@ -487,7 +491,7 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
 
 
 def _state_text(s: StudySummary) -> str:
-    text = s.state
+    text = f"STAT {s.state}" if s.priority == "stat" else s.state
     if s.state in ("sending", "receiving") and s.bundle_bytes:
         text += f" {100 * s.progress_bytes // s.bundle_bytes}%"
     if s.method and s.state in ("sending", "sent", "delivered"):

@@ -154,8 +154,17 @@ class Router:
         self.spool_root = spool_root
         self.read_tags = read_tags
         self.peers = peers or (lambda: {})
+        self._facts: dict[int, StudyFacts] = {}  # a stable unit's instances no longer change: read it once
 
     def facts(self, unit: StudySummary) -> StudyFacts:
+        if unit.unit_id in self._facts:
+            return self._facts[unit.unit_id]
+        if len(self._facts) > 10_000:
+            self._facts.clear()
+        self._facts[unit.unit_id] = found = self._read_facts(unit)
+        return found
+
+    def _read_facts(self, unit: StudySummary) -> StudyFacts:
         first = self.store.first_instance(unit.unit_id)
         modalities = tuple(unit.modalities.split("/")) if unit.modalities else ()
         tags: Mapping[str, str] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import socket
 import ssl
@@ -173,9 +174,11 @@ class TransferCut(ConnectionError):
 
 
 async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> None:
-    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end."""
+    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end.
+    It runs in a copy of the caller's context, so its log lines carry the same fields (``gateway.logs``)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
+    context = contextvars.copy_context()
 
     def finish(exc: BaseException | None) -> None:
         if not done.done():
@@ -184,7 +187,7 @@ async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> No
     def run() -> None:
         outcome: BaseException | None = None
         try:
-            fn(*args)
+            context.run(fn, *args)
         except BaseException as exc:  # handed to the awaiting coroutine, which decides
             outcome = exc
         with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits any more

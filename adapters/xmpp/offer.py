@@ -179,6 +179,7 @@ class OfferMixin:
             raise XMPPError("bad-request", str(exc)) from exc
         if offer.sid in self._sinks or offer.sid in self._outbound:
             raise XMPPError("conflict", "this stream id is in use")
+        set_fields(peer=peer.bare, transfer_id=offer.sid)  # every log line of this offer names them
         refusal = self.inbound.authorize(peer.bare, offer)
         if refusal is not None:
             condition, text = refusal

@@ -27,6 +27,7 @@ from adapters.xmpp import socks5
 from adapters.xmpp.common import Sink, TransferCut, abort, describe, on_own_thread, shut
 from adapters.xmpp.e2e import PinMismatch, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
+from gateway.logs import set_fields
 from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class S5BMixin:
         if entry is None or entry.peer != iq["from"].full or entry.started:
             raise XMPPError("item-not-found", "no accepted offer with this stream id")
         entry.started = True
+        set_fields(peer=entry.peer.split("/", 1)[0], transfer_id=sid)  # and of its stream (the reader inherits them)
         hosts = [h for h in query.iterfind(q(NS_S5B, "streamhost")) if h.get("host") and (h.get("port") or "").isdigit()]
         for host in hosts[:4]:
             try:

@@ -130,3 +130,36 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return 0
+
+
+def test_the_web_page_over_tls_takes_only_a_client_certificate_from_the_admins_ca(tmp_path: Path) -> None:
+    import ssl
+
+    from adapters.localpeers import make_test_pki
+
+    server_ca, server_cert, server_key = make_test_pki(tmp_path / "server", "localhost")
+    admins_ca, admin_cert, admin_key = make_test_pki(tmp_path / "admins", "pacsadmin")
+    _other_ca, stranger_cert, stranger_key = make_test_pki(tmp_path / "others", "stranger")
+    gw = GatewayProcess(tmp_path / "site")
+    port = free_port()
+    with gw.config.open("a") as fh:
+        fh.write(f'[web]\nport = {port}\ntls_cert_file = "{server_cert}"\ntls_key_file = "{server_key}"\n'
+                 f'client_ca_file = "{admins_ca}"\n')
+    gw.start()
+    try:
+        url = f"https://localhost:{port}/"
+
+        def fetch(cert: tuple[str, str] | None) -> int | str:
+            context = ssl.create_default_context(cafile=str(server_ca))
+            if cert is not None:
+                context.load_cert_chain(*cert)
+            try:
+                return httpx.get(url, verify=context, timeout=5).status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        wait_for(lambda: fetch((str(admin_cert), str(admin_key))) == 200, 30, 0.1, what="the page over TLS")
+        assert isinstance(fetch(None), str)  # no client certificate: the handshake is refused (no HTTP answer)
+        assert isinstance(fetch((str(stranger_cert), str(stranger_key))), str)  # a certificate from another CA: refused
+    finally:
+        gw.stop()

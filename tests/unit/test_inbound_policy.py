@@ -78,3 +78,23 @@ def test_fingerprints_are_read_in_any_usual_spelling() -> None:
 def test_redact_names_no_study_and_no_instance() -> None:
     text = "SHA-256 mismatch for instance 1.2.3.4.5 of study 1.2.3 (not 1.2.3.4.55 nor 11.2.3)"
     assert redact(text, "1.2.3", ["1.2.3.4.5"]) == "SHA-256 mismatch for instance <instance 1> of study <study> (not 1.2.3.4.55 nor 11.2.3)"
+
+
+def test_stat_offers_use_the_room_kept_for_them_and_send_only_peers_are_refused() -> None:
+    from gateway.model import PeerConfig
+
+    store = FakeStore({"radiology.b@net.test", "archive.c@net.test"})
+    configs = {"archive.c@net.test": PeerConfig("archive.c@net.test", directions="send")}
+    policy = InboundPolicy(store, (), max_study_bytes=1000, max_inbound=1, require_e2e=False,  # type: ignore[arg-type]
+                           stat_reserve=1, peer_config=configs.get)
+    assert policy.authorize("radiology.b@net.test", 10) is None  # the one routine admission
+    assert policy.authorize("radiology.b@net.test", 10) == ("resource-constraint", "busy: 1 inbound transfer(s) running")
+    assert policy.authorize("radiology.b@net.test", 10, priority="stat") is None  # the room kept for STAT
+    assert policy.authorize("radiology.b@net.test", 10, priority="stat")[0] == "resource-constraint"  # kept room is 1
+    assert store.audited[-1][1].startswith("STAT bundle") or any(d.startswith("STAT bundle") for _e, d in store.audited)
+    assert policy.full
+    policy.release()
+    policy.release()
+    assert not policy.full
+    assert policy.authorize("archive.c@net.test", 10) == (
+        "forbidden", "this gateway does not take studies from archive.c@net.test (it only sends to it)")

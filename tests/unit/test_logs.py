@@ -67,3 +67,19 @@ def test_the_config_key_is_checked(tmp_path) -> None:  # type: ignore[no-untyped
     path.write_text('[log]\nformat = "xml"\n')
     with pytest.raises(SettingsError, match="log.format"):
         load_settings(path, environ={})
+
+
+def test_a_thread_started_for_a_stream_carries_the_fields_of_its_caller() -> None:
+    import asyncio
+
+    from adapters.xmpp.common import on_own_thread
+    from gateway.logs import bound, set_fields
+
+    seen: list[dict] = []
+
+    async def attempt() -> None:
+        set_fields(transfer_id="sid-1", peer="radiology.b@net.test")
+        await on_own_thread("test-thread", lambda: seen.append(bound()))
+
+    asyncio.run(attempt())
+    assert seen == [{"transfer_id": "sid-1", "peer": "radiology.b@net.test"}]

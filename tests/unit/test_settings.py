@@ -90,3 +90,37 @@ def test_peer_pins_and_tls_settings_from_toml(tmp_path: Path) -> None:
     config.write_text('[xmpp]\npeers = [{ jid = "radiology.hospital-c@net.test", fingerprint = "12ab" }]\n')
     with pytest.raises(SettingsError, match="xmpp.peers: radiology.hospital-c@net.test: '12ab' is not a SHA-256 fingerprint"):
         load_settings(config, environ={})
+
+
+def test_the_samples_commented_routing_rules_and_web_section_load(tmp_path: Path) -> None:
+    """The rules shown (commented out) in conf/gateway.toml are valid when an admin uncomments them."""
+    text = (REPO / "conf" / "gateway.toml").read_text()
+    lines, in_rules = [], False
+    for line in text.splitlines():
+        if line.startswith("# [[routing.rules]]"):
+            in_rules = True
+        if in_rules and line.startswith("# ") and ("=" in line or line.startswith("# [[")):
+            line = line[2:]
+        elif in_rules and not line.startswith("#"):
+            in_rules = False
+        lines.append(line)
+    config = tmp_path / "gateway.toml"
+    config.write_text("\n".join(lines).replace('base_dir = ".."', f'base_dir = "{REPO}"'))
+    settings = load_settings(config, environ={})
+    assert [(r.name, r.destinations, r.priority) for r in settings.routing.rules] == [
+        ("trauma", ("radiology.hospital-b", "archive.hospital-c"), "stat"),
+        ("MR from the MR01 scanner", ("radiology.hospital-b",), "routine")]
+    assert (settings.web.host, settings.web.port) == ("127.0.0.1", 8765)
+    assert settings.xmpp.stat_reserve == 1
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[web]\nport = 8765\nhost = "0.0.0.0"', "is not loopback: set auth_user"),
+    ('[web]\nport = 8765\nauth_user = "admin"\nauth_password_hash = "secret"', "needs auth_password_hash"),
+    ('[[routing.rules]]\nname = "x"\ndestinations = ["a.b"]\nmodality = []', "modality: no value"),
+])
+def test_bad_web_and_routing_settings_are_refused(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(toml)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(config, environ={})
