@@ -7,8 +7,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from gateway.lifecycle import State
 from gateway.model import PeerConfig
 from gateway.rows import (
+    StudyUnitRow,
     AuditRow,
     PeerRow,
     TransferRow,
@@ -97,6 +99,10 @@ class TransfersRepo:
             changes = _apply_config(existing, {**config, **({"name": name} if name is not None else {}),
                                                **({"fingerprint": fingerprint} if fingerprint else {})})
             session.add(AuditRow(at=utcnow(), event="peer_edited", detail=f"{jid}{changes or ': nothing changed'}"))
+            if "; schedule " in changes:  # studies waiting for the old window are looked at again now
+                session.execute(update(StudyUnitRow).where(StudyUnitRow.destination == jid,
+                                                           StudyUnitRow.state == State.WAITING_WINDOW.value)
+                                .values(next_attempt_at=None))
             return True
 
     def remove_peer(self, jid: str) -> bool:

@@ -231,6 +231,13 @@ def test_routine_waits_for_the_window_and_stat_ignores_it(store: QueueStore, tmp
         assert unit.error == f"outside {PEER}'s transfer window (22:00-06:00): opens 2026-11-25T22:00+01:00"
         assert unit.next_attempt_at == datetime(2026, 11, 25, 21, 0)  # UTC in the row
         assert states(store)[stat] == "sent"
+        # The admin widens the window: the waiting study is looked at again at once (still closed at noon).
+        store.edit_peer(PEER, schedule="23:00-06:00")
+        assert store.unit(routine).next_attempt_at is None
+        await d.tick()
+        assert store.unit(routine).error.endswith("opens 2026-11-25T23:00+01:00")
+        store.edit_peer(PEER, schedule="22:00-06:00")
+        await d.tick()
         # The window opens: the unit is due (its next attempt time) and goes by itself.
         now[0] = datetime(2026, 11, 25, 22, 0, tzinfo=UTC1)
         from sqlalchemy import update
