@@ -10,9 +10,9 @@ from sqlalchemy import select, update
 from gateway.lifecycle import State
 from gateway.model import PeerConfig
 from gateway.rows import (
-    StudyUnitRow,
     AuditRow,
     PeerRow,
+    StudyUnitRow,
     TransferRow,
     utcnow,
 )
