@@ -15,7 +15,7 @@ from adapters.ejabberd_peer import Ejabberd
 from adapters.synthetic import generate_ct_study
 from gateway.cli_peers import ejabberd_commands
 from tests.helpers import storescu, wait_for
-from tests.integration.test_xmpp_hostile import Intruder
+from tests.integration.test_xmpp_hostile import send_and_check
 from tests.integration.test_xmpp_transfer import (
     A_JID,
     B_JID,
@@ -63,13 +63,7 @@ def test_roster_export_transfer_and_maintenance_announcement_through_ejabberd(tm
         assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")]
 
         async def announce(body: str, check: object) -> None:
-            client = Intruder(ejabberd, "ops")  # type: ignore[arg-type]
-            await client.start()
-            try:
-                client.client.send_message(mto=f"{DOMAIN}/announce/online", mbody=body, mtype="normal")
-                await asyncio.to_thread(check)  # type: ignore[arg-type]
-            finally:
-                await client.stop()
+            await send_and_check(ejabberd, "ops", f"{DOMAIN}/announce/online", body, check)
 
         def both(on: bool) -> None:
             wait_for(lambda: a.gateway._maintenance.on is on and b.gateway._maintenance.on is on, 20, 0.05,

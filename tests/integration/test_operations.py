@@ -19,7 +19,7 @@ from gateway.cli_peers import prosody_groups
 from gateway.routing import parse_rules
 from gateway.settings import PacsSettings, RoutingSettings
 from tests.helpers import storescu, wait_for
-from tests.integration.test_xmpp_hostile import Intruder
+from tests.integration.test_xmpp_hostile import send_and_check
 from tests.integration.test_xmpp_transfer import (
     A_JID,
     B_JID,
@@ -117,13 +117,7 @@ def test_the_servers_maintenance_broadcast_is_obeyed_by_every_gateway(tmp_path: 
     text = "XMPP server upgrade 22:00-22:30"
 
     async def announce(user: str, body: str, to: str, check: object) -> None:
-        client = Intruder(prosody, user)
-        await client.start()
-        try:
-            client.client.send_message(mto=to, mbody=body, mtype="normal")
-            await asyncio.to_thread(check)  # type: ignore[arg-type]
-        finally:
-            await client.stop()
+        await send_and_check(prosody, user, to, body, check)
 
     def both(on: bool) -> None:
         wait_for(lambda: a.gateway._maintenance.on is on and b.gateway._maintenance.on is on, 20, 0.05,

@@ -81,6 +81,18 @@ class Intruder:
         self.client.disconnect()
 
 
+async def send_and_check(server: Any, user: str, to: str, body: str, check: Any) -> None:
+    """Log in as ``user``, send a message (a server announcement when ``to`` is DOMAIN/announce/online), and stay
+    connected until ``check`` (a blocking wait) returns."""
+    client = Intruder(server, user)
+    await client.start()
+    try:
+        client.client.send_message(mto=to, mbody=body, mtype="normal")
+        await asyncio.to_thread(check)
+    finally:
+        await client.stop()
+
+
 def offer(sid: str, size: int = 1000, sha: str = "ab" * 32, cert: bytes = b"") -> ET.Element:
     return build_offer(Offer(sid, f"{sid}.dgwb", size, sha, ("http://jabber.org/protocol/ibb",), cert))
 
