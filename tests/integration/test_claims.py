@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from gateway.claims import Claims
 from gateway.lifecycle import State
-from gateway.store import QueueStore, make_engine, upgrade_schema
+from gateway.store import QueueStore
 from tests.helpers import wait_for
 from tests.integration.test_queue import record
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[QueueStore]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield QueueStore(engine)
-    engine.dispose()
 
 
 def queued_units(store: QueueStore, count: int) -> list[int]:

@@ -10,27 +10,17 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
-
 from gateway.claims import Claims
 from gateway.dispatch import Dispatcher
 from gateway.model import InstanceHeader
 from gateway.retention import SpoolCleaner
 from gateway.routing import Router, Rules, parse_rules
-from gateway.store import QueueStore, make_engine, upgrade_schema
+from gateway.store import QueueStore
 from gateway.transfer import SendOutcome, StreamSuspended
 
 PEER = "radiology.hospital-b@example.org"
 OTHER = "archive.hospital-c@example.org"
 UTC1 = timezone(timedelta(hours=1))
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[QueueStore]:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield QueueStore(engine)
-    engine.dispose()
 
 
 def stable_study(store: QueueStore, spool: Path, study: str, description: str = "CT HEAD", count: int = 2,
@@ -164,7 +154,10 @@ def test_stat_is_offered_first_and_gets_the_link_while_routine_waits(store: Queu
         await d.tick()  # the routine study starts streaming ...
         assert d.running == [(routine, PEER, "routine")]
         sender.release.clear()  # ... and is now between two blocks
-        await asyncio.sleep(0.05)
+        for _ in range(200):
+            if any(sender.blocks.values()):
+                break
+            await asyncio.sleep(0.01)
         r = d.route
         stat = stable_study(store, tmp_path, "1.2.11")
         r.descriptions["1.2.11"] = "TRAUMA"  # type: ignore[attr-defined]

@@ -35,14 +35,6 @@ def header(sop: str, study: str = "1.2.3", series: str = "1.2.3.1", modality: st
     )
 
 
-@pytest.fixture
-def store(db_url: str) -> QueueStore:
-    engine = make_engine(db_url)
-    upgrade_schema(engine)
-    yield QueueStore(engine)
-    engine.dispose()
-
-
 def record(store: QueueStore, sop: str, sha: str = "", study: str = "1.2.3", conflict: bool = False) -> int:
     return store.record_instance(
         header(sop, study), spool_path=f"studies/{study}/{sop}.dcm", size_bytes=1000, sha256=sha or sop.ljust(64, "0"),
