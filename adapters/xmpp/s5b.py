@@ -193,18 +193,16 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
             stream = owned.enter_context(tls.wrap_socket(sock))
             check_pin(stream, pin, peer)  # type: ignore[arg-type]
             stream.settimeout(None)
-        if hasattr(chunks, "on_suspend"):  # a routine stream: a STAT transfer may reset it at once
-            chunks.on_suspend = lambda: abort(stream)  # the TLS socket owns the descriptor once wrapped
+        if hasattr(chunks, "on_suspend"):  # a routine stream: a STAT transfer resets it (gateway.dispatch)
+            # A reset, not a FIN: what is queued in buffers along the path is dropped. The TLS socket owns the
+            # descriptor once wrapped. The block source raises StreamSuspended, or a write fails meanwhile.
+            chunks.on_suspend = lambda: abort(stream)
         try:
             for chunk in chunks:
                 stream.sendall(chunk)
                 moved[0] += len(chunk)
                 if report is not None:
                     report(moved[0])
-        except StreamSuspended:  # a reset, not a FIN: what is queued in buffers along the path is dropped
-            with contextlib.suppress(OSError):
-                stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            raise
         except OSError as exc:  # ssl.SSLError too
             if getattr(chunks, "suspended", False):  # our own reset for a STAT transfer, not a cut
                 raise StreamSuspended("suspended for a STAT transfer") from exc

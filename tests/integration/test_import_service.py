@@ -13,7 +13,7 @@ from gateway.model import InstanceRecord
 from gateway.retention import SpoolCleaner
 from gateway.settings import PacsSettings
 from gateway.store import QueueStore, utcnow
-from tests.integration.test_queue import header, store  # noqa: F401  (fixture)
+from tests.integration.test_queue import header
 
 PEER = "radiology.hospital-a@helsenett.test"
 
