@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from adapters.localpeers import Orthanc, Prosody
 from adapters.netem import FaultRelay, SharedLink
 from adapters.synthetic import generate_ct_study
-from gateway.cli_peers import prosody_groups
+from gateway.cli_peers import ejabberd_commands, prosody_groups
 from gateway.routing import parse_rules
 from gateway.settings import PacsSettings, RoutingSettings
 from tests.helpers import storescu, wait_for
@@ -50,6 +51,25 @@ def prosody(tmp_path: Path) -> Iterator[Prosody]:
         server.stop()
 
 
+@pytest.fixture(params=["prosody", "ejabberd"])
+def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """The STAT test runs through both XMPP servers the gateways support (their proxy65s differ)."""
+    if request.param == "prosody":
+        server: object = prosody_with(tmp_path / "prosody")
+    else:
+        from adapters.ejabberd_peer import Ejabberd
+
+        server = Ejabberd(tmp_path / "ejabberd", domain=DOMAIN).start()
+        for user in USERS:
+            server.add_account(user, f"pw-{user}")
+        for line in ejabberd_commands("DICOM gateways", {A_JID: "A", B_JID: "B"}).splitlines():  # the roster
+            assert server.ctl(*shlex.split(line)[1:]).returncode == 0, line
+    try:
+        yield server
+    finally:
+        server.stop()  # type: ignore[attr-defined]
+
+
 def in_orthanc(orthanc: Orthanc, study_uid: str) -> int:
     request = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/tools/lookup", data=study_uid.encode(), method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -61,7 +81,8 @@ def moved_at(audit: list[dict], study_uid: str, to_state: str) -> str:
     return min(e["at"] for e in audit if e.get("study_instance_uid") == study_uid and e.get("to_state") == to_state)
 
 
-def test_stat_overtakes_a_routine_study_on_a_busy_line_and_the_routine_one_resumes(tmp_path: Path, prosody: Prosody) -> None:
+def test_stat_overtakes_a_routine_study_on_a_busy_line_and_the_routine_one_resumes(tmp_path: Path, any_server: Prosody) -> None:
+    prosody = any_server
     line = SharedLink(2_000_000)  # A's line to the server: 16 Mbit/s, shared by all its proxy connections
     relay = FaultRelay(prosody.proxy_port, link=line)
     with Orthanc(tmp_path / "orthanc") as orthanc:
@@ -82,7 +103,7 @@ def test_stat_overtakes_a_routine_study_on_a_busy_line_and_the_routine_one_resum
                 (unit,) = a.gateway.store.studies()
                 return unit.state == "sending" and unit.progress_bytes > unit.bundle_bytes / 5
 
-            wait_for(routine_streaming, 60, 0.05, what="A to stream a fifth of the routine study")
+            wait_for(routine_streaming, 60, 0.05, what=lambda: f"A to stream a fifth of the routine study: {a.gateway.store.studies()} {a.gateway.store.transfers()}")
             assert storescu(a.gateway.scp.port, stat.files).returncode == 0
             wait_for(lambda: in_orthanc(orthanc, stat.study_instance_uid) == len(stat.files), 60, 0.1,
                      what="the STAT study in B's PACS")
