@@ -15,6 +15,7 @@ from gateway.rows import (
     StudyUnitRow,
     utcnow,
 )
+from gateway.store_units import instance_source
 
 
 class ImportsRepo:
@@ -175,7 +176,7 @@ class ImportsRepo:
         yet delivered, or delivered less than ``keep_s`` ago: they must stay."""
         cutoff = (now or utcnow()) - timedelta(seconds=keep_s)
         with self._sessions() as session:
-            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id)) or unit_id
+            source = instance_source(session, unit_id)
             pending = session.scalar(select(StudyUnitRow.id).where(
                 (StudyUnitRow.id == source) | (StudyUnitRow.instances_of == source),
                 (StudyUnitRow.state != State.DELIVERED.value) | (StudyUnitRow.state_changed_at > cutoff)).limit(1))

@@ -156,10 +156,9 @@ class UnitsRepo:
         """The instances a unit sends: its own, or for a copy made for a further destination, those of the
         unit it copies."""
         with self._sessions() as session:
-            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id))
             rows = session.scalars(
                 select(InstanceRow)
-                .where(InstanceRow.unit_id == (source or unit_id))
+                .where(InstanceRow.unit_id == instance_source(session, unit_id))
                 .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.sop_instance_uid, InstanceRow.id)
             ).all()
         return [_instance(r) for r in rows]
@@ -316,8 +315,7 @@ class UnitsRepo:
     def first_instance(self, unit_id: int) -> InstanceRecord | None:
         """The unit's first recorded instance (what routing reads: its source and attributes)."""
         with self._sessions() as session:
-            source = session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id))
-            row = session.scalars(select(InstanceRow).where(InstanceRow.unit_id == (source or unit_id))
+            row = session.scalars(select(InstanceRow).where(InstanceRow.unit_id == instance_source(session, unit_id))
                                   .order_by(InstanceRow.id).limit(1)).first()
         return _instance(row) if row is not None else None
 
@@ -325,6 +323,12 @@ class UnitsRepo:
         with self._sessions() as session:
             return int(session.scalar(select(func.count(InstanceRow.id))) or 0)
 
+
+
+def instance_source(session: Session, unit_id: int) -> int:
+    """The unit whose instance rows a unit sends: itself, or for a copy made for a further destination the
+    unit it copies (``instances_of``)."""
+    return session.scalar(select(StudyUnitRow.instances_of).where(StudyUnitRow.id == unit_id)) or unit_id
 
 
 def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
