@@ -30,12 +30,14 @@ from adapters.xmpp.agent import XmppSettings as AgentSettings
 from adapters.xmpp.e2e import Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
+from gateway.directory import PeerDirectory
 from gateway.dispatch import Dispatcher
 from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.maintenance import Maintenance, maintenance, obey_announcement
 from gateway.model import IngestResult
 from gateway.pins import redact
+from gateway.refusals import RefusalLog
 from gateway.retention import SpoolCleaner
 from gateway.retry import RetryPolicy
 from gateway.routing import Router, Rules, StudyFacts
@@ -128,6 +130,8 @@ class Gateway:
         self._receipts_due = asyncio.Event()
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
         self._maintenance = Maintenance(False)
+        self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
+        self.refusals = RefusalLog()
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
 
     def _build_xmpp(self) -> None:
@@ -139,9 +143,8 @@ class Gateway:
             self._audit("identity_created", f"new end-to-end identity, certificate SHA-256 {self.identity.fingerprint}")
         log.info("end-to-end identity: certificate SHA-256 %s", self.identity.fingerprint)
         self.inbound_policy = InboundPolicy(
-            self.store, x.peers, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
-            pin_for=self.pin_for, require_e2e=x.require_e2e, claims=self.claims, stat_reserve=x.stat_reserve,
-            peer_config=lambda jid: self.store.peer_configs().get(jid),
+            self.store, self.directory, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
+            require_e2e=x.require_e2e, claims=self.claims, stat_reserve=x.stat_reserve, refusals=self.refusals,
         )
         self.agent = GatewayAgent(
             AgentSettings(
@@ -168,8 +171,30 @@ class Gateway:
         self.receipts = ReceiptSender(self.store, self.agent)
 
     def pin_for(self, peer_jid: str) -> str | None:
-        """The peer's pinned certificate: `dicomgw peers add --fingerprint` first, then the TOML file."""
-        return self.store.peer_fingerprint(peer_jid) or self.settings.xmpp.pin_for(peer_jid)
+        """The peer's pinned certificate: `dicomgw peers add --fingerprint` first, then the TOML file (from
+        memory: ``gateway.directory``)."""
+        return self.directory.pin(peer_jid)
+
+    async def _refusal_loop(self, stop: asyncio.Event) -> None:
+        """Each second, off the loop: refusals counted in memory go to the audit log, the peer table is re-read."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            try:
+                await asyncio.to_thread(self.flush_refusals)
+                await asyncio.to_thread(self.directory.refresh)
+            except Exception:  # a database hiccup must not end the loop; the counts wait for the next second
+                log.exception("writing refusal counts failed")
+
+    def flush_refusals(self) -> None:
+        tallies = self.refusals.drain()
+        try:
+            self.store.audit_counts([(t.event, t.key, t.detail, t.count) for t in tallies])
+        except Exception:
+            for t in tallies:  # put them back: written at the next flush
+                self.refusals.add(t.event, t.key, t.detail, t.count)
+            self.refusals.total -= sum(t.count for t in tallies)
+            raise
 
     def _capacity_changed(self, _full: bool) -> None:
         """Admissions and releases come from several threads: the presence shown is decided on the loop from
@@ -220,8 +245,10 @@ class Gateway:
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(upgrade_schema, self.engine)
+        await asyncio.to_thread(self.directory.refresh)
         if self.settings.xmpp.enabled:
             self._build_xmpp()
+        refusals = asyncio.ensure_future(self._refusal_loop(stop))
         await asyncio.to_thread(self._recover)
         for kept in self.spool.start():
             self._audit("quarantined", f"recovered at start-up: {kept}")
@@ -270,6 +297,9 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dispatching
         finally:
+            refusals.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.flush_refusals)
             if self.web is not None:
                 await self.web.stop()
             if self.agent is not None:
@@ -351,6 +381,10 @@ class _Inbound:
         cert = fingerprint(offer.cert_der) if offer.cert_der else None
         return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert, offer.priority)
 
+    def release(self, offer: Offer) -> None:
+        assert self.gateway.inbound_policy is not None
+        self.gateway.inbound_policy.release(offer.manifest_sha256)
+
     def receipt(self, peer_jid: str, receipt: Receipt) -> str:
         outcome = self.gateway.store.confirm_delivery(
             peer_jid, receipt.study_instance_uid, receipt.bundle_sha256, receipt.delivered,
@@ -364,7 +398,15 @@ class _Inbound:
         return self.gateway.pin_for(peer_jid)
 
     def security_event(self, peer_jid: str, text: str) -> None:
-        self.gateway.store.audit("e2e_refused", text)
+        self.gateway.refusals.note("e2e_refused", peer_jid, text)
+
+    def statement_refused(self, peer_jid: str, text: str) -> None:
+        self.gateway.refusals.note("receipt_refused", peer_jid, text)
+
+    def screen(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
+        assert self.gateway.inbound_policy is not None
+        cert = fingerprint(offer.cert_der) if offer.cert_der else None
+        return self.gateway.inbound_policy.screen(peer_jid, offer.manifest_sha256, cert)
 
     def status_changed(self, status: dict) -> None:
         self.gateway.store.set_runtime_status("xmpp", json.dumps(status, default=str))

@@ -23,20 +23,28 @@ class AuditRepo:
                 AuditRow(at=utcnow(), unit_id=unit_id, study_instance_uid=study_instance_uid, event=event_name, detail=detail)
             )
 
-    def audit_repeated(self, event_name: str, key: str, detail: str, window_s: float = 60.0) -> None:
+    def audit_repeated(self, event_name: str, key: str, detail: str, window_s: float = 60.0, count: int = 1) -> None:
         """One row per ``key`` (e.g. a refused sender) and ``window_s``: a repeat within the window only
         counts (``repeat_count``), so a flood of refusals cannot flood the audit log."""
+        self.audit_counts([(event_name, key, detail, count)], window_s)
+
+    def audit_counts(self, tallies: list[tuple[str, str, str, int]], window_s: float = 60.0) -> None:
+        """(event, key, detail, count) tallies (``gateway.refusals``) folded into their rows in one transaction."""
+        if not tallies:
+            return
         since = utcnow() - timedelta(seconds=window_s)
-        marker = f"[{key}] "
         with self._unit_of_work() as session:
-            row = session.scalar(
-                select(AuditRow).where(AuditRow.event == event_name, AuditRow.at >= since, AuditRow.detail.startswith(marker, autoescape=True))
-                .order_by(AuditRow.id.desc()).limit(1).with_for_update()
-            )
-            if row is None:
-                session.add(AuditRow(at=utcnow(), event=event_name, detail=marker + detail))
-            else:
-                row.repeat_count += 1
+            for event_name, key, detail, count in tallies:
+                marker = f"[{key}] "
+                row = session.scalar(
+                    select(AuditRow).where(AuditRow.event == event_name, AuditRow.at >= since,
+                                           AuditRow.detail.startswith(marker, autoescape=True))
+                    .order_by(AuditRow.id.desc()).limit(1).with_for_update()
+                )
+                if row is None:
+                    session.add(AuditRow(at=utcnow(), event=event_name, detail=marker + detail, repeat_count=count))
+                else:
+                    row.repeat_count += count
 
     def set_runtime_status(self, name: str, value: str) -> None:
         with self._unit_of_work() as session:

@@ -2,8 +2,8 @@
 sender, the receiver's admission policy and its delivery receipts. The sender's dispatcher is
 ``gateway.dispatch``.
 
-Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused ``forbidden``, audited
-once per sender and minute with a count) that the admin has not set to "send only", whose certificate is
+Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused ``forbidden`` from memory,
+counted in memory and audited once per sender and minute with a count, ``gateway.refusals``) that the admin has not set to "send only", whose certificate is
 the one pinned for them (``not-authorized``, audited; without a pin only when ``require_e2e`` is off), up
 to ``max_study_bytes`` (``not-acceptable``), and at most ``max_inbound`` at once (``resource-constraint``,
 and the agent shows ``dnd`` while full), plus ``stat_reserve`` more for STAT offers.
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.claims import Claims
+from gateway.directory import PeerDirectory
 from gateway.lifecycle import State
-from gateway.model import PeerConfig
 from gateway.pins import redact
+from gateway.refusals import RefusalLog
 from gateway.store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -80,20 +81,22 @@ class SenderPort(Protocol):
 
 
 class InboundPolicy:
-    """Which offers the receiving gateway accepts (thread-safe counter of active inbound transfers)."""
+    """Which offers the receiving gateway accepts (thread-safe counter of active inbound transfers).
 
-    def __init__(self, store: QueueStore, allowed_peers: tuple[str, ...], max_study_bytes: int, max_inbound: int,
-                 on_capacity: Callable[[bool], None] | None = None,
-                 pin_for: Callable[[str], str | None] | None = None, require_e2e: bool = True,
-                 claims: Claims | None = None, stat_reserve: int = 1,
-                 peer_config: Callable[[str], PeerConfig | None] | None = None) -> None:
+    :meth:`screen` decides from memory alone (the peer directory, the pins, maintenance) and notes its
+    refusals in the :class:`RefusalLog`: it is what the event loop runs for every offer, so a flood from a
+    stranger costs no I/O. :meth:`authorize` adds what needs the database (a bundle already here, the
+    stream claim, the audit of an admission) and runs on a worker thread."""
+
+    def __init__(self, store: QueueStore, directory: PeerDirectory, max_study_bytes: int, max_inbound: int,
+                 on_capacity: Callable[[bool], None] | None = None, require_e2e: bool = True,
+                 claims: Claims | None = None, stat_reserve: int = 1, refusals: RefusalLog | None = None) -> None:
         self.store = store
+        self.directory = directory
+        self.refusals = refusals or RefusalLog()
         self.claims = claims
         self.stat_reserve = stat_reserve  # admissions kept for STAT offers beyond max_inbound
-        self.peer_config = peer_config or (lambda _jid: None)
-        self.pin_for = pin_for or (lambda _jid: None)
         self.require_e2e = require_e2e
-        self.allowed_peers = allowed_peers
         self.max_study_bytes = max_study_bytes
         self.max_inbound = max_inbound
         self.on_capacity = on_capacity
@@ -101,25 +104,36 @@ class InboundPolicy:
         self.maintenance: str | None = None  # the admin's maintenance text while it is on (gateway.maintenance)
         self._lock = threading.Lock()
 
-    def authorize(self, peer_bare: str, size: int, bundle_sha256: str = "", cert_sha256: str | None = None,
-                  priority: str = "routine") -> tuple[str, str] | None:
-        """None to admit (then :meth:`release` must follow on every path), else (stanza condition, text).
-        ``cert_sha256``: the fingerprint of the certificate the offer carries (None: a plaintext offer).
-        A ``stat`` offer may take one of the ``stat_reserve`` admissions kept beyond ``max_inbound``."""
+    def screen(self, peer_bare: str, bundle_sha256: str = "", cert_sha256: str | None = None) -> tuple[str, str] | None:
+        """From memory only (no I/O): None to go on to :meth:`authorize`, else (stanza condition, text)."""
         bundle = bundle_sha256[:12] or "?"
-        if peer_bare not in self.allowed_peers and not self.store.peer_allowed(peer_bare):
-            self.store.audit_repeated("offer_refused", peer_bare, f"offer from {peer_bare}: not an allowed peer")
+        if not self.directory.allowed(peer_bare):
+            if self.directory.stale():
+                self.directory.refresh_soon()  # a peer just added by another process is known within a second
+            self.refusals.note("offer_refused", peer_bare, f"offer from {peer_bare}: not an allowed peer")
             return "forbidden", f"{peer_bare} is not an allowed peer of this gateway"
-        config = self.peer_config(peer_bare)
+        config = self.directory.config(peer_bare)
         if config is not None and config.allowed and not config.may_receive_from:
-            self.store.audit_repeated("offer_refused", peer_bare, f"offer from {peer_bare}: this gateway only sends to it")
+            self.refusals.note("offer_refused", peer_bare, f"offer from {peer_bare}: this gateway only sends to it")
             return "forbidden", f"this gateway does not take studies from {peer_bare} (it only sends to it)"
         if self.maintenance is not None:
             return "resource-constraint", f"busy: {self.maintenance}"
         refusal = self._check_pin(peer_bare, cert_sha256)
         if refusal is not None:
-            self.store.audit("e2e_refused", f"offer of bundle {bundle} from {peer_bare}: {refusal}")
+            self.refusals.note("e2e_refused", peer_bare, f"offer of bundle {bundle} from {peer_bare}: {refusal}")
             return "not-authorized", refusal
+        return None
+
+    def authorize(self, peer_bare: str, size: int, bundle_sha256: str = "", cert_sha256: str | None = None,
+                  priority: str = "routine") -> tuple[str, str] | None:
+        """None to admit (then :meth:`release` must follow on every path), else (stanza condition, text).
+        ``cert_sha256``: the fingerprint of the certificate the offer carries (None: a plaintext offer).
+        A ``stat`` offer may take one of the ``stat_reserve`` admissions kept beyond ``max_inbound``.
+        Reads and writes the database: call it off the event loop, after :meth:`screen`."""
+        refusal = self.screen(peer_bare, bundle_sha256, cert_sha256)
+        if refusal is not None:
+            return refusal
+        bundle = bundle_sha256[:12] or "?"
         held = self.store.inbound_bundle_state(peer_bare, bundle_sha256) if bundle_sha256 else None
         if held is not None:
             unit_id, state = held
@@ -148,7 +162,7 @@ class InboundPolicy:
         return None
 
     def _check_pin(self, peer_bare: str, cert_sha256: str | None) -> str | None:
-        pin = self.pin_for(peer_bare)
+        pin = self.directory.pin(peer_bare)
         if cert_sha256 is None:
             return "this gateway exchanges studies end-to-end encrypted only" if self.require_e2e or pin else None
         if pin is None:

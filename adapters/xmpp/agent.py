@@ -34,6 +34,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 from adapters.xmpp.common import (
     IQ,
+    AwaitedVerdict,
     InboundPort,
     InboundStream,
     OutboundStream,
@@ -102,7 +103,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._settled = asyncio.Event()  # online, or refused for a reason an operator must fix
         self._sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
         self._outbound: dict[str, OutboundStream] = {}  # sid -> our end-to-end IBB stream
-        self._verdicts: dict[str, asyncio.Future[tuple[str, str]]] = {}
+        self._verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
         self._proxy: tuple[str, str, int] | None = None
         self._status = ("", "ready")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -210,9 +211,9 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
             if not future.done():
                 future.set_exception(StreamLost(iq))
-        for future in list(self._verdicts.values()):
-            if not future.done():
-                future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
+        for awaited in list(self._verdicts.values()):
+            if not awaited.future.done():
+                awaited.future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
         for sid in list(self._outbound):
             self._fail_outbound(sid, TransferCut("XMPP connection lost"))
         if not self._stopping and not self._reconnect_pending:

@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 IQ = "{jabber:client}iq"
 
 
-IQ = "{jabber:client}iq"
-
-
 @dataclass(frozen=True)
 class XmppSettings:
     jid: str
@@ -75,8 +72,14 @@ class Sink(Protocol):
 
 
 class InboundPort(Protocol):
+    def screen(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
+        """From memory, on the event loop: None to go on to ``authorize``, else (condition, text)."""
+
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
-        """None to accept, else (stanza error condition, text)."""
+        """None to accept, else (stanza error condition, text). Blocking: called on a worker thread."""
+
+    def release(self, offer: Offer) -> None:
+        """Give back an admission ``authorize`` gave when no sink was opened for it."""
 
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> Sink:
         """Called only after ``authorize`` accepted; the sink's ``finish``/``close`` ends the admission."""
@@ -89,6 +92,10 @@ class InboundPort(Protocol):
 
     def security_event(self, peer_jid: str, text: str) -> None:
         """A refused end-to-end channel (pin mismatch, failed handshake): audited."""
+
+    def statement_refused(self, peer_jid: str, text: str) -> None:
+        """A verdict or receipt refused (wrong sender, bad signature, outcome outside the set): audited
+        ``receipt_refused``, counted in memory (called on the event loop: no I/O)."""
 
     def status_changed(self, status: dict[str, Any]) -> None:
         """The XMPP connection's state changed (``GatewayAgent.status``)."""
@@ -110,6 +117,16 @@ class InboundStream:
     out_seq: int = 0  # our blocks back to the sender (TLS handshake records)
     started: bool = False  # the bytestream was opened
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
+
+
+@dataclass
+class AwaitedVerdict:
+    """A stream we sent whose verdict we wait for: only ``peer`` (the full JID the offer was agreed with) may
+    give it, signed with the key pinned as ``pin`` when there is one (``adapters.xmpp.attest``)."""
+
+    future: asyncio.Future[tuple[str, str]]
+    peer: str
+    pin: str | None
 
 
 @dataclass

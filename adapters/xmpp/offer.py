@@ -7,7 +7,9 @@ ends the attempt. A pin mismatch ends it at once (no fallback).
 Receiver (``_on_offer``): a malformed offer is ``bad-request`` before any admission; the core admits or
 refuses (``forbidden``, ``not-authorized``, ``not-acceptable``, ``resource-constraint``, ``conflict``); an
 admitted offer holds its admission until its sink ends, on every path, also when the stream never starts
-(``stream_start_timeout_s``). Verdicts and receipts refer to the bundle, never to a study.
+(``stream_start_timeout_s``). Verdicts and receipts refer to the bundle, never to a study, and are signed
+with the gateway's identity key (``adapters.xmpp.attest``): the sender takes a verdict only from the full
+JID its offer was agreed with and a receipt only from the peer's bare JID, each signed by the pinned key.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
-from adapters.xmpp import socks5
+from adapters.xmpp import attest, socks5
 from adapters.xmpp.common import (
+    AwaitedVerdict,
     FramedSink,
     InboundStream,
     TransferCut,
@@ -42,6 +45,7 @@ from adapters.xmpp.stanzas import (
     NS_SI,
     Offer,
     Receipt,
+    Signature,
     build_accept,
     build_offer,
     build_receipt,
@@ -50,7 +54,10 @@ from adapters.xmpp.stanzas import (
     parse_accept,
     parse_offer,
     parse_receipt,
+    parse_result,
     q,
+    receipt_signature,
+    statement_text,
 )
 from gateway.logs import set_fields
 from gateway.transfer import SendOutcome, StreamSuspended
@@ -109,7 +116,7 @@ class OfferMixin:
             attempt.update(method=method, offset=offset, compressed=framed)
             result.method, result.offset = method, offset
             verdict = asyncio.get_running_loop().create_future()
-            self._verdicts[sid] = verdict
+            self._verdicts[sid] = AwaitedVerdict(verdict, peer_full_jid, pin)
             tls = client_context(identity) if encrypted and identity else None
             moved = [0]
             try:
@@ -180,7 +187,12 @@ class OfferMixin:
         if offer.sid in self._sinks or offer.sid in self._outbound:
             raise XMPPError("conflict", "this stream id is in use")
         set_fields(peer=peer.bare, transfer_id=offer.sid)  # every log line of this offer names them
-        refusal = self.inbound.authorize(peer.bare, offer)
+        refusal = self.inbound.screen(peer.bare, offer)  # from memory: a flood from a stranger costs no I/O here
+        if refusal is None:
+            refusal = await asyncio.to_thread(self.inbound.authorize, peer.bare, offer)
+            if refusal is None and (offer.sid in self._sinks or offer.sid in self._outbound):
+                self.inbound.release(offer)  # the same stream id was taken while we looked
+                refusal = ("conflict", "this stream id is in use")
         if refusal is not None:
             condition, text = refusal
             raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
@@ -226,9 +238,34 @@ class OfferMixin:
 
     async def _send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
         iq = self.make_iq_set(ito=peer)
-        iq.xml.append(build_result(sid, outcome, detail))
+        signature = self._sign("verdict", peer, sid, outcome, statement_text(detail))
+        iq.xml.append(build_result(sid, outcome, detail, signature))
         with contextlib.suppress(IqError, IqTimeout):
             await self.send_iq(iq)
+
+    def _sign(self, kind: str, addressee: str, *fields: str) -> Signature | None:
+        """Our signature of a statement to ``addressee`` (``adapters.xmpp.attest``); None without an identity."""
+        identity = self.settings.identity
+        if identity is None:
+            return None
+        data = attest.canonical(kind, self.boundjid.bare, addressee.split("/", 1)[0], *fields)
+        return Signature(*attest.sign(identity, data))
+
+    def _check_signed(self, kind: str, sender: slixmpp.JID, signature: Signature, *fields: str) -> None:
+        """Raise :class:`attest.Unattested` unless a peer with a pin signed this statement with that key."""
+        pin = self.inbound.pin_for(sender.bare)
+        if pin is None:
+            if self.settings.require_e2e:
+                raise attest.Unattested(f"no certificate pinned for {sender.bare}")
+            return  # lab mode: plaintext peers without a pin send unsigned statements
+        data = attest.canonical(kind, sender.bare, self.boundjid.bare, *fields)
+        attest.verify(pin, signature.cert_b64, signature.sig_b64, data, sender.bare)
+
+    def _refuse_statement(self, sender: slixmpp.JID, what: str, reason: str, condition: str) -> XMPPError:
+        text = f"{what} from {sender.full} refused: {reason}"
+        log.warning("%s", text)
+        self.inbound.statement_refused(sender.bare, text)
+        return XMPPError(condition, reason)
 
     def _reset_routine_streams(self, peer_bare: str) -> None:
         """A STAT offer from ``peer_bare``: its sender has suspended its routine streams to us; reset ours (a
@@ -249,22 +286,45 @@ class OfferMixin:
             entry.sink.close(reason)
 
     def _on_verdict(self, iq: slixmpp.Iq) -> None:
-        el = iq.xml.find(q(NS_RESULT, "result"))
-        sid = el.get("sid", "") if el is not None else ""
-        future = self._verdicts.get(sid)
-        if future is None or future.done():
+        """The receiver's verdict on a stream we sent: only from the full JID the offer was agreed with, with
+        an outcome from the closed set, signed by the key pinned for it; anything else refused and audited."""
+        if iq["type"] != "set":
+            return
+        sender = iq["from"]
+        try:
+            verdict = parse_result(iq.xml.find(q(NS_RESULT, "result")))
+        except ValueError as exc:
+            raise self._refuse_statement(sender, "verdict", str(exc), "bad-request") from exc
+        awaited = self._verdicts.get(verdict.sid)
+        if awaited is None or awaited.future.done():
             raise XMPPError("item-not-found", "no transfer with this stream id")
-        future.set_result((el.get("outcome", ""), el.text or ""))
+        if sender.full != awaited.peer:
+            raise self._refuse_statement(sender, "verdict", f"the stream was agreed with {awaited.peer}", "not-authorized")
+        try:
+            self._check_signed("verdict", sender, verdict.signature, verdict.sid, verdict.outcome, verdict.detail)
+        except attest.Unattested as exc:
+            raise self._refuse_statement(sender, "verdict", str(exc), "not-authorized") from exc
+        awaited.future.set_result((verdict.outcome, verdict.detail))
         iq.reply().send()
 
     async def _on_receipt(self, iq: slixmpp.Iq) -> None:
+        """A delivery receipt: acted on only when signed by the key pinned for the sender's bare JID (any of
+        its resources: a receiver with several processes sends it from whichever finished the import)."""
         if iq["type"] != "set":
             return
+        sender = iq["from"]
+        el = iq.xml.find(q(NS_RESULT, "receipt"))
         try:
-            receipt = parse_receipt(iq.xml.find(q(NS_RESULT, "receipt")))
+            receipt = parse_receipt(el)
+            signature = receipt_signature(el)
         except ValueError as exc:
-            raise XMPPError("bad-request", str(exc)) from exc
-        outcome = await asyncio.to_thread(self.inbound.receipt, iq["from"].bare, receipt)
+            raise self._refuse_statement(sender, "receipt", str(exc), "bad-request") from exc
+        try:
+            self._check_signed("receipt", sender, signature, receipt.bundle_sha256, str(receipt.instances),
+                               "delivered" if receipt.delivered else "failed", receipt.detail)
+        except attest.Unattested as exc:
+            raise self._refuse_statement(sender, "receipt", str(exc), "not-authorized") from exc
+        outcome = await asyncio.to_thread(self.inbound.receipt, sender.bare, receipt)
         if outcome == "unknown":
             raise XMPPError("item-not-found", f"no bundle {receipt.bundle_sha256[:12]} was sent to you")
         iq.reply().send()
@@ -272,7 +332,9 @@ class OfferMixin:
     async def send_receipt(self, peer_full_jid: str, receipt: Receipt) -> tuple[bool, str]:
         """(acknowledged, detail): True when the sender answered (result, or item-not-found: not its study)."""
         iq = self.make_iq_set(ito=peer_full_jid)
-        iq.xml.append(build_receipt(receipt))
+        signature = self._sign("receipt", peer_full_jid, receipt.bundle_sha256, str(receipt.instances),
+                               "delivered" if receipt.delivered else "failed", statement_text(receipt.detail))
+        iq.xml.append(build_receipt(receipt, signature))
         try:
             await self.send_iq(iq)
         except IqError as exc:

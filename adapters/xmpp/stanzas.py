@@ -6,7 +6,9 @@
 - ``urn:dicomgw:transfer:1``: the receiver's verdict on a completed bundle (ours; XEP-0096 has none), and
   the delivery receipt: ``<receipt bundle=SHA-256 instances=N outcome='delivered'|'failed'>text`` sent by
   the receiving gateway (IQ set) once its PACS holds every instance, or refused one for good. The
-  ``bundle`` digest is the SHA-256 of the manifest, which lists every instance's SHA-256.
+  ``bundle`` digest is the SHA-256 of the manifest, which lists every instance's SHA-256. Both carry the
+  signer's certificate and signature (``cert``, ``sig``: ``adapters.xmpp.attest``); a verdict's outcome is
+  one of ``received``, ``rejected``, ``incomplete``, ``refused``.
 - ``urn:dicomgw:e2e:1``: ``<identity>`` in an offer carries the sender's certificate (base64 DER) for the
   end-to-end channel (``adapters.xmpp.e2e``); an offer without it is a plaintext (lab-only) transfer.
 
@@ -43,6 +45,7 @@ BUNDLE_MIME = "application/x-dicomgw-bundle"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CERT_BYTES = 16384
+VERDICT_OUTCOMES = ("received", "rejected", "incomplete", "refused")  # a closed set: it becomes a row's outcome and a label
 
 
 def q(ns: str, tag: str) -> str:
@@ -151,19 +154,70 @@ def xml_text(text: str, limit: int = 2000) -> str:
     return _NOT_XML.sub("?", text[:limit])
 
 
-def build_result(sid: str, outcome: str, detail: str = "") -> ET.Element:
-    el = ET.Element(q(NS_RESULT, "result"), {"sid": sid, "outcome": outcome})
-    el.text = xml_text(detail)
+def statement_text(text: str) -> str:
+    """A verdict's or receipt's text as it arrives unchanged (what is signed): XML-safe, one line, stripped."""
+    return " ".join(xml_text(text).replace("\r", "\n").split("\n")).strip()
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A signed statement's ``cert`` and ``sig`` attributes (base64; see ``adapters.xmpp.attest``)."""
+
+    cert_b64: str = ""
+    sig_b64: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    sid: str
+    outcome: str  # one of VERDICT_OUTCOMES
+    detail: str
+    signature: Signature
+
+
+def _signed(el: ET.Element, signature: Signature | None) -> ET.Element:
+    if signature is not None and signature.sig_b64:
+        el.set("cert", signature.cert_b64)
+        el.set("sig", signature.sig_b64)
     return el
 
 
-def build_receipt(receipt: Receipt) -> ET.Element:
+def _signature_of(el: ET.Element) -> Signature:
+    cert, sig = el.get("cert", ""), el.get("sig", "")
+    if len(cert) > MAX_CERT_BYTES * 2 or len(sig) > 1024:
+        raise ValueError("signature or certificate too long")
+    return Signature(cert, sig)
+
+
+def build_result(sid: str, outcome: str, detail: str = "", signature: Signature | None = None) -> ET.Element:
+    el = ET.Element(q(NS_RESULT, "result"), {"sid": sid, "outcome": outcome})
+    el.text = statement_text(detail)
+    return _signed(el, signature)
+
+
+def parse_result(el: ET.Element | None) -> Verdict:
+    """Raises ValueError (turned into bad-request) for anything malformed or an outcome outside the set."""
+    if el is None:
+        raise ValueError("no verdict")
+    sid, outcome = el.get("sid", ""), el.get("outcome", "")
+    if not SID.match(sid):
+        raise ValueError("verdict has no usable stream id")
+    if outcome not in VERDICT_OUTCOMES:
+        raise ValueError(f"verdict outcome must be one of {', '.join(VERDICT_OUTCOMES)}")
+    return Verdict(sid, outcome, (el.text or "").strip()[:2000], _signature_of(el))
+
+
+def build_receipt(receipt: Receipt, signature: Signature | None = None) -> ET.Element:
     el = ET.Element(q(NS_RESULT, "receipt"), {
         "bundle": receipt.bundle_sha256, "instances": str(receipt.instances),
         "outcome": "delivered" if receipt.delivered else "failed",
     })
-    el.text = xml_text(receipt.detail)
-    return el
+    el.text = statement_text(receipt.detail)
+    return _signed(el, signature)
+
+
+def receipt_signature(el: ET.Element) -> Signature:
+    return _signature_of(el)
 
 
 def parse_receipt(el: ET.Element | None) -> Receipt:

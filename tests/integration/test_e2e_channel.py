@@ -77,8 +77,9 @@ def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_p
         a_fp = site_identity(tmp_path, "a")[2]
         assert first["outcome"] == "refused" and first["error"].startswith("not-authorized:")
         assert f"certificate SHA-256 {a_fp} of {A_JID} does not match the pin {wrong}" in first["error"]
-        refusals = [e["detail"] for e in b.gateway.store.audit_entries() if e["event"] == "e2e_refused"]
-        assert refusals and a_fp in refusals[0]
+        refusals = wait_for(lambda: [e["detail"] for e in b.gateway.store.audit_entries() if e["event"] == "e2e_refused"],
+                            30, 0.1, what="B's e2e_refused audit row (written off the loop within a second)")
+        assert a_fp in refusals[0]
         assert b.gateway.store.studies() == [] and list((b.gateway.spool.root / "inbox").glob("*")) == []
     finally:
         a.stop()
@@ -89,13 +90,16 @@ def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_p
                    peer_pins=((B_JID, wrong),))
     try:
         b.gateway.store.add_peer(A_JID, "", site_identity(tmp_path, "a2")[2])
+        wait_for(lambda: b.gateway.pin_for(A_JID) == site_identity(tmp_path, "a2")[2], 10, 0.05,
+                 what="B to read the new pin (its peer table is re-read every second)")
         study = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=2, rows=32, columns=32)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: a.gateway.store.transfers(), 30, 0.1, what="a refused attempt")
         first = a.gateway.store.transfers()[0]
         assert first["outcome"] == "refused" and first["bytes"] == 0
         assert f"does not match the pin {wrong}" in first["error"]
-        assert any(e["event"] == "e2e_refused" and wrong in e["detail"] for e in a.gateway.store.audit_entries())
+        wait_for(lambda: any(e["event"] == "e2e_refused" and wrong in e["detail"] for e in a.gateway.store.audit_entries()),
+                 30, 0.1, what="A's e2e_refused audit row")
         wait_for(lambda: [t["outcome"] for t in b.gateway.store.transfers()] != [], 30, 0.1, what="B to end the attempt")
         assert all(s.state != "received" for s in b.gateway.store.studies())
         assert received_instances(b.gateway) == {}

@@ -169,7 +169,8 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         first = x.gateway.store.transfers()[0]
         assert first["outcome"] == "refused" and first["error"].startswith("forbidden:")
         assert b.gateway.store.studies() == []
-        assert any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries())
+        wait_for(lambda: any(e["event"] == "offer_refused" and STRANGER_JID in e["detail"] for e in b.gateway.store.audit_entries()),
+                 30, 0.1, what="B's offer_refused audit row (written off the loop within a second)")
         # A refusal no retry can change (gateway.retry: permanent) stops the unit in `failed` with the reason.
         wait_for(lambda: unit_states(x.gateway) == ["failed"], 10, 0.05, what="the unit failed with the refusal")
         (unit,) = x.gateway.store.studies()
@@ -178,6 +179,8 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         # B's admin admits X (`dicomgw peers add JID --fingerprint SHA256`, read out of band); X's admin
         # retries the study (`dicomgw queue retry`).
         b.gateway.store.add_peer(STRANGER_JID, "admitted by the admin", site_identity(tmp_path, "x")[2])
+        wait_for(lambda: b.gateway.directory.allowed(STRANGER_JID), 10, 0.05,
+                 what="B to know the new peer (its peer table is re-read every second)")
         x.gateway.store.retry_unit(unit.unit_id)
         wait_for(lambda: unit_states(x.gateway) == ["sent"], 30, 0.1,
                  what=lambda: f"the admitted peer's study to be sent: {x.gateway.store.transfers()[-3:]}")
@@ -258,7 +261,8 @@ def test_tampering_with_the_encrypted_stream_is_caught_by_tls_and_the_study_resu
         attempts = a.gateway.store.transfers()
         assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")]
         assert attempts[1]["offset_bytes"] > 0
-        assert any(e["event"] == "e2e_refused" and "bad record mac" in e["detail"].lower() for e in b.gateway.store.audit_entries())
+        wait_for(lambda: any(e["event"] == "e2e_refused" and "bad record mac" in e["detail"].lower()
+                             for e in b.gateway.store.audit_entries()), 30, 0.1, what="B's e2e_refused audit row")
         received = received_instances(b.gateway)
         for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
             assert dataset_bytes(received[uid]) == dataset_bytes(path)

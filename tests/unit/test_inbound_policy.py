@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.directory import PeerDirectory
+from gateway.model import PeerConfig
 from gateway.pins import grouped, normalize_fingerprint, redact
+from gateway.refusals import RefusalLog
 from gateway.transfer import InboundPolicy
 
 PIN_A = "ab" * 32
 OTHER = "cd" * 32
+
+
+def directory(store: "FakeStore", peers: tuple[str, ...] = (), pins: dict[str, str] | None = None,
+              configs: dict[str, PeerConfig] | None = None) -> PeerDirectory:
+    """The peers the admin set (the store's rows, or ``configs``) and the TOML file's ``peers`` and pins."""
+    found = PeerDirectory(lambda: {**store.peer_configs(), **(configs or {})}, peers, (pins or {}).get)
+    found.refresh()
+    return found
 
 
 class FakeStore:
@@ -16,14 +27,11 @@ class FakeStore:
         self.allowed = allowed
         self.audited: list[tuple[str, str]] = []
 
-    def peer_allowed(self, jid: str) -> bool:
-        return jid in self.allowed
+    def peer_configs(self) -> dict[str, PeerConfig]:
+        return {jid: PeerConfig(jid) for jid in self.allowed}
 
     def audit(self, event: str, detail: str) -> None:
         self.audited.append((event, detail))
-
-    def audit_repeated(self, event: str, key: str, detail: str) -> None:
-        self.audited.append((event, f"[{key}] {detail}"))
 
     def inbound_bundle_state(self, peer: str, bundle: str) -> None:
         return None
@@ -32,10 +40,14 @@ class FakeStore:
 def test_admission_rules_and_capacity_signal() -> None:
     store = FakeStore({"radiology.b@net.test"})
     capacity: list[bool] = []
-    policy = InboundPolicy(store, ("radiology.a@net.test",), max_study_bytes=1000, max_inbound=1,  # type: ignore[arg-type]
-                           on_capacity=capacity.append, require_e2e=False)
+    refusals = RefusalLog()
+    policy = InboundPolicy(store, directory(store, ("radiology.a@net.test",)), max_study_bytes=1000,  # type: ignore[arg-type]
+                           max_inbound=1, on_capacity=capacity.append, require_e2e=False, refusals=refusals)
     assert policy.authorize("radiology.x@net.test", 10)[0] == "forbidden"
-    assert store.audited[-1][0] == "offer_refused" and "radiology.x@net.test" in store.audited[-1][1]
+    assert policy.screen("radiology.x@net.test")[0] == "forbidden"  # type: ignore[index]
+    (tally,) = refusals.drain()  # counted in memory, not written per refusal
+    assert (tally.event, tally.key, tally.count) == ("offer_refused", "radiology.x@net.test", 2)
+    assert store.audited == []
     assert policy.authorize("radiology.a@net.test", 1001)[0] == "not-acceptable"
     assert policy.authorize("radiology.a@net.test", 1000) is None
     assert capacity == [True]
@@ -47,11 +59,12 @@ def test_admission_rules_and_capacity_signal() -> None:
 
 def test_certificate_must_match_the_pin_before_any_admission() -> None:
     store = FakeStore(set())
-    policy = InboundPolicy(store, ("radiology.a@net.test", "radiology.b@net.test"), 1000, 5,  # type: ignore[arg-type]
-                           pin_for={"radiology.a@net.test": PIN_A}.get, require_e2e=True)
+    refusals = RefusalLog()
+    policy = InboundPolicy(store, directory(store, ("radiology.a@net.test", "radiology.b@net.test"),  # type: ignore[arg-type]
+                                            {"radiology.a@net.test": PIN_A}), 1000, 5, require_e2e=True, refusals=refusals)
     condition, text = policy.authorize("radiology.a@net.test", 10, "ff" * 32, OTHER)  # type: ignore[misc]
     assert condition == "not-authorized" and f"{OTHER} of radiology.a@net.test does not match the pin {PIN_A}" in text
-    assert store.audited[-1][0] == "e2e_refused"
+    assert refusals.drain()[0].event == "e2e_refused"
     condition, text = policy.authorize("radiology.b@net.test", 10, "ff" * 32, OTHER)  # type: ignore[misc]
     assert condition == "not-authorized" and "no certificate pinned for radiology.b@net.test" in text
     assert policy.authorize("radiology.a@net.test", 10, "ff" * 32, None)[0] == "not-authorized"  # type: ignore[index]
@@ -60,10 +73,11 @@ def test_certificate_must_match_the_pin_before_any_admission() -> None:
 
 
 def test_lab_mode_exchanges_in_plaintext_only_without_a_pin() -> None:
-    policy = InboundPolicy(FakeStore(set()), ("radiology.a@net.test",), 1000, 5,  # type: ignore[arg-type]
-                           pin_for={"radiology.a@net.test": PIN_A}.get, require_e2e=False)
+    store = FakeStore(set())
+    policy = InboundPolicy(store, directory(store, ("radiology.a@net.test",), {"radiology.a@net.test": PIN_A}),  # type: ignore[arg-type]
+                           1000, 5, require_e2e=False)
     assert policy.authorize("radiology.a@net.test", 10, "ff" * 32, None)[0] == "not-authorized"  # pinned: encrypted only
-    lab = InboundPolicy(FakeStore(set()), ("radiology.a@net.test",), 1000, 5, require_e2e=False)  # type: ignore[arg-type]
+    lab = InboundPolicy(store, directory(store, ("radiology.a@net.test",)), 1000, 5, require_e2e=False)  # type: ignore[arg-type]
     assert lab.authorize("radiology.a@net.test", 10, "ff" * 32, None) is None
 
 
@@ -81,12 +95,10 @@ def test_redact_names_no_study_and_no_instance() -> None:
 
 
 def test_stat_offers_use_the_room_kept_for_them_and_send_only_peers_are_refused() -> None:
-    from gateway.model import PeerConfig
-
     store = FakeStore({"radiology.b@net.test", "archive.c@net.test"})
     configs = {"archive.c@net.test": PeerConfig("archive.c@net.test", directions="send")}
-    policy = InboundPolicy(store, (), max_study_bytes=1000, max_inbound=1, require_e2e=False,  # type: ignore[arg-type]
-                           stat_reserve=1, peer_config=configs.get)
+    policy = InboundPolicy(store, directory(store, configs=configs), max_study_bytes=1000, max_inbound=1,  # type: ignore[arg-type]
+                           require_e2e=False, stat_reserve=1)
     assert policy.authorize("radiology.b@net.test", 10) is None  # the one routine admission
     assert policy.authorize("radiology.b@net.test", 10) == ("resource-constraint", "busy: 1 inbound transfer(s) running")
     assert policy.authorize("radiology.b@net.test", 10, priority="stat") is None  # the room kept for STAT
