@@ -106,6 +106,7 @@ class XmppSettings:
     require_e2e: bool = True  # false (lab only): peers without a pinned certificate exchange in plaintext
     peer_pins: tuple[tuple[str, str], ...] = ()  # (bare JID, certificate SHA-256) from the TOML `peers`
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+    handshake_timeout_s: float = 15.0  # an accepted end-to-end offer without a finished TLS handshake by then is released
     compress: bool = True  # the bundle as zstd frames where it pays (gateway.wire); off: always plain bytes
 
     def pin_for(self, peer_jid: str) -> str | None:
@@ -441,6 +442,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         compress=bool(raw.get("compress", True)),
         peer_pins=peer_pins,
         stream_start_timeout_s=_float(raw.get("stream_start_timeout_s", 60.0), "xmpp.stream_start_timeout_s", 0.1),
+        handshake_timeout_s=_float(raw.get("handshake_timeout_s", 15.0), "xmpp.handshake_timeout_s", 0.1),
     )
 
 

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.lifecycle import IllegalTransition, State, check_move
@@ -49,13 +50,26 @@ class UnitsRepo:
 
     def begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str,
                         bundle_sha256: str | None = None) -> int:
-        """The ``receiving`` unit for an accepted offer: the one a cut transfer left, or a new one."""
+        """The ``receiving`` unit of this bundle: the one a cut transfer of it left, or a new one. One unit per
+        bundle: two bundles of one study in flight at once (a late series sent by another process) never
+        share a unit, and two new units never share a ``unit_seq`` (a clash is retried with the next)."""
+        for attempt in range(20):
+            try:
+                return self._begin_receiving(study_instance_uid, origin_peer, bundle_bytes, offset, method, bundle_sha256)
+            except IntegrityError:  # another bundle of the study took the same unit_seq first: take the next
+                if attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _begin_receiving(self, study_instance_uid: str, origin_peer: str, bundle_bytes: int, offset: int, method: str,
+                         bundle_sha256: str | None) -> int:
         with self._unit_of_work() as session:
             unit = session.scalar(
                 select(StudyUnitRow).where(
                     StudyUnitRow.study_instance_uid == study_instance_uid,
                     StudyUnitRow.origin_peer == origin_peer,
                     StudyUnitRow.state == State.RECEIVING.value,
+                    StudyUnitRow.bundle_sha256.is_(None) if bundle_sha256 is None else StudyUnitRow.bundle_sha256 == bundle_sha256,
                 ).order_by(StudyUnitRow.id.desc()).limit(1)
             )
             now = utcnow()

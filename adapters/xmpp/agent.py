@@ -41,6 +41,7 @@ from adapters.xmpp.common import (
     StreamLost,
     TransferCut,
     XmppSettings,
+    log_task_failure,
     shut,
 )
 from adapters.xmpp.e2e import fingerprint
@@ -286,11 +287,5 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
+        task.add_done_callback(log_task_failure)
         task.add_done_callback(self._tasks.discard)
-
-    # -- sending --------------------------------------------------------------------------------
-
-
-    # -- receiving ------------------------------------------------------------------------------
-
-

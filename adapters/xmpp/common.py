@@ -56,6 +56,7 @@ class XmppSettings:
     identity: Identity | None = None  # this gateway's end-to-end identity
     require_e2e: bool = True  # no pinned peer certificate, no exchange
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
+    handshake_timeout_s: float = 15.0  # ... and one whose end-to-end TLS handshake is not done by then
     compress: bool = True  # offer and accept the bundle as compressed frames (gateway.wire)
 
 
@@ -116,6 +117,7 @@ class InboundStream:
     next_seq: int = 0  # XEP-0047: the seq the next block from the sender must carry
     out_seq: int = 0  # our blocks back to the sender (TLS handshake records)
     started: bool = False  # the bytestream was opened
+    secured: bool = False  # the end-to-end TLS handshake finished (set by the reader thread for S5B)
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
 
 
@@ -212,6 +214,12 @@ async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> No
 
     threading.Thread(target=run, name=name, daemon=True).start()
     await done
+
+
+def log_task_failure(task: asyncio.Future[Any]) -> None:
+    """A done-callback: no exception of a background task is lost; it is logged with its traceback."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed: %s", describe(task.exception()), exc_info=task.exception())
 
 
 def abort(sock: socket.socket) -> None:

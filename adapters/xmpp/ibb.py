@@ -160,6 +160,7 @@ class IBBMixin:
             data = base64.b64decode(el.text or "", validate=True)
             if entry.pipe is not None:
                 plain = entry.pipe.feed(data)
+                entry.secured = entry.pipe.handshaken
                 back = entry.pipe.outgoing()
                 if back:  # handshake records for the sender, on the same IBB session
                     self.send_raw(_ibb_data(quoteattr(entry.peer), self.new_id(), entry.out_seq, sid, back))
@@ -178,6 +179,9 @@ class IBBMixin:
             self._drop(sid, f"bad IBB data: {exc}")
             self._spawn(self._send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}"))
             raise XMPPError("bad-request", str(exc)) from exc
+        except Exception as exc:  # ours (the sink's database, the disk): logged, the stream closed, the sender told
+            self._spawn(self._fail_stream(sid, exc))
+            raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
         iq.reply().send()
 
     def _on_ibb_reply_data(self, iq: slixmpp.Iq, el: ET.Element) -> None:

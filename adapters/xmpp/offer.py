@@ -214,7 +214,10 @@ class OfferMixin:
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed))
         reply.send()
-        asyncio.get_running_loop().call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
+        if tls is not None:
+            loop.call_later(self.settings.handshake_timeout_s, self._check_secured, offer.sid, self._sinks[offer.sid])
 
     def _check_started(self, sid: str) -> None:
         entry = self._sinks.get(sid)
@@ -222,19 +225,44 @@ class OfferMixin:
             log.warning("offer %s from %s: no stream within %.0f s; released", sid, entry.peer, self.settings.stream_start_timeout_s)
             self._drop(sid, f"the stream did not start within {self.settings.stream_start_timeout_s:g} s")
 
+    def _check_secured(self, sid: str, entry: InboundStream) -> None:
+        """An end-to-end offer must finish its TLS handshake within ``handshake_timeout_s`` of its acceptance:
+        whoever offers a peer's (public) certificate without its key holds the admission only that long."""
+        if self._sinks.get(sid) is entry and not entry.secured:
+            reason = f"no end-to-end TLS handshake within {self.settings.handshake_timeout_s:g} s"
+            log.warning("offer %s from %s: %s; released", sid, entry.peer, reason)
+            self.inbound.security_event(entry.peer.split("/", 1)[0], f"end-to-end channel from {entry.peer} refused: {reason}")
+            self._drop(sid, reason)
+
     async def _complete(self, sid: str) -> None:
+        """The stream ended: the verdict goes to the sender on every path, also when we fail ourselves."""
         entry = self._sinks.pop(sid, None)
         if entry is None:
             return
         sink = entry.sink
-        if sink.offset < sink.size:
-            detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
-            sink.close(detail)  # kept: the sender re-offers and resumes at our offset
-            outcome = "incomplete"
-        else:
-            ok, detail = await asyncio.to_thread(sink.finish)
-            outcome = "received" if ok else "rejected"
+        try:
+            if sink.offset < sink.size:
+                detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
+                sink.close(detail)  # kept: the sender re-offers and resumes at our offset
+                outcome = "incomplete"
+            else:
+                ok, detail = await asyncio.to_thread(sink.finish)
+                outcome = "received" if ok else "rejected"
+        except Exception as exc:  # our failure (the database, the disk): logged, and the sender resumes later
+            log.exception("stream %s from %s: the receiver failed to end it", sid, entry.peer)
+            outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
+            with contextlib.suppress(Exception):
+                sink.close(detail)
         await self._send_verdict(entry.peer, sid, outcome, detail)
+
+    async def _fail_stream(self, sid: str, exc: BaseException) -> None:
+        """A stream task met an error of ours: logged with its traceback, the stream closed, the sender told."""
+        entry = self._sinks.get(sid)
+        log.error("stream %s from %s failed in the receiver", sid, entry.peer if entry else "?", exc_info=exc)
+        if entry is not None:
+            detail = f"the receiver failed ({type(exc).__name__}); offer it again"
+            self._drop(sid, detail)
+            await self._send_verdict(entry.peer, sid, "incomplete", detail)
 
     async def _send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
         iq = self.make_iq_set(ito=peer)

@@ -24,7 +24,7 @@ import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
 from adapters.xmpp import socks5
-from adapters.xmpp.common import Sink, TransferCut, abort, describe, on_own_thread, shut
+from adapters.xmpp.common import Sink, TransferCut, abort, describe, log_task_failure, on_own_thread, shut
 from adapters.xmpp.e2e import PinMismatch, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
 from gateway.logs import set_fields
@@ -109,6 +109,7 @@ class S5BMixin:
             self._sockets[sid] = sock.dup()  # to shut the stream down from the loop (the reader may wrap it in TLS)
             self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, sock))
             self._readers[sid].add_done_callback(lambda _t, sid=sid: self._readers.pop(sid, None))
+            self._readers[sid].add_done_callback(log_task_failure)
             return
         self._drop(sid, "no streamhost reachable")
         raise XMPPError("item-not-found", "none of the streamhosts could be reached")
@@ -116,16 +117,23 @@ class S5BMixin:
     async def _receive_s5b(self, sid: str, sock: socket.socket) -> None:
         """The stream is read on a thread of its own (see :func:`_pump_s5b`); the loop only waits for its end."""
         entry = self._sinks[sid]
+        failure: BaseException | None = None
         try:
-            await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.settings.s5b_idle_timeout_s, entry.tls)
+            await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.settings.s5b_idle_timeout_s, entry.tls,
+                                lambda: setattr(entry, "secured", True))
         except ssl.SSLError as exc:
             log.warning("S5B stream %s from %s: end-to-end TLS failed: %s", sid, entry.peer, exc)
             self.inbound.security_event(entry.peer.split("/")[0], f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, entry.peer, exc)
+        except Exception as exc:  # ours (the sink's database, the disk): never lost in the task
+            failure = exc
         finally:
             shut(self._sockets.pop(sid, None), close=True)  # the reading thread closes its own socket
-        await self._complete(sid)
+        if failure is not None:
+            await self._fail_stream(sid, failure)
+        else:
+            await self._complete(sid)
 
 
 S5B_BLOCK_BYTES = 1 << 20
@@ -133,7 +141,8 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux 3.12+
 NOTSENT_LOWAT_BYTES = 256 << 10
 
 
-def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
+def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.SSLContext | None = None,
+              on_secured: Callable[[], None] | None = None) -> None:
     """Read an inbound S5B stream into ``sink`` until its announced size, the sender's end of stream, or
     ``idle_timeout_s`` without a byte (then ``TimeoutError``). Plaintext: blocking ``recv_into`` with
     MSG_WAITALL fills a whole 1 MiB block per system call whatever piece size the proxy relays (stock
@@ -151,6 +160,8 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 stream = owned.enter_context(tls.wrap_socket(sock, server_side=True))
             except ssl.SSLWantReadError as exc:
                 raise TimeoutError(f"no TLS handshake within {seconds} s") from exc
+            if on_secured is not None:
+                on_secured()
         failed: list[OSError] = []
         framed = getattr(sink, "wanted", None)  # compressed frames: read up to the end of the frame under way
         while sink.offset < sink.size:

@@ -150,3 +150,33 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         assert QueueStore(engine).count_instances() == 1  # data survived the round trip
     finally:
         engine.dispose()
+
+
+def test_two_bundles_of_one_study_received_at_once_get_a_unit_each(store: QueueStore) -> None:
+    """Two units of one study (a late series, sent by another process) arriving at once: one receiving unit per
+    bundle, distinct unit_seq, never an IntegrityError; a cut bundle offered again resumes its own unit."""
+    import threading
+
+    peer = "radiology.hospital-a@net.test"
+    bundles = [f"{n:02x}" * 32 for n in range(8)]
+    got: dict[str, int] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(bundles))
+
+    def receive(bundle: str) -> None:
+        start.wait()
+        try:
+            got[bundle] = store.begin_receiving("1.2.3", peer, 1000, 0, "s5b", bundle)
+        except BaseException as exc:  # noqa: BLE001 - any error is the failure this test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=receive, args=(b,)) for b in bundles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(set(got.values())) == len(bundles)
+    seqs = sorted(u.unit_seq for u, _rows in store.study_units("1.2.3"))
+    assert seqs == list(range(1, len(bundles) + 1))
+    assert store.begin_receiving("1.2.3", peer, 1000, 500, "ibb", bundles[3]) == got[bundles[3]]  # resumed, same unit

@@ -226,3 +226,62 @@ def test_a_flood_of_refused_offers_is_audited_once_per_minute_with_a_count(tmp_p
     finally:
         a.stop()
         b.stop()
+
+
+def test_an_offer_with_the_peers_certificate_but_not_its_key_is_released_at_the_handshake_deadline(
+        tmp_path: Path, prosody: Prosody) -> None:
+    """A client on A's account offers with A's (public) certificate, opens the stream and never finishes the
+    TLS handshake (it has not A's key): B releases the admission after handshake_timeout_s, not 60-120 s."""
+    from tests.integration.test_xmpp_transfer import site_identity
+
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, handshake_timeout_s=1.0)
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    cert = ssl.PEM_cert_to_DER_cert(site_identity(tmp_path, "a")[1].read_text())
+
+    async def attack() -> list[tuple[str, str]]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answers = [await intruder.iq(offer("nokey", cert=cert)), await intruder.iq(ibb("open", "nokey"))]
+        await asyncio.to_thread(wait_for, lambda: b.gateway.inbound_policy.active == 0, 15, 0.05,
+                                "the stalled handshake to be released")
+        await intruder.stop()
+        return answers
+
+    try:
+        assert asyncio.run(attack()) == [("result", ""), ("result", "")]
+        (row,) = wait_for(lambda: [t for t in b.gateway.store.transfers() if t["sid"] == "nokey"], 10, 0.05, what="its row")
+        assert row["outcome"] == "cut" and "no end-to-end TLS handshake within 1 s" in row["error"]
+        wait_for(lambda: any(e["event"] == "e2e_refused" and "no end-to-end TLS handshake" in e["detail"]
+                             for e in b.gateway.store.audit_entries()), 10, 0.1, what="the refusal audited")
+        a_study_still_goes_through(tmp_path, a, b)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_error_of_the_receivers_own_ends_the_stream_with_a_verdict_and_the_study_resumes(
+        tmp_path: Path, prosody: Prosody, caplog: pytest.LogCaptureFixture) -> None:
+    """B's database fails once while a stream runs (here: when the unit is made): the error is logged, the
+    stream closed, A told ('incomplete'), and the study offered again and delivered; no task error is lost."""
+    from sqlalchemy.exc import IntegrityError
+
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    real = b.gateway.store.begin_receiving
+    failures = [IntegrityError("INSERT INTO study_units", {}, Exception("UNIQUE constraint failed (injected)"))]
+
+    def failing_once(*args: Any, **kwargs: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    b.gateway.store.begin_receiving = failing_once  # type: ignore[method-assign]
+    try:
+        a_study_still_goes_through(tmp_path, a, b)
+        outcomes = [t["outcome"] for t in a.gateway.store.transfers()]
+        assert outcomes[0] == "cut" and outcomes[-1] == "received"
+        assert "the receiver failed (IntegrityError)" in a.gateway.store.transfers()[0]["error"]
+        assert "failed in the receiver" in caplog.text and "Task exception was never retrieved" not in caplog.text
+    finally:
+        a.stop()
+        b.stop()
