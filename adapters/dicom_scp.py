@@ -21,9 +21,13 @@ Why not pynetdicom here: its association and DUL threads poll with sleeps and bu
 a bare pynetdicom SCP took about as long as Orthanc plus half again (bench/ingest). One thread per
 association here reads whole PDUs with ``recv_into`` and writes fragments straight to the staged file.
 
-Hostile connections (issue 8): an accept error (EMFILE) is logged and retried with backoff; at most
-``MAX_UNASSOCIATED`` connections wait to associate, each with ``artim_timeout_s`` for its whole
-A-ASSOCIATE-RQ; an optional second listener (``tls_port``) wraps each connection in TLS (``dicom_tls``).
+Hostile connections (issues 8, 15): an accept error (EMFILE) is logged and retried with backoff; at most
+``MAX_UNASSOCIATED`` connections per listener, and ``MAX_UNASSOCIATED_PER_ADDRESS`` per source address, wait
+to associate, each with ``artim_timeout_s`` for its whole TLS handshake and its whole A-ASSOCIATE-RQ; at most
+``max_associations_per_address`` associations come from one address (``dicom_guard``); a requestor whose
+Maximum Length Received is below ``MIN_PEER_PDU_BYTES`` is rejected. Once associated, each PDU must arrive
+whole within ``network_timeout_s`` and a data set at ``MIN_DATASET_BYTES_PER_S`` or more (``dicom_store``).
+An optional second listener (``tls_port``) wraps each connection in TLS (``dicom_tls``).
 
 The DICOM edge by part: this module (listeners, accept, negotiation), ``dicom_assoc`` (association request
 checks), ``dicom_ul`` (PDU and P-DATA framing, bounded reads), ``dicom_store`` (the DIMSE handler: C-STORE,
@@ -45,6 +49,7 @@ from collections.abc import Callable
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from adapters.dicom_assoc import decode_associate_rq, send_abort
+from adapters.dicom_guard import Admission, Reaper
 from adapters.dicom_store import (
     AssociationHandler,
     AuditFn,
@@ -74,7 +79,9 @@ STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
-MAX_UNASSOCIATED = 64  # connections that have not associated yet; more are closed at once
+MAX_UNASSOCIATED = 64  # connections per listener that have not associated yet; more are closed at once
+MAX_UNASSOCIATED_PER_ADDRESS = 16  # ... of them from one source address
+MIN_PEER_PDU_BYTES = 64  # a peer's Maximum Length Received below this is refused (0 means no limit, PS3.8 D.1)
 
 
 class StorageSCP:
@@ -97,10 +104,11 @@ class StorageSCP:
         self._on_commitment = on_commitment
         self._listener: socket.socket | None = None
         self._tls_listener: socket.socket | None = None
-        self._slots = threading.BoundedSemaphore(settings.max_associations)
+        per_address = settings.max_associations_per_address or max(1, settings.max_associations * 3 // 4)
+        self._admission = Admission(MAX_UNASSOCIATED, MAX_UNASSOCIATED_PER_ADDRESS, settings.max_associations, per_address)
+        self._reaper = Reaper()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._unassociated = threading.BoundedSemaphore(MAX_UNASSOCIATED)
         self.storage_classes = frozenset(c.abstract_syntax for c in AllStoragePresentationContexts)
         self.transfer_syntaxes = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 
@@ -108,13 +116,14 @@ class StorageSCP:
     def start(self) -> None:
         listener = socket.create_server((self._settings.host, self._settings.port), backlog=64)
         self._listener = listener
-        threading.Thread(target=self._accept_loop, args=(listener,), name="dicom-scp", daemon=True).start()
+        threading.Thread(target=self._accept_loop, args=(listener, None, "plain"), name="dicom-scp", daemon=True).start()
         log.info("DICOM SCP %s listening on %s:%s", self._settings.ae_title, self._settings.host, self.port)
         s = self._settings
         if s.tls_port and s.tls_cert_file and s.tls_key_file:
             context = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file, s.require_client_cert)
             self._tls_listener = socket.create_server((s.host, s.tls_port), backlog=64)
-            threading.Thread(target=self._accept_loop, args=(self._tls_listener, context), name="dicom-scp-tls", daemon=True).start()
+            threading.Thread(target=self._accept_loop, args=(self._tls_listener, context, "TLS"), name="dicom-scp-tls",
+                             daemon=True).start()
             log.info("DICOM SCP %s listening for TLS on %s:%s (client certificate %s)", s.ae_title, s.host, self.tls_port,
                      "required" if s.require_client_cert else "optional")
 
@@ -142,7 +151,7 @@ class StorageSCP:
             return self._settings.port
         return int(self._listener.getsockname()[1])
 
-    def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None = None) -> None:
+    def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None = None, kind: str = "plain") -> None:
         """Accept until ``stop``; an accept error (EMFILE at the descriptor limit, ENOBUFS) is logged and
         retried with backoff, never the end of the loop."""
         backoff_s = 0.05
@@ -157,38 +166,45 @@ class StorageSCP:
                 backoff_s = min(2.0, backoff_s * 2)
                 continue
             backoff_s = 0.05
-            if not self._unassociated.acquire(blocking=False):
-                log.warning("connection from %s closed: %d connections have not associated yet", address[0], MAX_UNASSOCIATED)
+            refusal = self._admission.wait(kind, address[0])
+            if refusal is not None:
+                log.warning("connection from %s closed: %s", address[0], refusal)
                 sock.close()
                 continue
             try:
-                threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}", tls), name="dicom-assoc", daemon=True).start()
+                threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}", tls, kind), name="dicom-assoc",
+                                 daemon=True).start()
             except RuntimeError:  # cannot start a thread: the connection goes, the loop stays
-                self._unassociated.release()
+                self._admission.done_waiting(kind, address[0])
                 sock.close()
 
     # -- one association ------------------------------------------------------------------------
-    def _serve(self, raw_sock: socket.socket, address: str, tls: ssl.SSLContext | None = None) -> None:
+    def _serve(self, raw_sock: socket.socket, address: str, tls: ssl.SSLContext | None = None, kind: str = "plain") -> None:
         raw_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._open.add(raw_sock)
         sock = raw_sock
         link: Link | None = None
         unassociated = True
+        host = address.rsplit(":", 1)[0]
         try:
             try:
-                if tls is not None:  # the handshake counts against the association's ARTIM deadline
+                if tls is not None:  # the whole handshake within the ARTIM deadline, however slowly it trickles
                     raw_sock.settimeout(self._settings.artim_timeout_s)
+                    self._reaper.arm(raw_sock, self._settings.artim_timeout_s)
                     try:
                         sock = tls.wrap_socket(raw_sock, server_side=True)
-                    except ssl.SSLError as exc:
-                        self._audit("association_rejected", f"TLS from {address} refused: {getattr(exc, 'verify_message', '') or exc.reason or exc}")
+                    except (ssl.SSLError, OSError) as exc:
+                        self._audit("association_rejected", f"TLS from {address} refused: "
+                                    f"{getattr(exc, 'verify_message', '') or getattr(exc, 'reason', '') or exc or 'no handshake in time'}")
                         return
+                    finally:
+                        self._reaper.disarm(raw_sock)
                 sock.settimeout(self._settings.network_timeout_s)
                 link = self._negotiate(sock, address)
             finally:
                 unassociated = False
-                self._unassociated.release()
+                self._admission.done_waiting(kind, host)
             if link is not None:
                 AssociationHandler(self, link, address).run()
         except (OSError, AssociationAborted) as exc:
@@ -200,7 +216,7 @@ class StorageSCP:
             send_abort(sock)
         finally:
             if unassociated:
-                self._unassociated.release()
+                self._admission.done_waiting(kind, host)
             with self._lock:
                 self._open.discard(raw_sock)
             sock.close()
@@ -221,18 +237,26 @@ class StorageSCP:
             sock.sendall(associate_rj(1, 1, 3))  # rejected-permanent, service user, calling AE not recognised
             self._audit("association_rejected", f"calling AE title {request.calling_ae!r} from {address} is not in the allowlist")
             return None
-        if not self._slots.acquire(blocking=False):
+        if 0 < request.max_pdu < MIN_PEER_PDU_BYTES:  # each response would be PDUs of a few bytes, without end
+            sock.sendall(associate_rj(1, 1, 1))  # rejected-permanent, service user, no reason given
+            self._audit("association_rejected", f"A-ASSOCIATE-RQ from {address} rejected: Maximum Length Received "
+                        f"{request.max_pdu} is below {MIN_PEER_PDU_BYTES} bytes")
+            return None
+        host = address.rsplit(":", 1)[0]
+        refusal = self._admission.associate(host)
+        if refusal is not None:
             sock.sendall(associate_rj(2, 3, 2))  # rejected-transient, provider (presentation), local limit exceeded
-            log.warning("association from %s refused: %d associations already open", address, self._settings.max_associations)
+            log.warning("association from %s refused: %s", address, refusal)
             return None
         try:
             results, contexts, roles = self._choose(request)
             sock.sendall(associate_ac(request, results, self._settings.max_pdu_bytes, roles))
         except BaseException:
-            self._slots.release()
+            self._admission.release(host)
             raise
-        return Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request, self._slots,
-                     self._settings.max_pdu_bytes or 64 * 1024 * 1024)
+        return Link(Association(sock, contexts, request.max_pdu or (1 << 20), self._settings.network_timeout_s), request,
+                    lambda: self._admission.release(host), self._settings.max_pdu_bytes or 64 * 1024 * 1024,
+                    self._settings.network_timeout_s)
 
     def _choose(self, request: AssociateRequest) -> tuple[list[tuple[int, int, str]], dict[int, PresentationContext], dict[str, tuple[bool, bool]]]:
         results, contexts = [], {}

@@ -4,7 +4,8 @@ Contract (PS3.4 B.2, PS3.7 9.1.1, 9.3.1, 10.1.1): ``AssociationHandler(scp, link
 PDUs until release or abort and assembles each message. A C-STORE data set goes to a staged file as it
 arrives, its element structure followed by ``adapters.dicom_walk.DatasetWalker``; the answer is Success
 only after the file is durable and its row committed, 0xA700 when it cannot be, 0xA900 when the command's
-UIDs differ from the data set's, 0xC000 when the data set is unreadable or does not end on an element
+UIDs differ from the data set's, 0x0122 when the command's SOP Class is not its presentation context's
+abstract syntax (nothing written), 0xC000 when the data set is unreadable or does not end on an element
 boundary (its bytes kept in quarantine with the reason) or the command lacks a valid Affected SOP
 Instance UID. A message that breaks PS3.7/PS3.8 (a command inside a data set, a fragment on another
 context, no Message ID, a data set with C-ECHO) raises :class:`ProtocolViolation`: A-ABORT, nothing kept.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-import threading
+import time
 from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -58,6 +59,8 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 HEADER_PREFIX_BYTES = 256 * 1024  # enough of a data set for its group 0008-0020 header, kept in memory
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
+DATASET_GRACE_S = 10.0  # a data set may start slowly for this long ...
+MIN_DATASET_BYTES_PER_S = 1024  # ... then must have averaged this rate (a 1 Mbit/s link moves 125,000)
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
@@ -66,6 +69,7 @@ class StoreStatus(IntEnum):
 
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: the command's class is not the context's abstract syntax
     DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (dcmtk and Orthanc answer it for a UID mismatch)
     CANNOT_UNDERSTAND = 0xC000
 
@@ -78,13 +82,14 @@ class ProtocolViolation(ProtocolError):
 class Link:
     """An accepted association: the UL object, the request it answered, and its slot to give back."""
 
-    def __init__(self, assoc: Association, request: AssociateRequest, slots: threading.BoundedSemaphore,
-                 max_pdu_bytes: int) -> None:
-        self.assoc, self.request, self._slots = assoc, request, slots
+    def __init__(self, assoc: Association, request: AssociateRequest, release: Callable[[], None],
+                 max_pdu_bytes: int, pdu_timeout_s: float = 60.0) -> None:
+        self.assoc, self.request, self._release = assoc, request, release
         self.max_pdu_bytes = max_pdu_bytes  # what we announced: a P-DATA-TF above it is a protocol error
+        self.pdu_timeout_s = pdu_timeout_s  # each whole PDU (and an idle association's next one) within this
 
     def release_slot(self) -> None:
-        self._slots.release()
+        self._release()
 
 
 class AssociationHandler:
@@ -104,11 +109,14 @@ class AssociationHandler:
         self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
         self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
         self.walker: DatasetWalker | None = None  # the data set's element structure, followed as it streams
+        self.dataset_started = 0.0  # monotonic time of the data set's command, and its bytes so far
+        self.dataset_bytes = 0
 
     def run(self) -> None:
         try:
             while True:
-                pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes)
+                pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes,
+                                          deadline=time.monotonic() + self.link.pdu_timeout_s)
                 if pdu_type == 0x05:
                     self.assoc.sock.sendall(RELEASE_RP)
                     return
@@ -150,6 +158,7 @@ class AssociationHandler:
             raise ProtocolViolation("data set fragment without a command")
         if context_id != self.context_id:
             raise ProtocolViolation(f"data set fragment on context {context_id}, its command came on {self.context_id}")
+        self._check_rate(len(fragment))
         if self.pending.command_field == C_STORE_RQ:
             self._store_fragment(fragment)
         else:
@@ -164,9 +173,19 @@ class AssociationHandler:
         elif self.pending is not None and self.pending.command_field != C_STORE_RQ and len(self.dataset) > MAX_COMMAND_BYTES * 64:
             raise ProtocolViolation("an N-EVENT-REPORT data set over 4 MiB")
 
+    def _check_rate(self, fragment_bytes: int) -> None:
+        """A data set must come at ``MIN_DATASET_BYTES_PER_S`` or more once ``DATASET_GRACE_S`` have passed: a
+        sender trickling bytes (each PDU in time) cannot hold an association slot for ever."""
+        self.dataset_bytes += fragment_bytes
+        elapsed = time.monotonic() - self.dataset_started
+        if elapsed > DATASET_GRACE_S and self.dataset_bytes < MIN_DATASET_BYTES_PER_S * elapsed:
+            raise ProtocolViolation(f"data set arriving at {self.dataset_bytes / elapsed:.0f} bytes/s after {elapsed:.0f} s "
+                                    f"(at least {MIN_DATASET_BYTES_PER_S} required)")
+
     # -- C-STORE ---------------------------------------------------------------------------------
     def _begin_dataset(self, command: Command) -> None:
         self.pending = command
+        self.dataset_started, self.dataset_bytes = time.monotonic(), 0
         self.prefix.clear()
         self.write_error = None
         self.refusal = None
@@ -180,6 +199,10 @@ class AssociationHandler:
             self.refusal = (StoreStatus.CANNOT_UNDERSTAND, f"C-STORE-RQ without a valid {' and '.join(missing)}")
             return
         context = self.assoc.contexts.get(self.context_id)
+        if context is not None and command.text(0x00000002) != context.abstract_syntax:  # PS3.7 9.1.1.1.2
+            self.refusal = (StoreStatus.SOP_CLASS_NOT_SUPPORTED, f"SOP Class {command.text(0x00000002)} on a "
+                            f"presentation context for {context.abstract_syntax}")
+            return
         self.walker = DatasetWalker(context.transfer_syntax if context else IMPLICIT_LE)
         meta = FileMetaDataset()
         meta.FileMetaInformationVersion = b"\x00\x01"

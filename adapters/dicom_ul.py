@@ -35,6 +35,8 @@ IMPLEMENTATION_VERSION = "DICOMGW_1"
 DEFAULT_MAX_RECEIVE_PDU = 1 << 20
 _UNLIMITED_SEND_PDU = 1 << 20  # the peer said 0 (no limit): we still fragment, in 1 MiB PDUs
 _PDUS_PER_SENDMSG = 64
+MIN_PDV_PAYLOAD_BYTES = 16  # a fragment smaller than this is refused (see Association._room)
+MAX_FRAGMENTS = 1 << 22  # PDUs one message may take (4 Mi: a 64 GiB data set in 16 KiB PDUs)
 
 # PS3.8 Table 9-21 (A-ASSOCIATE-RJ) and 9-18 (presentation context results)
 _RJ_SOURCE = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
@@ -239,8 +241,17 @@ class Association:
         elif dataset is not None:
             self._send_fragments(context_id, 0x00, memoryview(dataset))
 
-    def _send_fragments(self, context_id: int, control: int, data: memoryview, last: bool = True) -> None:
+    def _room(self, length: int) -> int:
+        """Payload bytes per PDV: the peer's maximum less the PDV item header. A maximum too small for a
+        useful fragment, or a message that would take more than ``MAX_FRAGMENTS`` PDUs, is a
+        :class:`ProtocolError` (a requestor announcing 6 bytes would otherwise get empty PDUs without end)."""
         room = self.max_send_pdu - 6  # PDV item: 4-byte length, context id, control header
+        if room < MIN_PDV_PAYLOAD_BYTES or length // room >= MAX_FRAGMENTS:
+            raise ProtocolError(f"the peer's maximum PDU length {self.max_send_pdu} is too small for a {length}-byte message")
+        return room
+
+    def _send_fragments(self, context_id: int, control: int, data: memoryview, last: bool = True) -> None:
+        room = self._room(len(data))
         buffers: list[bytes | memoryview] = []
         pos = 0
         while True:
@@ -259,7 +270,7 @@ class Association:
             self._sendmsg(buffers)
 
     def _send_file(self, context_id: int, part: FileSlice) -> None:
-        room = self.max_send_pdu - 6
+        room = self._room(part.length)
         block = max(room, (1 << 20) // room * room)
         done = 0
         while done < part.length:

@@ -43,6 +43,7 @@ class DicomSettings:
     allowed_calling_ae_titles: tuple[str, ...] = ()
     max_pdu_bytes: int = 262144
     max_associations: int = 16
+    max_associations_per_address: int = 0  # from one source address; 0: three quarters of max_associations
     network_timeout_s: float = 60.0
     artim_timeout_s: float = 10.0  # the whole A-ASSOCIATE-RQ must arrive within this (PS3.8 ARTIM)
     tls_port: int = 0  # a second listener for DICOM over TLS (PS3.15 B.1 suggests 2762); 0 = none
@@ -247,6 +248,8 @@ def settings_from_mapping(
         ),
         max_pdu_bytes=_int(dicom_raw.get("max_pdu_bytes", 262144), "dicom.max_pdu_bytes", 0, 2**32 - 1),
         max_associations=_int(dicom_raw.get("max_associations", 16), "dicom.max_associations", 1, 1000),
+        max_associations_per_address=_int(dicom_raw.get("max_associations_per_address", 0),
+                                          "dicom.max_associations_per_address", 0, 1000),
         network_timeout_s=_float(dicom_raw.get("network_timeout_s", 60.0), "dicom.network_timeout_s", 0.1),
         artim_timeout_s=_float(dicom_raw.get("artim_timeout_s", 10.0), "dicom.artim_timeout_s", 0.1),
         tls_port=_int(dicom_raw.get("tls_port", 0), "dicom.tls_port", 0, 65535),

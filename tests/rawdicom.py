@@ -78,8 +78,10 @@ def dataset(sop_class: str, sop_instance: str, study: str = "1.2.3.9", pixel_byt
 class RawPeer:
     """One TCP connection; ``reply()`` reads one whole PDU (type, body) or None when the SCP closed it."""
 
-    def __init__(self, port: int, timeout_s: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+    def __init__(self, port: int, timeout_s: float = 10.0, source: str = "") -> None:
+        """``source``: a loopback address to connect from (127.0.0.2: a stranger, not the modality at 127.0.0.1)."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s,
+                                             source_address=(source, 0) if source else None)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -161,8 +161,8 @@ def test_accept_errors_at_the_descriptor_limit_do_not_stop_the_scp(tmp_path: Pat
     idle: list[socket.socket] = []
     try:
         wait_for(lambda: port_open(port), 30, what="the gateway's SCP")
-        for _ in range(100):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for n in range(100):  # from eight addresses: one address alone gets only its share of waiting slots
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(f"127.0.0.{2 + n % 8}", 0)))
         wait_for(lambda: b"cannot accept a connection" in (tmp_path / "gateway.log").read_bytes(), 15, 0.1,
                  what="the accept error to be logged")
         for sock in idle:
