@@ -10,7 +10,9 @@ Contract
   folder: the move is complete when the copy is durable and committed.
 - Anything else (not DICOM, truncated, no SOP Instance UID, ...) is moved to the quarantine folder with a
   ``.reason.txt`` and an audit row. Nothing is ever deleted.
-- If the spool or the DB fails, the file stays where it is and is tried again after ``retry_s``.
+- If the spool or the DB fails, the file stays where it is and is tried again after ``retry_s``; so does a
+  file that meets any other error: no single file stops the watcher (its last error is in `dicomgw status`).
+- File names need not be UTF-8: bytes that are not are shown as ``\xff`` in reasons, logs and the audit.
 
 Threads: watchdog's observer thread only records candidates; one worker thread settles and ingests them.
 ``on_stored`` is called on the worker thread (the composition root wraps it for the asyncio loop).
@@ -30,7 +32,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from adapters.dicom_files import RejectedFile, inspect_part10_file
-from adapters.spool import Spool
+from adapters.spool import Spool, printable
 from gateway.model import IngestResult
 from gateway.service import IngestService
 
@@ -74,6 +76,7 @@ class FolderWatcher:
         self._stop = threading.Event()
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._worker: threading.Thread | None = None
+        self.last_error: str | None = None  # the last unexpected error the worker met (it went on)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,16 +111,38 @@ class FolderWatcher:
             for name in files:
                 self._notice(Path(root) / name)
 
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def health(self) -> dict[str, object]:
+        """For `dicomgw status`: is the worker running, and the last error it went on after."""
+        return {"running": self.alive, "watch_dir": printable(self.watch_dir), "last_error": self.last_error}
+
     def _run(self) -> None:
+        """No single file, and no error, ends this loop: an unexpected one is logged, kept for `status`, and
+        the file is tried again after ``retry_s`` (it stays where it is)."""
         last_rescan = time.monotonic()
         while not self._stop.wait(self._scan_interval_s):
-            if time.monotonic() - last_rescan >= self._rescan_s:
-                self._rescan()
-                last_rescan = time.monotonic()
-            for path in self._settled():
-                if self._stop.is_set():
-                    return
-                self._take(path)
+            try:
+                if time.monotonic() - last_rescan >= self._rescan_s:
+                    last_rescan = time.monotonic()
+                    self._rescan()
+                for path in self._settled():
+                    if self._stop.is_set():
+                        return
+                    try:
+                        self._take(path)
+                    except Exception as exc:
+                        self._went_on(exc, path)
+                        self._retry_later(path, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                self._went_on(exc, None)
+
+    def _went_on(self, exc: Exception, path: Path | None) -> None:
+        where = f" with {printable(path)}" if path is not None else ""
+        self.last_error = f"{type(exc).__name__}{where}: {printable(str(exc))}"[:500]
+        log.exception("watched folder: unexpected error%s; going on", where)
 
     def _settled(self) -> list[Path]:
         now = time.monotonic()
@@ -149,7 +174,7 @@ class FolderWatcher:
         except OSError as exc:
             self._retry_later(path, f"cannot read: {exc}")
             return
-        source = f"folder:{path.relative_to(self.watch_dir)}"
+        source = f"folder:{printable(path.relative_to(self.watch_dir))}"
         try:
             staged = self._spool.stage_file(path)
             if staged.size_bytes != path.stat().st_size:
@@ -158,7 +183,7 @@ class FolderWatcher:
                 return
             result = self._ingest.ingest(header, staged, source)
         except Exception as exc:  # spool full, DB down: the file stays and is tried again
-            log.exception("could not ingest %s", path)
+            log.exception("could not ingest %s", printable(path))
             self._retry_later(path, f"{type(exc).__name__}: {exc}")
             return
         os.unlink(path)  # the durable, committed copy in the spool now holds these bytes
@@ -176,11 +201,11 @@ class FolderWatcher:
             return
         with self._lock:
             self._candidates.pop(path, None)
-        log.warning("quarantined %s: %s", path, reason)
-        self._audit("quarantined", f"{path.relative_to(self.watch_dir)}: {reason}; kept at {kept}")
+        log.warning("quarantined %s: %s", printable(path), reason)
+        self._audit("quarantined", f"{printable(path.relative_to(self.watch_dir))}: {printable(reason)}; kept at {printable(kept)}")
 
     def _retry_later(self, path: Path, why: str) -> None:
-        log.warning("will retry %s in %.0f s: %s", path, self._retry_s, why)
+        log.warning("will retry %s in %.0f s: %s", printable(path), self._retry_s, printable(why))
         with self._lock:
             seen = self._candidates.get(path)
             if seen is not None:

@@ -28,6 +28,12 @@ from gateway.model import InstanceHeader, StagedFile, is_valid_uid
 COPY_CHUNK_BYTES = 1 << 20
 
 
+
+def printable(text: object) -> str:
+    """A path or a text as it can be written anywhere (a reason file, a log, the database): bytes of a file
+    name that are not UTF-8 (``os.fsdecode`` keeps them as surrogates) shown as ``\\xff``."""
+    return os.fsencode(str(text)).decode("utf-8", "backslashreplace") if isinstance(text, (str, Path)) else str(text)
+
 class SpoolFull(OSError):
     """The spool's file system has no room (ENOSPC/EDQUOT/EFBIG): answer Out of Resources."""
 
@@ -169,7 +175,8 @@ class Spool:
             os.unlink(source)
         reason_path = target.with_name(target.name + ".reason.txt")
         partial = target.with_name(target.name + ".reason.part")  # the reason appears whole or not at all
-        partial.write_text(f"{reason}\noriginal path: {source}\nquarantined at: {stamp}\n", encoding="utf-8")
+        partial.write_text(f"{printable(reason)}\noriginal path: {printable(source)}\nquarantined at: {stamp}\n",
+                           encoding="utf-8")
         fsync_file(partial)
         os.replace(partial, reason_path)
         fsync_dir(self.quarantine_dir)

@@ -223,6 +223,15 @@ class Gateway:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._show_capacity)
 
+    def _record_watcher(self) -> None:
+        """The watched folder's health for `dicomgw status` (a row, written when it changes)."""
+        if self.watcher is None:
+            return
+        health = json.dumps(self.watcher.health())
+        if health != getattr(self, "_watcher_health", None):
+            self.store.set_runtime_status("watcher", health)
+            self._watcher_health = health
+
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)
 
@@ -280,6 +289,7 @@ class Gateway:
             next_clean = next_beat = 0.0
             while not stop.is_set():
                 await asyncio.to_thread(self._check_maintenance)
+                await asyncio.to_thread(self._record_watcher)
                 if time.monotonic() >= next_beat:  # leases of what this process works on; lapsed ones of others
                     next_beat = time.monotonic() + self.settings.queue.lease_s / 4
                     await asyncio.to_thread(self.claims.heartbeat)

@@ -219,7 +219,15 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    found = _store(settings).runtime_status("xmpp")
+    store = _store(settings)
+    watcher = store.runtime_status("watcher") if settings.paths.watch_dir else None
+    watcher_ok = True
+    if watcher is not None:
+        health = json.loads(watcher[0])
+        watcher_ok = bool(health.get("running"))
+        print(f"{'watcher':>20}: {'running' if watcher_ok else 'NOT RUNNING'} ({health.get('watch_dir')}); "
+              f"last error: {health.get('last_error') or '-'}", file=sys.stdout if not args.json else sys.stderr)
+    found = store.runtime_status("xmpp")
     if found is None:
         print("dicomgw status: no XMPP status recorded (is `dicomgw run` running with an [xmpp] jid?)", file=sys.stderr)
         return 1
@@ -230,7 +238,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error", "recorded_at"):
             print(f"{key:>20}: {status.get(key) if status.get(key) is not None else '-'}")
-    return 0 if status.get("state") == "online" else 1
+    return 0 if status.get("state") == "online" and watcher_ok else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

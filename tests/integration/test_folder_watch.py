@@ -118,3 +118,24 @@ def test_valid_compressed_file_from_folder_keeps_its_bytes(gateway: Gateway) -> 
     ((_unit, (inst,)),) = gateway.store.study_units(summary.study_instance_uid)
     assert inst.transfer_syntax_uid == "1.2.840.10008.1.2.5"
     assert dataset_bytes(gateway.spool.absolute(inst.spool_path)) == dataset_bytes(source)
+
+
+def test_file_names_that_are_not_utf8_do_not_stop_the_watcher(gateway: Gateway, tmp_path: Path) -> None:
+    """A name with bytes that are not UTF-8: a non-DICOM one is quarantined with the name escaped in its reason
+    and audit row; a DICOM one is ingested; later files are still taken; the watcher stays alive."""
+    import os
+
+    incoming = os.fsencode(gateway.settings.paths.watch_dir)
+    with open(incoming + b"/bad\xff\xfename.dcm", "wb") as fh:
+        fh.write(b"not dicom at all")
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=16, columns=16)
+    shutil.copy(study.files[0], os.fsdecode(incoming + b"/ct\xe9\xff.dcm"))
+    wait_for(lambda: any(e["event"] == "quarantined" for e in gateway.store.audit_entries()), 20, 0.1,
+             what="the non-DICOM file quarantined")
+    (reason,) = quarantined(gateway).values()
+    assert "bad\\xff\\xfename.dcm" in reason
+    assert any("bad\\xff\\xfename.dcm" in e["detail"] for e in gateway.store.audit_entries() if e["event"] == "quarantined")
+    wait_for(lambda: gateway.store.count_instances() == 1, 20, 0.1, what="the DICOM file with the odd name ingested")
+    shutil.copy(study.files[1], gateway.settings.paths.watch_dir / "later.dcm")
+    wait_for(lambda: gateway.store.count_instances() == 2, 20, 0.1, what="a later file to be ingested")
+    assert gateway.watcher is not None and gateway.watcher.alive and gateway.watcher.last_error is None
