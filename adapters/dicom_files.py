@@ -112,7 +112,7 @@ def header_from_dataset_bytes(dataset: bytes, transfer_syntax: str) -> InstanceH
     missing = [k for k in ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid") if not values.get(k)]
     if missing:
         raise RejectedFile("missing required attribute(s): " + ", ".join(missing))
-    return InstanceHeader(
+    return _checked(InstanceHeader(
         sop_instance_uid=values["sop_instance_uid"],
         sop_class_uid=values["sop_class_uid"],
         transfer_syntax_uid=transfer_syntax,
@@ -127,7 +127,7 @@ def header_from_dataset_bytes(dataset: bytes, transfer_syntax: str) -> InstanceH
         series_description=_decoded(raw.get("series_description", b""), encodings, set()),
         series_number=_int_or_none(values.get("series_number")),
         instance_number=_int_or_none(values.get("instance_number")),
-    )
+    ))
 
 
 def header_from_part10_prefix(prefix: bytes, transfer_syntax: str) -> InstanceHeader:
@@ -303,7 +303,7 @@ def _header(ds: pydicom.Dataset) -> InstanceHeader:
     if missing:
         raise RejectedFile("missing required attribute(s): " + ", ".join(missing))
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
-    return InstanceHeader(
+    return _checked(InstanceHeader(
         sop_instance_uid=str(ds.SOPInstanceUID).strip(),
         sop_class_uid=str(ds.SOPClassUID).strip(),
         transfer_syntax_uid=str(transfer_syntax).strip(),
@@ -318,7 +318,23 @@ def _header(ds: pydicom.Dataset) -> InstanceHeader:
         series_description=str(ds.get("SeriesDescription", "") or ""),
         series_number=_int_or_none(ds.get("SeriesNumber")),
         instance_number=_int_or_none(ds.get("InstanceNumber")),
-    )
+    ))
+
+
+_UID_FIELDS = (("sop_instance_uid", "SOP Instance UID"), ("sop_class_uid", "SOP Class UID"),
+               ("study_instance_uid", "Study Instance UID"), ("series_instance_uid", "Series Instance UID"))
+
+
+def _checked(header: InstanceHeader) -> InstanceHeader:
+    """Identifying UIDs the queue can index on any database: at most 64 characters (PS3.5 9.1), no control
+    characters or NUL; otherwise :class:`RejectedFile` (refused for good, kept in quarantine)."""
+    for field, name in _UID_FIELDS:
+        value = getattr(header, field)
+        if len(value) > 64:
+            raise RejectedFile(f"{name} of {len(value)} characters (at most 64, PS3.5 9.1)")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise RejectedFile(f"{name} holds a control character or NUL")
+    return header
 
 
 def _int_or_none(value: object) -> int | None:

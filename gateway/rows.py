@@ -93,7 +93,7 @@ class InstanceRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     spool_path: Mapped[str] = mapped_column(Text)
     conflict: Mapped[bool] = mapped_column(Boolean, default=False)
-    source: Mapped[str] = mapped_column(String(80))
+    source: Mapped[str] = mapped_column(Text)  # "folder:<path>" may be long (migration 0009)
     received_at: Mapped[datetime] = mapped_column(DateTime)
     pacs_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pacs_verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)

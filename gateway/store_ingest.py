@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -59,8 +60,9 @@ class IngestRepo:
         """Record one stored instance in its study's open unit (created when needed); returns the unit id.
 
         Raises :class:`DuplicateInstance` if identical bytes for the SOP Instance UID were recorded first
-        by another writer.
+        by another writer. Text values are indexed as :func:`indexed` makes them (the file keeps them whole).
         """
+        header, source = indexed(header), _text(source)
         for _attempt in range(3):
             try:
                 if not conflict:
@@ -82,7 +84,7 @@ class IngestRepo:
         """Record (header, spool_path, size, sha256, conflict) rows in one transaction; returns unit ids."""
         with self._unit_of_work() as session:
             return [
-                self._record(session, header, path, size, sha256, source, conflict, origin_peer)
+                self._record(session, indexed(header), path, size, sha256, _text(source), conflict, origin_peer)
                 for header, path, size, sha256, conflict in rows
             ]
 
@@ -206,3 +208,24 @@ def _instance_values(
         "source": source,
         "received_at": now,
     }
+
+
+#: The index's room for each text a modality sends (its columns); the file keeps every value whole.
+_TEXT_LIMITS = {"patient_id": 64, "patient_name": 324, "study_description": 64, "study_date": 8, "accession_number": 16,
+                "modality": 16, "series_description": 64}
+
+
+def _text(value: str, limit: int | None = None) -> str:
+    """NUL removed (PostgreSQL text cannot hold it), clipped to ``limit`` characters."""
+    value = value.replace("\x00", "")
+    return value[:limit] if limit is not None else value
+
+
+def indexed(header: InstanceHeader) -> InstanceHeader:
+    """The header as the queue indexes it, the same on SQLite and PostgreSQL: every text without NUL and
+    clipped to its column (a 65-character Study Description, a 400-character Patient Name, a 17-character
+    Accession Number are stored, not refused for ever with 0xA700). UIDs were checked at the edge."""
+    changes = {name: _text(getattr(header, name), limit) for name, limit in _TEXT_LIMITS.items()}
+    if all(changes[name] == getattr(header, name) for name in changes):
+        return header
+    return replace(header, **changes)

@@ -119,6 +119,13 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         units = {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert {"priority", "rule", "instances_of"} <= units
         assert {"destinations", "max_concurrent", "directions", "schedule"} <= {c["name"] for c in inspect(engine).get_columns("peers")}
+        long_source = "folder:" + "x" * 300
+        QueueStore(engine).record_instance(
+            header("1.2.3.1.2"), spool_path="y", size_bytes=1, sha256="d" * 64, source=long_source, conflict=False
+        )
+        command.downgrade(config, "-1")  # 0009 -> 0008: the source column is 80 characters again (clipped)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
         command.downgrade(config, "-1")  # 0008 -> 0007: routing, priority and per-peer settings go, the rows stay
         assert not {"priority", "rule", "instances_of"} & {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert "schedule" not in {c["name"] for c in inspect(engine).get_columns("peers")}
@@ -147,7 +154,7 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         command.upgrade(config, "head")
         assert {"peers", "transfers"} <= set(inspect(engine).get_table_names())
         assert {"origin_peer", "receipt_at", "purged_at"} <= {c["name"] for c in inspect(engine).get_columns("study_units")}
-        assert QueueStore(engine).count_instances() == 1  # data survived the round trip
+        assert QueueStore(engine).count_instances() == 2  # data survived the round trip
     finally:
         engine.dispose()
 
@@ -180,3 +187,23 @@ def test_two_bundles_of_one_study_received_at_once_get_a_unit_each(store: QueueS
     seqs = sorted(u.unit_seq for u, _rows in store.study_units("1.2.3"))
     assert seqs == list(range(1, len(bundles) + 1))
     assert store.begin_receiving("1.2.3", peer, 1000, 500, "ibb", bundles[3]) == got[bundles[3]]  # resumed, same unit
+
+
+@pytest.mark.parametrize("field", ["study_description", "patient_name", "accession_number", "patient_id", "nul"])
+def test_what_a_modality_sends_is_indexed_the_same_on_both_databases(store: QueueStore, field: str) -> None:
+    """Values SQLite would store and PostgreSQL refused for ever (varchar, NUL): stored, clipped, NUL gone."""
+    from dataclasses import replace
+
+    values = {"study_description": "D" * 65, "patient_name": "P^" * 200, "accession_number": "A" * 17,
+              "patient_id": "I" * 80, "nul": "DOE\x00^JANE"}
+    target = "patient_name" if field == "nul" else field
+    unit_id = store.record_instance(
+        replace(header("1.2.3.5.1"), **{target: values[field]}), spool_path="s", size_bytes=1, sha256="e" * 64,
+        source="folder:" + "deep/" * 40 + "x.dcm", conflict=False)
+    with store._engine.connect() as conn:
+        shown = conn.execute(text(f"SELECT {target} FROM study_units WHERE id = :id"), {"id": unit_id}).scalar()
+    limits = {"study_description": 64, "patient_name": 324, "accession_number": 16, "patient_id": 64}
+    if field == "nul":
+        assert shown == "DOE^JANE"
+    else:
+        assert shown == values[field][:limits[field]]

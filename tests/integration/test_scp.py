@@ -266,3 +266,37 @@ def test_a_message_on_a_context_that_was_not_accepted_is_aborted(gateway: Gatewa
     assert pdu_type == 0x07  # A-ABORT (PS3.8 9.3.8), not a hang and not a stored instance
     assert stored_instances(gateway) == {}
     assert not any(gateway.spool.staging_dir.iterdir())
+
+
+def test_long_and_nul_values_from_a_modality_are_stored_on_both_databases(tmp_path: Path, db_url: str) -> None:
+    """dcmtk storescu sends what SQLite stored and PostgreSQL refused for ever with 0xA700: a 65-character Study
+    Description, a 400-character Patient Name, a 17-character Accession Number, a NUL in a name. All stored,
+    the same on both databases, the file byte for byte as sent; a SOP Instance UID over 64 characters: 0xC000."""
+    import pydicom
+
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=16, columns=16,
+                              study_description="D" * 65, patient_name="P" * 400)
+    ds = pydicom.dcmread(study.files[1])
+    ds.AccessionNumber = "A" * 17
+    ds.PatientID = "ID\x00X"
+    ds.save_as(study.files[1])
+    bad_uid = pydicom.dcmread(study.files[2])
+    bad_uid.SOPInstanceUID = bad_uid.file_meta.MediaStorageSOPInstanceUID = "1.2." + "3" * 70
+    bad_uid.save_as(study.files[2])
+    controller = GatewayController(make_settings(tmp_path / "gw", free_port(), db_url=db_url))
+    gw = controller.start()
+    try:
+        done = storescu(gw.scp.port, study.files[:2])
+        assert done.returncode == 0, done.stderr
+        stored = stored_instances(gw)
+        assert set(stored) == set(study.sop_instance_uids[:2])
+        for path in study.files[:2]:
+            assert dataset_bytes(stored[pydicom.dcmread(path).SOPInstanceUID]["path"]) == dataset_bytes(path)
+        (summary,) = gw.store.studies()
+        assert summary.study_description == "D" * 64 and summary.patient_name == "P" * 324
+        refused = run_dcmtk(["/usr/bin/storescu", "-v", "-aet", "STORESCU", "-aec", "DICOMGW", "127.0.0.1", str(gw.scp.port),
+                             str(study.files[2])])
+        assert "Received Store Response (Error: CannotUnderstand)" in refused.stdout + refused.stderr
+        assert gw.store.count_instances() == 2
+    finally:
+        controller.stop()
