@@ -9,7 +9,8 @@ conditions (all optional; a rule with none matches every study):
   ``emergency/ct``);
 - ``tags``: DICOM attributes of the first instance, by keyword (``StudyDescription``) or tag (``"0040,1003"``):
   a plain value must equal the attribute (spaces at either end ignored), ``"re:PATTERN"`` must be found in
-  it (Python ``re.search``; ``"re:(?i)trauma"`` ignores case). Requested Procedure Priority (0040,1003) and
+  it (RE2 syntax, searched in linear time whatever the value: no backreferences or lookaround; ``"re:(?i)trauma"``
+  ignores case). Requested Procedure Priority (0040,1003) and
   other Request Attributes are also looked for in the first item of the Request Attributes Sequence
   (0040,0275), where images carry them.
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import re
+
+import re2
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,7 @@ class Match:
     """One condition value: a plain value (equal) or a compiled regular expression (found)."""
 
     text: str
-    pattern: re.Pattern[str] | None = None
+    pattern: Any = None  # a compiled RE2 pattern (``google-re2``): matching time is linear in the value
 
     def test(self, value: str) -> bool:
         value = value.strip()
@@ -278,14 +281,23 @@ def _strings(raw: Any, where: str) -> list[str]:
     return [str(v) for v in values if str(v) != ""]
 
 
+def _compile(pattern: str, text: str, where: str) -> Any:
+    """RE2, not Python's ``re``: a pattern cannot run away (``^(a+)+$`` on 35 characters froze the whole
+    gateway with ``re``); RE2 has no backreferences or lookaround, and says so when a rule uses them."""
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except Exception as exc:  # re2's own error type (bytes message) for any pattern it cannot take
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise RuleError(f"{where}: {text!r} is not a regular expression RE2 accepts: {reason}") from None
+
+
 def _matches(raw: Any, where: str) -> tuple[Match, ...]:
     matches = []
     for text in _strings(raw, where):
         if text.startswith("re:"):
-            try:
-                matches.append(Match(text, re.compile(text[3:])))
-            except re.error as exc:
-                raise RuleError(f"{where}: {text!r} is not a regular expression: {exc}") from None
+            matches.append(Match(text, _compile(text[3:], text, where)))
         else:
             matches.append(Match(text))
     if not matches:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.addressing import destination_jid
@@ -84,3 +86,20 @@ def test_bad_rules_are_refused_with_the_rule_named(raw: list, message: str) -> N
 
 def test_tag_keys_are_what_the_rules_name() -> None:
     assert rules().tag_keys() == ("StudyDescription", "0040,1003")
+
+
+def test_a_backtracking_pattern_cannot_run_away_and_unsupported_ones_are_named() -> None:
+    """``^(a+)+$`` against 35 characters froze the gateway with Python's re (exponential); with RE2 it is linear."""
+    import time
+
+    runaway = Rules(parse_rules([{"name": "evil", "destinations": "radiology.hospital-b",
+                                  "tags": {"StudyDescription": "re:^(a+)+$"}}], lambda d: destination_jid(d, "example.org")), "")
+    started = time.perf_counter()
+    for length in (35, 1000, 100_000):
+        verdict = runaway.decide(StudyFacts("folder:x.dcm", ("CT",), {"StudyDescription": "a" * length + "b"}))
+        assert verdict.rule == ""
+    assert time.perf_counter() - started < 5  # was: not done in minutes at 35 characters (a bound, not a timing claim)
+    assert runaway.decide(StudyFacts("folder:x.dcm", ("CT",), {"StudyDescription": "a" * 35})).rule == "evil"
+    for pattern, why in (("re:(a)\\1", "invalid escape sequence"), ("re:(?<=a)b", "invalid perl operator")):
+        with pytest.raises(RuleError, match=f"is not a regular expression RE2 accepts: {re.escape(why)}"):
+            parse_rules([{"name": "x", "destinations": "b", "tags": {"StudyDescription": pattern}}], lambda d: d)
