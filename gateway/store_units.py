@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -262,23 +262,48 @@ class UnitsRepo:
             )
         )
 
-    def mark_stable(self, stable_age_s: float, now: datetime | None = None) -> list[int]:
-        """Move every ``received`` unit with no new instance for ``stable_age_s`` to ``stable``."""
-        cutoff = (now or utcnow()) - timedelta(seconds=stable_age_s)
+    def mark_stable(self, stable_age_s: float, now: datetime | None = None, batch: int = 500) -> list[int]:
+        """Move every ``received`` unit with no new instance for ``stable_age_s`` to ``stable``: in batches of
+        ``batch`` units, each one transaction of one UPDATE and one INSERT of its audit rows, so the time is
+        linear in the units and the write lock is given up between batches (ingest goes on answering)."""
         moved: list[int] = []
+        for _round in range(1_000_000 // batch + 1):  # bounded: a million units a tick at most
+            found, done = self._mark_stable_batch(stable_age_s, now, batch)
+            moved += done
+            if found < batch:
+                break
+        return moved
+
+    def _mark_stable_batch(self, stable_age_s: float, now: datetime | None, batch: int) -> tuple[int, list[int]]:
+        """(units found, units moved) of one batch."""
+        check_move(State.RECEIVED.value, State.STABLE)
+        cutoff = (now or utcnow()) - timedelta(seconds=stable_age_s)
+        detail = f"no new instance for {stable_age_s:g} s"
         with self._unit_of_work() as session:
-            units = session.scalars(
-                select(StudyUnitRow).where(
+            found = session.execute(
+                select(StudyUnitRow.id, StudyUnitRow.study_instance_uid).where(
                     StudyUnitRow.state == State.RECEIVED.value,
                     StudyUnitRow.origin_peer.is_(None),
                     StudyUnitRow.last_instance_at <= cutoff,
                     StudyUnitRow.instance_count > 0,
-                ).with_for_update(skip_locked=True)  # another process on this queue may be moving them
+                ).order_by(StudyUnitRow.id).limit(batch).with_for_update(skip_locked=True)  # other processes too
             ).all()
-            for unit in units:
-                self._move(session, unit, State.STABLE, f"no new instance for {stable_age_s:g} s")
-                moved.append(unit.id)
-        return moved
+            if not found:
+                return 0, []
+            stamp = utcnow()
+            moved = set(session.scalars(  # re-checked: an instance that came meanwhile keeps its unit open
+                update(StudyUnitRow).where(StudyUnitRow.id.in_([row.id for row in found]),
+                                           StudyUnitRow.state == State.RECEIVED.value, StudyUnitRow.last_instance_at <= cutoff)
+                .values(state=State.STABLE.value, state_changed_at=stamp, error=None)
+                .returning(StudyUnitRow.id).execution_options(synchronize_session=False)
+            ).all())
+            if moved:
+                session.execute(insert(AuditRow), [
+                    {"at": stamp, "unit_id": row.id, "study_instance_uid": row.study_instance_uid, "event": "transition",
+                     "from_state": State.RECEIVED.value, "to_state": State.STABLE.value, "detail": detail}
+                    for row in found if row.id in moved
+                ])
+        return len(found), [row.id for row in found if row.id in moved]
 
     def studies(self, state: str | None = None, where: Sequence[Any] = ()) -> list[StudySummary]:
         """Units in creation order, optionally in one ``state`` and matching ``where`` (SQL conditions: the

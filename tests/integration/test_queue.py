@@ -207,3 +207,19 @@ def test_what_a_modality_sends_is_indexed_the_same_on_both_databases(store: Queu
         assert shown == "DOE^JANE"
     else:
         assert shown == values[field][:limits[field]]
+
+
+def test_a_backlog_turns_stable_in_batches_each_unit_audited_once(store: QueueStore) -> None:
+    """1,200 received units past their stable age (more than two batches): every one stable, one audit row each;
+    a unit that got an instance after the cutoff stays received."""
+    from bench.stable import fill
+
+    fill(store, 1200, "2.25.77")
+    moved = store.mark_stable(0.0, now=utcnow() + timedelta(seconds=1), batch=500)
+    assert len(moved) == len(set(moved)) == 1200
+    assert {s.state for s in store.studies()} == {"stable"}
+    with store._engine.connect() as conn:
+        rows = conn.execute(text("SELECT count(*) FROM audit_log WHERE event = 'transition' AND to_state = 'stable'")).scalar()
+    assert rows == 1200
+    record(store, "1.2.3.9.1", study="1.2.3.9")
+    assert store.mark_stable(3600.0) == []  # too young: stays received
