@@ -95,8 +95,10 @@ class StorageSCP:
         audit: AuditFn,
         on_stored: Callable[[IngestResult], None] | None = None,
         on_commitment: CommitmentFn | None = None,
+        refused: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._note_refusal = refused
         self._ingest = ingest
         self._spool = spool
         self._audit = audit
@@ -178,6 +180,16 @@ class StorageSCP:
                 self._admission.done_waiting(kind, address[0])
                 sock.close()
 
+    def _refused(self, kind: str, address: str, detail: str) -> None:
+        """An association refused: audited ``association_rejected``, counted in memory (``refused``: one row per
+        source address, kind and minute with a count) so that a flood of hostile connections writes nothing
+        per connection; without ``refused``, one audit row each."""
+        log.warning("%s", detail)
+        if self._note_refusal is not None:
+            self._note_refusal("association_rejected", f"{address.rsplit(':', 1)[0]} {kind}", detail)
+        else:
+            self._audit("association_rejected", detail)
+
     # -- one association ------------------------------------------------------------------------
     def _serve(self, raw_sock: socket.socket, address: str, tls: ssl.SSLContext | None = None, kind: str = "plain") -> None:
         raw_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,7 +207,7 @@ class StorageSCP:
                     try:
                         sock = tls.wrap_socket(raw_sock, server_side=True)
                     except (ssl.SSLError, OSError) as exc:
-                        self._audit("association_rejected", f"TLS from {address} refused: "
+                        self._refused("tls", address, f"TLS from {address} refused: "
                                     f"{getattr(exc, 'verify_message', '') or getattr(exc, 'reason', '') or exc or 'no handshake in time'}")
                         return
                     finally:
@@ -230,16 +242,16 @@ class StorageSCP:
         if rejection is not None or request is None:
             (result, source, reason), why = rejection or ((1, 1, 1), "no request")
             sock.sendall(associate_rj(result, source, reason))
-            self._audit("association_rejected", f"A-ASSOCIATE-RQ from {address} rejected: {why}")
+            self._refused("request", address, f"A-ASSOCIATE-RQ from {address} rejected: {why}")
             return None
         allowed = self._settings.allowed_calling_ae_titles
         if allowed and request.calling_ae not in allowed:
             sock.sendall(associate_rj(1, 1, 3))  # rejected-permanent, service user, calling AE not recognised
-            self._audit("association_rejected", f"calling AE title {request.calling_ae!r} from {address} is not in the allowlist")
+            self._refused("calling-ae", address, f"calling AE title {request.calling_ae!r} from {address} is not in the allowlist")
             return None
         if 0 < request.max_pdu < MIN_PEER_PDU_BYTES:  # each response would be PDUs of a few bytes, without end
             sock.sendall(associate_rj(1, 1, 1))  # rejected-permanent, service user, no reason given
-            self._audit("association_rejected", f"A-ASSOCIATE-RQ from {address} rejected: Maximum Length Received "
+            self._refused("max-pdu", address, f"A-ASSOCIATE-RQ from {address} rejected: Maximum Length Received "
                         f"{request.max_pdu} is below {MIN_PEER_PDU_BYTES} bytes")
             return None
         host = address.rsplit(":", 1)[0]

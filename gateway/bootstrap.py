@@ -103,10 +103,11 @@ class Gateway:
             ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe, claims=self.claims)
             if self.pacs is not None else None
         )
+        self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
         self.scp = StorageSCP(
             settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
-            on_commitment=self.importer.commitment_result if self.importer else None,
+            on_commitment=self.importer.commitment_result if self.importer else None, refused=self.refusals.note,
         )
         self.watcher = (
             FolderWatcher(
@@ -131,7 +132,6 @@ class Gateway:
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
         self._maintenance = Maintenance(False)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
-        self.refusals = RefusalLog()
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
 
     def _build_xmpp(self) -> None:

@@ -63,6 +63,7 @@ from gateway.logs import set_fields
 from gateway.transfer import SendOutcome, StreamSuspended
 
 log = logging.getLogger(__name__)
+SUPERSEDE_GRACE_S = 5.0  # an old stream of a re-offered bundle may drain its socket this long
 
 
 class OfferMixin:
@@ -197,9 +198,7 @@ class OfferMixin:
             condition, text = refusal
             raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
         method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
-        for old_sid, old in list(self._sinks.items()):  # one writer per bundle: the sender (any of its processes)
-            if old.peer.split("/", 1)[0] == peer.bare and getattr(old.sink, "bundle_key", None) == offer.manifest_sha256:
-                self._drop(old_sid, "superseded by a new offer of the same bundle")
+        await self._supersede(peer.bare, offer.manifest_sha256)
         try:  # from here on the admission is the sink's: every path below ends it
             tls = server_context(self.settings.identity, offer.cert_der) if offer.cert_der and self.settings.identity else None
             sink = self.inbound.open_sink(peer.bare, offer, method)
@@ -218,6 +217,19 @@ class OfferMixin:
         loop.call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
         if tls is not None:
             loop.call_later(self.settings.handshake_timeout_s, self._check_secured, offer.sid, self._sinks[offer.sid])
+
+    async def _supersede(self, peer_bare: str, bundle_sha256: str) -> None:
+        """One writer per bundle: a new offer of it (from any of the sender's processes) ends the old stream.
+        An S5B reader still draining what reached our socket before the sender saw its stream cut gets
+        ``SUPERSEDE_GRACE_S`` to finish on its own, so the new offer resumes after those bytes, not before."""
+        old = [sid for sid, entry in self._sinks.items()
+               if entry.peer.split("/", 1)[0] == peer_bare and getattr(entry.sink, "bundle_key", None) == bundle_sha256]
+        readers = [self._readers[sid] for sid in old if sid in self._readers]
+        if readers:
+            await asyncio.wait(readers, timeout=SUPERSEDE_GRACE_S)
+        for sid in old:
+            if sid in self._sinks:
+                self._drop(sid, "superseded by a new offer of the same bundle")
 
     def _check_started(self, sid: str) -> None:
         entry = self._sinks.get(sid)

@@ -176,9 +176,14 @@ def test_a_killed_process_hands_its_study_to_another_after_the_lease(tmp_path: P
         senders[0].start()
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=60, rows=512, columns=512)  # ~32 MB
         assert storescu(senders[0].port, study.files).returncode == 0
-        wait_for(lambda: [u["state"] for u in queue(senders[0])] == ["sending"], 60, 0.05, what="the study streaming")
+        wait_for(lambda: [(u["state"], u["progress_bytes"] > 0) for u in queue(senders[0])] == [("sending", True)], 60, 0.05,
+                 what="the study streaming")
+        # Hold the stream mid-way, whatever this machine's speed: the kill must land while it runs (a 4 s stream
+        # ended before a loaded machine had started the second process), and B must not hold every byte yet.
+        relay.configure(rate_bytes_s=20e3)
         senders[1].start()  # a second process joins while the first streams: it must not offer the same study
         senders[0].stop(signal.SIGKILL)
+        relay.configure(rate_bytes_s=8e6)
         wait_for(lambda: [u["state"] for u in queue(senders[1])] == ["sent"], 120, 0.5,
                  what=lambda: f"the second process to finish it: {queue(senders[1])}")
         (unit,) = queue(senders[1])

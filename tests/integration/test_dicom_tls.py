@@ -14,7 +14,7 @@ from adapters.synthetic import generate_ct_study
 from gateway.bootstrap import GatewayController
 from gateway.importing import PacsUnavailable, Verdict
 from gateway.settings import PacsSettings
-from tests.helpers import dataset_bytes, run_dcmtk
+from tests.helpers import dataset_bytes, run_dcmtk, wait_for
 from tests.integration.test_pacs import record
 from tests.integration.test_scp import make_settings, stored_instances
 
@@ -40,7 +40,8 @@ def test_storescu_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
         anonymous = run_dcmtk(["/usr/bin/storescu", "+tla", "+cf", str(ca), "-aet", "STORESCU", "-aec", "DICOMGW",
                                "127.0.0.1", str(gw.scp.tls_port), str(study.files[0])])
         assert anonymous.returncode != 0
-        assert any(e["event"] == "association_rejected" and "TLS" in e["detail"] for e in gw.store.audit_entries())
+        wait_for(lambda: any(e["event"] == "association_rejected" and "TLS" in e["detail"] for e in gw.store.audit_entries()),
+                 10, 0.1, what="the refused TLS handshake audited (written within a second)")
         plain = run_dcmtk(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "DICOMGW", "127.0.0.1",
                            str(gw.scp.tls_port), str(study.files[0])])
         assert plain.returncode != 0  # no plaintext association on the TLS port

@@ -66,8 +66,9 @@ def test_a_maximum_pdu_too_small_for_a_fragment_is_rejected(gateway: Gateway, tm
         answer = peer.reply()
         assert answer is not None and answer[0] == REJECT and tuple(answer[1][1:4]) == (1, 1, 1), answer
         peer.close()
-    rows = [e["detail"] for e in gateway.store.audit_entries() if e["event"] == "association_rejected"]
-    assert any("Maximum Length Received 6 is below 64 bytes" in d for d in rows)
+    (row,) = wait_for(lambda: [e for e in gateway.store.audit_entries() if e["event"] == "association_rejected"], 10, 0.1,
+                      what="the refusals audited (counted in memory, written within a second)")
+    assert "Maximum Length Received 1 is below 64 bytes" in row["detail"] and row["count"] == 3  # one row, counted
     peer = raw.RawPeer(gateway.scp.port, source=ATTACKER)  # 64 works: the C-ECHO answer in a few small PDUs
     peer.associate(max_pdu=64)
     peer.send(raw.pdata((3, 0x03, raw.c_echo_rq())))
