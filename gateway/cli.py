@@ -221,18 +221,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     store = _store(settings)
     watcher = store.runtime_status("watcher") if settings.paths.watch_dir else None
-    watcher_ok = True
-    if watcher is not None:
-        health = json.loads(watcher[0])
-        watcher_ok = bool(health.get("running"))
+    health = json.loads(watcher[0]) if watcher is not None else None
+    watcher_ok = health is None or bool(health.get("running"))
+    if health is not None and not args.json:
         print(f"{'watcher':>20}: {'running' if watcher_ok else 'NOT RUNNING'} ({health.get('watch_dir')}); "
-              f"last error: {health.get('last_error') or '-'}", file=sys.stdout if not args.json else sys.stderr)
+              f"last error: {health.get('last_error') or '-'}")
     found = store.runtime_status("xmpp")
     if found is None:
         print("dicomgw status: no XMPP status recorded (is `dicomgw run` running with an [xmpp] jid?)", file=sys.stderr)
         return 1
     value, updated_at = found
-    status = {**json.loads(value), "recorded_at": updated_at.isoformat()}
+    status = {**json.loads(value), "recorded_at": updated_at.isoformat(), "watcher": health}
     if args.json:
         print(json.dumps(status, indent=2))
     else:

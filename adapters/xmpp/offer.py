@@ -145,7 +145,8 @@ class OfferMixin:
                 result.detail = f"end-to-end channel refused: {exc}"
                 return result
             except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
-                attempt.update(outcome="cut", error=describe(exc), bytes=moved[0])
+                said = verdict.result()[1] if verdict.done() and not verdict.cancelled() and verdict.exception() is None else ""
+                attempt.update(outcome="cut", error=f"receiver: {said}" if said else describe(exc), bytes=moved[0])
                 log.warning("%s transfer %s to %s failed: %s", short_method(method), sid, peer_full_jid, describe(exc))
                 if method == NS_S5B and NS_IBB in methods:
                     methods = (NS_IBB,)
@@ -273,8 +274,10 @@ class OfferMixin:
         log.error("stream %s from %s failed in the receiver", sid, entry.peer if entry else "?", exc_info=exc)
         if entry is not None:
             detail = f"the receiver failed ({type(exc).__name__}); offer it again"
+            self._readers.pop(sid, None)  # called from the reader task itself: _drop must not cancel it (nor the verdict)
+            verdict = asyncio.ensure_future(self._send_verdict(entry.peer, sid, "incomplete", detail))  # on the wire first
             self._drop(sid, detail)
-            await self._send_verdict(entry.peer, sid, "incomplete", detail)
+            await verdict
 
     async def _send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
         iq = self.make_iq_set(ito=peer)

@@ -54,12 +54,17 @@ stable_check_interval_s = 0.2
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = (self.workdir / "gateway.log").open("ab")
+        log_path = self.workdir / "gateway.log"
+        readies = log_path.read_bytes().count(b"gateway ready") if log_path.exists() else 0  # a restart appends
+        log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 30, what="the SCP port")
+        # Ready is the log line written once every listener and the watched folder have started (the SCP port
+        # opens first: on a loaded machine the watcher may start seconds later).
+        wait_for(lambda: log_path.read_bytes().count(b"gateway ready") > readies or self.proc.poll() is not None,
+                 60, 0.1, what="the gateway's 'gateway ready' log line")
         assert self.proc.poll() is None, (self.workdir / "gateway.log").read_text()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

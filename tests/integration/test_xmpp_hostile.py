@@ -280,7 +280,8 @@ def test_an_error_of_the_receivers_own_ends_the_stream_with_a_verdict_and_the_st
         a_study_still_goes_through(tmp_path, a, b)
         outcomes = [t["outcome"] for t in a.gateway.store.transfers()]
         assert outcomes[0] == "cut" and outcomes[-1] == "received"
-        assert "the receiver failed (IntegrityError)" in a.gateway.store.transfers()[0]["error"]
+        inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
+        assert inbound[0]["outcome"] == "cut" and inbound[0]["error"] == "the receiver failed (IntegrityError); offer it again"
         assert "failed in the receiver" in caplog.text and "Task exception was never retrieved" not in caplog.text
     finally:
         a.stop()
