@@ -6,8 +6,6 @@ address, as a modality is), stores a study within 10 s on the plain port and, wh
 from __future__ import annotations
 
 import socket
-import ssl
-import struct
 import threading
 import time
 from collections.abc import Iterator
