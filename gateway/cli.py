@@ -30,6 +30,7 @@ from gateway.lifecycle import State
 from gateway.model import InstanceRecord, StudySummary
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import utcnow
+from gateway.terminal import cell, markup, plain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +127,7 @@ def _cmd_maintenance(args: argparse.Namespace) -> int:
     if args.action is not None:
         set_maintenance(store, args.action == "on", args.message, who=f"{os.environ.get('USER', 'admin')} via dicomgw")
     state = maintenance(store)
-    print(f"maintenance {'on since ' + state.since if state.on else 'off'}" + (f": {state.message}" if state.message else "")
+    print(f"maintenance {'on since ' + state.since if state.on else 'off'}" + (f": {plain(state.message)}" if state.message else "")
           + ("; peers see dnd and hold their sends" if state.on else ""))
     return 0
 
@@ -224,8 +225,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     health = json.loads(watcher[0]) if watcher is not None else None
     watcher_ok = health is None or bool(health.get("running"))
     if health is not None and not args.json:
-        print(f"{'watcher':>20}: {'running' if watcher_ok else 'NOT RUNNING'} ({health.get('watch_dir')}); "
-              f"last error: {health.get('last_error') or '-'}")
+        print(f"{'watcher':>20}: {'running' if watcher_ok else 'NOT RUNNING'} ({plain(health.get('watch_dir'))}); "
+              f"last error: {plain(health.get('last_error') or '-')}")
     found = store.runtime_status("xmpp")
     if found is None:
         print("dicomgw status: no XMPP status recorded (is `dicomgw run` running with an [xmpp] jid?)", file=sys.stderr)
@@ -236,7 +237,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error", "recorded_at"):
-            print(f"{key:>20}: {status.get(key) if status.get(key) is not None else '-'}")
+            print(f"{key:>20}: {plain(status.get(key)) if status.get(key) is not None else '-'}")
     return 0 if status.get("state") == "online" and watcher_ok else 1
 
 
@@ -259,7 +260,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     for column in columns:
         table.add_column(column)
     for r in rows:
-        table.add_row(*[str(r.get(c) if r.get(c) is not None else "-")[:120] for c in columns])
+        table.add_row(*[cell(str(r.get(c) if r.get(c) is not None else "-")[:120]) for c in columns])
     _console().print(table)
     return 0
 
@@ -482,7 +483,7 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
         table.add_column(column, justify="right" if column in ("Inst", "Size", "Age") else "left")
     for s in studies:
         uid = s.study_instance_uid + (f" #{s.unit_seq}" if s.unit_seq > 1 else "")
-        table.add_row(
+        table.add_row(*map(cell, (
             uid,
             s.patient_name or s.patient_id or "-",
             s.study_description or "-",
@@ -493,7 +494,7 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
             _human_age(_age_s(s.created_at)),
             s.destination or (f"from {s.origin_peer}" if s.origin_peer else "-"),
             s.flags or "",
-        )
+        )))
     _console().print(table)
 
 
@@ -520,22 +521,23 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
     console = _console()
     for summary, instances in units:
         console.print(
-            f"[bold]Study {study_uid}[/bold] unit {summary.unit_seq}: {summary.state}, "
+            f"[bold]Study {markup(study_uid)}[/bold] unit {summary.unit_seq}: {markup(summary.state)}, "
             f"{summary.instances} instance(s), {_human_bytes(summary.size_bytes)}, "
-            f"patient {summary.patient_name or '-'} ({summary.patient_id or '-'}), {summary.study_description or '-'}"
+            f"patient {markup(summary.patient_name or '-')} ({markup(summary.patient_id or '-')}), "
+            f"{markup(summary.study_description or '-')}"
         )
         series_table = Table(title="Series")
         for column in ("Series UID", "No", "Modality", "Description", "Instances", "Size"):
             series_table.add_column(column)
         for entry in _series(instances):
-            series_table.add_row(
+            series_table.add_row(*map(cell, (
                 entry["series_uid"],
                 str(entry["series_number"] if entry["series_number"] is not None else "-"),
                 entry["modality"] or "-",
                 entry["description"] or "-",
                 str(entry["instances"]),
                 _human_bytes(entry["bytes"]),
-            )
+            )))
         console.print(series_table)
         by_series: dict[str, list[InstanceRecord]] = defaultdict(list)
         for i in instances:
@@ -545,7 +547,7 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
             table.add_column(column)
         for rows in by_series.values():
             for i in rows:
-                table.add_row(
+                table.add_row(*map(cell, (
                     str(i.instance_number if i.instance_number is not None else "-"),
                     i.sop_instance_uid,
                     i.transfer_syntax_uid,
@@ -553,5 +555,5 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
                     i.sha256[:16] + "…",
                     (i.pacs_detail or "") if i.pacs_verdict else "",
                     "CONFLICT: differs from first copy" if i.conflict else "",
-                )
+                )))
         console.print(table)

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.model import DIRECTIONS
 from gateway.settings import load_settings
+from gateway.terminal import cell
 
 
 def add_parsers(sub: Any, config_option: Any) -> None:
@@ -132,9 +133,9 @@ def _list(store: Any, args: argparse.Namespace) -> int:
     for column in ("JID", "Name", "Allowed", "Directions", "Max", "Schedule", "Serves", "Pinned certificate SHA-256"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["jid"], r["name"] or "-", "yes" if r["allowed"] else "removed", r["directions"],
-                      str(r["max_concurrent"]), r["schedule"] or "always", ", ".join(r["destinations"]) or "-",
-                      r["fingerprint"] or "-")
+        table.add_row(*map(cell, (r["jid"], r["name"] or "-", "yes" if r["allowed"] else "removed", r["directions"],
+                                  str(r["max_concurrent"]), r["schedule"] or "always", ", ".join(r["destinations"]) or "-",
+                                  r["fingerprint"] or "-")))
     Console(width=200).print(table)
     return 0
 

@@ -1,0 +1,49 @@
+"""Values from studies, peers and the server printed by the CLI literally (issue 16 §2): rich markup is shown,
+not obeyed or failed on, and control characters never reach the terminal. The real CLI, on a real SQLite
+queue, in a process of its own (its output piped, as a script or a terminal multiplexer reads it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.model import InstanceHeader
+from gateway.store import QueueStore, make_engine, upgrade_schema
+from tests.helpers import REPO
+
+HOSTILE_DESCRIPTION = "CT [/] [link=https://evil.example]click[/link] [bold red]x"
+HOSTILE_NAME = "DOE^\x1b]0;pwned\x07JANE\x1b[2J\u202eEVIL"
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args, "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_queue_queue_show_and_peers_ls_print_hostile_values_literally(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "q"\n'
+                      f'[queue]\ndb_url = "sqlite:///{tmp_path / "queue.db"}"\n')
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    upgrade_schema(engine)
+    store = QueueStore(engine)
+    header = InstanceHeader("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3.4", "1.2.3.4.0",
+                            patient_name=HOSTILE_NAME, study_description=HOSTILE_DESCRIPTION, modality="CT")
+    store.record_instance(header, spool_path="s/1.dcm", size_bytes=10, sha256="a" * 64, source="test", conflict=False)
+    store.record_instance(replace(header, sop_instance_uid="1.2.3.4.2"), spool_path="s/2.dcm", size_bytes=10,
+                          sha256="b" * 64, source="test", conflict=False)
+    store.add_peer("radiology.hospital-b@net.test", "[/]\x1b[31mRed\x1b[0m [link=https://evil.example]B[/link]", None)
+    engine.dispose()
+    for args in (("queue",), ("queue", "show", "1.2.3.4"), ("peers", "ls")):
+        done = cli(config, *args)
+        assert done.returncode == 0, (args, done.stderr)
+        shown = done.stdout
+        assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown, (args, shown)
+        assert "MarkupError" not in done.stderr
+        if args[0] == "queue":
+            assert HOSTILE_DESCRIPTION in shown  # shown as it is, markup and all
+            assert "DOE^]0;pwnedJANE[2JEVIL" in shown  # the escape characters gone, the rest literal
+        else:
+            assert "[/][31mRed[0m [link=https://evil.example]B[/link]" in shown
