@@ -20,8 +20,10 @@ import binascii
 import contextlib
 import hmac
 import logging
+import math
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,20 +65,47 @@ class WebAccess:
 
 
 class _BasicAuth(BaseHTTPMiddleware):
+    """HTTP basic auth with the same work for every attempt (the password hash is checked whether or not the
+    user name is right, so a wrong user answers no faster than a wrong password: user names cannot be
+    guessed by timing), any bytes in the header answered 401 (never 500), and at most ``MAX_FAILURES`` failed
+    attempts per client address in ``FAILURE_WINDOW_S`` (then 429 with Retry-After, no hash computed)."""
+
+    MAX_FAILURES = 10
+    FAILURE_WINDOW_S = 60.0
+
     def __init__(self, app: Any, access: WebAccess) -> None:
         super().__init__(app)
         self.access = access
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, window start)
 
     async def dispatch(self, request: Request, call_next: Any) -> Response:
+        address = request.client.host if request.client else "?"
+        now = time.monotonic()
+        failures, since = self._failures.get(address, (0, now))
+        if now - since > self.FAILURE_WINDOW_S:
+            failures, since = 0, now
+        if failures >= self.MAX_FAILURES:
+            retry = max(1, int(self.FAILURE_WINDOW_S - (now - since)))
+            return PlainTextResponse(f"too many failed logins from {address}; try again in {retry} s", status_code=429,
+                                     headers={"Retry-After": str(retry)})
         header = request.headers.get("authorization", "")
+        if not header:  # a browser's first request: nothing to check, nothing counted
+            return PlainTextResponse("authentication required", status_code=401,
+                                     headers={"WWW-Authenticate": 'Basic realm="dicomgw", charset="UTF-8"'})
+        user, password = b"", b""
         if header.lower().startswith("basic "):
             try:
-                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+                user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
             except (ValueError, binascii.Error):
-                user, password = "", ""
-            if hmac.compare_digest(user, self.access.auth_user) and await asyncio.to_thread(
-                    check_password, password, self.access.auth_password_hash):
-                return await call_next(request)
+                user, password = b"", b""
+        user_ok = hmac.compare_digest(user, self.access.auth_user.encode())
+        password_ok = await asyncio.to_thread(check_password, password.decode("utf-8", "replace"), self.access.auth_password_hash)
+        if user_ok and password_ok:
+            self._failures.pop(address, None)
+            return await call_next(request)
+        if len(self._failures) > 10_000:  # bounded memory under a spread-out attack
+            self._failures.clear()
+        self._failures[address] = (failures + 1, since)
         return PlainTextResponse("authentication required", status_code=401,
                                  headers={"WWW-Authenticate": 'Basic realm="dicomgw", charset="UTF-8"'})
 
@@ -151,7 +180,13 @@ def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers
         return page("peers.html", title="Peers", peers=rows)
 
     async def statistics(request: Request) -> Response:
-        hours = float(request.query_params.get("hours", "24") or 24)
+        text = request.query_params.get("hours", "24") or "24"
+        try:
+            hours = float(text)
+        except ValueError:
+            hours = float("nan")
+        if not math.isfinite(hours):
+            return PlainTextResponse(f"hours must be a number of hours, e.g. 24 (got {text[:40]!r})", status_code=400)
         found = await asyncio.to_thread(dashboard.statistics, store, max(0.1, min(hours, 24 * 366)))
         return page("stats.html", title="Statistics", stats=found, chart=dashboard.chart_svg(found["points"]))
 

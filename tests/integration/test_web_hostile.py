@@ -1,0 +1,62 @@
+"""The admin web page against hostile requests (issue 16 §2): bad query values are 400, any bytes in the basic
+auth header are 401 (never 500), a wrong user costs the same password check as a wrong password, and failed
+logins per address are limited. Starlette's test client against the real app on a real SQLite queue."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from adapters import web
+from adapters.web import WebAccess, make_app
+from gateway.passwords import hash_password
+from gateway.store import QueueStore, make_engine, upgrade_schema
+
+PASSWORD = "correct horse battery"
+
+
+def basic(user: bytes, password: bytes) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(user + b":" + password).decode()}
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    upgrade_schema(engine)
+    access = WebAccess(auth_user="admin", auth_password_hash=hash_password(PASSWORD, iterations=1000))
+    app = make_app(QueueStore(engine), lambda _jid: "available", (), lambda: True, access)
+    with TestClient(app) as test_client:
+        yield test_client
+    engine.dispose()
+
+
+def test_bad_hours_are_400_not_500(client: TestClient) -> None:
+    auth = basic(b"admin", PASSWORD.encode())
+    for value in ("abc", "nan", "inf", "1e999x"):
+        answer = client.get(f"/stats?hours={value}", headers=auth)
+        assert answer.status_code == 400 and "hours must be a number" in answer.text, value
+    assert client.get("/stats?hours=2", headers=auth).status_code == 200
+
+
+def test_any_bytes_in_basic_auth_are_401_and_a_wrong_user_costs_a_password_check(client: TestClient,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    real = web.check_password
+    monkeypatch.setattr(web, "check_password", lambda password, stored: checked.append(password) or real(password, stored))
+    for headers in (basic("ädmin".encode(), b"x"), basic(b"\xff\xfe", b"\x00"), {"Authorization": "Basic !!!"},
+                    {"Authorization": "Bearer x"}, basic(b"nobody", PASSWORD.encode())):
+        assert client.get("/", headers=headers).status_code == 401, headers
+    assert len(checked) == 5  # the password hash was checked for every attempt, the wrong user's too
+    assert client.get("/", headers=basic(b"admin", PASSWORD.encode())).status_code == 200
+
+
+def test_failed_logins_from_one_address_are_limited(client: TestClient) -> None:
+    for _ in range(web._BasicAuth.MAX_FAILURES):
+        assert client.get("/", headers=basic(b"admin", b"guess")).status_code == 401
+    limited = client.get("/", headers=basic(b"admin", PASSWORD.encode()))
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert "too many failed logins" in limited.text
