@@ -8,8 +8,8 @@ is on. Each switch is audited.
 The XMPP server's operator can switch every gateway at once, as the field study proposed: a server-wide
 announcement (Prosody's mod_announce: a message from an admin to ``DOMAIN/announce/online``; ejabberd's
 mod_announce: ``DOMAIN/announce/online`` likewise) arrives at each gateway from the bare server domain. A
-gateway obeys one whose first line is ``maintenance on[: TEXT]`` or ``maintenance off`` (an optional
-``dicomgw`` before it, any case); any other announcement is audited and otherwise ignored. Only the server
+gateway obeys one whose first line is exactly ``dicomgw maintenance on[: TEXT]`` or ``dicomgw maintenance
+off`` (any case); any other announcement is audited and otherwise ignored. Only the server
 itself can send from its bare domain (it stamps the sender), so no other account can switch gateways.
 """
 
@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.store import QueueStore, utcnow
+from gateway.terminal import plain
 
 STATUS_NAME = "maintenance"
 
@@ -53,23 +54,26 @@ def maintenance(store: QueueStore) -> Maintenance:
         return Maintenance(False)
 
 
-_ANNOUNCEMENT = re.compile(r"^\s*(?:dicomgw\s+)?maintenance\s+(on|off)\b\s*:?\s*(.*)$", re.IGNORECASE)
+_ANNOUNCEMENT = re.compile(r"^dicomgw maintenance (on|off)(?:: (.*))?$", re.IGNORECASE)
 
 
 def parse_announcement(text: str) -> tuple[bool, str] | None:
-    """(on, message) for a maintenance announcement from the XMPP server; None for any other text."""
-    first = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    """(on, message) for a maintenance announcement from the XMPP server; None for any other text. The first
+    line must be exactly ``dicomgw maintenance on``, ``dicomgw maintenance on: TEXT`` or ``dicomgw maintenance
+    off`` (any case, spaces at either end ignored): an operator's "Maintenance on the roof tomorrow" or
+    "maintenance on-call list attached" switches nothing. Control characters and NUL are taken out of TEXT."""
+    first = (text or "").strip().splitlines()[0].strip() if (text or "").strip() else ""
     found = _ANNOUNCEMENT.match(first)
     if not found:
         return None
-    return found.group(1).lower() == "on", found.group(2).strip()[:200]
+    return found.group(1).lower() == "on", plain(found.group(2) or "").strip()[:200]
 
 
 def obey_announcement(store: QueueStore, server: str, text: str) -> Maintenance | None:
     """Apply a server announcement (audited either way); the new state, or None when it was not one."""
     parsed = parse_announcement(text)
     if parsed is None:
-        store.audit("server_announcement", f"from {server} (not a maintenance switch, ignored): {text.strip()[:300]}")
+        store.audit("server_announcement", f"from {server} (not a maintenance switch, ignored): {plain(text).strip()[:300]}")
         return None
     on, message = parsed
     return set_maintenance(store, on, message or f"announced by {server}", who=f"server announcement from {server}")

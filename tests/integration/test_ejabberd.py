@@ -69,13 +69,13 @@ def test_roster_export_transfer_and_maintenance_announcement_through_ejabberd(tm
             wait_for(lambda: a.gateway._maintenance.on is on and b.gateway._maintenance.on is on, 20, 0.05,
                      what=f"both gateways to have maintenance {'on' if on else 'off'}")
 
-        asyncio.run(announce("maintenance on: ejabberd upgrade", lambda: both(True)))
+        asyncio.run(announce("dicomgw maintenance on: ejabberd upgrade", lambda: both(True)))
         wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == "busy (maintenance: ejabberd upgrade)", 20, 0.05,
                  what="A to see B's maintenance presence")
         second = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=3, rows=64, columns=64)
         assert storescu(a.gateway.scp.port, second.files).returncode == 0
         wait_for(lambda: sorted(unit_states(a.gateway)) == ["sent", "waiting-peer"], 20, 0.05, what="A to hold the second study")
-        asyncio.run(announce("maintenance off", lambda: both(False)))
+        asyncio.run(announce("dicomgw maintenance off", lambda: both(False)))
         wait_for(lambda: unit_states(a.gateway) == ["sent", "sent"], 30, 0.1, what="A to send once maintenance ends")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids) | set(second.sop_instance_uids)
     finally:

@@ -146,9 +146,9 @@ def test_the_servers_maintenance_broadcast_is_obeyed_by_every_gateway(tmp_path: 
 
     try:
         # An account that is not the server's admin cannot broadcast, nor switch a gateway by a message.
-        asyncio.run(announce("radiology.hospital-x", f"maintenance on: {text}", f"{DOMAIN}/announce/online", lambda: None))
-        asyncio.run(announce("radiology.hospital-x", f"maintenance on: {text}", A_JID, lambda: None))
-        asyncio.run(announce("ops", f"maintenance on: {text}", f"{DOMAIN}/announce/online", lambda: both(True)))
+        asyncio.run(announce("radiology.hospital-x", f"dicomgw maintenance on: {text}", f"{DOMAIN}/announce/online", lambda: None))
+        asyncio.run(announce("radiology.hospital-x", f"dicomgw maintenance on: {text}", A_JID, lambda: None))
+        asyncio.run(announce("ops", f"dicomgw maintenance on: {text}", f"{DOMAIN}/announce/online", lambda: both(True)))
         assert a.gateway._maintenance.message == text
         wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == f"busy (maintenance: {text})", 20, 0.05,
                  what="A to see B's maintenance presence")
@@ -158,9 +158,9 @@ def test_the_servers_maintenance_broadcast_is_obeyed_by_every_gateway(tmp_path: 
         assert a.gateway.store.transfers() == []
         switches = [e["detail"] for e in b.gateway.store.audit_entries() if e["event"] == "maintenance"]
         assert switches == [f"maintenance on by server announcement from {DOMAIN}: {text}"]  # not by X's attempts
-        asyncio.run(announce("ops", "Maintenance off", f"{DOMAIN}/announce/online", lambda: both(False)))
+        asyncio.run(announce("ops", "dicomgw maintenance off", f"{DOMAIN}/announce/online", lambda: both(False)))
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once maintenance ends")
-        asyncio.run(announce("ops", "Reminder: certificates renew on Monday", f"{DOMAIN}/announce/online",
+        asyncio.run(announce("ops", "Maintenance on the roof tomorrow 10:00", f"{DOMAIN}/announce/online",  # a notice, not a switch
                              lambda: wait_for(lambda: any(e["event"] == "server_announcement" for e in a.gateway.store.audit_entries()),
                                               20, 0.05, what="A to audit the other announcement")))
         assert not a.gateway._maintenance.on
