@@ -35,6 +35,9 @@ CERT_DAYS = 3650
 class PinMismatch(ssl.SSLError):
     """The peer's certificate is not the one pinned for it (or none is pinned)."""
 
+    def __str__(self) -> str:  # OSError's own str of a one-argument SSLError is the tuple "('...',)"
+        return str(self.args[0]) if self.args else "certificate does not match the pin"
+
 
 @dataclass(frozen=True)
 class Identity:

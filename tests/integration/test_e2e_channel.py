@@ -97,7 +97,9 @@ def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_p
         wait_for(lambda: a.gateway.store.transfers(), 30, 0.1, what="a refused attempt")
         first = a.gateway.store.transfers()[0]
         assert first["outcome"] == "refused" and first["bytes"] == 0
-        assert f"does not match the pin {wrong}" in first["error"]
+        assert f"does not match the pin {wrong}" in first["error"] and "('" not in first["error"]  # plain text, no tuple
+        (unit,) = a.gateway.store.studies()
+        assert "('" not in (unit.error or "")
         wait_for(lambda: any(e["event"] == "e2e_refused" and wrong in e["detail"] for e in a.gateway.store.audit_entries()),
                  30, 0.1, what="A's e2e_refused audit row")
         wait_for(lambda: [t["outcome"] for t in b.gateway.store.transfers()] != [], 30, 0.1, what="B to end the attempt")
