@@ -110,6 +110,11 @@ class _BasicAuth(BaseHTTPMiddleware):
                                  headers={"WWW-Authenticate": 'Basic realm="dicomgw", charset="UTF-8"'})
 
 
+METHOD_LABELS = frozenset({"s5b", "ibb", "none"})
+OUTCOME_LABELS = frozenset({"received", "rejected", "incomplete", "refused", "cut", "held", "running", "suspended",
+                            "interrupted"})
+
+
 class QueueCollector(Collector):
     """Prometheus metrics read from the queue database at each scrape."""
 
@@ -130,12 +135,24 @@ class QueueCollector(Collector):
         moved = CounterMetricFamily("dicomgw_transfer_bytes", "Bytes moved by transfer attempts",
                                     labels=["direction", "method", "outcome"])
         failures = CounterMetricFamily("dicomgw_transfer_failures", "Failed transfer attempts by kind", labels=["direction", "kind"])
+        # One sample per label set, label values from closed sets: rows are summed per label set first (a refusal
+        # recorded with two methods gave two samples of one failure series, and scrapers keep one of them).
+        totals: dict[tuple[str, str, str], list[int]] = {}
+        failed: dict[tuple[str, str], int] = {}
         for row in self.store.transfer_totals():
-            labels = [row["direction"], row["method"], row["outcome"]]
-            attempts.add_metric(labels, row["count"])
-            moved.add_metric(labels, row["bytes"])
-            if row["outcome"] not in ("received", "held", "running", "suspended"):
-                failures.add_metric([row["direction"], row["outcome"]], row["count"])
+            direction = row["direction"] if row["direction"] in ("in", "out") else "other"
+            method = row["method"] if row["method"] in METHOD_LABELS else "other"
+            outcome = row["outcome"] if row["outcome"] in OUTCOME_LABELS else "other"
+            counted = totals.setdefault((direction, method, outcome), [0, 0])
+            counted[0] += row["count"]
+            counted[1] += row["bytes"]
+            if outcome not in ("received", "held", "running", "suspended"):
+                failed[(direction, outcome)] = failed.get((direction, outcome), 0) + row["count"]
+        for labels, (count, moved_bytes) in sorted(totals.items()):
+            attempts.add_metric(list(labels), count)
+            moved.add_metric(list(labels), moved_bytes)
+        for (direction, outcome), count in sorted(failed.items()):
+            failures.add_metric([direction, outcome], count)
         yield attempts
         yield moved
         yield failures

@@ -60,3 +60,30 @@ def test_failed_logins_from_one_address_are_limited(client: TestClient) -> None:
     limited = client.get("/", headers=basic(b"admin", PASSWORD.encode()))
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert "too many failed logins" in limited.text
+
+
+def test_metrics_have_one_sample_per_label_set_and_closed_label_values(tmp_path: Path) -> None:
+    """Refusals recorded with two methods, and an outcome from outside the set: each series once in the scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.rows import utcnow
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    upgrade_schema(engine)
+    store = QueueStore(engine)
+    for n, (method, outcome) in enumerate((("s5b", "refused"), ("", "refused"), ("ibb", "refused"), ("s5b", "weird<\\n>"))):
+        store.record_transfer(None, f"sid{n}", "b@net.test/gw1", "out", method, 0, 0, utcnow(), outcome, "x")
+    app = make_app(store, lambda _jid: "available", (), lambda: True, WebAccess())
+    with TestClient(app) as test_client:
+        text = test_client.get("/metrics").text
+    engine.dispose()
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in seen, f"duplicate sample {key}"
+            seen.add(key)
+    failures = {dict(labels)["kind"]: None for name, labels in seen if name == "dicomgw_transfer_failures_total"}
+    assert set(failures) == {"refused", "other"}
+    outcomes = {dict(labels)["outcome"] for name, labels in seen if name == "dicomgw_transfers_total"}
+    assert outcomes <= {"refused", "other"}
