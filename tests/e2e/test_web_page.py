@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def prosody(tmp_path: Path) -> Any:
     with running_prosody(tmp_path / "prosody") as server:
         yield server
+
+
+def fresh(page: Any, url: str, selector: str) -> str:
+    """The text of ``selector`` on a fresh load of ``url``. The page's own refresh (every 2 s here) may navigate
+    at the same moment ("Not attached to an active page"): such a load is tried again, a bounded number of times."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    for _attempt in range(20):
+        try:
+            page.goto(url)
+            return str(page.locator(selector).inner_text())
+        except PlaywrightError:
+            time.sleep(0.25)
+    raise AssertionError(f"{url} could not be loaded")
 
 
 def test_the_admin_reads_a_moving_study_peers_stats_and_metrics(tmp_path: Path, prosody: Prosody) -> None:
@@ -81,8 +96,7 @@ def test_the_admin_reads_a_moving_study_peers_stats_and_metrics(tmp_path: Path, 
             page.screenshot(path=str(ARTIFACTS / "web-queue.png"), full_page=True)
 
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 120, 0.1, what="the study to be sent")
-            page.reload()  # what the auto-refresh shows a moment later
-            assert "nothing is moving" in page.locator("#in-flight").inner_text()
+            assert "nothing is moving" in fresh(page, base + "/", "#in-flight")  # what the auto-refresh shows a moment later
             recent = page.locator("#recent").inner_text()
             assert "sent" in recent and "CT TRAUMA HEAD" in recent
 
