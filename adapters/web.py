@@ -235,7 +235,9 @@ class WebServer:
             tls = {"ssl_certfile": access.tls_cert_file, "ssl_keyfile": access.tls_key_file}
             if access.client_ca_file:
                 tls.update(ssl_ca_certs=access.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+        # log_config=None: uvicorn's loggers keep no handlers of their own and reach ours (gateway.logs), so its
+        # errors ("Exception in ASGI application") are JSON lines like every other one.
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", log_config=None,
                                      access_log=False, timeout_graceful_shutdown=2, **tls)
         self.server = _Server(self.config)
         self.task: asyncio.Task[None] | None = None

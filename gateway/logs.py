@@ -4,7 +4,9 @@
 the duration of a block; every log line written inside it, on this thread, on the asyncio tasks it starts
 and in ``asyncio.to_thread`` calls (which copy the context), carries them. ``json`` writes one object per
 line: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``msg``, the bound fields, and ``exc`` with the
-traceback when there is one. Secrets never reach a log line here: nothing logs settings.
+traceback when there is one. :func:`configure` also routes Python warnings, uncaught exceptions of threads and
+of the process through the same handler, so with ``json`` every line is one JSON object (the web server
+logs through the root logger too: ``adapters.web``). Secrets never reach a log line here: nothing logs settings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -81,3 +84,20 @@ def configure(level: str = "INFO", log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Every line through this handler: Python warnings (pydicom's, pynetdicom's), a thread's uncaught exception
+    # and the process's own, not printed raw beside the JSON lines.
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_exception
+    sys.excepthook = _uncaught
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gateway.threads").error("uncaught exception in thread %s", name,
+                                               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _uncaught(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
+    logging.getLogger("gateway").critical("uncaught exception", exc_info=(exc_type, exc, traceback))

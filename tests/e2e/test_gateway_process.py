@@ -214,3 +214,36 @@ def test_demo_without_orthanc_uses_the_labelled_built_in_scp() -> None:
     assert done.returncode == 0, done.stderr
     assert "PACS of hospital B: built-in storage SCP (a stand-in for a PACS): asked for with --builtin-pacs" in done.stdout
     assert "summary: 120 of 120 instances in B's PACS, delivered (A's queue)" in done.stdout
+
+
+def test_with_json_logs_every_line_the_gateway_writes_is_json(tmp_path: Path) -> None:
+    """A gateway run with --log-format json, a study pushed, a file that is not DICOM and one whose name is not
+    UTF-8 in the watched folder, a DICOM file whose Series Instance UID makes pydicom warn (a UserWarning was
+    printed raw before), then SIGTERM: every line of its output parses as one JSON object."""
+    import os
+
+    import pydicom
+
+    gw = GatewayProcess(tmp_path / "site")
+    gw.config.write_text(gw.config.read_text() + '\n[log]\nformat = "json"\n')
+    gw.start()
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=16, columns=16,
+                                  study_description="D" * 65)
+        assert storescu(gw.port, study.files).returncode == 0
+        incoming = os.fsencode(gw.workdir / "var" / "incoming")
+        with open(incoming + b"/bad\xff.dcm", "wb") as fh:
+            fh.write(b"not dicom")
+        odd = pydicom.dcmread(study.files[0])
+        odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = "1.2.3.99"
+        odd.SeriesInstanceUID = "1.2.3.abc"  # not a valid UI value: pydicom warns when it reads it
+        odd.save_as(gw.workdir / "var" / "incoming" / "odd.dcm")
+        wait_for(lambda: b"quarantined" in (gw.workdir / "gateway.log").read_bytes(), 30, 0.1, what="the bad file quarantined")
+        wait_for(lambda: b"Invalid value for VR UI" in (gw.workdir / "gateway.log").read_bytes(), 30, 0.1,
+                 what="pydicom's warning about the odd file")
+    finally:
+        gw.stop()
+    lines = [line for line in (gw.workdir / "gateway.log").read_text(errors="replace").splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        json.loads(line)  # raises on the first line that is not one JSON object

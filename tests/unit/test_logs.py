@@ -83,3 +83,35 @@ def test_a_thread_started_for_a_stream_carries_the_fields_of_its_caller() -> Non
 
     asyncio.run(attempt())
     assert seen == [{"transfer_id": "sid-1", "peer": "radiology.b@net.test"}]
+
+
+def test_with_json_every_line_is_json_warnings_and_thread_errors_included(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: pydicom's UserWarnings and 'Exception in thread folder-watch' were printed raw beside the JSON."""
+    import sys
+    import threading
+    import warnings
+
+    from gateway.logs import configure
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, threading.excepthook, sys.excepthook)
+    try:
+        configure("INFO", "json")
+        warnings.warn("The value length (65) exceeds the maximum length of 64 allowed for VR LO.", UserWarning, stacklevel=1)
+
+        def fail() -> None:
+            raise RuntimeError("watcher broke")
+
+        worker = threading.Thread(target=fail, name="folder-watch")
+        worker.start()
+        worker.join()
+        logging.getLogger("uvicorn.error").error("Exception in ASGI application", exc_info=ValueError("bad"))
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], threading.excepthook, sys.excepthook = saved[0], saved[2], saved[3]
+        root.setLevel(saved[1])
+    parsed = [json.loads(line) for line in lines]  # every line one JSON object
+    assert any(p["logger"] == "py.warnings" and "exceeds the maximum length" in p["msg"] for p in parsed)
+    assert any("folder-watch" in p["msg"] and "RuntimeError: watcher broke" in p.get("exc", "") for p in parsed)
+    assert any(p["logger"] == "uvicorn.error" for p in parsed)
