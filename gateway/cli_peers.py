@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -79,6 +80,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(f"{bare} may no longer exchange studies with this gateway")
         return 0
     try:
+        if args.name is not None:
+            roster_name(args.name, "--name")
         config = _config(args)
         pin = None
         if args.fingerprint:
@@ -156,10 +159,30 @@ def roster_members(settings: Any, store: Any) -> dict[str, str]:
     return members
 
 
+_NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\[\]=]")
+
+
+def roster_name(text: str, what: str) -> str:
+    """A display or group name that can go into Prosody's groups file and ejabberd's commands as it is: no line
+    breaks or other control characters (a newline injected whole sections into the groups file), no ``[``,
+    ``]`` or ``=`` (the file's own syntax), at most 100 characters. Raises ValueError naming what is wrong."""
+    bad = _NOT_IN_A_NAME.search(text)
+    if bad is not None:
+        raise ValueError(f"{what} {text[:60]!r} holds {bad.group()!r}: names may not hold line breaks, control "
+                         f"characters, '[', ']' or '='")
+    if len(text) > 100:
+        raise ValueError(f"{what} is {len(text)} characters long (at most 100)")
+    return text
+
+
 def _export(settings: Any, store: Any, server: str, group: str) -> int:
     if server not in ("prosody", "ejabberd"):
         return _fail("export", "say which server: dicomgw peers export prosody|ejabberd")
-    members = roster_members(settings, store)
+    try:
+        roster_name(group, "--group")
+        members = {jid: roster_name(name, f"the display name of {jid}") for jid, name in roster_members(settings, store).items()}
+    except ValueError as exc:
+        return _fail("export", f"{exc} (fix it with dicomgw peers edit JID --name ...)")
     if not members:
         return _fail("export", "no JID of this gateway ([xmpp] jid) and no peer: nothing to export", 1)
     print(prosody_groups(group, members) if server == "prosody" else ejabberd_commands(group, members), end="")

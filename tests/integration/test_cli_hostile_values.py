@@ -47,3 +47,28 @@ def test_queue_queue_show_and_peers_ls_print_hostile_values_literally(tmp_path: 
             assert "DOE^]0;pwnedJANE[2JEVIL" in shown  # the escape characters gone, the rest literal
         else:
             assert "[/][31mRed[0m [link=https://evil.example]B[/link]" in shown
+
+
+def test_roster_names_that_would_inject_into_the_groups_file_are_refused(tmp_path: Path) -> None:
+    """A display name or --group with a line break injected sections into Prosody's groups file: refused with
+    the reason at `peers add|edit` and at `peers export`, which also refuses a name stored before this check."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "q"\n'
+                      f'[queue]\ndb_url = "sqlite:///{tmp_path / "queue.db"}"\n'
+                      f'[xmpp]\njid = "radiology.hospital-a@net.test/gw1"\npassword = "x"\n')
+    config.chmod(0o600)  # it holds a password
+    evil = "Radiology B\n[Injected]\nradiology.hospital-c@net.test=C"
+    added = cli(config, "peers", "add", "radiology.hospital-b@net.test", "--name", evil)
+    assert added.returncode == 2 and "names may not hold line breaks" in added.stderr
+    assert cli(config, "peers", "add", "radiology.hospital-b@net.test", "--name", "Radiology, Hospital B").returncode == 0
+    assert cli(config, "peers", "edit", "radiology.hospital-b@net.test", "--name", "B]x").returncode == 2
+    grouped = cli(config, "peers", "export", "prosody", "--group", "G\n[Other]")
+    assert grouped.returncode == 2 and "--group" in grouped.stderr
+    exported = cli(config, "peers", "export", "prosody")
+    assert exported.returncode == 0 and exported.stdout.count("[") == 1  # one section, the group's own
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    QueueStore(engine).edit_peer("radiology.hospital-b@net.test", evil, None)  # as an older version could store it
+    engine.dispose()
+    refused = cli(config, "peers", "export", "prosody")
+    assert refused.returncode == 2 and "display name of radiology.hospital-b@net.test" in refused.stderr
+    assert refused.stdout == ""
