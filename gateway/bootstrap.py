@@ -104,6 +104,7 @@ class Gateway:
             if self.pacs is not None else None
         )
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
+        self._watcher_health: str | None = None  # the watcher's health as last written (``_record_watcher``)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
         self.scp = StorageSCP(
             settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
@@ -209,9 +210,7 @@ class Gateway:
         try:
             self.store.audit_counts([(t.event, t.key, t.detail, t.count) for t in tallies])
         except Exception:
-            for t in tallies:  # put them back: written at the next flush
-                self.refusals.add(t.event, t.key, t.detail, t.count)
-            self.refusals.total -= sum(t.count for t in tallies)
+            self.refusals.restore(tallies)  # written at the next flush
             raise
 
     def _capacity_changed(self, _full: bool) -> None:
@@ -245,7 +244,7 @@ class Gateway:
         if self.watcher is None:
             return
         health = json.dumps(self.watcher.health())
-        if health != getattr(self, "_watcher_health", None):
+        if health != self._watcher_health:
             self.store.set_runtime_status("watcher", health)
             self._watcher_health = health
 

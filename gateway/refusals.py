@@ -49,6 +49,16 @@ class RefusalLog:
                     return
             tally.count += count
 
+    def restore(self, tallies: list[Tally]) -> None:
+        """Put drained tallies back (their write failed): written at the next drain, not counted twice."""
+        with self._lock:
+            for t in tallies:
+                kept = self._tallies.get((t.event, t.key))
+                if kept is None:
+                    self._tallies[(t.event, t.key)] = t
+                else:
+                    kept.count += t.count
+
     def drain(self) -> list[Tally]:
         with self._lock:
             tallies, self._tallies = list(self._tallies.values()), {}

@@ -129,14 +129,6 @@ class TransfersRepo:
         return {r.jid: PeerConfig(r.jid, r.name, r.fingerprint, tuple(_split(r.destinations)), r.max_concurrent or 1,
                                   r.directions or "both", r.schedule or "", r.allowed) for r in rows}
 
-    def peer_fingerprint(self, jid: str) -> str | None:
-        with self._sessions() as session:
-            return session.scalar(select(PeerRow.fingerprint).where(PeerRow.jid == jid, PeerRow.allowed.is_(True)))
-
-    def peer_allowed(self, jid: str) -> bool:
-        with self._sessions() as session:
-            return bool(session.scalar(select(PeerRow.allowed).where(PeerRow.jid == jid)))
-
 
 
 def _split(text: str | None) -> list[str]:

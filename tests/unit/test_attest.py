@@ -55,3 +55,14 @@ def test_refusals_are_counted_in_memory_with_bounded_keys() -> None:
     tallies = {t.key: t.count for t in log.drain()}
     assert sum(tallies.values()) == 1000 and len(tallies) == 4 and tallies["(others)"] == 700
     assert log.drain() == [] and log.total == 1000
+
+
+def test_refusals_whose_write_failed_are_written_next_time_and_counted_once() -> None:
+    log = RefusalLog()
+    for _ in range(5):
+        log.note("offer_refused", "x@net.test", "offer from x")
+    tallies = log.drain()
+    log.note("offer_refused", "x@net.test", "offer from x")
+    log.restore(tallies)
+    (tally,) = log.drain()
+    assert tally.count == 6 and log.total == 6
