@@ -148,6 +148,10 @@ class StorageSCP:
         return int(self._tls_listener.getsockname()[1]) if self._tls_listener is not None else 0
 
     @property
+    def listening(self) -> bool:
+        return self._listener is not None
+
+    @property
     def port(self) -> int:
         if self._listener is None:
             return self._settings.port

@@ -48,7 +48,8 @@ from adapters.web_templates import TEMPLATES
 from gateway import dashboard
 from gateway.lifecycle import State
 from gateway.passwords import check_password
-from gateway.store import QueueStore
+from gateway.processes import overall
+from gateway.store import QueueStore, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,15 @@ class QueueCollector(Collector):
         connected = GaugeMetricFamily("dicomgw_xmpp_connected", "1 while the XMPP session is online")
         connected.add_metric([], 1.0 if online else 0.0)
         yield connected
+        found = overall(self.store, utcnow())  # the heartbeats `dicomgw status` and the web page read
+        up = GaugeMetricFamily("dicomgw_up", "1 while a gateway process of this queue runs (its heartbeat is current)")
+        up.add_metric([], 1.0 if found.running else 0.0)
+        yield up
+        running = GaugeMetricFamily("dicomgw_processes", "Gateway processes of this queue by heartbeat state",
+                                    labels=["state"])
+        running.add_metric(["running"], sum(1 for p in found.processes if p.running))
+        running.add_metric(["not_running"], sum(1 for p in found.processes if not p.running))
+        yield running
 
 
 def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers: tuple[str, ...],

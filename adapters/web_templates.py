@@ -30,6 +30,8 @@ code { font-size: .85em; }
 INDEX = """{% extends "base.html" %}
 {% block banner %}{% if maintenance %}<div class="banner" id="maintenance">Maintenance: {{ maintenance }}</div>{% endif %}{% endblock %}
 {% block main %}
+<p id="processes">Gateway: <span class="{{ 'ok' if xmpp.running else 'bad' }}">{{ 'running' if xmpp.running else 'not running' }}</span>
+{% for p in xmpp.processes %}<br><small>{{ p.owner }}: {{ p.summary }}</small>{% endfor %}</p>
 <p id="xmpp">XMPP: <span class="{{ 'ok' if xmpp.state == 'online' else 'bad' }}">{{ xmpp.state }}</span>
 {% if xmpp.server %} to {{ xmpp.server }}{% endif %}{% if xmpp.tls_version %}, {{ xmpp.tls_version }}{% endif %}
 {% if xmpp.last_error %} <span class="err">last error: {{ xmpp.last_error }}</span>{% endif %}</p>

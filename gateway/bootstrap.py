@@ -37,6 +37,7 @@ from gateway.lifecycle import State
 from gateway.maintenance import Maintenance, maintenance, obey_announcement
 from gateway.model import IngestResult
 from gateway.pins import redact
+from gateway.processes import BEAT_S, Heartbeat
 from gateway.refusals import RefusalLog
 from gateway.retention import SpoolCleaner
 from gateway.retry import RetryPolicy
@@ -134,6 +135,8 @@ class Gateway:
         self._maintenance = Maintenance(False)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
+        self._beat_due = asyncio.Event()  # the XMPP state changed: beat now, not in up to BEAT_S
+        self.heartbeat = Heartbeat(self.store, self.claims.owner, utcnow)  # gateway.processes: `dicomgw status`
 
     def _build_xmpp(self) -> None:
         """On the running loop: slixmpp binds to the event loop current at construction."""
@@ -193,6 +196,35 @@ class Gateway:
                     log.exception("lease heartbeat failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.queue.lease_s / 4)
+
+    def describe(self) -> dict[str, Any]:
+        """This process as its heartbeat row shows it (on the loop: the agent's status is the loop's)."""
+        scp = f"{self.settings.dicom.host}:{self.scp.port}" if self.scp.listening else None
+        tls = f"{self.settings.dicom.host}:{self.scp.tls_port}" if self.scp.tls_port else None
+        web = f"{self.web.host}:{self.web.port}" if self.web is not None else None
+        watcher = self.watcher.health() if self.watcher is not None else None
+        xmpp: dict[str, Any] = {}
+        if self.agent is not None:
+            xmpp = {k: self.agent.status.get(k) for k in
+                    ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error")}
+        return {"listeners": {"dicom": scp, "dicom_tls": tls, "web": web, "watcher": watcher}, "xmpp": xmpp}
+
+    async def _beat_loop(self, stop: asyncio.Event) -> None:
+        """This process's heartbeat row every ``BEAT_S`` (``gateway.processes``), written on a thread of its own."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="process-heartbeat") as pool:
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(pool, self.heartbeat.prune)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):  # every BEAT_S, or at once when the XMPP state changed
+                    await asyncio.wait_for(self._beat_due.wait(), BEAT_S)
+                self._beat_due.clear()
+                try:
+                    await loop.run_in_executor(pool, self.heartbeat.beat, self.describe())
+                except Exception:
+                    log.exception("process heartbeat failed")
 
     async def _refusal_loop(self, stop: asyncio.Event) -> None:
         """Each second, off the loop: refusals counted in memory go to the audit log, the peer table is re-read."""
@@ -276,14 +308,18 @@ class Gateway:
             self._build_xmpp()
         refusals = asyncio.ensure_future(self._refusal_loop(stop))
         heartbeat = asyncio.ensure_future(self._heartbeat_loop(stop))
-        await asyncio.to_thread(self._recover)
-        for kept in self.spool.start():
-            self._audit("quarantined", f"recovered at start-up: {kept}")
-        self.scp.start()
+        beats: asyncio.Future[None] | None = None  # from when every listener runs (a first beat says so)
+        ended: BaseException | None = None
         try:
+            await asyncio.to_thread(self._recover)
+            for kept in self.spool.start():
+                self._audit("quarantined", f"recovered at start-up: {kept}")
+            self.scp.start()
             await self._start_web()
             if self.watcher is not None:
                 self.watcher.start()
+            await asyncio.to_thread(self.heartbeat.beat, self.describe())  # `dicomgw status`: running from here
+            beats = asyncio.ensure_future(self._beat_loop(stop))
             log.info(
                 "gateway ready: AE %s on %s:%s, spool %s",
                 self.settings.dicom.ae_title,
@@ -323,9 +359,20 @@ class Gateway:
                 dispatching.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await dispatching
+        except BaseException as exc:
+            ended = exc
+            raise
         finally:
             refusals.cancel()
             heartbeat.cancel()
+            if beats is not None:
+                beats.cancel()
+                with contextlib.suppress(BaseException):
+                    await beats
+            failed = ended is not None and not isinstance(ended, asyncio.CancelledError | KeyboardInterrupt)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.heartbeat.stopped, self.describe(), 1 if failed else 0,
+                                        f"{type(ended).__name__}: {ended}" if failed else "")
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.flush_refusals)
             if self.web is not None:
@@ -436,8 +483,10 @@ class _Inbound:
         cert = fingerprint(offer.cert_der) if offer.cert_der else None
         return self.gateway.inbound_policy.screen(peer_jid, offer.manifest_sha256, cert)
 
-    def status_changed(self, status: dict) -> None:
-        self.gateway.store.set_runtime_status("xmpp", json.dumps(status, default=str))
+    def status_changed(self, _status: dict) -> None:
+        """The process's heartbeat carries the state (``gateway.processes``): written now, off the loop."""
+        if self.gateway._loop is not None:
+            self.gateway._loop.call_soon_threadsafe(self.gateway._beat_due.set)
 
     def server_announcement(self, server: str, text: str) -> None:
         """The server operator's broadcast (``gateway.maintenance``): obeyed off the loop, at once."""

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--json", action="store_true")
     keys.set_defaults(handler=_cmd_keys)
 
-    status = sub.add_parser("status", help="the running gateway's XMPP connection: state, server, TLS, last error")
+    status = sub.add_parser("status", help="is the gateway running: each process (heartbeat), its listeners, watcher and XMPP connection; exit 1 if not")
     _config_option(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_cmd_status)
@@ -219,26 +219,54 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Each gateway process by its heartbeat (``gateway.processes``): running or not, its listeners, its XMPP
+    connection. Exit 0 only when a process runs, its watcher runs, and XMPP (when configured) is online."""
+    from gateway.processes import overall
+
     settings = load_settings(args.config)
     store = _store(settings)
-    watcher = store.runtime_status("watcher") if settings.paths.watch_dir else None
-    health = json.loads(watcher[0]) if watcher is not None else None
-    watcher_ok = health is None or bool(health.get("running"))
-    if health is not None and not args.json:
-        print(f"{'watcher':>20}: {'running' if watcher_ok else 'NOT RUNNING'} ({plain(health.get('watch_dir'))}); "
-              f"last error: {plain(health.get('last_error') or '-')}")
-    found = store.runtime_status("xmpp")
-    if found is None:
-        print("dicomgw status: no XMPP status recorded (is `dicomgw run` running with an [xmpp] jid?)", file=sys.stderr)
-        return 1
-    value, updated_at = found
-    status = {**json.loads(value), "recorded_at": updated_at.isoformat(), "watcher": health}
+    found = overall(store, utcnow())
+    live = [p for p in found.processes if p.running]
+    xmpp_wanted = settings.xmpp.enabled or any(p.xmpp for p in live)
+    watchers = [p.listeners.get("watcher") for p in live if isinstance(p.listeners.get("watcher"), dict)]
+    watcher_ok = all(bool(w.get("running")) for w in watchers)
+    ok = bool(live) and watcher_ok and (found.xmpp_online or not xmpp_wanted)
     if args.json:
+        status = {**{k: found.xmpp.get(k) for k in ("state", "jid", "server", "tls", "tls_version",
+                                                     "server_cert_sha256", "last_error")},
+                  "running": found.running, "xmpp_configured": xmpp_wanted, "ok": ok,
+                  "last_heartbeat_at": found.last_heartbeat_at.isoformat(timespec="seconds") if found.last_heartbeat_at else None,
+                  "watcher": watchers[0] if watchers else None,
+                  "processes": [p.as_json() for p in found.processes]}
+        if not found.running:
+            status["state"] = "not running"
+        elif not xmpp_wanted:
+            status["state"] = "not configured"
         print(json.dumps(status, indent=2))
+        return 0 if ok else 1
+    if not found.processes:
+        print("gateway: not running (no process has ever reported: start it with `dicomgw run`)")
+        return 1
+    print(f"{'gateway':>20}: {'running' if found.running else 'NOT RUNNING'} "
+          f"({len(live)} of {len(found.processes)} known process(es) running)")
+    for p in found.processes[:10]:
+        print(f"{'process':>20}: {plain(p.owner)}: {plain(p.summary)}")
+        if not p.running:
+            continue
+        for name in ("dicom", "dicom_tls", "web"):
+            if p.listeners.get(name):
+                print(f"{name:>20}: listening on {plain(p.listeners[name])}")
+        watcher = p.listeners.get("watcher")
+        if isinstance(watcher, dict):
+            print(f"{'watcher':>20}: {'running' if watcher.get('running') else 'NOT RUNNING'} "
+                  f"({plain(watcher.get('watch_dir'))}); last error: {plain(watcher.get('last_error') or '-')}")
+    if xmpp_wanted:
+        xmpp = found.xmpp if found.running else {"state": "not running"}
+        for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error"):
+            print(f"{'xmpp ' + key:>20}: {plain(xmpp.get(key)) if xmpp.get(key) not in (None, '') else '-'}")
     else:
-        for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error", "recorded_at"):
-            print(f"{key:>20}: {plain(status.get(key)) if status.get(key) is not None else '-'}")
-    return 0 if status.get("state") == "online" and watcher_ok else 1
+        print(f"{'xmpp':>20}: not configured (no [xmpp] jid)")
+    return 0 if ok else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ trail and transfer attempts), the peers (presence, pin, settings) and the transf
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -17,23 +16,24 @@ from gateway import stats
 from gateway.lifecycle import State
 from gateway.maintenance import maintenance
 from gateway.model import StudySummary
+from gateway.processes import overall
 from gateway.store import QueueStore, utcnow
 
 STATE_ORDER = [s.value for s in State]
 
 
 def xmpp_state(store: QueueStore) -> dict[str, Any]:
-    """The connection as the running gateway last wrote it (``dicomgw status``)."""
-    row = store.runtime_status("xmpp")
-    if row is None:
-        return {"state": "not started", "server": "", "tls_version": "", "last_error": ""}
-    try:
-        data = json.loads(row[0])
-    except ValueError:
-        data = {}
-    return {"state": str(data.get("state", "unknown")), "server": str(data.get("server", "")),
+    """The connection of a running process, from the heartbeats `dicomgw status` reads (``gateway.processes``):
+    a stopped gateway's last state is never shown as current."""
+    found = overall(store, utcnow())
+    data = found.xmpp if found.running else {}
+    state = str(data.get("state") or ("not running" if not found.running else "not configured"))
+    return {"state": state, "server": str(data.get("server") or ""),
             "tls_version": str(data.get("tls_version") or ""), "last_error": str(data.get("last_error") or ""),
-            "jid": str(data.get("jid") or ""), "updated_at": row[1].isoformat(timespec="seconds")}
+            "jid": str(data.get("jid") or ""),
+            "updated_at": found.last_heartbeat_at.isoformat(timespec="seconds") if found.last_heartbeat_at else "",
+            "running": found.running,
+            "processes": [{"owner": p.owner, "summary": p.summary, "running": p.running} for p in found.processes[:10]]}
 
 
 def unit_row(s: StudySummary) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from gateway.rows import (
     AuditRow,
@@ -58,6 +58,17 @@ class AuditRepo:
         with self._sessions() as session:
             row = session.get(RuntimeStatusRow, name)
             return (row.value, row.updated_at) if row is not None else None
+
+    def runtime_statuses(self, prefix: str) -> list[tuple[str, str, datetime]]:
+        """(name, value, updated_at) of every row whose name starts with ``prefix`` (``gateway.processes``)."""
+        with self._sessions() as session:
+            rows = session.scalars(select(RuntimeStatusRow).where(
+                RuntimeStatusRow.name.startswith(prefix, autoescape=True))).all()
+            return [(r.name, r.value, r.updated_at) for r in rows]
+
+    def drop_runtime_status(self, names: list[str]) -> None:
+        with self._unit_of_work() as session:
+            session.execute(delete(RuntimeStatusRow).where(RuntimeStatusRow.name.in_(names)))
 
     def audit_entries(self, limit: int = 100, unit_id: int | None = None) -> list[dict[str, Any]]:
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)

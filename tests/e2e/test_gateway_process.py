@@ -247,3 +247,48 @@ def test_with_json_logs_every_line_the_gateway_writes_is_json(tmp_path: Path) ->
     assert lines
     for line in lines:
         json.loads(line)  # raises on the first line that is not one JSON object
+
+
+def test_status_tells_whether_the_gateway_runs(tmp_path: Path) -> None:
+    """`dicomgw status` by heartbeat: running with its listeners while it runs (no [xmpp]: no 'no XMPP status'
+    failure); after SIGTERM 'not running' with exit 0; after SIGKILL 'not running' with no clean exit, and the
+    exit status says so each time. The web page and /metrics (dicomgw_up) say the same."""
+    gw = GatewayProcess(tmp_path / "site")
+    web_port = free_port()
+    with gw.config.open("a") as fh:
+        fh.write(f"[web]\nport = {web_port}\n")
+    never = gw.cli("status", "--json")
+    assert never.returncode == 1 and json.loads(never.stdout)["running"] is False
+    gw.start()
+    try:
+        result = gw.cli("status", "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        status = json.loads(result.stdout)
+        assert status["running"] is True and status["state"] == "not configured" and status["last_heartbeat_at"]
+        (process,) = status["processes"]
+        assert process["running"] and process["listeners"]["dicom"].endswith(f":{gw.port}")
+        assert process["listeners"]["web"].endswith(f":{web_port}")
+        assert process["listeners"]["watcher"]["running"] is True
+        assert f":{gw.proc.pid}:" in process["owner"]
+        text = gw.cli("status")
+        assert text.returncode == 0 and "gateway: running" in text.stdout and "not configured" in text.stdout
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=30) as answer:
+            metrics = answer.read().decode()
+        assert "dicomgw_up 1.0" in metrics and 'dicomgw_processes{state="running"} 1.0' in metrics
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=30) as answer:
+            assert ">running</span>" in answer.read().decode()
+    finally:
+        gw.stop()
+    stopped = gw.cli("status", "--json")
+    assert stopped.returncode == 1
+    status = json.loads(stopped.stdout)
+    assert status["running"] is False and status["processes"][0]["exit_code"] == 0
+    assert "not running (last heard" in gw.cli("status").stdout and "exit 0" in gw.cli("status").stdout
+
+    gw.start()
+    gw.kill(signal.SIGKILL)
+    killed = gw.cli("status")
+    assert killed.returncode == 1 and "gateway: NOT RUNNING" in killed.stdout
+    assert "no clean exit: killed or lost" in killed.stdout, killed.stdout
