@@ -133,8 +133,10 @@ class QueueCollector(Collector):
         yield depth
         attempts = CounterMetricFamily("dicomgw_transfers", "Transfer attempts by direction, method and outcome",
                                        labels=["direction", "method", "outcome"])
-        moved = CounterMetricFamily("dicomgw_transfer_bytes", "Bytes moved by transfer attempts",
+        moved = CounterMetricFamily("dicomgw_transfer_bytes", "Study bytes (the bundle's own) moved by transfer attempts",
                                     labels=["direction", "method", "outcome"])
+        wire = CounterMetricFamily("dicomgw_transfer_wire_bytes", "Bytes on the stream (after compression, before "
+                                   "end-to-end encryption) of transfer attempts", labels=["direction", "method", "outcome"])
         failures = CounterMetricFamily("dicomgw_transfer_failures", "Failed transfer attempts by kind", labels=["direction", "kind"])
         # One sample per label set, label values from closed sets: rows are summed per label set first (a refusal
         # recorded with two methods gave two samples of one failure series, and scrapers keep one of them).
@@ -144,18 +146,21 @@ class QueueCollector(Collector):
             direction = row["direction"] if row["direction"] in ("in", "out") else "other"
             method = row["method"] if row["method"] in METHOD_LABELS else "other"
             outcome = row["outcome"] if row["outcome"] in OUTCOME_LABELS else "other"
-            counted = totals.setdefault((direction, method, outcome), [0, 0])
+            counted = totals.setdefault((direction, method, outcome), [0, 0, 0])
             counted[0] += row["count"]
             counted[1] += row["bytes"]
+            counted[2] += row["wire_bytes"]
             if outcome not in ("received", "held", "running", "suspended"):
                 failed[(direction, outcome)] = failed.get((direction, outcome), 0) + row["count"]
-        for labels, (count, moved_bytes) in sorted(totals.items()):
+        for labels, (count, moved_bytes, wire_bytes) in sorted(totals.items()):
             attempts.add_metric(list(labels), count)
             moved.add_metric(list(labels), moved_bytes)
+            wire.add_metric(list(labels), wire_bytes)
         for (direction, outcome), count in sorted(failed.items()):
             failures.add_metric([direction, outcome], count)
         yield attempts
         yield moved
+        yield wire
         yield failures
         latencies = sorted(self.store.import_latencies())
         buckets, seen = [], 0

@@ -105,8 +105,8 @@ STATS = """{% extends "base.html" %}
 <h2>Throughput per transfer (MB/s)</h2>
 {{ chart | safe }}
 <h2>By method</h2>
-<table><tr><th>Method</th><th class="num">Transfers</th><th class="num">MB</th><th class="num">MB/s</th></tr>
-{% for m, v in s.by_method.items() %}<tr><td>{{ m }}</td><td class="num">{{ v.transfers }}</td><td class="num">{{ v.mb }}</td><td class="num">{{ v.mb_s }}</td></tr>{% endfor %}</table>
+<table><tr><th>Method</th><th class="num">Transfers</th><th class="num">Study MB</th><th class="num">MB/s</th><th class="num">Wire MB</th><th class="num">Compression</th></tr>
+{% for m, v in s.by_method.items() %}<tr><td>{{ m }}</td><td class="num">{{ v.transfers }}</td><td class="num">{{ v.mb }}</td><td class="num">{{ v.mb_s }}</td><td class="num">{{ v.wire_mb }}</td><td class="num">{{ '%.2fx' % v.compression if v.compression else '-' }}</td></tr>{% endfor %}</table>
 <h2>Failures</h2>
 <table>{% for kind, n in s.failures.items() %}<tr><td>{{ kind }}</td><td class="num">{{ n }}</td></tr>{% else %}<tr><td>none</td></tr>{% endfor %}</table>
 {% endblock %}

@@ -544,6 +544,8 @@ class _AuditedSink:
         self.bundle_key = offer.manifest_sha256
         self._ended = False
         self._last_progress = 0.0
+        self.wire_bytes: int | None = None  # set by a compressed stream's decoder (adapters.xmpp.common.FramedSink)
+        self._first_byte: float | None = None  # perf_counter at the first byte: the row's stream_s
         self.unit_id: int | None = None  # the offer names no study: the unit is made when the manifest arrives
         self._begin()
 
@@ -559,6 +561,8 @@ class _AuditedSink:
         return self.bundle.offset
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._first_byte is None:
+            self._first_byte = time.perf_counter()
         self.bundle.write(data)
         if self.unit_id is None:
             self._begin()
@@ -639,6 +643,7 @@ class _AuditedSink:
             self.gateway.store.record_transfer(
                 self.unit_id, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
                 self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
+                time.perf_counter() - self._first_byte if self._first_byte is not None else None, self.wire_bytes,
             )
         finally:
             self.gateway.inbound_policy.release(self.offer.manifest_sha256)

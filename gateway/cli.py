@@ -173,7 +173,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print("failures: " + ", ".join(f"{k} {v}" for k, v in figures["failures"].items()))
     for title, key in (("method", "by_method"), ("size", "by_size")):
         for label, row in figures[key].items():  # type: ignore[union-attr]
-            print(f"{title} {label:<16}{row['transfers']:>6} transfers {row['mb']:>12,.1f} MB {row['mb_s']:>9.2f} MB/s")
+            ratio = f"{row['compression']:.2f}x" if row.get("compression") else "-"
+            print(f"{title} {label:<16}{row['transfers']:>6} transfers {row['mb']:>12,.1f} MB {row['mb_s']:>9.2f} MB/s"
+                  f"  wire {row['wire_mb']:>10,.1f} MB (compression {ratio})")
     return 0
 
 

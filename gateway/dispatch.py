@@ -306,6 +306,12 @@ class Dispatcher:
 
         outcome = await self.sender.send_bundle(full_jid, size, hashlib.sha256(encoded).hexdigest(), stream_from,
                                                 progress.update, priority=unit.priority)
+        if outcome.detail.startswith("peer refused the offer: conflict (already received") and outcome.attempts:
+            # The earlier attempt did deliver (the process stopped, or the verdict was lost, after its last
+            # byte): that attempt is closed as received, and this answer is not a transfer of its own.
+            if await asyncio.to_thread(self.store.close_as_received, unit.unit_id,
+                                       f"{peer_bare} answered the next offer: {outcome.detail}"):
+                outcome.attempts.pop()
         await asyncio.to_thread(progress.finish, outcome)
         if outcome.ok:
             self.policy.peer_ok(peer_bare)
@@ -431,6 +437,7 @@ class _ProgressWriter:
                 datetime.fromtimestamp(float(attempt.get("started", time.time())), UTC).replace(tzinfo=None),
                 str(attempt.get("outcome", "")), str(attempt.get("error") or "") or None,
                 float(attempt["stream_s"]) if attempt.get("stream_s") is not None else None,
+                int(attempt["wire_bytes"]) if attempt.get("wire_bytes") is not None else None,
             )
 
 

@@ -126,7 +126,8 @@ class TransferRow(Base):
     direction: Mapped[str] = mapped_column(String(8))
     method: Mapped[str] = mapped_column(String(16), default="")
     offset_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)  # study bytes: the bundle's own, at both ends
+    wire_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # on the stream (compressed); None: = bytes_moved
     started_at: Mapped[datetime] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     outcome: Mapped[str] = mapped_column(String(16), default="running")

@@ -7,6 +7,8 @@ failed, success rate = S / N, MTBF = T / F. An attempt succeeded when the receiv
 by a stopped process; one still ``running`` is not counted, nor one ``suspended`` to give the link to a
 STAT study (it is no failure; its time counts in T). Throughput is bundle bytes moved per second of
 the byte stream (``stream_s``) of successful attempts, per method (S5B mediated, IBB) and per size class.
+Bytes are study bytes (the bundle's own) at both ends; the stream's (compressed) bytes are ``wire_mb`` beside
+them, with the compression ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Attempt:
     bytes_moved: int
     stream_s: float | None
     bundle_bytes: int
+    wire_bytes: int = 0
 
 
 def attempts(engine: Engine, since: datetime | None = None, peer: str | None = None) -> list[Attempt]:
@@ -44,7 +47,7 @@ def attempts(engine: Engine, since: datetime | None = None, peer: str | None = N
     with engine.connect() as conn:
         rows = conn.execute(query.order_by(TransferRow.started_at)).all()
     return [Attempt(r.peer_jid, r.direction, r.method, r.started_at, r.ended_at, r.outcome, r.bytes_moved, r.stream_s,
-                    int(r.bundle_bytes or 0)) for r in rows]
+                    int(r.bundle_bytes or 0), r.wire_bytes if r.wire_bytes is not None else r.bytes_moved) for r in rows]
 
 
 def active_seconds(items: list[Attempt], now: datetime | None = None) -> float:
@@ -68,11 +71,17 @@ def size_class(size: int) -> str:
     return next(label for limit, label in SIZE_CLASSES if size < limit)
 
 
-def _throughput(items: list[Attempt]) -> dict[str, float | int]:
+def _throughput(items: list[Attempt]) -> dict[str, float | int | None]:
+    """Study bytes (the bundle's own, the same count at both ends) moved, per second of stream where the
+    stream was timed; wire bytes beside them and their ratio (compression: study MB per wire MB)."""
     timed = [a for a in items if a.stream_s]
     seconds = sum(a.stream_s or 0.0 for a in timed)
-    moved = sum(a.bytes_moved for a in timed)
-    return {"transfers": len(items), "mb": round(moved / 1e6, 3), "mb_s": round(moved / seconds / 1e6, 3) if seconds else 0.0}
+    moved = sum(a.bytes_moved for a in items)
+    wire = sum(a.wire_bytes for a in items)
+    timed_moved = sum(a.bytes_moved for a in timed)
+    return {"transfers": len(items), "mb": round(moved / 1e6, 3), "wire_mb": round(wire / 1e6, 3),
+            "compression": round(moved / wire, 2) if wire else None,
+            "mb_s": round(timed_moved / seconds / 1e6, 3) if seconds else 0.0}
 
 
 def summary(items: list[Attempt], now: datetime | None = None) -> dict[str, object]:
@@ -84,7 +93,9 @@ def summary(items: list[Attempt], now: datetime | None = None) -> dict[str, obje
     by_method: dict[str, list[Attempt]] = {}
     by_size: dict[str, list[Attempt]] = {}
     for a in good:
-        by_method.setdefault(a.method or "?", []).append(a)
+        if not a.method:  # answered "held" (the peer already had it): no stream, no throughput
+            continue
+        by_method.setdefault(a.method, []).append(a)
         by_size.setdefault(size_class(a.bundle_bytes or a.bytes_moved), []).append(a)
     return {
         "T_s": round(active, 1), "N": len(ended), "S": len(good), "F": failed,

@@ -36,13 +36,15 @@ class ReportsRepo:
         return active + rest
 
     def transfer_totals(self) -> list[dict[str, Any]]:
-        """Per direction, method and outcome: attempts and bytes moved (every attempt ever recorded)."""
+        """Per direction, method and outcome: attempts, study bytes and wire bytes moved (every attempt ever recorded)."""
         with self._sessions() as session:
             rows = session.execute(
                 select(TransferRow.direction, TransferRow.method, TransferRow.outcome, func.count(TransferRow.id),
-                       func.coalesce(func.sum(TransferRow.bytes_moved), 0))
+                       func.coalesce(func.sum(TransferRow.bytes_moved), 0),
+                       func.coalesce(func.sum(func.coalesce(TransferRow.wire_bytes, TransferRow.bytes_moved)), 0))
                 .group_by(TransferRow.direction, TransferRow.method, TransferRow.outcome)).all()
-        return [{"direction": d, "method": m or "none", "outcome": o, "count": int(c), "bytes": int(b)} for d, m, o, c, b in rows]
+        return [{"direction": d, "method": m or "none", "outcome": o, "count": int(c), "bytes": int(b), "wire_bytes": int(w)}
+                for d, m, o, c, b, w in rows]
 
     def import_latencies(self) -> list[float]:
         """Seconds from a received study's verification (``received``) to the PACS holding it (``delivered``),

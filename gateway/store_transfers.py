@@ -23,9 +23,9 @@ class TransfersRepo:
 
     def record_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
                         offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str, error: str | None,
-                        stream_s: float | None = None) -> None:
+                        stream_s: float | None = None, wire_bytes: int | None = None) -> None:
         self.close_transfer(None, unit_id, sid, peer_jid, direction, method, offset_bytes, bytes_moved, started_at,
-                            outcome, error, stream_s)
+                            outcome, error, stream_s, wire_bytes)
 
     def open_transfer(self, unit_id: int | None, sid: str, peer_jid: str, direction: str, method: str,
                       offset_bytes: int) -> int:
@@ -44,9 +44,9 @@ class TransfersRepo:
 
     def close_transfer(self, row_id: int | None, unit_id: int | None, sid: str, peer_jid: str, direction: str,
                        method: str, offset_bytes: int, bytes_moved: int, started_at: datetime, outcome: str,
-                       error: str | None, stream_s: float | None = None) -> None:
+                       error: str | None, stream_s: float | None = None, wire_bytes: int | None = None) -> None:
         """End an attempt's row (the one :meth:`open_transfer` made, or a new one for an attempt that moved
-        no byte)."""
+        no byte). ``bytes_moved``: study bytes (the bundle's own); ``wire_bytes``: on the stream, if compressed."""
         with self._unit_of_work() as session:
             row = session.get(TransferRow, row_id) if row_id is not None else None
             if row is None:
@@ -54,6 +54,23 @@ class TransfersRepo:
                 session.add(row)
             row.method, row.offset_bytes, row.bytes_moved = method, offset_bytes, bytes_moved
             row.ended_at, row.outcome, row.error, row.stream_s = utcnow(), outcome, error, stream_s
+            row.wire_bytes = wire_bytes
+
+    def close_as_received(self, unit_id: int, detail: str) -> bool:
+        """The peer answered a new offer with "already received": the unit's last outbound attempt, if it was
+        left ``interrupted`` (the process stopped after the last byte) or ``cut`` (its verdict was lost), did
+        deliver the bundle; it is closed as ``received`` with its whole stream counted. False: nothing to close."""
+        with self._unit_of_work() as session:
+            last = session.scalar(select(TransferRow).where(
+                TransferRow.unit_id == unit_id, TransferRow.direction == "out",
+                TransferRow.outcome != "held").order_by(TransferRow.started_at.desc(), TransferRow.id.desc()).limit(1))
+            if last is None or last.outcome not in ("interrupted", "cut"):
+                return False
+            unit = session.get(StudyUnitRow, unit_id)
+            whole = max(0, (unit.bundle_bytes or 0) - last.offset_bytes) if unit is not None else last.bytes_moved
+            last.error = f"was {last.outcome}; {detail}"[:2000]
+            last.outcome, last.bytes_moved = "received", max(last.bytes_moved, whole)
+            return True
 
     def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
         query = select(TransferRow).order_by(TransferRow.started_at, TransferRow.id)
@@ -63,7 +80,8 @@ class TransfersRepo:
             rows = session.scalars(query).all()
         return [
             {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
-             "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved, "started_at": r.started_at.isoformat(),
+             "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved,
+             "wire_bytes": r.wire_bytes if r.wire_bytes is not None else r.bytes_moved, "started_at": r.started_at.isoformat(),
              "ended_at": r.ended_at.isoformat() if r.ended_at else None, "outcome": r.outcome, "error": r.error,
              "stream_s": r.stream_s}
             for r in rows

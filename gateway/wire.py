@@ -135,6 +135,42 @@ def encode_frames(manifest: Manifest, paths: list[Path], offset: int, adaptive: 
         decide.sent(len(frame), time.perf_counter() - handed)
 
 
+class Tally:
+    """The stream handed to a bytestream, counted both ways: ``plain_at(wire)`` is how many of the bundle's
+    own bytes the first ``wire`` bytes of the stream carry (whole frames, and the share of the frame under
+    way), so progress and transfer rows count study bytes whether the stream is compressed or not."""
+
+    def __init__(self, chunks: Iterator[bytes], framed: bool) -> None:
+        self._chunks, self.framed = chunks, framed
+        self._wire_ends: list[int] = []  # per frame: stream bytes up to its end, and bundle bytes up to its end
+        self._plain_ends: list[int] = []
+        self.wire = 0
+
+    def __iter__(self) -> Tally:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = next(self._chunks)
+        self.wire += len(chunk)
+        if self.framed:
+            plain = HEADER.unpack_from(chunk)[1]
+            self._wire_ends.append(self.wire)
+            self._plain_ends.append((self._plain_ends[-1] if self._plain_ends else 0) + plain)
+        return chunk
+
+    def plain_at(self, wire: int) -> int:
+        if not self.framed:
+            return wire
+        index = bisect.bisect_right(self._wire_ends, wire)  # frames wholly within ``wire``
+        done_wire = self._wire_ends[index - 1] if index else 0
+        done_plain = self._plain_ends[index - 1] if index else 0
+        if index >= len(self._wire_ends) or wire <= done_wire:
+            return done_plain
+        frame_wire = self._wire_ends[index] - done_wire
+        frame_plain = self._plain_ends[index] - done_plain
+        return done_plain + (wire - done_wire) * frame_plain // frame_wire
+
+
 def _blocks(pieces: Iterator[bytes]) -> Iterator[bytes]:
     """At most BLOCK_BYTES each (a long manifest header is split)."""
     for piece in pieces:

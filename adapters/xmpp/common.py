@@ -66,6 +66,7 @@ class Sink(Protocol):
     offset: int
     size: int
     bundle_key: str  # the manifest SHA-256: one sink per bundle at a time
+    wire_bytes: int | None  # set by FramedSink: the stream's bytes when compressed (``offset`` counts the bundle's)
 
     def write(self, data: bytes | memoryview) -> None: ...
     def finish(self) -> tuple[bool, str]: ...
@@ -119,6 +120,7 @@ class InboundStream:
     started: bool = False  # the bytestream was opened
     secured: bool = False  # the end-to-end TLS handshake finished (set by the reader thread for S5B)
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
+    start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class FramedSink:
             if self.inner.offset + len(piece) > self.inner.size:
                 raise OverflowError(f"data past the announced size of {self.inner.size} bytes")
             self.inner.write(piece)
+        self.inner.wire_bytes = self.decoder.wire_bytes  # the transfer row's wire bytes (study bytes: ``offset``)
 
     def close(self, reason: str) -> None:
         self.inner.close(reason)
@@ -237,9 +240,11 @@ def shut(sock: socket.socket | None, close: bool = False) -> None:
             sock.close()
 
 
-def progress_in_thread(progress: Callable[..., None] | None, sid: str = "", offset: int = 0) -> Callable[[int, str], None] | None:
+def progress_in_thread(progress: Callable[..., None] | None, sid: str = "", offset: int = 0,
+                       plain_at: Callable[[int], int] = lambda wire: wire) -> Callable[[int, str], None] | None:
     """Progress callbacks write to the DB: keep them off the event loop, at most one in flight. The callback
-    gets (position, method, sid, offset): the stream attempt it belongs to and where that attempt started."""
+    gets (position, method, sid, offset): the stream attempt it belongs to and where that attempt started;
+    ``position`` in the bundle's own bytes (``plain_at`` turns the stream's bytes since ``offset`` into them)."""
     if progress is None:
         return None
     running: list[asyncio.Future[None]] = []
@@ -247,7 +252,8 @@ def progress_in_thread(progress: Callable[..., None] | None, sid: str = "", offs
     def call(position: int, method: str) -> None:
         if running and not running[0].done():
             return
-        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, position, short_method(method).lower(), sid, offset))]
+        plain = offset + plain_at(position - offset)
+        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, plain, short_method(method).lower(), sid, offset))]
 
     return call
 

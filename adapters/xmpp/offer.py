@@ -61,6 +61,7 @@ from adapters.xmpp.stanzas import (
 )
 from gateway.logs import set_fields
 from gateway.transfer import SendOutcome, StreamSuspended
+from gateway.wire import Tally
 
 log = logging.getLogger(__name__)
 SUPERSEDE_GRACE_S = 5.0  # an old stream of a re-offered bundle may drain its socket this long
@@ -119,34 +120,37 @@ class OfferMixin:
             verdict = asyncio.get_running_loop().create_future()
             self._verdicts[sid] = AwaitedVerdict(verdict, peer_full_jid, pin)
             tls = client_context(identity) if encrypted and identity else None
-            moved = [0]
+            moved = [0]  # stream bytes; study bytes (the bundle's own) are ``chunks.plain_at(moved[0])``
+            chunks = Tally(stream_from(offset, framed), framed)
             try:
                 stream_started = time.perf_counter()
                 sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
-                    peer_full_jid, sid, stream_from(offset, framed), offset, progress_in_thread(progress, sid, offset), tls, pin, moved
+                    peer_full_jid, sid, chunks, offset, progress_in_thread(progress, sid, offset, chunks.plain_at), tls,
+                    pin, moved
                 )
                 attempt["stream_s"] = time.perf_counter() - stream_started
-                attempt["bytes"] = sent
-                result.bytes_sent += sent
+                attempt.update(bytes=chunks.plain_at(sent), wire_bytes=sent)
+                result.bytes_sent += chunks.plain_at(sent)
                 outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
                 if outcome == "incomplete":
                     raise TransferCut(f"receiver got {detail}")
             except StreamSuspended as exc:
-                attempt.update(outcome="suspended", error=str(exc), bytes=moved[0],
+                attempt.update(outcome="suspended", error=str(exc), bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0],
                                stream_s=time.perf_counter() - stream_started)
                 log.info("%s stream to %s suspended for a STAT transfer after %d bytes from offset %d",
                          short_method(method), peer_full_jid, moved[0], offset)
-                result.suspended, result.bytes_sent = True, result.bytes_sent + moved[0]
+                result.suspended, result.bytes_sent = True, result.bytes_sent + chunks.plain_at(moved[0])
                 result.detail = f"suspended for a STAT transfer: {exc}"
                 return result
             except PinMismatch as exc:
-                attempt.update(outcome="refused", error=str(exc), bytes=moved[0])
+                attempt.update(outcome="refused", error=str(exc), bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0])
                 self.inbound.security_event(peer_bare, f"end-to-end channel to {peer_full_jid} refused: {exc}")
                 result.detail = f"end-to-end channel refused: {exc}"
                 return result
             except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
                 said = verdict.result()[1] if verdict.done() and not verdict.cancelled() and verdict.exception() is None else ""
-                attempt.update(outcome="cut", error=f"receiver: {said}" if said else describe(exc), bytes=moved[0])
+                attempt.update(outcome="cut", error=f"receiver: {said}" if said else describe(exc),
+                               bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0])
                 log.warning("%s transfer %s to %s failed: %s", short_method(method), sid, peer_full_jid, describe(exc))
                 if method == NS_S5B and NS_IBB in methods:
                     methods = (NS_IBB,)
@@ -210,7 +214,7 @@ class OfferMixin:
         if offer.priority == "stat":
             self._reset_routine_streams(peer.bare)
         self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
-                                               priority=offer.priority)
+                                               priority=offer.priority, start_offset=sink.offset)
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed))
         reply.send()
@@ -253,6 +257,13 @@ class OfferMixin:
         if entry is None:
             return
         sink = entry.sink
+        if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
+            # The sender ended the channel right after the handshake, before a byte: it refused our certificate
+            # (its pin for us is not our certificate: after `dicomgw keys rotate`, or a wrong pin).
+            ours = self.settings.identity.fingerprint if self.settings.identity is not None else "?"
+            self.inbound.security_event(entry.peer.split("/", 1)[0], (
+                f"end-to-end channel from {entry.peer} closed by the sender after the handshake, before any byte: "
+                f"it does not accept this gateway's certificate SHA-256 {ours} (its pin for us differs?)"))
         try:
             if sink.offset < sink.size:
                 detail = f"{sink.offset} of {sink.size} bytes before the stream ended"

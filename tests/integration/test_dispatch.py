@@ -285,3 +285,39 @@ def test_max_concurrent_lanes_per_peer(store: QueueStore, tmp_path: Path) -> Non
         assert set(states(store).values()) == {"sent"}
 
     asyncio.run(scenario())
+
+
+def test_already_received_closes_the_interrupted_attempt_as_received(store: QueueStore, tmp_path: Path) -> None:
+    """A killed after the last byte of a stream B verified: its row is `interrupted` at recovery. The next offer
+    is answered "already received": that attempt is closed as `received` with its whole stream, no `held` row
+    is added, and the figures count one successful transfer, no failure."""
+    from gateway import stats
+
+    class AlreadyThere(FakeSender):
+        async def send_bundle(self, peer_full_jid: str, size: int, manifest_sha256: str, stream_from: Callable[..., Iterator[bytes]],
+                              progress: Callable[..., None], priority: str = "routine") -> SendOutcome:
+            text = "conflict (already received here (unit 7, received); the receipt follows)"
+            return SendOutcome(ok=False, detail=f"peer refused the offer: {text}",
+                               attempts=[{"sid": "second", "outcome": "held", "error": text}])
+
+    async def scenario() -> None:
+        from gateway.lifecycle import State
+
+        unit = stable_study(store, tmp_path, "1.2.60")
+        assert [u for u, _peer in store.route_stable(router(store, tmp_path))] == [unit]
+        store.transition(unit, State.OFFERING, "offering", None, bundle_bytes=8192)
+        row = store.open_transfer(unit, "first", f"{PEER}/gw1", "out", "s5b", 0)
+        store.transfer_progress(row, 6000)  # its last progress write before the kill (at most one a second)
+        store.recover_in_flight()  # what a restart does: the unit queued again, the row `interrupted`
+        assert [t["outcome"] for t in store.transfers(unit)] == ["interrupted"]
+        d = dispatcher(store, tmp_path, AlreadyThere())
+        await d.tick()
+        await drain(d)
+        assert store.unit(unit).state == "sent"
+        (attempt,) = store.transfers(unit)
+        assert (attempt["outcome"], attempt["bytes"]) == ("received", store.unit(unit).bundle_bytes)
+        assert "already received" in attempt["error"]
+        figures = stats.summary(stats.attempts(store.engine))
+        assert (figures["N"], figures["S"], figures["F"]) == (1, 1, 0)
+
+    asyncio.run(scenario())

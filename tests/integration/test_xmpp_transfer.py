@@ -377,7 +377,18 @@ def test_a_scanner_like_study_crosses_a_slow_link_compressed_and_arrives_byte_fo
         (unit,) = a.gateway.store.studies()
         (attempt,) = a.gateway.store.transfers(unit.unit_id)
         assert attempt["method"] == method and attempt["outcome"] == "received"
-        assert attempt["bytes"] < 0.6 * unit.bundle_bytes  # on the wire: compressed (phantom ~2.5x)
+        # One byte convention: study bytes (the bundle's own) at both ends, the compressed stream beside them.
+        assert attempt["bytes"] == unit.bundle_bytes and unit.progress_bytes == unit.bundle_bytes
+        assert attempt["wire_bytes"] < 0.6 * unit.bundle_bytes  # on the wire: compressed (phantom ~2.5x)
+        (inbound,) = [t for t in b.gateway.store.transfers() if t["outcome"] == "received"]
+        assert (inbound["bytes"], inbound["wire_bytes"]) == (attempt["bytes"], attempt["wire_bytes"])
+        assert inbound["stream_s"] is not None and inbound["stream_s"] > 0
+        from gateway import stats
+
+        at_a = stats.summary(stats.attempts(a.gateway.engine))["by_method"][method]
+        at_b = stats.summary(stats.attempts(b.gateway.engine))["by_method"][method]
+        assert at_a["mb"] == at_b["mb"] == round(unit.bundle_bytes / 1e6, 3) and at_b["mb_s"] > 0
+        assert at_a["compression"] == at_b["compression"] > 1.6
         sent = {i.sop_instance_uid: i.sha256 for i in a.gateway.store.unit_instances(unit.unit_id)}
         received = received_instances(b.gateway)
         for path, uid in zip(study.files, study.sop_instance_uids, strict=True):

@@ -117,3 +117,21 @@ def test_a_zstd_bomb_is_refused_before_it_is_inflated() -> None:
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))  # 64 MiB of zeros in a few KiB
     with pytest.raises(FrameError, match="content size"):
         FrameDecoder().feed(HEADER.pack(ZSTD, 1000, len(bomb)) + bomb)
+
+
+def test_tally_counts_study_bytes_through_compressed_frames(tmp_path: Path) -> None:
+    """Progress counts the bundle's own bytes: a compressed stream's wire position maps to the plain bytes of
+    the whole frames before it (and the share of the frame under way); the end maps to the bundle's size."""
+    from gateway.wire import Tally
+
+    plain_blocks = [bytes(1000), bytes(range(256)) * 4, bytes(3000)]
+    frames = [HEADER.pack(ZSTD, len(b), len(p)) + p for b, p in
+              ((b, zstandard.ZstdCompressor().compress(b)) for b in plain_blocks)]
+    tally = Tally(iter(frames), framed=True)
+    assert list(tally) == frames
+    ends = [sum(len(f) for f in frames[:i + 1]) for i in range(3)]
+    assert tally.plain_at(0) == 0 and tally.plain_at(ends[0]) == 1000 and tally.plain_at(ends[1]) == 2024
+    assert tally.plain_at(ends[2]) == tally.plain_at(ends[2] + 99) == 5024  # the whole bundle, never past it
+    assert 2024 < tally.plain_at(ends[1] + (ends[2] - ends[1]) // 2) < 5024  # half of the third frame
+    raw = Tally(iter([b"abc", b"de"]), framed=False)
+    assert list(raw) == [b"abc", b"de"] and raw.plain_at(4) == 4
