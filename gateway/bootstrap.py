@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -50,6 +51,7 @@ from gateway.transfer import (
     Receipt,
     ReceiptSender,
 )
+from gateway.windows import local_clock, local_zone
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ class Gateway:
         )
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
         rules = Rules(self.settings.routing.rules, self.settings.routing.default_destination)
+        for warning in rules.warnings():
+            log.warning("routing: %s", warning)
         router = Router(rules, domain, self.store, self.settings.paths.spool_dir, read_tags, self.store.peer_configs)
         self.dispatcher = Dispatcher(
             self.store, self.settings.paths.spool_dir, self.agent, router,
@@ -172,6 +176,7 @@ class Gateway:
                                max_age_s=x.retry_max_age_s),
             receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends, claims=self.claims,
             peer_configs=self.store.peer_configs, wake=self._dispatch_due.set,
+            clock=functools.partial(local_clock, local_zone(self.settings.routing.timezone)),
         )
         self.receipts = ReceiptSender(self.store, self.agent)
 

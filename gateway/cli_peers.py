@@ -249,8 +249,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"rule": verdict.rule, "destinations": list(verdict.destinations), "priority": verdict.priority,
                           "explanation": list(verdict.explanation), "tags": dict(facts.tags),
-                          "modalities": list(facts.modalities)}, indent=2))
+                          "modalities": list(facts.modalities), "warnings": rules.warnings()}, indent=2))
         return 0
+    for warning in rules.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     for line in verdict.explanation:
         print(line)
     print(f"=> {', '.join(verdict.destinations) or 'no destination'} ({verdict.priority})" if verdict.destinations

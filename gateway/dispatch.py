@@ -42,7 +42,7 @@ from gateway.retry import ErrorKind, RetryPolicy, classify
 from gateway.rows import StudyUnitRow
 from gateway.store import ConcurrentMove, QueueStore, utcnow
 from gateway.transfer import SenderPort, SendOutcome, StreamSuspended
-from gateway.windows import parse_schedule
+from gateway.windows import local_clock, local_zone, parse_schedule
 from gateway.wire import Adaptive, encode_frames
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class Dispatcher:
         self.max_sends = max_sends
         self.claims = claims or Claims(store.engine)
         self.peer_configs = peer_configs or (lambda: {})
-        self.clock = clock or (lambda: datetime.now().astimezone())
+        zone = local_zone() if clock is None else None
+        self.clock = clock or (lambda: local_clock(zone))  # type: ignore[arg-type]
         self.wake = wake or (lambda: None)
         self.max_starts_per_tick = max_starts_per_tick
         self.gate = LinkGate()

@@ -12,7 +12,11 @@ conditions (all optional; a rule with none matches every study):
   it (RE2 syntax, searched in linear time whatever the value: no backreferences or lookaround; ``"re:(?i)trauma"``
   ignores case). Requested Procedure Priority (0040,1003) and
   other Request Attributes are also looked for in the first item of the Request Attributes Sequence
-  (0040,0275), where images carry them.
+  (0040,0275), where images carry them. Priorities (Requested Procedure Priority (0040,1003), Scheduled
+  Procedure Step Priority (0040,0009)) are compared ignoring case, and their plain values must be the
+  standard's enumerated ones (PS3.3 C.4.11/C.4.10: ``STAT``, ``HIGH``, ``ROUTINE``, ``MEDIUM``, ``LOW``): a
+  scanner writing ``stat`` or ``High`` matches; a rule value outside them can never match and
+  :meth:`Rules.warnings` (shown by ``dicomgw route test`` and logged at start) says so.
 
 Each condition takes a value or a list (any of them). A rule names one or several ``destinations``
 (``department.institution`` per ``gateway.addressing``, or a JID) and a ``priority``: ``stat`` goes ahead of
@@ -38,6 +42,9 @@ from gateway.model import PeerConfig, StudySummary
 log = logging.getLogger(__name__)
 
 PRIORITIES = ("stat", "routine")
+#: Attributes whose values are an enumerated priority (PS3.3): compared ignoring case.
+PRIORITY_TAGS = frozenset({"RequestedProcedurePriority", "0040,1003", "ScheduledProcedureStepPriority", "0040,0009"})
+PRIORITY_VALUES = ("STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW")
 _CONDITIONS = ("calling_ae", "called_ae", "modality", "folder")
 _TAG_KEY = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 
@@ -52,10 +59,13 @@ class Match:
 
     text: str
     pattern: Any = None  # a compiled RE2 pattern (``google-re2``): matching time is linear in the value
+    fold_case: bool = False  # an enumerated value compared ignoring case (priorities)
 
     def test(self, value: str) -> bool:
         value = value.strip()
-        return bool(self.pattern.search(value)) if self.pattern is not None else value == self.text.strip()
+        if self.pattern is not None:
+            return bool(self.pattern.search(value))
+        return value.upper() == self.text.strip().upper() if self.fold_case else value == self.text.strip()
 
     def __str__(self) -> str:
         return f"/{self.pattern.pattern}/" if self.pattern is not None else repr(self.text)
@@ -121,6 +131,17 @@ class Verdict:
 class Rules:
     rules: tuple[Rule, ...] = ()
     default_destination: str = ""
+
+    def warnings(self) -> list[str]:
+        """Conditions that can never hold (a priority value the standard does not define)."""
+        found = []
+        for rule in self.rules:
+            for key, matches in rule.tags:
+                if key in PRIORITY_TAGS:
+                    found += [f"rule {rule.name!r}: tags.{key} {m.text!r} can never match: {key} is one of "
+                              f"{', '.join(PRIORITY_VALUES)} (compared ignoring case)"
+                              for m in matches if m.pattern is None and m.text.strip().upper() not in PRIORITY_VALUES]
+        return found
 
     def tag_keys(self) -> tuple[str, ...]:
         """Every attribute some rule names (what to read from the first instance)."""
@@ -260,7 +281,8 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
         tags_raw = table.get("tags", {})
         if not isinstance(tags_raw, dict):
             raise RuleError(f"{where}: tags must be a table, e.g. tags = {{ StudyDescription = \"re:(?i)trauma\" }}")
-        tags = tuple((_tag_key(key, where), _matches(value, f"{where}: tags.{key}")) for key, value in tags_raw.items())
+        tags = tuple((_tag_key(key, where), _matches(value, f"{where}: tags.{key}", _tag_key(key, where) in PRIORITY_TAGS))
+                     for key, value in tags_raw.items())
         rules.append(Rule(name, tuple(destinations), priority, conditions, tags))
     return tuple(rules)
 
@@ -293,13 +315,13 @@ def _compile(pattern: str, text: str, where: str) -> Any:
         raise RuleError(f"{where}: {text!r} is not a regular expression RE2 accepts: {reason}") from None
 
 
-def _matches(raw: Any, where: str) -> tuple[Match, ...]:
+def _matches(raw: Any, where: str, fold_case: bool = False) -> tuple[Match, ...]:
     matches = []
     for text in _strings(raw, where):
         if text.startswith("re:"):
             matches.append(Match(text, _compile(text[3:], text, where)))
         else:
-            matches.append(Match(text))
+            matches.append(Match(text, fold_case=fold_case))
     if not matches:
         raise RuleError(f"{where}: no value")
     return tuple(matches)

@@ -164,6 +164,7 @@ class RoutingSettings:
 
     default_destination: str = ""
     rules: tuple[Rule, ...] = ()
+    timezone: str = ""  # the zone transfer windows are read in (IANA name); empty: the system's
 
 
 @dataclass(frozen=True)
@@ -323,10 +324,15 @@ def _routing(raw: Mapping[str, Any]) -> RoutingSettings:
         destination_jid(destination, "example.org")
 
     default = str(raw.get("default_destination", ""))
+    zone = str(raw.get("timezone", "") or "")
     try:
         if default:
             check(default)
-        return RoutingSettings(default_destination=default, rules=parse_rules(raw.get("rules"), check))
+        if zone:
+            from gateway.windows import local_zone
+
+            local_zone(zone)
+        return RoutingSettings(default_destination=default, rules=parse_rules(raw.get("rules"), check), timezone=zone)
     except (RuleError, ValueError) as exc:
         raise SettingsError(f"routing: {exc}") from None
 

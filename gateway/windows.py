@@ -1,6 +1,8 @@
 """Transfer windows: when routine studies may go to a peer (``dicomgw peers edit JID --schedule``).
 
-A schedule is windows separated by ``;``, each ``[DAYS] HH:MM-HH:MM`` in the gateway's local time:
+A schedule is windows separated by ``;``, each ``[DAYS] HH:MM-HH:MM`` in the gateway's local time (the zone of
+``[routing] timezone``, default the system's: :func:`local_zone`; read zone-aware, so a ``mon 09:00-10:00`` window
+opens at 09:00 on the Monday after a daylight-saving change, not at 09:00 of the offset before it):
 ``"22:00-06:00"`` (every night), ``"mon-fri 18:00-07:00; sat,sun 00:00-24:00"`` (evenings and weekends).
 DAYS is a comma-separated list of days or day ranges (``mon``..``sun``); without it, every day. A window
 whose end is not after its start runs past midnight and belongs to the day it starts on. An empty schedule
@@ -12,10 +14,39 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(r"^(?:(?P<days>[a-z,\-]+)\s+)?(?P<h1>\d{1,2}):(?P<m1>\d{2})\s*-\s*(?P<h2>\d{1,2}):(?P<m2>\d{2})$")
+
+
+def local_zone(name: str = "") -> tzinfo:
+    """The zone ``name`` (IANA, e.g. ``Europe/Oslo``), or with none the system's (``TZ``, ``/etc/localtime``).
+    Raises ValueError for a name the zone database does not have."""
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Oslo)") from exc
+    import os
+
+    if os.environ.get("TZ", "").strip(":"):
+        try:
+            return ZoneInfo(os.environ["TZ"].strip(":"))
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    localtime = Path("/etc/localtime")
+    if localtime.exists():
+        with localtime.open("rb") as fh:
+            return ZoneInfo.from_file(fh, key="localtime")
+    return ZoneInfo("UTC")
+
+
+def local_clock(zone: tzinfo) -> datetime:
+    """Now in ``zone`` (aware, with the zone's rules: the dispatcher's clock for windows)."""
+    return datetime.now(zone)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,11 @@ def test_route_test_says_which_rule_matches_and_why_not_the_others(tmp_path: Pat
     missing = gw.cli("route", "test", str(tmp_path / "nothing.dcm"))
     assert missing.returncode == 2 and "nothing.dcm" in missing.stderr
     with gw.config.open("a") as fh:
+        fh.write('\n[[routing.rules]]\nname = "urgent"\ndestinations = ["x.y"]\ntags = { "0040,1003" = "URGENT" }\n')
+    warned = gw.cli("route", "test", str(plain.files[0]))
+    assert warned.returncode == 0 and ("warning: rule 'urgent': tags.0040,1003 'URGENT' can never match: 0040,1003 is "
+                                       "one of STAT, HIGH, ROUTINE, MEDIUM, LOW (compared ignoring case)") in warned.stderr
+    with gw.config.open("a") as fh:
         fh.write('\n[[routing.rules]]\nname = "broken"\ndestinations = ["x.y"]\npriority = "urgent"\n')
     broken = gw.cli("route", "test", str(plain.files[0]))
     assert broken.returncode != 0 and "routing rule 'broken': priority 'urgent'" in broken.stderr

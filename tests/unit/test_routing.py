@@ -103,3 +103,23 @@ def test_a_backtracking_pattern_cannot_run_away_and_unsupported_ones_are_named()
     for pattern, why in (("re:(a)\\1", "invalid escape sequence"), ("re:(?<=a)b", "invalid perl operator")):
         with pytest.raises(RuleError, match=f"is not a regular expression RE2 accepts: {re.escape(why)}"):
             parse_rules([{"name": "x", "destinations": "b", "tags": {"StudyDescription": pattern}}], lambda d: d)
+
+
+@pytest.mark.parametrize("written", ["stat", "Stat", "HIGH", "high "])
+def test_priority_values_match_ignoring_case(written: str) -> None:
+    """A scanner writing `stat` or `High` in (0040,1003) is a STAT request (it went routine silently)."""
+    verdict = rules().decide(StudyFacts("", ("US",), {"0040,1003": written}))
+    assert (verdict.rule, verdict.priority) == ("stat request", "stat")
+    keyword = Rules(parse_rules([{"name": "k", "destinations": "radiology.hospital-b", "priority": "stat",
+                                  "tags": {"RequestedProcedurePriority": "STAT"}}]))
+    assert keyword.decide(StudyFacts("", (), {"RequestedProcedurePriority": "stat"})).rule == "k" or written[0] in "hH"
+    other = Rules(parse_rules([{"name": "desc", "destinations": "radiology.hospital-b", "tags": {"StudyDescription": "CT"}}]))
+    assert other.decide(StudyFacts("", (), {"StudyDescription": "ct"})).rule == ""  # other attributes: exact
+
+
+def test_a_priority_value_the_standard_does_not_define_is_warned_about() -> None:
+    found = Rules(parse_rules([{"name": "urgent", "destinations": "radiology.hospital-b", "priority": "stat",
+                                "tags": {"0040,1003": ["URGENT", "high"]}}])).warnings()
+    assert found == ["rule 'urgent': tags.0040,1003 'URGENT' can never match: 0040,1003 is one of "
+                     "STAT, HIGH, ROUTINE, MEDIUM, LOW (compared ignoring case)"]
+    assert rules().warnings() == []

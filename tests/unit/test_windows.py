@@ -51,3 +51,34 @@ def test_empty_schedule_is_always_open() -> None:
 def test_unreadable_schedules_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="transfer window"):
         parse_schedule(text)
+
+
+@pytest.mark.parametrize(("saturday", "monday_9_utc"), [
+    (datetime(2027, 3, 27, 12, 0), datetime(2027, 3, 29, 7, 0)),  # spring: CET -> CEST on Sunday 28 March
+    (datetime(2027, 10, 30, 12, 0), datetime(2027, 11, 1, 8, 0)),  # autumn: CEST -> CET on Sunday 31 October
+])
+def test_windows_follow_the_zone_across_daylight_saving_changes(saturday: datetime, monday_9_utc: datetime) -> None:
+    """`mon 09:00-10:00` read on the Saturday before a change opens at 09:00 local on the Monday after it (a
+    fixed-offset clock computed 10:00 or 08:00 and missed the window)."""
+    from gateway.windows import local_zone
+
+    oslo = local_zone("Europe/Oslo")
+    schedule = parse_schedule("mon 09:00-10:00")
+    opening = schedule.next_opening(saturday.replace(tzinfo=oslo))
+    assert opening is not None and opening.astimezone(timezone.utc).replace(tzinfo=None) == monday_9_utc
+    monday_930 = (monday_9_utc + timedelta(minutes=30)).replace(tzinfo=timezone.utc).astimezone(oslo)
+    assert schedule.is_open(monday_930) and monday_930.hour == 9
+    nights = parse_schedule("22:00-06:00")  # the night of the change: open until 06:00 local, whatever its length
+    change_night = saturday.replace(hour=23, tzinfo=oslo)
+    assert nights.is_open(change_night) and nights.is_open(change_night.replace(day=saturday.day + 1, hour=5, minute=59))
+    assert not nights.is_open(change_night.replace(day=saturday.day + 1, hour=6))
+
+
+def test_the_zone_is_a_setting_checked_at_load() -> None:
+    from gateway.settings import SettingsError, _routing
+    from gateway.windows import local_zone
+
+    assert _routing({"timezone": "Europe/Oslo"}).timezone == "Europe/Oslo"
+    with pytest.raises(SettingsError, match="unknown time zone 'Europe/Osloo'"):
+        _routing({"timezone": "Europe/Osloo"})
+    assert local_zone("") is not None  # the system's
