@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("action", nargs="?", choices=["show", "retry"], help="show one study; retry a failed or dead unit")
     queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'); unit id or Study Instance UID (with 'retry')")
     queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
+    queue.add_argument("--limit", type=int, default=50, help="units per page (default 50): live units first, then "
+                       "delivered ones, newest first")
+    queue.add_argument("--page", type=int, default=1, help="which page (from 1)")
+    queue.add_argument("--all", action="store_true", help="every unit, history included, no paging")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
 
@@ -344,11 +348,15 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         return 0
     if args.action == "retry":
         return _retry(store, args.study_uid or "")
-    studies = store.studies(state=args.state)
+    if args.limit < 1 or args.page < 1:
+        print("dicomgw queue: --limit and --page count from 1", file=sys.stderr)
+        return 2
+    limit = 10**9 if args.all else args.limit
+    studies, live, history = store.queue_page(limit, 1 if args.all else args.page, args.state)
     if args.json:
         print(json.dumps([_summary_json(s) for s in studies], indent=2))
     else:
-        _print_queue(studies, args.state)
+        _print_queue(studies, args.state, (1 if args.all else args.page, limit, live, history))
     return 0
 
 
@@ -504,17 +512,25 @@ def _console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=240)
 
 
-def _print_queue(studies: list[StudySummary], state: str | None) -> None:
+def _print_queue(studies: list[StudySummary], state: str | None, paging: tuple[int, int, int, int]) -> None:
+    """The table, with the unit id (for `queue retry`) and the whole Study UID (for `queue show`): neither
+    is ever cut; long descriptions are."""
     from rich.table import Table
 
-    title = f"Queue: {len(studies)} study unit(s)" + (f" in state {state}" if state else "")
+    page, limit, live, history = paging
+    first = (page - 1) * limit + 1
+    where = f" in state {state}" if state else ""
+    title = (f"Queue{where}: {live} live unit(s), {history} delivered; showing {first}-{first + len(studies) - 1}"
+             if studies else f"Queue{where}: {live} live unit(s), {history} delivered; nothing on page {page}")
     table = Table(title=title, show_lines=False)
-    for column in ("Study UID", "Patient", "Description", "Mod", "Inst", "Size", "State", "Age", "Destination", "Flags"):
-        table.add_column(column, justify="right" if column in ("Inst", "Size", "Age") else "left")
+    uid_width = max((len(s.study_instance_uid) for s in studies), default=9)
+    for column in ("Unit", "Study UID", "Patient", "Description", "Mod", "Inst", "Size", "State", "Age", "Destination", "Flags"):
+        table.add_column(column, justify="right" if column in ("Unit", "Inst", "Size", "Age") else "left",
+                         no_wrap=column in ("Unit", "Study UID"), min_width=uid_width if column == "Study UID" else None)
     for s in studies:
-        uid = s.study_instance_uid + (f" #{s.unit_seq}" if s.unit_seq > 1 else "")
         table.add_row(*map(cell, (
-            uid,
+            str(s.unit_id) + (f" (#{s.unit_seq})" if s.unit_seq > 1 else ""),
+            s.study_instance_uid,
             s.patient_name or s.patient_id or "-",
             s.study_description or "-",
             s.modalities or "-",
@@ -526,6 +542,8 @@ def _print_queue(studies: list[StudySummary], state: str | None) -> None:
             s.flags or "",
         )))
     _console().print(table)
+    if first + len(studies) - 1 < live + history:
+        print(f"more: dicomgw queue --page {page + 1} (or --limit N, --state STATE, --all)")
 
 
 def _state_text(s: StudySummary) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -315,6 +315,37 @@ class UnitsRepo:
             units = session.scalars(query).all()
             modalities = self._modalities(session, [u.id for u in units])
         return [_summary(u, modalities.get(u.id, "")) for u in units]
+
+    def queue_page(self, limit: int = 50, page: int = 1, state: str | None = None,
+                   include_history: bool = True) -> tuple[list[StudySummary], int, int]:
+        """One page of the queue view: live units first (in flight, then the rest in queue order), then
+        history (``delivered``, newest first). Returns (units, live count, history count); the cost follows
+        the page, not the history (two counts on the state index, then at most ``limit`` rows)."""
+        history_states = (State.DELIVERED.value,)
+        in_flight = (State.OFFERING.value, State.SENDING.value, State.RECEIVING.value, State.IMPORTING.value)
+        live_where: list[Any] = [StudyUnitRow.state.not_in(history_states)]
+        history_where: list[Any] = [StudyUnitRow.state.in_(history_states)]
+        if state:
+            live_where.append(StudyUnitRow.state == state)
+            history_where.append(StudyUnitRow.state == state)
+        offset = max(0, (max(1, page) - 1) * max(1, limit))
+        with self._sessions() as session:
+            live_total = int(session.scalar(select(func.count(StudyUnitRow.id)).where(*live_where)) or 0)
+            history_total = int(session.scalar(select(func.count(StudyUnitRow.id)).where(*history_where)) or 0) \
+                if include_history else 0
+            units: list[StudyUnitRow] = []
+            if offset < live_total:
+                flight_first = case((StudyUnitRow.state.in_(in_flight), 0), else_=1)
+                units += session.scalars(select(StudyUnitRow).where(*live_where)
+                                         .order_by(flight_first, StudyUnitRow.created_at, StudyUnitRow.id)
+                                         .offset(offset).limit(limit)).all()
+            room = limit - len(units)
+            if room > 0 and include_history:
+                units += session.scalars(select(StudyUnitRow).where(*history_where)
+                                         .order_by(StudyUnitRow.state_changed_at.desc(), StudyUnitRow.id.desc())
+                                         .offset(max(0, offset - live_total)).limit(room)).all()
+            modalities = self._modalities(session, [u.id for u in units])
+        return [_summary(u, modalities.get(u.id, "")) for u in units], live_total, history_total
 
     def study_units(self, study_instance_uid: str) -> list[tuple[StudySummary, list[InstanceRecord]]]:
         """Every unit of one study with its instances, ordered by series and instance number."""
