@@ -137,6 +137,7 @@ class Gateway:
         self._maintenance = Maintenance(False)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
+        self._xmpp_refused: dict[str, Any] | None = None  # the last refusal until the session is online again
         self._beat_due = asyncio.Event()  # the XMPP state changed: beat now, not in up to BEAT_S
         self.heartbeat = Heartbeat(self.store, self.claims.owner, utcnow)  # gateway.processes: `dicomgw status`
 
@@ -210,8 +211,12 @@ class Gateway:
         watcher = self.watcher.health() if self.watcher is not None else None
         xmpp: dict[str, Any] = {}
         if self.agent is not None:
-            xmpp = {k: self.agent.status.get(k) for k in
-                    ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error")}
+            keys = ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error")
+            xmpp = {k: self.agent.status.get(k) for k in keys}
+            if xmpp["state"] not in ("online", "refused") and self._xmpp_refused is not None:
+                # Retrying after a refusal (bad certificate, wrong password): the refusal is what an admin must
+                # see, not the 'connecting' of each retry.
+                xmpp = {**{k: self._xmpp_refused.get(k) for k in keys}, "retrying": True}
         return {"listeners": {"dicom": scp, "dicom_tls": tls, "web": web, "watcher": watcher}, "xmpp": xmpp}
 
     async def _beat_loop(self, stop: asyncio.Event) -> None:
@@ -488,8 +493,12 @@ class _Inbound:
         cert = fingerprint(offer.cert_der) if offer.cert_der else None
         return self.gateway.inbound_policy.screen(peer_jid, offer.manifest_sha256, cert)
 
-    def status_changed(self, _status: dict) -> None:
+    def status_changed(self, status: dict) -> None:
         """The process's heartbeat carries the state (``gateway.processes``): written now, off the loop."""
+        if status.get("state") == "refused":
+            self.gateway._xmpp_refused = dict(status)
+        elif status.get("state") == "online":
+            self.gateway._xmpp_refused = None
         if self.gateway._loop is not None:
             self.gateway._loop.call_soon_threadsafe(self.gateway._beat_due.set)
 

@@ -1,20 +1,21 @@
 """``dicomgw peers`` (who may exchange studies, and how) and ``dicomgw route test`` (which rule a file meets).
 
 Peers live in the queue database (audited on every change), beside those listed in ``[xmpp] peers``.
-``peers export prosody|ejabberd`` prints the shared roster for central administration: one group holding
-this gateway and every allowed peer, as a Prosody ``mod_groups`` file or as ``ejabberdctl`` shared roster
-group commands, so the XMPP server's operator gives every gateway its roster in one place.
+``peers export prosody|ejabberd`` prints the shared roster for central administration, exact per pair (one
+group of two per allowed peer, ``gateway.roster``), as a Prosody ``mod_groups`` file or as ``ejabberdctl``
+shared roster commands; ``--merge FILE...`` joins the exports of a region's gateways into one, so the XMPP
+server's operator gives every gateway its roster in one place.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 from gateway.model import DIRECTIONS
+from gateway.roster import roster_name
 from gateway.settings import load_settings
 from gateway.terminal import cell
 
@@ -32,7 +33,10 @@ def add_parsers(sub: Any, config_option: Any) -> None:
     peers.add_argument("--directions", choices=DIRECTIONS, help="both (default), send (we only send to it), receive (we only receive)")
     peers.add_argument("--schedule", help="transfer windows for routine studies, e.g. 'mon-fri 18:00-07:00; sat,sun 00:00-24:00'"
                        " ('' = always)")
-    peers.add_argument("--group", default="DICOM gateways", help="with 'export': the shared roster group's name")
+    peers.add_argument("--group", default="DICOM gateways", help="with 'export': the shared roster groups' name prefix "
+                       "(one group per pair: 'NAME: jid1 + jid2')")
+    peers.add_argument("--merge", nargs="+", metavar="FILE", help="with 'export': merge the exports of every gateway "
+                       "of a region into one (pairs both sides list; one-sided ones are named and left out)")
     peers.add_argument("--all", action="store_true", help="with 'ls': removed peers too")
     peers.add_argument("--json", action="store_true")
     peers.set_defaults(handler=cmd_peers)
@@ -61,6 +65,8 @@ def _fail(action: str, text: str, code: int = 2) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     from gateway.addressing import AddressError, parse
 
+    if args.action == "export" and args.merge:
+        return cmd_merge(args.jid or "", args.merge)
     settings = load_settings(args.config)
     store = _store(settings)
     action = {"list": "ls", "remove": "rm"}.get(args.action, args.action)
@@ -159,56 +165,55 @@ def roster_members(settings: Any, store: Any) -> dict[str, str]:
     return members
 
 
-_NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\[\]=]")
-
-
-def roster_name(text: str, what: str) -> str:
-    """A display or group name that can go into Prosody's groups file and ejabberd's commands as it is: no line
-    breaks or other control characters (a newline injected whole sections into the groups file), no ``[``,
-    ``]`` or ``=`` (the file's own syntax), at most 100 characters. Raises ValueError naming what is wrong."""
-    bad = _NOT_IN_A_NAME.search(text)
-    if bad is not None:
-        raise ValueError(f"{what} {text[:60]!r} holds {bad.group()!r}: names may not hold line breaks, control "
-                         f"characters, '[', ']' or '='")
-    if len(text) > 100:
-        raise ValueError(f"{what} is {len(text)} characters long (at most 100)")
-    return text
-
-
 def _export(settings: Any, store: Any, server: str, group: str) -> int:
+    """This gateway's pairs (``gateway.roster``): one group per allowed peer, holding the two of them."""
+    from gateway.addressing import parse
+    from gateway.roster import ejabberd_text, pair_groups, prosody_text
+
     if server not in ("prosody", "ejabberd"):
         return _fail("export", "say which server: dicomgw peers export prosody|ejabberd")
+    if not settings.xmpp.jid:
+        return _fail("export", "no JID of this gateway ([xmpp] jid): the roster pairs it with its peers", 1)
+    own = parse(settings.xmpp.jid).bare
     try:
         roster_name(group, "--group")
-        members = {jid: roster_name(name, f"the display name of {jid}") for jid, name in roster_members(settings, store).items()}
+        peers = {jid: roster_name(name, f"the display name of {jid}") for jid, name in roster_members(settings, store).items()
+                 if jid != own}
     except ValueError as exc:
         return _fail("export", f"{exc} (fix it with dicomgw peers edit JID --name ...)")
-    if not members:
-        return _fail("export", "no JID of this gateway ([xmpp] jid) and no peer: nothing to export", 1)
-    print(prosody_groups(group, members) if server == "prosody" else ejabberd_commands(group, members), end="")
+    if not peers:
+        return _fail("export", "no peer: nothing to export (dicomgw peers add JID --fingerprint ...)", 1)
+    groups = pair_groups(group, own, peers)
+    print(prosody_text(groups) if server == "prosody" else ejabberd_text(groups), end="")
     return 0
 
 
-def prosody_groups(group: str, members: dict[str, str]) -> str:
-    """A ``groups_file`` for Prosody's mod_groups: ``[group]`` then ``jid=display name`` per member."""
-    lines = [f"[{group}]"] + [f"{jid}={name}" for jid, name in sorted(members.items())]
-    return "\n".join(lines) + "\n"
+def cmd_merge(server: str, files: list[str]) -> int:
+    """``peers export prosody|ejabberd --merge FILE...``: the region's roster from every gateway's export."""
+    import hashlib
+    from pathlib import Path
 
+    from gateway.roster import RosterFileError, ejabberd_text, merge, parse_ejabberd, parse_prosody, prosody_text
 
-def ejabberd_commands(group: str, members: dict[str, str]) -> str:
-    """``ejabberdctl`` commands making one shared roster group of the members (ejabberd 23: srg_create
-    group host label description displayed-groups; srg_user_add user host group grouphost)."""
-    hosts = sorted({jid.split("@", 1)[1] for jid in members})
-    group_id = "".join(c if c.isalnum() else "_" for c in group.lower())
-    lines = [f"ejabberdctl srg_create {group_id} {hosts[0]} {_quote(group)} {_quote('dicomgw peers export')} {group_id}"]
-    for jid in sorted(members):
-        user, host = jid.split("@", 1)
-        lines.append(f"ejabberdctl srg_user_add {user} {host} {group_id} {hosts[0]}")
-    return "\n".join(lines) + "\n"
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
+    if server not in ("prosody", "ejabberd"):
+        return _fail("export", "say which server: dicomgw peers export prosody|ejabberd --merge FILE...")
+    exports, digests = [], set()
+    try:
+        for name in files:
+            text = Path(name).read_text(encoding="utf-8")
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest in digests:
+                print(f"dicomgw peers export: {name} is the same as an earlier file: read once", file=sys.stderr)
+                continue
+            digests.add(digest)
+            exports.append((name, parse_prosody(text, name) if server == "prosody" else parse_ejabberd(text, name)))
+        merged = merge(exports)
+    except (OSError, UnicodeDecodeError, RosterFileError, ValueError) as exc:
+        return _fail("export", str(exc), 1)
+    for line in merged.one_sided:
+        print(f"dicomgw peers export: left out, one-sided pair {line}", file=sys.stderr)
+    print(prosody_text(merged.groups) if server == "prosody" else ejabberd_text(merged.groups), end="")
+    return 0
 
 
 def cmd_web(args: argparse.Namespace) -> int:

@@ -146,6 +146,19 @@ class Tally:
         self._plain_ends: list[int] = []
         self.wire = 0
 
+    _OWN = frozenset({"_chunks", "framed", "_wire_ends", "_plain_ends", "wire"})
+
+    def __getattr__(self, name: str) -> object:
+        """The wrapped source's own attributes (a routine stream's ``on_suspend``/``suspended``,
+        ``gateway.dispatch``) stay visible to the transport through the wrapper."""
+        return getattr(self.__dict__["_chunks"], name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._chunks, name, value)
+
     def __iter__(self) -> Tally:
         return self
 

@@ -15,6 +15,7 @@ from adapters.synthetic import generate_ct_study
 from tests.e2e.test_gateway_process import GatewayProcess
 from tests.helpers import REPO, wait_for
 
+A = "radiology.hospital-a@helsenett.test"
 B = "radiology.hospital-b@helsenett.test"
 C = "archive.hospital-c@helsenett.test"
 RULES = """
@@ -52,14 +53,20 @@ def test_peers_add_edit_rm_ls_and_export(tmp_path: Path) -> None:
     shown = gw.cli("peers", "ls")
     assert "22:00-06:00" in shown.stdout and "Radiology, Hospital B" in shown.stdout
 
+    no_jid = gw.cli("peers", "export", "prosody")
+    assert no_jid.returncode == 1 and "no JID of this gateway ([xmpp] jid)" in no_jid.stderr
+    with gw.config.open("a") as fh:
+        fh.write(f'[xmpp]\njid = "{A}/gw1"\npassword = "x"\n')
+    gw.config.chmod(0o600)
     prosody = gw.cli("peers", "export", "prosody", "--group", "Helse Vest gateways")
-    assert prosody.returncode == 0
-    assert prosody.stdout == f"[Helse Vest gateways]\n{C}={C}\n{B}=Radiology, Hospital B\n"
+    assert prosody.returncode == 0, prosody.stderr
+    assert prosody.stdout == (f"[Helse Vest gateways: {C} + {A}]\n{C}={C}\n{A}={A}\n"  # one group per pair
+                              f"[Helse Vest gateways: {A} + {B}]\n{A}={A}\n{B}=Radiology, Hospital B\n")
     ejabberd = gw.cli("peers", "export", "ejabberd").stdout.splitlines()
-    assert ejabberd[0] == ("ejabberdctl srg_create dicom_gateways helsenett.test 'DICOM gateways' 'dicomgw peers export' "
-                           "dicom_gateways")
-    assert ejabberd[1:] == ["ejabberdctl srg_user_add archive.hospital-c helsenett.test dicom_gateways helsenett.test",
-                            "ejabberdctl srg_user_add radiology.hospital-b helsenett.test dicom_gateways helsenett.test"]
+    assert len(ejabberd) == 6 and [line.split()[1] for line in ejabberd] == ["srg_create", "srg_user_add", "srg_user_add"] * 2
+    assert f"'DICOM gateways: {A} + {B}' 'dicomgw peers export'" in ejabberd[3]
+    assert ejabberd[4:6] == [f"ejabberdctl srg_user_add {user} helsenett.test {ejabberd[3].split()[2]} helsenett.test"
+                             for user in sorted((A.split("@")[0], B.split("@")[0]))]
 
     assert gw.cli("peers", "rm", C).returncode == 0
     assert [p["jid"] for p in json.loads(gw.cli("peers", "ls", "--json").stdout)] == [B]
@@ -120,7 +127,8 @@ def test_the_running_gateway_serves_its_page_behind_a_hashed_password(tmp_path: 
         url = f"http://127.0.0.1:{port}/"
         wait_for(lambda: _status(url) == 401, 30, 0.1, what="the web page to answer")
         page = httpx.get(url, auth=("pacsadmin", "a long enough password"), timeout=10)
-        assert page.status_code == 200 and "XMPP: <span class=\"bad\">not started</span>" in page.text
+        assert page.status_code == 200 and "XMPP: <span class=\"bad\">not configured</span>" in page.text
+        assert "Gateway: <span class=\"ok\">running</span>" in page.text  # its heartbeat, as `dicomgw status` reads it
         metrics = httpx.get(url + "metrics", auth=("pacsadmin", "a long enough password"), timeout=10).text
         assert 'dicomgw_queue_units{direction="out",state="received"} 0.0' in metrics
         assert "dicomgw_xmpp_connected 0.0" in metrics

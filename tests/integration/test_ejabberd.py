@@ -13,7 +13,7 @@ import pytest
 
 from adapters.ejabberd_peer import Ejabberd
 from adapters.synthetic import generate_ct_study
-from gateway.cli_peers import ejabberd_commands
+from gateway.roster import ejabberd_text, pair_groups
 from tests.helpers import storescu, wait_for
 from tests.integration.test_xmpp_hostile import send_and_check
 from tests.integration.test_xmpp_transfer import (
@@ -41,12 +41,13 @@ def ejabberd(tmp_path: Path) -> Iterator[Ejabberd]:
 
 
 def test_roster_export_transfer_and_maintenance_announcement_through_ejabberd(tmp_path: Path, ejabberd: Ejabberd) -> None:
-    for line in ejabberd_commands("DICOM gateways", {A_JID: "Radiology A", B_JID: "Radiology B"}).splitlines():
+    groups = pair_groups("DICOM gateways", A_JID, {B_JID: "Radiology B"})
+    for line in ejabberd_text(groups).splitlines():
         argv = shlex.split(line)
         assert argv[0] == "ejabberdctl"
         done = ejabberd.ctl(*argv[1:])
         assert done.returncode == 0, f"{line}: {done.stdout}{done.stderr}"
-    members = ejabberd.ctl("srg_get_members", "dicom_gateways", DOMAIN).stdout.split()
+    members = ejabberd.ctl("srg_get_members", groups[0].group_id, DOMAIN).stdout.split()
     assert sorted(members) == sorted([A_JID, B_JID])
 
     x = start_site(tmp_path, "x", X_JID, ejabberd, peers=(A_JID,))  # type: ignore[arg-type]

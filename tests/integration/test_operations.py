@@ -16,7 +16,7 @@ import pytest
 from adapters.localpeers import Orthanc, Prosody
 from adapters.netem import FaultRelay, SharedLink
 from adapters.synthetic import generate_ct_study
-from gateway.cli_peers import ejabberd_commands, prosody_groups
+from gateway.roster import ejabberd_text, pair_groups, prosody_text
 from gateway.routing import parse_rules
 from gateway.settings import PacsSettings, RoutingSettings
 from tests.helpers import storescu, wait_for
@@ -62,7 +62,7 @@ def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[objec
         server = Ejabberd(tmp_path / "ejabberd", domain=DOMAIN).start()
         for user in USERS:
             server.add_account(user, f"pw-{user}")
-        for line in ejabberd_commands("DICOM gateways", {A_JID: "A", B_JID: "B"}).splitlines():  # the roster
+        for line in ejabberd_text(pair_groups("DICOM gateways", A_JID, {B_JID: "B"})).splitlines():  # the roster
             assert server.ctl(*shlex.split(line)[1:]).returncode == 0, line
     try:
         yield server
@@ -172,8 +172,8 @@ def test_the_servers_maintenance_broadcast_is_obeyed_by_every_gateway(tmp_path: 
 def test_the_exported_roster_is_what_prosody_shares(tmp_path: Path) -> None:
     """`dicomgw peers export prosody` as Prosody's groups_file: A and B see each other online, X (not in it)
     stays invisible to A although it is connected."""
-    roster = prosody_groups("DICOM gateways", {A_JID: "Radiology, Hospital A", B_JID: "Radiology, Hospital B"})
-    assert roster == f"[DICOM gateways]\n{A_JID}=Radiology, Hospital A\n{B_JID}=Radiology, Hospital B\n"
+    roster = prosody_text(pair_groups("DICOM gateways", A_JID, {B_JID: "Radiology, Hospital B"}))
+    assert roster == f"[DICOM gateways: {A_JID} + {B_JID}]\n{A_JID}={A_JID}\n{B_JID}=Radiology, Hospital B\n"
     server = prosody_with(tmp_path / "prosody", groups_text=roster)
     try:
         x = start_site(tmp_path, "x", f"radiology.hospital-x@{DOMAIN}", server, peers=(A_JID,))

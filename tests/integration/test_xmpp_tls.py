@@ -44,7 +44,8 @@ def test_a_server_that_fails_verification_is_refused_with_its_reason(
         agent = site.gateway.agent
         wait_for(lambda: agent.status["state"] == "refused", 30, 0.05, what="the refusal")
         assert agent.status["last_error"].startswith(reason) and not agent.online
-        code, status = _status_cli(tmp_path, tmp_path / "a" / "queue.db", capsys)
+        code, status = wait_for(lambda: (found := _status_cli(tmp_path, tmp_path / "a" / "queue.db", capsys))[1]["state"]
+                                == "refused" and found, 30, 0.2, what="dicomgw status to show the refusal (heartbeat)")
         assert code == 1 and status["state"] == "refused" and status["last_error"].startswith(reason)
         assert status["server"] == f"127.0.0.1:{server.c2s_port}"
         log = (server.workdir / "prosody.log").read_text() if (server.workdir / "prosody.log").exists() else ""
@@ -58,7 +59,8 @@ def test_verified_server_and_pin(tmp_path: Path, capsys: pytest.CaptureFixture[s
     server = _server(tmp_path, "ca")
     site = start_site(tmp_path, "a", A_JID, server, peers=())
     try:
-        code, status = _status_cli(tmp_path, tmp_path / "a" / "queue.db", capsys)
+        code, status = wait_for(lambda: (found := _status_cli(tmp_path, tmp_path / "a" / "queue.db", capsys))[0] == 0
+                                and found, 30, 0.2, what="dicomgw status to show the session online (heartbeat)")
         assert code == 0 and status["state"] == "online" and status["tls_version"] == "TLSv1.3"
         seen = status["server_cert_sha256"]
     finally:

@@ -135,3 +135,29 @@ def test_tally_counts_study_bytes_through_compressed_frames(tmp_path: Path) -> N
     assert 2024 < tally.plain_at(ends[1] + (ends[2] - ends[1]) // 2) < 5024  # half of the third frame
     raw = Tally(iter([b"abc", b"de"]), framed=False)
     assert list(raw) == [b"abc", b"de"] and raw.plain_at(4) == 4
+
+
+def test_tally_keeps_the_sources_suspend_hooks_visible() -> None:
+    """A routine stream's source carries on_suspend/suspended (gateway.dispatch): the transport sets and reads
+    them through the wrapper (hidden, a STAT reset was recorded as a cut)."""
+    from gateway.wire import Tally
+
+    class Source:
+        def __init__(self) -> None:
+            self.on_suspend = None
+            self.suspended = False
+
+        def __iter__(self) -> Source:
+            return self
+
+        def __next__(self) -> bytes:
+            raise StopIteration
+
+    source = Source()
+    tally = Tally(source, framed=False)  # type: ignore[arg-type]
+    assert hasattr(tally, "on_suspend") and tally.suspended is False
+    tally.on_suspend = print
+    assert source.on_suspend is print
+    source.suspended = True
+    assert tally.suspended is True
+    assert not hasattr(Tally(iter([b"x"]), framed=False), "on_suspend")
