@@ -59,7 +59,8 @@ def decode_associate_rq(body: bytes | bytearray) -> tuple[AssociateRequest | Non
         request = AssociateRequest(str(pdu.calling_ae_title).strip(), str(pdu.called_ae_title).strip(),
                                    int((user.maximum_length if user else 0) or 0), contexts, roles)
     except Exception as exc:  # pynetdicom raises anything from struct.error to ValueError on bad items
-        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ: an item pynetdicom cannot decode "
+                            f"({type(exc).__name__}: {str(exc)[:80] or 'no detail'})") from exc
     if not contexts:
         return None, ((1, 1, 1), "no presentation context proposed")
     return request, None

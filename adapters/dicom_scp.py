@@ -56,7 +56,7 @@ from adapters.dicom_store import (
     CommitmentFn,
     Link,
 )
-from adapters.dicom_tls import server_context
+from adapters.dicom_tls import server_context, tls_refusal_reason
 from adapters.dicom_ul import (
     AssociateRequest,
     Association,
@@ -174,7 +174,8 @@ class StorageSCP:
             backoff_s = 0.05
             refusal = self._admission.wait(kind, address[0])
             if refusal is not None:
-                log.warning("connection from %s closed: %s", address[0], refusal)
+                self._refused("waiting", f"{address[0]}:{address[1]}", f"DICOM connection from {address[0]} closed at "
+                              f"once: {refusal}")
                 sock.close()
                 continue
             try:
@@ -186,12 +187,13 @@ class StorageSCP:
 
     def _refused(self, kind: str, address: str, detail: str) -> None:
         """An association refused: audited ``association_rejected``, counted in memory (``refused``: one row per
-        source address, kind and minute with a count) so that a flood of hostile connections writes nothing
-        per connection; without ``refused``, one audit row each."""
-        log.warning("%s", detail)
+        source address, kind and minute with a count, and one log line per address, kind and minute: see
+        ``gateway.refusals``) so that a flood of hostile connections writes nothing per connection; without
+        ``refused``, one audit row and log line each. ``detail`` names the address, the phase and the reason."""
         if self._note_refusal is not None:
             self._note_refusal("association_rejected", f"{address.rsplit(':', 1)[0]} {kind}", detail)
         else:
+            log.warning("%s", detail)
             self._audit("association_rejected", detail)
 
     # -- one association ------------------------------------------------------------------------
@@ -211,22 +213,40 @@ class StorageSCP:
                     try:
                         sock = tls.wrap_socket(raw_sock, server_side=True)
                     except (ssl.SSLError, OSError) as exc:
-                        self._refused("tls", address, f"TLS from {address} refused: "
-                                    f"{getattr(exc, 'verify_message', '') or getattr(exc, 'reason', '') or exc or 'no handshake in time'}")
+                        self._refused("tls", address, f"DICOM TLS handshake from {address} refused: "
+                                      f"{tls_refusal_reason(exc, self._settings.artim_timeout_s)}")
                         return
                     finally:
                         self._reaper.disarm(raw_sock)
                 sock.settimeout(self._settings.network_timeout_s)
-                link = self._negotiate(sock, address)
+                try:
+                    link = self._negotiate(sock, address)
+                except ssl.SSLError as exc:  # TLS 1.3: the client's verdict on our certificate comes after the handshake
+                    self._refused("tls", address, f"DICOM TLS from {address} ended after the handshake: "
+                                  f"{tls_refusal_reason(exc, self._settings.artim_timeout_s)}")
+                    return
+                except TimeoutError:
+                    self._refused("request", address, f"DICOM association request from {address} refused: no "
+                                  f"A-ASSOCIATE-RQ within {self._settings.artim_timeout_s:g} s (ARTIM)")
+                    return
+                except ProtocolError as exc:
+                    self._refused("request", address, f"DICOM association request from {address} aborted: {exc}")
+                    send_abort(sock)
+                    return
             finally:
                 unassociated = False
                 self._admission.done_waiting(kind, host)
             if link is not None:
                 AssociationHandler(self, link, address).run()
+        except TimeoutError:
+            self._refused("stalled", address, f"DICOM association from {address} aborted: no PDU for "
+                          f"{self._settings.network_timeout_s:g} s while a message was due (the peer stalled)")
+            send_abort(sock)
+        except ProtocolError as exc:
+            self._refused("protocol", address, f"DICOM association from {address} aborted: {exc}")
+            send_abort(sock)  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
         except (OSError, AssociationAborted) as exc:
             log.info("association from %s ended: %s", address, exc or type(exc).__name__)
-            if isinstance(exc, ProtocolError):
-                send_abort(sock)  # A-ABORT: the peer learns the association is gone (PS3.8 7.3)
         except Exception:  # never a dead thread with the peer left waiting: log, A-ABORT, keep serving others
             log.exception("association from %s failed", address)
             send_abort(sock)
@@ -246,23 +266,24 @@ class StorageSCP:
         if rejection is not None or request is None:
             (result, source, reason), why = rejection or ((1, 1, 1), "no request")
             sock.sendall(associate_rj(result, source, reason))
-            self._refused("request", address, f"A-ASSOCIATE-RQ from {address} rejected: {why}")
+            self._refused("request", address, f"DICOM association request from {address} rejected: {why}")
             return None
         allowed = self._settings.allowed_calling_ae_titles
         if allowed and request.calling_ae not in allowed:
             sock.sendall(associate_rj(1, 1, 3))  # rejected-permanent, service user, calling AE not recognised
-            self._refused("calling-ae", address, f"calling AE title {request.calling_ae!r} from {address} is not in the allowlist")
+            self._refused("calling-ae", address, f"DICOM association request from {address} rejected: calling AE title "
+                          f"{request.calling_ae!r} is not in the allowlist ([dicom] allowed_calling_ae_titles)")
             return None
         if 0 < request.max_pdu < MIN_PEER_PDU_BYTES:  # each response would be PDUs of a few bytes, without end
             sock.sendall(associate_rj(1, 1, 1))  # rejected-permanent, service user, no reason given
-            self._refused("max-pdu", address, f"A-ASSOCIATE-RQ from {address} rejected: Maximum Length Received "
+            self._refused("max-pdu", address, f"DICOM association request from {address} rejected: Maximum Length Received "
                         f"{request.max_pdu} is below {MIN_PEER_PDU_BYTES} bytes")
             return None
         host = address.rsplit(":", 1)[0]
         refusal = self._admission.associate(host)
         if refusal is not None:
             sock.sendall(associate_rj(2, 3, 2))  # rejected-transient, provider (presentation), local limit exceeded
-            log.warning("association from %s refused: %s", address, refusal)
+            self._refused("limit", address, f"DICOM association request from {address} rejected (transient): {refusal}")
             return None
         try:
             results, contexts, roles = self._choose(request)

@@ -37,3 +37,37 @@ def client_context(ca_file: Path | None, cert_file: Path | None = None, key_file
     if cert_file is not None and key_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context
+
+
+#: OpenSSL reason codes (``ssl.SSLError.reason``) in words an admin can act on.
+_TLS_REASONS = (
+    (("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+      "TLSV1_ALERT_DECRYPT_ERROR"), "the peer does not accept this gateway's certificate (it does not trust our CA: "
+                                   "give its admin the CA of [dicom] tls_cert_file)"),
+    (("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"),
+     "no client certificate (this port requires one: [dicom] require_client_cert)"),
+    (("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE", "WRONG_SSL_VERSION"),
+     "a TLS version below 1.2 (BCP 195: TLS 1.2 or 1.3 only)"),
+    (("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"),
+     "not TLS: plain DICOM (or something else) on the TLS port"),
+    (("NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE"), "no cipher suite in common (BCP 195: ECDHE/DHE with AES-GCM)"),
+    (("TLSV1_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_EXPIRED"), "the peer says our certificate has expired"),
+)
+
+
+def tls_refusal_reason(exc: BaseException, timeout_s: float) -> str:
+    """Why a TLS handshake (or the first read after it) failed, in words: who refused what, and what to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError) or getattr(exc, "reason", "") == "CERTIFICATE_VERIFY_FAILED":
+        message = getattr(exc, "verify_message", "") or "verification failed"
+        if "unable to get local issuer" in message or "self-signed" in message or "self signed" in message:
+            return f"the client's certificate is not signed by our CA ([dicom] tls_ca_file): {message}"
+        return f"the client's certificate was not accepted: {message}"
+    reason = str(getattr(exc, "reason", "") or "")
+    for codes, words in _TLS_REASONS:
+        if reason in codes:
+            return words
+    if isinstance(exc, TimeoutError | ssl.SSLWantReadError) or "timed out" in str(exc):
+        return f"no complete TLS handshake within {timeout_s:g} s"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError) or reason in ("UNEXPECTED_EOF_WHILE_READING", "EOF"):
+        return "the peer closed the connection during the TLS handshake"
+    return f"TLS failed ({reason or type(exc).__name__}: {str(exc)[:120]})"

@@ -248,6 +248,7 @@ class Gateway:
                 log.exception("writing refusal counts failed")
 
     def flush_refusals(self) -> None:
+        self.refusals.flush_quiet()
         tallies = self.refusals.drain()
         try:
             self.store.audit_counts([(t.event, t.key, t.detail, t.count) for t in tallies])

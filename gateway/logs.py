@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +82,7 @@ def configure(level: str = "INFO", log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
+    handler.addFilter(LibraryFlood())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -89,6 +91,40 @@ def configure(level: str = "INFO", log_format: str = "text") -> None:
     logging.captureWarnings(True)
     threading.excepthook = _thread_exception
     sys.excepthook = _uncaught
+
+
+class LibraryFlood(logging.Filter):
+    """Warnings of the DICOM libraries about the data they parse (pydicom's through ``py.warnings``,
+    pynetdicom's own): hostile or sloppy input made thousands of them, one per element. The first line of each
+    kind (library and the message's first 60 characters) per ``window_s`` passes; the rest are counted, and the
+    next line of that kind after the window says how many were left out. Our own lines are never held back."""
+
+    LIBRARIES = ("py.warnings", "pynetdicom", "pydicom")
+
+    def __init__(self, window_s: float = 60.0, max_kinds: int = 500) -> None:
+        super().__init__()
+        self.window_s, self.max_kinds = window_s, max_kinds
+        self._seen: dict[tuple[str, str], list[float]] = {}  # kind -> [window start, left out]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.LIBRARIES):
+            return True
+        kind = (record.name.split(".", 1)[0], record.getMessage()[:60])
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self.window_s:
+                seen[1] += 1
+                return False
+            if seen is None and len(self._seen) >= self.max_kinds:
+                self._seen.clear()
+            left_out = int(seen[1]) if seen is not None else 0
+            self._seen[kind] = [now, 0]
+        if left_out:
+            record.msg = f"{record.getMessage()} ({left_out} more like it in the last {self.window_s:.0f} s not shown)"
+            record.args = None
+        return True
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -6,11 +6,17 @@ thread); :meth:`RefusalLog.drain` hands the counts to a writer (``QueueStore.aud
 worker thread each second, which folds them into one audit row per event, key and minute with a count.
 At most ``max_keys`` distinct keys are held between drains; beyond that, refusals are counted under the key
 ``(others)`` so that memory stays bounded whatever the attacker varies.
+
+The log gets the same treatment: the first refusal of an event and key in ``log_window_s`` is logged (a
+WARNING naming address, phase and reason), the rest of the window only counted, and when the window ends
+:meth:`RefusalLog.flush_quiet` logs one line with how many more came ("37 more like it from 10.0.0.9 in 60 s").
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from gateway.rows import utcnow
@@ -25,16 +31,46 @@ class Tally:
     first_at: object  # datetime (utcnow) of the first refusal in this batch
 
 
+log = logging.getLogger(__name__)
+
+
 class RefusalLog:
-    def __init__(self, max_keys: int = 1000) -> None:
+    def __init__(self, max_keys: int = 1000, log_window_s: float = 60.0) -> None:
         self.max_keys = max_keys
+        self.log_window_s = log_window_s
         self._tallies: dict[tuple[str, str], Tally] = {}
+        self._quiet: dict[tuple[str, str], list] = {}  # (event, key) -> [window start, count kept quiet, detail]
         self._lock = threading.Lock()
         self.total = 0  # refusals noted since start (for tests and metrics)
 
     def note(self, event: str, key: str, detail: str) -> None:
-        """One refusal (any thread, no I/O)."""
+        """One refusal (any thread, no I/O but a log line at most once per key and window)."""
         self.add(event, key, detail, 1)
+        self._log_once(event, key, detail)
+
+    def _log_once(self, event: str, key: str, detail: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            window = self._quiet.get((event, key))
+            if window is not None and now - window[0] < self.log_window_s:
+                window[1] += 1
+                return
+            if window is None and len(self._quiet) >= self.max_keys:
+                return  # counted in the audit; the log says so at the next flush of a window
+            self._quiet[(event, key)] = [now, 0, detail]
+        log.warning("%s", detail)
+
+    def flush_quiet(self) -> None:
+        """Log how many refusals each ended window kept quiet (one line per key), and forget the window."""
+        now = time.monotonic()
+        with self._lock:
+            ended = [(k, w) for k, w in self._quiet.items() if now - w[0] >= self.log_window_s]
+            for k, _w in ended:
+                del self._quiet[k]
+        for (event, key), (_start, count, detail) in ended:
+            if count:
+                log.warning("%d more %s like it from %s in the last %.0f s (first: %s)", count, event, key,
+                            self.log_window_s, detail)
 
     def add(self, event: str, key: str, detail: str, count: int) -> None:
         with self._lock:

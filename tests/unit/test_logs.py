@@ -115,3 +115,45 @@ def test_with_json_every_line_is_json_warnings_and_thread_errors_included(capsys
     assert any(p["logger"] == "py.warnings" and "exceeds the maximum length" in p["msg"] for p in parsed)
     assert any("folder-watch" in p["msg"] and "RuntimeError: watcher broke" in p.get("exc", "") for p in parsed)
     assert any(p["logger"] == "uvicorn.error" for p in parsed)
+
+
+def test_library_warnings_are_aggregated_and_ours_never_held_back() -> None:
+    """pydicom/pynetdicom warnings about parsed data: the first of a kind per window passes, the rest are
+    counted and the next one after the window says how many were left out."""
+    import logging
+    import time
+
+    from gateway.logs import LibraryFlood
+
+    flood = LibraryFlood(window_s=0.2)
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+    passed = [flood.filter(record("py.warnings", "Invalid value for VR UI: 'x'")) for _ in range(50)]
+    assert passed.count(True) == 1
+    assert all(flood.filter(record("gateway.dispatch", "ours")) for _ in range(50))
+    assert flood.filter(record("pynetdicom.acse", "another kind"))
+    time.sleep(0.25)
+    later = record("py.warnings", "Invalid value for VR UI: 'x'")
+    assert flood.filter(later) and "(49 more like it in the last 0 s not shown)" in later.getMessage()
+
+
+def test_refusals_log_once_per_key_and_window_then_a_count(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+    import time
+
+    from gateway.refusals import RefusalLog
+
+    caplog.set_level(logging.WARNING, logger="gateway.refusals")
+    refusals = RefusalLog(log_window_s=0.2)
+    for n in range(30):
+        refusals.note("association_rejected", "10.0.0.9 tls", f"DICOM TLS handshake from 10.0.0.9:{n} refused: x")
+    refusals.note("association_rejected", "10.0.0.8 tls", "DICOM TLS handshake from 10.0.0.8:1 refused: y")
+    assert [r.getMessage() for r in caplog.records] == ["DICOM TLS handshake from 10.0.0.9:0 refused: x",
+                                                       "DICOM TLS handshake from 10.0.0.8:1 refused: y"]
+    time.sleep(0.25)
+    refusals.flush_quiet()
+    assert caplog.records[-1].getMessage() == ("29 more association_rejected like it from 10.0.0.9 tls in the last 0 s "
+                                               "(first: DICOM TLS handshake from 10.0.0.9:0 refused: x)")
+    assert sum(t.count for t in refusals.drain()) == 31  # every one counted for the audit
