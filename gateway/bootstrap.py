@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -28,7 +29,7 @@ from adapters.pacs import PacsClient, StreamingImport
 from adapters.spool import Spool
 from adapters.xmpp.agent import GatewayAgent
 from adapters.xmpp.agent import XmppSettings as AgentSettings
-from adapters.xmpp.e2e import Identity, ensure_identity, fingerprint
+from adapters.xmpp.e2e import Identities, Identity, ensure_identity, fingerprint, load_identities, pinned_cert
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
 from gateway.directory import PeerDirectory
@@ -74,7 +75,26 @@ def identity_paths(settings: Settings) -> tuple[Path, Path]:
 def load_identity(settings: Settings) -> tuple[Identity, bool]:
     """This gateway's end-to-end identity, made on first use: (identity, created)."""
     key_path, cert_path = identity_paths(settings)
-    return ensure_identity(key_path, cert_path, settings.xmpp.jid.split("/")[0] or settings.dicom.ae_title)
+    return ensure_identity(key_path, cert_path, _common_name(settings))
+
+
+def _common_name(settings: Settings) -> str:
+    return settings.xmpp.jid.split("/")[0] or settings.dicom.ae_title
+
+
+def load_all_identities(settings: Settings) -> tuple[Identities, bool, str | None]:
+    """The current identity and, during a rotation's overlap, the previous one: (identities, created, the
+    fingerprint of a previous one retired now that its overlap ended)."""
+    key_path, cert_path = identity_paths(settings)
+    return load_identities(key_path, cert_path, _common_name(settings))
+
+
+def rotate_keys(settings: Settings, overlap_s: float) -> tuple[Identities, str]:
+    """`dicomgw keys rotate`: a new identity, the old one usable for ``overlap_s`` (audited by the caller)."""
+    from adapters.xmpp.e2e import rotate_identity
+
+    key_path, cert_path = identity_paths(settings)
+    return rotate_identity(key_path, cert_path, _common_name(settings), overlap_s)
 
 
 def facts_from_file(path: str | Path, source: str, tag_keys: tuple[str, ...]) -> StudyFacts:
@@ -145,10 +165,15 @@ class Gateway:
         """On the running loop: slixmpp binds to the event loop current at construction."""
         x = self.settings.xmpp
         methods = tuple({"s5b": NS_S5B, "ibb": NS_IBB}[m] for m in x.methods)
-        self.identity, created = load_identity(self.settings)
+        identities, created, retired = load_all_identities(self.settings)
+        self.identity = identities.current
         if created:
             self._audit("identity_created", f"new end-to-end identity, certificate SHA-256 {self.identity.fingerprint}")
-        log.info("end-to-end identity: certificate SHA-256 %s", self.identity.fingerprint)
+        self._identities_retired(retired)
+        log.info("end-to-end identity: certificate SHA-256 %s%s", self.identity.fingerprint,
+                 f" (and the previous one, {identities.previous.fingerprint}, until {identities.previous_until:%Y-%m-%d %H:%M} UTC)"
+                 if identities.previous is not None else "")
+        self._identity_files = self._identity_stamp()
         self.inbound_policy = InboundPolicy(
             self.store, self.directory, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
             require_e2e=x.require_e2e, claims=self.claims, stat_reserve=x.stat_reserve, refusals=self.refusals,
@@ -166,6 +191,7 @@ class Gateway:
             ),
             _Inbound(self),
         )
+        self.agent.identities = identities
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
         rules = Rules(self.settings.routing.rules, self.settings.routing.default_destination)
         for warning in rules.warnings():
@@ -236,14 +262,55 @@ class Gateway:
                 except Exception:
                     log.exception("process heartbeat failed")
 
+    def _identity_stamp(self) -> tuple[float, ...]:
+        """The identity files' modification times: a change (`dicomgw keys rotate`) is picked up within a second."""
+        from adapters.xmpp.e2e import previous_paths
+
+        key_path, cert_path = identity_paths(self.settings)
+        stamps = []
+        for path in (key_path, cert_path, *previous_paths(key_path, cert_path)):
+            try:
+                stamps.append(path.stat().st_mtime)
+            except OSError:
+                stamps.append(0.0)
+        return tuple(stamps)
+
+    def _identities_retired(self, retired: str | None) -> None:
+        if retired is not None:
+            self._audit("identity_retired", f"the previous end-to-end certificate SHA-256 {retired} is retired: its "
+                        f"overlap ended (its key is removed; peers still pinning it must pin the new one)")
+            log.warning("previous end-to-end identity %s retired: its overlap ended", retired)
+
+    def _check_identities(self) -> None:
+        """Off the loop, each second: a rotation (new files) or the end of an overlap is taken over by the
+        running agent at once, without a restart and without cutting a stream."""
+        if self.agent is None or self.identity is None:
+            return
+        until = self.agent.identities.previous_until if self.agent.identities is not None else None
+        stamp = self._identity_stamp()
+        if stamp == self._identity_files and (until is None or utcnow().replace(tzinfo=datetime.UTC) < until):
+            return
+        identities, _created, retired = load_all_identities(self.settings)
+        self._identity_files = self._identity_stamp()
+        self._identities_retired(retired)
+        if identities != self.agent.identities:
+            log.warning("end-to-end identity now SHA-256 %s%s", identities.current.fingerprint,
+                        f" (previous {identities.previous.fingerprint} until {identities.previous_until:%Y-%m-%d %H:%M} UTC)"
+                        if identities.previous is not None else "")
+            self.identity = identities.current
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(setattr, self.agent, "identities", identities)
+
     async def _refusal_loop(self, stop: asyncio.Event) -> None:
-        """Each second, off the loop: refusals counted in memory go to the audit log, the peer table is re-read."""
+        """Each second, off the loop: refusals counted in memory go to the audit log, the peer table is re-read,
+        the identity files looked at."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             try:
                 await asyncio.to_thread(self.flush_refusals)
                 await asyncio.to_thread(self.directory.refresh)
+                await asyncio.to_thread(self._check_identities)
             except Exception:  # a database hiccup must not end the loop; the counts wait for the next second
                 log.exception("writing refusal counts failed")
 
@@ -464,7 +531,7 @@ class _Inbound:
 
     def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         assert self.gateway.inbound_policy is not None
-        cert = fingerprint(offer.cert_der) if offer.cert_der else None
+        cert = fingerprint(pinned_cert(offer, self.gateway.pin_for(peer_jid))) if offer.cert_der else None
         return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert, offer.priority)
 
     def release(self, offer: Offer) -> None:
@@ -491,7 +558,7 @@ class _Inbound:
 
     def screen(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
         assert self.gateway.inbound_policy is not None
-        cert = fingerprint(offer.cert_der) if offer.cert_der else None
+        cert = fingerprint(pinned_cert(offer, self.gateway.pin_for(peer_jid))) if offer.cert_der else None
         return self.gateway.inbound_policy.screen(peer_jid, offer.manifest_sha256, cert)
 
     def status_changed(self, status: dict) -> None:

@@ -74,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="this gateway's end-to-end identity (key and self-signed certificate)")
     _config_option(keys)
-    keys.add_argument("action", nargs="?", choices=["show", "init"], default="show")
+    keys.add_argument("action", nargs="?", choices=["show", "init", "rotate"], default="show",
+                      help="show (default); init: make the identity if there is none; rotate: a new key, the old one "
+                           "still served to peers that pin it for --overlap")
+    keys.add_argument("--overlap", default="7d", help="with 'rotate': how long the old key stays usable (e.g. 7d, 48h; "
+                      "peers add the new pin meanwhile: dicomgw peers edit JID --add-fingerprint NEW)")
     keys.add_argument("--json", action="store_true")
     keys.set_defaults(handler=_cmd_keys)
 
@@ -205,6 +209,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     key_path, cert_path = identity_paths(settings)
+    if args.action == "rotate":
+        return _rotate_keys(settings, args)
     if args.action == "show" and not key_path.exists():
         print(f"dicomgw keys: no identity yet at {key_path}; make one with `dicomgw keys init`", file=sys.stderr)
         return 1
@@ -213,14 +219,61 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"dicomgw keys: {exc}", file=sys.stderr)
         return 1
+    from gateway.bootstrap import load_all_identities
+
+    identities, _created, retired = load_all_identities(settings)
+    if retired is not None:
+        _store(settings).audit("identity_retired", f"the previous end-to-end certificate SHA-256 {retired} is retired: "
+                               f"its overlap ended")
+    previous = identities.previous
     if args.json:
         print(json.dumps({"fingerprint": identity.fingerprint, "certificate": str(cert_path), "key": str(key_path),
-                          "created": created}))
+                          "created": created, "previous_fingerprint": previous.fingerprint if previous else None,
+                          "previous_until": identities.previous_until.isoformat() if identities.previous_until else None}))
         return 0
     print(f"{'created' if created else 'identity'}: {cert_path} (key {key_path}, mode 600)")
     print(f"SHA-256 {identity.fingerprint}")
     print(f"        {grouped(identity.fingerprint)}")
+    if previous is not None:
+        print(f"previous SHA-256 {previous.fingerprint}: still served to peers that pin it until "
+              f"{identities.previous_until:%Y-%m-%d %H:%M} UTC")
     print("Read it to the peer's operator; they pin it with `dicomgw peers add YOUR_JID --fingerprint SHA256`.")
+    return 0
+
+
+def _rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """`dicomgw keys rotate --overlap 7d`: audited; the running gateway takes it over within a second."""
+    from gateway.bootstrap import rotate_keys
+    from gateway.pins import grouped
+
+    text = args.overlap.strip().lower()
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    try:
+        overlap_s = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+        if not 0 < overlap_s <= 366 * 86400:
+            raise ValueError
+    except (ValueError, KeyError):
+        print(f"dicomgw keys rotate: --overlap {args.overlap!r}: a duration like 7d, 48h or 90m (at most a year)",
+              file=sys.stderr)
+        return 2
+    try:
+        identities, old = rotate_keys(settings, overlap_s)
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"dicomgw keys rotate: {exc}", file=sys.stderr)
+        return 1
+    new = identities.current.fingerprint
+    until = f"{identities.previous_until:%Y-%m-%d %H:%M} UTC"
+    _store(settings).audit("identity_rotated", f"new end-to-end certificate SHA-256 {new}; the previous one, {old}, "
+                           f"stays usable until {until} for peers that still pin it")
+    if args.json:
+        print(json.dumps({"fingerprint": new, "previous_fingerprint": old, "previous_until": identities.previous_until.isoformat()}))
+        return 0
+    print(f"new identity: SHA-256 {new}")
+    print(f"              {grouped(new)}")
+    print(f"the previous one ({old}) is still served to peers that pin it until {until}.")
+    print("Each peer's operator adds the new pin now and drops the old one when it is over:")
+    print(f"  dicomgw peers edit YOUR_JID --add-fingerprint {new}")
+    print(f"  dicomgw peers edit YOUR_JID --remove-fingerprint {old}")
     return 0
 
 

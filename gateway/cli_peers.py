@@ -28,6 +28,10 @@ def add_parsers(sub: Any, config_option: Any) -> None:
                        " with 'export': prosody or ejabberd")
     peers.add_argument("--name", help="a display name for people")
     peers.add_argument("--fingerprint", help="the peer's certificate SHA-256 (its `dicomgw keys show`), verified out of band")
+    peers.add_argument("--add-fingerprint", metavar="SHA256", help="with 'edit': pin a second certificate (the peer "
+                       "rotates its key: its old and new one are both accepted)")
+    peers.add_argument("--remove-fingerprint", metavar="SHA256", help="with 'edit': drop a pin (the peer's old "
+                       "certificate, once its rotation is over)")
     peers.add_argument("--destinations", help="routing destinations this peer serves besides its own, comma-separated")
     peers.add_argument("--max-concurrent", type=int, help="routine transfers to this peer at once (default 1)")
     peers.add_argument("--directions", choices=DIRECTIONS, help="both (default), send (we only send to it), receive (we only receive)")
@@ -90,10 +94,27 @@ def cmd_peers(args: argparse.Namespace) -> int:
             roster_name(args.name, "--name")
         config = _config(args)
         pin = None
-        if args.fingerprint:
-            from gateway.pins import normalize_fingerprint
+        from gateway.pins import normalize_fingerprint, pin_set
 
+        if args.fingerprint:
             pin = normalize_fingerprint(args.fingerprint)
+        if args.add_fingerprint or args.remove_fingerprint:  # a peer rotating its key: two pins for a while
+            current = next((p["fingerprint"] for p in store.peers() if p["jid"] == bare), None)
+            pins = list(pin_set(pin or current))
+            if args.add_fingerprint:
+                added = normalize_fingerprint(args.add_fingerprint)
+                if added not in pins:
+                    pins.append(added)
+                if len(pins) > 3:
+                    raise ValueError(f"{bare} would have {len(pins)} pins: remove the old one first (--remove-fingerprint)")
+            if args.remove_fingerprint:
+                removed = normalize_fingerprint(args.remove_fingerprint)
+                if removed not in pins:
+                    raise ValueError(f"{removed} is not pinned for {bare} (pins: {', '.join(pins) or 'none'})")
+                pins.remove(removed)
+                if not pins:
+                    raise ValueError(f"that is the only pin of {bare}: add its new one first (--add-fingerprint)")
+            pin = ",".join(pins)
     except ValueError as exc:
         return _fail(action, str(exc))
     if action == "edit":

@@ -4,6 +4,7 @@
   DER encoding. Operators read it to each other out of band; :func:`normalize_fingerprint` accepts it as
   64 hex digits, with or without colons, spaces or a ``SHA256:`` prefix, and returns 64 lower-case hex
   digits (or raises ``ValueError`` naming what is wrong). :func:`grouped` prints it for reading aloud.
+- A pin may hold two fingerprints (comma-separated, :func:`pin_set`) while a peer rotates its key.
 - :func:`redact` replaces study and SOP Instance UIDs in a text that leaves over the XMPP server (a verdict
   or a receipt) with positional names: the server routes, it never learns which study or instance.
 """
@@ -23,6 +24,12 @@ def normalize_fingerprint(text: str) -> str:
     if not _HEX64.match(value):
         raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons and spaces allowed)")
     return value
+
+
+def pin_set(pin: str | None) -> tuple[str, ...]:
+    """The fingerprints a pin holds: one, or several separated by commas while a peer rotates its key (its old
+    and its new certificate are both accepted until its operator drops the old: `peers edit --remove-fingerprint`)."""
+    return tuple(normalize_fingerprint(part) for part in (pin or "").split(",") if part.strip())
 
 
 def grouped(fingerprint: str) -> str:

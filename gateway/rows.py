@@ -109,7 +109,8 @@ class PeerRow(Base):
     name: Mapped[str] = mapped_column(String(255), default="")
     allowed: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
-    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)  # pinned certificate SHA-256
+    # pinned certificate SHA-256; two, comma-separated, while the peer rotates its key (gateway.pins.pin_set)
+    fingerprint: Mapped[str | None] = mapped_column(String(200), nullable=True)
     destinations: Mapped[str] = mapped_column(Text, default="", server_default="")  # comma-separated
     max_concurrent: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     directions: Mapped[str] = mapped_column(String(8), default="both", server_default="both")  # both|send|receive

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from gateway.claims import Claims
 from gateway.directory import PeerDirectory
 from gateway.lifecycle import State
-from gateway.pins import redact
+from gateway.pins import redact, pin_set
 from gateway.refusals import RefusalLog
 from gateway.store import QueueStore
 
@@ -168,7 +168,7 @@ class InboundPolicy:
         if pin is None:
             return (f"no certificate pinned for {peer_bare} (its SHA-256 is {cert_sha256}; verify it out of band, then "
                     f"dicomgw peers add {peer_bare} --fingerprint SHA256)") if self.require_e2e else None
-        if pin != cert_sha256:
+        if cert_sha256 not in pin_set(pin):
             return f"certificate SHA-256 {cert_sha256} of {peer_bare} does not match the pin {pin}"
         return None
 

@@ -44,7 +44,7 @@ from adapters.xmpp.common import (
     log_task_failure,
     shut,
 )
-from adapters.xmpp.e2e import fingerprint
+from adapters.xmpp.e2e import Identities, fingerprint
 from adapters.xmpp.ibb import IBBMixin
 from adapters.xmpp.offer import OfferMixin
 from adapters.xmpp.s5b import S5BMixin
@@ -115,6 +115,10 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._pending_iqs: dict[asyncio.Future[Any], Any] = {}  # answers we wait for (-> the IQ): failed on disconnect
         self._sockets: dict[str, socket.socket] = {}  # sid -> inbound S5B socket, read on its own thread
         self.stream_managed = False  # XEP-0198 enabled by the server on this session
+        # Our end-to-end identities (the previous one while a key rotation's overlap runs); replaced whole by the
+        # gateway when the key files change (``Gateway._check_identities``). ``_signing``: per peer, the one it pins.
+        self.identities: Identities | None = Identities(settings.identity) if settings.identity is not None else None
+        self._signing: dict[str, str] = {}  # peer bare JID -> fingerprint of our identity it pins
 
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from adapters.xmpp.e2e import Identity, fingerprint
-from gateway.pins import normalize_fingerprint
+from gateway.pins import pin_set
 
 MAX_SIGNATURE_BYTES = 256
 
@@ -40,17 +40,21 @@ def canonical(kind: str, signer_bare: str, addressee_bare: str, *fields: str) ->
 
 
 @functools.lru_cache(maxsize=8)
-def _private_key(key_path: str) -> ec.EllipticCurvePrivateKey:
+def _private_key(key_path: str, cert_der: bytes) -> ec.EllipticCurvePrivateKey:
+    """The key of ``cert_der`` (cached per certificate: after `dicomgw keys rotate` the same path holds another
+    key, and a key that is not the certificate's is refused rather than used for a signature nobody accepts)."""
     with open(key_path, "rb") as fh:
         key = serialization.load_pem_private_key(fh.read(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise TypeError(f"{key_path} is not an EC key")
+    if key.public_key().public_numbers() != _public_key(cert_der).public_numbers():
+        raise ValueError(f"{key_path} is not the key of the certificate it is used with (rotated meanwhile?)")
     return key
 
 
 def sign(identity: Identity, data: bytes) -> tuple[str, str]:
     """(certificate, signature), both base64, for a stanza's ``cert`` and ``sig`` attributes."""
-    signature = _private_key(str(identity.key_path)).sign(data, ec.ECDSA(hashes.SHA256()))
+    signature = _private_key(str(identity.key_path), identity.cert_der).sign(data, ec.ECDSA(hashes.SHA256()))
     return base64.b64encode(identity.cert_der).decode(), base64.b64encode(signature).decode()
 
 
@@ -77,7 +81,7 @@ def verify(pin: str, cert_b64: str, signature_b64: str, data: bytes, signer: str
     if len(signature) > MAX_SIGNATURE_BYTES:
         raise Unattested("signature too long")
     seen = fingerprint(cert_der)
-    if seen != normalize_fingerprint(pin):
+    if seen not in pin_set(pin):
         raise Unattested(f"signed with certificate SHA-256 {seen}, not the one pinned for {signer}")
     try:
         _public_key(cert_der).verify(signature, data, ec.ECDSA(hashes.SHA256()))

@@ -27,7 +27,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.pins import normalize_fingerprint
+from gateway.pins import pin_set
 
 CERT_DAYS = 3650
 
@@ -68,6 +68,96 @@ def ensure_identity(key_path: Path, cert_path: Path, common_name: str) -> tuple[
     if mode:
         raise PermissionError(f"{key_path} is readable by others (mode {key_path.stat().st_mode & 0o777:o}); chmod 600 it")
     return Identity(key_path, cert_path, ssl.PEM_cert_to_DER_cert(cert_path.read_text())), created
+
+
+@dataclass(frozen=True)
+class Identities:
+    """This gateway's identity, and while a rotation runs (`dicomgw keys rotate`) the previous one, usable
+    until ``previous_until``: a peer that still pins the old certificate is served with it (``choose``)."""
+
+    current: Identity
+    previous: Identity | None = None
+    previous_until: datetime.datetime | None = None
+
+    def all(self) -> tuple[Identity, ...]:
+        return (self.current,) if self.previous is None else (self.current, self.previous)
+
+    def by_fingerprint(self, fp: str) -> Identity | None:
+        return next((i for i in self.all() if i.fingerprint == fp), None)
+
+    def choose(self, expected: str) -> Identity:
+        """The identity a peer pinning ``expected`` (comma-separated; "" = unknown) accepts: the current one
+        when it does (or when nothing is known), else the previous one if it does."""
+        try:
+            pins = pin_set(expected)
+        except ValueError:
+            pins = ()
+        if not pins or self.current.fingerprint in pins or self.previous is None:
+            return self.current
+        return self.previous if self.previous.fingerprint in pins else self.current
+
+
+def pinned_cert(offer: object, pin: str | None) -> bytes:
+    """Of an offer's certificates (the sender's current one and, while it rotates, its previous one) the one
+    ``pin`` holds; the current one when neither is (the check then refuses it, naming it)."""
+    current, previous = getattr(offer, "cert_der", b""), getattr(offer, "previous_cert_der", b"")
+    try:
+        pins = pin_set(pin)
+    except ValueError:
+        pins = ()
+    if previous and fingerprint(current) not in pins and fingerprint(previous) in pins:
+        return previous
+    return current
+
+
+def previous_paths(key_path: Path, cert_path: Path) -> tuple[Path, Path, Path]:
+    """Where the previous identity of a rotation lives: key, certificate, and its ``until`` (JSON)."""
+    return (key_path.with_name(key_path.name + ".previous"), cert_path.with_name(cert_path.name + ".previous"),
+            cert_path.with_name(cert_path.name + ".previous.json"))
+
+
+def load_identities(key_path: Path, cert_path: Path, common_name: str,
+                    now: datetime.datetime | None = None) -> tuple[Identities, bool, str | None]:
+    """(identities, created, retired): the current identity (made on first use), the previous one while its
+    overlap runs; a previous one whose overlap has ended is retired here (its key removed, its certificate
+    kept as ``.retired``) and its fingerprint returned for the audit."""
+    import json
+
+    current, created = ensure_identity(key_path, cert_path, common_name)
+    old_key, old_cert, meta = previous_paths(key_path, cert_path)
+    if not (old_key.exists() and old_cert.exists()):
+        return Identities(current), created, None
+    try:
+        until = datetime.datetime.fromisoformat(json.loads(meta.read_text())["until"])
+    except (OSError, ValueError, KeyError, TypeError):
+        until = datetime.datetime.min.replace(tzinfo=datetime.UTC)  # unreadable: retire it rather than keep it for ever
+    previous = Identity(old_key, old_cert, ssl.PEM_cert_to_DER_cert(old_cert.read_text()))
+    if (now or datetime.datetime.now(datetime.UTC)) < until:
+        return Identities(current, previous, until), created, None
+    old_key.unlink()
+    old_cert.replace(old_cert.with_name(f"{cert_path.name}.retired-{previous.fingerprint[:12]}"))
+    meta.unlink(missing_ok=True)
+    return Identities(current), created, previous.fingerprint
+
+
+def rotate_identity(key_path: Path, cert_path: Path, common_name: str, overlap_s: float,
+                    now: datetime.datetime | None = None) -> tuple[Identities, str]:
+    """A new key and certificate; the old pair stays usable for ``overlap_s`` (``load_identities``). Refused
+    while an earlier rotation's overlap still runs. Returns (the identities, the old fingerprint)."""
+    import json
+
+    moment = now or datetime.datetime.now(datetime.UTC)
+    identities, _created, _retired = load_identities(key_path, cert_path, common_name, moment)
+    if identities.previous is not None:
+        raise RuntimeError(f"a rotation is under way: the previous certificate SHA-256 {identities.previous.fingerprint} "
+                           f"stays usable until {identities.previous_until:%Y-%m-%d %H:%M} UTC; rotate again after that")
+    old_key, old_cert, meta = previous_paths(key_path, cert_path)
+    until = moment + datetime.timedelta(seconds=overlap_s)
+    os.replace(key_path, old_key)
+    os.replace(cert_path, old_cert)
+    meta.write_text(json.dumps({"until": until.isoformat(), "fingerprint": identities.current.fingerprint}))
+    _create(key_path, cert_path, common_name)
+    return load_identities(key_path, cert_path, common_name, moment)[0], identities.current.fingerprint
 
 
 def _create(key_path: Path, cert_path: Path, common_name: str) -> None:
@@ -129,8 +219,8 @@ def check_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pin: str, peer: 
     if not der:
         raise PinMismatch(f"{peer} presented no certificate")
     seen = fingerprint(der)
-    if seen != normalize_fingerprint(pin):
-        raise PinMismatch(f"{peer}'s certificate SHA-256 {seen} does not match the pin {normalize_fingerprint(pin)}")
+    if seen not in pin_set(pin):
+        raise PinMismatch(f"{peer}'s certificate SHA-256 {seen} does not match the pin {','.join(pin_set(pin)) or '(none)'}")
 
 
 class TlsPipe:

@@ -37,7 +37,7 @@ from adapters.xmpp.common import (
     short_method,
     shut,
 )
-from adapters.xmpp.e2e import PinMismatch, client_context, server_context
+from adapters.xmpp.e2e import Identity, PinMismatch, client_context, fingerprint, pinned_cert, server_context
 from adapters.xmpp.stanzas import (
     NS_IBB,
     NS_RESULT,
@@ -50,6 +50,7 @@ from adapters.xmpp.stanzas import (
     build_offer,
     build_receipt,
     build_result,
+    identity_used,
     offers_frames,
     parse_accept,
     parse_offer,
@@ -60,6 +61,7 @@ from adapters.xmpp.stanzas import (
     statement_text,
 )
 from gateway.logs import set_fields
+from gateway.pins import pin_set
 from gateway.transfer import SendOutcome, StreamSuspended
 from gateway.wire import Tally
 
@@ -90,7 +92,8 @@ class OfferMixin:
         result = SendOutcome(ok=False)
         peer_bare = peer_full_jid.split("/", 1)[0]
         pin = self.inbound.pin_for(peer_bare)
-        identity = self.settings.identity
+        identities = self.identities
+        identity = identities.current if identities is not None else None
         if pin is None and self.settings.require_e2e:
             result.detail = (f"no pinned certificate for {peer_bare}: nothing is sent unencrypted "
                              f"(dicomgw peers add {peer_bare} --fingerprint SHA256)")
@@ -100,13 +103,15 @@ class OfferMixin:
         while methods:
             sid = uuid.uuid4().hex
             set_fields(transfer_id=sid)  # every log line of this attempt names it
+            previous = identities.previous if encrypted and identities is not None else None
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
-                          identity.cert_der if encrypted and identity else b"", self.settings.compress, priority)
+                          identity.cert_der if encrypted and identity else b"", self.settings.compress, priority,
+                          previous.cert_der if previous is not None else b"", ",".join(pin_set(pin)) if encrypted else "")
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
             try:
-                method, offset, framed = await self._offer(peer_full_jid, offer)
+                method, offset, framed, used = await self._offer(peer_full_jid, offer)
             except XMPPError as exc:
                 attempt.update(outcome="held" if exc.condition == "conflict" else "refused", error=f"{exc.condition}: {exc.text}")
                 result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
@@ -119,7 +124,9 @@ class OfferMixin:
             result.method, result.offset = method, offset
             verdict = asyncio.get_running_loop().create_future()
             self._verdicts[sid] = AwaitedVerdict(verdict, peer_full_jid, pin)
-            tls = client_context(identity) if encrypted and identity else None
+            # The receiver pins our old certificate while we rotate: present that one (it said which).
+            presented = (identities.by_fingerprint(used) if used and identities is not None else None) or identity
+            tls = client_context(presented) if encrypted and presented else None
             moved = [0]  # stream bytes; study bytes (the bundle's own) are ``chunks.plain_at(moved[0])``
             chunks = Tally(stream_from(offset, framed), framed)
             try:
@@ -168,7 +175,7 @@ class OfferMixin:
         result.detail = "no stream method left"
         return result
 
-    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int, bool]:
+    async def _offer(self, peer: str, offer: Offer) -> tuple[str, int, bool, str]:
         iq = self.make_iq_set(ito=peer)
         iq.xml.append(build_offer(offer))
         try:
@@ -180,7 +187,7 @@ class OfferMixin:
         method, offset = parse_accept(accept)
         if method not in offer.methods or offset < 0 or offset > offer.size:
             raise XMPPError("bad-request", f"peer chose {method!r} at offset {offset}")
-        return method, offset, offer.compress and offers_frames(accept)
+        return method, offset, offer.compress and offers_frames(accept), identity_used(accept)
 
     async def _on_offer(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
@@ -205,7 +212,15 @@ class OfferMixin:
         method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
         await self._supersede(peer.bare, offer.manifest_sha256)
         try:  # from here on the admission is the sink's: every path below ends it
-            tls = server_context(self.settings.identity, offer.cert_der) if offer.cert_der and self.settings.identity else None
+            tls, used = None, ""
+            if offer.cert_der and self.identities is not None:
+                # The sender's certificate we pin (its current or, while it rotates, its previous one), and ours
+                # that it pins (our previous one while we rotate and it has not pinned the new one yet).
+                sender_cert = pinned_cert(offer, self.inbound.pin_for(peer.bare))
+                ours = self.identities.choose(offer.expect)
+                self._signing[peer.bare] = ours.fingerprint  # its verdict and receipt: signed with the key it pins
+                tls = server_context(ours, sender_cert)
+                used = fingerprint(sender_cert) if sender_cert != offer.cert_der else ""
             sink = self.inbound.open_sink(peer.bare, offer, method)
         except Exception as exc:
             log.exception("could not open a sink for an offer from %s", peer)
@@ -216,7 +231,7 @@ class OfferMixin:
         self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
                                                priority=offer.priority, start_offset=sink.offset)
         reply = iq.reply()
-        reply.xml.append(build_accept(method, sink.offset, framed))
+        reply.xml.append(build_accept(method, sink.offset, framed, used))
         reply.send()
         loop = asyncio.get_running_loop()
         loop.call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
@@ -260,7 +275,8 @@ class OfferMixin:
         if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
             # The sender ended the channel right after the handshake, before a byte: it refused our certificate
             # (its pin for us is not our certificate: after `dicomgw keys rotate`, or a wrong pin).
-            ours = self.settings.identity.fingerprint if self.settings.identity is not None else "?"
+            signing = self._identity_for(entry.peer)
+            ours = signing.fingerprint if signing is not None else "?"
             self.inbound.security_event(entry.peer.split("/", 1)[0], (
                 f"end-to-end channel from {entry.peer} closed by the sender after the handshake, before any byte: "
                 f"it does not accept this gateway's certificate SHA-256 {ours} (its pin for us differs?)"))
@@ -297,9 +313,17 @@ class OfferMixin:
         with contextlib.suppress(IqError, IqTimeout):
             await self.send_iq(iq)
 
+    def _identity_for(self, peer: str) -> Identity | None:
+        """Our identity that ``peer`` pins, as its last offer said (``_signing``), looked up in the identities
+        as they are now (a rotation replaced the files since); the current one otherwise."""
+        if self.identities is None:
+            return None
+        remembered = self._signing.get(peer.split("/", 1)[0])
+        return (self.identities.by_fingerprint(remembered) if remembered else None) or self.identities.current
+
     def _sign(self, kind: str, addressee: str, *fields: str) -> Signature | None:
         """Our signature of a statement to ``addressee`` (``adapters.xmpp.attest``); None without an identity."""
-        identity = self.settings.identity
+        identity = self._identity_for(addressee)
         if identity is None:
             return None
         data = attest.canonical(kind, self.boundjid.bare, addressee.split("/", 1)[0], *fields)

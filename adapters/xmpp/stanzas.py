@@ -10,7 +10,11 @@
   signer's certificate and signature (``cert``, ``sig``: ``adapters.xmpp.attest``); a verdict's outcome is
   one of ``received``, ``rejected``, ``incomplete``, ``refused``.
 - ``urn:dicomgw:e2e:1``: ``<identity>`` in an offer carries the sender's certificate (base64 DER) for the
-  end-to-end channel (``adapters.xmpp.e2e``); an offer without it is a plaintext (lab-only) transfer.
+  end-to-end channel (``adapters.xmpp.e2e``); an offer without it is a plaintext (lab-only) transfer. While
+  the sender rotates its key, ``<identity previous='1'>`` carries its old certificate too, and ``<expect>``
+  the fingerprints the sender pins for the receiver (so the receiver presents, and signs with, a certificate
+  the sender accepts); the accept's ``<identity-used fingerprint=...>`` says which of the sender's two the
+  receiver pins (the one the sender must present in the handshake).
 
 Nothing here names a patient or a study: an offer's file name is its stream id, it has no description,
 and a bundle is referred to by the SHA-256 of its manifest (opaque; the manifest itself travels inside
@@ -43,6 +47,7 @@ NS_WIRE = "urn:dicomgw:wire:1"  # the bundle as compressed frames (gateway.wire)
 WIRE_ALGO = "zstd-frames-1"
 BUNDLE_MIME = "application/x-dicomgw-bundle"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+EXPECT = re.compile(r"^[0-9a-f]{64}(,[0-9a-f]{64}){0,2}$")
 SID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_CERT_BYTES = 16384
 VERDICT_OUTCOMES = ("received", "rejected", "incomplete", "refused")  # a closed set: it becomes a row's outcome and a label
@@ -62,6 +67,8 @@ class Offer:
     cert_der: bytes = b""  # the sender's certificate: the bundle travels end-to-end encrypted
     compress: bool = False  # the sender can send the bundle as compressed frames (gateway.wire)
     priority: str = "routine"  # "stat": the receiver admits it into the room it keeps for STAT studies
+    previous_cert_der: bytes = b""  # the sender's old certificate while it rotates its key
+    expect: str = ""  # the fingerprints the sender pins for the receiver, comma-separated ("" = unknown)
 
 
 def build_offer(offer: Offer) -> ET.Element:
@@ -76,6 +83,10 @@ def build_offer(offer: Offer) -> ET.Element:
         ET.SubElement(ET.SubElement(field, q(NS_DATA, "option")), q(NS_DATA, "value")).text = method
     if offer.cert_der:
         ET.SubElement(si, q(NS_E2E, "identity")).text = base64.b64encode(offer.cert_der).decode("ascii")
+    if offer.previous_cert_der:
+        ET.SubElement(si, q(NS_E2E, "identity"), {"previous": "1"}).text = base64.b64encode(offer.previous_cert_der).decode()
+    if offer.expect:
+        ET.SubElement(si, q(NS_E2E, "expect")).text = offer.expect
     if offer.compress:
         ET.SubElement(si, q(NS_WIRE, "frames"), {"algo": WIRE_ALGO})
     if offer.priority == "stat":
@@ -104,22 +115,31 @@ def parse_offer(si: ET.Element) -> Offer:
         raise ValueError(f"offer size {size_text[:32]!r} is not a whole number of bytes")
     if any(m not in (NS_S5B, NS_IBB) for m in methods) or not methods:
         raise ValueError("offer lists no stream method or an unknown one (XEP-0065, XEP-0047 only)")
-    cert_text = (si.findtext(q(NS_E2E, "identity")) or "").strip()
-    try:
-        cert_der = base64.b64decode(cert_text, validate=True) if cert_text else b""
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("offer's identity is not valid base64") from exc
-    if len(cert_der) > MAX_CERT_BYTES:
-        raise ValueError("offer's identity certificate is too large")
+    certs = {"current": b"", "previous": b""}
+    for el in si.findall(q(NS_E2E, "identity"))[:2]:
+        which = "previous" if el.get("previous") == "1" else "current"
+        try:
+            certs[which] = base64.b64decode((el.text or "").strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("offer's identity is not valid base64") from exc
+        if len(certs[which]) > MAX_CERT_BYTES:
+            raise ValueError("offer's identity certificate is too large")
+    cert_der = certs["current"]
+    expect = (si.findtext(q(NS_E2E, "expect")) or "").strip()
+    if expect and not EXPECT.match(expect):
+        raise ValueError("offer's expected fingerprints are not SHA-256 hex digests separated by commas")
     priority_el = si.find(q(NS_WIRE, "priority"))
     priority = "stat" if priority_el is not None and priority_el.get("level") == "stat" else "routine"
-    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si), priority)
+    return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si), priority,
+                 certs["previous"] if cert_der else b"", expect)
 
 
-def build_accept(method: str, offset: int, compress: bool = False) -> ET.Element:
+def build_accept(method: str, offset: int, compress: bool = False, identity_used: str = "") -> ET.Element:
     si = ET.Element(q(NS_SI, "si"))
     if compress:
         ET.SubElement(si, q(NS_WIRE, "frames"), {"algo": WIRE_ALGO})
+    if identity_used:
+        ET.SubElement(si, q(NS_E2E, "identity-used"), {"fingerprint": identity_used})
     file_el = ET.SubElement(si, q(NS_FT, "file"))
     ET.SubElement(file_el, q(NS_FT, "range"), {"offset": str(offset)})
     feature = ET.SubElement(si, q(NS_FEATURE, "feature"))
@@ -133,6 +153,13 @@ def offers_frames(si: ET.Element | None) -> bool:
     """The offer (or accept) asks for the bundle as compressed frames (gateway.wire)."""
     el = si.find(q(NS_WIRE, "frames")) if si is not None else None
     return el is not None and el.get("algo") == WIRE_ALGO
+
+
+def identity_used(si: ET.Element | None) -> str:
+    """Which of the sender's certificates the receiver pins (its fingerprint; "" = the current one)."""
+    el = si.find(q(NS_E2E, "identity-used")) if si is not None else None
+    value = el.get("fingerprint", "") if el is not None else ""
+    return value if HEX64.match(value) else ""
 
 
 def parse_accept(si: ET.Element | None) -> tuple[str, int]:

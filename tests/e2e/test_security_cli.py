@@ -66,3 +66,39 @@ def test_keys_peers_status_and_no_secret_in_the_log(tmp_path: Path) -> None:
     finally:
         gw.stop()
         server.stop()
+
+
+def test_keys_rotate_and_two_pins_from_the_command_line(tmp_path: Path) -> None:
+    """`keys rotate --overlap`: a new identity, the old one shown with its end date and audited; a second
+    rotation during the overlap is refused; `peers edit --add-fingerprint/--remove-fingerprint` hold two pins
+    and never none."""
+    gw = GatewayProcess(tmp_path / "site")
+    with gw.config.open("a") as fh:
+        fh.write(f'[xmpp]\njid = "radiology.hospital-a@{DOMAIN}/gw1"\npassword = "x"\n')
+    gw.config.chmod(0o600)
+    first = json.loads(gw.cli("keys", "init", "--json").stdout)["fingerprint"]
+    assert gw.cli("keys", "rotate", "--overlap", "soon").returncode == 2
+    rotated = gw.cli("keys", "rotate", "--overlap", "2d", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    assert new["previous_fingerprint"] == first and new["fingerprint"] != first
+    shown = gw.cli("keys", "show")
+    assert new["fingerprint"] in shown.stdout and f"previous SHA-256 {first}: still served" in shown.stdout
+    again = gw.cli("keys", "rotate")
+    assert again.returncode == 1 and "a rotation is under way" in again.stderr
+    audit = json.loads(gw.cli("audit", "--json").stdout)
+    assert any(e["event"] == "identity_rotated" and first in e["detail"] and new["fingerprint"] in e["detail"] for e in audit)
+
+    peer = f"radiology.hospital-b@{DOMAIN}"
+    old_pin, new_pin = "ab" * 32, "cd" * 32
+    assert gw.cli("peers", "add", peer, "--fingerprint", old_pin).returncode == 0
+    assert gw.cli("peers", "edit", peer, "--add-fingerprint", new_pin).returncode == 0
+    (row,) = json.loads(gw.cli("peers", "--json").stdout)
+    assert row["fingerprint"] == f"{old_pin},{new_pin}"
+    assert gw.cli("peers", "edit", peer, "--remove-fingerprint", old_pin).returncode == 0
+    (row,) = json.loads(gw.cli("peers", "--json").stdout)
+    assert row["fingerprint"] == new_pin
+    last = gw.cli("peers", "edit", peer, "--remove-fingerprint", new_pin)
+    assert last.returncode == 2 and "only pin" in last.stderr
+    edits = [e["detail"] for e in json.loads(gw.cli("audit", "--json").stdout) if e["event"] == "peer_edited"]
+    assert any(f"{old_pin},{new_pin}" in d for d in edits)
