@@ -89,11 +89,19 @@ class PacsClient:
         try:
             return Association.open(s.host, s.port, s.calling_ae_title, s.ae_title, proposals, s.timeout_s, roles=roles, tls=self.tls)
         except AssociationRejected as exc:
+            hint = self._hint() if (exc.source, exc.reason) in ((1, 3), (1, 7)) else ""
             if exc.permanent:
-                raise PacsRefused(f"{s.address}: {exc}") from exc
-            raise PacsUnavailable(f"{s.address}: {exc}") from exc
+                raise PacsRefused(f"{s.address}: {exc}{hint}") from exc
+            raise PacsUnavailable(f"{s.address}: {exc}{hint}") from exc
         except (OSError, AssociationAborted) as exc:
-            raise PacsUnavailable(f"no association with {s.address}: {_describe(exc)}") from exc
+            hint = self._hint() if "aborted the association request" in str(exc) else ""
+            raise PacsUnavailable(f"no association with {s.address}: {_describe(exc)}{hint}") from exc
+
+    def _hint(self) -> str:
+        """What a PACS that refuses or aborts the association request most often means: it does not know us."""
+        s = self.settings
+        return (f" (does the PACS know this gateway? It calls itself {s.calling_ae_title!r}; the PACS must list that AE "
+                f"title with this host's address, e.g. Orthanc's DicomModalities, and be called {s.ae_title!r})")
 
     def store(self, instances: Iterable[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None],
               pairs: Iterable[tuple[str, str]] | None = None) -> None:

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicomgw", description="DICOM modality integration gateway")
+    parser = argparse.ArgumentParser(
+        prog="dicomgw", description="DICOM modality integration gateway",
+        epilog="Environment: DICOMGW_CONFIG (the settings file when --config is not given; else conf/gateway.toml), "
+               "DICOMGW_LOG_LEVEL (run's --log-level). --config may come before or after the command. "
+               "Step by step: docs/deploy.md.")
+    parser.add_argument("--config", default=os.environ.get("DICOMGW_CONFIG", "conf/gateway.toml"), help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the gateway (SCP, watched folder, queue)")
@@ -112,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--builtin-pacs", action="store_true", help="use the built-in storage SCP as B's PACS even if Orthanc is installed")
     demo.set_defaults(handler=_cmd_demo)
 
+    testdata = sub.add_parser("testdata", help="write a synthetic CT study (no patient data) to try the chain with")
+    testdata.add_argument("out_dir", help="directory for the Part-10 files (made if missing)")
+    testdata.add_argument("--series", type=int, default=1)
+    testdata.add_argument("--slices", type=int, default=20, help="instances per series")
+    testdata.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
+    testdata.add_argument("--description", default="CT TEST STUDY", help="Study Description (e.g. 'CT TRAUMA HEAD' for a STAT rule)")
+    testdata.set_defaults(handler=_cmd_testdata)
+
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer: AE@HOST:PORT")
     echo.add_argument("target", help="called AE title, host and port, e.g. ORTHANC@127.0.0.1:4242")
     _config_option(echo)
@@ -121,10 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_HELP = "TOML settings file (default: $DICOMGW_CONFIG, else conf/gateway.toml)"
+
+
 def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default=os.environ.get("DICOMGW_CONFIG", "conf/gateway.toml"), help="TOML settings file"
-    )
+    """``--config`` after the subcommand too (``dicomgw queue --config X``); SUPPRESS keeps the value given
+    before it (``dicomgw --config X queue``) when none is given after."""
+    parser.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
 
 
 # -- maintenance ----------------------------------------------------------------------------------
@@ -361,6 +377,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if result["xmpp"]:
         return 0 if result["delivered"] and result["instances_in_pacs"] == result["instances_sent"] else 1
     return 0 if result["instances_queued"] == result["instances_sent"] else 1
+
+
+# -- testdata -------------------------------------------------------------------------------------
+def _cmd_testdata(args: argparse.Namespace) -> int:
+    """A synthetic study (pure Python: no numpy needed) to send with storescu or drop in the watched folder."""
+    from pathlib import Path
+
+    from adapters.synthetic import generate_ct_study
+
+    if not (1 <= args.series <= 50 and 1 <= args.slices <= 2000 and 8 <= args.size <= 1024):
+        print("dicomgw testdata: --series 1..50, --slices 1..2000, --size 8..1024", file=sys.stderr)
+        return 2
+    study = generate_ct_study(Path(args.out_dir), series=args.series, slices_per_series=args.slices, rows=args.size,
+                              columns=args.size, study_description=args.description)
+    print(f"{len(study.files)} instance(s) of study {study.study_instance_uid} in {args.out_dir}")
+    print(f"send it: storescu -aet MODALITY -aec YOUR_AE 127.0.0.1 11112 {args.out_dir.rstrip('/')}/*.dcm "
+          f"(or copy the files into the watched folder)")
+    return 0
 
 
 # -- echo -----------------------------------------------------------------------------------------

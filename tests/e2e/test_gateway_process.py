@@ -292,3 +292,28 @@ def test_status_tells_whether_the_gateway_runs(tmp_path: Path) -> None:
     killed = gw.cli("status")
     assert killed.returncode == 1 and "gateway: NOT RUNNING" in killed.stdout
     assert "no clean exit: killed or lost" in killed.stdout, killed.stdout
+
+
+def test_config_before_or_after_the_command_and_from_the_environment(tmp_path: Path) -> None:
+    """`dicomgw --config X queue`, `dicomgw queue --config X` and DICOMGW_CONFIG=X all read X; `--help` says so;
+    `testdata` writes a study (no numpy) that the gateway takes."""
+    gw = GatewayProcess(tmp_path / "site")
+    run = lambda *args, env=None: subprocess.run([sys.executable, "-m", "gateway", *args], cwd=tmp_path,  # noqa: E731
+                                                 capture_output=True, text=True, timeout=60, env=env)
+    before = run("--config", str(gw.config), "queue", "--json")
+    after = run("queue", "--json", "--config", str(gw.config))
+    env = {**os.environ, "DICOMGW_CONFIG": str(gw.config)}
+    from_env = run("queue", "--json", env=env)
+    assert before.returncode == after.returncode == from_env.returncode == 0, before.stderr + after.stderr + from_env.stderr
+    assert (gw.workdir / "var" / "queue.db").exists()  # X's queue, not one under the working directory
+    missing = run("queue")  # neither: conf/gateway.toml relative to the working directory, named in the error
+    assert missing.returncode == 2 and "conf/gateway.toml" in missing.stderr
+    assert "DICOMGW_CONFIG" in run("--help").stdout and "DICOMGW_CONFIG" in run("queue", "--help").stdout
+    made = run("testdata", str(tmp_path / "td"), "--slices", "3", "--size", "32")
+    assert made.returncode == 0 and len(list((tmp_path / "td").glob("*.dcm"))) == 3
+    gw.start()
+    try:
+        assert storescu(gw.port, sorted((tmp_path / "td").glob("*.dcm"))).returncode == 0
+        wait_for(lambda: [r["instances"] for r in gw.queue_json()] == [3], 30, 0.2, what="the test study queued")
+    finally:
+        gw.stop()

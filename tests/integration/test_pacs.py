@@ -14,7 +14,7 @@ from adapters.dicom_files import inspect_part10_file
 from adapters.localpeers import Orthanc, free_port, orthanc_instances
 from adapters.pacs import PacsClient
 from adapters.synthetic import generate_ct_study
-from gateway.importing import PacsOutcome, PacsUnavailable, Verdict
+from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict
 from gateway.model import InstanceRecord
 from gateway.settings import PacsSettings
 from tests.helpers import PYDICOM_FILES, dataset_bytes
@@ -161,3 +161,18 @@ def test_a_study_goes_over_the_associations_the_pacs_accepts_each_instance_once(
     # A PACS that takes one association at a time refuses the second (A-ASSOCIATE-RJ): the study still
     # arrives whole over the first. One that takes more gets the study over two.
     assert len(used) == min(2, maximum_associations)
+
+
+def test_a_pacs_that_does_not_know_our_ae_title_gets_a_hint(tmp_path: Path) -> None:
+    """Orthanc that stores only from its DicomModalities refuses our association: the reason says what to fix."""
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=1, rows=16, columns=16)
+    strict = {"DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowFind": False}
+    with Orthanc(tmp_path / "orthanc", extra=strict) as orthanc:
+        orthanc.start()
+        client = PacsClient(PacsSettings(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port,
+                                         calling_ae_title="GWB", timeout_s=10), Path("/"))
+        with pytest.raises(PacsRefused) as refused:
+            client.store([record(p) for p in study.files], lambda _i, _o: None)
+        assert "calling AE title not recognised" in str(refused.value)
+        assert "does the PACS know this gateway? It calls itself 'GWB'" in str(refused.value)
+        assert "DicomModalities" in str(refused.value) and orthanc.instance_count() == 0
