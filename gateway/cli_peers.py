@@ -211,22 +211,20 @@ def _export(settings: Any, store: Any, server: str, group: str) -> int:
 
 def cmd_merge(server: str, files: list[str]) -> int:
     """``peers export prosody|ejabberd --merge FILE...``: the region's roster from every gateway's export."""
-    import hashlib
     from pathlib import Path
 
     from gateway.roster import RosterFileError, ejabberd_text, merge, parse_ejabberd, parse_prosody, prosody_text
 
     if server not in ("prosody", "ejabberd"):
         return _fail("export", "say which server: dicomgw peers export prosody|ejabberd --merge FILE...")
-    exports, digests = [], set()
+    exports, seen = [], set()
     try:
         for name in files:
-            text = Path(name).read_text(encoding="utf-8")
-            digest = hashlib.sha256(text.encode()).hexdigest()
-            if digest in digests:
-                print(f"dicomgw peers export: {name} is the same as an earlier file: read once", file=sys.stderr)
+            if Path(name).resolve() in seen:  # the same file twice would make one-sided pairs look agreed
+                print(f"dicomgw peers export: {name} was given before: read once", file=sys.stderr)
                 continue
-            digests.add(digest)
+            seen.add(Path(name).resolve())
+            text = Path(name).read_text(encoding="utf-8")
             exports.append((name, parse_prosody(text, name) if server == "prosody" else parse_ejabberd(text, name)))
         merged = merge(exports)
     except (OSError, UnicodeDecodeError, RosterFileError, ValueError) as exc:

@@ -1,9 +1,16 @@
 -- Sample Prosody 0.12 configuration for a health network's XMPP server carrying dicomgw transfers.
--- Copy to /etc/prosody/prosody.cfg.lua (or pass with --config), replace the domain, and provide TLS
--- certificates (prosodyctl cert import /etc/letsencrypt/live). Gateways connect with STARTTLS + SASL.
+-- Copy to /etc/prosody/prosody.cfg.lua (or pass with --config), replace the domain, and put the server's
+-- certificate and key in the certificates directory below as <domain>.crt / <domain>.key, owned by the prosody
+-- user (chown prosody:prosody; a root-owned key is unreadable to Prosody). Run Prosody as the prosody user
+-- (systemctl start prosody; or runuser -u prosody -- prosody --config FILE -F), never as root.
+-- Gateways connect with STARTTLS + SASL. docs/deploy.md walks through a region with this file.
 
 admins = { }
 pidfile = "/run/prosody/prosody.pid"
+certificates = "/etc/prosody/certs"
+data_path = "/var/lib/prosody"
+interfaces = { "*" }
+c2s_ports = { 5222 }
 -- Our proxy65 variant relays with 64 KiB buffers (stock: 4 KiB); remove this line to use the stock module.
 plugin_paths = { "/opt/dicomgw/conf/prosody/plugins" }
 
@@ -21,11 +28,12 @@ network_settings = { nagle = false }
 -- In-band blocks of 64 KiB are ~87 KiB of base64 inside an <iq/>.
 c2s_stanza_size_limit = 1024 * 1024
 
--- Gateways see each other's presence without subscription requests: one shared roster group.
+-- Each gateway sees the presence of its peers, and of no one else: one group per pair, made by
+-- `dicomgw peers export prosody --merge` from every gateway's export. Restart Prosody after changing it.
 groups_file = "/etc/prosody/dicomgw-groups.txt"
--- [Gateways]
--- radiology.hospital-a@helsenett.example=Hospital A radiology
--- radiology.hospital-b@helsenett.example=Hospital B radiology
+-- [DICOM gateways: radiology.hospital-a@helsenett.example + radiology.hospital-b@helsenett.example]
+-- radiology.hospital-a@helsenett.example=Radiology, Hospital A
+-- radiology.hospital-b@helsenett.example=Radiology, Hospital B
 
 proxy65_ports = { 7777 }
 proxy65_interfaces = { "*" }
