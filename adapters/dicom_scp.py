@@ -39,6 +39,7 @@ wraps it with ``loop.call_soon_threadsafe`` to reach the asyncio side.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -54,6 +55,7 @@ from adapters.dicom_store import (
     AssociationHandler,
     AuditFn,
     CommitmentFn,
+    CommitRequestFn,
     Link,
 )
 from adapters.dicom_tls import server_context, tls_refusal_reason
@@ -96,8 +98,12 @@ class StorageSCP:
         on_stored: Callable[[IngestResult], None] | None = None,
         on_commitment: CommitmentFn | None = None,
         refused: Callable[[str, str, str], None] | None = None,
+        on_commit_request: CommitRequestFn | None = None,
+        on_commit_reported: Callable[[int, str], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_commit_request = on_commit_request  # a modality's N-ACTION (gateway.commitment)
+        self._on_commit_reported = on_commit_reported
         self._note_refusal = refused
         self._ingest = ingest
         self._spool = spool
@@ -130,12 +136,15 @@ class StorageSCP:
                      "required" if s.require_client_cert else "optional")
 
     def stop(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        tls_listener, self._tls_listener = self._tls_listener, None
-        if tls_listener is not None:
-            tls_listener.close()
+        for attribute in ("_listener", "_tls_listener"):
+            listener = getattr(self, attribute)
+            setattr(self, attribute, None)
+            if listener is not None:
+                # shutdown first: close() alone leaves a thread blocked in accept() holding the port (Linux), so a
+                # restarted gateway in the same process could not listen on it again
+                with contextlib.suppress(OSError):
+                    listener.shutdown(socket.SHUT_RDWR)
+                listener.close()
         with self._lock:
             for sock in list(self._open):
                 try:

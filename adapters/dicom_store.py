@@ -52,12 +52,14 @@ log = logging.getLogger(__name__)
 
 AuditFn = Callable[[str, str], None]
 CommitmentFn = Callable[[str, set[str], dict[str, int]], bool]
+# (calling AE, address, transaction UID, [(class, instance)], report on this association?) -> (request id, decision)
+CommitRequestFn = Callable[[str, str, str, list[tuple[str, str]], bool], tuple[int, object]]
 PART10_PREFIX = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: preamble and prefix
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 HEADER_PREFIX_BYTES = 256 * 1024  # enough of a data set for its group 0008-0020 header, kept in memory
-C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
+C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP, N_ACTION_RQ = 0x0001, 0x0030, 0x0100, 0x8100, 0x0130
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
 DATASET_GRACE_S = 10.0  # a data set may start slowly for this long ...
 MIN_DATASET_BYTES_PER_S = 1024  # ... then must have averaged this rate (a 1 Mbit/s link moves 125,000)
@@ -109,6 +111,7 @@ class AssociationHandler:
         self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
         self.refusal: tuple[StoreStatus, str] | None = None  # a C-STORE refused from its command alone
         self.walker: DatasetWalker | None = None  # the data set's element structure, followed as it streams
+        self.reports: dict[int, int] = {}  # our N-EVENT-REPORTs on this association: message id -> request id
         self.dataset_started = 0.0  # monotonic time of the data set's command, and its bytes so far
         self.dataset_bytes = 0
 
@@ -144,7 +147,7 @@ class AssociationHandler:
                     raise ProtocolViolation("a new command while the previous data set is incomplete")
                 command = Command.decode(bytes(self.command))
                 self.command.clear()
-                if command.us(0x00000110) < 0:
+                if command.us(0x00000110) < 0 and not command.command_field & 0x8000:  # a response has (0000,0120)
                     raise ProtocolViolation("command without a Message ID (0000,0110)")
                 self.context_id = context_id
                 if command.has_dataset:
@@ -171,7 +174,7 @@ class AssociationHandler:
                 self._dispatch(command, bytes(self.dataset))
                 self.dataset.clear()
         elif self.pending is not None and self.pending.command_field != C_STORE_RQ and len(self.dataset) > MAX_COMMAND_BYTES * 64:
-            raise ProtocolViolation("an N-EVENT-REPORT data set over 4 MiB")
+            raise ProtocolViolation("an N-EVENT-REPORT or N-ACTION data set over 4 MiB")
 
     def _check_rate(self, fragment_bytes: int) -> None:
         """A data set must come at ``MIN_DATASET_BYTES_PER_S`` or more once ``DATASET_GRACE_S`` have passed: a
@@ -189,7 +192,7 @@ class AssociationHandler:
         self.prefix.clear()
         self.write_error = None
         self.refusal = None
-        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ):
+        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ, N_ACTION_RQ):
             raise ProtocolViolation(f"a data set with DIMSE command 0x{command.command_field:04X}")
         if command.command_field != C_STORE_RQ:
             return
@@ -237,8 +240,7 @@ class AssociationHandler:
             (0x00001000, UI, _uid(command.text(0x00001000))),
         ]
         if comment:
-            # LO: 64 characters at most, of the default repertoire (the reason may quote what was received)
-            elements.append((0x00000902, LO, "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment[:64])))
+            elements.append((0x00000902, LO, _lo(comment)))
         self.assoc.send_message(self.context_id, encode_command(elements))
 
     def _store(self, command: Command) -> tuple[StoreStatus, str]:
@@ -304,23 +306,92 @@ class AssociationHandler:
             log.exception("could not quarantine a refused instance from %s", self.source)
         return status, str(exc)
 
-    # -- C-ECHO, N-EVENT-REPORT -----------------------------------------------------------------
+    # -- C-ECHO, N-EVENT-REPORT, N-ACTION: the service table ----------------------------------------
     def _dispatch(self, command: Command, dataset: bytes = b"") -> None:
-        field = command.command_field
-        if field == C_ECHO_RQ:
-            self.assoc.send_message(self.context_id, encode_command([
-                (0x00000002, UI, VERIFICATION), (0x00000100, US, 0x8030), (0x00000120, US, command.us(0x00000110)),
-                (0x00000800, US, 0x0101), (0x00000900, US, 0x0000),
-            ]))
-        elif field == N_EVENT_REPORT_RQ:
-            status = self._event_report(dataset)
-            self.assoc.send_message(self.context_id, encode_command([
-                (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8100),
-                (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
-                (0x00001000, UI, _uid(command.text(0x00001000))), (0x00001002, US, max(0, command.us(0x00001002))),
-            ]))
+        """DIMSE command -> its handler (C-STORE streams apart: ``_begin_dataset``/``_finish_store``)."""
+        handler = {
+            C_ECHO_RQ: self._echo,
+            N_EVENT_REPORT_RQ: self._n_event_report,  # the PACS's commitment report (we asked it)
+            N_ACTION_RQ: self._n_action,  # a modality asks us for Storage Commitment
+            N_EVENT_REPORT_RSP: self._n_event_report_rsp,  # the modality's answer to our report
+        }.get(command.command_field)
+        if handler is None:
+            raise ProtocolViolation(f"unsupported DIMSE command 0x{command.command_field:04X}")
+        handler(command, dataset)
+
+    def _echo(self, command: Command, _dataset: bytes) -> None:
+        self.assoc.send_message(self.context_id, encode_command([
+            (0x00000002, UI, VERIFICATION), (0x00000100, US, 0x8030), (0x00000120, US, command.us(0x00000110)),
+            (0x00000800, US, 0x0101), (0x00000900, US, 0x0000),
+        ]))
+
+    def _n_event_report(self, command: Command, dataset: bytes) -> None:
+        status = self._event_report(dataset)
+        self.assoc.send_message(self.context_id, encode_command([
+            (0x00000002, UI, _uid(command.text(0x00000002))), (0x00000100, US, 0x8100),
+            (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
+            (0x00001000, UI, _uid(command.text(0x00001000))), (0x00001002, US, max(0, command.us(0x00001002))),
+        ]))
+
+    def _n_action(self, command: Command, dataset: bytes) -> None:
+        """Request Storage Commitment (PS3.4 J.3.2): recorded durably, then answered; the report follows
+        (``gateway.commitment``), on this association when the modality negotiated the role for it."""
+        from adapters.dicom_commit import (
+            STORAGE_COMMITMENT_INSTANCE,
+            CommitRequestError,
+            parse_request,
+            report_command,
+            report_dataset,
+        )
+
+        context = self.assoc.contexts.get(self.context_id)
+        requested = command.text(0x00000003)
+        decision = None
+        if context is None or context.abstract_syntax != STORAGE_COMMITMENT_PUSH or requested != STORAGE_COMMITMENT_PUSH:
+            status, comment = 0x0122, "N-ACTION is only served for Storage Commitment Push Model"
+        elif command.us(0x00001008) != 1:
+            status, comment = 0x0123, f"action type {command.us(0x00001008)} (only 1, Request Storage Commitment)"
+        elif self.scp._on_commit_request is None:
+            status, comment = 0x0122, "this gateway takes no Storage Commitment requests"
         else:
-            raise ProtocolViolation(f"unsupported DIMSE command 0x{field:04X}")
+            try:
+                transaction, refs = parse_request(dataset)
+                here = STORAGE_COMMITMENT_PUSH in self.link.request.roles  # the modality takes the report here
+                request_id, decision = self.scp._on_commit_request(
+                    self.link.request.calling_ae, self.source.rsplit("@", 1)[-1], transaction, refs, here)
+                status, comment = 0x0000, ""
+            except CommitRequestError as exc:
+                status, comment = exc.status, str(exc)
+            except Exception:  # the queue database away: the modality asks again later
+                log.exception("could not record a Storage Commitment request from %s", self.source)
+                status, comment = 0x0110, "the gateway could not record the request"
+        elements = [
+            (0x00000002, UI, STORAGE_COMMITMENT_PUSH), (0x00000100, US, 0x8130), (0x00000120, US, command.us(0x00000110)),
+            (0x00000800, US, 0x0101), (0x00000900, US, status),
+            (0x00001000, UI, _uid(command.text(0x00001001)) or STORAGE_COMMITMENT_INSTANCE),
+            (0x00001008, US, max(0, command.us(0x00001008))),
+        ]
+        if comment:
+            elements.append((0x00000902, LO, _lo(comment)))
+        self.assoc.send_message(self.context_id, encode_command(elements))
+        if status:
+            log.warning("Storage Commitment request from %s refused (0x%04X): %s", self.source, status, comment)
+            return
+        if decision is not None:
+            message_id = 0x7000 + len(self.reports) % 0x1000
+            self.reports[message_id] = request_id
+            self.assoc.send_message(self.context_id, report_command(message_id, decision),
+                                    report_dataset(transaction, decision))
+
+    def _n_event_report_rsp(self, command: Command, _dataset: bytes) -> None:
+        request_id = self.reports.pop(command.us(0x00000120), None)
+        status = command.us(0x00000900)
+        if request_id is None:
+            log.warning("N-EVENT-REPORT-RSP from %s answers nothing we sent", self.source)
+        elif status == 0x0000 and self.scp._on_commit_reported is not None:
+            self.scp._on_commit_reported(request_id, "on the request's association")
+        else:  # not taken: the report goes again on a new association (gateway.commitment)
+            log.warning("the commitment report to %s on its own association was answered 0x%04X", self.source, status)
 
     def _event_report(self, dataset: bytes) -> int:
         """Storage Commitment result: event type 1 (all committed) or 2 (failures exist), PS3.4 J.3.3."""
@@ -341,6 +412,11 @@ class AssociationHandler:
         if self.scp._on_commitment is None or not self.scp._on_commitment(transaction_uid, committed, failed):
             return 0x0119
         return 0x0000
+
+
+def _lo(text: str) -> str:
+    """An Error Comment as LO: 64 characters at most, of the default repertoire (it may quote what was received)."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text[:64])
 
 
 def _uid(text: str) -> str:

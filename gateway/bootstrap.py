@@ -33,6 +33,7 @@ from adapters.xmpp.e2e import Identities, Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
 from gateway.directory import PeerDirectory
+from gateway.commitment import CommitmentService
 from gateway.dispatch import Dispatcher
 from gateway.importing import ImportService
 from gateway.lifecycle import State
@@ -129,9 +130,12 @@ class Gateway:
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
         self._watcher_health: str | None = None  # the watcher's health as last written (``_record_watcher``)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
+        self.commitments = CommitmentService(self.store, settings.dicom.commit_when, settings.dicom.commit_timeout_s,
+                                             self._send_commitment_report)
         self.scp = StorageSCP(
             settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
             on_commitment=self.importer.commitment_result if self.importer else None, refused=self.refusals.note,
+            on_commit_request=self._commit_request, on_commit_reported=self.store.commitment_reported,
         )
         self.watcher = (
             FolderWatcher(
@@ -358,6 +362,29 @@ class Gateway:
             self.store.set_runtime_status("watcher", health)
             self._watcher_health = health
 
+    def _commit_request(self, calling_ae: str, address: str, transaction_uid: str, refs: list[tuple[str, str]],
+                        here: bool) -> tuple[int, object]:
+        """A modality's Storage Commitment request (association thread): recorded, then decided at once when the
+        report may go on the same association; else ``commitments.tick`` reports it (a new association)."""
+        request_id = self.store.add_commitment_request(transaction_uid, calling_ae, address, refs)
+        if not here or self.settings.dicom.commit_when != "stored":
+            return request_id, None
+        request = {"id": request_id, "refs": refs, "result": None, "requested_at": utcnow(), "attempts": 0}
+        decision = self.commitments.decision(request)
+        # The report goes on this association; should the modality not answer it, a new one in 30 s.
+        self.store.commitment_retry(request_id, "", utcnow() + datetime.timedelta(seconds=30))
+        return request_id, decision
+
+    def _send_commitment_report(self, request: dict, decision: Any) -> str:
+        from adapters.dicom_commit import send_report
+
+        modality = self.settings.dicom.modality(request["calling_ae"])
+        if modality is None:
+            raise LookupError(f"no [[dicom.modalities]] entry for AE title {request['calling_ae']!r}: nowhere to "
+                              f"send its Storage Commitment report")
+        return send_report(modality, self.settings.dicom.ae_title, request["transaction_uid"], decision,
+                           self.settings.dicom.network_timeout_s, self.settings.dicom.tls_ca_file)
+
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)
 
@@ -424,6 +451,7 @@ class Gateway:
                 if time.monotonic() >= next_beat:  # lapsed leases of other processes (ours: _heartbeat_loop)
                     next_beat = time.monotonic() + self.settings.queue.lease_s / 4
                     await asyncio.to_thread(self._recover)
+                await asyncio.to_thread(self.commitments.tick)  # Storage Commitment reports (gateway.commitment)
                 if await asyncio.to_thread(self.completeness.tick):
                     self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
                 if self.importer is not None:

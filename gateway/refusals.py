@@ -92,8 +92,9 @@ class RefusalLog:
                 kept = self._tallies.get((t.event, t.key))
                 if kept is None:
                     self._tallies[(t.event, t.key)] = t
-                else:
+                else:  # the restored tally is the older one: its first refusal's text and time stay
                     kept.count += t.count
+                    kept.detail, kept.first_at = t.detail, t.first_at
 
     def drain(self) -> list[Tally]:
         with self._lock:

@@ -161,6 +161,26 @@ class StreamClaimRow(Base):
     lease_until: Mapped[datetime] = mapped_column(DateTime)
 
 
+class CommitmentRequestRow(Base):
+    """A modality's Storage Commitment request (N-ACTION, PS3.4 J.3.2) until its report has been sent."""
+
+    __tablename__ = "commitment_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64), default="")
+    requested_at: Mapped[datetime] = mapped_column(DateTime)
+    refs: Mapped[str] = mapped_column(Text)  # JSON: [[SOP class UID, SOP instance UID], ...]
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | reported | failed
+    event_type: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1 all committed, 2 failures exist
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON {"committed": [...], "failed": [[uid, reason]]}
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 class RuntimeStatusRow(Base):
     """What a running gateway reports about itself (the XMPP connection), read by `dicomgw status`."""
 

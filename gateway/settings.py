@@ -36,6 +36,19 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModalitySettings:
+    """A modality the gateway knows (``[[dicom.modalities]]``): where its Storage Commitment reports go."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+COMMIT_WHEN = ("stored", "delivered")
+
+
+@dataclass(frozen=True)
 class DicomSettings:
     ae_title: str = "DICOMGW"
     host: str = "127.0.0.1"
@@ -51,6 +64,14 @@ class DicomSettings:
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # CA(s) client certificates must chain to
     require_client_cert: bool = True
+    modalities: tuple[ModalitySettings, ...] = ()  # known modalities: Storage Commitment reports go to them
+    # Storage Commitment (PS3.4 J): "stored" = committed once durably in the spool and the queue; "delivered" =
+    # once the remote PACS's receipt covers it (after commit_timeout_s, what is not delivered is reported failed)
+    commit_when: str = "stored"
+    commit_timeout_s: float = 3600.0
+
+    def modality(self, ae_title: str) -> ModalitySettings | None:
+        return next((m for m in self.modalities if m.ae_title == ae_title), None)
 
 
 @dataclass(frozen=True)
@@ -258,7 +279,15 @@ def settings_from_mapping(
         tls_key_file=_path(dicom_raw["tls_key_file"], base_dir) if dicom_raw.get("tls_key_file") else None,
         tls_ca_file=_path(dicom_raw["tls_ca_file"], base_dir) if dicom_raw.get("tls_ca_file") else None,
         require_client_cert=bool(dicom_raw.get("require_client_cert", True)),
+        modalities=_modalities(dicom_raw.get("modalities", [])),
+        commit_when=str(dicom_raw.get("commit_when", "stored")),
+        commit_timeout_s=_float(dicom_raw.get("commit_timeout_s", 3600.0), "dicom.commit_timeout_s", 1.0),
     )
+    if dicom.commit_when not in COMMIT_WHEN:
+        raise SettingsError(f"dicom.commit_when {dicom.commit_when!r}: one of {', '.join(COMMIT_WHEN)}")
+    if dicom.allowed_calling_ae_titles and dicom.modalities:  # a known modality may always associate
+        known = tuple(m.ae_title for m in dicom.modalities if m.ae_title not in dicom.allowed_calling_ae_titles)
+        dicom = replace(dicom, allowed_calling_ae_titles=dicom.allowed_calling_ae_titles + known)
     if dicom.tls_port and not (dicom.tls_cert_file and dicom.tls_key_file):
         raise SettingsError("dicom.tls_port needs tls_cert_file and tls_key_file")
     if dicom.tls_port and dicom.require_client_cert and not dicom.tls_ca_file:
@@ -315,6 +344,25 @@ def _web(raw: Mapping[str, Any], base_dir: Path) -> WebSettings:
     if web.port and not web.auth_user and not web.client_ca_file and web.host not in ("127.0.0.1", "::1", "localhost"):
         raise SettingsError(f"web.host {web.host!r} is not loopback: set auth_user/auth_password_hash or client_ca_file")
     return web
+
+
+def _modalities(raw: Any) -> tuple[ModalitySettings, ...]:
+    if not isinstance(raw, list):
+        raise SettingsError("dicom.modalities: a list of tables ([[dicom.modalities]] with ae_title, host, port)")
+    found = []
+    for n, table in enumerate(raw, 1):
+        where = f"dicom.modalities #{n}"
+        if not isinstance(table, dict) or not {"ae_title", "host", "port"} <= set(table):
+            raise SettingsError(f"{where}: needs ae_title, host and port (where its commitment reports go)")
+        unknown = set(table) - {"ae_title", "host", "port", "tls"}
+        if unknown:
+            raise SettingsError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        found.append(ModalitySettings(_ae_title(table["ae_title"], f"{where}.ae_title"), str(table["host"]),
+                                      _int(table["port"], f"{where}.port", 1, 65535), bool(table.get("tls", False))))
+    titles = [m.ae_title for m in found]
+    if len(set(titles)) != len(titles):
+        raise SettingsError("dicom.modalities: an AE title is listed twice")
+    return tuple(found)
 
 
 def _routing(raw: Mapping[str, Any]) -> RoutingSettings:
