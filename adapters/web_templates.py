@@ -78,6 +78,13 @@ STUDY = """{% extends "base.html" %}
 {% for e in u.audit %}<tr><td>{{ e.at[:19] }}</td><td>{{ e.event }}</td>
 <td>{% if e.to_state %}{{ e.from_state or '' }} → {{ e.to_state }}{% endif %}</td><td>{{ e.detail }}</td></tr>{% endfor %}</table>
 {% endfor %}
+{% if study.commitments %}<h2>Storage Commitment</h2>
+<table id="commitments"><tr><th>Requested (UTC)</th><th>Modality</th><th>Transaction</th><th class="num">Instances</th>
+<th>State</th><th class="num">Committed</th><th class="num">Failed</th><th>Reported (UTC)</th><th>Last error</th></tr>
+{% for c in study.commitments %}<tr><td>{{ c.requested_at }}</td><td>{{ c.modality }}</td><td>{{ c.transaction }}</td>
+<td class="num">{{ c.of_this_study }} of {{ c.instances }}</td><td>{{ c.state }}{% if c.event_type %} (event {{ c.event_type }}){% endif %}</td>
+<td class="num">{{ c.committed }}</td><td class="num">{{ c.failed }}</td><td>{{ c.reported_at }}</td><td class="err">{{ c.error }}</td></tr>{% endfor %}
+</table>{% endif %}
 {% endblock %}
 """
 

@@ -74,8 +74,21 @@ def study(store: QueueStore, study_uid: str) -> dict[str, Any] | None:
             "transfers": store.transfers(summary.unit_id),
         })
     first = units[0][0]
+    uids = {i.sop_instance_uid for _s, instances in units for i in instances}
+    commitments = []
+    for r in store.commitment_requests(limit=500):  # the modality's Storage Commitment requests naming this study
+        named = [uid for _cls, uid in r["refs"] if uid in uids]
+        if named:
+            result = r["result"] or {}
+            commitments.append({
+                "requested_at": r["requested_at"].isoformat(timespec="seconds"), "modality": r["calling_ae"],
+                "transaction": r["transaction_uid"], "instances": len(r["refs"]), "of_this_study": len(named),
+                "state": r["state"], "event_type": r["event_type"] or "",
+                "committed": len(result.get("committed", [])), "failed": len(result.get("failed", [])),
+                "reported_at": r["reported_at"].isoformat(timespec="seconds") if r["reported_at"] else "",
+                "error": r["last_error"] or ""})
     return {"study_uid": study_uid, "patient": first.patient_name, "patient_id": first.patient_id,
-            "description": first.study_description, "units": shown}
+            "description": first.study_description, "units": shown, "commitments": commitments}
 
 
 def peers(store: QueueStore, configured: Sequence[str], presence: Callable[[str], str],

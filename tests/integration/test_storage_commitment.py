@@ -69,6 +69,11 @@ def test_orthanc_as_modality_gets_its_commitment_report(tmp_path: Path) -> None:
             assert [r["state"] for r in rows] == ["reported", "reported"] and [r["event_type"] for r in rows] == [2, 1]
             events = [e["event"] for e in gw.store.audit_entries(limit=500)]
             assert events.count("commitment_requested") == 2 and events.count("commitment_reported") == 2
+            from gateway import dashboard
+
+            shown = dashboard.study(gw.store, study.study_instance_uid)["commitments"]  # the study's web page
+            assert [(c["modality"], c["state"], c["committed"], c["failed"]) for c in shown] == [
+                ("CT_ORTHANC", "reported", 4, 1), ("CT_ORTHANC", "reported", 4, 0)]
         finally:
             controller.stop()
 
@@ -180,3 +185,52 @@ def test_a_report_the_modality_cannot_take_is_retried_and_survives_a_restart(tmp
     finally:
         controller.stop()
         server.shutdown()
+
+
+def test_commit_when_delivered_waits_for_the_remote_pacs(tmp_path: Path) -> None:
+    """commit_when = "delivered" through two gateways: Orthanc-the-modality's report arrives only once B's PACS
+    holds the study (A has B's receipt), and it is Success."""
+    from adapters.netem import FaultRelay
+    from gateway.settings import PacsSettings
+    from tests.integration.test_operations import in_orthanc
+    from tests.integration.test_xmpp_transfer import A_JID, B_JID, running_prosody, start_site
+
+    a_port = free_port()
+    with running_prosody(tmp_path / "prosody") as prosody, \
+            Orthanc(tmp_path / "modality", ae_title="CT_ORTHANC",
+                    extra={"DicomModalities": {"gateway": [GW_AE, "127.0.0.1", a_port]}}) as modality, \
+            Orthanc(tmp_path / "pacs", ae_title="PACS_B") as pacs:
+        modality.start()
+        pacs.start()
+        pacs_link = FaultRelay(pacs.dicom_port, rate_bytes_s=300_000)  # B's PACS link: the import takes seconds
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,),
+                       pacs=PacsSettings(ae_title="PACS_B", host="127.0.0.1", port=pacs_link.port, calling_ae_title="GWB"))
+        a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", dicom_port=a_port,
+                       allowed_ae=("CT_ORTHANC",),
+                       dicom={"modalities": (ModalitySettings("CT_ORTHANC", "127.0.0.1", modality.dicom_port),),
+                              "commit_when": "delivered", "commit_timeout_s": 300.0})
+        try:
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=10, rows=128, columns=128)
+            for path in study.files:
+                post(modality, "/instances", path.read_bytes())
+            (study_id,) = modality.rest("/studies")
+            post(modality, "/modalities/gateway/store", {"Resources": [study_id], "Synchronous": True})
+            refs = [{"SOPClassUID": CT_IMAGE, "SOPInstanceUID": uid} for uid in study.sop_instance_uids]
+            asked = post(modality, "/modalities/gateway/storage-commitment", {"DicomInstances": refs})
+            seen_pending_while_not_in_pacs = False
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                report = modality.rest(f"/storage-commitment/{asked['ID']}")
+                in_pacs = in_orthanc(pacs, study.study_instance_uid)
+                if report["Status"] != "Pending":
+                    break
+                seen_pending_while_not_in_pacs |= in_pacs < len(study.files)
+                time.sleep(0.2)
+            assert report["Status"] == "Success", report
+            assert in_orthanc(pacs, study.study_instance_uid) == len(study.files)  # B's PACS held it first
+            assert seen_pending_while_not_in_pacs  # the report waited for the delivery
+            assert [s.state for s in a.gateway.store.studies()] == ["delivered"]
+        finally:
+            a.stop()
+            b.stop()
+            pacs_link.stop()

@@ -68,10 +68,12 @@ class Site:
 
 def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "",
                pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,
-               routing: RoutingSettings | None = None, web: WebSettings | None = None, **xmpp: object) -> Site:
+               routing: RoutingSettings | None = None, web: WebSettings | None = None, dicom: dict[str, Any] | None = None,
+               **xmpp: object) -> Site:
     settings = make_settings(tmp_path / name, dicom_port or free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
     settings = replace(settings, pacs=pacs or PacsSettings(),
-                       dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae))
+                       dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae,
+                                     **(dicom or {})))
     local = jid.split("@")[0]
     key, cert, _fp = site_identity(tmp_path, name)
     pins = tuple((p, site_identity(tmp_path, SITE_OF[p])[2]) for p in peers if p in SITE_OF)
