@@ -79,6 +79,8 @@ log = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 
 
 MAX_UNASSOCIATED = 64  # connections per listener that have not associated yet; more are closed at once
@@ -100,8 +102,10 @@ class StorageSCP:
         refused: Callable[[str, str, str], None] | None = None,
         on_commit_request: CommitRequestFn | None = None,
         on_commit_reported: Callable[[int, str], None] | None = None,
+        on_mpps: Callable[..., tuple[int, str]] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_mpps = on_mpps  # (creating, calling AE, SOP instance UID, gateway.mpps.StepMessage) -> (status, comment)
         self._on_commit_request = on_commit_request  # a modality's N-ACTION (gateway.commitment)
         self._on_commit_reported = on_commit_reported
         self._note_refusal = refused
@@ -311,6 +315,8 @@ class StorageSCP:
                 chosen = next((ts for ts in proposed if ts in self.transfer_syntaxes), None)
             elif abstract == STORAGE_COMMITMENT_PUSH:
                 chosen = IMPLICIT_LE if IMPLICIT_LE in proposed else None
+            elif abstract == MPPS_SOP_CLASS and self._on_mpps is not None:
+                chosen = next((ts for ts in (EXPLICIT_LE, IMPLICIT_LE) if ts in proposed), None)
             else:
                 results.append((context_id, 3, proposed[0] if proposed else IMPLICIT_LE))  # abstract syntax not supported
                 continue

@@ -60,6 +60,7 @@ STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 HEADER_PREFIX_BYTES = 256 * 1024  # enough of a data set for its group 0008-0020 header, kept in memory
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP, N_ACTION_RQ = 0x0001, 0x0030, 0x0100, 0x8100, 0x0130
+N_CREATE_RQ, N_SET_RQ = 0x0140, 0x0120
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes
 DATASET_GRACE_S = 10.0  # a data set may start slowly for this long ...
 MIN_DATASET_BYTES_PER_S = 1024  # ... then must have averaged this rate (a 1 Mbit/s link moves 125,000)
@@ -192,7 +193,7 @@ class AssociationHandler:
         self.prefix.clear()
         self.write_error = None
         self.refusal = None
-        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ, N_ACTION_RQ):
+        if command.command_field not in (C_STORE_RQ, N_EVENT_REPORT_RQ, N_ACTION_RQ, N_CREATE_RQ, N_SET_RQ):
             raise ProtocolViolation(f"a data set with DIMSE command 0x{command.command_field:04X}")
         if command.command_field != C_STORE_RQ:
             return
@@ -314,6 +315,8 @@ class AssociationHandler:
             N_EVENT_REPORT_RQ: self._n_event_report,  # the PACS's commitment report (we asked it)
             N_ACTION_RQ: self._n_action,  # a modality asks us for Storage Commitment
             N_EVENT_REPORT_RSP: self._n_event_report_rsp,  # the modality's answer to our report
+            N_CREATE_RQ: self._mpps,  # a modality starts a Performed Procedure Step
+            N_SET_RQ: self._mpps,  # ... and completes or discontinues it
         }.get(command.command_field)
         if handler is None:
             raise ProtocolViolation(f"unsupported DIMSE command 0x{command.command_field:04X}")
@@ -382,6 +385,41 @@ class AssociationHandler:
             self.reports[message_id] = request_id
             self.assoc.send_message(self.context_id, report_command(message_id, decision),
                                     report_dataset(transaction, decision))
+
+    def _mpps(self, command: Command, dataset: bytes) -> None:
+        """MPPS N-CREATE / N-SET (PS3.4 F.7): answered with the status ``gateway.mpps`` gives."""
+        from adapters.dicom_mpps import MPPS_SOP_CLASS, MppsError, parse
+
+        creating = command.command_field == N_CREATE_RQ
+        context = self.assoc.contexts.get(self.context_id)
+        uid = _uid(command.text(0x00001000 if creating else 0x00001001))
+        if creating and not uid:
+            from pydicom.uid import generate_uid
+
+            uid = generate_uid()  # the SCP assigns it when the SCU gives none (PS3.7 10.1.5.1.4)
+        if context is None or context.abstract_syntax != MPPS_SOP_CLASS or self.scp._on_mpps is None:
+            status, comment = 0x0122, "N-CREATE/N-SET are only served for Modality Performed Procedure Step"
+        elif not uid:
+            status, comment = 0x0106, "no valid SOP Instance UID"
+        else:
+            try:
+                message = parse(dataset, context.transfer_syntax, creating)
+                status, comment = self.scp._on_mpps(creating, self.link.request.calling_ae, uid, message)
+            except MppsError as exc:
+                status, comment = exc.status, str(exc)
+            except Exception:
+                log.exception("could not record an MPPS message from %s", self.source)
+                status, comment = 0x0110, "the gateway could not record the step"
+        elements = [
+            (0x00000002, UI, MPPS_SOP_CLASS), (0x00000100, US, 0x8140 if creating else 0x8120),
+            (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
+            (0x00001000, UI, uid),
+        ]
+        if comment:
+            elements.append((0x00000902, LO, _lo(comment)))
+        if status:
+            log.warning("MPPS %s from %s refused (0x%04X): %s", "N-CREATE" if creating else "N-SET", self.source, status, comment)
+        self.assoc.send_message(self.context_id, encode_command(elements))
 
     def _n_event_report_rsp(self, command: Command, _dataset: bytes) -> None:
         request_id = self.reports.pop(command.us(0x00000120), None)

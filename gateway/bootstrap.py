@@ -35,6 +35,7 @@ from gateway.claims import Claims
 from gateway.directory import PeerDirectory
 from gateway.commitment import CommitmentService
 from gateway.dispatch import Dispatcher
+from gateway.mpps import MppsService
 from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.maintenance import Maintenance, maintenance, obey_announcement
@@ -130,12 +131,14 @@ class Gateway:
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
         self._watcher_health: str | None = None  # the watcher's health as last written (``_record_watcher``)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
+        self.mpps = MppsService(self.store, settings.dicom.on_discontinued)
         self.commitments = CommitmentService(self.store, settings.dicom.commit_when, settings.dicom.commit_timeout_s,
                                              self._send_commitment_report)
         self.scp = StorageSCP(
             settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
             on_commitment=self.importer.commitment_result if self.importer else None, refused=self.refusals.note,
             on_commit_request=self._commit_request, on_commit_reported=self.store.commitment_reported,
+            on_mpps=self._mpps,
         )
         self.watcher = (
             FolderWatcher(
@@ -375,6 +378,14 @@ class Gateway:
         self.store.commitment_retry(request_id, "", utcnow() + datetime.timedelta(seconds=30))
         return request_id, decision
 
+    def _mpps(self, creating: bool, calling_ae: str, sop_instance_uid: str, message: Any) -> tuple[int, str]:
+        """An MPPS N-CREATE or N-SET (association thread); a completed step is settled at once, not at the tick."""
+        answer = (self.mpps.create if creating else self.mpps.set)(calling_ae, sop_instance_uid, message)
+        if answer[0] == 0 and not creating and message.status in ("COMPLETED", "DISCONTINUED"):
+            if self.mpps.tick() and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._dispatch_due.set)  # offered now, not at the next tick
+        return answer
+
     def _send_commitment_report(self, request: dict, decision: Any) -> str:
         from adapters.dicom_commit import send_report
 
@@ -452,6 +463,8 @@ class Gateway:
                     next_beat = time.monotonic() + self.settings.queue.lease_s / 4
                     await asyncio.to_thread(self._recover)
                 await asyncio.to_thread(self.commitments.tick)  # Storage Commitment reports (gateway.commitment)
+                if await asyncio.to_thread(self.mpps.tick):  # a step completed before its last instance came
+                    self._dispatch_due.set()
                 if await asyncio.to_thread(self.completeness.tick):
                     self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
                 if self.importer is not None:

@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="list the queue, or show one study")
     _config_option(queue)
-    queue.add_argument("action", nargs="?", choices=["show", "retry"], help="show one study; retry a failed or dead unit")
+    queue.add_argument("action", nargs="?", choices=["show", "retry", "release", "drop"],
+                       help="show one study; retry a failed or dead unit; release or drop a held one (a discontinued MPPS)")
     queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'); unit id or Study Instance UID (with 'retry')")
     queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
     queue.add_argument("--limit", type=int, default=50, help="units per page (default 50): live units first, then "
@@ -435,6 +436,8 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         return 0
     if args.action == "retry":
         return _retry(store, args.study_uid or "")
+    if args.action in ("release", "drop"):
+        return _release_or_drop(store, args.action, args.study_uid or "")
     if args.limit < 1 or args.page < 1:
         print("dicomgw queue: --limit and --page count from 1", file=sys.stderr)
         return 2
@@ -473,6 +476,34 @@ def _retry(store: Any, target: str) -> int:
                   file=sys.stderr)
             return 1
         print(f"unit {unit_id} is {state} again; the running gateway picks it up")
+    return 0
+
+
+def _release_or_drop(store: Any, action: str, target: str) -> int:
+    """``queue release|drop UNIT_ID|STUDY_UID``: a held unit (its MPPS was discontinued) goes on now (``release``:
+    stable, then routed) or stops for good (``drop``: ``failed``, its files kept); audited with who did it."""
+    from gateway.lifecycle import State
+
+    if not target:
+        print(f"dicomgw queue {action}: a unit id or a Study Instance UID is required", file=sys.stderr)
+        return 2
+    try:
+        units = [store.unit(int(target))] if target.isdigit() else [u for u, _rows in store.study_units(target)]
+    except KeyError:
+        units = []
+    held = [u for u in units if "held" in u.flags.split(",")]
+    if not held:
+        print(f"dicomgw queue {action}: {target} has no held unit", file=sys.stderr)
+        return 1
+    who = f"{os.environ.get('USER', 'admin')} via dicomgw queue {action}"
+    for unit in held:
+        if action == "release":
+            store.make_stable([unit.unit_id], f"released by {who}")
+            print(f"unit {unit.unit_id} released: stable, the running gateway sends it")
+        else:
+            store.transition(unit.unit_id, State.FAILED, f"dropped by {who}", "dropped by an admin (held: MPPS discontinued)",
+                             flags=",".join(f for f in unit.flags.split(",") if f and f != "held"))
+            print(f"unit {unit.unit_id} dropped: failed, its files kept (dicomgw queue retry {unit.unit_id} undoes it)")
     return 0
 
 

@@ -181,6 +181,22 @@ class CommitmentRequestRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class MppsStepRow(Base):
+    """A Modality Performed Procedure Step (N-CREATE / N-SET, PS3.4 F.7) and what it did to the queue."""
+
+    __tablename__ = "mpps_steps"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # IN PROGRESS | COMPLETED | DISCONTINUED
+    study_uids: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    refs: Mapped[str] = mapped_column(Text, default="[]")  # JSON [[SOP class, SOP instance], ...] of its series
+    reason: Mapped[str] = mapped_column(Text, default="")  # the discontinuation reason
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    settled: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # its units made stable (or held)
+
+
 class RuntimeStatusRow(Base):
     """What a running gateway reports about itself (the XMPP connection), read by `dicomgw status`."""
 

@@ -69,6 +69,7 @@ class DicomSettings:
     # once the remote PACS's receipt covers it (after commit_timeout_s, what is not delivered is reported failed)
     commit_when: str = "stored"
     commit_timeout_s: float = 3600.0
+    on_discontinued: str = "send"  # a DISCONTINUED MPPS: "send" its study as completed, or "hold" it for an admin
 
     def modality(self, ae_title: str) -> ModalitySettings | None:
         return next((m for m in self.modalities if m.ae_title == ae_title), None)
@@ -282,7 +283,10 @@ def settings_from_mapping(
         modalities=_modalities(dicom_raw.get("modalities", [])),
         commit_when=str(dicom_raw.get("commit_when", "stored")),
         commit_timeout_s=_float(dicom_raw.get("commit_timeout_s", 3600.0), "dicom.commit_timeout_s", 1.0),
+        on_discontinued=str(dicom_raw.get("on_discontinued", "send")),
     )
+    if dicom.on_discontinued not in ("send", "hold"):
+        raise SettingsError(f"dicom.on_discontinued {dicom.on_discontinued!r}: send or hold")
     if dicom.commit_when not in COMMIT_WHEN:
         raise SettingsError(f"dicom.commit_when {dicom.commit_when!r}: one of {', '.join(COMMIT_WHEN)}")
     if dicom.allowed_calling_ae_titles and dicom.modalities:  # a known modality may always associate

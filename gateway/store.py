@@ -34,6 +34,7 @@ from gateway.rows import (  # noqa: F401 (the models and exceptions are part of 
 )
 from gateway.store_audit import AuditRepo
 from gateway.store_commitments import CommitmentsRepo
+from gateway.store_mpps import MppsRepo
 from gateway.store_imports import ImportsRepo
 from gateway.store_ingest import IngestRepo
 from gateway.store_reports import ReportsRepo
@@ -84,7 +85,7 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, ReportsRepo, CommitmentsRepo):
+class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, ReportsRepo, CommitmentsRepo, MppsRepo):
     """Repository over the queue DB; each public method is one unit of work (one transaction). The methods
     live by aggregate: ``store_ingest`` (instances), ``store_units`` (state moves, reading), ``store_imports``
     (the receiving side), ``store_transfers`` (attempts, peers), ``store_audit`` (audit log, status)."""

@@ -286,6 +286,7 @@ class UnitsRepo:
                     StudyUnitRow.origin_peer.is_(None),
                     StudyUnitRow.last_instance_at <= cutoff,
                     StudyUnitRow.instance_count > 0,
+                    ~StudyUnitRow.flags.contains("held"),  # a discontinued MPPS holds it for an admin
                 ).order_by(StudyUnitRow.id).limit(batch).with_for_update(skip_locked=True)  # other processes too
             ).all()
             if not found:
