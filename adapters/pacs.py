@@ -104,7 +104,8 @@ class PacsClient:
                 f"title with this host's address, e.g. Orthanc's DicomModalities, and be called {s.ae_title!r})")
 
     def store(self, instances: Iterable[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None],
-              pairs: Iterable[tuple[str, str]] | None = None) -> None:
+              pairs: Iterable[tuple[str, str]] | None = None,
+              transform: Callable[[InstanceRecord], bytes] | None = None) -> None:
         """C-STORE ``instances`` over up to ``associations_per_study`` associations at once, each reused for its
         share (a PACS stores in parallel what it would otherwise fsync one by one). ``pairs`` (SOP class,
         transfer syntax) announces what will come when ``instances`` is a stream still being produced (the
@@ -124,7 +125,7 @@ class PacsClient:
             count = min(count, max(1, len(instances)))
         first = self._associate(proposals)  # the extra ones only once this one is up: a PACS with a limit may
         if count == 1:                      # refuse two requests that arrive together
-            self._store_over(first, iter(instances), on_result)
+            self._store_over(first, iter(instances), on_result, transform)
             return
         shared = _SharedIterator(iter(instances))
         lock = threading.Lock()
@@ -139,7 +140,7 @@ class PacsClient:
         def work(index: int) -> None:
             try:
                 assoc = first if index == 0 else self._associate(proposals)
-                self._store_over(assoc, shared, locked_result)
+                self._store_over(assoc, shared, locked_result, transform)
                 finished.append(index)
             except (PacsUnavailable, PacsRefused) as exc:
                 errors.append(exc)
@@ -155,15 +156,19 @@ class PacsClient:
             raise errors[0]
 
     def _store_over(self, assoc: Association, instances: Iterator[InstanceRecord],
-                    on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+                    on_result: Callable[[InstanceRecord, PacsOutcome], None],
+                    transform: Callable[[InstanceRecord], bytes] | None = None) -> None:
         """C-STORE what ``instances`` yields over ``assoc``, then release it (abort it if it failed)."""
         message_id = 0
         try:
             for instance in instances:
                 try:
-                    context_id, data, note = self._prepare(assoc, instance)
+                    context_id, data, note = self._prepare(assoc, instance, transform)
                 except (OSError, RejectedFile) as exc:  # the file went away or is unreadable: this one only
                     on_result(instance, PacsOutcome(Verdict.TRANSIENT, None, f"spool file not readable: {exc}"))
+                    continue
+                except ValueError as exc:  # the coercion cannot be applied to this data set
+                    on_result(instance, PacsOutcome(Verdict.PERMANENT, None, f"could not coerce it: {exc}"))
                     continue
                 if context_id is None:
                     on_result(instance, PacsOutcome(Verdict.PERMANENT, None, note))
@@ -188,10 +193,17 @@ class PacsClient:
             raise PacsUnavailable(f"association with {self.settings.address} lost: {_describe(exc)}") from exc
         assoc.release()
 
-    def _prepare(self, assoc: Association, instance: InstanceRecord) -> tuple[int | None, bytes | FileSlice | None, str]:
-        """(context id, data set to send, note) or (None, None, why not)."""
+    def _prepare(self, assoc: Association, instance: InstanceRecord,
+                 transform: Callable[[InstanceRecord], bytes] | None = None) -> tuple[int | None, bytes | FileSlice | None, str]:
+        """(context id, data set to send, note) or (None, None, why not). ``transform``: the data set as coerced
+        (``adapters.dicom_coerce``), sent in its own transfer syntax only."""
         path = self.spool_root / instance.spool_path
         original = assoc.context_for(instance.sop_class_uid, instance.transfer_syntax_uid)
+        if transform is not None:
+            if original is None:
+                return None, None, (f"PACS refused {instance.transfer_syntax_uid} for {instance.sop_class_uid}: a "
+                                    f"coerced instance goes in its own transfer syntax only")
+            return original, transform(instance), ""
         if original is not None:
             fd = os.open(path, os.O_RDONLY)
             try:

@@ -33,6 +33,7 @@ from adapters.xmpp.e2e import Identities, Identity, ensure_identity, fingerprint
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
 from gateway.directory import PeerDirectory
+from gateway.coercion import Coercer
 from gateway.commitment import CommitmentService
 from gateway.dispatch import Dispatcher
 from gateway.mpps import MppsService
@@ -124,8 +125,10 @@ class Gateway:
         self.instances_stored = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pacs = PacsClient(settings.pacs, settings.paths.spool_dir) if settings.pacs.enabled else None
+        self.coercer = Coercer(settings.coerce)  # [[import.coerce]]: identities reconciled on import
         self.importer = (
-            ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe, claims=self.claims)
+            ImportService(self.store, self.pacs, settings.pacs, self._outcome_threadsafe, claims=self.claims,
+                          coercer=self.coercer, make_transform=self._coerce_transform)
             if self.pacs is not None else None
         )
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
@@ -386,6 +389,12 @@ class Gateway:
                 self._loop.call_soon_threadsafe(self._dispatch_due.set)  # offered now, not at the next tick
         return answer
 
+    def _coerce_transform(self, coercion: Any, peer_jid: str) -> Callable[[Any], bytes]:
+        from adapters.dicom_coerce import coerce_file
+
+        spool = self.settings.paths.spool_dir
+        return lambda instance: coerce_file(spool / instance.spool_path, coercion, self.settings.dicom.ae_title, peer_jid)
+
     def _send_commitment_report(self, request: dict, decision: Any) -> str:
         from adapters.dicom_commit import send_report
 
@@ -623,7 +632,9 @@ class _Inbound:
     def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
         """Takes over the admission ``authorize`` gave: released here if the sink cannot be made."""
         try:
-            early = _EarlyImport(self.gateway.pacs) if self.gateway.pacs is not None else None
+            # No early import where a coercion rule applies: it happens on the import, after verification.
+            early = (_EarlyImport(self.gateway.pacs)
+                     if self.gateway.pacs is not None and self.gateway.coercer.rule_for(peer_jid) is None else None)
             bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size,
                                    on_file=early.feed if early else None)
             if early is not None:

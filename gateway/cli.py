@@ -497,7 +497,10 @@ def _release_or_drop(store: Any, action: str, target: str) -> int:
         return 1
     who = f"{os.environ.get('USER', 'admin')} via dicomgw queue {action}"
     for unit in held:
-        if action == "release":
+        if action == "release" and unit.origin_peer:  # from a peer: imported now (its mapping was added)
+            store.release_hold(unit.unit_id, who)
+            print(f"unit {unit.unit_id} released: the running gateway imports it into the PACS")
+        elif action == "release":
             store.make_stable([unit.unit_id], f"released by {who}")
             print(f"unit {unit.unit_id} released: stable, the running gateway sends it")
         else:

@@ -29,6 +29,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from gateway.claims import Claims
+from gateway.coercion import Coercer, Coercion, Hold
 from gateway.lifecycle import State
 from gateway.logs import bind
 from gateway.model import InstanceRecord, StudySummary
@@ -87,7 +88,11 @@ class ImportService:
     """Runs imports of received units on worker threads, at most ``parallel_studies`` at once."""
 
     def __init__(self, store: QueueStore, pacs: PacsPort, settings: PacsSettings,
-                 on_outcome: Callable[[int], None] | None = None, claims: Claims | None = None) -> None:
+                 on_outcome: Callable[[int], None] | None = None, claims: Claims | None = None,
+                 coercer: Coercer | None = None,
+                 make_transform: Callable[[Coercion, str], Callable[[InstanceRecord], bytes]] | None = None) -> None:
+        self.coercer = coercer if coercer is not None and coercer.rules else None  # gateway.coercion
+        self.make_transform = make_transform
         self.store = store
         self.claims = claims or Claims(store.engine)
         self.pacs = pacs
@@ -130,6 +135,15 @@ class ImportService:
             self.claims.release(unit.unit_id)
 
     def import_unit(self, unit: StudySummary) -> None:
+        transform = None
+        if self.coercer is not None and unit.origin_peer:
+            plan = self.coercer.plan(unit.origin_peer, unit.patient_id)
+            if isinstance(plan, Hold):  # waits for the mapping and an admin's release
+                self.store.hold_units([unit.unit_id], plan.reason)
+                return
+            if plan is not None and self.make_transform is not None:
+                transform = self.make_transform(plan, unit.origin_peer)
+                self.store.audit("coerced", plan.describe(), unit.unit_id, unit.study_instance_uid)
         instances = self.store.unit_instances(unit.unit_id)
         # Stored ones are never sent again; refused ones (by the early import) are never retried.
         pending = [i for i in instances if i.pacs_verdict not in (Verdict.STORED, Verdict.WARNING, Verdict.PERMANENT)]
@@ -160,7 +174,10 @@ class ImportService:
 
         try:
             if pending:
-                self.pacs.store(pending, record)
+                if transform is not None:
+                    self.pacs.store(pending, record, transform=transform)  # type: ignore[call-arg]
+                else:
+                    self.pacs.store(pending, record)
         except PacsRefused as exc:
             save()
             self._fail(unit, f"PACS refused the association: {exc}")

@@ -218,6 +218,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     log_format: str = "text"  # [log] format: "text" for people, "json" for a log collector (gateway.logs)
     source: Path | None = None
+    coerce: tuple[Any, ...] = ()  # [[import.coerce]] rules (gateway.coercion.CoerceRule), first match per peer
 
     def calling_ae_allowed(self, calling_ae_title: str) -> bool:
         allowed = self.dicom.allowed_calling_ae_titles
@@ -320,6 +321,7 @@ def settings_from_mapping(
         web=_web(_table(raw, "web"), base_dir),
         pacs=_pacs(_table(raw, "pacs"), dicom.ae_title, base_dir),
         log_format=_log_format(str(environ.get("DICOMGW_LOG_FORMAT", _table(raw, "log").get("format", "text")))),
+        coerce=_coerce(_table(raw, "import").get("coerce"), base_dir),
         retention=RetentionSettings(
             keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
             check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),
@@ -348,6 +350,15 @@ def _web(raw: Mapping[str, Any], base_dir: Path) -> WebSettings:
     if web.port and not web.auth_user and not web.client_ca_file and web.host not in ("127.0.0.1", "::1", "localhost"):
         raise SettingsError(f"web.host {web.host!r} is not loopback: set auth_user/auth_password_hash or client_ca_file")
     return web
+
+
+def _coerce(raw: Any, base_dir: Path) -> tuple[Any, ...]:
+    from gateway.coercion import CoerceError, parse_rules
+
+    try:
+        return parse_rules(raw, base_dir)
+    except CoerceError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _modalities(raw: Any) -> tuple[ModalitySettings, ...]:

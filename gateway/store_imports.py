@@ -26,6 +26,7 @@ class ImportsRepo:
         moment = now or utcnow()
         return self.studies(state=State.RECEIVED.value, where=(
             StudyUnitRow.origin_peer.is_not(None), StudyUnitRow.next_attempt_at <= moment,
+            ~StudyUnitRow.flags.contains("held"),  # waits for an admin (gateway.coercion: no mapping yet)
         ))
 
     def ready_for_import(self, unit_id: int) -> None:

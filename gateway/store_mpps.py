@@ -105,6 +105,18 @@ class MppsRepo:
                                          event="held", detail=reason[:2000]))
 
 
+    def release_hold(self, unit_id: int, who: str) -> None:
+        """A held unit from a peer (no mapping for its patient yet) is imported again: the flag goes, due now."""
+        with self._unit_of_work() as session:
+            unit = session.get(StudyUnitRow, unit_id)
+            if unit is None:
+                return
+            unit.flags = ",".join(f for f in unit.flags.split(",") if f and f != "held")
+            unit.next_attempt_at, unit.error = utcnow(), None
+            session.add(AuditRow(at=utcnow(), unit_id=unit.id, study_instance_uid=unit.study_instance_uid,
+                                 event="released", detail=f"released by {who}"))
+
+
 def _without(flags: Any) -> Any:
     """SQL: the flags with 'held' removed (a released unit)."""
     from sqlalchemy import func

@@ -204,6 +204,11 @@ class ReceiptSender:
                 continue
             delivered = unit.state == State.DELIVERED.value
             detail = f"{unit.instances} instance(s) stored in the PACS" if delivered else (unit.error or "refused by the PACS")
+            if delivered:  # which attributes were coerced on import (names only: gateway.coercion)
+                coerced = [e["detail"] for e in await asyncio.to_thread(self.store.audit_entries, 20, unit.unit_id)
+                           if e["event"] == "coerced"]
+                if coerced:
+                    detail += f"; {coerced[0]}"
             if not delivered:  # the PACS's text may name instances: not for the XMPP server's eyes
                 uids = [i.sop_instance_uid for i in await asyncio.to_thread(self.store.unit_instances, unit.unit_id)]
                 detail = redact(detail, unit.study_instance_uid, uids)

@@ -69,7 +69,7 @@ class Site:
 def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "",
                pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,
                routing: RoutingSettings | None = None, web: WebSettings | None = None, dicom: dict[str, Any] | None = None,
-               **xmpp: object) -> Site:
+               settings_extra: dict[str, Any] | None = None, **xmpp: object) -> Site:
     settings = make_settings(tmp_path / name, dicom_port or free_port(), stable_age_s=0.3, stable_check_interval_s=0.1)
     settings = replace(settings, pacs=pacs or PacsSettings(),
                        dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae,
@@ -90,6 +90,7 @@ def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tup
         ),
         routing=routing or RoutingSettings(default_destination=destination),
         web=web or settings.web,
+        **(settings_extra or {}),
     )
     controller = GatewayController(settings)
     return Site(controller, controller.start())
