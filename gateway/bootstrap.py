@@ -214,6 +214,7 @@ class Gateway:
             receipt_timeout_s=x.receipt_timeout_s, max_sends=x.max_sends, claims=self.claims,
             peer_configs=self.store.peer_configs, wake=self._dispatch_due.set,
             clock=functools.partial(local_clock, local_zone(self.settings.routing.timezone)),
+            deidentify=self._deidentify,
         )
         self.receipts = ReceiptSender(self.store, self.agent)
 
@@ -388,6 +389,14 @@ class Gateway:
             if self.mpps.tick() and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._dispatch_due.set)  # offered now, not at the next tick
         return answer
+
+    def _deidentify(self, unit: Any, manifest: Any, paths: list[Path], rule: Any) -> Any:
+        """A rule's ``deidentify = "basic"`` (worker thread): de-identified copies under spool/outbox/<unit>/."""
+        from adapters.dicom_deid import deidentify_bundle, secret
+
+        key = secret(identity_paths(self.settings)[0].with_name("deid.key"))
+        return deidentify_bundle(manifest, paths, self.settings.paths.spool_dir / "outbox" / str(unit.unit_id), key,
+                                 rule.deid_options, rule.allow_burned_in, self.settings.dicom.ae_title)
 
     def _coerce_transform(self, coercion: Any, peer_jid: str) -> Callable[[Any], bytes]:
         from adapters.dicom_coerce import coerce_file

@@ -57,6 +57,10 @@ def manifest_for(store: QueueStore, unit: StudySummary) -> tuple[Manifest, list[
     return Manifest(unit.study_instance_uid, unit.unit_seq, DEFAULT_CHUNK_BYTES, files), [Path(i.spool_path) for i in instances]
 
 
+class Withheld(ValueError):
+    """A unit that must not leave as it is (an instance with burned-in text under a de-identifying rule)."""
+
+
 class RoutineBlocks:
     """The block source of a routine stream: raises :class:`StreamSuspended` at the next block once a STAT
     transfer started. A transport that can stop at once sets ``on_suspend`` (called from any thread; e.g.
@@ -143,7 +147,9 @@ class Dispatcher:
         clock: Callable[[], datetime] | None = None,
         wake: Callable[[], None] | None = None,
         max_starts_per_tick: int = 100,
+        deidentify: Callable[[StudySummary, Manifest, list[Path], Any], tuple[Manifest, list[Path], dict[str, str]]] | None = None,
     ) -> None:
+        self.deidentify = deidentify  # a rule with deidentify = "basic" (adapters.dicom_deid): what leaves instead
         self.store = store
         self.spool_root = spool_root
         self.sender = sender
@@ -292,6 +298,19 @@ class Dispatcher:
             await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"not sent: {damaged}", damaged)
             await asyncio.to_thread(self.store.audit, "integrity", damaged, unit.unit_id, unit.study_instance_uid)
             return
+        rule = self._rule(unit)
+        if rule is not None and rule.deidentify and self.deidentify is not None:
+            try:
+                manifest, paths, mapping = await asyncio.to_thread(self.deidentify, unit, manifest, paths, rule)
+            except Withheld as exc:  # burned-in text: held for a person to decide, never sent
+                await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"withheld: {exc}", f"withheld: {exc}")
+                await asyncio.to_thread(self.store.add_flag, unit.unit_id, "held")
+                return
+            await asyncio.to_thread(
+                self.store.audit, "deidentified",
+                f"de-identified by rule {rule.name!r} (PS3.15 Annex E Basic Profile{''.join(', ' + o for o in rule.deid_options)}): "
+                f"{len(manifest.files)} instance(s), study {unit.study_instance_uid} sent as {manifest.study_instance_uid}; "
+                f"{len(mapping)} UIDs mapped (kept here)", unit.unit_id, unit.study_instance_uid)
         encoded = manifest.encode()
         size = manifest.bundle_bytes
         await asyncio.to_thread(
@@ -334,6 +353,10 @@ class Dispatcher:
             )
             return
         await asyncio.to_thread(self._attempt_failed, unit, peer_bare, outcome.detail, progress.moved_to_sending)
+
+    def _rule(self, unit: StudySummary) -> Any:
+        rules = getattr(getattr(self.route, "rules", None), "rules", ())
+        return next((r for r in rules if r.name == unit.rule), None) if unit.rule else None
 
     def _peer_unavailable(self, unit: StudySummary, peer_bare: str, availability: str) -> None:
         """The peer is offline or busy: wait with the peer's backoff (not a failed attempt of the study), until

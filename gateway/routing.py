@@ -42,6 +42,7 @@ from gateway.model import PeerConfig, StudySummary
 log = logging.getLogger(__name__)
 
 PRIORITIES = ("stat", "routine")
+DEID_OPTIONS = ("retain_longitudinal_dates", "retain_device_identity", "clean_descriptors")
 #: Attributes whose values are an enumerated priority (PS3.3): compared ignoring case.
 PRIORITY_TAGS = frozenset({"RequestedProcedurePriority", "0040,1003", "ScheduledProcedureStepPriority", "0040,0009"})
 PRIORITY_VALUES = ("STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW")
@@ -78,6 +79,9 @@ class Rule:
     priority: str = "routine"
     conditions: tuple[tuple[str, tuple[Match, ...]], ...] = ()  # (calling_ae | called_ae | modality | folder)
     tags: tuple[tuple[str, tuple[Match, ...]], ...] = ()  # (keyword or "gggg,eeee", values)
+    deidentify: str = ""  # "basic": PS3.15 Annex E Basic Profile before sending (adapters.dicom_deid)
+    deid_options: tuple[str, ...] = ()  # retain_longitudinal_dates, retain_device_identity, clean_descriptors
+    allow_burned_in: bool = False  # send instances with burned-in annotation de-identified anyway
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,8 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
         if name in names:
             raise RuleError(f"{where}: a second rule has this name")
         names.add(name)
-        unknown = set(table) - {"name", "destinations", "destination", "priority", "tags", *_CONDITIONS}
+        unknown = set(table) - {"name", "destinations", "destination", "priority", "tags", "deidentify", "deid_options",
+                                "allow_burned_in", *_CONDITIONS}
         if unknown:
             raise RuleError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         destinations = _strings(table.get("destinations", table.get("destination", [])), f"{where}: destinations")
@@ -283,7 +288,17 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
             raise RuleError(f"{where}: tags must be a table, e.g. tags = {{ StudyDescription = \"re:(?i)trauma\" }}")
         tags = tuple((_tag_key(key, where), _matches(value, f"{where}: tags.{key}", _tag_key(key, where) in PRIORITY_TAGS))
                      for key, value in tags_raw.items())
-        rules.append(Rule(name, tuple(destinations), priority, conditions, tags))
+        deidentify = str(table.get("deidentify", "") or "")
+        if deidentify not in ("", "basic"):
+            raise RuleError(f"{where}: deidentify {deidentify!r}: \"basic\" (PS3.15 Annex E Basic Profile)")
+        options = tuple(str(o) for o in table.get("deid_options", []))
+        unknown_options = set(options) - set(DEID_OPTIONS)
+        if unknown_options:
+            raise RuleError(f"{where}: deid_options {', '.join(sorted(unknown_options))}: one of {', '.join(DEID_OPTIONS)}")
+        if options and not deidentify:
+            raise RuleError(f"{where}: deid_options without deidentify = \"basic\"")
+        rules.append(Rule(name, tuple(destinations), priority, conditions, tags, deidentify, options,
+                          bool(table.get("allow_burned_in", False))))
     return tuple(rules)
 
 
