@@ -7,9 +7,7 @@ studies, pixel data untouched; a Secondary Capture without Burned In Annotation 
 from __future__ import annotations
 
 import io
-import json
 import shutil
-import urllib.request
 from pathlib import Path
 
 import pydicom

@@ -120,7 +120,7 @@ def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_p
         b_fp = site_identity(tmp_path, "b2")[2]
         said = wait_for(lambda: [e["detail"] for e in b.gateway.store.audit_entries() if e["event"] == "e2e_refused"],
                         30, 0.1, what="B's e2e_refused audit row: A closed the channel after the handshake")
-        assert f"closed by the sender after the handshake, before any byte" in said[0] and b_fp in said[0]
+        assert "closed by the sender after the handshake, before any byte" in said[0] and b_fp in said[0]
         assert all(s.state != "received" for s in b.gateway.store.studies())
         assert received_instances(b.gateway) == {}
     finally:
