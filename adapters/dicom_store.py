@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
@@ -45,8 +45,6 @@ from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
 from gateway.routing import scp_source
 
-if TYPE_CHECKING:
-    from adapters.dicom_scp import StorageSCP
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +75,21 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
 
 
+class ScpServices(Protocol):
+    """What an association's handler uses of its SCP (``adapters.dicom_scp.StorageSCP`` provides it): the spool,
+    the ingest service and the callbacks of the services in the table of ``AssociationHandler._dispatch``. Declared
+    here so that this module does not import ``dicom_scp`` (which imports this one)."""
+
+    _spool: Any
+    _ingest: Any
+    _audit: AuditFn
+    _on_stored: Callable[..., None] | None
+    _on_commitment: CommitmentFn | None
+    _on_commit_request: CommitRequestFn | None
+    _on_commit_reported: Callable[[int, str], None] | None
+    _on_mpps: Callable[..., tuple[int, str]] | None
+
+
 class ProtocolViolation(ProtocolError):
     """The requestor broke PS3.7/PS3.8 (a message on a context we did not accept, a stray fragment):
     the association is aborted and nothing of the message is kept."""
@@ -98,7 +111,7 @@ class Link:
 class AssociationHandler:
     """Reads PDUs until release or abort; assembles each DIMSE message and answers it."""
 
-    def __init__(self, scp: StorageSCP, link: Link, address: str) -> None:
+    def __init__(self, scp: ScpServices, link: Link, address: str) -> None:
         self.scp = scp
         self.assoc = link.assoc
         self.link = link

@@ -33,14 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import (
+from adapters.lab.localpeers import (
     Orthanc,
     Prosody,
     nodelay_env,
     orthanc_instances,
     peak_rss_mb,
 )
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity
 
 STABLE_AGE_S = 0.3  # what bench.transfer's GatewayProcess configures

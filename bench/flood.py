@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import Prosody
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.synthetic import generate_ct_study
 from bench.priority import push, unit_row, wait
 from bench.transfer import DOMAIN, GatewayProcess, identity
 

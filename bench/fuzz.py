@@ -31,8 +31,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from adapters.localpeers import free_port, nodelay_env, port_open
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import free_port, nodelay_env, port_open
+from adapters.lab.synthetic import generate_ct_study
 from tests import rawdicom as raw
 
 REPO = Path(__file__).resolve().parent.parent

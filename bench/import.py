@@ -26,9 +26,9 @@ from datetime import datetime
 from pathlib import Path
 
 from adapters.dicom_files import inspect_part10_file
-from adapters.localpeers import Orthanc, nodelay_env, orthanc_instances
+from adapters.lab.localpeers import Orthanc, nodelay_env, orthanc_instances
+from adapters.lab.synthetic import generate_ct_study
 from adapters.pacs import PacsClient
-from adapters.synthetic import generate_ct_study
 from gateway.importing import PacsOutcome, Verdict
 from gateway.model import InstanceRecord
 from gateway.settings import PacsSettings

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters.localpeers import (
+from adapters.lab.localpeers import (
     Orthanc,
     PeerProcess,
     StoreSCP,
@@ -34,7 +34,7 @@ from adapters.localpeers import (
     peak_rss_mb,
     port_open,
 )
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,11 +2,11 @@
 size of STAT study on the idle link.
 
 The health network is emulated as in ``bench/wan``: each gateway reaches Prosody through relays
-(``adapters.netem``) for its c2s and its proxy65 connections that share one line per gateway
+(``adapters.lab.netem``) for its c2s and its proxy65 connections that share one line per gateway
 (``SharedLink``, ``--rate-mbit``, default 10 Mbit/s per direction), each relay delaying each direction by a
 quarter of ``--rtt-ms`` (27 ms gateway to gateway, as measured in the field study). A routes by a rule:
 Study Description matching ``trauma`` is ``stat``, the rest routine, both to B; B imports into Orthanc.
-Studies are phantom CT slices (``adapters.synthetic.phantom_slice``) unless ``--random``.
+Studies are phantom CT slices (``adapters.lab.synthetic.phantom_slice``) unless ``--random``.
 
 1. idle: a STAT study (``--stat-mb``) is pushed into A with dcmtk's storescu; its time is from the start of
    the push to the moment Orthanc at B holds every instance (REST ``/tools/lookup``);
@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import Orthanc, Prosody, nodelay_env
-from adapters.netem import FaultRelay, SharedLink
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody, nodelay_env
+from adapters.lab.netem import FaultRelay, SharedLink
+from adapters.lab.synthetic import generate_ct_study
 from bench.transfer import DOMAIN, GatewayProcess, identity
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"

@@ -1,7 +1,7 @@
 """Soak (issue 9): two gateways, Prosody and Orthanc on loopback, faults injected at random, nothing lost.
 
 Gateway A (hospital A) and gateway B (hospital B, importing into Orthanc as its PACS) run as ``dicomgw run``
-processes; each reaches Prosody's c2s and proxy65 ports through its own ``adapters.netem.FaultRelay``
+processes; each reaches Prosody's c2s and proxy65 ports through its own ``adapters.lab.netem.FaultRelay``
 (capped at ``--rate-mbit`` so streams last long enough to be hit). Studies of mixed sizes (log-uniform
 between ``--min-mb`` and ``--max-mb``; random pixels, distinct UIDs) are pushed into A with dcmtk's
 storescu, one after another; after each push a fault is injected with probability ``--fault-rate``, chosen
@@ -33,9 +33,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import Orthanc, Prosody, nodelay_env
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody, nodelay_env
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from bench.transfer import DOMAIN, GatewayProcess, identity
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"

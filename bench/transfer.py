@@ -39,7 +39,7 @@ from typing import Any
 
 import slixmpp
 
-from adapters.localpeers import (
+from adapters.lab.localpeers import (
     PeerProcess,
     Prosody,
     free_port,
@@ -47,7 +47,7 @@ from adapters.localpeers import (
     peak_rss_mb,
     port_open,
 )
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from adapters.xmpp import socks5
 from adapters.xmpp.stanzas import NS_S5B, q
 

@@ -1,10 +1,10 @@
 """WAN benchmark (issue 9): the study's health network emulated on loopback, with and without compression.
 
-Each gateway reaches Prosody through its own link: an ``adapters.netem.FaultRelay`` in front of the c2s
+Each gateway reaches Prosody through its own link: an ``adapters.lab.netem.FaultRelay`` in front of the c2s
 port and one in front of the proxy65 port, each capped at the link rate per direction and delaying each
 direction by a quarter of the round trip (gateway to gateway over the server: ``--rtt-ms``, 27 ms as
 measured in the study). A study whose slices look like a scanner's (a Shepp-Logan head in Hounsfield
-units, air around it, 10 HU noise, every slice distinct: ``adapters.synthetic.phantom_slice``) is pushed
+units, air around it, 10 HU noise, every slice distinct: ``adapters.lab.synthetic.phantom_slice``) is pushed
 into A with dcmtk's storescu and sent to B end to end encrypted, by S5B (mediated) and by IBB, with
 compression off (``[xmpp] compress = false``) and on, at each link rate (``--rates``, Mbit/s; 0: plain
 loopback without relays, where compression must switch itself off; ``--random``: random pixels).
@@ -29,9 +29,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from adapters.localpeers import Prosody, nodelay_env
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody, nodelay_env
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from bench.transfer import DOMAIN, GatewayProcess, identity
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"

@@ -29,18 +29,25 @@ from adapters.pacs import PacsClient, StreamingImport
 from adapters.spool import Spool
 from adapters.xmpp.agent import GatewayAgent
 from adapters.xmpp.agent import XmppSettings as AgentSettings
-from adapters.xmpp.e2e import Identities, Identity, ensure_identity, fingerprint, load_identities, pinned_cert
+from adapters.xmpp.e2e import (
+    Identities,
+    Identity,
+    ensure_identity,
+    fingerprint,
+    load_identities,
+    pinned_cert,
+)
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
 from gateway.claims import Claims
-from gateway.directory import PeerDirectory
 from gateway.coercion import Coercer
 from gateway.commitment import CommitmentService
+from gateway.directory import PeerDirectory
 from gateway.dispatch import Dispatcher
-from gateway.mpps import MppsService
 from gateway.importing import ImportService
 from gateway.lifecycle import State
 from gateway.maintenance import Maintenance, maintenance, obey_announcement
 from gateway.model import IngestResult
+from gateway.mpps import MppsService
 from gateway.pins import redact
 from gateway.processes import BEAT_S, Heartbeat
 from gateway.refusals import RefusalLog
@@ -59,13 +66,7 @@ from gateway.windows import local_clock, local_zone
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_demo", "run_forever"]
-
-
-def run_demo(as_json: bool = False, builtin_pacs: bool = False) -> dict:
-    from adapters.demo import run_demo as demo
-
-    return demo(as_json=as_json, builtin_pacs=builtin_pacs)
+__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
 
 
 def identity_paths(settings: Settings) -> tuple[Path, Path]:

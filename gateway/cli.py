@@ -372,7 +372,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 # -- demo ---------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from gateway.bootstrap import run_demo
+    from adapters.lab.demo import run_demo  # the lab, not the running gateway
 
     result = run_demo(as_json=args.json, builtin_pacs=args.builtin_pacs)
     if result["xmpp"]:
@@ -385,7 +385,7 @@ def _cmd_testdata(args: argparse.Namespace) -> int:
     """A synthetic study (pure Python: no numpy needed) to send with storescu or drop in the watched folder."""
     from pathlib import Path
 
-    from adapters.synthetic import generate_ct_study
+    from adapters.lab.synthetic import generate_ct_study
 
     if not (1 <= args.series <= 50 and 1 <= args.slices <= 2000 and 8 <= args.size <= 1024):
         print("dicomgw testdata: --series 1..50, --slices 1..2000, --size 8..1024", file=sys.stderr)

@@ -213,7 +213,14 @@ def cmd_merge(server: str, files: list[str]) -> int:
     """``peers export prosody|ejabberd --merge FILE...``: the region's roster from every gateway's export."""
     from pathlib import Path
 
-    from gateway.roster import RosterFileError, ejabberd_text, merge, parse_ejabberd, parse_prosody, prosody_text
+    from gateway.roster import (
+        RosterFileError,
+        ejabberd_text,
+        merge,
+        parse_ejabberd,
+        parse_prosody,
+        prosody_text,
+    )
 
     if server not in ("prosody", "ejabberd"):
         return _fail("export", "say which server: dicomgw peers export prosody|ejabberd --merge FILE...")

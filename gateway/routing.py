@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import logging
 import re
-
-import re2
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import re2
 
 from gateway.addressing import destination_jid
 from gateway.model import PeerConfig, StudySummary

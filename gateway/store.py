@@ -34,9 +34,9 @@ from gateway.rows import (  # noqa: F401 (the models and exceptions are part of 
 )
 from gateway.store_audit import AuditRepo
 from gateway.store_commitments import CommitmentsRepo
-from gateway.store_mpps import MppsRepo
 from gateway.store_imports import ImportsRepo
 from gateway.store_ingest import IngestRepo
+from gateway.store_mpps import MppsRepo
 from gateway.store_reports import ReportsRepo
 from gateway.store_transfers import TransfersRepo
 from gateway.store_units import UnitsRepo

@@ -8,7 +8,13 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
-from gateway.rows import AuditRow, CommitmentRequestRow, InstanceRow, StudyUnitRow, utcnow
+from gateway.rows import (
+    AuditRow,
+    CommitmentRequestRow,
+    InstanceRow,
+    StudyUnitRow,
+    utcnow,
+)
 
 
 class CommitmentsRepo:

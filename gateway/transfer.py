@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from gateway.claims import Claims
 from gateway.directory import PeerDirectory
 from gateway.lifecycle import State
-from gateway.pins import redact, pin_set
+from gateway.pins import pin_set, redact
 from gateway.refusals import RefusalLog
 from gateway.store import QueueStore
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pydicom
 
-from adapters.localpeers import free_port, port_open
+from adapters.lab.localpeers import free_port, port_open
 
 __all__ = ["free_port", "port_open"]  # re-exported for the tests
 

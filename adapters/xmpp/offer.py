@@ -37,7 +37,14 @@ from adapters.xmpp.common import (
     short_method,
     shut,
 )
-from adapters.xmpp.e2e import Identity, PinMismatch, client_context, fingerprint, pinned_cert, server_context
+from adapters.xmpp.e2e import (
+    Identity,
+    PinMismatch,
+    client_context,
+    fingerprint,
+    pinned_cert,
+    server_context,
+)
 from adapters.xmpp.stanzas import (
     NS_IBB,
     NS_RESULT,

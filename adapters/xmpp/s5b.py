@@ -24,7 +24,15 @@ import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
 from adapters.xmpp import socks5
-from adapters.xmpp.common import Sink, TransferCut, abort, describe, log_task_failure, on_own_thread, shut
+from adapters.xmpp.common import (
+    Sink,
+    TransferCut,
+    abort,
+    describe,
+    log_task_failure,
+    on_own_thread,
+    shut,
+)
 from adapters.xmpp.e2e import PinMismatch, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
 from gateway.logs import set_fields

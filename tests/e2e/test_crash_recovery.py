@@ -1,5 +1,5 @@
 """Crash cases as regression tests: `dicomgw run` processes, real Prosody and Orthanc, links capped through
-``adapters.netem.FaultRelay`` so that a kill lands mid-stream (and B's PACS link so that one lands
+``adapters.lab.netem.FaultRelay`` so that a kill lands mid-stream (and B's PACS link so that one lands
 mid-import). Each case ends with the study `delivered` at both ends, every SOP Instance UID once in Orthanc,
 and no unit left in a transient state."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.localpeers import Orthanc, Prosody
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from bench.soak import A_USER, B_USER, Site
 from bench.transfer import DOMAIN, identity
 from tests.helpers import storescu, wait_for

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from tests.helpers import (
     REPO,
     dataset_bytes,

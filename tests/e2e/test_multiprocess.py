@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from adapters.localpeers import Prosody
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from tests.conftest import PG_URL
 from tests.helpers import REPO, free_port, port_open, storescu, wait_for
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from adapters.localpeers import free_port
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import free_port
+from adapters.lab.synthetic import generate_ct_study
 from tests.e2e.test_gateway_process import GatewayProcess
 from tests.helpers import REPO, wait_for
 
@@ -148,7 +148,7 @@ def _status(url: str) -> int:
 def test_the_web_page_over_tls_takes_only_a_client_certificate_from_the_admins_ca(tmp_path: Path) -> None:
     import ssl
 
-    from adapters.localpeers import make_test_pki
+    from adapters.lab.localpeers import make_test_pki
 
     server_ca, server_cert, server_key = make_test_pki(tmp_path / "server", "localhost")
     admins_ca, admin_cert, admin_key = make_test_pki(tmp_path / "admins", "pacsadmin")

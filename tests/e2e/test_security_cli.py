@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapters.localpeers import Prosody
+from adapters.lab.localpeers import Prosody
 from tests.e2e.test_gateway_process import GatewayProcess
 from tests.helpers import REPO, wait_for
 

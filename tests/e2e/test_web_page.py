@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.localpeers import Prosody, free_port
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody, free_port
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from gateway.passwords import hash_password
 from gateway.routing import parse_rules
 from gateway.settings import RoutingSettings, WebSettings

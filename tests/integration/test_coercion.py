@@ -13,13 +13,19 @@ from pathlib import Path
 
 import pydicom
 
-from adapters.localpeers import Orthanc
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc
+from adapters.lab.synthetic import generate_ct_study
 from gateway.coercion import parse_rules
 from gateway.settings import PacsSettings
 from tests.helpers import REPO, storescu, wait_for
 from tests.integration.test_operations import in_orthanc
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, received_instances, running_prosody, start_site
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    received_instances,
+    running_prosody,
+    start_site,
+)
 
 
 def orthanc_instance(orthanc: Orthanc, sop_uid: str) -> pydicom.Dataset:

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import pydicom
 
-from adapters.localpeers import Orthanc
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc
+from adapters.lab.synthetic import generate_ct_study
 from gateway.routing import parse_rules
 from gateway.settings import PacsSettings, RoutingSettings
 from tests.helpers import PYDICOM_FILES, storescu, wait_for
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, running_prosody, start_site
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    running_prosody,
+    start_site,
+)
 
 RULES = [{"name": "research", "destinations": ["radiology.hospital-b"], "deidentify": "basic"}]
 

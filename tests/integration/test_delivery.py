@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from sqlalchemy import text
 
-from adapters.localpeers import Orthanc, Prosody, free_port, orthanc_instances
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody, free_port, orthanc_instances
+from adapters.lab.synthetic import generate_ct_study
 from gateway.settings import PacsSettings
 from tests.helpers import dataset_bytes, storescu, wait_for
 from tests.integration.test_pacs import dataset_bytes_of_bytes

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from adapters.dicom_files import inspect_part10_file
-from adapters.localpeers import StoreSCP, free_port, issue_test_cert, make_test_pki
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import StoreSCP, free_port, issue_test_cert, make_test_pki
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import GatewayController
 from gateway.importing import PacsUnavailable, Verdict
 from gateway.settings import PacsSettings

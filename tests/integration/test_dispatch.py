@@ -5,8 +5,8 @@ fake sender here (the real one is covered with Prosody in test_xmpp_transfer and
 from __future__ import annotations
 
 import asyncio
-import time
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.localpeers import Prosody
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.synthetic import generate_ct_study
 from tests.helpers import CapturingRelay, dataset_bytes, storescu, wait_for
 from tests.integration.test_xmpp_transfer import (  # noqa: F401  (the prosody fixture)
     A_JID,

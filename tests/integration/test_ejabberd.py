@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.ejabberd_peer import Ejabberd
-from adapters.synthetic import generate_ct_study
+from adapters.lab.ejabberd_peer import Ejabberd
+from adapters.lab.synthetic import generate_ct_study
 from gateway.roster import ejabberd_text, pair_groups
 from tests.helpers import storescu, wait_for
 from tests.integration.test_xmpp_hostile import send_and_check

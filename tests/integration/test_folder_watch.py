@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import WatchSettings
 from tests.helpers import PYDICOM_FILES, dataset_bytes, free_port, wait_for

@@ -17,21 +17,36 @@ from typing import Any
 
 import pytest
 from slixmpp.exceptions import XMPPError
-from sqlalchemy import text
 from slixmpp.xmlstream.handler import CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
+from sqlalchemy import text
 
 from adapters import localpeers
-from adapters.localpeers import Prosody
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.synthetic import generate_ct_study
 from adapters.xmpp import attest
 from adapters.xmpp.e2e import ensure_identity
-from adapters.xmpp.stanzas import NS_IBB, NS_SI, Signature, build_accept, build_receipt, build_result, q
+from adapters.xmpp.stanzas import (
+    NS_IBB,
+    NS_SI,
+    Signature,
+    build_accept,
+    build_receipt,
+    build_result,
+    q,
+)
 from gateway.settings import PacsSettings
 from gateway.transfer import Receipt
 from tests.helpers import storescu, wait_for
 from tests.integration.test_xmpp_hostile import Intruder
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, running_prosody, site_identity, start_site, unit_states
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    running_prosody,
+    site_identity,
+    start_site,
+    unit_states,
+)
 
 A_FULL = f"{A_JID}/gw1"
 

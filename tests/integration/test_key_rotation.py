@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adapters.localpeers import Orthanc, Prosody
-from adapters.netem import FaultRelay
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody
+from adapters.lab.netem import FaultRelay
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import identity_paths, rotate_keys
 from gateway.settings import PacsSettings
 from tests.helpers import storescu, wait_for
 from tests.integration.test_operations import in_orthanc
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, running_prosody, site_identity, start_site
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    running_prosody,
+    site_identity,
+    start_site,
+)
 
 
 def test_rotating_either_side_loses_no_study(tmp_path: Path) -> None:

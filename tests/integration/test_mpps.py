@@ -18,8 +18,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from adapters.localpeers import free_port
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import free_port
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from tests.helpers import REPO, storescu, wait_for
 from tests.integration.test_scp import make_settings

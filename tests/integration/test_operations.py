@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.localpeers import Orthanc, Prosody
-from adapters.netem import FaultRelay, SharedLink
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, Prosody
+from adapters.lab.netem import FaultRelay, SharedLink
+from adapters.lab.synthetic import generate_ct_study
 from gateway.roster import ejabberd_text, pair_groups, prosody_text
 from gateway.routing import parse_rules
 from gateway.settings import PacsSettings, RoutingSettings
@@ -57,7 +57,7 @@ def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[objec
     if request.param == "prosody":
         server: object = prosody_with(tmp_path / "prosody")
     else:
-        from adapters.ejabberd_peer import Ejabberd
+        from adapters.lab.ejabberd_peer import Ejabberd
 
         server = Ejabberd(tmp_path / "ejabberd", domain=DOMAIN).start()
         for user in USERS:

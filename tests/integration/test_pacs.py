@@ -11,9 +11,9 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from adapters.dicom_files import inspect_part10_file
-from adapters.localpeers import Orthanc, free_port, orthanc_instances
+from adapters.lab.localpeers import Orthanc, free_port, orthanc_instances
+from adapters.lab.synthetic import generate_ct_study
 from adapters.pacs import PacsClient
-from adapters.synthetic import generate_ct_study
 from gateway.importing import PacsOutcome, PacsRefused, PacsUnavailable, Verdict
 from gateway.model import InstanceRecord
 from gateway.settings import PacsSettings

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import slixmpp
 
-from adapters.ejabberd_peer import Ejabberd
-from adapters.localpeers import Prosody
+from adapters.lab.ejabberd_peer import Ejabberd
+from adapters.lab.localpeers import Prosody
 from tests.helpers import REPO
 
 DOMAIN = "helsenett.test"

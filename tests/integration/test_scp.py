@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from adapters.dicom_files import inspect_part10_file
 from adapters.dicom_ul import UI, US, Association, encode_command, read_pdu
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import (
     DicomSettings,

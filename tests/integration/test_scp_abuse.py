@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from adapters import dicom_store
-from adapters.localpeers import free_port, issue_test_cert, make_test_pki
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import free_port, issue_test_cert, make_test_pki
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from tests import rawdicom as raw
 from tests.helpers import run_dcmtk, wait_for

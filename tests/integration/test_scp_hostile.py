@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from tests import rawdicom as raw
 from tests.helpers import REPO, free_port, port_open, storescu, wait_for

@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adapters.localpeers import Orthanc, free_port
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Orthanc, free_port
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import GatewayController
 from gateway.settings import ModalitySettings
 from tests.helpers import wait_for
@@ -190,10 +190,15 @@ def test_a_report_the_modality_cannot_take_is_retried_and_survives_a_restart(tmp
 def test_commit_when_delivered_waits_for_the_remote_pacs(tmp_path: Path) -> None:
     """commit_when = "delivered" through two gateways: Orthanc-the-modality's report arrives only once B's PACS
     holds the study (A has B's receipt), and it is Success."""
-    from adapters.netem import FaultRelay
+    from adapters.lab.netem import FaultRelay
     from gateway.settings import PacsSettings
     from tests.integration.test_operations import in_orthanc
-    from tests.integration.test_xmpp_transfer import A_JID, B_JID, running_prosody, start_site
+    from tests.integration.test_xmpp_transfer import (
+        A_JID,
+        B_JID,
+        running_prosody,
+        start_site,
+    )
 
     a_port = free_port()
     with running_prosody(tmp_path / "prosody") as prosody, \

@@ -17,8 +17,8 @@ import pytest
 import slixmpp
 from slixmpp.exceptions import IqError
 
-from adapters.localpeers import Prosody
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.synthetic import generate_ct_study
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, Offer, build_offer, q
 from tests.helpers import storescu, wait_for
 from tests.integration.test_xmpp_transfer import (

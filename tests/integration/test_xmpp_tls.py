@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.localpeers import Prosody, make_test_pki
+from adapters.lab.localpeers import Prosody, make_test_pki
 from gateway.cli import main as cli
 from tests.helpers import wait_for
 from tests.integration.test_xmpp_transfer import A_JID, DOMAIN, start_site

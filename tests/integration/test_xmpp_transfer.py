@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from adapters.localpeers import Prosody
-from adapters.synthetic import generate_ct_study
+from adapters.lab.localpeers import Prosody
+from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import PacsSettings, RoutingSettings, WebSettings, XmppSettings
 from tests.helpers import TamperingRelay, dataset_bytes, free_port, storescu, wait_for
@@ -366,7 +366,7 @@ def test_a_study_that_keeps_failing_goes_dead_with_its_last_error_and_the_admin_
 @pytest.mark.parametrize("method", ["s5b", "ibb"])
 def test_a_scanner_like_study_crosses_a_slow_link_compressed_and_arrives_byte_for_byte(
         tmp_path: Path, prosody: Prosody, method: str) -> None:
-    from adapters.netem import FaultRelay
+    from adapters.lab.netem import FaultRelay
 
     link = FaultRelay(prosody.proxy_port if method == "s5b" else prosody.c2s_port, rate_bytes_s=4e6)  # 32 Mbit/s
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))

@@ -9,7 +9,15 @@ import pytest
 
 from adapters.xmpp import attest
 from adapters.xmpp.e2e import ensure_identity
-from adapters.xmpp.stanzas import Signature, build_receipt, build_result, parse_receipt, parse_result, receipt_signature, statement_text
+from adapters.xmpp.stanzas import (
+    Signature,
+    build_receipt,
+    build_result,
+    parse_receipt,
+    parse_result,
+    receipt_signature,
+    statement_text,
+)
 from gateway.refusals import RefusalLog
 from gateway.transfer import Receipt
 

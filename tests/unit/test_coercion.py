@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.coercion import Coercer, CoerceError, Coercion, Hold, parse_rules
+from gateway.coercion import CoerceError, Coercer, Coercion, Hold, parse_rules
 
 A = "radiology.hospital-a@helsenett.test"
 

@@ -109,7 +109,11 @@ def test_the_samples_commented_routing_rules_and_web_section_load(tmp_path: Path
     settings = load_settings(config, environ={})
     assert [(r.name, r.destinations, r.priority) for r in settings.routing.rules] == [
         ("trauma", ("radiology.hospital-b", "archive.hospital-c"), "stat"),
-        ("MR from the MR01 scanner", ("radiology.hospital-b",), "routine")]
+        ("MR from the MR01 scanner", ("radiology.hospital-b",), "routine"),
+        ("research", ("research.university-x",), "routine")]
+    research = settings.routing.rules[-1]
+    assert (research.deidentify, research.deid_options, research.allow_burned_in) == (
+        "basic", ("retain_longitudinal_dates",), False)
     assert (settings.web.host, settings.web.port) == ("127.0.0.1", 8765)
     assert settings.xmpp.stat_reserve == 1
 

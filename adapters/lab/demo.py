@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters.dicom_scu import store_files
-from adapters.localpeers import (
+from adapters.lab.localpeers import (
     BuiltinStorageSCP,
     Orthanc,
     Prosody,
     free_port,
     nodelay_env,
 )
-from adapters.synthetic import generate_ct_study
+from adapters.lab.synthetic import generate_ct_study
 from gateway.settings import (
     DicomSettings,
     PacsSettings,

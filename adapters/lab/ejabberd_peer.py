@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.localpeers import PeerProcess, free_port, make_test_pki, port_open
+from adapters.lab.localpeers import PeerProcess, free_port, make_test_pki, port_open
 
 
 class Ejabberd(PeerProcess):
