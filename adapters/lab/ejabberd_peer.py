@@ -130,9 +130,9 @@ modules:
                 pid = int(pid_file.read_text().strip())
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout_s
-                while time.monotonic() < deadline and _alive(pid):
+                while time.monotonic() < deadline and pid_alive(pid):
                     time.sleep(0.1)
-                if _alive(pid):
+                if pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)
         super().stop(timeout_s)
         if self.workdir.exists():
@@ -142,7 +142,7 @@ modules:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.lab.ejabberd_peer import pid_alive
 from tests.helpers import REPO, free_port
 
 GUIDE = REPO / "docs" / "deploy.md"
@@ -46,14 +47,6 @@ def _pids(region: Path) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("server", ["prosody", "ejabberd"])
 def test_the_guide_deploys_a_region(server: str) -> None:
     region = Path(tempfile.mkdtemp(prefix="dicomgw-region-"))
@@ -76,9 +69,9 @@ def test_the_guide_deploys_a_region(server: str) -> None:
         pids = _pids(region)
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.2)
-        left = [pid for pid in pids if _alive(pid)]  # what `deploy-region.sh stop` did not stop
+        left = [pid for pid in pids if pid_alive(pid)]  # what `deploy-region.sh stop` did not stop
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(region, ignore_errors=True)
