@@ -78,6 +78,10 @@ STUDY = """{% extends "base.html" %}
 {% for e in u.audit %}<tr><td>{{ e.at[:19] }}</td><td>{{ e.event }}</td>
 <td>{% if e.to_state %}{{ e.from_state or '' }} → {{ e.to_state }}{% endif %}</td><td>{{ e.detail }}</td></tr>{% endfor %}</table>
 {% endfor %}
+{% if study.mpps %}<h2>Performed Procedure Steps (MPPS)</h2>
+<table id="mpps"><tr><th>Updated (UTC)</th><th>Modality</th><th>Step</th><th>Status</th><th class="num">Instances</th><th>Reason</th><th>Applied</th></tr>
+{% for m in study.mpps %}<tr><td>{{ m.updated_at }}</td><td>{{ m.modality }}</td><td>{{ m.uid }}</td><td>{{ m.status }}</td>
+<td class="num">{{ m.instances }}</td><td>{{ m.reason }}</td><td>{{ 'yes' if m.settled else 'not yet' }}</td></tr>{% endfor %}</table>{% endif %}
 {% if study.commitments %}<h2>Storage Commitment</h2>
 <table id="commitments"><tr><th>Requested (UTC)</th><th>Modality</th><th>Transaction</th><th class="num">Instances</th>
 <th>State</th><th class="num">Committed</th><th class="num">Failed</th><th>Reported (UTC)</th><th>Last error</th></tr>

@@ -18,47 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from adapters.lab.localpeers import Orthanc, Prosody
+from adapters.lab.modality import send_mpps
 from adapters.lab.synthetic import generate_ct_study
 from bench.priority import RULES, in_pacs, push
 from bench.transfer import DOMAIN, GatewayProcess, identity
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"
-MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
-
-
-def mpps(port: int, study: object, step: str, phase: str) -> None:
-    """N-CREATE (phase "create") or N-SET COMPLETED (phase "complete") of ``step`` from a pynetdicom SCU."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(MPPS_CLASS)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW")
-    try:
-        ds = Dataset()
-        if phase == "create":
-            item = Dataset()
-            item.StudyInstanceUID = study.study_instance_uid  # type: ignore[attr-defined]
-            ds.ScheduledStepAttributesSequence = [item]
-            ds.PerformedProcedureStepStatus, ds.Modality, ds.PerformedProcedureStepID = "IN PROGRESS", "CT", "1"
-            status, _ = assoc.send_n_create(ds, MPPS_CLASS, step)
-        else:
-            ds.PerformedProcedureStepStatus = "COMPLETED"
-            series = Dataset()
-            series.ReferencedImageSequence = []
-            for uid in study.sop_instance_uids:  # type: ignore[attr-defined]
-                image = Dataset()
-                image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uid
-                series.ReferencedImageSequence.append(image)
-            ds.PerformedSeriesSequence = [series]
-            status, _ = assoc.send_n_set(ds, MPPS_CLASS, step)
-        if status.Status != 0x0000:
-            raise RuntimeError(f"MPPS {phase} answered 0x{status.Status:04X}")
-    finally:
-        assoc.release()
 
 
 def to_pacs(orthanc: Orthanc, study: object, started: float, timeout_s: float) -> float:
@@ -98,11 +66,11 @@ def main() -> None:
             study = generate_ct_study(work / case, 1, args.slices, seed=seed, study_description="CT TRAUMA HEAD")
             step = generate_uid()
             if case == "mpps":
-                mpps(a.port, study, step, "create")
+                send_mpps(a.port, "DICOMGW", study, step, "create")
             push(a, study.files)
             started = time.monotonic()  # the last C-STORE response
             if case == "mpps":
-                mpps(a.port, study, step, "complete")
+                send_mpps(a.port, "DICOMGW", study, step, "complete")
             results[case] = to_pacs(orthanc, study, started, args.stable_age * 4 + 120)
             print(f"{case}: {results[case]:.2f} s from the last C-STORE response to B's PACS ({len(study.files)} instances)",
                   flush=True)

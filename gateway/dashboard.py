@@ -87,8 +87,12 @@ def study(store: QueueStore, study_uid: str) -> dict[str, Any] | None:
                 "committed": len(result.get("committed", [])), "failed": len(result.get("failed", [])),
                 "reported_at": r["reported_at"].isoformat(timespec="seconds") if r["reported_at"] else "",
                 "error": r["last_error"] or ""})
+    steps = [{"uid": step["sop_instance_uid"], "modality": step["calling_ae"], "status": step["status"],
+              "instances": len(step["refs"]), "reason": step["reason"], "settled": step["settled"],
+              "updated_at": step["updated_at"].isoformat(timespec="seconds")}
+             for step in store.mpps_steps() if study_uid in step["study_uids"] or uids & {u for _c, u in step["refs"]}]
     return {"study_uid": study_uid, "patient": first.patient_name, "patient_id": first.patient_id,
-            "description": first.study_description, "units": shown, "commitments": commitments}
+            "description": first.study_description, "units": shown, "commitments": commitments, "mpps": steps}
 
 
 def peers(store: QueueStore, configured: Sequence[str], presence: Callable[[str], str],

@@ -54,6 +54,11 @@ class MppsRepo:
                                             + (f" ({reason})" if reason else "")
                                             + f", {len(json.loads(row.refs))} instance(s) referenced"))
 
+    def mpps_steps(self, limit: int = 500) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            rows = session.scalars(select(MppsStepRow).order_by(MppsStepRow.updated_at.desc()).limit(limit)).all()
+            return [_step(r) for r in rows]
+
     def mpps_unsettled(self) -> list[dict[str, Any]]:
         with self._sessions() as session:
             rows = session.scalars(select(MppsStepRow).where(

@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import generate_uid
+
 from adapters.dicom_scu import store_files
 from adapters.lab.localpeers import (
     BuiltinStorageSCP,
@@ -29,6 +31,7 @@ from adapters.lab.localpeers import (
     free_port,
     nodelay_env,
 )
+from adapters.lab.modality import request_commitment, send_mpps
 from adapters.lab.synthetic import generate_ct_study
 from gateway.settings import (
     DicomSettings,
@@ -64,13 +67,13 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
     log = (lambda *a: None) if as_json else say
     started: list[Any] = []
     stages: dict[str, float] = {}
-    stable_age_s = 2.0
+    stable_age_s = 10.0  # the fallback: with the modality's MPPS the study is complete at its N-SET
     try:
         prosody = None
         a_settings = _site(workdir / "hospital-a", "HOSPITAL_A", stable_age_s)
         b_settings = _site(workdir / "hospital-b", "HOSPITAL_B", stable_age_s)
         if Prosody.available():
-            variant = Path(__file__).resolve().parents[1] / "conf" / "prosody" / "plugins"
+            variant = Path(__file__).resolve().parents[2] / "conf" / "prosody" / "plugins"
             prosody = Prosody(workdir / "prosody", domain=DOMAIN, plugin_paths=[variant] if variant.is_dir() else [])
             for user in (A_USER, B_USER):
                 prosody.add_account(user, f"demo-{user}")
@@ -121,12 +124,22 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
 
         study = generate_ct_study(workdir / "modality", series=2, slices_per_series=slices_per_series)
         log(f"modality: CT study {study.study_instance_uid}, {len(study.files)} instances, {study.size_bytes / 1e6:.1f} MB")
+        step = generate_uid()
+        mpps_created = send_mpps(a.scp.port, "HOSPITAL_A", study, step, "create") == 0x0000  # the procedure starts
         t0 = time.perf_counter()
         sender, acknowledged = _push(a.scp.port, [str(p) for p in study.files])
         stages["ingest_s"] = time.perf_counter() - t0
         log(f"modality -> A ({sender}): {acknowledged}/{len(study.files)} acknowledged in {stages['ingest_s']:.2f} s")
+        completed_at = time.perf_counter()
+        mpps_done = mpps_created and send_mpps(a.scp.port, "HOSPITAL_A", study, step, "complete") == 0x0000
+        commit_started = time.perf_counter()
+        event_type, committed, failed = request_commitment(a.scp.port, "HOSPITAL_A", study)
+        commitment_s = time.perf_counter() - commit_started
+        log(f"commitment report from the gateway after {commitment_s:.2f} s: event type {event_type}, "
+            f"{committed} committed, {failed} failed" if event_type else "commitment: no report")
 
         final = "delivered" if prosody else "stable"
+        stable_after: float | None = None
         last_shown, t1 = "", time.perf_counter()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -136,12 +149,17 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             if shown != last_shown:
                 log(f"  A: {shown}  (+{time.perf_counter() - t1:.1f} s)")
                 last_shown = shown
+            if stable_after is None and unit is not None and unit.state not in ("received",):
+                stable_after = time.perf_counter() - completed_at
             if unit is not None and unit.state in (final, "failed"):
                 break
             time.sleep(0.1)
         a_unit = a.store.studies()[0]
         b_units = [s for s in b.store.studies() if s.origin_peer]
-        stages["stable_wait_s"] = stable_age_s
+        stages["stable_wait_s"] = stable_after if stable_after is not None else stable_age_s
+        log(f"completeness by MPPS after {stable_after:.2f} s (stable age {stable_age_s:g} s not waited)"
+            if mpps_done and stable_after is not None and stable_after < stable_age_s else
+            f"completeness by stable age ({stable_age_s:g} s)")
         if prosody is not None:
             stages.update(chain_stages(a.store, b.store))
         stages["total_s"] = time.perf_counter() - t0
@@ -166,6 +184,10 @@ def run_demo(as_json: bool = False, slices_per_series: int = 60, keep: bool = Fa
             "xmpp_tls": a.agent.status.get("tls_version") if a.agent is not None else None,
             "end_to_end": prosody is not None,
             "pacs": ("orthanc" if isinstance(pacs, Orthanc) else "built-in storage SCP") if prosody is not None else None,
+            "mpps_completed": mpps_done,
+            "stable_after_mpps_s": round(stable_after, 3) if stable_after is not None else None,
+            "commitment": {"event_type": event_type, "committed": committed, "failed": failed,
+                           "report_s": round(commitment_s, 3)},
         }
         log(
             f"summary: {result['instances_in_pacs']} of {result['instances_sent']} instances in B's PACS, "

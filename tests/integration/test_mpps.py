@@ -124,6 +124,10 @@ def test_completed_step_makes_the_study_stable_at_once(gateway: Gateway, tmp_pat
         assert time.monotonic() - answered < 1.0
         audit = [e["detail"] for e in gateway.store.audit_entries()]
         assert any(d.startswith(f"MPPS {uid} COMPLETED: all 5 referenced instance(s) received") for d in audit)
+        from gateway import dashboard
+
+        (shown,) = dashboard.study(gateway.store, study.study_instance_uid)["mpps"]  # the study's web page
+        assert (shown["status"], shown["instances"], shown["settled"]) == ("COMPLETED", 5, True)
         assert modality.set(completed(study, "DISCONTINUED"), uid) == 0x0110  # may no longer be updated
         assert modality.set(completed(study), generate_uid()) == 0x0112  # no such step
         bad = created(study.study_instance_uid)
