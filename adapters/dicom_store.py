@@ -45,7 +45,6 @@ from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
 from gateway.routing import scp_source
 
-
 log = logging.getLogger(__name__)
 
 AuditFn = Callable[[str, str], None]

@@ -33,23 +33,20 @@ from adapters.xmpp.e2e import (
     Identities,
     Identity,
     ensure_identity,
-    fingerprint,
     load_identities,
-    pinned_cert,
 )
-from adapters.xmpp.stanzas import NS_IBB, NS_S5B, Offer
+from adapters.xmpp.stanzas import NS_IBB, NS_S5B
 from gateway.claims import Claims
 from gateway.coercion import Coercer
 from gateway.commitment import CommitmentService
 from gateway.directory import PeerDirectory
 from gateway.dispatch import Dispatcher
 from gateway.importing import ImportService
-from gateway.lifecycle import State
-from gateway.maintenance import Maintenance, maintenance, obey_announcement
+from gateway.maintenance import Maintenance, maintenance
 from gateway.model import IngestResult
 from gateway.mpps import MppsService
-from gateway.pins import redact
 from gateway.processes import BEAT_S, Heartbeat
+from gateway.receiving import Inbound
 from gateway.refusals import RefusalLog
 from gateway.retention import SpoolCleaner
 from gateway.retry import RetryPolicy
@@ -59,7 +56,6 @@ from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
 from gateway.transfer import (
     InboundPolicy,
-    Receipt,
     ReceiptSender,
 )
 from gateway.windows import local_clock, local_zone
@@ -200,7 +196,7 @@ class Gateway:
                 handshake_timeout_s=x.handshake_timeout_s,
                 compress=x.compress,
             ),
-            _Inbound(self),
+            Inbound(self),
         )
         self.agent.identities = identities
         domain = x.jid.split("@", 1)[1].split("/", 1)[0]
@@ -390,6 +386,14 @@ class Gateway:
             if self.mpps.tick() and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._dispatch_due.set)  # offered now, not at the next tick
         return answer
+
+    def open_bundle(self, peer_jid: str, bundle_key: str, size: int, on_file: Callable[..., None] | None) -> InboundBundle:
+        """The receiving side's inbox (``gateway.receiving``): an inbound bundle into the spool and the queue."""
+        return InboundBundle(self.spool, self.ingest, peer_jid, bundle_key, size, on_file=on_file)
+
+    def early_import(self) -> EarlyImport | None:
+        """The PACS's streaming import, fed file by file while a bundle arrives (None without a PACS)."""
+        return EarlyImport(self.pacs) if self.pacs is not None else None
 
     def _deidentify(self, unit: Any, manifest: Any, paths: list[Path], rule: Any) -> Any:
         """A rule's ``deidentify = "basic"`` (worker thread): de-identified copies under spool/outbox/<unit>/."""
@@ -583,80 +587,7 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Inbound:
-    """The agent's InboundPort: the core's admission policy + the inbox sink, with a transfer row per attempt."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    def authorize(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
-        assert self.gateway.inbound_policy is not None
-        cert = fingerprint(pinned_cert(offer, self.gateway.pin_for(peer_jid))) if offer.cert_der else None
-        return self.gateway.inbound_policy.authorize(peer_jid, offer.size, offer.manifest_sha256, cert, offer.priority)
-
-    def release(self, offer: Offer) -> None:
-        assert self.gateway.inbound_policy is not None
-        self.gateway.inbound_policy.release(offer.manifest_sha256)
-
-    def receipt(self, peer_jid: str, receipt: Receipt) -> str:
-        outcome = self.gateway.store.confirm_delivery(
-            peer_jid, receipt.study_instance_uid, receipt.bundle_sha256, receipt.delivered,
-            f"{receipt.instances} instance(s): {receipt.detail}",
-        )
-        self.gateway.store.audit("receipt", f"{'delivery' if receipt.delivered else 'failure'} receipt from {peer_jid} for "
-                                 f"bundle {receipt.bundle_sha256[:12]}: {outcome}")
-        return outcome
-
-    def pin_for(self, peer_jid: str) -> str | None:
-        return self.gateway.pin_for(peer_jid)
-
-    def security_event(self, peer_jid: str, text: str) -> None:
-        self.gateway.refusals.note("e2e_refused", peer_jid, text)
-
-    def statement_refused(self, peer_jid: str, text: str) -> None:
-        self.gateway.refusals.note("receipt_refused", peer_jid, text)
-
-    def screen(self, peer_jid: str, offer: Offer) -> tuple[str, str] | None:
-        assert self.gateway.inbound_policy is not None
-        cert = fingerprint(pinned_cert(offer, self.gateway.pin_for(peer_jid))) if offer.cert_der else None
-        return self.gateway.inbound_policy.screen(peer_jid, offer.manifest_sha256, cert)
-
-    def status_changed(self, status: dict) -> None:
-        """The process's heartbeat carries the state (``gateway.processes``): written now, off the loop."""
-        if status.get("state") == "refused":
-            self.gateway._xmpp_refused = dict(status)
-        elif status.get("state") == "online":
-            self.gateway._xmpp_refused = None
-        if self.gateway._loop is not None:
-            self.gateway._loop.call_soon_threadsafe(self.gateway._beat_due.set)
-
-    def server_announcement(self, server: str, text: str) -> None:
-        """The server operator's broadcast (``gateway.maintenance``): obeyed off the loop, at once."""
-        def obey() -> None:
-            if obey_announcement(self.gateway.store, server, text) is not None:
-                self.gateway._check_maintenance()
-
-        if self.gateway._loop is not None:
-            self.gateway._loop.run_in_executor(None, obey)
-
-    def open_sink(self, peer_jid: str, offer: Offer, method: str) -> _AuditedSink:
-        """Takes over the admission ``authorize`` gave: released here if the sink cannot be made."""
-        try:
-            # No early import where a coercion rule applies: it happens on the import, after verification.
-            early = (_EarlyImport(self.gateway.pacs)
-                     if self.gateway.pacs is not None and self.gateway.coercer.rule_for(peer_jid) is None else None)
-            bundle = InboundBundle(self.gateway.spool, self.gateway.ingest, peer_jid, offer.manifest_sha256, offer.size,
-                                   on_file=early.feed if early else None)
-            if early is not None:
-                early.bundle = bundle
-            return _AuditedSink(self.gateway, bundle, peer_jid, offer, "s5b" if method == NS_S5B else "ibb", early)
-        except BaseException:
-            assert self.gateway.inbound_policy is not None
-            self.gateway.inbound_policy.release(offer.manifest_sha256)
-            raise
-
-
-class _EarlyImport:
+class EarlyImport:
     """Starts the streaming import at the first verified file of a bundle (the manifest is known by then)."""
 
     def __init__(self, client: PacsClient) -> None:
@@ -677,120 +608,6 @@ class _EarlyImport:
         self.running = None
         return {uid: (o.status, o.verdict.value, o.detail) for uid, o in outcomes.items()}
 
-
-class _AuditedSink:
-    def __init__(self, gateway: Gateway, bundle: InboundBundle, peer_jid: str, offer: Offer, method: str,
-                 early: _EarlyImport | None = None) -> None:
-        self.gateway, self.bundle, self.peer_jid, self.offer, self.method = gateway, bundle, peer_jid, offer, method
-        self.early = early
-        self.started = utcnow()
-        self.size = bundle.size
-        self.bundle_key = offer.manifest_sha256
-        self._ended = False
-        self._last_progress = 0.0
-        self.wire_bytes: int | None = None  # set by a compressed stream's decoder (adapters.xmpp.common.FramedSink)
-        self._first_byte: float | None = None  # perf_counter at the first byte: the row's stream_s
-        self.unit_id: int | None = None  # the offer names no study: the unit is made when the manifest arrives
-        self._begin()
-
-    def _begin(self) -> None:
-        manifest = self.bundle.manifest
-        if self.unit_id is None and manifest is not None:
-            self.unit_id = self.gateway.store.begin_receiving(
-                manifest.study_instance_uid, self.peer_jid, self.size, self.bundle.offset, self.method, self.offer.manifest_sha256
-            )
-
-    @property
-    def offset(self) -> int:
-        return self.bundle.offset
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self._first_byte is None:
-            self._first_byte = time.perf_counter()
-        self.bundle.write(data)
-        if self.unit_id is None:
-            self._begin()
-        now = time.monotonic()
-        if self.unit_id is not None and now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"
-            self._last_progress = now
-            self.gateway.store.set_progress(self.unit_id, self.bundle.offset)
-
-    def _redacted(self, text: str) -> str:
-        """What the verdict may say over the XMPP server: no study or instance UID."""
-        manifest = self.bundle.manifest
-        if manifest is None:
-            return text
-        return redact(text, manifest.study_instance_uid, [f.sop_instance_uid for f in manifest.files])
-
-    def finish(self) -> tuple[bool, str]:
-        self._begin()
-        if self.unit_id is None:  # no valid manifest came: fails, and what came goes to quarantine
-            ok, detail = self.bundle.finish()
-            self._end("rejected", detail)
-            return False, detail
-
-        def verified() -> None:
-            self.gateway.store.transition(
-                self.unit_id, State.RECEIVED, f"bundle verified ({self.size} bytes over {self.method})", None,
-                progress_bytes=self.size,
-            )
-
-        try:
-            ok, detail = self.bundle.finish(on_verified=verified, keep_files=self.early is not None)
-        except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
-            log.exception("importing bundle from %s failed", self.peer_jid)
-            ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
-        if ok and self.early is not None:
-            # The verdict goes out now; the early import finishes in the background, then the regular import
-            # (only what the early one did not store) and the receipt follow.
-            threading.Thread(target=self._after_early_import, name="early-import-wait", daemon=True).start()
-        elif ok:
-            self.gateway.store.ready_for_import(self.unit_id)
-            self.gateway.kick_import()
-        else:
-            if self.early is not None:  # stop feeding it (nothing more of a rejected bundle goes to the PACS)
-                threading.Thread(target=self.early.finish, name="early-import-stop", daemon=True).start()
-            state = self.gateway.store.unit(self.unit_id).state
-            if state in (State.RECEIVING.value, State.RECEIVED.value):
-                self.gateway.store.transition(self.unit_id, State.FAILED, f"rejected: {detail}", detail)
-        self._end("received" if ok else "rejected", None if ok else detail)
-        return ok, self._redacted(detail)
-
-    def _after_early_import(self) -> None:
-        assert self.early is not None
-        try:
-            outcomes = self.early.finish()
-            if outcomes:
-                self.gateway.store.record_imports_by_uid(self.unit_id, outcomes)
-            self.bundle.cleanup()
-        finally:
-            self.gateway.store.ready_for_import(self.unit_id)
-            self.gateway.kick_import()
-
-    def close(self, reason: str) -> None:
-        if self.early is not None:  # what it stored is stored; the regular import sends the rest
-            threading.Thread(target=self.early.finish, name="early-import-stop", daemon=True).start()
-        self.bundle.close(reason)
-        if self.unit_id is not None and not self._ended:  # `dicomgw queue` says why it stopped and what comes next
-            self.gateway.store.receive_paused(
-                self.unit_id, self.bundle.offset,
-                f"paused at {self.bundle.offset} of {self.size} bytes ({reason}); resumes when {self.peer_jid} offers it again",
-            )
-        self._end("cut", reason)
-
-    def _end(self, outcome: str, error: str | None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        assert self.gateway.inbound_policy is not None
-        try:  # the row first: whoever sees the admission released also sees the attempt recorded
-            self.gateway.store.record_transfer(
-                self.unit_id, self.offer.sid, self.peer_jid, "in", self.method, self.bundle.resumed_from,
-                self.bundle.offset - self.bundle.resumed_from, self.started, outcome, error,
-                time.perf_counter() - self._first_byte if self._first_byte is not None else None, self.wire_bytes,
-            )
-        finally:
-            self.gateway.inbound_policy.release(self.offer.manifest_sha256)
 
 
 def run_forever(settings: Settings) -> None:

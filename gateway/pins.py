@@ -32,6 +32,26 @@ def pin_set(pin: str | None) -> tuple[str, ...]:
     return tuple(normalize_fingerprint(part) for part in (pin or "").split(",") if part.strip())
 
 
+def cert_fingerprint(cert_der: bytes) -> str:
+    """A certificate's fingerprint: the SHA-256 of its DER encoding."""
+    import hashlib
+
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def pinned_cert(offer: object, pin: str | None) -> bytes:
+    """Of an offer's certificates (the sender's current one and, while it rotates, its previous one) the one
+    ``pin`` holds; the current one when neither is (the check then refuses it, naming it)."""
+    current, previous = getattr(offer, "cert_der", b""), getattr(offer, "previous_cert_der", b"")
+    try:
+        pins = pin_set(pin)
+    except ValueError:
+        pins = ()
+    if previous and cert_fingerprint(current) not in pins and cert_fingerprint(previous) in pins:
+        return previous
+    return current
+
+
 def grouped(fingerprint: str) -> str:
     """``AB12 CD34 ...``: 16 groups of four, as an operator reads it over the phone."""
     value = normalize_fingerprint(fingerprint).upper()

@@ -97,19 +97,6 @@ class Identities:
         return self.previous if self.previous.fingerprint in pins else self.current
 
 
-def pinned_cert(offer: object, pin: str | None) -> bytes:
-    """Of an offer's certificates (the sender's current one and, while it rotates, its previous one) the one
-    ``pin`` holds; the current one when neither is (the check then refuses it, naming it)."""
-    current, previous = getattr(offer, "cert_der", b""), getattr(offer, "previous_cert_der", b"")
-    try:
-        pins = pin_set(pin)
-    except ValueError:
-        pins = ()
-    if previous and fingerprint(current) not in pins and fingerprint(previous) in pins:
-        return previous
-    return current
-
-
 def previous_paths(key_path: Path, cert_path: Path) -> tuple[Path, Path, Path]:
     """Where the previous identity of a rotation lives: key, certificate, and its ``until`` (JSON)."""
     return (key_path.with_name(key_path.name + ".previous"), cert_path.with_name(cert_path.name + ".previous"),

@@ -42,7 +42,6 @@ from adapters.xmpp.e2e import (
     PinMismatch,
     client_context,
     fingerprint,
-    pinned_cert,
     server_context,
 )
 from adapters.xmpp.stanzas import (
@@ -68,7 +67,7 @@ from adapters.xmpp.stanzas import (
     statement_text,
 )
 from gateway.logs import set_fields
-from gateway.pins import pin_set
+from gateway.pins import pin_set, pinned_cert
 from gateway.transfer import SendOutcome, StreamSuspended
 from gateway.wire import Tally
 

@@ -21,7 +21,7 @@ from slixmpp.xmlstream.handler import CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 from sqlalchemy import text
 
-from adapters import localpeers
+from adapters.lab import localpeers
 from adapters.lab.localpeers import Prosody
 from adapters.lab.synthetic import generate_ct_study
 from adapters.xmpp import attest
