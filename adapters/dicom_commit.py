@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -86,9 +87,11 @@ def report_command(message_id: int, decision: Decision) -> bytes:
 
 
 def send_report(modality: ModalitySettings, calling_ae: str, transaction_uid: str, decision: Decision,
-                timeout_s: float = 30.0, tls_ca_file: object = None) -> str:
-    """The report on a new association; returns how it went (for the audit), raises on any failure."""
-    tls = client_context(tls_ca_file, None, None) if modality.tls else None  # type: ignore[arg-type]
+                timeout_s: float = 30.0, tls_files: tuple[Any, Any, Any] = (None, None, None)) -> str:
+    """The report on a new association (over TLS when the modality says ``tls``: its certificate checked against
+    ``tls_files[0]``, the gateway's own certificate and key ``tls_files[1:]`` presented); returns how it went (for the
+    audit), raises on any failure."""
+    tls = client_context(*tls_files) if modality.tls else None
     assoc = Association.open(modality.host, modality.port, calling_ae, modality.ae_title,
                              [(STORAGE_COMMITMENT_PUSH, (ImplicitVRLittleEndian,))], timeout_s,
                              roles={STORAGE_COMMITMENT_PUSH: (False, True)}, tls=tls)
@@ -105,4 +108,4 @@ def send_report(modality: ModalitySettings, calling_ae: str, transaction_uid: st
     status = response.us(0x00000900)
     if response.command_field != N_EVENT_REPORT_RSP or status != 0x0000:
         raise ConnectionError(f"{modality.ae_title} answered the report with status 0x{status:04X}")
-    return f"new association to {modality.ae_title}@{modality.host}:{modality.port}"
+    return f"new association{' over TLS' if tls else ''} to {modality.ae_title}@{modality.host}:{modality.port}"

@@ -416,8 +416,9 @@ class Gateway:
         if modality is None:
             raise LookupError(f"no [[dicom.modalities]] entry for AE title {request['calling_ae']!r}: nowhere to "
                               f"send its Storage Commitment report")
-        return send_report(modality, self.settings.dicom.ae_title, request["transaction_uid"], decision,
-                           self.settings.dicom.network_timeout_s, self.settings.dicom.tls_ca_file)
+        d = self.settings.dicom
+        return send_report(modality, d.ae_title, request["transaction_uid"], decision, d.network_timeout_s,
+                           (d.tls_ca_file, d.tls_cert_file, d.tls_key_file))
 
     def _audit(self, event_name: str, detail: str) -> None:
         self.store.audit(event_name, detail)

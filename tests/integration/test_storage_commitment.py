@@ -239,3 +239,48 @@ def test_commit_when_delivered_waits_for_the_remote_pacs(tmp_path: Path) -> None
             a.stop()
             b.stop()
             pacs_link.stop()
+
+
+def test_the_report_goes_over_tls_to_a_modality_that_asks_for_it(tmp_path: Path) -> None:
+    """[[dicom.modalities]] tls = true: the report's association is TLS, the modality's certificate checked against
+    [dicom] tls_ca_file and the gateway's own certificate presented (pynetdicom's TLS server as the modality)."""
+    import ssl
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    from adapters.lab.localpeers import issue_test_cert, make_test_pki
+
+    ca, cert, key = make_test_pki(tmp_path / "pki", "localhost")
+    gw_cert, gw_key = issue_test_cert(tmp_path / "pki", "gateway")
+    port, modality_port = free_port(), free_port()
+    settings = make_settings(tmp_path / "gw", port)
+    settings = replace(settings, dicom=replace(
+        settings.dicom, allowed_calling_ae_titles=("MR01",), tls_ca_file=ca, tls_cert_file=gw_cert, tls_key_file=gw_key,
+        modalities=(ModalitySettings("MR01", "127.0.0.1", modality_port, tls=True),)))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    server_tls.load_cert_chain(cert, key)
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # the modality wants the gateway's certificate
+    got: list[int] = []
+    listener = AE(ae_title="MR01")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(("127.0.0.1", modality_port), block=False, ssl_context=server_tls,
+                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: (got.append(int(e.request.EventTypeID)), (0x0000, None))[1])])
+    controller = GatewayController(settings)
+    gw = controller.start()
+    try:
+        ae = AE(ae_title="MR01")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", port, ae_title=GW_AE)
+        status, _reply = assoc.send_n_action(_request(["1.2.826.0.1.3680043.8.498.7"]), 1, StorageCommitmentPushModel,
+                                             "1.2.840.10008.1.20.1.1")
+        assoc.release()
+        assert status.Status == 0x0000
+        wait_for(lambda: got, 30, 0.1, what="the report over TLS")
+        assert got == [2]
+        audit = wait_for(lambda: [e["detail"] for e in gw.store.audit_entries() if e["event"] == "commitment_reported"],
+                         10, 0.1, what="the report audited (after the modality's answer)")
+        assert "new association over TLS to MR01@127.0.0.1" in audit[0]
+    finally:
+        controller.stop()
+        server.shutdown()
