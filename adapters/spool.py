@@ -159,6 +159,17 @@ class Spool:
         fsync_dir(target.parent)
         return True
 
+    def remove_outbox(self, unit_id: int) -> int:
+        """The de-identified copies made for a unit (``adapters.dicom_deid``, under outbox/<unit>/) once it is delivered."""
+        import shutil
+
+        target = self.root / "outbox" / str(int(unit_id))
+        if not target.is_dir():
+            return 0
+        count = sum(1 for _ in target.iterdir())
+        shutil.rmtree(target)
+        return count
+
     # -- quarantine -----------------------------------------------------------------------------
     def quarantine(self, source: Path, reason: str) -> Path:
         """Move ``source`` into quarantine with a reason file beside it; returns the new path."""

@@ -37,6 +37,9 @@ class SpoolCleaner:
                 continue  # the same files go to another destination too, not yet delivered there
             instances = self.store.unit_instances(unit.unit_id)
             removed = sum(1 for i in instances if self.spool.remove(i.spool_path))
+            remove_outbox = getattr(self.spool, "remove_outbox", None)  # de-identified copies sent instead
+            if remove_outbox is not None:
+                remove_outbox(unit.unit_id)
             self.store.mark_purged(
                 unit.unit_id, f"retention {self.keep_delivered_s:g} s after delivery: {removed} of {len(instances)} spool file(s) removed"
             )

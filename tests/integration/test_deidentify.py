@@ -85,6 +85,12 @@ def test_a_deidentifying_rule_sends_no_identifier(tmp_path: Path) -> None:
             assert sorted(ds.PixelData for ds in got) == sent_pixels  # pixel data untouched
             audit = [e["detail"] for e in a.gateway.store.audit_entries(limit=500) if e["event"] == "deidentified"]
             assert len(audit) == 4 and all("UIDs mapped (kept here)" in d for d in audit)
+            from gateway.retention import SpoolCleaner
+
+            outbox = a.gateway.settings.paths.spool_dir / "outbox"
+            assert len(list(outbox.iterdir())) == 4
+            SpoolCleaner(a.gateway.store, a.gateway.spool, 0).tick()  # retention: delivered, kept 0 s
+            assert list(outbox.iterdir()) == []  # the de-identified copies go with the originals
 
             capture = tmp_path / "sc.dcm"  # a Secondary Capture without Burned In Annotation: text may be burned in
             source = generate_ct_study(tmp_path / "sc", series=1, slices_per_series=1, rows=32, columns=32, seed=11)
