@@ -130,12 +130,23 @@ class Orthanc(PeerProcess):
         return shutil.which("Orthanc") is not None
 
     def start(self, timeout_s: float = 30.0) -> Orthanc:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config_path = self.workdir / "orthanc.json"
-        config_path.write_text(json.dumps(self.config, indent=2))
-        env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"} if self.nagle else nodelay_env()
-        self._spawn(["Orthanc", str(config_path)], env=env)
-        self._wait_ready(lambda: port_open(self.dicom_port) and self._http_ok(), timeout_s)
+        """Start, and on a port taken meanwhile by another process (free_port's race with a parallel test run)
+        start again on new ports, twice at most."""
+        for attempt in range(3):
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            config_path = self.workdir / "orthanc.json"
+            config_path.write_text(json.dumps(self.config, indent=2))
+            env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"} if self.nagle else nodelay_env()
+            self._spawn(["Orthanc", str(config_path)], env=env)
+            try:
+                self._wait_ready(lambda: port_open(self.dicom_port) and self._http_ok(), timeout_s)
+                return self
+            except RuntimeError:
+                log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                if attempt == 2 or "already in use" not in log:
+                    raise
+                self.dicom_port, self.http_port = free_port(), free_port()
+                self.config.update(DicomPort=self.dicom_port, HttpPort=self.http_port)
         return self
 
     def _http_ok(self) -> bool:
