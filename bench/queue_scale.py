@@ -1,8 +1,8 @@
 """A queue with history (issue 18 §3): ``bash bench/queue_scale [--studies 1000,10000,100000] [--db URL] [--quick]``.
 
 For each count a queue (SQLite file by default, or ``--db``: PostgreSQL, emptied first) is filled through the
-project's own store API with that many delivered studies of 10 instances (each with its transfer row, older than a
-day) plus 50 live ones (stable, routed on the first tick), then timed: the dispatcher's tick (routing, receipts
+project's own store API with that many delivered studies of 10 instances (each with its transfer row and the audit trail of
+its six state moves, older than a day) plus 50 live ones (stable, routed on the first tick), then timed: the dispatcher's tick (routing, receipts
 overdue) and one claim, ``dicomgw queue`` (a process, the first page), ``dicomgw stats --since 24h`` (a process),
 the web page's overview, the ``/metrics`` collection, and an ingest of 400 instances through ``record_instance``
 (the SCP's per-instance write). Printed: a table, then one JSON line with the seconds per operation and count and
@@ -28,7 +28,7 @@ from gateway.claims import Claims
 from gateway.dispatch import Dispatcher
 from gateway.model import InstanceHeader
 from gateway.routing import Router, Rules
-from gateway.rows import StudyUnitRow, TransferRow
+from gateway.rows import AuditRow, StudyUnitRow, TransferRow
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +50,13 @@ def fill(store: QueueStore, studies: int, live: int = 50) -> None:
         conn.execute(update(StudyUnitRow).where(StudyUnitRow.id <= studies).values(
             state="delivered", destination=PEER, state_changed_at=old, bundle_bytes=10_000, receipt_at=old))
         conn.execute(update(StudyUnitRow).where(StudyUnitRow.id > studies).values(state="stable"))
+        moves = (("received", "stable"), ("stable", "queued"), ("queued", "offering"), ("offering", "sending"),
+                 ("sending", "sent"), ("sent", "delivered"))
+        for start in range(1, studies + 1, 2000):  # each delivered unit's audit trail, as the state machine writes it
+            conn.execute(insert(AuditRow), [
+                {"at": old, "unit_id": u, "study_instance_uid": f"1.2.3.{u - 1}", "event": "transition",
+                 "from_state": a, "to_state": b, "detail": f"{a} -> {b}"}
+                for u in range(start, min(studies + 1, start + 2000)) for a, b in moves])
         for start in range(1, studies + 1, 5000):
             conn.execute(insert(TransferRow), [
                 {"unit_id": u, "sid": f"s{u}", "peer_jid": f"{PEER}/gw1", "direction": "out", "method": "s5b",
