@@ -65,7 +65,7 @@ class StudyUnitRow(Base):
     receipt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     commit_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the process working on it (gateway.claims)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)  # the process working on it (gateway.claims)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     priority: Mapped[str] = mapped_column(String(8), default="routine", server_default="routine")  # stat | routine
     rule: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the routing rule that queued it

@@ -123,6 +123,8 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         QueueStore(engine).record_instance(
             header("1.2.3.1.2"), spool_path="y", size_bytes=1, sha256="d" * 64, source=long_source, conflict=False
         )
+        command.downgrade(config, "-1")  # 0014 -> 0013: the owner index goes
+        assert "ix_study_units_owner" not in {i["name"] for i in inspect(engine).get_indexes("study_units")}
         command.downgrade(config, "-1")  # 0013 -> 0012: the MPPS steps table goes
         assert "mpps_steps" not in set(inspect(engine).get_table_names())
         command.downgrade(config, "-1")  # 0012 -> 0011: the commitment requests table goes
