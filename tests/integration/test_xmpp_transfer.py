@@ -414,7 +414,8 @@ def test_maintenance_makes_peers_hold_their_sends_until_it_ends(tmp_path: Path, 
                  20, 0.05, what="A to see B's maintenance presence")
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 20, 0.05, what="A to hold the study")
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 60, 0.05,
+                 what=lambda: f"A to hold the study: {[(s.state, s.error) for s in a.gateway.store.studies()]}")
         assert a.gateway.store.studies()[0].error == "peer busy (maintenance: PACS upgrade until 14:00)"
         assert a.gateway.store.transfers() == [] and b.gateway.store.studies() == []
         assert any(e["event"] == "maintenance" and "PACS upgrade" in e["detail"] for e in b.gateway.store.audit_entries())
