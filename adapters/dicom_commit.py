@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -18,7 +19,14 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from adapters.dicom_tls import client_context
-from adapters.dicom_ul import UI, US, Association, AssociationAborted, encode_command
+from adapters.dicom_ul import (
+    UI,
+    US,
+    Association,
+    AssociationAborted,
+    DimseRefusal,
+    encode_command,
+)
 from adapters.pacs import encode_dataset
 from gateway.commitment import Decision
 from gateway.settings import ModalitySettings
@@ -27,19 +35,14 @@ STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance (PS3.4 J.3.5)
 N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
 MAX_REFERENCES = 100_000
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-class CommitRequestError(ValueError):
-    """An N-ACTION that cannot be taken (answered with the status given)."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 def parse_request(dataset: bytes) -> tuple[str, list[tuple[str, str]]]:
     """(Transaction UID, [(SOP class, SOP instance)]) of a Request Storage Commitment; raises
-    :class:`CommitRequestError` with 0x0120 (missing attribute) or 0x0106 (invalid value)."""
+    :class:`DimseRefusal` with 0x0120 (missing attribute) or 0x0106 (invalid value)."""
     try:
         ds = read_dataset(io.BytesIO(dataset), is_implicit_VR=True, is_little_endian=True)
         transaction = str(ds.get("TransactionUID", "") or "")
@@ -47,14 +50,18 @@ def parse_request(dataset: bytes) -> tuple[str, list[tuple[str, str]]]:
         refs = [(str(i.get("ReferencedSOPClassUID", "") or ""), str(i.get("ReferencedSOPInstanceUID", "") or ""))
                 for i in items[:MAX_REFERENCES + 1]]
     except Exception as exc:  # pydicom raises anything on hostile bytes
-        raise CommitRequestError(0x0110, f"unreadable Storage Commitment request ({type(exc).__name__})") from exc
+        raise DimseRefusal(0x0110, f"unreadable Storage Commitment request ({type(exc).__name__})") from exc
     if not transaction or not items:
-        raise CommitRequestError(0x0120, "Transaction UID and Referenced SOP Sequence are required")
+        raise DimseRefusal(0x0120, "Transaction UID and Referenced SOP Sequence are required")
     if len(refs) > MAX_REFERENCES:
-        raise CommitRequestError(0x0106, f"more than {MAX_REFERENCES} referenced instances")
-    if any(not cls or not uid or len(uid) > 64 or len(cls) > 64 for cls, uid in refs) or len(transaction) > 64:
-        raise CommitRequestError(0x0106, "a reference without a valid SOP Class or SOP Instance UID")
+        raise DimseRefusal(0x0106, f"more than {MAX_REFERENCES} referenced instances")
+    if not all(_is_uid(cls) and _is_uid(uid) for cls, uid in refs) or not _is_uid(transaction):
+        raise DimseRefusal(0x0106, "a Transaction UID or reference that is not a UID (digits and dots, at most 64)")
     return transaction, refs
+
+
+def _is_uid(text: str) -> bool:
+    return 0 < len(text) <= 64 and UID_RE.match(text) is not None
 
 
 def report_dataset(transaction_uid: str, decision: Decision) -> bytes:

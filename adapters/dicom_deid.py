@@ -30,7 +30,7 @@ import secrets
 from pathlib import Path
 
 import pydicom
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from gateway.dispatch import Withheld
@@ -141,15 +141,5 @@ def _uid_rules(ds: Dataset, key: bytes, mapping: dict[str, str]) -> dict:
             replaced.append(mapping[text])
         element.value = replaced if len(replaced) > 1 else replaced[0]
 
-    tags = set()
-    for element in ds.iterall():
-        if element.VR == "UI" or (element.tag.is_private is False and _is_ui(element.tag)):
-            tags.add(element.tag)
+    tags = {element.tag for element in ds.iterall() if element.VR == "UI"}
     return {(tag.group, tag.element): replace for tag in tags}  # the library takes (group, element)
-
-
-def _is_ui(tag: int) -> bool:
-    try:
-        return dictionary_VR(tag) == "UI"
-    except KeyError:
-        return False

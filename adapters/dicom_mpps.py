@@ -11,17 +11,15 @@ import io
 
 from pydicom.filereader import read_dataset
 
+from adapters.dicom_commit import _is_uid
+from adapters.dicom_ul import DimseRefusal
 from gateway.mpps import StepMessage
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
-MISSING_ATTRIBUTE, MISSING_VALUE, PROCESSING_FAILURE = 0x0120, 0x0121, 0x0110
+MISSING_ATTRIBUTE, MISSING_VALUE, PROCESSING_FAILURE, INVALID_VALUE = 0x0120, 0x0121, 0x0110, 0x0106
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 
-class MppsError(ValueError):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 def parse(dataset: bytes, transfer_syntax: str, creating: bool) -> StepMessage:
@@ -39,15 +37,17 @@ def parse(dataset: bytes, transfer_syntax: str, creating: bool) -> StepMessage:
             reason = str(item.get("CodeMeaning", "") or item.get("CodeValue", "") or "")
         modality = str(ds.get("Modality", "") or "") if "Modality" in ds else None
     except Exception as exc:  # pydicom raises anything on hostile bytes
-        raise MppsError(PROCESSING_FAILURE, f"unreadable MPPS data set ({type(exc).__name__})") from exc
+        raise DimseRefusal(PROCESSING_FAILURE, f"unreadable MPPS data set ({type(exc).__name__})") from exc
     if creating:
         for name, value in (("Performed Procedure Step Status", status), ("Modality", modality)):
             if value is None:
-                raise MppsError(MISSING_ATTRIBUTE, f"{name} is required at N-CREATE")
+                raise DimseRefusal(MISSING_ATTRIBUTE, f"{name} is required at N-CREATE")
             if not value:
-                raise MppsError(MISSING_VALUE, f"{name} has no value")
+                raise DimseRefusal(MISSING_VALUE, f"{name} has no value")
         if not studies:
-            raise MppsError(MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence (with the Study Instance UID) is required")
-    if refs is not None and any(not cls or not uid or len(uid) > 64 for cls, uid in refs):
-        raise MppsError(MISSING_VALUE, "a Referenced Image Sequence item without SOP Class or Instance UID")
+            raise DimseRefusal(MISSING_ATTRIBUTE, "Scheduled Step Attributes Sequence (with the Study Instance UID) is required")
+    if refs is not None and not all(_is_uid(cls) and _is_uid(uid) for cls, uid in refs):
+        raise DimseRefusal(INVALID_VALUE, "a Referenced Image Sequence item whose SOP Class or Instance UID is not a UID")
+    if any(not _is_uid(study) for study in studies if study):
+        raise DimseRefusal(INVALID_VALUE, "a Study Instance UID that is not a UID")
     return StepMessage(status, [s for s in studies if s], refs, reason[:200])

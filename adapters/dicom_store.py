@@ -36,6 +36,7 @@ from adapters.dicom_ul import (
     AssociateRequest,
     Association,
     Command,
+    DimseRefusal,
     ProtocolError,
     encode_command,
     iter_pdvs,
@@ -353,7 +354,6 @@ class AssociationHandler:
         (``gateway.commitment``), on this association when the modality negotiated the role for it."""
         from adapters.dicom_commit import (
             STORAGE_COMMITMENT_INSTANCE,
-            CommitRequestError,
             parse_request,
             report_command,
             report_dataset,
@@ -375,7 +375,7 @@ class AssociationHandler:
                 request_id, decision = self.scp._on_commit_request(
                     self.link.request.calling_ae, self.source.rsplit("@", 1)[-1], transaction, refs, here)
                 status, comment = 0x0000, ""
-            except CommitRequestError as exc:
+            except DimseRefusal as exc:
                 status, comment = exc.status, str(exc)
             except Exception:  # the queue database away: the modality asks again later
                 log.exception("could not record a Storage Commitment request from %s", self.source)
@@ -400,7 +400,7 @@ class AssociationHandler:
 
     def _mpps(self, command: Command, dataset: bytes) -> None:
         """MPPS N-CREATE / N-SET (PS3.4 F.7): answered with the status ``gateway.mpps`` gives."""
-        from adapters.dicom_mpps import MPPS_SOP_CLASS, MppsError, parse
+        from adapters.dicom_mpps import MPPS_SOP_CLASS, parse
 
         creating = command.command_field == N_CREATE_RQ
         context = self.assoc.contexts.get(self.context_id)
@@ -417,7 +417,7 @@ class AssociationHandler:
             try:
                 message = parse(dataset, context.transfer_syntax, creating)
                 status, comment = self.scp._on_mpps(creating, self.link.request.calling_ae, uid, message)
-            except MppsError as exc:
+            except DimseRefusal as exc:
                 status, comment = exc.status, str(exc)
             except Exception:
                 log.exception("could not record an MPPS message from %s", self.source)

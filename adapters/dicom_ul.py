@@ -72,6 +72,15 @@ class AssociationAborted(ConnectionError):
     """The peer sent A-ABORT or closed the connection."""
 
 
+class DimseRefusal(ValueError):
+    """A request answered with a DIMSE failure status (``status``) and the reason (Error Comment): the
+    association goes on."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
 class ProtocolError(AssociationAborted):
     """The peer broke PS3.8 framing (a PDV past its PDU, a PDU over the announced maximum, a malformed
     association request): the association is aborted (A-ABORT) and nothing of the message is kept."""

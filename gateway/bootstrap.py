@@ -376,7 +376,7 @@ class Gateway:
         request = {"id": request_id, "refs": refs, "result": None, "requested_at": utcnow(), "attempts": 0}
         decision = self.commitments.decision(request)
         # The report goes on this association; should the modality not answer it, a new one in 30 s.
-        self.store.commitment_retry(request_id, "", utcnow() + datetime.timedelta(seconds=30))
+        self.store.commitment_defer(request_id, utcnow() + datetime.timedelta(seconds=30))
         return request_id, decision
 
     def _mpps(self, creating: bool, calling_ae: str, sop_instance_uid: str, message: Any) -> tuple[int, str]:

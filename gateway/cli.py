@@ -158,15 +158,22 @@ def _cmd_maintenance(args: argparse.Namespace) -> int:
 
 
 # -- stats ----------------------------------------------------------------------------------------
+def _duration_s(text: str) -> float | None:
+    """Seconds of a duration like 30m, 24h, 7d (or 90s); None when ``text`` is not one."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * units[text[-1]]
+    return None
+
+
 def _since(text: str | None) -> datetime | None:
     """An ISO date/time (UTC) or an age: 30m, 24h, 7d."""
     if not text:
         return None
-    units = {"m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        from gateway.store import utcnow
-
-        return utcnow() - timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    age = _duration_s(text)
+    if age is not None:
+        return utcnow() - timedelta(seconds=age)
     try:
         return datetime.fromisoformat(text).replace(tzinfo=None)
     except ValueError as exc:
@@ -263,13 +270,8 @@ def _rotate_keys(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.bootstrap import rotate_keys
     from gateway.pins import grouped
 
-    text = args.overlap.strip().lower()
-    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    try:
-        overlap_s = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-        if not 0 < overlap_s <= 366 * 86400:
-            raise ValueError
-    except (ValueError, KeyError):
+    overlap_s = _duration_s(args.overlap)
+    if overlap_s is None or not 0 < overlap_s <= 366 * 86400:
         print(f"dicomgw keys rotate: --overlap {args.overlap!r}: a duration like 7d, 48h or 90m (at most a year)",
               file=sys.stderr)
         return 2

@@ -117,7 +117,10 @@ class Coercer:
         values = _variables(peer_jid, patient_id)
         sets = {keyword: template.format(**values) for keyword, template in rule.set}
         if rule.patient_id_map is not None:
-            local = self._table(rule.patient_id_map).get(patient_id.strip())
+            try:
+                local = self._table(rule.patient_id_map).get(patient_id.strip())
+            except CoerceError as exc:
+                return Hold(f"held: {exc}; fix the file, then dicomgw queue release UNIT")
             if local is not None:
                 sets["PatientID"] = local
             elif rule.on_unmapped == "hold":
@@ -136,10 +139,13 @@ class Coercer:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         table: dict[str, str] = {}
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.reader(fh):
-                if len(row) >= 2 and row[0].strip() and not row[0].startswith("#") and row[0].strip() != "foreign_id":
-                    table[row[0].strip()] = row[1].strip()
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                for row in csv.reader(fh):
+                    if len(row) >= 2 and row[0].strip() and not row[0].startswith("#") and row[0].strip() != "foreign_id":
+                        table[row[0].strip()] = row[1].strip()[:64]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:  # no study goes in on a table that cannot be read
+            raise CoerceError(f"{path}: cannot be read as a CSV table in UTF-8 ({exc})") from None
         self._tables[path] = (stamp, table)
         return table
 

@@ -89,6 +89,13 @@ class CommitmentsRepo:
                 f"event type {row.event_type}, {len(result.get('committed', []))} committed, "
                 f"{len(result.get('failed', []))} failed")))
 
+    def commitment_defer(self, request_id: int, until: datetime) -> None:
+        """No report on a new association before ``until`` (one is under way on the request's own)."""
+        with self._unit_of_work() as session:
+            row = session.get(CommitmentRequestRow, request_id)
+            if row is not None and row.state == "pending":
+                row.next_attempt_at = until
+
     def commitment_retry(self, request_id: int, error: str, next_attempt_at: datetime | None) -> None:
         """The report could not be sent: tried again at ``next_attempt_at``; None: given up (``failed``)."""
         with self._unit_of_work() as session:
