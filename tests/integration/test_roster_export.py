@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import slixmpp
 
 from adapters.lab.ejabberd_peer import Ejabberd
@@ -90,7 +89,6 @@ def test_each_gateway_sees_exactly_its_peers_in_prosody(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.skipif(not Ejabberd.available(), reason="ejabberd is a test dependency (.ci/setup --with-test)")
 def test_each_gateway_sees_exactly_its_peers_in_ejabberd(tmp_path: Path) -> None:
     merged, warned = exports(tmp_path, "ejabberd")
     assert f"left out, one-sided pair {B} + {D}" in warned
@@ -107,3 +105,24 @@ def test_each_gateway_sees_exactly_its_peers_in_ejabberd(tmp_path: Path) -> None
         assert rosters(server) == EXPECTED
     finally:
         server.stop()
+
+
+def test_merge_refuses_hostile_exports_with_the_reason(tmp_path: Path) -> None:
+    """Not UTF-8, an injected section, a control character, a truncated command, 1000 garbage lines: each refused,
+    nothing printed, exit 1."""
+    cases = {
+        "latin1.txt": b"[G: a@x.test + b@x.test]\na@x.test=\xe6\xf8\xe5\n",
+        "inject.txt": f"[G: {A} + {B}]\n{A}=A\n[Injected]\n{B}=B\nradiology.hospital-z@helsenett.test=E\n".encode(),
+        "control.txt": f"[G: {A} + {B}]\n{A}=A\x1b[2J\n{B}=B\n".encode(),
+        "garbage.txt": b"\n".join([b"=== not a groups file ==="] * 1000),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        done = cli(tmp_path / "none.toml", "export", "prosody", "--merge", str(tmp_path / name))
+        if name == "inject.txt":  # three members in one group: not an export of this version
+            assert done.returncode == 1 and "member(s)" in done.stderr and done.stdout == "", done.stderr
+        else:
+            assert done.returncode == 1 and done.stdout == "", (name, done.stdout, done.stderr)
+    (tmp_path / "cut.sh").write_text("ejabberdctl srg_create dicomgw_x helsenett.test 'G: a + b\n")
+    done = cli(tmp_path / "none.toml", "export", "ejabberd", "--merge", str(tmp_path / "cut.sh"))
+    assert done.returncode == 1 and "cut.sh:1" in done.stderr

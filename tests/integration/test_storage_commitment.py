@@ -8,6 +8,7 @@ import json
 import time
 import urllib.request
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from adapters.lab.localpeers import Orthanc, free_port
 from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import GatewayController
 from gateway.settings import ModalitySettings
+from gateway.store import utcnow
 from tests.helpers import wait_for
 from tests.integration.test_scp import make_settings
 
@@ -139,7 +141,8 @@ def test_pynetdicom_gets_the_report_on_its_own_association(tmp_path: Path) -> No
         assert event_type == 2 and sorted(committed) == sorted(study.sop_instance_uids) and failed == [(missing, 0x0112)]
         wait_for(lambda: [r["state"] for r in gw.store.commitment_requests()] == ["reported"], 10, 0.1,
                  what="the request marked reported (its N-EVENT-REPORT-RSP)")
-        time.sleep(1.5)  # one more tick: no second report on a new association
+        # reported: no longer due, so no second report on a new association can follow
+        assert gw.store.due_commitments(utcnow() + timedelta(days=1)) == []
         assert [e["event"] for e in gw.store.audit_entries()].count("commitment_reported") == 1
     finally:
         controller.stop()

@@ -52,3 +52,16 @@ def test_bad_rules_are_refused(tmp_path: Path, raw: list, message: str) -> None:
 def test_the_description_names_attributes_not_values() -> None:
     text = Coercion("r", {"PatientID": "SECRET-ID"}, ("OtherPatientIDs",)).describe()
     assert "SECRET-ID" not in text and "PatientID set" in text and "OtherPatientIDs removed" in text
+
+
+def test_a_hostile_mapping_table_holds_the_study_with_the_reason(tmp_path: Path) -> None:
+    table = tmp_path / "map.csv"
+    coercer = Coercer(parse_rules([{"patient_id_map": str(table)}], tmp_path))
+    table.write_bytes(b"P1,\xff\xfe\x00not utf-8\n")
+    held = coercer.plan(A, "P1")
+    assert isinstance(held, Hold) and "cannot be read as a CSV table in UTF-8" in held.reason
+    table.write_text("".join(f"P{n},L{n}\x1b[2J{'9' * 200}\n" for n in range(1000)))
+    import os
+
+    os.utime(table, (1, 2_000_000_001))
+    assert len(coercer.plan(A, "P7").set["PatientID"]) <= 64  # type: ignore[union-attr]

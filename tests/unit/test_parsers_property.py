@@ -152,3 +152,32 @@ def test_bundle_header_parser_raises_only_bundle_errors(data: bytes) -> None:
             read_manifest(io.BytesIO(candidate))
         except BundleError:
             pass
+
+
+def test_offer_expect_and_previous_identity_refuse_hostile_values() -> None:
+    """<expect> and <identity previous='1'> (key rotation): anything but up to three SHA-256 hex digests, or valid
+    base64 of at most 16 KiB, is a bad-request ValueError; 1000 of them change nothing."""
+    import base64
+    import xml.etree.ElementTree as ET
+
+    import pytest
+
+    from adapters.xmpp.stanzas import NS_E2E, NS_IBB, Offer, build_offer, parse_offer, q
+
+    good = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,), b"cert", False, "routine", b"old", "cd" * 32))
+    parsed = parse_offer(good)
+    assert (parsed.previous_cert_der, parsed.expect) == (b"old", "cd" * 32)
+    for expect in ["zz" * 32, "ab" * 32 + ",", ",".join(["ab" * 32] * 4), "ab" * 32 + "\x1b[2J", "\xff" * 64, "ab" * 10000]:
+        si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,), b"cert"))
+        ET.SubElement(si, q(NS_E2E, "expect")).text = expect
+        with pytest.raises(ValueError):
+            parse_offer(si)
+    for text in ["not base64!", base64.b64encode(b"x" * 20000).decode(), "\x00\x07"]:
+        si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,), b"cert"))
+        ET.SubElement(si, q(NS_E2E, "identity"), {"previous": "1"}).text = text
+        with pytest.raises(ValueError):
+            parse_offer(si)
+    si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,), b"cert"))
+    for _ in range(1000):
+        ET.SubElement(si, q(NS_E2E, "identity"), {"previous": "1"}).text = "AAAA"
+    assert parse_offer(si).cert_der == b"cert"  # only the first two identities are read
