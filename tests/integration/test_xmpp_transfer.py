@@ -319,7 +319,8 @@ def test_a_spool_file_changed_since_ingest_stops_its_study_and_not_the_others(tm
         intact = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=3, rows=64, columns=64)
         for study in (damaged, intact):
             assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"] * 2, 30, 0.1, what="A to wait for offline B")
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"] * 2, 60, 0.1,
+                 what=lambda: f"A to wait for offline B: {[(s.state, s.error) for s in a.gateway.store.studies()]}")
         (victim,) = [u for u in a.gateway.store.studies() if u.study_instance_uid == damaged.study_instance_uid]
         spool_file = a.gateway.spool.absolute(a.gateway.store.unit_instances(victim.unit_id)[1].spool_path)
         raw = bytearray(spool_file.read_bytes())
