@@ -163,12 +163,14 @@ def _drain(sock: object, timeout_s: float = 10.0) -> None:
 
 
 class CapturingRelay(LoopbackRelay):
-    """Keeps every byte it relays, both ways (what the XMPP server or its proxy could see); ``captured()``."""
+    """Keeps every byte it relays, both ways (what the XMPP server or its proxy could see); ``captured()``.
+    Each direction of each connection is kept as its own stream: interleaved, a server's reply could land in the
+    middle of one of the client's stanzas (seen: an IBB ack inside a ``<data>`` element)."""
 
     def __init__(self, target_port: int) -> None:
         import threading
 
-        self._chunks: list[bytes] = []
+        self._chunks: dict[object, list[bytes]] = {}
         self._lock = threading.Lock()
         super().__init__(target_port)
 
@@ -178,7 +180,7 @@ class CapturingRelay(LoopbackRelay):
         try:
             while data := src.recv(1 << 16):  # type: ignore[attr-defined]
                 with self._lock:
-                    self._chunks.append(data)
+                    self._chunks.setdefault(src, []).append(data)
                 dst.sendall(data)  # type: ignore[attr-defined]
             dst.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
         except OSError:
@@ -189,5 +191,6 @@ class CapturingRelay(LoopbackRelay):
                     pass
 
     def captured(self) -> bytes:
+        """Every stream in full, one after the other, NUL-separated (no XML or base64 run crosses a NUL)."""
         with self._lock:
-            return b"".join(self._chunks)
+            return b"\0\0".join(b"".join(chunks) for chunks in self._chunks.values())
