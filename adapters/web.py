@@ -53,7 +53,7 @@ from gateway.store import QueueStore, utcnow
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+LATENCY_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)  # the tallies' buckets (migration 0015)
 
 
 @dataclass(frozen=True)
@@ -162,16 +162,15 @@ class QueueCollector(Collector):
         yield moved
         yield wire
         yield failures
-        latencies = sorted(self.store.import_latencies())
+        counted, seconds = self.store.import_latency_histogram()
         buckets, seen = [], 0
         for bound in LATENCY_BUCKETS_S:
-            while seen < len(latencies) and latencies[seen] <= bound:
-                seen += 1
+            seen += counted.get(str(bound), 0)
             buckets.append((str(float(bound)), seen))
-        buckets.append(("+Inf", len(latencies)))
+        buckets.append(("+Inf", sum(counted.values())))
         latency = HistogramMetricFamily("dicomgw_import_latency_seconds",
                                         "From a received study's verification to the local PACS holding it")
-        latency.add_metric([], buckets, sum(latencies))
+        latency.add_metric([], buckets, seconds)
         yield latency
         online = self.xmpp_online()
         connected = GaugeMetricFamily("dicomgw_xmpp_connected", "1 while the XMPP session is online")

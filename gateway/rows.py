@@ -54,7 +54,7 @@ class StudyUnitRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     last_instance_at: Mapped[datetime] = mapped_column(DateTime)
-    state_changed_at: Mapped[datetime] = mapped_column(DateTime)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     origin_peer: Mapped[str | None] = mapped_column(String(255), nullable=True)  # None: from local modalities
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)
     progress_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
@@ -129,9 +129,9 @@ class TransferRow(Base):
     offset_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_moved: Mapped[int] = mapped_column(BigInteger, default=0)  # study bytes: the bundle's own, at both ends
     wire_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # on the stream (compressed); None: = bytes_moved
-    started_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    outcome: Mapped[str] = mapped_column(String(16), default="running")
+    outcome: Mapped[str] = mapped_column(String(16), default="running", index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     stream_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -195,6 +195,21 @@ class MppsStepRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     settled: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # its units made stable (or held)
+
+
+class TallyRow(Base):
+    """A delta of a running total, appended by the database's triggers (migration 0015, which says the kinds and
+    keys); ``ReportsRepo`` sums them per key and folds them."""
+
+    __tablename__ = "tallies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    key: Mapped[str] = mapped_column(String(120))
+    n: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    b: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    w: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    f: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class RuntimeStatusRow(Base):

@@ -5,23 +5,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import delete, func, select
 
 from gateway.lifecycle import State
 from gateway.model import StudySummary
-from gateway.rows import AuditRow, StudyUnitRow, TransferRow
+from gateway.rows import StudyUnitRow, TallyRow, TransferRow
 
 
 class ReportsRepo:
     """Aggregates for the web page and /metrics (mixed into ``QueueStore``)."""
 
+    FOLD_AT = 1000  # tally rows of one kind beyond which a read folds them into one per key
+
+    def _tallies(self, kind: str) -> dict[str, tuple[int, int, int, float]]:
+        """key -> summed (n, b, w, f) of one kind of running total (migration 0015); folds the deltas when many."""
+        with self._sessions() as session:
+            rows = session.execute(select(TallyRow.key, func.count(TallyRow.id), func.sum(TallyRow.n), func.sum(TallyRow.b),
+                                          func.sum(TallyRow.w), func.sum(TallyRow.f))
+                                   .where(TallyRow.kind == kind).group_by(TallyRow.key)).all()
+        if sum(int(r[1]) for r in rows) > self.FOLD_AT:
+            self.fold_tallies(kind)
+        return {key: (int(n or 0), int(b or 0), int(w or 0), float(f or 0.0)) for key, _rows, n, b, w, f in rows}
+
+    def fold_tallies(self, kind: str) -> None:
+        """Replace a kind's deltas by one row per key. ``DELETE ... RETURNING`` takes exactly the rows it removes, so
+        two processes folding at once (or a trigger appending meanwhile) count each delta once."""
+        with self._sessions() as session:
+            taken = session.execute(delete(TallyRow).where(TallyRow.kind == kind)
+                                    .returning(TallyRow.key, TallyRow.n, TallyRow.b, TallyRow.w, TallyRow.f)).all()
+            sums: dict[str, list[float]] = {}
+            for key, n, b, w, f in taken:
+                total = sums.setdefault(key, [0, 0, 0, 0.0])
+                total[0] += n
+                total[1] += b
+                total[2] += w
+                total[3] += f
+            for key, (n, b, w, f) in sums.items():
+                if n or b or w or f:
+                    session.add(TallyRow(kind=kind, key=key, n=int(n), b=int(b), w=int(w), f=float(f)))
+            session.commit()
+
     def state_counts(self) -> dict[tuple[str, str], int]:
         """(direction 'out' | 'in', state) -> units."""
-        direction = StudyUnitRow.origin_peer.is_(None)
-        with self._sessions() as session:
-            rows = session.execute(select(direction, StudyUnitRow.state, func.count(StudyUnitRow.id))
-                                   .group_by(direction, StudyUnitRow.state)).all()
-        return {("out" if local else "in", state): int(count) for local, state, count in rows}
+        counts = {}
+        for key, (n, _b, _w, _f) in self._tallies("units").items():
+            direction, _, state = key.partition("|")
+            if n:
+                counts[(direction, state)] = n
+        return counts
 
     def recent_units(self, limit: int = 50) -> list[StudySummary]:
         """The units that moved last, newest first (in-flight ones always shown first)."""
@@ -36,27 +67,28 @@ class ReportsRepo:
         return active + rest
 
     def transfer_totals(self) -> list[dict[str, Any]]:
-        """Per direction, method and outcome: attempts, study bytes and wire bytes moved (every attempt ever recorded)."""
+        """Per direction, method and outcome: attempts, study bytes and wire bytes moved (every attempt ever recorded,
+        archived ones included: ended attempts from the running totals, running ones read live)."""
+        totals: dict[tuple[str, str, str], list[int]] = {}
+        for key, (n, b, w, _f) in self._tallies("transfers").items():
+            direction, method, outcome = (key.split("|", 2) + ["", ""])[:3]
+            totals[(direction, method, outcome)] = [n, b, w]
         with self._sessions() as session:
-            rows = session.execute(
-                select(TransferRow.direction, TransferRow.method, TransferRow.outcome, func.count(TransferRow.id),
+            running = session.execute(
+                select(TransferRow.direction, TransferRow.method, func.count(TransferRow.id),
                        func.coalesce(func.sum(TransferRow.bytes_moved), 0),
                        func.coalesce(func.sum(func.coalesce(TransferRow.wire_bytes, TransferRow.bytes_moved)), 0))
-                .group_by(TransferRow.direction, TransferRow.method, TransferRow.outcome)).all()
-        return [{"direction": d, "method": m or "none", "outcome": o, "count": int(c), "bytes": int(b), "wire_bytes": int(w)}
-                for d, m, o, c, b, w in rows]
+                .where(TransferRow.outcome == "running").group_by(TransferRow.direction, TransferRow.method)).all()
+        for d, m, c, b, w in running:
+            counted = totals.setdefault((d, m or "", "running"), [0, 0, 0])
+            counted[0] += int(c)
+            counted[1] += int(b)
+            counted[2] += int(w)
+        return [{"direction": d, "method": m or "none", "outcome": o, "count": c, "bytes": b, "wire_bytes": w}
+                for (d, m, o), (c, b, w) in sorted(totals.items()) if c]
 
-    def import_latencies(self) -> list[float]:
-        """Seconds from a received study's verification (``received``) to the PACS holding it (``delivered``),
-        per study received from a peer and delivered."""
-        received = select(AuditRow.unit_id, func.min(AuditRow.at).label("at")).where(
-            AuditRow.to_state == State.RECEIVED.value).group_by(AuditRow.unit_id).subquery()
-        delivered = select(AuditRow.unit_id, func.max(AuditRow.at).label("at")).where(
-            AuditRow.to_state == State.DELIVERED.value).group_by(AuditRow.unit_id).subquery()
-        with self._sessions() as session:
-            rows = session.execute(
-                select(received.c.at, delivered.c.at)
-                .join(delivered, delivered.c.unit_id == received.c.unit_id)
-                .join(StudyUnitRow, and_(StudyUnitRow.id == received.c.unit_id, StudyUnitRow.origin_peer.is_not(None)))
-            ).all()
-        return [max(0.0, (end - start).total_seconds()) for start, end in rows]
+    def import_latency_histogram(self) -> tuple[dict[str, int], float]:
+        """Imports of received studies by latency bucket (the upper bound in seconds as text, ``inf`` above the last;
+        from the study's verification, ``received``, to the PACS holding it, ``delivered``), and their seconds summed."""
+        tallies = self._tallies("latency")
+        return {key: n for key, (n, _b, _w, _f) in tallies.items() if n}, sum(f for _n, _b, _w, f in tallies.values())
