@@ -48,7 +48,7 @@ from gateway.mpps import MppsService
 from gateway.processes import BEAT_S, Heartbeat
 from gateway.receiving import Inbound
 from gateway.refusals import RefusalLog
-from gateway.retention import SpoolCleaner
+from gateway.retention import RowArchiver, SpoolCleaner
 from gateway.retry import RetryPolicy
 from gateway.routing import Router, Rules, StudyFacts
 from gateway.service import CompletenessService, IngestService
@@ -131,6 +131,7 @@ class Gateway:
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
         self._watcher_health: str | None = None  # the watcher's health as last written (``_record_watcher``)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
+        self.archiver = RowArchiver(self.store, settings.retention.keep_rows_days, settings.retention.keep_delivered_s)
         self.mpps = MppsService(self.store, settings.dicom.on_discontinued)
         self.commitments = CommitmentService(self.store, settings.dicom.commit_when, settings.dicom.commit_timeout_s,
                                              self._send_commitment_report)
@@ -496,6 +497,7 @@ class Gateway:
                 if time.monotonic() >= next_clean:
                     next_clean = time.monotonic() + self.settings.retention.check_interval_s
                     await asyncio.to_thread(self.cleaner.tick)
+                    await asyncio.to_thread(self.archiver.tick)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.queue.stable_check_interval_s)
             if dispatching is not None:

@@ -551,6 +551,7 @@ def _summary_json(s: StudySummary) -> dict[str, Any]:
         "receipt_at": s.receipt_at.isoformat() + "Z" if s.receipt_at else None,
         "awaiting_receipt_s": round(_age_s(s.state_changed_at), 1) if s.state == "sent" else None,
         "purged_at": s.purged_at.isoformat() + "Z" if s.purged_at else None,
+        "archived_at": s.archived_at.isoformat() + "Z" if s.archived_at else None,
         "priority": s.priority,
         "rule": s.rule,
         "instances_of": s.instances_of,
@@ -681,6 +682,8 @@ def _state_text(s: StudySummary) -> str:
         text += f", no receipt yet ({_human_age(_age_s(s.state_changed_at))})"
     if s.purged_at is not None:
         text += ", spool purged"
+    if s.archived_at is not None:
+        text += ", rows archived"
     if s.error and s.state not in ("sent", "delivered"):
         text += f": {s.error}"
     return text
@@ -696,6 +699,8 @@ def _print_study(study_uid: str, units: list[tuple[StudySummary, list[InstanceRe
             f"{summary.instances} instance(s), {_human_bytes(summary.size_bytes)}, "
             f"patient {markup(summary.patient_name or '-')} ({markup(summary.patient_id or '-')}), "
             f"{markup(summary.study_description or '-')}"
+            + (f"; spool files purged {summary.purged_at:%Y-%m-%d}" if summary.purged_at else "")
+            + (f"; rows archived {summary.archived_at:%Y-%m-%d} (retention of rows)" if summary.archived_at else "")
         )
         series_table = Table(title="Series")
         for column in ("Series UID", "No", "Modality", "Description", "Instances", "Size"):

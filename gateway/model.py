@@ -87,6 +87,7 @@ class StudySummary:
     bundle_sha256: str | None = None  # the manifest SHA-256 of the bundle that carries (carried) this unit
     receipt_at: datetime | None = None  # sender: receipt came; receiver: the sender acknowledged our receipt
     purged_at: datetime | None = None  # spool files removed by the retention policy
+    archived_at: datetime | None = None  # its instance and transfer rows moved to the archive tables
     priority: str = "routine"  # "stat" goes ahead of routine and ignores transfer windows
     rule: str | None = None  # the routing rule that queued it
     instances_of: int | None = None  # a copy of that unit for a further destination: sends its instances

@@ -10,9 +10,11 @@ its files were purged. An identical instance arriving again later is still recog
 from __future__ import annotations
 
 import logging
+import time
+from datetime import timedelta
 from typing import Protocol
 
-from gateway.store import QueueStore
+from gateway.store import QueueStore, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +49,31 @@ class SpoolCleaner:
         if purged:
             log.info("spool files of delivered units %s removed (retention)", purged)
         return purged
+
+
+class RowArchiver:
+    """Retention of rows: units delivered more than ``keep_rows_days`` ago (their spool files purged, unless the spool
+    keeps them for ever) have their instance and transfer rows moved to the archive tables, ``batch`` units per
+    transaction so that ingest and the dispatcher wait for one short batch at most, for up to ``budget_s`` per tick."""
+
+    def __init__(self, store: QueueStore, keep_rows_days: float, keep_delivered_s: float, batch: int = 100,
+                 budget_s: float = 2.0) -> None:
+        self.store = store
+        self.keep_rows_days = keep_rows_days
+        self.require_purged = keep_delivered_s >= 0
+        self.batch = batch
+        self.budget_s = budget_s
+
+    def tick(self) -> int:
+        if self.keep_rows_days <= 0:
+            return 0
+        cutoff = utcnow() - timedelta(days=self.keep_rows_days)
+        moved, deadline = 0, time.monotonic() + self.budget_s
+        while time.monotonic() < deadline:
+            units = self.store.archive_rows(cutoff, self.require_purged, self.batch)
+            moved += len(units)
+            if len(units) < self.batch:
+                break
+        if moved:
+            log.info("rows of %d unit(s) delivered more than %g day(s) ago moved to the archive", moved, self.keep_rows_days)
+        return moved

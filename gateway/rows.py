@@ -69,7 +69,9 @@ class StudyUnitRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     priority: Mapped[str] = mapped_column(String(8), default="routine", server_default="routine")  # stat | routine
     rule: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the routing rule that queued it
-    instances_of: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a copy for a further destination
+    instances_of: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # a copy for a further destination
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # its rows moved (gateway.retention)
+    __table_args__ = (*__table_args__, Index("ix_study_units_archived_changed", "archived_at", "state_changed_at"))
 
 
 class InstanceRow(Base):
@@ -94,6 +96,33 @@ class InstanceRow(Base):
     spool_path: Mapped[str] = mapped_column(Text)
     conflict: Mapped[bool] = mapped_column(Boolean, default=False)
     source: Mapped[str] = mapped_column(Text)  # "folder:<path>" may be long (migration 0009)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    pacs_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pacs_verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    pacs_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    imported_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class InstanceArchiveRow(Base):
+    """An instance row of a unit delivered longer ago than ``[retention] keep_rows_days`` (migration 0016)."""
+
+    __tablename__ = "instances_archive"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    unit_id: Mapped[int] = mapped_column(Integer, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(Text)
+    conflict: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime)
     pacs_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pacs_verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
@@ -132,6 +161,27 @@ class TransferRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     outcome: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stream_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class TransferArchiveRow(Base):
+    """A transfer row of a unit delivered longer ago than ``[retention] keep_rows_days`` (migration 0016)."""
+
+    __tablename__ = "transfers_archive"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    unit_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    sid: Mapped[str] = mapped_column(String(128))
+    peer_jid: Mapped[str] = mapped_column(String(255))
+    direction: Mapped[str] = mapped_column(String(8))
+    method: Mapped[str] = mapped_column(String(16))
+    offset_bytes: Mapped[int] = mapped_column(BigInteger)
+    bytes_moved: Mapped[int] = mapped_column(BigInteger)
+    wire_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     stream_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 

@@ -173,10 +173,13 @@ class PacsSettings:
 @dataclass(frozen=True)
 class RetentionSettings:
     """Spool clean-up: files of ``delivered`` units are removed ``keep_delivered_s`` after delivery
-    (never before; a negative value keeps them for ever). Rows and the audit log are kept."""
+    (never before; a negative value keeps them for ever). Rows: ``keep_rows_days`` after delivery (and after the
+    files went) a unit's instance and transfer rows move to the archive tables (0: never); its unit row and audit
+    trail stay, and ``queue show`` reads the archive too."""
 
     keep_delivered_s: float = 7 * 86400.0
     check_interval_s: float = 300.0
+    keep_rows_days: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,7 @@ def settings_from_mapping(
         retention=RetentionSettings(
             keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
             check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),
+            keep_rows_days=_float(_table(raw, "retention").get("keep_rows_days", 0.0), "retention.keep_rows_days", 0.0),
         ),
         source=source,
     )
@@ -552,6 +556,8 @@ def _float(value: Any, key: str, low: float) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{key}: {value!r} is not a number") from None
+    if number != number:  # NaN compares false with every bound
+        raise SettingsError(f"{key}: {value!r} is not a number")
     if number < low:
         raise SettingsError(f"{key}: {number} is below {low}")
     return number

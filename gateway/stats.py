@@ -18,7 +18,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine, select
 
-from gateway.rows import StudyUnitRow, TransferRow, utcnow
+from gateway.rows import StudyUnitRow, TransferArchiveRow, TransferRow, utcnow
 
 SUCCESS = ("received", "held")
 SIZE_CLASSES = ((1e6, "< 1 MB"), (10e6, "1-10 MB"), (100e6, "10-100 MB"), (1e9, "100 MB - 1 GB"), (float("inf"), ">= 1 GB"))
@@ -39,15 +39,19 @@ class Attempt:
 
 
 def attempts(engine: Engine, since: datetime | None = None, peer: str | None = None) -> list[Attempt]:
-    query = select(TransferRow, StudyUnitRow.bundle_bytes).outerjoin(StudyUnitRow, TransferRow.unit_id == StudyUnitRow.id)
-    if since is not None:
-        query = query.where(TransferRow.started_at >= since)
-    if peer:
-        query = query.where(TransferRow.peer_jid.like(f"{peer}%"))
+    """Every attempt started since ``since`` (to ``peer``), the archived ones included (``gateway.store_archive``)."""
+    found = []
     with engine.connect() as conn:
-        rows = conn.execute(query.order_by(TransferRow.started_at)).all()
+        for table in (TransferRow, TransferArchiveRow):
+            query = select(table, StudyUnitRow.bundle_bytes).outerjoin(StudyUnitRow, table.unit_id == StudyUnitRow.id)
+            if since is not None:
+                query = query.where(table.started_at >= since)
+            if peer:
+                query = query.where(table.peer_jid.like(f"{peer}%"))
+            found.extend(conn.execute(query).all())
+    found.sort(key=lambda r: (r.started_at, r.id))
     return [Attempt(r.peer_jid, r.direction, r.method, r.started_at, r.ended_at, r.outcome, r.bytes_moved, r.stream_s,
-                    int(r.bundle_bytes or 0), r.wire_bytes if r.wire_bytes is not None else r.bytes_moved) for r in rows]
+                    int(r.bundle_bytes or 0), r.wire_bytes if r.wire_bytes is not None else r.bytes_moved) for r in found]
 
 
 def active_seconds(items: list[Attempt], now: datetime | None = None) -> float:

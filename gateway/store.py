@@ -32,6 +32,7 @@ from gateway.rows import (  # noqa: F401 (the models and exceptions are part of 
     TransferRow,
     utcnow,
 )
+from gateway.store_archive import ArchiveRepo
 from gateway.store_audit import AuditRepo
 from gateway.store_commitments import CommitmentsRepo
 from gateway.store_imports import ImportsRepo
@@ -85,7 +86,8 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, ReportsRepo, CommitmentsRepo, MppsRepo):
+class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, ReportsRepo, CommitmentsRepo, MppsRepo,
+                 ArchiveRepo):
     """Repository over the queue DB; each public method is one unit of work (one transaction). The methods
     live by aggregate: ``store_ingest`` (instances), ``store_units`` (state moves, reading), ``store_imports``
     (the receiving side), ``store_transfers`` (attempts, peers), ``store_audit`` (audit log, status)."""

@@ -13,6 +13,7 @@ from gateway.rows import (
     AuditRow,
     PeerRow,
     StudyUnitRow,
+    TransferArchiveRow,
     TransferRow,
     utcnow,
 )
@@ -73,11 +74,15 @@ class TransfersRepo:
             return True
 
     def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
-        query = select(TransferRow).order_by(TransferRow.started_at, TransferRow.id)
-        if unit_id is not None:
-            query = query.where(TransferRow.unit_id == unit_id)
+        """Attempts, oldest first: the live rows and, for one unit, its archived ones (``gateway.store_archive``)."""
+        rows: list[Any] = []
         with self._sessions() as session:
-            rows = session.scalars(query).all()
+            for table in (TransferRow, TransferArchiveRow) if unit_id is not None else (TransferRow,):
+                query = select(table)
+                if unit_id is not None:
+                    query = query.where(table.unit_id == unit_id)
+                rows.extend(session.scalars(query).all())
+        rows.sort(key=lambda r: (r.started_at, r.id))
         return [
             {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
              "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved,

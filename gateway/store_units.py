@@ -15,6 +15,7 @@ from gateway.model import InstanceRecord, StudySummary
 from gateway.rows import (
     AuditRow,
     ConcurrentMove,
+    InstanceArchiveRow,
     InstanceRow,
     StudyUnitRow,
     TransferRow,
@@ -359,11 +360,11 @@ class UnitsRepo:
             modalities = self._modalities(session, [u.id for u in units])
             result = []
             for unit in units:
-                rows = session.scalars(
-                    select(InstanceRow)
-                    .where(InstanceRow.unit_id == (unit.instances_of or unit.id))
-                    .order_by(InstanceRow.series_number, InstanceRow.series_instance_uid, InstanceRow.instance_number, InstanceRow.id)
-                ).all()
+                source = unit.instances_of or unit.id
+                rows = [*session.scalars(select(InstanceRow).where(InstanceRow.unit_id == source)).all(),
+                        *session.scalars(select(InstanceArchiveRow).where(InstanceArchiveRow.unit_id == source)).all()]
+                rows.sort(key=lambda r: (r.series_number is not None, r.series_number or 0, r.series_instance_uid,
+                                         r.instance_number is not None, r.instance_number or 0, r.id))
                 result.append((_summary(unit, modalities.get(unit.id, "")), [_instance(r) for r in rows]))
         return result
 
@@ -372,14 +373,13 @@ class UnitsRepo:
             return {}
         source_of = {unit_id: source or unit_id for unit_id, source in session.execute(
             select(StudyUnitRow.id, StudyUnitRow.instances_of).where(StudyUnitRow.id.in_(unit_ids))).all()}
-        rows = session.execute(
-            select(InstanceRow.unit_id, InstanceRow.modality)
-            .where(InstanceRow.unit_id.in_(set(source_of.values())))
-            .group_by(InstanceRow.unit_id, InstanceRow.modality)
-        ).all()
+        sources = set(source_of.values())
+        rows = [row for table in (InstanceRow, InstanceArchiveRow) for row in session.execute(
+            select(table.unit_id, table.modality).where(table.unit_id.in_(sources)).group_by(table.unit_id, table.modality)
+        ).all()]
         found: dict[int, list[str]] = {}
         for unit_id, modality in rows:
-            if modality:
+            if modality and modality not in found.get(unit_id, []):
                 found.setdefault(unit_id, []).append(modality)
         return {unit_id: "/".join(sorted(found.get(source, []))) for unit_id, source in source_of.items()}
 
@@ -429,6 +429,7 @@ def _summary(unit: StudyUnitRow, modalities: str) -> StudySummary:
         bundle_sha256=unit.bundle_sha256,
         receipt_at=unit.receipt_at,
         purged_at=unit.purged_at,
+        archived_at=unit.archived_at,
         priority=unit.priority or "routine",
         rule=unit.rule,
         instances_of=unit.instances_of,
