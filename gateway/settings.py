@@ -131,6 +131,10 @@ class XmppSettings:
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
     handshake_timeout_s: float = 15.0  # an accepted end-to-end offer without a finished TLS handshake by then is released
     compress: bool = True  # the bundle as zstd frames where it pays (gateway.wire); off: always plain bytes
+    # the server's nodes, tried in turn (a node that goes away: the next); empty: (host, port). host "": slixmpp's
+    # own lookup of the JID's domain (DNS SRV _xmpp-client._tcp when aiodns is installed, else its address, 5222)
+    servers: tuple[tuple[str, int], ...] = ()
+    reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
 
     def pin_for(self, peer_jid: str) -> str | None:
         return next((fp for jid, fp in self.peer_pins if jid == peer_jid), None)
@@ -516,6 +520,8 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         identity_cert_file=_path(raw.get("identity_cert_file", "var/identity/gateway.crt"), base_dir),
         require_e2e=bool(raw.get("require_e2e", True)),
         compress=bool(raw.get("compress", True)),
+        servers=_servers(raw.get("servers", [])),
+        reconnect_s=_float(raw.get("reconnect_s", 5.0), "xmpp.reconnect_s", 0.1),
         peer_pins=peer_pins,
         stream_start_timeout_s=_float(raw.get("stream_start_timeout_s", 60.0), "xmpp.stream_start_timeout_s", 0.1),
         handshake_timeout_s=_float(raw.get("handshake_timeout_s", 15.0), "xmpp.handshake_timeout_s", 0.1),
@@ -549,6 +555,22 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise SettingsError(f"{key}: {number} is outside {low}..{high}")
     return number
+
+
+def _servers(value: Any) -> tuple[tuple[str, int], ...]:
+    """``[xmpp] servers``: a list of "host:port" ("[v6]:port" for an IPv6 address)."""
+    if not isinstance(value, list) or len(value) > 64:
+        raise SettingsError('xmpp.servers: a list of "host:port" (at most 64)')
+    found = []
+    for n, entry in enumerate(value):
+        text = str(entry)
+        host, sep, port = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if (not isinstance(entry, str) or not sep or not host or len(host) > 253 or not port.isascii() or not port.isdigit()
+                or not 1 <= int(port) <= 65535 or any(not c.isprintable() or c.isspace() or c in "/@[]" for c in host)):
+            raise SettingsError(f"xmpp.servers[{n}]: {text[:80]!r} is not host:port")
+        found.append((host, int(port)))
+    return tuple(found)
 
 
 def _float(value: Any, key: str, low: float) -> float:

@@ -94,8 +94,10 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             mechanisms.encrypted_plain = False
         else:
             self.plugin["feature_mechanisms"].unencrypted_plain = True
+        self._servers = settings.server_list()
+        self._server_index = 0  # the node tried now; the next one after a loss or a failed attempt
         self.status: dict[str, Any] = {
-            "state": "connecting", "server": f"{settings.host}:{settings.port}", "jid": settings.jid,
+            "state": "connecting", "server": self._server_text(), "jid": settings.jid,
             "tls": settings.use_tls, "tls_version": None, "server_cert_sha256": None, "last_error": None,
         }
         self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
@@ -130,7 +132,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self.add_event_handler("failed_auth", lambda _e: self._set_status(last_error="authentication failed (SASL)"))
         self.add_event_handler("no_auth", lambda _e: self._set_status(
             last_error="no acceptable login method (SCRAM over TLS required)"))
-        self.add_event_handler("connection_failed", lambda e: self._set_status(state="disconnected", last_error=f"connection failed: {e}"))
+        self.add_event_handler("connection_failed", self._on_connection_failed)
         self.register_handler(CoroutineCallback("si offer", MatchXPath(f"{IQ}/{q(NS_SI, 'si')}"), self._on_offer))
         self.register_handler(CoroutineCallback("s5b", MatchXPath(f"{IQ}/{q(NS_S5B, 'query')}"), self._on_s5b))
         self.register_handler(Callback("ibb open", MatchXPath(f"{IQ}/{q(NS_IBB, 'open')}"), self._on_ibb_open))
@@ -143,7 +145,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
     async def start(self, timeout_s: float = 30.0) -> None:
         """Connect; returns when the session is up, or raises ``ConnectionRefusedError`` at once when the
         server failed verification (then retried in the background), or ``TimeoutError``."""
-        self.connect(self.settings.host, self.settings.port)
+        self._connect_current()
         await asyncio.wait_for(self._settled.wait(), timeout_s)
         if not self.online:
             raise ConnectionRefusedError(self.status.get("last_error") or "XMPP server refused")
@@ -209,8 +211,40 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._pending_iqs[future] = iq
         future.add_done_callback(lambda f: self._pending_iqs.pop(f, None))
 
+    def _server_text(self) -> str:
+        host, port = self._servers[self._server_index]
+        return f"{host}:{port}" if host else f"{self.boundjid.domain} (DNS)"
+
+    def _connect_current(self) -> None:
+        host, port = self._servers[self._server_index]
+        self._set_status(state="connecting", server=self._server_text())
+        self.connect(host or None, port if host else None)  # no host: slixmpp looks the domain up
+
+    def _on_connection_failed(self, error: object) -> None:
+        """A node that cannot be reached: slixmpp would retry the same address with a growing wait (up to 300 s);
+        we take the attempt over and try the next node (``_schedule_reconnect``)."""
+        self._set_status(state="disconnected", last_error=f"connection failed ({self._server_text()}): {error}")
+        log.warning("XMPP server %s: connection failed: %s", self._server_text(), error)
+        self.cancel_connection_attempt()
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        """The next node at once while some of the list is untried since the session was last up; after every node
+        failed, wait 2, 4, ... s, at most ``reconnect_s``, before the next round."""
+        if self._stopping or self._reconnect_pending:
+            return
+        self._reconnects += 1
+        if len(self._servers) > 1:
+            self._server_index = (self._server_index + 1) % len(self._servers)
+        rounds = self._reconnects // len(self._servers)
+        delay = 0.2 if rounds == 0 else min(self.settings.reconnect_s, 2.0 ** min(rounds, 6))
+        self._reconnect_pending = True
+        log.warning("XMPP: connecting to %s in %.1f s", self._server_text(), delay)
+        asyncio.get_running_loop().call_later(delay, self._reconnect)
+
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
+        self._proxy = None  # the next session may be on another node, with its own proxy65
         self.peer_status.clear()
         self.peer_text.clear()
         for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
@@ -222,19 +256,15 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         for sid in list(self._outbound):
             self._fail_outbound(sid, TransferCut("XMPP connection lost"))
         if not self._stopping and not self._reconnect_pending:
-            delay = min(60.0, 1.0 * 2 ** min(self._reconnects, 6))
-            self._reconnects += 1
-            self._reconnect_pending = True
             if self.status.get("state") != "refused":
                 self._set_status(state="disconnected")
-            log.warning("XMPP connection lost; reconnecting in %.0f s", delay)
-            asyncio.get_running_loop().call_later(delay, self._reconnect)
+            log.warning("XMPP connection to %s lost", self._server_text())
+            self._schedule_reconnect()
 
     def _reconnect(self) -> None:
         self._reconnect_pending = False
         if not self._stopping and not self._online.is_set():
-            self._set_status(state="connecting")
-            self.connect(self.settings.host, self.settings.port)
+            self._connect_current()
 
     def _on_presence(self, presence: slixmpp.Presence) -> None:
         sender = presence["from"]

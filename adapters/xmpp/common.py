@@ -58,6 +58,11 @@ class XmppSettings:
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
     handshake_timeout_s: float = 15.0  # ... and one whose end-to-end TLS handshake is not done by then
     compress: bool = True  # offer and accept the bundle as compressed frames (gateway.wire)
+    servers: tuple[tuple[str, int], ...] = ()  # the server's nodes, tried in turn; empty: (host, port)
+    reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
+
+    def server_list(self) -> tuple[tuple[str, int], ...]:
+        return self.servers or ((self.host, self.port),)
 
 
 class Sink(Protocol):

@@ -128,3 +128,27 @@ def test_bad_web_and_routing_settings_are_refused(tmp_path: Path, toml: str, mes
     config.write_text(toml)
     with pytest.raises(SettingsError, match=message):
         load_settings(config, environ={})
+
+
+def test_xmpp_servers_are_read_in_order_and_hostile_entries_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\n'
+                    'servers = ["xmpp1.helsenett.test:5222", "127.0.0.2:5223", "[::1]:5222"]\nreconnect_s = 3\n')
+    xmpp = load_settings(path, environ={}).xmpp
+    assert xmpp.servers == (("xmpp1.helsenett.test", 5222), ("127.0.0.2", 5223), ("::1", 5222))
+    assert xmpp.reconnect_s == 3.0
+    path.write_text('[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\n')
+    assert load_settings(path, environ={}).xmpp.servers == ()  # then host and port, as before
+    hostile = ['"xmpp1"', '"xmpp1:0"', '"xmpp1:99999"', '"xmpp1:abc"', '"xmpp 1:5222"', '"xmpp1\\n:5222"',
+               '"\\u001b]0;x\\u0007:5222"', f'"{"x" * 300}:5222"', "5222", '":5222"', '"xmpp1:\u0663"', '"a/b:5222"']
+    for entry in hostile:
+        path.write_text(f'[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\nservers = [{entry}]\n')
+        with pytest.raises(SettingsError, match=r"xmpp\.servers\[0\]: .* is not host:port"):
+            load_settings(path, environ={})
+    for toml in ('servers = "xmpp1:5222"', "servers = [" + ", ".join(['"h:1"'] * 65) + "]"):
+        path.write_text(f'[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\n{toml}\n')
+        with pytest.raises(SettingsError, match=r"xmpp\.servers: a list"):
+            load_settings(path, environ={})
+    path.write_text('[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\nreconnect_s = 0\n')
+    with pytest.raises(SettingsError, match="xmpp.reconnect_s"):
+        load_settings(path, environ={})
