@@ -15,6 +15,7 @@ Environment overrides (useful for containers and tests): ``DICOMGW_DB_URL``, ``D
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -578,7 +579,7 @@ def _float(value: Any, key: str, low: float) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{key}: {value!r} is not a number") from None
-    if number != number:  # NaN compares false with every bound
+    if math.isnan(number):  # NaN compares false with every bound
         raise SettingsError(f"{key}: {value!r} is not a number")
     if number < low:
         raise SettingsError(f"{key}: {number} is below {low}")

@@ -11,7 +11,15 @@ from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from gateway.lifecycle import State
-from gateway.rows import AuditRow, InstanceArchiveRow, InstanceRow, StudyUnitRow, TransferArchiveRow, TransferRow, utcnow
+from gateway.rows import (
+    AuditRow,
+    InstanceArchiveRow,
+    InstanceRow,
+    StudyUnitRow,
+    TransferArchiveRow,
+    TransferRow,
+    utcnow,
+)
 
 
 def _moved_columns(archive: type) -> list[str]:

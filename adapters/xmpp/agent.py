@@ -2,6 +2,7 @@
 
 One room per protocol, as slixmpp has one plugin per XEP; each file says its contract:
 - here: connection, TLS to the server, presence, status; handlers registered in one block in ``__init__``;
+- ``connection.py``: which server node next and when (``[xmpp] servers``, failover);
 - ``offer.py``: XEP-0095/0096 offers, our verdict and the delivery receipt (``urn:dicomgw:transfer:1``);
 - ``s5b.py``: XEP-0065 mediated SOCKS5 bytestreams; ``ibb.py``: XEP-0047 in-band bytestreams;
 - ``e2e.py``: the end-to-end channel (mutual TLS 1.3 between the gateways inside either bytestream);
@@ -44,6 +45,7 @@ from adapters.xmpp.common import (
     log_task_failure,
     shut,
 )
+from adapters.xmpp.connection import ServerRotation
 from adapters.xmpp.e2e import Identities, fingerprint
 from adapters.xmpp.ibb import IBBMixin
 from adapters.xmpp.offer import OfferMixin
@@ -94,8 +96,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             mechanisms.encrypted_plain = False
         else:
             self.plugin["feature_mechanisms"].unencrypted_plain = True
-        self._servers = settings.server_list()
-        self._server_index = 0  # the node tried now; the next one after a loss or a failed attempt
+        self.servers = ServerRotation(settings.server_list(), settings.reconnect_s)  # which node, when (connection.py)
         self.status: dict[str, Any] = {
             "state": "connecting", "server": self._server_text(), "jid": settings.jid,
             "tls": settings.use_tls, "tls_version": None, "server_cert_sha256": None, "last_error": None,
@@ -111,7 +112,6 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._status = ("", "ready")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._reconnects = 0
         self._reconnect_pending = False
         self._readers: dict[str, asyncio.Future[None]] = {}
         self._pending_iqs: dict[asyncio.Future[Any], Any] = {}  # answers we wait for (-> the IQ): failed on disconnect
@@ -192,7 +192,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self.send_presence(pshow=self._status[0] or None, pstatus=self._status[1])
         await self.get_roster()
         self._online.set()
-        self._reconnects = 0
+        self.servers.connected()
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         self._set_status(state="online", bound_jid=self.boundjid.full, last_error=None,
                          tls_version=ssl_object.version() if ssl_object is not None else None)
@@ -212,11 +212,10 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         future.add_done_callback(lambda f: self._pending_iqs.pop(f, None))
 
     def _server_text(self) -> str:
-        host, port = self._servers[self._server_index]
-        return f"{host}:{port}" if host else f"{self.boundjid.domain} (DNS)"
+        return self.servers.describe(self.boundjid.domain)
 
     def _connect_current(self) -> None:
-        host, port = self._servers[self._server_index]
+        host, port = self.servers.current
         self._set_status(state="connecting", server=self._server_text())
         self.connect(host or None, port if host else None)  # no host: slixmpp looks the domain up
 
@@ -229,15 +228,10 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
-        """The next node at once while some of the list is untried since the session was last up; after every node
-        failed, wait 2, 4, ... s, at most ``reconnect_s``, before the next round."""
+        """Connect to the next node after the delay ``ServerRotation`` says (at once, or after a round of failures)."""
         if self._stopping or self._reconnect_pending:
             return
-        self._reconnects += 1
-        if len(self._servers) > 1:
-            self._server_index = (self._server_index + 1) % len(self._servers)
-        rounds = self._reconnects // len(self._servers)
-        delay = 0.2 if rounds == 0 else min(self.settings.reconnect_s, 2.0 ** min(rounds, 6))
+        delay = self.servers.after_failure()
         self._reconnect_pending = True
         log.warning("XMPP: connecting to %s in %.1f s", self._server_text(), delay)
         asyncio.get_running_loop().call_later(delay, self._reconnect)

@@ -17,7 +17,14 @@ from adapters.lab.ejabberd_peer import Ejabberd, pid_alive, start_cluster
 from adapters.lab.synthetic import generate_ct_study
 from gateway.roster import ejabberd_text, pair_groups
 from tests.helpers import storescu, wait_for
-from tests.integration.test_xmpp_transfer import A_JID, B_JID, DOMAIN, received_instances, start_site, unit_states
+from tests.integration.test_xmpp_transfer import (
+    A_JID,
+    B_JID,
+    DOMAIN,
+    received_instances,
+    start_site,
+    unit_states,
+)
 
 
 @pytest.fixture

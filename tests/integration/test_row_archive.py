@@ -17,10 +17,22 @@ from sqlalchemy import func, select, text, update
 from gateway import dashboard
 from gateway.model import InstanceHeader
 from gateway.retention import RowArchiver
-from gateway.rows import InstanceArchiveRow, InstanceRow, StudyUnitRow, TransferArchiveRow, TransferRow
+from gateway.rows import (
+    InstanceArchiveRow,
+    InstanceRow,
+    StudyUnitRow,
+    TransferArchiveRow,
+    TransferRow,
+)
 from gateway.settings import SettingsError, load_settings
 from gateway.stats import attempts
-from gateway.store import QueueStore, alembic_config, make_engine, upgrade_schema, utcnow
+from gateway.store import (
+    QueueStore,
+    alembic_config,
+    make_engine,
+    upgrade_schema,
+    utcnow,
+)
 from tests.helpers import REPO
 
 PEER = "radiology.hospital-b@helsenett.test"

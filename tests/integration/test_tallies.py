@@ -11,7 +11,13 @@ from alembic import command
 from sqlalchemy import text
 
 from gateway.lifecycle import State
-from gateway.store import QueueStore, alembic_config, make_engine, upgrade_schema, utcnow
+from gateway.store import (
+    QueueStore,
+    alembic_config,
+    make_engine,
+    upgrade_schema,
+    utcnow,
+)
 from tests.integration.test_queue import record
 
 PEER = "radiology.hospital-a@helsenett.test"
