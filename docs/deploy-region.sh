@@ -38,8 +38,13 @@ give_to() {  # give_to USER PATH...: the server's files belong to its user
 wait_for() {  # wait_for SECONDS WHAT CMD...: until CMD succeeds, or fail naming WHAT
     local deadline=$((SECONDS + $1)) what=$2
     shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ "$SECONDS" -ge "$deadline" ]; then echo "timed out waiting for $what" >&2; return 1; fi
+    local out
+    until out=$("$@" 2>&1); do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "timed out waiting for $what; it last said:" >&2
+            printf '%s\n' "$out" | tail -n 20 >&2
+            return 1
+        fi
         sleep 0.5
     done
 }

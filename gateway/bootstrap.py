@@ -196,6 +196,7 @@ class Gateway:
                 identity=self.identity, require_e2e=x.require_e2e, stream_start_timeout_s=x.stream_start_timeout_s,
                 handshake_timeout_s=x.handshake_timeout_s,
                 compress=x.compress, servers=x.servers, reconnect_s=x.reconnect_s,
+                presence_min_interval_s=x.presence_min_interval_s,
             ),
             Inbound(self),
         )

@@ -136,6 +136,7 @@ class XmppSettings:
     # own lookup of the JID's domain (DNS SRV _xmpp-client._tcp when aiodns is installed, else its address, 5222)
     servers: tuple[tuple[str, int], ...] = ()
     reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
+    presence_min_interval_s: float = 2.0  # flow-control presence (dnd at the inbound limit) at most this often
 
     def pin_for(self, peer_jid: str) -> str | None:
         return next((fp for jid, fp in self.peer_pins if jid == peer_jid), None)
@@ -523,6 +524,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         compress=bool(raw.get("compress", True)),
         servers=_servers(raw.get("servers", [])),
         reconnect_s=_float(raw.get("reconnect_s", 5.0), "xmpp.reconnect_s", 0.1),
+        presence_min_interval_s=_float(raw.get("presence_min_interval_s", 2.0), "xmpp.presence_min_interval_s", 0.0),
         peer_pins=peer_pins,
         stream_start_timeout_s=_float(raw.get("stream_start_timeout_s", 60.0), "xmpp.stream_start_timeout_s", 0.1),
         handshake_timeout_s=_float(raw.get("handshake_timeout_s", 15.0), "xmpp.handshake_timeout_s", 0.1),

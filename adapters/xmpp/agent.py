@@ -14,7 +14,8 @@ used in plaintext: the reason (unknown CA, wrong name, expired, pin) is kept in 
 ``InboundPort.status_changed`` for `dicomgw status`) and the connection retried with backoff.
 ``use_tls = false`` (loopback tests only) allows PLAIN without TLS. Reconnects with backoff, answers
 XEP-0199 pings, uses XEP-0198 when offered, publishes presence (``dnd`` with a status text while the inbound
-side is at its limit) and tracks every peer's presence (``peer_status``).
+side is at its limit, at most once per ``presence_min_interval_s``: ``presence.FlowControl``) and tracks every
+peer's presence (``presence.PeerPresence``).
 
 Config: the ``XmppSettings`` given to the constructor.
 """
@@ -46,6 +47,7 @@ from adapters.xmpp.common import (
     shut,
 )
 from adapters.xmpp.connection import ServerRotation
+from adapters.xmpp.presence import FlowControl, PeerPresence
 from adapters.xmpp.e2e import Identities, fingerprint
 from adapters.xmpp.ibb import IBBMixin
 from adapters.xmpp.offer import OfferMixin
@@ -101,15 +103,16 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             "state": "connecting", "server": self._server_text(), "jid": settings.jid,
             "tls": settings.use_tls, "tls_version": None, "server_cert_sha256": None, "last_error": None,
         }
-        self.peer_status: dict[str, dict[str, str]] = {}  # bare JID -> {resource: show}
-        self.peer_text: dict[str, dict[str, str]] = {}  # bare JID -> {resource: status text}
+        self.peers = PeerPresence()  # what the peers show (presence.py)
+        self.flow = FlowControl(lambda show, status: self.send_presence(pshow=show, pstatus=status),
+                                settings.presence_min_interval_s,
+                                lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))  # what we show
         self._online = asyncio.Event()
         self._settled = asyncio.Event()  # online, or refused for a reason an operator must fix
         self._sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
         self._outbound: dict[str, OutboundStream] = {}  # sid -> our end-to-end IBB stream
         self._verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
         self._proxy: tuple[str, str, int] | None = None
-        self._status = ("", "ready")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._reconnect_pending = False
@@ -189,7 +192,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._on_disconnected(None)
 
     async def _on_session_start(self, _event: object) -> None:
-        self.send_presence(pshow=self._status[0] or None, pstatus=self._status[1])
+        self.flow.session_started()
         await self.get_roster()
         self._online.set()
         self.servers.connected()
@@ -239,8 +242,8 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
         self._proxy = None  # the next session may be on another node, with its own proxy65
-        self.peer_status.clear()
-        self.peer_text.clear()
+        self.peers.clear()
+        self.flow.session_ended()
         for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
             if not future.done():
                 future.set_exception(StreamLost(iq))
@@ -264,28 +267,19 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         sender = presence["from"]
         if sender.bare == self.boundjid.bare and sender.resource == self.boundjid.resource:
             return
-        resources = self.peer_status.setdefault(sender.bare, {})
-        if presence["type"] == "unavailable":
-            resources.pop(sender.resource, None)
-        elif presence["type"] in ("available", "", "chat", "away", "dnd", "xa"):
-            resources[sender.resource] = presence["show"] or "available"
-            self.peer_text.setdefault(sender.bare, {})[sender.resource] = (presence["status"] or "")[:200]
+        self.peers.update(sender.bare, sender.resource, presence["type"], presence["show"], presence["status"])
 
     @property
     def online(self) -> bool:
         return self._online.is_set()
 
     def set_busy(self, busy: bool, status: str) -> None:
-        """Presence as flow control: ``dnd`` while the inbound side is at its limit."""
-        self._status = ("dnd" if busy else "", status)
-        if self.online:
-            self.send_presence(pshow="dnd" if busy else None, pstatus=status)
+        """Presence as flow control: ``dnd`` while the inbound side is at its limit (rate-limited: FlowControl)."""
+        self.flow.set(busy, status, self.online)
 
     def peer_online(self, bare_jid: str) -> str | None:
         """A full JID of the peer if any of its resources is online (busy or not): for receipts."""
-        resources = sorted(self.peer_status.get(bare_jid, {}))
-        return f"{bare_jid}/{resources[0]}" if resources else None
-
+        return self.peers.online_resource(bare_jid)
 
     def _on_message(self, msg: slixmpp.Message) -> None:
         """Only the server's own broadcasts matter here (mod_announce: from the bare domain, any type but
@@ -299,18 +293,8 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
             self.inbound.server_announcement(sender.domain, text)
 
     def peer_availability(self, bare_jid: str, priority: str = "routine") -> tuple[str | None, str]:
-        """(full JID to offer to, or None; 'available' | 'busy' | 'offline'). A STAT study is offered to a
-        peer busy at its inbound limit (it keeps room for STAT), not to one in maintenance."""
-        resources = self.peer_status.get(bare_jid, {})
-        free = sorted(r for r, show in resources.items() if show in ("available", "chat"))
-        if free:
-            return f"{bare_jid}/{free[0]}", "available"
-        if not resources:
-            return None, "offline"
-        text = next((t for r, t in sorted(self.peer_text.get(bare_jid, {}).items()) if r in resources and t), "")
-        if priority == "stat" and not text.startswith("maintenance"):
-            return f"{bare_jid}/{sorted(resources)[0]}", "busy (STAT offered into its reserved room)"
-        return None, f"busy ({text})" if text.startswith("maintenance") else "busy"
+        """(full JID to offer to, or None; 'available' | 'busy' | 'offline'): see ``PeerPresence.availability``."""
+        return self.peers.availability(bare_jid, priority)
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -60,6 +60,7 @@ class XmppSettings:
     compress: bool = True  # offer and accept the bundle as compressed frames (gateway.wire)
     servers: tuple[tuple[str, int], ...] = ()  # the server's nodes, tried in turn; empty: (host, port)
     reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
+    presence_min_interval_s: float = 2.0  # flow-control presence at most this often (presence.FlowControl)
 
     def server_list(self) -> tuple[tuple[str, int], ...]:
         return self.servers or ((self.host, self.port),)

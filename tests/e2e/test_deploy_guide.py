@@ -57,7 +57,9 @@ def test_the_guide_deploys_a_region(server: str) -> None:
            "DICOMGW_HOME": str(REPO)}
     try:
         done = subprocess.run(["bash", str(SCRIPT), "all"], env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        logs = "".join(f"\n--- {log.relative_to(region)} (tail)\n" + log.read_text(errors="replace")[-3000:]
+                       for log in sorted(region.glob("gw-*/gateway.log"))) if done.returncode else ""
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + logs  # the gateways' logs say why
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['PACS_HTTP_PORT']}/statistics", timeout=30) as answer:
             assert json.loads(answer.read())["CountInstances"] == 12 + 6  # both studies in B's PACS
         config = region / "gw-a" / "gateway.toml"

@@ -1,0 +1,86 @@
+"""Presence components (adapters.xmpp.presence): what peers show and what it means for an offer; our flow-control
+presence coalesced to at most one stanza per interval, the last state always sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapters.xmpp.presence import FlowControl, PeerPresence
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> object:
+        self.timers.append((self.now + delay, fn))
+        return object()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [t for t in self.timers if t[0] <= self.now]
+        self.timers = [t for t in self.timers if t[0] > self.now]
+        for _when, fn in sorted(due, key=lambda t: t[0]):
+            fn()
+
+
+def flow(interval: float = 2.0) -> tuple[FlowControl, list[tuple[str | None, str]], Clock]:
+    sent: list[tuple[str | None, str]] = []
+    clock = Clock()
+    control = FlowControl(lambda show, status: sent.append((show, status)), interval, clock.call_later, lambda: clock.now)
+    return control, sent, clock
+
+
+def test_a_gateway_flapping_at_its_limit_sends_at_most_one_presence_per_interval_and_ends_true() -> None:
+    control, sent, clock = flow()
+    control.session_started()
+    assert sent == [(None, "ready")]
+    for n in range(100):  # a transfer starts and ends, 100 times within one second
+        control.set(n % 2 == 0, "busy: at the inbound transfer limit" if n % 2 == 0 else "ready", online=True)
+        clock.advance(0.01)
+    assert sent == [(None, "ready")]  # inside the first interval nothing more left
+    clock.advance(2.0)
+    assert sent == [(None, "ready")]  # ... and at its end the state equals what peers saw: nothing to send
+    control.set(True, "busy: at the inbound transfer limit", online=True)
+    assert sent[-1] == ("dnd", "busy: at the inbound transfer limit")  # an interval passed: at once
+    control.set(False, "ready", online=True)
+    control.set(True, "maintenance: PACS upgrade", online=True)
+    assert len(sent) == 2
+    clock.advance(2.0)
+    assert sent[-1] == ("dnd", "maintenance: PACS upgrade") and len(sent) == 3  # the last wanted state, once
+    assert control.sent == 3
+
+
+def test_offline_changes_wait_for_the_session_and_a_new_session_says_the_state_at_once() -> None:
+    control, sent, clock = flow()
+    control.set(True, "busy: at the inbound transfer limit", online=False)
+    assert sent == []
+    control.session_started()
+    assert sent == [("dnd", "busy: at the inbound transfer limit")]
+    control.session_ended()
+    control.session_started()  # a reconnect within the interval: the server knows nothing of us
+    assert len(sent) == 2
+    control2, sent2, _clock2 = flow(interval=0.0)
+    control2.session_started()
+    for n in range(5):
+        control2.set(n % 2 == 0, "x", online=True)
+    assert len(sent2) == 6  # interval 0: every change goes out
+
+
+def test_peer_presence_and_what_it_means_for_an_offer() -> None:
+    peers = PeerPresence()
+    bare = "radiology.hospital-b@helsenett.test"
+    assert peers.availability(bare) == (None, "offline")
+    peers.update(bare, "gw1", "available", "dnd", "busy: at the inbound transfer limit")
+    assert peers.availability(bare) == (None, "busy")
+    assert peers.availability(bare, "stat") == (f"{bare}/gw1", "busy (STAT offered into its reserved room)")
+    peers.update(bare, "gw2", "available", "", "ready")
+    assert peers.availability(bare) == (f"{bare}/gw2", "available")
+    peers.update(bare, "gw2", "unavailable", "", "")
+    peers.update(bare, "gw1", "available", "dnd", "maintenance: PACS upgrade" + "x" * 500)
+    assert peers.availability(bare, "stat")[0] is None  # maintenance holds STAT too
+    assert len(peers.text[bare]["gw1"]) == 200 and peers.online_resource(bare) == f"{bare}/gw1"
+    assert peers.received == 4
+    peers.clear()
+    assert peers.availability(bare) == (None, "offline")
