@@ -47,10 +47,10 @@ from adapters.xmpp.common import (
     shut,
 )
 from adapters.xmpp.connection import ServerRotation
-from adapters.xmpp.presence import FlowControl, PeerPresence
 from adapters.xmpp.e2e import Identities, fingerprint
 from adapters.xmpp.ibb import IBBMixin
 from adapters.xmpp.offer import OfferMixin
+from adapters.xmpp.presence import FlowControl, PeerPresence
 from adapters.xmpp.s5b import S5BMixin
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, NS_S5B, NS_SI, q
 

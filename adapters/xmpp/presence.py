@@ -8,7 +8,8 @@ roster is exactly our peers, ``gateway.roster``), and what that means for an off
 available otherwise). A gateway near its limit would flip it with every transfer that starts or ends, and each flip
 goes to every peer on the roster (a regional hub has hundreds): changes are coalesced to at most one presence per
 ``min_interval_s``; a change inside the interval is sent when it ends, and only if it still differs from what the
-peers last saw. So each peer receives at most one presence per interval from a gateway, however busy.
+peers last saw. So each peer receives at most one flow-control presence per interval from a gateway, however busy
+(the presence that opens a session is not counted: a state decided right after the login goes out at once).
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ class FlowControl:
             self._maybe_send()
 
     def session_started(self) -> None:
-        """A new session: the server knows nothing of us, the current state goes out at once."""
+        """A new session: the server knows nothing of us, the current state goes out at once; it does not count
+        against the interval (a change right after the login, e.g. full at start, goes out at once too)."""
         self.shown = None
         self._cancel()
         self._send_now()
+        self._last_sent = float("-inf")
 
     def session_ended(self) -> None:
         self.shown = None

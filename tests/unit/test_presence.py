@@ -36,20 +36,24 @@ def test_a_gateway_flapping_at_its_limit_sends_at_most_one_presence_per_interval
     control, sent, clock = flow()
     control.session_started()
     assert sent == [(None, "ready")]
+    control.set(True, "busy: at the inbound transfer limit", online=True)
+    assert sent[-1] == ("dnd", "busy: at the inbound transfer limit")  # right after the login: at once
+    control.set(False, "ready", online=True)
     for n in range(100):  # a transfer starts and ends, 100 times within one second
         control.set(n % 2 == 0, "busy: at the inbound transfer limit" if n % 2 == 0 else "ready", online=True)
         clock.advance(0.01)
-    assert sent == [(None, "ready")]  # inside the first interval nothing more left
+    assert len(sent) == 2  # inside the interval nothing more left
     clock.advance(2.0)
-    assert sent == [(None, "ready")]  # ... and at its end the state equals what peers saw: nothing to send
+    assert sent[-1] == (None, "ready") and len(sent) == 3  # at its end the state the peers last saw is corrected, once
+    clock.advance(5.0)
     control.set(True, "busy: at the inbound transfer limit", online=True)
     assert sent[-1] == ("dnd", "busy: at the inbound transfer limit")  # an interval passed: at once
     control.set(False, "ready", online=True)
     control.set(True, "maintenance: PACS upgrade", online=True)
-    assert len(sent) == 2
+    assert len(sent) == 4
     clock.advance(2.0)
-    assert sent[-1] == ("dnd", "maintenance: PACS upgrade") and len(sent) == 3  # the last wanted state, once
-    assert control.sent == 3
+    assert sent[-1] == ("dnd", "maintenance: PACS upgrade") and len(sent) == 5  # the last wanted state, once
+    assert control.sent == 5
 
 
 def test_offline_changes_wait_for_the_session_and_a_new_session_says_the_state_at_once() -> None:
