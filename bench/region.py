@@ -56,7 +56,7 @@ import slixmpp
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from adapters.lab.ejabberd_peer import Ejabberd, pid_alive, start_cluster
+from adapters.lab.ejabberd_peer import pid_alive, start_cluster
 from adapters.lab.localpeers import Prosody
 from adapters.xmpp.presence import FlowControl
 from gateway.roster import PairGroup, merge, pair_groups, prosody_text

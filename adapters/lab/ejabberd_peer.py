@@ -65,8 +65,8 @@ class Ejabberd(PeerProcess):
         admins = "".join(f'\n      - "{a}"' for a in self.admins) or ' []'
         shaper = (f"shaper:\n  proxyrate: {self.proxy_rate}\nshaper_rules:\n  proxy_shaper:\n    proxyrate: all\n"
                   if self.proxy_rate else "")
-        api = (f"api_permissions:\n  \"console commands\":\n    from: ejabberd_ctl\n    who: all\n    what: \"*\"\n"
-               f"  \"loopback\":\n    from: mod_http_api\n    who:\n      ip: 127.0.0.1/8\n    what: \"*\"\n"
+        api = ("api_permissions:\n  \"console commands\":\n    from: ejabberd_ctl\n    who: all\n    what: \"*\"\n"
+               "  \"loopback\":\n    from: mod_http_api\n    who:\n      ip: 127.0.0.1/8\n    what: \"*\"\n"
                if self.api_port else "")
         api_listener = (f"  -\n    port: {self.api_port}\n    ip: \"127.0.0.1\"\n    module: ejabberd_http\n"
                         "    request_handlers:\n      /api: mod_http_api\n" if self.api_port else "")
