@@ -20,15 +20,18 @@ Measured per server and N (printed as a table, then one JSON line):
   (quiet region);
 - ``server_rss_mb`` (RSS of the server processes after the login; ``server_rss_mb_per_100``: what 100 more sites add,
   from the smallest to the largest N) and ``server_cpu_s_per_min_per_100`` (their CPU time during the churn);
-- ``failover_s`` (ejabberd): node 1 is SIGKILLed; seconds until every site it carried is online on node 2.
+- ``failover_s`` (ejabberd): node 1 is SIGKILLed; seconds until every site it carried is online on node 2;
+- ``study_busy_vs_idle``: two real ``dicomgw run`` gateways (on node 2 for ejabberd; the proxy65 variant a site deploys
+  for Prosody) with Orthanc behind B move a fresh ~60 MB CT study (``--study-slices``; 40 slices with ``--quick``) from
+  dcmtk's storescu to B's PACS: seconds from the last C-STORE response to A's unit ``delivered`` (B's receipt), once on
+  the idle server before the sites log in and once while the region churns; every SOP Instance UID checked in Orthanc.
 The last line: the largest N's figures per server and ``presence_largest_vs_smallest`` (the ratio of
 ``presence_per_gateway_min`` at the largest N over the smallest; goal <= 1.5: presence grows with a site's peers,
 not with the region).
 
-Not measured here (left for a next round, named in the JSON as ``not_measured``): the two real ``dicomgw run``
-gateways with Orthanc moving a 60 MB study through the churning region (``study_busy_vs_idle``) and concurrent
-streams through one proxy65 (``proxy_fanin_mb_s``); the simulated sites do not accept studies. A study moving while
-a node dies is in ``tests/integration/test_failover.py``.
+Not measured here (named in the JSON as ``not_measured``): concurrent streams through one proxy65
+(``proxy_fanin_mb_s``); the simulated sites answer offers but do not accept studies. A study moving while a node dies
+is in ``tests/integration/test_failover.py``.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from adapters.lab.ejabberd_peer import pid_alive, start_cluster
-from adapters.lab.localpeers import Prosody
+from adapters.lab.localpeers import Orthanc, Prosody, orthanc_instances
+from adapters.lab.synthetic import generate_ct_study
 from adapters.xmpp.presence import FlowControl
 from gateway.roster import PairGroup, merge, pair_groups, prosody_text
 
@@ -147,6 +151,58 @@ class SimSite(slixmpp.ClientXMPP):
         self.flow.set(self.busy, "busy: at the inbound transfer limit" if self.busy else "ready", self.up.is_set())
 
 
+class RealPair:
+    """Two real ``dicomgw run`` gateways (A -> B, end-to-end encrypted, S5B through the node's proxy65) with Orthanc
+    behind B, on the region's server: ``study(n)`` sends a fresh ~60 MB CT study to A with dcmtk's storescu and
+    returns the seconds from its last C-STORE response to A's unit ``delivered`` (B's receipt: Orthanc holds every
+    instance), checked against Orthanc's SOP Instance UIDs."""
+
+    def __init__(self, work: Path, server: Any, slices: int) -> None:
+        from bench.transfer import GatewayProcess, identity
+
+        self.work, self.slices, self.sent = work, slices, 0
+        self.orthanc = Orthanc(work / "orthanc", ae_title="PACS_B").start()
+        pacs = f'[pacs]\nae_title = "PACS_B"\nhost = "127.0.0.1"\nport = {self.orthanc.dicom_port}\ncalling_ae_title = "GWB"\n'
+        a_fp, b_fp = identity(work / "a"), identity(work / "b")
+        self.b = GatewayProcess(work / "b", "radiology.hospital-b", server, "radiology.hospital-a", peer_fingerprint=a_fp)
+        self.b.text += pacs
+        self.b.start()
+        self.a = GatewayProcess(work / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b",
+                                peer_fingerprint=b_fp).start()
+        self.uids: set[str] = set()
+
+    def delivered(self) -> int:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(f"file:{self.a.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM study_units WHERE state = 'delivered'").fetchone()[0])
+
+    def study(self) -> float:
+        import subprocess
+
+        self.sent += 1
+        study = generate_ct_study(self.work / f"study-{self.sent}", series=1, slices_per_series=self.slices)
+        self.uids |= set(study.sop_instance_uids)
+        subprocess.run(["/usr/bin/storescu", "-aec", "DICOMGW", "127.0.0.1", str(self.a.port), *map(str, study.files)],
+                       check=True, capture_output=True, timeout=600)
+        stored = time.monotonic()
+        deadline = stored + 900
+        while self.delivered() < self.sent:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"study {self.sent} not delivered after 900 s")
+            time.sleep(0.05)
+        took = time.monotonic() - stored
+        held = set(orthanc_instances(self.orthanc))
+        if held != self.uids:
+            raise RuntimeError(f"Orthanc holds {len(held)} of {len(self.uids)} instances")
+        return took
+
+    def stop(self) -> None:
+        self.a.stop()
+        self.b.stop()
+        self.orthanc.stop()
+
+
 def prosody_accounts(server: Prosody, jids: list[str]) -> None:
     """Accounts written as Prosody's internal_hashed store keeps them (SCRAM-SHA-1, 10000 iterations), before start."""
     directory = server.workdir / "data" / DOMAIN.replace(".", "%2e") / "accounts"
@@ -194,7 +250,8 @@ async def wait_all(sites: list[SimSite], timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float, seed: int = 7) -> dict[str, Any]:
+async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float, pair: RealPair | None = None,
+                  seed: int = 7) -> dict[str, Any]:
     nodes = [("127.0.0.1", s.c2s_port) for s in servers]
     sims = [SimSite(jid, [nodes[i % len(nodes)], *[n for n in nodes if n != nodes[i % len(nodes)]]], servers[0].ca_file)
             for i, jid in enumerate(jids)]
@@ -202,6 +259,8 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
     ordinary = sims[1:]
     result: dict[str, Any] = {"sites": len(jids)}
     try:
+        if pair is not None:  # the real study on an idle server first
+            result["study_idle_s"] = round(await asyncio.to_thread(pair.study), 2)
         started = time.monotonic()
         for sim in sims:
             sim.start()
@@ -226,7 +285,8 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         cpu_before = {p: cpu_s(p) for p in pids}
         churn_started = time.monotonic()
         tick = 0
-        while time.monotonic() - churn_started < churn_s:
+        moving = asyncio.ensure_future(asyncio.to_thread(pair.study)) if pair is not None else None
+        while time.monotonic() - churn_started < churn_s or (moving is not None and not moving.done()):
             for sim in rng.sample(ordinary, max(1, len(ordinary) // 20)):
                 sim.toggle()
             if tick % 10 == 0:
@@ -235,6 +295,9 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
             tick += 1
             await asyncio.sleep(0.5)
         elapsed_min = (time.monotonic() - churn_started) / 60
+        if moving is not None:
+            result["study_busy_s"] = round(await moving, 2)
+            result["study_busy_vs_idle"] = round(result["study_busy_s"] / result["study_idle_s"], 2)
         cpu = sum(cpu_s(p) - cpu_before[p] for p in pids if pid_alive(p))
         result["presence_per_gateway_min"] = round(statistics.median(s.presence_in for s in ordinary) / elapsed_min, 1)
         result["hub_presence_min"] = round(sims[0].presence_in / elapsed_min, 1)
@@ -258,29 +321,51 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
     return result
 
 
-def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float) -> dict[str, Any]:
+def real_pair_groups() -> list[PairGroup]:
+    a, b = f"radiology.hospital-a@{DOMAIN}", f"radiology.hospital-b@{DOMAIN}"
+    return pair_groups("DICOM gateways", a, {b: "Radiology B"})
+
+
+def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int) -> dict[str, Any]:
     nodes = start_cluster(work / "ejabberd", nodes=2, domain=DOMAIN, http_api=True)
+    pair = None
     try:
         api = nodes[0].api
+        if slices:
+            for user in ("radiology.hospital-a", "radiology.hospital-b"):
+                api("register", user=user, host=DOMAIN, password=f"pw-{user}")
+            groups = [*groups, *real_pair_groups()]
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda jid: api("register", user=jid.split("@")[0], host=DOMAIN, password=PASSWORD), jids))
             list(pool.map(lambda g: api("srg_create", group=g.group_id, host=DOMAIN, label=g.label,
                                         description="dicomgw peers export", display=g.group_id), groups))
             list(pool.map(lambda m: api("srg_user_add", user=m[0].split("@")[0], host=DOMAIN, group=m[1], grouphost=DOMAIN),
                           [(jid, g.group_id) for g in groups for jid in g.members]))
-        return asyncio.run(measure("ejabberd", nodes, jids, churn_s))
+        pair = RealPair(work / "real", nodes[1], slices) if slices else None  # on node 2: node 1 dies at the end
+        return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair))
     finally:
+        if pair is not None:
+            pair.stop()
         for node in reversed(nodes):
             node.stop()
 
 
-def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float) -> dict[str, Any]:
-    server = Prosody(work / "prosody", DOMAIN, groups_text=prosody_text(groups))
+def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int) -> dict[str, Any]:
+    variant = Path(__file__).resolve().parents[1] / "conf" / "prosody" / "plugins"  # the proxy65 a site deploys
+    server = Prosody(work / "prosody", DOMAIN, plugin_paths=[variant],
+                     groups_text=prosody_text([*groups, *(real_pair_groups() if slices else [])]))
     prosody_accounts(server, jids)
-    server.start()
+    pair = None
     try:
-        return asyncio.run(measure("prosody", [server], jids, churn_s))
+        if slices:
+            for user in ("radiology.hospital-a", "radiology.hospital-b"):
+                server.add_account(user, f"pw-{user}")
+        server.start()
+        pair = RealPair(work / "real", server, slices) if slices else None
+        return asyncio.run(measure("prosody", [server], jids, churn_s, pair))
     finally:
+        if pair is not None:
+            pair.stop()
         server.stop()
 
 
@@ -291,10 +376,13 @@ def main() -> None:
     parser.add_argument("--peers-per-site", type=int, default=4)
     parser.add_argument("--server", choices=["ejabberd", "prosody", "both"], default="both")
     parser.add_argument("--churn-s", type=float, default=30.0)
-    parser.add_argument("--quick", action="store_true", help="50 and 200 sites, 15 s of churn")
+    parser.add_argument("--study-slices", type=int, default=115, help="the real study: 512x512 CT slices (115: ~60 MB); "
+                        "0: no real gateways")
+    parser.add_argument("--quick", action="store_true", help="50 and 200 sites, 15 s of churn, a 40-slice study")
     args = parser.parse_args()
     counts = [50, 200] if args.quick else [int(n) for n in args.sites.split(",")]
     churn_s = 15.0 if args.quick else args.churn_s
+    slices = min(args.study_slices, 40) if args.quick else args.study_slices
     kinds = ["ejabberd", "prosody"] if args.server == "both" else [args.server]
     work = Path(tempfile.mkdtemp(prefix="dicomgw-region-"))
     results: dict[str, dict[int, dict[str, Any]]] = {}
@@ -302,7 +390,7 @@ def main() -> None:
         for n in counts:
             jids, groups = topology(n, args.peers_per_site)
             run = run_ejabberd if kind == "ejabberd" else run_prosody
-            figures = run(work / f"{kind}-{n}", jids, groups, churn_s)
+            figures = run(work / f"{kind}-{n}", jids, groups, churn_s, slices)
             figures["groups"] = len(groups)
             results.setdefault(kind, {})[n] = figures
             print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
@@ -318,9 +406,8 @@ def main() -> None:
             if small["presence_per_change"] else None, "by_sites": by_n}
     first = summary[kinds[0]]
     summary.update({k: first.get(k) for k in ("login_storm_s", "presence_per_gateway_min", "presence_largest_vs_smallest",
-                                              "server_rss_mb_per_100", "failover_s")})
-    summary.update({"study_busy_vs_idle": None, "proxy_fanin_mb_s": None,
-                    "not_measured": ["study_busy_vs_idle", "proxy_fanin_mb_s"]})
+                                              "server_rss_mb_per_100", "failover_s", "study_busy_vs_idle")})
+    summary.update({"study_mb": round(slices * 0.525, 1), "proxy_fanin_mb_s": None, "not_measured": ["proxy_fanin_mb_s"]})
     print(json.dumps(summary))
 
 
