@@ -7,9 +7,10 @@ and Prosody 0.12 for comparison. Every site is a light simulated gateway in this
 as ours do on the wire: STARTTLS verified, SCRAM, the roster, presence as flow control through the gateway's own
 ``adapters.xmpp.presence.FlowControl`` (``dnd`` at the limit, at most one presence per 2 s), offers answered
 ``not-acceptable``). Rosters are what a region's operator loads: each site's ``dicomgw peers export`` (one pair group
-per peer: K random sites and the regional hub) merged with ``gateway.roster.merge``; into ejabberd as shared roster
-groups (the export's ``srg_create`` / ``srg_user_add``, sent through mod_http_api instead of one ``ejabberdctl`` VM
-each), into Prosody as its groups file.
+per peer: K random sites and the regional hub) merged with ``gateway.roster.merge``; into ejabberd as roster items
+(``peers export ejabberd-roster``: ``add_rosteritem`` both ways; ``--ejabberd-roster srg`` loads the shared roster groups
+of ``peers export ejabberd`` instead, whose login cost grows with every pair of the region), sent through mod_http_api
+instead of one ``ejabberdctl`` VM each; into Prosody as its groups file.
 
 Measured per server and N (printed as a table, then one JSON line):
 - ``login_storm_s``: every site connects at once; seconds until the last session is up;
@@ -326,7 +327,8 @@ def real_pair_groups() -> list[PairGroup]:
     return pair_groups("DICOM gateways", a, {b: "Radiology B"})
 
 
-def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int) -> dict[str, Any]:
+def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int,
+                 roster: str = "srg") -> dict[str, Any]:
     nodes = start_cluster(work / "ejabberd", nodes=2, domain=DOMAIN, http_api=True)
     pair = None
     try:
@@ -337,10 +339,17 @@ def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: 
             groups = [*groups, *real_pair_groups()]
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda jid: api("register", user=jid.split("@")[0], host=DOMAIN, password=PASSWORD), jids))
-            list(pool.map(lambda g: api("srg_create", group=g.group_id, host=DOMAIN, label=g.label,
-                                        description="dicomgw peers export", display=g.group_id), groups))
-            list(pool.map(lambda m: api("srg_user_add", user=m[0].split("@")[0], host=DOMAIN, group=m[1], grouphost=DOMAIN),
-                          [(jid, g.group_id) for g in groups for jid in g.members]))
+            if roster == "srg":  # the export as written: shared roster groups, one per pair
+                list(pool.map(lambda g: api("srg_create", group=g.group_id, host=DOMAIN, label=g.label,
+                                            description="dicomgw peers export", display=g.group_id), groups))
+                list(pool.map(lambda m: api("srg_user_add", user=m[0].split("@")[0], host=DOMAIN, group=m[1],
+                                            grouphost=DOMAIN), [(jid, g.group_id) for g in groups for jid in g.members]))
+            else:  # the same pairs as roster items of each user (mod_admin_extra add_rosteritem), both ways
+                items = [(own, other, g.members[other]) for g in groups for own in g.members for other in g.members
+                         if other != own]
+                list(pool.map(lambda i: api("add_rosteritem", localuser=i[0].split("@")[0], localhost=DOMAIN,
+                                            user=i[1].split("@")[0], host=DOMAIN, nick=i[2], group="DICOM gateways",
+                                            subs="both"), items))
         pair = RealPair(work / "real", nodes[1], slices) if slices else None  # on node 2: node 1 dies at the end
         return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair))
     finally:
@@ -378,6 +387,9 @@ def main() -> None:
     parser.add_argument("--churn-s", type=float, default=30.0)
     parser.add_argument("--study-slices", type=int, default=115, help="the real study: 512x512 CT slices (115: ~60 MB); "
                         "0: no real gateways")
+    parser.add_argument("--ejabberd-roster", choices=["srg", "items"], default="items",
+                        help="items (default): `peers export ejabberd-roster`, the pairs as each user's roster items; "
+                             "srg: `peers export ejabberd`, one shared roster group per pair")
     parser.add_argument("--quick", action="store_true", help="50 and 200 sites, 15 s of churn, a 40-slice study")
     args = parser.parse_args()
     counts = [50, 200] if args.quick else [int(n) for n in args.sites.split(",")]
@@ -389,8 +401,8 @@ def main() -> None:
     for kind in kinds:
         for n in counts:
             jids, groups = topology(n, args.peers_per_site)
-            run = run_ejabberd if kind == "ejabberd" else run_prosody
-            figures = run(work / f"{kind}-{n}", jids, groups, churn_s, slices)
+            figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster)
+                       if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices))
             figures["groups"] = len(groups)
             results.setdefault(kind, {})[n] = figures
             print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)

@@ -1,9 +1,10 @@
 """``dicomgw peers`` (who may exchange studies, and how) and ``dicomgw route test`` (which rule a file meets).
 
 Peers live in the queue database (audited on every change), beside those listed in ``[xmpp] peers``.
-``peers export prosody|ejabberd`` prints the shared roster for central administration, exact per pair (one
-group of two per allowed peer, ``gateway.roster``), as a Prosody ``mod_groups`` file or as ``ejabberdctl``
-shared roster commands; ``--merge FILE...`` joins the exports of a region's gateways into one, so the XMPP
+``peers export prosody|ejabberd|ejabberd-roster`` prints the shared roster for central administration, exact per
+pair (one group of two per allowed peer, ``gateway.roster``), as a Prosody ``mod_groups`` file, as ``ejabberdctl``
+shared roster commands, or as ``ejabberdctl add_rosteritem`` commands (a region on ejabberd: see
+``gateway.roster.ejabberd_items_text``); ``--merge FILE...`` joins the exports of a region's gateways into one, so the XMPP
 server's operator gives every gateway its roster in one place.
 """
 
@@ -25,7 +26,7 @@ def add_parsers(sub: Any, config_option: Any) -> None:
     config_option(peers)
     peers.add_argument("action", nargs="?", choices=["ls", "list", "add", "edit", "rm", "remove", "export"], default="ls")
     peers.add_argument("jid", nargs="?", help="peer gateway JID per the naming standard, e.g. radiology.hospital-b@helsenett.test;"
-                       " with 'export': prosody or ejabberd")
+                       " with 'export': prosody, ejabberd or ejabberd-roster (roster items: for a region of hundreds)")
     peers.add_argument("--name", help="a display name for people")
     peers.add_argument("--fingerprint", help="the peer's certificate SHA-256 (its `dicomgw keys show`), verified out of band")
     peers.add_argument("--add-fingerprint", metavar="SHA256", help="with 'edit': pin a second certificate (the peer "
@@ -189,10 +190,10 @@ def roster_members(settings: Any, store: Any) -> dict[str, str]:
 def _export(settings: Any, store: Any, server: str, group: str) -> int:
     """This gateway's pairs (``gateway.roster``): one group per allowed peer, holding the two of them."""
     from gateway.addressing import parse
-    from gateway.roster import ejabberd_text, pair_groups, prosody_text
+    from gateway.roster import EXPORT_FORMATS, export_text, pair_groups
 
-    if server not in ("prosody", "ejabberd"):
-        return _fail("export", "say which server: dicomgw peers export prosody|ejabberd")
+    if server not in EXPORT_FORMATS:
+        return _fail("export", "say which server: dicomgw peers export prosody|ejabberd|ejabberd-roster")
     if not settings.xmpp.jid:
         return _fail("export", "no JID of this gateway ([xmpp] jid): the roster pairs it with its peers", 1)
     own = parse(settings.xmpp.jid).bare
@@ -205,25 +206,26 @@ def _export(settings: Any, store: Any, server: str, group: str) -> int:
     if not peers:
         return _fail("export", "no peer: nothing to export (dicomgw peers add JID --fingerprint ...)", 1)
     groups = pair_groups(group, own, peers)
-    print(prosody_text(groups) if server == "prosody" else ejabberd_text(groups), end="")
+    print(export_text(server, groups), end="")
     return 0
 
 
 def cmd_merge(server: str, files: list[str]) -> int:
-    """``peers export prosody|ejabberd --merge FILE...``: the region's roster from every gateway's export."""
+    """``peers export prosody|ejabberd|ejabberd-roster --merge FILE...``: the region's roster from every gateway's
+    export (an ejabberd export may be either kind: both are read)."""
     from pathlib import Path
 
     from gateway.roster import (
+        EXPORT_FORMATS,
         RosterFileError,
-        ejabberd_text,
+        export_text,
         merge,
         parse_ejabberd,
         parse_prosody,
-        prosody_text,
     )
 
-    if server not in ("prosody", "ejabberd"):
-        return _fail("export", "say which server: dicomgw peers export prosody|ejabberd --merge FILE...")
+    if server not in EXPORT_FORMATS:
+        return _fail("export", "say which server: dicomgw peers export prosody|ejabberd|ejabberd-roster --merge FILE...")
     exports, seen = [], set()
     try:
         for name in files:
@@ -238,7 +240,7 @@ def cmd_merge(server: str, files: list[str]) -> int:
         return _fail("export", str(exc), 1)
     for line in merged.one_sided:
         print(f"dicomgw peers export: left out, one-sided pair {line}", file=sys.stderr)
-    print(prosody_text(merged.groups) if server == "prosody" else ejabberd_text(merged.groups), end="")
+    print(export_text(server, merged.groups), end="")
     return 0
 
 

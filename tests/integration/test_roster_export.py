@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import slixmpp
 
 from adapters.lab.ejabberd_peer import Ejabberd
@@ -89,8 +90,13 @@ def test_each_gateway_sees_exactly_its_peers_in_prosody(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_each_gateway_sees_exactly_its_peers_in_ejabberd(tmp_path: Path) -> None:
-    merged, warned = exports(tmp_path, "ejabberd")
+@pytest.mark.parametrize("kind", ["ejabberd", "ejabberd-roster"])
+def test_each_gateway_sees_exactly_its_peers_in_ejabberd(tmp_path: Path, kind: str) -> None:
+    """Shared roster groups (``ejabberd``) or the same pairs as roster items (``ejabberd-roster``, for a region)."""
+    merged, warned = exports(tmp_path, kind)
+    if kind == "ejabberd-roster":
+        assert merged.count("add_rosteritem") == 4 and "srg_" not in merged  # A<->B, A<->C, each way
+        assert "'Radiology B'" in merged
     assert f"left out, one-sided pair {B} + {D}" in warned
     server = Ejabberd(tmp_path / "ejabberd", domain=DOMAIN)
     server.start()
