@@ -30,9 +30,10 @@ The last line: the largest N's figures per server and ``presence_largest_vs_smal
 ``presence_per_gateway_min`` at the largest N over the smallest; goal <= 1.5: presence grows with a site's peers,
 not with the region).
 
-Not measured here (named in the JSON as ``not_measured``): concurrent streams through one proxy65
-(``proxy_fanin_mb_s``); the simulated sites answer offers but do not accept studies. A study moving while a node dies
-is in ``tests/integration/test_failover.py``.
+- ``proxy_fanin_mb_s``: 1, 4 and 16 mediated S5B streams at once through one proxy65 (64 MiB in all, activated by a
+  simulated site), aggregate MB/s, beside ``raw_tcp_fanin_mb_s``: the same streams over plain loopback TCP.
+The simulated sites answer offers but do not accept studies. A study moving while a node dies is in
+``tests/integration/test_failover.py``.
 """
 
 from __future__ import annotations
@@ -204,6 +205,68 @@ class RealPair:
         self.orthanc.stop()
 
 
+async def _pump(writers: list[asyncio.StreamWriter], readers: list[asyncio.StreamReader], per: int) -> float:
+    """``per`` bytes into every writer and out of its reader, all at once; aggregate MB/s (each stream complete)."""
+    block = os.urandom(1 << 20)
+
+    async def out(writer: asyncio.StreamWriter) -> None:
+        left = per
+        while left > 0:
+            writer.write(block[: min(len(block), left)])
+            await writer.drain()
+            left -= min(len(block), left)
+        writer.write_eof()
+
+    async def into(reader: asyncio.StreamReader) -> int:
+        got = 0
+        while got < per:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        return got
+
+    started = time.perf_counter()
+    *_sent, got = await asyncio.wait_for(asyncio.gather(*map(out, writers), asyncio.gather(*map(into, readers))), 600)
+    seconds = time.perf_counter() - started
+    if got != [per] * len(readers):
+        raise RuntimeError(f"a stream lost bytes: {got}")
+    for writer in writers:
+        writer.close()
+    return per * len(readers) / seconds / 1e6
+
+
+async def proxy_fanin(initiator: SimSite, proxy_port: int, streams: int, total: int) -> float:
+    """``streams`` mediated S5B streams at once through one proxy65 (XEP-0065: both ends connect, the initiator
+    activates each through the server), ``total`` bytes in all: aggregate MB/s."""
+    from adapters.xmpp import socks5
+    from bench.transfer import _activate
+
+    targets, initiators = [], []
+    for k in range(streams):
+        sid, target = f"fanin{streams}x{k}", f"sink{k}@{DOMAIN}/t"
+        digest = socks5.dst_addr(sid, initiator.boundjid.full, target)
+        targets.append(await socks5.connect("127.0.0.1", proxy_port, digest))
+        initiators.append(await socks5.connect("127.0.0.1", proxy_port, digest))
+        activate = initiator.make_iq_set(ito=f"proxy.{DOMAIN}")
+        activate.xml.append(_activate(sid, target))
+        await activate.send(timeout=30)
+    return await _pump([w for _r, w in initiators], [r for r, _w in targets], total // streams)
+
+
+async def raw_fanin(streams: int, total: int) -> float:
+    """The reference: the same streams over plain loopback TCP, no relay."""
+    accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+    server = await asyncio.start_server(lambda r, _w: accepted.put_nowait(r), "127.0.0.1", 0, limit=1 << 20)
+    port = server.sockets[0].getsockname()[1]
+    writers = [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(streams)]
+    readers = [await accepted.get() for _ in range(streams)]
+    try:
+        return await _pump(writers, readers, total // streams)
+    finally:
+        server.close()
+
+
 def prosody_accounts(server: Prosody, jids: list[str]) -> None:
     """Accounts written as Prosody's internal_hashed store keeps them (SCRAM-SHA-1, 10000 iterations), before start."""
     directory = server.workdir / "data" / DOMAIN.replace(".", "%2e") / "accounts"
@@ -304,6 +367,12 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         result["hub_presence_min"] = round(sims[0].presence_in / elapsed_min, 1)
         result["server_cpu_s_per_min_per_100"] = round(cpu / elapsed_min / len(jids) * 100, 2)
         await wait_all(sims, 120, "the churn to settle")
+
+        # concurrent studies' streams through one proxy65 (node 1's for ejabberd) vs plain loopback TCP
+        total = 64 * 2**20
+        result["proxy_fanin_mb_s"] = {str(n): round(await proxy_fanin(ordinary[0], servers[0].proxy_port, n, total), 1)
+                                      for n in (1, 4, 16)}
+        result["raw_tcp_fanin_mb_s"] = {str(n): round(await raw_fanin(n, total), 1) for n in (1, 4, 16)}
 
         if kind == "ejabberd" and len(servers) > 1:  # a node dies: its sites move to the other
             on_first = [s for s in sims if s.node == 0 and s.servers[0] == nodes[0]]
@@ -419,7 +488,8 @@ def main() -> None:
     first = summary[kinds[0]]
     summary.update({k: first.get(k) for k in ("login_storm_s", "presence_per_gateway_min", "presence_largest_vs_smallest",
                                               "server_rss_mb_per_100", "failover_s", "study_busy_vs_idle")})
-    summary.update({"study_mb": round(slices * 0.525, 1), "proxy_fanin_mb_s": None, "not_measured": ["proxy_fanin_mb_s"]})
+    summary.update({"study_mb": round(slices * 0.525, 1), "proxy_fanin_mb_s": first.get("proxy_fanin_mb_s"),
+                    "raw_tcp_fanin_mb_s": first.get("raw_tcp_fanin_mb_s")})
     print(json.dumps(summary))
 
 
