@@ -85,6 +85,7 @@ listen:
     module: ejabberd_c2s
     starttls_required: true
     max_stanza_size: 1048576
+    backlog: 1024
 {api_listener}acl:
   admin:
     user:{admins}
