@@ -24,8 +24,9 @@ Measured per server and N (printed as a table, then one JSON line):
 - ``failover_s`` (ejabberd): node 1 is SIGKILLed; seconds until every site it carried is online on node 2;
 - ``study_busy_vs_idle``: two real ``dicomgw run`` gateways (on node 2 for ejabberd; the proxy65 variant a site deploys
   for Prosody) with Orthanc behind B move a fresh ~60 MB CT study (``--study-slices``; 40 slices with ``--quick``) from
-  dcmtk's storescu to B's PACS: seconds from the last C-STORE response to A's unit ``delivered`` (B's receipt), once on
-  the idle server before the sites log in and once while the region churns; every SOP Instance UID checked in Orthanc.
+  dcmtk's storescu to B's PACS: seconds from the last C-STORE response to A's unit ``delivered`` (B's receipt), the
+  median of ``--study-runs`` (3) studies on the idle server before the sites log in and of as many while the region
+  churns (the churn lasts until they are through); every SOP Instance UID checked in Orthanc.
 The last line: the largest N's figures per server and ``presence_largest_vs_smallest`` (the ratio of
 ``presence_per_gateway_min`` at the largest N over the smallest; goal <= 1.5: presence grows with a site's peers,
 not with the region).
@@ -315,7 +316,7 @@ async def wait_all(sites: list[SimSite], timeout_s: float, what: str) -> float:
 
 
 async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float, pair: RealPair | None = None,
-                  seed: int = 7) -> dict[str, Any]:
+                  study_runs: int = 3, seed: int = 7) -> dict[str, Any]:
     nodes = [("127.0.0.1", s.c2s_port) for s in servers]
     sims = [SimSite(jid, [nodes[i % len(nodes)], *[n for n in nodes if n != nodes[i % len(nodes)]]], servers[0].ca_file)
             for i, jid in enumerate(jids)]
@@ -323,8 +324,8 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
     ordinary = sims[1:]
     result: dict[str, Any] = {"sites": len(jids)}
     try:
-        if pair is not None:  # the real study on an idle server first
-            result["study_idle_s"] = round(await asyncio.to_thread(pair.study), 2)
+        if pair is not None:  # the real studies on an idle server first (the median of study_runs)
+            result["study_idle_s"] = round(statistics.median([await asyncio.to_thread(pair.study) for _ in range(study_runs)]), 2)
         started = time.monotonic()
         for sim in sims:
             sim.start()
@@ -349,7 +350,8 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         cpu_before = {p: cpu_s(p) for p in pids}
         churn_started = time.monotonic()
         tick = 0
-        moving = asyncio.ensure_future(asyncio.to_thread(pair.study)) if pair is not None else None
+        moving = asyncio.ensure_future(asyncio.to_thread(lambda: [pair.study() for _ in range(study_runs)])) \
+            if pair is not None else None
         while time.monotonic() - churn_started < churn_s or (moving is not None and not moving.done()):
             for sim in rng.sample(ordinary, max(1, len(ordinary) // 20)):
                 sim.toggle()
@@ -360,7 +362,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
             await asyncio.sleep(0.5)
         elapsed_min = (time.monotonic() - churn_started) / 60
         if moving is not None:
-            result["study_busy_s"] = round(await moving, 2)
+            result["study_busy_s"] = round(statistics.median(await moving), 2)
             result["study_busy_vs_idle"] = round(result["study_busy_s"] / result["study_idle_s"], 2)
         cpu = sum(cpu_s(p) - cpu_before[p] for p in pids if pid_alive(p))
         result["presence_per_gateway_min"] = round(statistics.median(s.presence_in for s in ordinary) / elapsed_min, 1)
@@ -397,7 +399,7 @@ def real_pair_groups() -> list[PairGroup]:
 
 
 def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int,
-                 roster: str = "srg") -> dict[str, Any]:
+                 roster: str = "items", study_runs: int = 3) -> dict[str, Any]:
     nodes = start_cluster(work / "ejabberd", nodes=2, domain=DOMAIN, http_api=True)
     pair = None
     try:
@@ -420,7 +422,7 @@ def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: 
                                             user=i[1].split("@")[0], host=DOMAIN, nick=i[2], group="DICOM gateways",
                                             subs="both"), items))
         pair = RealPair(work / "real", nodes[1], slices) if slices else None  # on node 2: node 1 dies at the end
-        return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair))
+        return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair, study_runs))
     finally:
         if pair is not None:
             pair.stop()
@@ -428,7 +430,8 @@ def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: 
             node.stop()
 
 
-def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int) -> dict[str, Any]:
+def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int,
+                study_runs: int = 3) -> dict[str, Any]:
     variant = Path(__file__).resolve().parents[1] / "conf" / "prosody" / "plugins"  # the proxy65 a site deploys
     server = Prosody(work / "prosody", DOMAIN, plugin_paths=[variant],
                      groups_text=prosody_text([*groups, *(real_pair_groups() if slices else [])]))
@@ -440,7 +443,7 @@ def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: f
                 server.add_account(user, f"pw-{user}")
         server.start()
         pair = RealPair(work / "real", server, slices) if slices else None
-        return asyncio.run(measure("prosody", [server], jids, churn_s, pair))
+        return asyncio.run(measure("prosody", [server], jids, churn_s, pair, study_runs))
     finally:
         if pair is not None:
             pair.stop()
@@ -456,6 +459,7 @@ def main() -> None:
     parser.add_argument("--churn-s", type=float, default=30.0)
     parser.add_argument("--study-slices", type=int, default=115, help="the real study: 512x512 CT slices (115: ~60 MB); "
                         "0: no real gateways")
+    parser.add_argument("--study-runs", type=int, default=3, help="studies per case (idle, busy): their median")
     parser.add_argument("--ejabberd-roster", choices=["srg", "items"], default="items",
                         help="items (default): `peers export ejabberd-roster`, the pairs as each user's roster items; "
                              "srg: `peers export ejabberd`, one shared roster group per pair")
@@ -470,8 +474,8 @@ def main() -> None:
     for kind in kinds:
         for n in counts:
             jids, groups = topology(n, args.peers_per_site)
-            figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster)
-                       if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices))
+            figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster, args.study_runs)
+                       if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.study_runs))
             figures["groups"] = len(groups)
             results.setdefault(kind, {})[n] = figures
             print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
