@@ -65,7 +65,9 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from adapters.lab.ejabberd_peer import pid_alive, start_cluster
 from adapters.lab.localpeers import Orthanc, Prosody, orthanc_instances
 from adapters.lab.synthetic import generate_ct_study
+from adapters.xmpp.connection import ServerRotation
 from adapters.xmpp.presence import FlowControl
+from bench.e2e import _cpu_s
 from gateway.roster import PairGroup, merge, pair_groups, prosody_text
 
 DOMAIN = "helsenett.test"
@@ -104,8 +106,7 @@ class SimSite(slixmpp.ClientXMPP):
         super().__init__(f"{jid}/gw1", PASSWORD)
         self.enable_direct_tls, self.enable_starttls, self.enable_plaintext = False, True, False  # as the agent
         self.ssl_context = ssl.create_default_context(cafile=str(ca_file))
-        self.servers = servers
-        self.node = 0
+        self.servers = ServerRotation(tuple(servers), reconnect_s=5.0)  # as the gateway's agent (connection.py)
         self.presence_in = 0
         self.up = asyncio.Event()
         self.up_at = 0.0
@@ -120,12 +121,13 @@ class SimSite(slixmpp.ClientXMPP):
         self.register_handler(Callback("si offer", MatchXPath(f"{{jabber:client}}iq/{{{NS_SI}}}si"), self._offer))
 
     def start(self) -> None:
-        self.connect(*self.servers[self.node])
+        self.connect(*self.servers.current)
 
     async def _started(self, _event: object) -> None:
         await self.get_roster()
         self.flow.session_started()
         self.up_at = time.monotonic()
+        self.servers.connected()
         self.up.set()
 
     def _presence(self, presence: slixmpp.Presence) -> None:
@@ -146,8 +148,7 @@ class SimSite(slixmpp.ClientXMPP):
         self.flow.session_ended()
         if not self.stopping:
             self.cancel_connection_attempt()
-            self.node = (self.node + 1) % len(self.servers)
-            asyncio.get_running_loop().call_later(0.2, self.start)
+            asyncio.get_running_loop().call_later(self.servers.after_failure(), self.start)
 
     def toggle(self) -> None:
         self.busy = not self.busy
@@ -299,11 +300,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def wait_all(sites: list[SimSite], timeout_s: float, what: str) -> float:
     started = time.monotonic()
     deadline = started + timeout_s
@@ -347,7 +343,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         # churn: flow control flipping on 5 % of the sites every 0.5 s, 1 % reconnecting every 5 s
         for sim in sims:
             sim.presence_in = 0
-        cpu_before = {p: cpu_s(p) for p in pids}
+        cpu_before = {p: _cpu_s(p) for p in pids}
         churn_started = time.monotonic()
         tick = 0
         moving = asyncio.ensure_future(asyncio.to_thread(lambda: [pair.study() for _ in range(study_runs)])) \
@@ -364,7 +360,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         if moving is not None:
             result["study_busy_s"] = round(statistics.median(await moving), 2)
             result["study_busy_vs_idle"] = round(result["study_busy_s"] / result["study_idle_s"], 2)
-        cpu = sum(cpu_s(p) - cpu_before[p] for p in pids if pid_alive(p))
+        cpu = sum(_cpu_s(p) - cpu_before[p] for p in pids if pid_alive(p))
         result["presence_per_gateway_min"] = round(statistics.median(s.presence_in for s in ordinary) / elapsed_min, 1)
         result["hub_presence_min"] = round(sims[0].presence_in / elapsed_min, 1)
         result["server_cpu_s_per_min_per_100"] = round(cpu / elapsed_min / len(jids) * 100, 2)
@@ -377,7 +373,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         result["raw_tcp_fanin_mb_s"] = {str(n): round(await raw_fanin(n, total), 1) for n in (1, 4, 16)}
 
         if kind == "ejabberd" and len(servers) > 1:  # a node dies: its sites move to the other
-            on_first = [s for s in sims if s.node == 0 and s.servers[0] == nodes[0]]
+            on_first = [s for s in sims if s.servers.current == nodes[0]]
             killed = time.monotonic()
             servers[0].kill()
             await asyncio.sleep(0.5)

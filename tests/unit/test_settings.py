@@ -152,3 +152,7 @@ def test_xmpp_servers_are_read_in_order_and_hostile_entries_are_named(tmp_path: 
     path.write_text('[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\nreconnect_s = 0\n')
     with pytest.raises(SettingsError, match="xmpp.reconnect_s"):
         load_settings(path, environ={})
+    for bad in ("-1", "nan", '"2 s\\u0007"', '"' + "9" * 1000 + 'x"'):  # the flow-control presence interval
+        path.write_text(f'[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\npresence_min_interval_s = {bad}\n')
+        with pytest.raises(SettingsError, match="xmpp.presence_min_interval_s"):
+            load_settings(path, environ={})
