@@ -16,14 +16,14 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from enum import IntEnum
 from typing import Any, Protocol
 
-from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
-from pynetdicom.dsutils import encode_file_meta
 
 from adapters.dicom_files import RejectedFile, header_from_dataset_bytes
 from adapters.dicom_ul import (
@@ -120,6 +120,9 @@ class AssociationHandler:
         self.pending: Command | None = None  # a command whose data set is arriving
         self.context_id = 0
         self.writer: StagedWriter | None = None
+        # The next instance's staged file, created on the spool's threads after an answer while the modality
+        # sends (a create waits on the file system's journal: 0.25 ms of an instance on the critical path).
+        self.spare: Future[StagedWriter] | None = None
         self.write_error: Exception | None = None
         self.prefix = bytearray()
         self.dataset = bytearray()  # N-EVENT-REPORT data sets only (small)
@@ -146,6 +149,9 @@ class AssociationHandler:
         finally:
             if self.writer is not None:
                 self.writer.abort()
+            spare = self._take_spare()
+            if spare is not None:
+                spare.abort()
             self.link.release_slot()
 
     def _pdv(self, context_id: int, flags: int, fragment: memoryview) -> None:
@@ -220,18 +226,12 @@ class AssociationHandler:
             self.refusal = (StoreStatus.SOP_CLASS_NOT_SUPPORTED, f"SOP Class {command.text(0x00000002)} on a "
                             f"presentation context for {context.abstract_syntax}")
             return
-        self.walker = DatasetWalker(context.transfer_syntax if context else IMPLICIT_LE)
-        meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
-        meta.MediaStorageSOPClassUID = command.text(0x00000002)
-        meta.MediaStorageSOPInstanceUID = command.text(0x00001000)
-        meta.TransferSyntaxUID = context.transfer_syntax if context else IMPLICIT_LE
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        meta.SourceApplicationEntityTitle = self.link.request.calling_ae
+        transfer_syntax = context.transfer_syntax if context else IMPLICIT_LE
+        self.walker = DatasetWalker(transfer_syntax)
+        meta = file_meta_bytes(command.text(0x00000002), command.text(0x00001000), transfer_syntax, self.link.request.calling_ae)
         try:
-            self.writer = self.scp._spool.open_staged()
-            self.writer.write(PART10_PREFIX + encode_file_meta(meta))
+            self.writer = self._take_spare() or self.scp._spool.open_staged()
+            self.writer.write(PART10_PREFIX + meta)
         except OSError as exc:
             self.writer, self.write_error = None, exc
 
@@ -256,6 +256,19 @@ class AssociationHandler:
         if comment:
             elements.append((0x00000902, LO, _lo(comment)))
         self.assoc.send_message(self.context_id, encode_command(elements))
+        if self.spare is None:  # while the modality sends the next instance (an empty one is removed at start)
+            self.spare = self.scp._spool.fsync_pool.submit(self.scp._spool.open_staged)
+
+    def _take_spare(self) -> StagedWriter | None:
+        """The spare staged file, or None when there is none or it could not be made (the caller opens its own
+        and meets the error there)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        try:
+            return spare.result()
+        except OSError:
+            return None
 
     def _store(self, command: Command) -> tuple[StoreStatus, str]:
         writer, self.writer = self.writer, None
@@ -269,26 +282,36 @@ class AssociationHandler:
             return StoreStatus.OUT_OF_RESOURCES, (f"gateway spool full: {getattr(self.write_error, 'strerror', '')}" if full
                                                   else f"gateway could not store the instance: {type(self.write_error).__name__}")
         transfer_syntax = self.assoc.contexts[self.context_id].transfer_syntax
-        try:
-            staged = writer.close()
-        except OSError as exc:
-            log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
-            return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {getattr(exc, 'strerror', '')}"
+        # The fsync runs on the spool's threads while the header is read and the duplicate looked up; the
+        # file is placed (or kept in quarantine) only once it is durable.
+        staged, durable = writer.close_deferred(self.scp._spool.fsync_pool)
         walker, self.walker = self.walker, None
+        problem: RejectedFile | None = None
+        status = StoreStatus.CANNOT_UNDERSTAND
+        header = None
         if walker is not None and not walker.complete():
-            return self._refuse_unreadable(staged.temp_path, RejectedFile(walker.problem()))
+            problem = RejectedFile(walker.problem())
+        else:
+            try:
+                header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
+            except RejectedFile as exc:
+                problem = exc
+        if header is not None:
+            mismatch = [f"{name} {ours!r} in the data set, {theirs!r} in the command"
+                        for name, ours, theirs in (("SOP Instance UID", header.sop_instance_uid, sop_instance_uid),
+                                                   ("SOP Class UID", header.sop_class_uid, command.text(0x00000002)))
+                        if ours != theirs]
+            if mismatch:
+                problem, status = RejectedFile("; ".join(mismatch)), StoreStatus.DATASET_MISMATCH
+        if problem is not None or header is None:
+            try:
+                durable()
+            except OSError as exc:
+                log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
+                return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {getattr(exc, 'strerror', '')}"
+            return self._refuse_unreadable(staged.temp_path, problem or RejectedFile("no header"), status)
         try:
-            header = self._header(bytes(self.prefix), staged.temp_path, transfer_syntax)
-        except RejectedFile as exc:
-            return self._refuse_unreadable(staged.temp_path, exc)
-        mismatch = [f"{name} {ours!r} in the data set, {theirs!r} in the command"
-                    for name, ours, theirs in (("SOP Instance UID", header.sop_instance_uid, sop_instance_uid),
-                                               ("SOP Class UID", header.sop_class_uid, command.text(0x00000002)))
-                    if ours != theirs]
-        if mismatch:
-            return self._refuse_unreadable(staged.temp_path, RejectedFile("; ".join(mismatch)), StoreStatus.DATASET_MISMATCH)
-        try:
-            result = self.scp._ingest.ingest(header, staged, self.source)
+            result = self.scp._ingest.ingest(header, staged, self.source, durable=durable)
         except SpoolFull as exc:
             log.error("refusing %s from %s: %s", sop_instance_uid, self.source, exc)
             return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {exc.strerror}"
@@ -462,6 +485,34 @@ class AssociationHandler:
         if self.scp._on_commitment is None or not self.scp._on_commitment(transaction_uid, committed, failed):
             return 0x0119
         return 0x0000
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """The File Meta Information (PS3.10 7.1, group 0002, explicit VR little endian) of a stored instance:
+    the bytes pynetdicom's ``encode_file_meta`` makes of the same values (``tests/unit/test_file_meta.py``),
+    without building a pydicom data set per C-STORE (0.3 ms of a 3.8 ms instance, ``bench/ingest``). The
+    UIDs were checked by ``_uid`` where they matter; a value is written as given, padded to even length."""
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION, b" ")),
+        *((_element(0x0016, b"AE", _padded(source_ae.strip(), b" ")),) if source_ae.strip() else ()),
+    ))
+    return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):  # PS3.5 7.1.2: 2 reserved bytes, 4-byte length
+        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
 def _lo(text: str) -> str:

@@ -9,7 +9,8 @@ Layout under ``spool_dir`` (a protocol between this module and the DB's ``instan
 A UID that is not a conformant UID (PS3.5 9.1) is never used as a path: it is replaced by ``x`` and the
 first 32 hex digits of its SHA-256. Quarantine entries are ``<quarantine_dir>/<UTC stamp>-<name>`` with a
 ``.reason.txt`` beside each. Nothing is deleted except a staged copy that turned out to be an identical
-duplicate of a file already in the spool, or a partial write that failed and was never acknowledged.
+duplicate of a file already in the spool, a partial write that failed and was never acknowledged, or an
+empty staged file (nothing was written to it).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,12 +63,24 @@ class Spool:
         self.staging_dir = spool_dir / ".incoming"
         self.studies_dir = spool_dir / "studies"
         self.quarantine_dir = quarantine_dir
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def start(self) -> list[Path]:
-        """Create the directories; move staged files left by a crash into quarantine (never acknowledged)."""
+        """Create the directories; move staged files left by a crash into quarantine (never acknowledged).
+        An empty one holds nothing (a spare an association opened for its next instance) and is removed."""
         for directory in (self.staging_dir, self.studies_dir, self.quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        leftovers = sorted(self.staging_dir.glob("*.part"))
+        leftovers = []
+        for part in sorted(self.staging_dir.glob("*.part")):
+            try:
+                empty = part.stat().st_size == 0
+            except FileNotFoundError:
+                continue
+            if empty:
+                _remove_quietly(part)
+            else:
+                leftovers.append(part)
         return [
             self.quarantine(p, "staged write left behind by an earlier run that stopped before acknowledging it")
             for p in leftovers
@@ -87,6 +102,20 @@ class Spool:
     def open_staged(self) -> StagedWriter:
         """A new staged file to write piece by piece (a data set as its PDVs arrive)."""
         return StagedWriter(self.staging_dir / f"{uuid.uuid4().hex}.part")
+
+    @property
+    def fsync_pool(self) -> Executor:
+        """Threads that fsync staged files while their writer goes on (``StagedWriter.close_deferred``)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+            return self._pool
+
+    def stop(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def make_durable(self, staged: list[StagedFile]) -> None:
         """fsync many staged files at once (a few threads: the file system commits them together)."""
@@ -225,6 +254,30 @@ class StagedWriter:
             self.abort()
             raise _as_spool_error(exc) from exc
         self.size += len(chunk)
+
+    def close_deferred(self, pool: Executor) -> tuple[StagedFile, Callable[[], None]]:
+        """Close with the fsync running on ``pool``: (the file, a wait that raises the fsync's error and then
+        leaves nothing behind). Its size and SHA-256 are known at once, so the caller's duplicate check runs
+        while the disk writes (``gateway.service.IngestService.ingest``, ``durable``)."""
+        fd, self._fd = self._fd, -1
+
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        pending = pool.submit(sync)
+        staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=self._digest.hexdigest())
+
+        def wait() -> None:
+            try:
+                pending.result()
+            except OSError as exc:
+                _remove_quietly(self.temp_path)
+                raise _as_spool_error(exc) from exc
+
+        return staged, wait
 
     def close(self, durable: bool = True) -> StagedFile:
         try:

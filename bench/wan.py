@@ -93,7 +93,7 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
         if sorted((i["sop_instance_uid"], i["sha256"]) for i in sent) != sorted((i["sop_instance_uid"], i["sha256"]) for i in got):
             raise RuntimeError("SHA-256 mismatch between sender and receiver")
         bundle = int(units[0]["bundle_bytes"])
-        wire = int(done["bytes"])
+        wire = int(done.get("wire_bytes") or done["bytes"])  # study bytes are "bytes" (issue 16); the stream's are "wire_bytes"
         return {"method": method, "compress": compress, "rate_mbit": rate_mbit, "rtt_ms": rtt_ms, "seconds": round(seconds, 2),
                 "bundle_bytes": bundle, "wire_bytes": wire, "compression_ratio": round(bundle / max(wire, 1), 3),
                 "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3) if rate else None}

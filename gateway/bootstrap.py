@@ -528,6 +528,7 @@ class Gateway:
             if self.watcher is not None:
                 await asyncio.to_thread(self.watcher.stop)
             await asyncio.to_thread(self.scp.stop)
+            await asyncio.to_thread(self.spool.stop)  # its fsync threads: the associations that used them are over
             self.engine.dispose()
             log.info("gateway stopped")
 

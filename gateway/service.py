@@ -8,8 +8,10 @@ commits its row. Any exception it raises means "not stored": the edge answers wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -26,25 +28,38 @@ class SpoolPort(Protocol):
     def discard(self, staged: StagedFile) -> None: ...
 
 
+LOCK_STRIPES = 64
+
+
 class IngestService:
-    """Record staged instances; serialises the duplicate check and the placement within one process."""
+    """Record staged instances; serialises the duplicate check and the placement of one SOP Instance UID
+    within one process (a lock per stripe of UIDs: associations storing other instances go on meanwhile;
+    across processes the database's unique (UID, SHA-256) decides)."""
 
     def __init__(self, store: QueueStore, spool: SpoolPort) -> None:
         self._store = store
         self._spool = spool
-        self._lock = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
-    def ingest(self, header: InstanceHeader, staged: StagedFile, source: str, origin_peer: str | None = None) -> IngestResult:
+    def _lock_for(self, sop_instance_uid: str) -> threading.Lock:
+        return self._locks[hash(sop_instance_uid) % LOCK_STRIPES]
+
+    def ingest(self, header: InstanceHeader, staged: StagedFile, source: str, origin_peer: str | None = None,
+               durable: Callable[[], None] | None = None) -> IngestResult:
         """Place ``staged`` in the spool and record it; returns once the row is committed.
 
-        On any exception nothing was acknowledged: a staged file not yet placed is discarded (the sender
-        still holds the instance); a placed file whose row failed stays at its path and is overwritten by
-        the identical bytes when the sender tries again.
+        ``durable``: when the staged file's fsync still runs (``StagedWriter.close_deferred``), waits for it
+        (raising its error); it is called before the file is placed or discarded, so the duplicate check
+        runs while the disk writes. On any exception nothing was acknowledged: a staged file not yet placed
+        is discarded (the sender still holds the instance); a placed file whose row failed stays at its
+        path and is overwritten by the identical bytes when the sender tries again.
         """
         placed = False
         try:
-            with self._lock:
+            with self._lock_for(header.sop_instance_uid):
                 copies = self._store.instance_hashes(header.sop_instance_uid)
+                if durable is not None:
+                    durable()
                 if any(sha256 == staged.sha256 for sha256, _ in copies):
                     self._spool.discard(staged)
                     log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
@@ -66,6 +81,9 @@ class IngestService:
             return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
         except BaseException:
             if not placed:
+                if durable is not None:
+                    with contextlib.suppress(BaseException):
+                        durable()  # the fsync is over (its descriptor closed) before the file goes
                 self._spool.discard(staged)
             raise
         if conflict:
@@ -80,7 +98,9 @@ class IngestService:
         directory and one transaction for all rows; returns how many were new. Identical duplicates are
         dropped; conflicting copies are kept beside and flagged, as in :meth:`ingest`. If the transaction
         fails, the placed files stay where the identical bytes of a retry will land."""
-        with self._lock:
+        with contextlib.ExitStack() as held:  # every stripe, in order (one UID's ingest holds one)
+            for lock in self._locks:
+                held.enter_context(lock)
             known = self._store.hashes_by_uid(header.sop_instance_uid for header, _ in items)
             rows, placed = [], []
             for header, staged in items:

@@ -1,0 +1,105 @@
+"""The ingest hot path's pieces on real files and a real queue database (SQLite and PostgreSQL):
+the staged file's fsync running beside the duplicate check (``StagedWriter.close_deferred``), the lock per
+stripe of SOP Instance UIDs (``IngestService``), and what a restart finds in the staging directory."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.spool import Spool, SpoolFull
+from gateway.model import IngestOutcome, InstanceHeader
+from gateway.service import IngestService
+from gateway.store import QueueStore
+
+
+def header(sop: str, study: str = "1.2.3") -> InstanceHeader:
+    return InstanceHeader(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        study_instance_uid=study, series_instance_uid=f"{study}.1", patient_name="DOE^JANE", study_description="CT",
+        modality="CT", series_number=1, instance_number=1,
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    spool.start()
+    yield spool
+    spool.stop()
+
+
+def staged(spool: Spool, data: bytes):
+    writer = spool.open_staged()
+    writer.write(data)
+    return writer.close_deferred(spool.fsync_pool)
+
+
+def test_deferred_close_gives_size_and_hash_at_once_and_the_file_after_the_wait(spool: Spool) -> None:
+    data = os.urandom(300_000)
+    file, durable = staged(spool, data)
+    assert (file.size_bytes, file.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    durable()
+    durable()  # a second wait is harmless (ingest's error path may wait again)
+    assert file.temp_path.read_bytes() == data
+
+
+def test_a_failed_fsync_is_spool_full_and_leaves_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("adapters.spool.os.fsync", full)
+    file, durable = staged(spool, b"x" * 1000)
+    with pytest.raises(SpoolFull):
+        durable()
+    assert not file.temp_path.exists()
+    assert list(spool.staging_dir.iterdir()) == []
+
+
+def test_restart_quarantines_a_staged_write_and_removes_an_empty_spare(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    spool.start()
+    (spool.staging_dir / "a.part").write_bytes(b"half an instance")
+    (spool.staging_dir / "b.part").write_bytes(b"")  # a spare an association had opened for its next instance
+    kept = Spool(tmp_path / "spool", tmp_path / "quarantine").start()
+    assert [p.read_bytes() for p in kept] == [b"half an instance"]
+    assert list(spool.staging_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("same_bytes", [True, False], ids=["identical", "different"])
+def test_one_uid_from_eight_threads_at_once(store: QueueStore, spool: Spool, same_bytes: bool) -> None:
+    """Eight associations store the same SOP Instance UID at the same moment, each with its fsync still running:
+    identical bytes are kept once (seven duplicates); different bytes are each kept at a path of their own,
+    the first plain and the others flagged as conflicts, each row naming its own bytes."""
+    service = IngestService(store, spool)
+    payloads = [b"same" * 1000 if same_bytes else os.urandom(4000) for _ in range(8)]
+    results: list[object] = [None] * 8
+    start = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        file, durable = staged(spool, payloads[i])
+        start.wait()
+        results[i] = service.ingest(header("1.2.3.4"), file, f"AE{i}", durable=durable)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    outcomes = sorted(r.outcome.value for r in results)  # type: ignore[union-attr]
+    rows = store.instance_hashes("1.2.3.4")
+    if same_bytes:
+        assert outcomes == sorted([IngestOutcome.STORED.value] + [IngestOutcome.DUPLICATE.value] * 7)
+        assert len(rows) == 1
+    else:
+        assert outcomes == sorted([IngestOutcome.STORED.value] + [IngestOutcome.CONFLICT.value] * 7)
+        assert len({path for _sha, path in rows}) == 8
+    for sha, path in rows:
+        assert hashlib.sha256(spool.absolute(path).read_bytes()).hexdigest() == sha
+    assert list(spool.staging_dir.iterdir()) == []
