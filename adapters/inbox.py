@@ -10,7 +10,9 @@ last byte lands: ``on_file(entry, path)`` then hands it on (the early import int
 Resume: the bytes kept are the head plus the files; a new offer of the same bundle resumes at that length
 rounded down to whole chunks (the format's 64 KiB), the file holding that offset is truncated to it and
 later ones removed, and the hashes of what was kept are recomputed. ``close`` (a cut stream, a stop)
-fsyncs what arrived. ``finish`` needs every file verified: they are fsynced together, ``on_verified`` is
+fsyncs what arrived. Each whole file is fsynced as soon as it is complete, on the spool's threads (so the
+sender's wait for the verdict does not grow with the study). ``finish`` needs every file verified and
+durable, ``on_verified`` is
 called, and all instances are placed and recorded through the same ``IngestService`` as network instances
 (one transaction), in a unit whose ``origin_peer`` is the sender. A bundle that fails verification is moved
 to quarantine with the reason, so the sender's retry starts from zero with nothing lost.
@@ -26,6 +28,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from adapters.dicom_files import (
@@ -75,6 +78,9 @@ class InboundBundle:
         self._written = 0  # bytes of it so far
         self._hash = hashlib.sha256()
         self._fd = -1
+        # Each file that arrived whole: fsynced (and its header read) on the spool's threads while the next one
+        # arrives, so that ``finish`` (the sender waits for its verdict) only waits for the last few.
+        self._settled: dict[int, Future[InstanceHeader]] = {}
         self._lock = threading.Lock()  # the receiver writes from a worker thread; close may come from the loop
         self._closed = False
         self.offset = self._resume()
@@ -194,12 +200,21 @@ class InboundBundle:
         self._hash.update(piece)
         self._written += len(piece)
         if self._written == entry.size:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            self._settled[self._index] = self.spool.fsync_pool.submit(self._settle, fd, entry, self._file(self._index))
             self._file_done()
             self._index += 1
             self._written, self._hash = 0, hashlib.sha256()
         return view[len(piece):]
+
+    @classmethod
+    def _settle(cls, fd: int, entry: BundleFile, path: Path) -> InstanceHeader:
+        """A whole file, on a spool thread: fsync and close it, and read its header (``finish`` takes both)."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cls._header(entry, path)
 
     def _file_done(self) -> None:
         assert self.manifest is not None
@@ -243,8 +258,10 @@ class InboundBundle:
         try:
             manifest = self._check_complete()
             staged = [StagedFile(self._file(i), e.size, e.sha256) for i, e in enumerate(manifest.files)]
-            self.spool.make_durable(staged)
-            items = [(self._header(entry, copy.temp_path), copy) for entry, copy in zip(manifest.files, staged, strict=True)]
+            headers = {index: pending.result() for index, pending in self._settled.items()}  # their errors raised here
+            self.spool.make_durable([copy for index, copy in enumerate(staged) if index not in headers])  # a resume's
+            items = [(headers.get(index) or self._header(entry, copy.temp_path), copy)
+                     for index, (entry, copy) in enumerate(zip(manifest.files, staged, strict=True))]
             if on_verified is not None:
                 on_verified()
             stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid, keep_source=keep_files)

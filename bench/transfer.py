@@ -65,6 +65,7 @@ class GatewayProcess(PeerProcess):
         super().__init__(workdir)
         self.port = free_port()
         self.config = workdir / "gateway.toml"
+        self.log_level = "WARNING"  # INFO: the log has each attempt's steps and round trips (bench.wan reads them)
         peer_entry = f'{{ jid = "{peer}@{DOMAIN}", fingerprint = "{peer_fingerprint}" }}' if peer_fingerprint else f'"{peer}@{DOMAIN}"'
         self.text = (
             f'[dicom]\nae_title = "DICOMGW"\nport = {self.port}\nallowed_calling_ae_titles = []\n'
@@ -80,9 +81,14 @@ class GatewayProcess(PeerProcess):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.text)
         self.config.chmod(0o600)  # it holds a password
-        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(self.config), "--log-level", "WARNING"], cwd=REPO)
+        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(self.config), "--log-level", self.log_level], cwd=REPO)
         self._wait_ready(lambda: port_open(self.port), 30)
         return self
+
+    def attempt_steps(self) -> list[str]:
+        """The sender's line per transfer attempt (``adapters.xmpp.common.Phases``), when it logs at INFO."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return [line.split(" attempt ", 1)[1] for line in text.splitlines() if "round trips before the first byte" in line]
 
     def unit_state(self) -> tuple[str, str] | None:
         """(state, error) of the first study unit, read straight from the queue DB (stdlib sqlite3, read-only).

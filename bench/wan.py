@@ -62,6 +62,7 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
     b = GatewayProcess(root / "b", B_USER, server, A_USER, peer_fingerprint=a_fp,
                        xmpp=f'{proxy.get("b", "")}s5b_idle_timeout_s = 600\n')
     a = GatewayProcess(root / "a", A_USER, server, B_USER, B_USER, options + "verdict_timeout_s = 3600\n", peer_fingerprint=b_fp)
+    a.log_level = b.log_level = "INFO"  # each attempt's steps and round trips; the receiver's time to its verdict
     for gateway, side in ((a, "a"), (b, "b")):
         if side in links:
             gateway.text = gateway.text.replace(f"port = {server.c2s_port}\n", f"port = {links[side][0].port}\n")
@@ -93,10 +94,15 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
         if sorted((i["sop_instance_uid"], i["sha256"]) for i in sent) != sorted((i["sop_instance_uid"], i["sha256"]) for i in got):
             raise RuntimeError("SHA-256 mismatch between sender and receiver")
         bundle = int(units[0]["bundle_bytes"])
+        steps = a.attempt_steps()
+        stored = [line.split(" from ", 1)[1].split(": ", 1)[1].split(" [", 1)[0]
+                  for line in b.log_path.read_text(errors="replace").splitlines()
+                  if ": verified and stored " in line or ": verdict " in line]
         wire = int(done.get("wire_bytes") or done["bytes"])  # study bytes are "bytes" (issue 16); the stream's are "wire_bytes"
         return {"method": method, "compress": compress, "rate_mbit": rate_mbit, "rtt_ms": rtt_ms, "seconds": round(seconds, 2),
                 "bundle_bytes": bundle, "wire_bytes": wire, "compression_ratio": round(bundle / max(wire, 1), 3),
-                "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3) if rate else None}
+                "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3) if rate else None,
+                "steps": f"{steps[-1]}; receiver: {'; '.join(stored[-2:])}" if steps and stored else (steps[-1] if steps else None)}
     finally:
         a.stop()
         b.stop()
@@ -133,6 +139,8 @@ def main() -> None:
                     runs.append(run)
                     print(f"{rate:>6g} Mbit/s {method:>4} compress={str(compress):5}  {run['seconds']:>8.2f} s  "
                           f"{run['mb_s']:>7.3f} MB/s  ratio {run['compression_ratio']:.2f}  vs_link {run['vs_link']}", flush=True)
+                    if run.get("steps"):
+                        print(f"           {run['steps']}", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -54,6 +54,7 @@ class TransfersRepo:
                 row = TransferRow(unit_id=unit_id, sid=sid, peer_jid=peer_jid, direction=direction, started_at=started_at)
                 session.add(row)
             row.method, row.offset_bytes, row.bytes_moved = method, offset_bytes, bytes_moved
+            row.started_at = min(row.started_at, started_at)  # the offer, not the first byte: its set-up counts
             row.ended_at, row.outcome, row.error, row.stream_s = utcnow(), outcome, error, stream_s
             row.wire_bytes = wire_bytes
 

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream.handler import Callback, CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -51,7 +52,7 @@ from adapters.xmpp.e2e import Identities, fingerprint
 from adapters.xmpp.ibb import IBBMixin
 from adapters.xmpp.offer import OfferMixin
 from adapters.xmpp.presence import FlowControl, PeerPresence
-from adapters.xmpp.s5b import S5BMixin
+from adapters.xmpp.s5b import S5BMixin, discard_early
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, NS_S5B, NS_SI, q
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         for sock in list(self._sockets.values()):
             shut(sock)  # the reader threads see the end of their stream and return
         for entry in self._sinks.values():
+            discard_early(entry.early)
             entry.sink.close("gateway stopping")
         self._sinks.clear()
         with contextlib.suppress(Exception):
@@ -200,6 +202,14 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._set_status(state="online", bound_jid=self.boundjid.full, last_error=None,
                          tls_version=ssl_object.version() if ssl_object is not None else None)
         log.info("XMPP session up as %s", self.boundjid.full)
+        if NS_S5B in self.settings.methods:  # the proxy is named in offers (``Offer.streamhost``): know it before one
+            self._spawn(self._discover_proxy_quietly())
+
+    async def _discover_proxy_quietly(self) -> None:
+        try:
+            await self._discover_proxy()
+        except (TransferCut, StreamLost, IqError, IqTimeout) as exc:  # the first S5B attempt looks again and says why
+            log.info("no SOCKS5 proxy known yet: %s", exc)
 
     async def send_iq(self, iq: slixmpp.Iq, timeout_s: float | None = None) -> Any:
         """Send an IQ and wait for its answer; on a dead connection fail at once (:class:`StreamLost`)."""

@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -127,6 +128,10 @@ class InboundStream:
     secured: bool = False  # the end-to-end TLS handshake finished (set by the reader thread for S5B)
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
     start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
+    # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
+    # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
+    early: asyncio.Future[socket.socket] | None = None
+    early_for: tuple[str, str, int] | None = None
 
 
 @dataclass
@@ -278,3 +283,37 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return getattr(exc, "verify_message", "") or str(exc)
     return str(exc) or type(exc).__name__
+
+
+class Phases:
+    """Where one attempt's time goes (sender side): each step's milliseconds since the previous one and the
+    exchanges with the far side it waited for (an IQ answered through the server, a SOCKS5 reply, a TLS
+    flight pair), so that the round trips before the first byte are counted per attempt and logged."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.steps: list[tuple[str, float, float]] = []  # (step, ms, exchanges awaited)
+
+    def mark(self, step: str, exchanges: float = 0.0) -> None:
+        now = time.perf_counter()
+        self.steps.append((step, (now - self._last) * 1000.0, exchanges))
+        self._last = now
+
+    def round_trips_before_data(self) -> float:
+        total = 0.0
+        for step, _ms, exchanges in self.steps:
+            if step == "stream":
+                break
+            total += exchanges
+        return total
+
+    def table(self) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for step, ms, _exchanges in self.steps:
+            found[step] = round(found.get(step, 0.0) + ms, 1)
+        found["round_trips_before_data"] = self.round_trips_before_data()
+        return found
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{step} {ms:.0f} ms" for step, ms, _ in self.steps)
+        return f"{steps}; {self.round_trips_before_data():g} round trips before the first byte"

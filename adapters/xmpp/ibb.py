@@ -24,7 +24,13 @@ from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.id import MatcherId
 
-from adapters.xmpp.common import InboundStream, OutboundStream, TransferCut, describe
+from adapters.xmpp.common import (
+    InboundStream,
+    OutboundStream,
+    Phases,
+    TransferCut,
+    describe,
+)
 from adapters.xmpp.e2e import PinMismatch, TlsPipe, check_pin
 from adapters.xmpp.stanzas import NS_IBB, q
 from gateway.transfer import StreamSuspended
@@ -37,11 +43,13 @@ class IBBMixin:
 
     async def _send_ibb(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
-                        moved: list[int]) -> int:
+                        moved: list[int], phases: Phases | None = None) -> int:
+        phases = phases or Phases()
         block = self.settings.ibb_block_bytes
         iq = self.make_iq_set(ito=peer)
         ET.SubElement(iq.xml, q(NS_IBB, "open"), {"sid": sid, "block-size": str(block), "stanza": "iq"})
         await self.send_iq(iq)
+        phases.mark("open", 1)
         window = asyncio.Semaphore(self.settings.ibb_window)
         pending: set[asyncio.Future[object]] = set()
         failure: list[BaseException] = []
@@ -88,6 +96,7 @@ class IBBMixin:
                 await flush(True)
                 await asyncio.wait_for(asyncio.shield(channel.handshake), self.settings.iq_timeout_s)
                 check_pin(channel.pipe.ssl, pin or "", peer)
+                phases.mark("tls", 1)
                 buffer += channel.pipe.outgoing()  # our Certificate and Finished
             for chunk in chunks:
                 buffer += channel.pipe.encrypt(chunk) if channel is not None else chunk
@@ -116,6 +125,7 @@ class IBBMixin:
         close = self.make_iq_set(ito=peer)
         ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
         await self.send_iq(close)
+        phases.mark("stream")
         return moved[0]
 
     def _fail_outbound(self, sid: str, exc: BaseException) -> None:

@@ -30,6 +30,7 @@ from adapters.xmpp.common import (
     AwaitedVerdict,
     FramedSink,
     InboundStream,
+    Phases,
     TransferCut,
     abort,
     describe,
@@ -44,6 +45,7 @@ from adapters.xmpp.e2e import (
     fingerprint,
     server_context,
 )
+from adapters.xmpp.s5b import discard_early
 from adapters.xmpp.stanzas import (
     NS_IBB,
     NS_RESULT,
@@ -112,20 +114,31 @@ class OfferMixin:
             previous = identities.previous if encrypted and identities is not None else None
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
                           identity.cert_der if encrypted and identity else b"", self.settings.compress, priority,
-                          previous.cert_der if previous is not None else b"", ",".join(pin_set(pin)) if encrypted else "")
+                          previous.cert_der if previous is not None else b"", ",".join(pin_set(pin)) if encrypted else "",
+                          self._proxy if NS_S5B in methods else None)  # known after the first S5B attempt
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
+            phases = Phases()  # where the attempt's time goes, and its round trips before the first byte
+            # The proxy leg is opened while the offer is answered (S5B is the first choice whenever offered):
+            # the SOCKS5 greeting and request cost two round trips to the proxy that then overlap the offer's.
+            early = self._connect_proxy_early(peer_full_jid, sid) if NS_S5B in methods else None
             try:
                 method, offset, framed, used = await self._offer(peer_full_jid, offer)
+                phases.mark("offer", 1)
             except XMPPError as exc:
+                discard_early(early)
                 attempt.update(outcome="held" if exc.condition == "conflict" else "refused", error=f"{exc.condition}: {exc.text}")
                 result.detail = f"peer refused the offer: {exc.condition} ({exc.text})"
                 return result
             except (IqTimeout, ValueError) as exc:
+                discard_early(early)
                 attempt.update(outcome="cut", error=describe(exc))
                 result.detail = f"offer not answered: {describe(exc)}"
                 return result
+            if method != NS_S5B:
+                discard_early(early)
+                early = None
             attempt.update(method=method, offset=offset, compressed=framed)
             result.method, result.offset = method, offset
             verdict = asyncio.get_running_loop().create_future()
@@ -137,14 +150,17 @@ class OfferMixin:
             chunks = Tally(stream_from(offset, framed), framed)
             try:
                 stream_started = time.perf_counter()
-                sent = await (self._send_s5b if method == NS_S5B else self._send_ibb)(
-                    peer_full_jid, sid, chunks, offset, progress_in_thread(progress, sid, offset, chunks.plain_at), tls,
-                    pin, moved
-                )
+                report = progress_in_thread(progress, sid, offset, chunks.plain_at)
+                if method == NS_S5B:
+                    handed, early = early, None  # the S5B half owns it from here (and closes it on every path)
+                    sent = await self._send_s5b(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases)
+                else:
+                    sent = await self._send_ibb(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
                 attempt["stream_s"] = time.perf_counter() - stream_started
                 attempt.update(bytes=chunks.plain_at(sent), wire_bytes=sent)
                 result.bytes_sent += chunks.plain_at(sent)
                 outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
+                phases.mark("verdict", 0.5)
                 if outcome == "incomplete":
                     raise TransferCut(f"receiver got {detail}")
             except StreamSuspended as exc:
@@ -172,6 +188,9 @@ class OfferMixin:
                 return result
             finally:
                 self._verdicts.pop(sid, None)
+                discard_early(early)
+                attempt["phases_ms"] = phases.table()
+                log.info("%s attempt %s to %s: %s", short_method(method), sid, peer_full_jid, phases.describe())
             attempt.update(outcome=outcome, error=detail)
             log.info("%s stream to %s: %s, %d bytes from offset %d", short_method(method), peer_full_jid, outcome,
                      int(attempt.get("bytes", 0) or 0), offset)
@@ -236,6 +255,9 @@ class OfferMixin:
             self._reset_routine_streams(peer.bare)
         self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
                                                priority=offer.priority, start_offset=sink.offset)
+        if method == NS_S5B and offer.streamhost is not None:
+            self._sinks[offer.sid].early = self._connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
+            self._sinks[offer.sid].early_for = offer.streamhost
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed, used))
         reply.send()
@@ -277,6 +299,7 @@ class OfferMixin:
         entry = self._sinks.pop(sid, None)
         if entry is None:
             return
+        discard_early(entry.early)
         sink = entry.sink
         if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
             # The sender ended the channel right after the handshake, before a byte: it refused our certificate
@@ -286,6 +309,7 @@ class OfferMixin:
             self.inbound.security_event(entry.peer.split("/", 1)[0], (
                 f"end-to-end channel from {entry.peer} closed by the sender after the handshake, before any byte: "
                 f"it does not accept this gateway's certificate SHA-256 {ours} (its pin for us differs?)"))
+        ended = time.perf_counter()
         try:
             if sink.offset < sink.size:
                 detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
@@ -294,12 +318,16 @@ class OfferMixin:
             else:
                 ok, detail = await asyncio.to_thread(sink.finish)
                 outcome = "received" if ok else "rejected"
+                log.info("stream %s from %s: verified and stored %.0f ms after its last byte", sid, entry.peer,
+                         (time.perf_counter() - ended) * 1000)
         except Exception as exc:  # our failure (the database, the disk): logged, and the sender resumes later
             log.exception("stream %s from %s: the receiver failed to end it", sid, entry.peer)
             outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
             with contextlib.suppress(Exception):
                 sink.close(detail)
         await self._send_verdict(entry.peer, sid, outcome, detail)
+        log.info("stream %s from %s: verdict %s answered %.0f ms after its last byte", sid, entry.peer, outcome,
+                 (time.perf_counter() - ended) * 1000)
 
     async def _fail_stream(self, sid: str, exc: BaseException) -> None:
         """A stream task met an error of ours: logged with its traceback, the stream closed, the sender told."""
@@ -367,6 +395,7 @@ class OfferMixin:
             reader.cancel()
         entry = self._sinks.pop(sid, None)
         if entry is not None:
+            discard_early(entry.early)
             entry.sink.close(reason)
 
     def _on_verdict(self, iq: slixmpp.Iq) -> None:

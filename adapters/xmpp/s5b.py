@@ -25,6 +25,7 @@ from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 
 from adapters.xmpp import socks5
 from adapters.xmpp.common import (
+    Phases,
     Sink,
     TransferCut,
     abort,
@@ -63,23 +64,56 @@ class S5BMixin:
                 raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
         return self._proxy
 
+    def _connect_proxy_early(self, peer: str, sid: str) -> asyncio.Future[socket.socket]:
+        """Our leg to the proxy (discovered once, then cached), opened while the offer is answered: a task
+        giving the socket after the SOCKS5 request (nothing is relayed before the activation). The proxies
+        we run on (Prosody's mod_proxy65 and its variant, ejabberd's) pair the two legs by DST.ADDR in
+        either order. ``discard_early`` closes it when the attempt goes another way."""
+
+        async def connect() -> socket.socket:
+            _jid, host, port = await self._discover_proxy()
+            return await asyncio.to_thread(socks5.connect_blocking, host, port,
+                                           socks5.dst_addr(sid, self.boundjid.full, peer))
+
+        return asyncio.ensure_future(connect())
+
+    def _connect_streamhost_early(self, sid: str, peer: str, streamhost: tuple[str, str, int]) -> asyncio.Future[socket.socket]:
+        """The receiver's leg to the proxy an accepted offer named, opened while the accept travels (the sender's
+        XEP-0065 query then finds it ready). Only for an admitted offer; the query still decides."""
+        return asyncio.ensure_future(asyncio.to_thread(
+            socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.boundjid.full)))
+
     async def _send_s5b(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
-                        moved: list[int]) -> int:
-        proxy_jid, host, port = await self._discover_proxy()
-        iq = self.make_iq_set(ito=peer)
-        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
-        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-        await self.send_iq(iq)
-        sock = await asyncio.to_thread(socks5.connect_blocking, host, port, socks5.dst_addr(sid, self.boundjid.full, peer))
+                        moved: list[int], early: asyncio.Future[socket.socket] | None = None,
+                        phases: Phases | None = None) -> int:
+        phases = phases or Phases()
+        if early is None:
+            early = self._connect_proxy_early(peer, sid)
+        try:
+            proxy_jid, host, port = await self._discover_proxy()
+            iq = self.make_iq_set(ito=peer)
+            query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+            ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
+            await self.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
+            phases.mark("streamhost", 1)
+            waited = not early.done()
+            sock = await early
+            phases.mark("proxy", 2 if waited else 0)  # our own SOCKS5 greeting and request, if not done meanwhile
+        except BaseException:
+            discard_early(early)
+            raise
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         try:
             activate = self.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
             await self.send_iq(activate)
+            phases.mark("activate", 1)
+            secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
             await on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "", peer, moved, report,
-                                self.settings.s5b_idle_timeout_s)
+                                self.settings.s5b_idle_timeout_s, secured)
+            phases.mark("stream")
             return moved[0]
         except PinMismatch:
             raise
@@ -100,11 +134,16 @@ class S5BMixin:
         set_fields(peer=entry.peer.split("/", 1)[0], transfer_id=sid)  # and of its stream (the reader inherits them)
         hosts = [h for h in query.iterfind(q(NS_S5B, "streamhost")) if h.get("host") and (h.get("port") or "").isdigit()]
         for host in hosts[:4]:
+            named = (host.get("jid", ""), host.get("host", ""), int(host.get("port", "0")[:6]))
+            early, entry.early = (entry.early, None) if entry.early_for == named else (None, entry.early)
             try:
-                sock = await asyncio.to_thread(
-                    socks5.connect_blocking,
-                    host.get("host", ""), int(host.get("port", "0")), socks5.dst_addr(sid, entry.peer, self.boundjid.full),
-                )
+                try:
+                    if early is None:
+                        raise socks5.Socks5Error("no early leg")
+                    sock = await early  # opened while we answered the offer (its hint named this streamhost)
+                except (socks5.Socks5Error, OSError, ValueError):
+                    sock = await asyncio.to_thread(
+                        socks5.connect_blocking, named[1], named[2], socks5.dst_addr(sid, entry.peer, self.boundjid.full))
             except (socks5.Socks5Error, ValueError, OverflowError) as exc:
                 log.warning("streamhost %s unusable: %s", host.get("jid"), exc)
                 continue
@@ -187,8 +226,25 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 return  # the sender (or a stop) ended the stream: the sink keeps what came
 
 
+def discard_early(early: asyncio.Future[socket.socket] | None) -> None:
+    """An early proxy leg the attempt does not use (never one handed to a sending thread): closed now, or
+    when its connect ends."""
+    if early is None:
+        return
+
+    def close(task: asyncio.Future[socket.socket]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            task.result().close()
+
+    if early.done():
+        close(early)
+    else:
+        early.add_done_callback(close)  # a connect on its thread cannot be cancelled: its socket is closed after
+
+
 def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext | None, pin: str, peer: str,
-              moved: list[int], report: Callable[[int], object] | None, idle_timeout_s: float) -> None:
+              moved: list[int], report: Callable[[int], object] | None, idle_timeout_s: float,
+              secured: Callable[[], object] | None = None) -> None:
     """Send a bundle on an activated S5B socket (a thread of its own, blocking writes). End to end: TLS 1.3
     as the client, the receiver's certificate checked against ``pin`` before the first byte. Then a TCP
     half-close (no TLS close_notify: the receiver stops at the announced size) and a wait for the
@@ -212,6 +268,8 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
             stream = owned.enter_context(tls.wrap_socket(sock))
             check_pin(stream, pin, peer)  # type: ignore[arg-type]
             stream.settimeout(None)
+            if secured is not None:
+                secured()
         if hasattr(chunks, "on_suspend"):  # a routine stream: a STAT transfer resets it (gateway.dispatch)
             # A reset, not a FIN: what is queued in buffers along the path is dropped. The TLS socket owns the
             # descriptor once wrapped. The block source raises StreamSuspended, or a write fails meanwhile.
