@@ -83,10 +83,18 @@ class IngestRepo:
                          origin_peer: str | None = None) -> list[int]:
         """Record (header, spool_path, size, sha256, conflict) rows in one transaction; returns unit ids."""
         with self._unit_of_work() as session:
-            return [
-                self._record(session, indexed(header), path, size, sha256, _text(source), conflict, origin_peer)
-                for header, path, size, sha256, conflict in rows
-            ]
+            now = utcnow()
+            units: dict[str, StudyUnitRow] = {}  # a bundle is one study: its unit is looked up once, not per row
+            ids = []
+            for header, path, size, sha256, conflict in rows:
+                header = indexed(header)
+                unit = units.get(header.study_instance_uid)
+                if unit is None:
+                    unit = units[header.study_instance_uid] = self._open_unit(session, header, now, origin_peer)
+                self._add_instance(session, unit, header, path, size, sha256, _text(source), conflict, now)
+                ids.append(unit.id)
+            session.flush()  # the rows in one round of INSERTs
+            return ids
 
     def _record_fast(
         self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str, origin_peer: str | None
@@ -118,6 +126,14 @@ class IngestRepo:
     ) -> int:
         now = utcnow()
         unit = self._open_unit(session, header, now, origin_peer)
+        self._add_instance(session, unit, header, spool_path, size_bytes, sha256, source, conflict, now)
+        session.flush()
+        return unit.id
+
+    @staticmethod
+    def _add_instance(session: Session, unit: StudyUnitRow, header: InstanceHeader, spool_path: str, size_bytes: int,
+                      sha256: str, source: str, conflict: bool, now: datetime) -> None:
+        """The instance's row in ``unit`` and the unit's counts (flushed by the caller)."""
         session.add(InstanceRow(**_instance_values(header, unit.id, spool_path, size_bytes, sha256, source, conflict, now)))
         unit.instance_count += 1
         unit.size_bytes += size_bytes
@@ -134,8 +150,6 @@ class IngestRepo:
                     f"(sha256 {sha256}); kept beside the first copy at {spool_path}",
                 )
             )
-        session.flush()
-        return unit.id
 
     def _open_unit(self, session: Session, header: InstanceHeader, now: datetime, origin_peer: str | None) -> StudyUnitRow:
         units = session.scalars(

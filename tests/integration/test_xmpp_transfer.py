@@ -469,3 +469,41 @@ def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_
         finally:
             a.stop()
             b.stop()
+
+
+def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg_costs_only_its_time(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The offer names the proxy, the receiver opens its leg while its accept travels and the sender its own
+    while it waits: the sender's log line for the attempt shows no wait for its own leg ("proxy 0 ms") and four
+    round trips before the first byte (offer, streamhost, activate, TLS). When the receiver's early leg fails
+    (a proxy that refused it), the XEP-0065 query connects again and the study still goes over S5B."""
+    import asyncio
+    import logging
+
+    from adapters.xmpp import socks5
+
+    caplog.set_level(logging.INFO, logger="adapters.xmpp.offer")
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT]) as prosody:
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+        a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+        try:
+            wait_for(lambda: a.gateway.agent._proxy is not None, 30, 0.1, what="A to know the proxy (looked up at session start)")
+            study = generate_ct_study(tmp_path / "ct1", series=1, slices_per_series=5, rows=64, columns=64)
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+            wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="the first study to be sent")
+            lines = [r.getMessage() for r in caplog.records if "round trips before the first byte" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].startswith("S5B attempt"), lines
+            assert "proxy 0 ms" in lines[0] and "; 4 round trips before the first byte" in lines[0], lines[0]
+
+            async def refused() -> object:
+                raise socks5.Socks5Error("proxy answered CONNECT with status 2")
+
+            b.gateway.agent._connect_streamhost_early = lambda *_args: asyncio.ensure_future(refused())  # type: ignore[method-assign]
+            second = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=5, rows=64, columns=64, seed=7)
+            assert storescu(a.gateway.scp.port, second.files).returncode == 0
+            wait_for(lambda: unit_states(a.gateway) == ["sent", "sent"], 60, 0.1, what="the second study to be sent")
+            assert set(second.sop_instance_uids) <= set(received_instances(b.gateway))
+            assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")] * 2
+        finally:
+            a.stop()
+            b.stop()

@@ -181,3 +181,48 @@ def test_offer_expect_and_previous_identity_refuse_hostile_values() -> None:
     for _ in range(1000):
         ET.SubElement(si, q(NS_E2E, "identity"), {"previous": "1"}).text = "AAAA"
     assert parse_offer(si).cert_der == b"cert"  # only the first two identities are read
+
+
+def test_offer_streamhost_hint_round_trips_and_refuses_hostile_values() -> None:
+    """The proxy an S5B offer names (``Offer.streamhost``): read back as sent; a jid or host with spaces,
+    control characters or beyond its length, a port outside 1-65535 (or not ASCII digits) is a bad-request
+    ValueError; on an IBB-only offer the hint is not read at all."""
+    import xml.etree.ElementTree as ET
+
+    import pytest
+
+    from adapters.xmpp.stanzas import (
+        NS_IBB,
+        NS_S5B,
+        NS_WIRE,
+        Offer,
+        build_offer,
+        parse_offer,
+        q,
+    )
+
+    hint = ("proxy.helsenett.test", "10.0.0.5", 5000)
+    assert parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B, NS_IBB), streamhost=hint))).streamhost == hint
+    assert parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,)))).streamhost is None
+    hostile = [
+        {"jid": "", "host": "127.0.0.1", "port": "5000"},
+        {"jid": "proxy x", "host": "127.0.0.1", "port": "5000"},
+        {"jid": "proxy\x1b[2J", "host": "127.0.0.1", "port": "5000"},
+        {"jid": "p" * 2000, "host": "127.0.0.1", "port": "5000"},
+        {"jid": "proxy", "host": "127.0.0.1; rm -rf /", "port": "5000"},
+        {"jid": "proxy", "host": "h" * 300, "port": "5000"},
+        {"jid": "proxy", "host": "", "port": "5000"},
+        {"jid": "proxy", "host": "127.0.0.1", "port": "0"},
+        {"jid": "proxy", "host": "127.0.0.1", "port": "65536"},
+        {"jid": "proxy", "host": "127.0.0.1", "port": "٥٠٠٠"},  # Arabic-Indic digits: isdigit() but not a port
+        {"jid": "proxy", "host": "127.0.0.1", "port": "9" * 1000},
+        {"jid": "proxy", "host": "127.0.0.1"},
+    ]
+    for attrs in hostile:
+        si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,)))
+        ET.SubElement(si, q(NS_WIRE, "streamhost"), attrs)
+        with pytest.raises(ValueError):
+            parse_offer(si)
+        si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,)))
+        ET.SubElement(si, q(NS_WIRE, "streamhost"), attrs)
+        assert parse_offer(si).streamhost is None  # not an S5B offer: the hint is not looked at
