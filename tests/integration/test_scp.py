@@ -62,7 +62,7 @@ def make_settings(tmp_path: Path, port: int, **queue: object) -> Settings:
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    controller = GatewayController(make_settings(tmp_path, free_port()))
+    controller = GatewayController(make_settings(tmp_path, 0))
     gw = controller.start()
     try:
         yield gw
@@ -205,7 +205,7 @@ def tiny_spool(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_disk_answers_out_of_resources_and_keeps_nothing_half_written(tmp_path: Path, tiny_spool: Path) -> None:
-    settings = make_settings(tmp_path, free_port())
+    settings = make_settings(tmp_path, 0)
     settings = replace(settings, paths=replace(settings.paths, spool_dir=tiny_spool / "spool"))
     controller = GatewayController(settings)
     gw = controller.start()
@@ -283,7 +283,7 @@ def test_long_and_nul_values_from_a_modality_are_stored_on_both_databases(tmp_pa
     bad_uid = pydicom.dcmread(study.files[2])
     bad_uid.SOPInstanceUID = bad_uid.file_meta.MediaStorageSOPInstanceUID = "1.2." + "3" * 70
     bad_uid.save_as(study.files[2])
-    controller = GatewayController(make_settings(tmp_path / "gw", free_port(), db_url=db_url))
+    controller = GatewayController(make_settings(tmp_path / "gw", 0, db_url=db_url))
     gw = controller.start()
     try:
         done = storescu(gw.scp.port, study.files[:2])
