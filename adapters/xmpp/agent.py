@@ -1,10 +1,13 @@
-"""The gateway's XMPP agent (slixmpp): the connection and presence, and the class the protocol parts make.
+"""The gateway's XMPP agent (slixmpp): the session, and the parts it holds, each with its own state.
 
-One room per protocol, as slixmpp has one plugin per XEP; each file says its contract:
-- here: connection, TLS to the server, presence, status; handlers registered in one block in ``__init__``;
-- ``connection.py``: which server node next and when (``[xmpp] servers``, failover);
-- ``offer.py``: XEP-0095/0096 offers, our verdict and the delivery receipt (``urn:dicomgw:transfer:1``);
-- ``s5b.py``: XEP-0065 mediated SOCKS5 bytestreams; ``ibb.py``: XEP-0047 in-band bytestreams;
+One part per protocol, as slixmpp has one plugin object per XEP; each file says its contract, and the parts
+use the agent only through ``common.XmppClient`` (the session's stanzas, IQs, handlers, settings, identities):
+- here: connection, TLS to the server, presence, status; every handler registered in one block in ``__init__``;
+- ``connection.py`` (``ServerRotation``): which server node next and when (``[xmpp] servers``, failover);
+- ``presence.py`` (``PeerPresence``, ``FlowControl``): what the peers show, and what we show;
+- ``offer.py`` (``StudyOffers``): XEP-0095/0096 offers, our verdict, the delivery receipt; the inbound offers;
+- ``s5b.py`` (``Socks5Bytestreams``): XEP-0065 mediated SOCKS5 bytestreams; the proxy, the inbound sockets;
+- ``ibb.py`` (``InBandBytestreams``): XEP-0047 in-band bytestreams; the encrypted streams we send;
 - ``e2e.py``: the end-to-end channel (mutual TLS 1.3 between the gateways inside either bytestream);
 - ``stanzas.py``: the XML, declared apart from behaviour; ``common.py``: settings, ports, stream state.
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from typing import Any
@@ -37,22 +39,18 @@ from slixmpp.xmlstream.matcher import MatchXPath
 
 from adapters.xmpp.common import (
     IQ,
-    AwaitedVerdict,
     InboundPort,
-    InboundStream,
-    OutboundStream,
     StreamLost,
     TransferCut,
     XmppSettings,
     log_task_failure,
-    shut,
 )
 from adapters.xmpp.connection import ServerRotation
 from adapters.xmpp.e2e import Identities, fingerprint
-from adapters.xmpp.ibb import IBBMixin
-from adapters.xmpp.offer import OfferMixin
+from adapters.xmpp.ibb import InBandBytestreams
+from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.presence import FlowControl, PeerPresence
-from adapters.xmpp.s5b import S5BMixin, discard_early
+from adapters.xmpp.s5b import Socks5Bytestreams
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, NS_S5B, NS_SI, q
 
 log = logging.getLogger(__name__)
@@ -78,7 +76,11 @@ def tls_reason(exc: BaseException) -> str:
     return f"TLS failed: {text}"
 
 
-class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
+class GatewayAgent(slixmpp.ClientXMPP):
+    """The session and the parts that hold their own state: ``servers`` (which node), ``peers`` and ``flow``
+    (presence), ``s5b`` and ``ibb`` (the bytestreams), ``offers`` (offers, verdicts, receipts). The parts use
+    the agent through ``common.XmppClient``; the handlers are registered here, in one block."""
+
     def __init__(self, settings: XmppSettings, inbound: InboundPort) -> None:
         super().__init__(settings.jid, settings.password)
         self.settings = settings
@@ -110,21 +112,18 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
                                 lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))  # what we show
         self._online = asyncio.Event()
         self._settled = asyncio.Event()  # online, or refused for a reason an operator must fix
-        self._sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
-        self._outbound: dict[str, OutboundStream] = {}  # sid -> our end-to-end IBB stream
-        self._verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
-        self._proxy: tuple[str, str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._reconnect_pending = False
-        self._readers: dict[str, asyncio.Future[None]] = {}
         self._pending_iqs: dict[asyncio.Future[Any], Any] = {}  # answers we wait for (-> the IQ): failed on disconnect
-        self._sockets: dict[str, socket.socket] = {}  # sid -> inbound S5B socket, read on its own thread
         self.stream_managed = False  # XEP-0198 enabled by the server on this session
         # Our end-to-end identities (the previous one while a key rotation's overlap runs); replaced whole by the
-        # gateway when the key files change (``Gateway._check_identities``). ``_signing``: per peer, the one it pins.
+        # gateway when the key files change (``Gateway._check_identities``).
         self.identities: Identities | None = Identities(settings.identity) if settings.identity is not None else None
-        self._signing: dict[str, str] = {}  # peer bare JID -> fingerprint of our identity it pins
+        self.s5b = Socks5Bytestreams(self)  # XEP-0065 (s5b.py)
+        self.ibb = InBandBytestreams(self)  # XEP-0047 (ibb.py)
+        self.offers = StudyOffers(self, self.s5b, self.ibb)  # XEP-0095/0096, verdicts, receipts (offer.py)
+        self.s5b.ends = self.ibb.ends = self.offers  # an inbound stream's end goes to its offer
 
         self.add_event_handler("session_start", self._on_session_start)
         self.add_event_handler("disconnected", self._on_disconnected)
@@ -137,13 +136,21 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self.add_event_handler("no_auth", lambda _e: self._set_status(
             last_error="no acceptable login method (SCRAM over TLS required)"))
         self.add_event_handler("connection_failed", self._on_connection_failed)
-        self.register_handler(CoroutineCallback("si offer", MatchXPath(f"{IQ}/{q(NS_SI, 'si')}"), self._on_offer))
-        self.register_handler(CoroutineCallback("s5b", MatchXPath(f"{IQ}/{q(NS_S5B, 'query')}"), self._on_s5b))
-        self.register_handler(Callback("ibb open", MatchXPath(f"{IQ}/{q(NS_IBB, 'open')}"), self._on_ibb_open))
-        self.register_handler(Callback("ibb data", MatchXPath(f"{IQ}/{q(NS_IBB, 'data')}"), self._on_ibb_data))
-        self.register_handler(Callback("ibb close", MatchXPath(f"{IQ}/{q(NS_IBB, 'close')}"), self._on_ibb_close))
-        self.register_handler(Callback("verdict", MatchXPath(f"{IQ}/{q(NS_RESULT, 'result')}"), self._on_verdict))
-        self.register_handler(CoroutineCallback("receipt", MatchXPath(f"{IQ}/{q(NS_RESULT, 'receipt')}"), self._on_receipt))
+        self.register_handler(CoroutineCallback("si offer", MatchXPath(f"{IQ}/{q(NS_SI, 'si')}"), self.offers.on_offer))
+        self.register_handler(CoroutineCallback("s5b", MatchXPath(f"{IQ}/{q(NS_S5B, 'query')}"), self.s5b.on_query))
+        self.register_handler(Callback("ibb open", MatchXPath(f"{IQ}/{q(NS_IBB, 'open')}"), self.ibb.on_open))
+        self.register_handler(Callback("ibb data", MatchXPath(f"{IQ}/{q(NS_IBB, 'data')}"), self.ibb.on_data))
+        self.register_handler(Callback("ibb close", MatchXPath(f"{IQ}/{q(NS_IBB, 'close')}"), self.ibb.on_close))
+        self.register_handler(Callback("verdict", MatchXPath(f"{IQ}/{q(NS_RESULT, 'result')}"), self.offers.on_verdict))
+        self.register_handler(CoroutineCallback("receipt", MatchXPath(f"{IQ}/{q(NS_RESULT, 'receipt')}"),
+                                                self.offers.on_receipt))
+
+    # -- what the gateway asks of the agent (gateway.dispatch.Sender, gateway.transfer.ReceiptSender) ----------
+    async def send_bundle(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.offers.send_bundle(*args, **kwargs)
+
+    async def send_receipt(self, peer_full_jid: str, receipt: Any) -> tuple[bool, str]:
+        return await self.offers.send_receipt(peer_full_jid, receipt)
 
     # -- connection -----------------------------------------------------------------------------
     async def start(self, timeout_s: float = 30.0) -> None:
@@ -158,12 +165,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
-        for sock in list(self._sockets.values()):
-            shut(sock)  # the reader threads see the end of their stream and return
-        for entry in self._sinks.values():
-            discard_early(entry.early)
-            entry.sink.close("gateway stopping")
-        self._sinks.clear()
+        self.offers.stop()  # the inbound streams end (their reading threads return), what arrived is kept
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.disconnect(), 5)
 
@@ -203,11 +205,11 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
                          tls_version=ssl_object.version() if ssl_object is not None else None)
         log.info("XMPP session up as %s", self.boundjid.full)
         if NS_S5B in self.settings.methods:  # the proxy is named in offers (``Offer.streamhost``): know it before one
-            self._spawn(self._discover_proxy_quietly())
+            self.spawn(self._discover_proxy_quietly())
 
     async def _discover_proxy_quietly(self) -> None:
         try:
-            await self._discover_proxy()
+            await self.s5b.discover_proxy()
         except (TransferCut, StreamLost, IqError, IqTimeout) as exc:  # the first S5B attempt looks again and says why
             log.info("no SOCKS5 proxy known yet: %s", exc)
 
@@ -251,17 +253,14 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
 
     def _on_disconnected(self, _event: object) -> None:
         self._online.clear()
-        self._proxy = None  # the next session may be on another node, with its own proxy65
+        self.s5b.session_ended()  # the next session may be on another node, with its own proxy65
         self.peers.clear()
         self.flow.session_ended()
         for future, iq in list(self._pending_iqs.items()):  # no answer comes on a dead stream: fail now, not at the timeout
             if not future.done():
                 future.set_exception(StreamLost(iq))
-        for awaited in list(self._verdicts.values()):
-            if not awaited.future.done():
-                awaited.future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
-        for sid in list(self._outbound):
-            self._fail_outbound(sid, TransferCut("XMPP connection lost"))
+        self.offers.session_ended()
+        self.ibb.session_ended(TransferCut("XMPP connection lost"))
         if not self._stopping and not self._reconnect_pending:
             if self.status.get("state") != "refused":
                 self._set_status(state="disconnected")
@@ -306,7 +305,7 @@ class GatewayAgent(OfferMixin, S5BMixin, IBBMixin, slixmpp.ClientXMPP):
         """(full JID to offer to, or None; 'available' | 'busy' | 'offline'): see ``PeerPresence.availability``."""
         return self.peers.availability(bare_jid, priority)
 
-    def _spawn(self, coro: object) -> None:
+    def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(log_task_failure)

@@ -126,7 +126,7 @@ class InboundStream:
     out_seq: int = 0  # our blocks back to the sender (TLS handshake records)
     started: bool = False  # the bytestream was opened
     secured: bool = False  # the end-to-end TLS handshake finished (set by the reader thread for S5B)
-    priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (OfferMixin)
+    priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (StudyOffers)
     start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
@@ -317,3 +317,35 @@ class Phases:
     def describe(self) -> str:
         steps = ", ".join(f"{step} {ms:.0f} ms" for step, ms, _ in self.steps)
         return f"{steps}; {self.round_trips_before_data():g} round trips before the first byte"
+
+
+class XmppClient(Protocol):
+    """What the protocol parts (``Socks5Bytestreams``, ``InBandBytestreams``, ``StudyOffers``) use of the agent:
+    its session (stanzas, IQs and their answers, handlers), its settings, the gateway behind it and our
+    end-to-end identities. Nothing else of the agent is theirs to touch."""
+
+    settings: XmppSettings
+    inbound: InboundPort
+    identities: Any  # adapters.xmpp.e2e.Identities | None: replaced whole when the key files change
+    boundjid: Any
+    plugin: Any
+
+    def make_iq_set(self, *args: Any, **kwargs: Any) -> Any: ...
+    def make_iq_get(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def send_iq(self, iq: Any, timeout_s: float | None = None) -> Any: ...
+    def send_raw(self, data: str) -> None: ...
+    def new_id(self) -> str: ...
+    def register_handler(self, handler: Any) -> None: ...
+    def track(self, future: asyncio.Future[Any], iq: Any) -> None: ...
+    def spawn(self, coro: Any) -> None: ...
+
+
+class StreamEnds(Protocol):
+    """Where a transport hands an inbound stream's end (``StudyOffers``: the verdict goes from there)."""
+
+    sinks: dict[str, InboundStream]
+
+    async def complete(self, sid: str) -> None: ...
+    async def fail_stream(self, sid: str, exc: BaseException) -> None: ...
+    def drop(self, sid: str, reason: str) -> None: ...
+    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None: ...

@@ -28,7 +28,9 @@ from adapters.xmpp.common import (
     InboundStream,
     OutboundStream,
     Phases,
+    StreamEnds,
     TransferCut,
+    XmppClient,
     describe,
 )
 from adapters.xmpp.e2e import PinMismatch, TlsPipe, check_pin
@@ -38,19 +40,33 @@ from gateway.transfer import StreamSuspended
 log = logging.getLogger(__name__)
 
 
-class IBBMixin:
-    """The XEP-0047 half of :class:`adapters.xmpp.agent.GatewayAgent`."""
+class InBandBytestreams:
+    """XEP-0047 for the agent: its own state is the streams we send end to end encrypted (their TLS pipe
+    waits for the receiver's handshake records on the same IBB session). It uses of the agent only what
+    ``XmppClient`` declares; an inbound stream's end goes to ``ends`` (the offers)."""
 
-    async def _send_ibb(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
+    def __init__(self, client: XmppClient) -> None:
+        self.client = client
+        self.ends: StreamEnds = None  # type: ignore[assignment]  # the offers, set by the agent once they exist
+        self.outbound: dict[str, OutboundStream] = {}  # sid -> our end-to-end IBB stream
+
+    def sending(self, sid: str) -> bool:
+        return sid in self.outbound
+
+    def session_ended(self, exc: BaseException) -> None:
+        for sid in list(self.outbound):
+            self.fail_outbound(sid, exc)
+
+    async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
                         moved: list[int], phases: Phases | None = None) -> int:
         phases = phases or Phases()
-        block = self.settings.ibb_block_bytes
-        iq = self.make_iq_set(ito=peer)
+        block = self.client.settings.ibb_block_bytes
+        iq = self.client.make_iq_set(ito=peer)
         ET.SubElement(iq.xml, q(NS_IBB, "open"), {"sid": sid, "block-size": str(block), "stanza": "iq"})
-        await self.send_iq(iq)
+        await self.client.send_iq(iq)
         phases.mark("open", 1)
-        window = asyncio.Semaphore(self.settings.ibb_window)
+        window = asyncio.Semaphore(self.client.settings.ibb_window)
         pending: set[asyncio.Future[object]] = set()
         failure: list[BaseException] = []
         to_attr = quoteattr(peer)
@@ -72,13 +88,13 @@ class IBBMixin:
             await window.acquire()
             if failure:
                 raise failure[0]
-            iq_id = self.new_id()
+            iq_id = self.client.new_id()
             fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            self.register_handler(Callback(f"ibb-ack-{iq_id}", MatcherId(iq_id), fut.set_result, once=True))
+            self.client.register_handler(Callback(f"ibb-ack-{iq_id}", MatcherId(iq_id), fut.set_result, once=True))
             fut.add_done_callback(acked)
-            self.track(fut, None)
+            self.client.track(fut, None)
             pending.add(fut)
-            self.send_raw(_ibb_data(to_attr, iq_id, seq, sid, data))
+            self.client.send_raw(_ibb_data(to_attr, iq_id, seq, sid, data))
             seq = (seq + 1) % 65536
 
         async def flush(final: bool) -> None:
@@ -91,10 +107,10 @@ class IBBMixin:
         try:
             if tls is not None:
                 channel = OutboundStream(peer, TlsPipe(tls, server_side=False), asyncio.get_running_loop().create_future())
-                self._outbound[sid] = channel
+                self.outbound[sid] = channel
                 buffer += channel.pipe.start()
                 await flush(True)
-                await asyncio.wait_for(asyncio.shield(channel.handshake), self.settings.iq_timeout_s)
+                await asyncio.wait_for(asyncio.shield(channel.handshake), self.client.settings.iq_timeout_s)
                 check_pin(channel.pipe.ssl, pin or "", peer)
                 phases.mark("tls", 1)
                 buffer += channel.pipe.outgoing()  # our Certificate and Finished
@@ -105,7 +121,7 @@ class IBBMixin:
                 if progress is not None:
                     progress(offset + moved[0], "ibb")
             await flush(True)
-            deadline = time.monotonic() + self.settings.iq_timeout_s
+            deadline = time.monotonic() + self.client.settings.iq_timeout_s
             while pending and time.monotonic() < deadline and not failure:
                 await asyncio.wait(set(pending), timeout=max(0.0, deadline - time.monotonic()))
             if failure or pending:
@@ -115,35 +131,35 @@ class IBBMixin:
                 raise
             raise TransferCut(f"end-to-end TLS over IBB failed: {describe(exc)}") from exc
         except StreamSuspended:  # the receiver keeps what came (its offset for the resume)
-            close = self.make_iq_set(ito=peer)
+            close = self.client.make_iq_set(ito=peer)
             ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
             with contextlib.suppress(IqError, IqTimeout):  # StreamLost is an IqTimeout
-                await self.send_iq(close)
+                await self.client.send_iq(close)
             raise
         finally:
-            self._outbound.pop(sid, None)
-        close = self.make_iq_set(ito=peer)
+            self.outbound.pop(sid, None)
+        close = self.client.make_iq_set(ito=peer)
         ET.SubElement(close.xml, q(NS_IBB, "close"), {"sid": sid})
-        await self.send_iq(close)
+        await self.client.send_iq(close)
         phases.mark("stream")
         return moved[0]
 
-    def _fail_outbound(self, sid: str, exc: BaseException) -> None:
-        channel = self._outbound.get(sid)
+    def fail_outbound(self, sid: str, exc: BaseException) -> None:
+        channel = self.outbound.get(sid)
         if channel is not None and not channel.handshake.done():
             channel.handshake.set_exception(exc)
 
-    def _ibb_stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, InboundStream]:
+    def _stream(self, iq: slixmpp.Iq, tag: str) -> tuple[ET.Element, str, InboundStream]:
         """The IBB element, its sid, and the accepted offer it belongs to (from the same full JID)."""
         el = iq.xml.find(q(NS_IBB, tag))
         sid = el.get("sid", "") if el is not None else ""
-        entry = self._sinks.get(sid)
+        entry = self.ends.sinks.get(sid)
         if el is None or entry is None or entry.peer != iq["from"].full:
             raise XMPPError("item-not-found", "no accepted offer with this stream id")
         return el, sid, entry
 
-    def _on_ibb_open(self, iq: slixmpp.Iq) -> None:
-        el, _sid, entry = self._ibb_stream(iq, "open")
+    def on_open(self, iq: slixmpp.Iq) -> None:
+        el, _sid, entry = self._stream(iq, "open")
         block = el.get("block-size", "")
         if not block.isdigit() or not 0 < int(block) <= 65535 or el.get("stanza", "iq") != "iq":
             raise XMPPError("resource-constraint", "block-size 1..65535 with stanza='iq' only", etype="modify")
@@ -154,16 +170,16 @@ class IBBMixin:
             entry.pipe = TlsPipe(entry.tls, server_side=True)
         iq.reply().send()
 
-    def _on_ibb_data(self, iq: slixmpp.Iq) -> None:
+    def on_data(self, iq: slixmpp.Iq) -> None:
         el = iq.xml.find(q(NS_IBB, "data"))
-        if el is not None and el.get("sid", "") in self._outbound:
-            self._on_ibb_reply_data(iq, el)
+        if el is not None and el.get("sid", "") in self.outbound:
+            self._on_reply_data(iq, el)
             return
-        el, sid, entry = self._ibb_stream(iq, "data")
+        el, sid, entry = self._stream(iq, "data")
         seq = el.get("seq", "")
         if not entry.started or not seq.isdigit() or int(seq) != entry.next_seq:  # XEP-0047 2.2: gap or replay
-            self._drop(sid, f"IBB block out of order: seq {seq[:8]!r}, expected {entry.next_seq}")
-            self._spawn(self._send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order"))
+            self.ends.drop(sid, f"IBB block out of order: seq {seq[:8]!r}, expected {entry.next_seq}")
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order"))
             raise XMPPError("unexpected-request", f"expected seq {entry.next_seq}; the stream is closed", etype="cancel")
         entry.next_seq = (entry.next_seq + 1) % 65536
         try:
@@ -173,7 +189,7 @@ class IBBMixin:
                 entry.secured = entry.pipe.handshaken
                 back = entry.pipe.outgoing()
                 if back:  # handshake records for the sender, on the same IBB session
-                    self.send_raw(_ibb_data(quoteattr(entry.peer), self.new_id(), entry.out_seq, sid, back))
+                    self.client.send_raw(_ibb_data(quoteattr(entry.peer), self.client.new_id(), entry.out_seq, sid, back))
                     entry.out_seq = (entry.out_seq + 1) % 65536
                 data = plain
             if not hasattr(entry.sink, "wanted") and entry.sink.offset + len(data) > entry.sink.size:  # framed: checks itself
@@ -181,41 +197,41 @@ class IBBMixin:
             if data:
                 entry.sink.write(data)
         except ssl.SSLError as exc:
-            self.inbound.security_event(iq["from"].bare, f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
-            self._drop(sid, f"end-to-end TLS failed: {describe(exc)}")
-            self._spawn(self._send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed"))
+            self.client.inbound.security_event(iq["from"].bare, f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
+            self.ends.drop(sid, f"end-to-end TLS failed: {describe(exc)}")
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed"))
             raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
         except (ValueError, OverflowError) as exc:
-            self._drop(sid, f"bad IBB data: {exc}")
-            self._spawn(self._send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}"))
+            self.ends.drop(sid, f"bad IBB data: {exc}")
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}"))
             raise XMPPError("bad-request", str(exc)) from exc
         except Exception as exc:  # ours (the sink's database, the disk): logged, the stream closed, the sender told
-            self._spawn(self._fail_stream(sid, exc))
+            self.client.spawn(self.ends.fail_stream(sid, exc))
             raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
         iq.reply().send()
 
-    def _on_ibb_reply_data(self, iq: slixmpp.Iq, el: ET.Element) -> None:
+    def _on_reply_data(self, iq: slixmpp.Iq, el: ET.Element) -> None:
         """A TLS record from the receiver on an IBB stream we send (its handshake flight)."""
         sid = el.get("sid", "")
-        channel = self._outbound[sid]
+        channel = self.outbound[sid]
         seq = el.get("seq", "")
         if channel.peer != iq["from"].full or not seq.isdigit() or int(seq) != channel.next_seq:
-            self._fail_outbound(sid, TransferCut("IBB block from the receiver out of order"))
+            self.fail_outbound(sid, TransferCut("IBB block from the receiver out of order"))
             raise XMPPError("unexpected-request", "unexpected block", etype="cancel")
         channel.next_seq = (channel.next_seq + 1) % 65536
         try:
             channel.pipe.feed(base64.b64decode(el.text or "", validate=True))
         except (ssl.SSLError, ValueError) as exc:
-            self._fail_outbound(sid, exc if isinstance(exc, ssl.SSLError) else TransferCut(str(exc)))
+            self.fail_outbound(sid, exc if isinstance(exc, ssl.SSLError) else TransferCut(str(exc)))
             raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
         if channel.pipe.handshaken and not channel.handshake.done():
             channel.handshake.set_result(None)
         iq.reply().send()
 
-    def _on_ibb_close(self, iq: slixmpp.Iq) -> None:
-        _el, sid, _entry = self._ibb_stream(iq, "close")
+    def on_close(self, iq: slixmpp.Iq) -> None:
+        _el, sid, _entry = self._stream(iq, "close")
         iq.reply().send()
-        self._spawn(self._complete(sid))
+        self.client.spawn(self.ends.complete(sid))
 
 
 def _ibb_data(to_attr: str, iq_id: str, seq: int, sid: str, data: bytes) -> str:

@@ -4,7 +4,7 @@ Sender (``send_bundle``): one offer per attempt, with an opaque name, the size, 
 (end to end) our certificate; the receiver answers with the method and the offset to resume from; the
 stream goes over S5B and falls back to IBB (resuming) when the proxy path fails; the receiver's verdict
 ends the attempt. A pin mismatch ends it at once (no fallback).
-Receiver (``_on_offer``): a malformed offer is ``bad-request`` before any admission; the core admits or
+Receiver (``on_offer``): a malformed offer is ``bad-request`` before any admission; the core admits or
 refuses (``forbidden``, ``not-authorized``, ``not-acceptable``, ``resource-constraint``, ``conflict``); an
 admitted offer holds its admission until its sink ends, on every path, also when the stream never starts
 (``stream_start_timeout_s``). Verdicts and receipts refer to the bundle, never to a study, and are signed
@@ -32,11 +32,10 @@ from adapters.xmpp.common import (
     InboundStream,
     Phases,
     TransferCut,
-    abort,
+    XmppClient,
     describe,
     progress_in_thread,
     short_method,
-    shut,
 )
 from adapters.xmpp.e2e import (
     Identity,
@@ -45,7 +44,8 @@ from adapters.xmpp.e2e import (
     fingerprint,
     server_context,
 )
-from adapters.xmpp.s5b import discard_early
+from adapters.xmpp.ibb import InBandBytestreams
+from adapters.xmpp.s5b import Socks5Bytestreams, discard_early
 from adapters.xmpp.stanzas import (
     NS_IBB,
     NS_RESULT,
@@ -77,8 +77,32 @@ log = logging.getLogger(__name__)
 SUPERSEDE_GRACE_S = 5.0  # an old stream of a re-offered bundle may drain its socket this long
 
 
-class OfferMixin:
-    """The offer, verdict and receipt part of :class:`adapters.xmpp.agent.GatewayAgent`."""
+class StudyOffers:
+    """XEP-0095/0096 offers, verdicts and receipts for the agent. Its own state: the inbound offers it accepted
+    (``sinks``: where each stream's bytes go), the verdicts the streams we sent wait for, and per peer which of
+    our identities it pins (``signing``). It streams through the two transports it is given (S5B first, IBB as
+    the fallback) and is their ``StreamEnds``: an inbound stream's end, failure or drop comes back here. It
+    uses of the agent only what ``XmppClient`` declares."""
+
+    def __init__(self, client: XmppClient, s5b: Socks5Bytestreams, ibb: InBandBytestreams) -> None:
+        self.client = client
+        self.s5b, self.ibb = s5b, ibb
+        self.sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
+        self.verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
+        self.signing: dict[str, str] = {}  # peer bare JID -> fingerprint of our identity it pins
+
+    def session_ended(self) -> None:
+        """No verdict comes on a dead stream: the attempts waiting for one fail now."""
+        for awaited in list(self.verdicts.values()):
+            if not awaited.future.done():
+                awaited.future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
+
+    def stop(self) -> None:
+        self.s5b.stop()
+        for entry in self.sinks.values():
+            discard_early(entry.early)
+            entry.sink.close("gateway stopping")
+        self.sinks.clear()
 
     async def send_bundle(self, *args: Any, **kwargs: Any) -> SendOutcome:
         """See :meth:`_send_bundle`; runs as a task of its own so that the log fields it sets (the attempt's
@@ -99,30 +123,30 @@ class OfferMixin:
         is off."""
         result = SendOutcome(ok=False)
         peer_bare = peer_full_jid.split("/", 1)[0]
-        pin = self.inbound.pin_for(peer_bare)
-        identities = self.identities
+        pin = self.client.inbound.pin_for(peer_bare)
+        identities = self.client.identities
         identity = identities.current if identities is not None else None
-        if pin is None and self.settings.require_e2e:
+        if pin is None and self.client.settings.require_e2e:
             result.detail = (f"no pinned certificate for {peer_bare}: nothing is sent unencrypted "
                              f"(dicomgw peers add {peer_bare} --fingerprint SHA256)")
             return result
         encrypted = pin is not None and identity is not None
-        methods = tuple(self.settings.methods)
+        methods = tuple(self.client.settings.methods)
         while methods:
             sid = uuid.uuid4().hex
             set_fields(transfer_id=sid)  # every log line of this attempt names it
             previous = identities.previous if encrypted and identities is not None else None
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
-                          identity.cert_der if encrypted and identity else b"", self.settings.compress, priority,
+                          identity.cert_der if encrypted and identity else b"", self.client.settings.compress, priority,
                           previous.cert_der if previous is not None else b"", ",".join(pin_set(pin)) if encrypted else "",
-                          self._proxy if NS_S5B in methods else None)  # known after the first S5B attempt
+                          self.s5b.proxy if NS_S5B in methods else None)  # known after the first S5B attempt
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
             phases = Phases()  # where the attempt's time goes, and its round trips before the first byte
             # The proxy leg is opened while the offer is answered (S5B is the first choice whenever offered):
             # the SOCKS5 greeting and request cost two round trips to the proxy that then overlap the offer's.
-            early = self._connect_proxy_early(peer_full_jid, sid) if NS_S5B in methods else None
+            early = self.s5b.connect_early(peer_full_jid, sid) if NS_S5B in methods else None
             try:
                 method, offset, framed, used = await self._offer(peer_full_jid, offer)
                 phases.mark("offer", 1)
@@ -142,7 +166,7 @@ class OfferMixin:
             attempt.update(method=method, offset=offset, compressed=framed)
             result.method, result.offset = method, offset
             verdict = asyncio.get_running_loop().create_future()
-            self._verdicts[sid] = AwaitedVerdict(verdict, peer_full_jid, pin)
+            self.verdicts[sid] = AwaitedVerdict(verdict, peer_full_jid, pin)
             # The receiver pins our old certificate while we rotate: present that one (it said which).
             presented = (identities.by_fingerprint(used) if used and identities is not None else None) or identity
             tls = client_context(presented) if encrypted and presented else None
@@ -153,13 +177,13 @@ class OfferMixin:
                 report = progress_in_thread(progress, sid, offset, chunks.plain_at)
                 if method == NS_S5B:
                     handed, early = early, None  # the S5B half owns it from here (and closes it on every path)
-                    sent = await self._send_s5b(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases)
+                    sent = await self.s5b.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases)
                 else:
-                    sent = await self._send_ibb(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
+                    sent = await self.ibb.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
                 attempt["stream_s"] = time.perf_counter() - stream_started
                 attempt.update(bytes=chunks.plain_at(sent), wire_bytes=sent)
                 result.bytes_sent += chunks.plain_at(sent)
-                outcome, detail = await asyncio.wait_for(verdict, self.settings.verdict_timeout_s)
+                outcome, detail = await asyncio.wait_for(verdict, self.client.settings.verdict_timeout_s)
                 phases.mark("verdict", 0.5)
                 if outcome == "incomplete":
                     raise TransferCut(f"receiver got {detail}")
@@ -173,7 +197,7 @@ class OfferMixin:
                 return result
             except PinMismatch as exc:
                 attempt.update(outcome="refused", error=str(exc), bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0])
-                self.inbound.security_event(peer_bare, f"end-to-end channel to {peer_full_jid} refused: {exc}")
+                self.client.inbound.security_event(peer_bare, f"end-to-end channel to {peer_full_jid} refused: {exc}")
                 result.detail = f"end-to-end channel refused: {exc}"
                 return result
             except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
@@ -187,7 +211,7 @@ class OfferMixin:
                 result.detail = f"{short_method(method)} failed: {describe(exc)}"
                 return result
             finally:
-                self._verdicts.pop(sid, None)
+                self.verdicts.pop(sid, None)
                 discard_early(early)
                 attempt["phases_ms"] = phases.table()
                 log.info("%s attempt %s to %s: %s", short_method(method), sid, peer_full_jid, phases.describe())
@@ -201,10 +225,10 @@ class OfferMixin:
         return result
 
     async def _offer(self, peer: str, offer: Offer) -> tuple[str, int, bool, str]:
-        iq = self.make_iq_set(ito=peer)
+        iq = self.client.make_iq_set(ito=peer)
         iq.xml.append(build_offer(offer))
         try:
-            response = await self.send_iq(iq)
+            response = await self.client.send_iq(iq)
         except IqError as exc:
             error = exc.iq["error"]
             raise XMPPError(error["condition"] or "undefined-condition", error["text"] or "") from exc
@@ -214,7 +238,7 @@ class OfferMixin:
             raise XMPPError("bad-request", f"peer chose {method!r} at offset {offset}")
         return method, offset, offer.compress and offers_frames(accept), identity_used(accept)
 
-    async def _on_offer(self, iq: slixmpp.Iq) -> None:
+    async def on_offer(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
             return
         peer = iq["from"]
@@ -222,14 +246,14 @@ class OfferMixin:
             offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
         except ValueError as exc:
             raise XMPPError("bad-request", str(exc)) from exc
-        if offer.sid in self._sinks or offer.sid in self._outbound:
+        if offer.sid in self.sinks or offer.sid in self.ibb.outbound:
             raise XMPPError("conflict", "this stream id is in use")
         set_fields(peer=peer.bare, transfer_id=offer.sid)  # every log line of this offer names them
-        refusal = self.inbound.screen(peer.bare, offer)  # from memory: a flood from a stranger costs no I/O here
+        refusal = self.client.inbound.screen(peer.bare, offer)  # from memory: a flood from a stranger costs no I/O here
         if refusal is None:
-            refusal = await asyncio.to_thread(self.inbound.authorize, peer.bare, offer)
-            if refusal is None and (offer.sid in self._sinks or offer.sid in self._outbound):
-                self.inbound.release(offer)  # the same stream id was taken while we looked
+            refusal = await asyncio.to_thread(self.client.inbound.authorize, peer.bare, offer)
+            if refusal is None and (offer.sid in self.sinks or offer.sid in self.ibb.outbound):
+                self.client.inbound.release(offer)  # the same stream id was taken while we looked
                 refusal = ("conflict", "this stream id is in use")
         if refusal is not None:
             condition, text = refusal
@@ -238,65 +262,65 @@ class OfferMixin:
         await self._supersede(peer.bare, offer.manifest_sha256)
         try:  # from here on the admission is the sink's: every path below ends it
             tls, used = None, ""
-            if offer.cert_der and self.identities is not None:
+            if offer.cert_der and self.client.identities is not None:
                 # The sender's certificate we pin (its current or, while it rotates, its previous one), and ours
                 # that it pins (our previous one while we rotate and it has not pinned the new one yet).
-                sender_cert = pinned_cert(offer, self.inbound.pin_for(peer.bare))
-                ours = self.identities.choose(offer.expect)
-                self._signing[peer.bare] = ours.fingerprint  # its verdict and receipt: signed with the key it pins
+                sender_cert = pinned_cert(offer, self.client.inbound.pin_for(peer.bare))
+                ours = self.client.identities.choose(offer.expect)
+                self.signing[peer.bare] = ours.fingerprint  # its verdict and receipt: signed with the key it pins
                 tls = server_context(ours, sender_cert)
                 used = fingerprint(sender_cert) if sender_cert != offer.cert_der else ""
-            sink = self.inbound.open_sink(peer.bare, offer, method)
+            sink = self.client.inbound.open_sink(peer.bare, offer, method)
         except Exception as exc:
             log.exception("could not open a sink for an offer from %s", peer)
             raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
-        framed = offer.compress and self.settings.compress
+        framed = offer.compress and self.client.settings.compress
         if offer.priority == "stat":
             self._reset_routine_streams(peer.bare)
-        self._sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
+        self.sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
                                                priority=offer.priority, start_offset=sink.offset)
         if method == NS_S5B and offer.streamhost is not None:
-            self._sinks[offer.sid].early = self._connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
-            self._sinks[offer.sid].early_for = offer.streamhost
+            self.sinks[offer.sid].early = self.s5b.connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
+            self.sinks[offer.sid].early_for = offer.streamhost
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed, used))
         reply.send()
         loop = asyncio.get_running_loop()
-        loop.call_later(self.settings.stream_start_timeout_s, self._check_started, offer.sid)
+        loop.call_later(self.client.settings.stream_start_timeout_s, self._check_started, offer.sid)
         if tls is not None:
-            loop.call_later(self.settings.handshake_timeout_s, self._check_secured, offer.sid, self._sinks[offer.sid])
+            loop.call_later(self.client.settings.handshake_timeout_s, self._check_secured, offer.sid, self.sinks[offer.sid])
 
     async def _supersede(self, peer_bare: str, bundle_sha256: str) -> None:
         """One writer per bundle: a new offer of it (from any of the sender's processes) ends the old stream.
         An S5B reader still draining what reached our socket before the sender saw its stream cut gets
         ``SUPERSEDE_GRACE_S`` to finish on its own, so the new offer resumes after those bytes, not before."""
-        old = [sid for sid, entry in self._sinks.items()
+        old = [sid for sid, entry in self.sinks.items()
                if entry.peer.split("/", 1)[0] == peer_bare and getattr(entry.sink, "bundle_key", None) == bundle_sha256]
-        readers = [self._readers[sid] for sid in old if sid in self._readers]
+        readers = [self.s5b.readers[sid] for sid in old if sid in self.s5b.readers]
         if readers:
             await asyncio.wait(readers, timeout=SUPERSEDE_GRACE_S)
         for sid in old:
-            if sid in self._sinks:
-                self._drop(sid, "superseded by a new offer of the same bundle")
+            if sid in self.sinks:
+                self.drop(sid, "superseded by a new offer of the same bundle")
 
     def _check_started(self, sid: str) -> None:
-        entry = self._sinks.get(sid)
+        entry = self.sinks.get(sid)
         if entry is not None and not entry.started:
-            log.warning("offer %s from %s: no stream within %.0f s; released", sid, entry.peer, self.settings.stream_start_timeout_s)
-            self._drop(sid, f"the stream did not start within {self.settings.stream_start_timeout_s:g} s")
+            log.warning("offer %s from %s: no stream within %.0f s; released", sid, entry.peer, self.client.settings.stream_start_timeout_s)
+            self.drop(sid, f"the stream did not start within {self.client.settings.stream_start_timeout_s:g} s")
 
     def _check_secured(self, sid: str, entry: InboundStream) -> None:
         """An end-to-end offer must finish its TLS handshake within ``handshake_timeout_s`` of its acceptance:
         whoever offers a peer's (public) certificate without its key holds the admission only that long."""
-        if self._sinks.get(sid) is entry and not entry.secured:
-            reason = f"no end-to-end TLS handshake within {self.settings.handshake_timeout_s:g} s"
+        if self.sinks.get(sid) is entry and not entry.secured:
+            reason = f"no end-to-end TLS handshake within {self.client.settings.handshake_timeout_s:g} s"
             log.warning("offer %s from %s: %s; released", sid, entry.peer, reason)
-            self.inbound.security_event(entry.peer.split("/", 1)[0], f"end-to-end channel from {entry.peer} refused: {reason}")
-            self._drop(sid, reason)
+            self.client.inbound.security_event(entry.peer.split("/", 1)[0], f"end-to-end channel from {entry.peer} refused: {reason}")
+            self.drop(sid, reason)
 
-    async def _complete(self, sid: str) -> None:
+    async def complete(self, sid: str) -> None:
         """The stream ended: the verdict goes to the sender on every path, also when we fail ourselves."""
-        entry = self._sinks.pop(sid, None)
+        entry = self.sinks.pop(sid, None)
         if entry is None:
             return
         discard_early(entry.early)
@@ -306,7 +330,7 @@ class OfferMixin:
             # (its pin for us is not our certificate: after `dicomgw keys rotate`, or a wrong pin).
             signing = self._identity_for(entry.peer)
             ours = signing.fingerprint if signing is not None else "?"
-            self.inbound.security_event(entry.peer.split("/", 1)[0], (
+            self.client.inbound.security_event(entry.peer.split("/", 1)[0], (
                 f"end-to-end channel from {entry.peer} closed by the sender after the handshake, before any byte: "
                 f"it does not accept this gateway's certificate SHA-256 {ours} (its pin for us differs?)"))
         ended = time.perf_counter()
@@ -325,80 +349,76 @@ class OfferMixin:
             outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
             with contextlib.suppress(Exception):
                 sink.close(detail)
-        await self._send_verdict(entry.peer, sid, outcome, detail)
+        await self.send_verdict(entry.peer, sid, outcome, detail)
         log.info("stream %s from %s: verdict %s answered %.0f ms after its last byte", sid, entry.peer, outcome,
                  (time.perf_counter() - ended) * 1000)
 
-    async def _fail_stream(self, sid: str, exc: BaseException) -> None:
+    async def fail_stream(self, sid: str, exc: BaseException) -> None:
         """A stream task met an error of ours: logged with its traceback, the stream closed, the sender told."""
-        entry = self._sinks.get(sid)
+        entry = self.sinks.get(sid)
         log.error("stream %s from %s failed in the receiver", sid, entry.peer if entry else "?", exc_info=exc)
         if entry is not None:
             detail = f"the receiver failed ({type(exc).__name__}); offer it again"
-            self._readers.pop(sid, None)  # called from the reader task itself: _drop must not cancel it (nor the verdict)
-            verdict = asyncio.ensure_future(self._send_verdict(entry.peer, sid, "incomplete", detail))  # on the wire first
-            self._drop(sid, detail)
+            self.s5b.readers.pop(sid, None)  # called from the reader task itself: drop must not cancel it (nor the verdict)
+            verdict = asyncio.ensure_future(self.send_verdict(entry.peer, sid, "incomplete", detail))  # on the wire first
+            self.drop(sid, detail)
             await verdict
 
-    async def _send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
-        iq = self.make_iq_set(ito=peer)
+    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
+        iq = self.client.make_iq_set(ito=peer)
         signature = self._sign("verdict", peer, sid, outcome, statement_text(detail))
         iq.xml.append(build_result(sid, outcome, detail, signature))
         with contextlib.suppress(IqError, IqTimeout):
-            await self.send_iq(iq)
+            await self.client.send_iq(iq)
 
     def _identity_for(self, peer: str) -> Identity | None:
         """Our identity that ``peer`` pins, as its last offer said (``_signing``), looked up in the identities
         as they are now (a rotation replaced the files since); the current one otherwise."""
-        if self.identities is None:
+        if self.client.identities is None:
             return None
-        remembered = self._signing.get(peer.split("/", 1)[0])
-        return (self.identities.by_fingerprint(remembered) if remembered else None) or self.identities.current
+        remembered = self.signing.get(peer.split("/", 1)[0])
+        return (self.client.identities.by_fingerprint(remembered) if remembered else None) or self.client.identities.current
 
     def _sign(self, kind: str, addressee: str, *fields: str) -> Signature | None:
         """Our signature of a statement to ``addressee`` (``adapters.xmpp.attest``); None without an identity."""
         identity = self._identity_for(addressee)
         if identity is None:
             return None
-        data = attest.canonical(kind, self.boundjid.bare, addressee.split("/", 1)[0], *fields)
+        data = attest.canonical(kind, self.client.boundjid.bare, addressee.split("/", 1)[0], *fields)
         return Signature(*attest.sign(identity, data))
 
     def _check_signed(self, kind: str, sender: slixmpp.JID, signature: Signature, *fields: str) -> None:
         """Raise :class:`attest.Unattested` unless a peer with a pin signed this statement with that key."""
-        pin = self.inbound.pin_for(sender.bare)
+        pin = self.client.inbound.pin_for(sender.bare)
         if pin is None:
-            if self.settings.require_e2e:
+            if self.client.settings.require_e2e:
                 raise attest.Unattested(f"no certificate pinned for {sender.bare}")
             return  # lab mode: plaintext peers without a pin send unsigned statements
-        data = attest.canonical(kind, sender.bare, self.boundjid.bare, *fields)
+        data = attest.canonical(kind, sender.bare, self.client.boundjid.bare, *fields)
         attest.verify(pin, signature.cert_b64, signature.sig_b64, data, sender.bare)
 
     def _refuse_statement(self, sender: slixmpp.JID, what: str, reason: str, condition: str) -> XMPPError:
         text = f"{what} from {sender.full} refused: {reason}"
         log.warning("%s", text)
-        self.inbound.statement_refused(sender.bare, text)
+        self.client.inbound.statement_refused(sender.bare, text)
         return XMPPError(condition, reason)
 
     def _reset_routine_streams(self, peer_bare: str) -> None:
         """A STAT offer from ``peer_bare``: its sender has suspended its routine streams to us; reset ours (a
         TCP RST, so the proxy drops what it still holds of them instead of sending it ahead of the STAT
         study). What arrived is kept; the sender resumes from it later."""
-        for sid, entry in list(self._sinks.items()):
-            if entry.priority != "stat" and entry.peer.split("/", 1)[0] == peer_bare and sid in self._sockets:
+        for sid, entry in list(self.sinks.items()):
+            if entry.priority != "stat" and entry.peer.split("/", 1)[0] == peer_bare and self.s5b.reset(sid):
                 log.info("S5B stream %s from %s reset: a STAT study from it comes first", sid, entry.peer)
-                abort(self._sockets[sid])
 
-    def _drop(self, sid: str, reason: str) -> None:
-        shut(self._sockets.pop(sid, None), close=True)
-        reader = self._readers.pop(sid, None)
-        if reader is not None:
-            reader.cancel()
-        entry = self._sinks.pop(sid, None)
+    def drop(self, sid: str, reason: str) -> None:
+        self.s5b.release(sid)
+        entry = self.sinks.pop(sid, None)
         if entry is not None:
             discard_early(entry.early)
             entry.sink.close(reason)
 
-    def _on_verdict(self, iq: slixmpp.Iq) -> None:
+    def on_verdict(self, iq: slixmpp.Iq) -> None:
         """The receiver's verdict on a stream we sent: only from the full JID the offer was agreed with, with
         an outcome from the closed set, signed by the key pinned for it; anything else refused and audited."""
         if iq["type"] != "set":
@@ -408,7 +428,7 @@ class OfferMixin:
             verdict = parse_result(iq.xml.find(q(NS_RESULT, "result")))
         except ValueError as exc:
             raise self._refuse_statement(sender, "verdict", str(exc), "bad-request") from exc
-        awaited = self._verdicts.get(verdict.sid)
+        awaited = self.verdicts.get(verdict.sid)
         if awaited is None or awaited.future.done():
             raise XMPPError("item-not-found", "no transfer with this stream id")
         if sender.full != awaited.peer:
@@ -420,7 +440,7 @@ class OfferMixin:
         awaited.future.set_result((verdict.outcome, verdict.detail))
         iq.reply().send()
 
-    async def _on_receipt(self, iq: slixmpp.Iq) -> None:
+    async def on_receipt(self, iq: slixmpp.Iq) -> None:
         """A delivery receipt: acted on only when signed by the key pinned for the sender's bare JID (any of
         its resources: a receiver with several processes sends it from whichever finished the import)."""
         if iq["type"] != "set":
@@ -437,19 +457,19 @@ class OfferMixin:
                                "delivered" if receipt.delivered else "failed", receipt.detail)
         except attest.Unattested as exc:
             raise self._refuse_statement(sender, "receipt", str(exc), "not-authorized") from exc
-        outcome = await asyncio.to_thread(self.inbound.receipt, sender.bare, receipt)
+        outcome = await asyncio.to_thread(self.client.inbound.receipt, sender.bare, receipt)
         if outcome == "unknown":
             raise XMPPError("item-not-found", f"no bundle {receipt.bundle_sha256[:12]} was sent to you")
         iq.reply().send()
 
     async def send_receipt(self, peer_full_jid: str, receipt: Receipt) -> tuple[bool, str]:
         """(acknowledged, detail): True when the sender answered (result, or item-not-found: not its study)."""
-        iq = self.make_iq_set(ito=peer_full_jid)
+        iq = self.client.make_iq_set(ito=peer_full_jid)
         signature = self._sign("receipt", peer_full_jid, receipt.bundle_sha256, str(receipt.instances),
                                "delivered" if receipt.delivered else "failed", statement_text(receipt.detail))
         iq.xml.append(build_receipt(receipt, signature))
         try:
-            await self.send_iq(iq)
+            await self.client.send_iq(iq)
         except IqError as exc:
             condition = exc.iq["error"]["condition"]
             return condition == "item-not-found", f"{condition}: {exc.iq['error']['text']}"

@@ -27,7 +27,9 @@ from adapters.xmpp import socks5
 from adapters.xmpp.common import (
     Phases,
     Sink,
+    StreamEnds,
     TransferCut,
+    XmppClient,
     abort,
     describe,
     log_task_failure,
@@ -42,60 +44,91 @@ from gateway.transfer import StreamSuspended
 log = logging.getLogger(__name__)
 
 
-class S5BMixin:
-    """The XEP-0065 half of :class:`adapters.xmpp.agent.GatewayAgent`."""
+class Socks5Bytestreams:
+    """XEP-0065 for the agent: its own state is the proxy of this session (looked up once, forgotten when the
+    session ends), and per inbound stream the reading task and the socket the loop may shut down. It uses of
+    the agent only what ``XmppClient`` declares; an inbound stream's end goes to ``ends`` (the offers)."""
 
-    async def _discover_proxy(self) -> tuple[str, str, int]:
-        if self._proxy is None:
-            items = await self.plugin["xep_0030"].get_items(jid=self.boundjid.domain, timeout=self.settings.iq_timeout_s)
+    def __init__(self, client: XmppClient) -> None:
+        self.client = client
+        self.ends: StreamEnds = None  # type: ignore[assignment]  # the offers, set by the agent once they exist
+        self.proxy: tuple[str, str, int] | None = None  # (jid, host, port) of this session's proxy65
+        self.readers: dict[str, asyncio.Future[None]] = {}  # sid -> the task reading an inbound stream
+        self.sockets: dict[str, socket.socket] = {}  # sid -> inbound socket (a dup) to shut from the loop
+
+    def session_ended(self) -> None:
+        self.proxy = None  # the next session may be on another node, with its own proxy65
+
+    def release(self, sid: str) -> None:
+        """An inbound stream dropped: its socket shut (the reading thread returns) and its task cancelled."""
+        shut(self.sockets.pop(sid, None), close=True)
+        reader = self.readers.pop(sid, None)
+        if reader is not None:
+            reader.cancel()
+
+    def reset(self, sid: str) -> bool:
+        """A TCP reset of an inbound stream (a STAT study from its sender comes first); False if none runs."""
+        sock = self.sockets.get(sid)
+        if sock is None:
+            return False
+        abort(sock)
+        return True
+
+    def stop(self) -> None:
+        for sock in list(self.sockets.values()):
+            shut(sock)  # the reader threads see the end of their stream and return
+
+    async def discover_proxy(self) -> tuple[str, str, int]:
+        if self.proxy is None:
+            items = await self.client.plugin["xep_0030"].get_items(jid=self.client.boundjid.domain, timeout=self.client.settings.iq_timeout_s)
             for item in items["disco_items"]["items"]:
-                iq = self.make_iq_get(ito=item[0])
+                iq = self.client.make_iq_get(ito=item[0])
                 ET.SubElement(iq.xml, q(NS_S5B, "query"))
                 try:
-                    response = await self.send_iq(iq)
+                    response = await self.client.send_iq(iq)
                 except (IqError, IqTimeout):
                     continue
                 host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
                 if host is not None and host.get("host") and host.get("port"):
-                    address = self.settings.proxy_address or (host.get("host", ""), int(host.get("port", "0")))
-                    self._proxy = (host.get("jid", item[0]), address[0], address[1])
+                    address = self.client.settings.proxy_address or (host.get("host", ""), int(host.get("port", "0")))
+                    self.proxy = (host.get("jid", item[0]), address[0], address[1])
                     break
-            if self._proxy is None:
+            if self.proxy is None:
                 raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
-        return self._proxy
+        return self.proxy
 
-    def _connect_proxy_early(self, peer: str, sid: str) -> asyncio.Future[socket.socket]:
+    def connect_early(self, peer: str, sid: str) -> asyncio.Future[socket.socket]:
         """Our leg to the proxy (discovered once, then cached), opened while the offer is answered: a task
         giving the socket after the SOCKS5 request (nothing is relayed before the activation). The proxies
         we run on (Prosody's mod_proxy65 and its variant, ejabberd's) pair the two legs by DST.ADDR in
         either order. ``discard_early`` closes it when the attempt goes another way."""
 
         async def connect() -> socket.socket:
-            _jid, host, port = await self._discover_proxy()
+            _jid, host, port = await self.discover_proxy()
             return await asyncio.to_thread(socks5.connect_blocking, host, port,
-                                           socks5.dst_addr(sid, self.boundjid.full, peer))
+                                           socks5.dst_addr(sid, self.client.boundjid.full, peer))
 
         return asyncio.ensure_future(connect())
 
-    def _connect_streamhost_early(self, sid: str, peer: str, streamhost: tuple[str, str, int]) -> asyncio.Future[socket.socket]:
+    def connect_streamhost_early(self, sid: str, peer: str, streamhost: tuple[str, str, int]) -> asyncio.Future[socket.socket]:
         """The receiver's leg to the proxy an accepted offer named, opened while the accept travels (the sender's
         XEP-0065 query then finds it ready). Only for an admitted offer; the query still decides."""
         return asyncio.ensure_future(asyncio.to_thread(
-            socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.boundjid.full)))
+            socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.client.boundjid.full)))
 
-    async def _send_s5b(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
+    async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
                         moved: list[int], early: asyncio.Future[socket.socket] | None = None,
                         phases: Phases | None = None) -> int:
         phases = phases or Phases()
         if early is None:
-            early = self._connect_proxy_early(peer, sid)
+            early = self.connect_early(peer, sid)
         try:
-            proxy_jid, host, port = await self._discover_proxy()
-            iq = self.make_iq_set(ito=peer)
+            proxy_jid, host, port = await self.discover_proxy()
+            iq = self.client.make_iq_set(ito=peer)
             query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
             ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-            await self.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
+            await self.client.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
             phases.mark("streamhost", 1)
             waited = not early.done()
             sock = await early
@@ -106,13 +139,13 @@ class S5BMixin:
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         try:
-            activate = self.make_iq_set(ito=proxy_jid)
+            activate = self.client.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
-            await self.send_iq(activate)
+            await self.client.send_iq(activate)
             phases.mark("activate", 1)
             secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
             await on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "", peer, moved, report,
-                                self.settings.s5b_idle_timeout_s, secured)
+                                self.client.settings.s5b_idle_timeout_s, secured)
             phases.mark("stream")
             return moved[0]
         except PinMismatch:
@@ -122,12 +155,12 @@ class S5BMixin:
         finally:
             shut(sock)  # ends the sending thread if this attempt was cancelled; it closes the socket itself
 
-    async def _on_s5b(self, iq: slixmpp.Iq) -> None:
+    async def on_query(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
             return
         query = iq.xml.find(q(NS_S5B, "query"))
         sid = query.get("sid", "") if query is not None else ""
-        entry = self._sinks.get(sid)
+        entry = self.ends.sinks.get(sid)
         if entry is None or entry.peer != iq["from"].full or entry.started:
             raise XMPPError("item-not-found", "no accepted offer with this stream id")
         entry.started = True
@@ -143,44 +176,44 @@ class S5BMixin:
                     sock = await early  # opened while we answered the offer (its hint named this streamhost)
                 except (socks5.Socks5Error, OSError, ValueError):
                     sock = await asyncio.to_thread(
-                        socks5.connect_blocking, named[1], named[2], socks5.dst_addr(sid, entry.peer, self.boundjid.full))
+                        socks5.connect_blocking, named[1], named[2], socks5.dst_addr(sid, entry.peer, self.client.boundjid.full))
             except (socks5.Socks5Error, ValueError, OverflowError) as exc:
                 log.warning("streamhost %s unusable: %s", host.get("jid"), exc)
                 continue
-            if self._sinks.get(sid) is not entry:  # dropped or superseded while we connected
+            if self.ends.sinks.get(sid) is not entry:  # dropped or superseded while we connected
                 sock.close()
                 raise XMPPError("item-not-found", "the offer was withdrawn")
             reply = iq.reply()
             ET.SubElement(ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
             reply.send()
-            self._sockets[sid] = sock.dup()  # to shut the stream down from the loop (the reader may wrap it in TLS)
-            self._readers[sid] = asyncio.ensure_future(self._receive_s5b(sid, sock))
-            self._readers[sid].add_done_callback(lambda _t, sid=sid: self._readers.pop(sid, None))
-            self._readers[sid].add_done_callback(log_task_failure)
+            self.sockets[sid] = sock.dup()  # to shut the stream down from the loop (the reader may wrap it in TLS)
+            self.readers[sid] = asyncio.ensure_future(self._receive(sid, sock))
+            self.readers[sid].add_done_callback(lambda _t, sid=sid: self.readers.pop(sid, None))
+            self.readers[sid].add_done_callback(log_task_failure)
             return
-        self._drop(sid, "no streamhost reachable")
+        self.ends.drop(sid, "no streamhost reachable")
         raise XMPPError("item-not-found", "none of the streamhosts could be reached")
 
-    async def _receive_s5b(self, sid: str, sock: socket.socket) -> None:
+    async def _receive(self, sid: str, sock: socket.socket) -> None:
         """The stream is read on a thread of its own (see :func:`_pump_s5b`); the loop only waits for its end."""
-        entry = self._sinks[sid]
+        entry = self.ends.sinks[sid]
         failure: BaseException | None = None
         try:
-            await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.settings.s5b_idle_timeout_s, entry.tls,
+            await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.client.settings.s5b_idle_timeout_s, entry.tls,
                                 lambda: setattr(entry, "secured", True))
         except ssl.SSLError as exc:
             log.warning("S5B stream %s from %s: end-to-end TLS failed: %s", sid, entry.peer, exc)
-            self.inbound.security_event(entry.peer.split("/")[0], f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
+            self.client.inbound.security_event(entry.peer.split("/")[0], f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
         except (ConnectionError, OSError, ValueError) as exc:
             log.warning("S5B stream %s from %s cut: %s", sid, entry.peer, exc)
         except Exception as exc:  # ours (the sink's database, the disk): never lost in the task
             failure = exc
         finally:
-            shut(self._sockets.pop(sid, None), close=True)  # the reading thread closes its own socket
+            shut(self.sockets.pop(sid, None), close=True)  # the reading thread closes its own socket
         if failure is not None:
-            await self._fail_stream(sid, failure)
+            await self.ends.fail_stream(sid, failure)
         else:
-            await self._complete(sid)
+            await self.ends.complete(sid)
 
 
 S5B_BLOCK_BYTES = 1 << 20

@@ -487,7 +487,7 @@ def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg
         b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
         a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
         try:
-            wait_for(lambda: a.gateway.agent._proxy is not None, 30, 0.1, what="A to know the proxy (looked up at session start)")
+            wait_for(lambda: a.gateway.agent.s5b.proxy is not None, 30, 0.1, what="A to know the proxy (looked up at session start)")
             study = generate_ct_study(tmp_path / "ct1", series=1, slices_per_series=5, rows=64, columns=64)
             assert storescu(a.gateway.scp.port, study.files).returncode == 0
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="the first study to be sent")
@@ -498,7 +498,7 @@ def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg
             async def refused() -> object:
                 raise socks5.Socks5Error("proxy answered CONNECT with status 2")
 
-            b.gateway.agent._connect_streamhost_early = lambda *_args: asyncio.ensure_future(refused())  # type: ignore[method-assign]
+            b.gateway.agent.s5b.connect_streamhost_early = lambda *_args: asyncio.ensure_future(refused())  # type: ignore[method-assign]
             second = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=5, rows=64, columns=64, seed=7)
             assert storescu(a.gateway.scp.port, second.files).returncode == 0
             wait_for(lambda: unit_states(a.gateway) == ["sent", "sent"], 60, 0.1, what="the second study to be sent")
