@@ -1,0 +1,74 @@
+"""The XMPP agent's parts hold their own state and end it themselves when the session ends (issue 18 §5):
+built here on a stand-in for the agent (``common.XmppClient``), no server needed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from adapters.xmpp.common import AwaitedVerdict, OutboundStream, TransferCut
+from adapters.xmpp.ibb import InBandBytestreams
+from adapters.xmpp.offer import StudyOffers
+from adapters.xmpp.s5b import Socks5Bytestreams
+
+
+class Client:
+    """Only what ``XmppClient`` declares; a part reaching for anything else fails the test."""
+
+    settings: Any = None
+    inbound: Any = None
+    identities: Any = None
+    boundjid: Any = None
+    plugin: Any = None
+
+    def __init__(self) -> None:
+        self.spawned: list[Any] = []
+
+    def spawn(self, coro: Any) -> None:
+        self.spawned.append(coro)
+
+
+def parts() -> tuple[Socks5Bytestreams, InBandBytestreams, StudyOffers]:
+    client = Client()
+    s5b, ibb = Socks5Bytestreams(client), InBandBytestreams(client)  # type: ignore[arg-type]
+    offers = StudyOffers(client, s5b, ibb)  # type: ignore[arg-type]
+    s5b.ends = ibb.ends = offers
+    return s5b, ibb, offers
+
+
+def test_the_session_ending_ends_what_each_part_holds() -> None:
+    async def run() -> None:
+        s5b, ibb, offers = parts()
+        loop = asyncio.get_running_loop()
+        s5b.proxy = ("proxy.helsenett.test", "127.0.0.1", 5000)
+        verdict = AwaitedVerdict(loop.create_future(), "b@helsenett.test/gw1", None)
+        offers.verdicts["sid1"] = verdict
+        handshake: asyncio.Future[None] = loop.create_future()
+        ibb.outbound["sid2"] = OutboundStream("b@helsenett.test/gw1", None, handshake)  # type: ignore[arg-type]
+        s5b.session_ended()
+        offers.session_ended()
+        ibb.session_ended(TransferCut("XMPP connection lost"))
+        assert s5b.proxy is None  # the next session may be on another node
+        with pytest.raises(TransferCut, match="before the receiver's verdict"):
+            verdict.future.result()
+        with pytest.raises(TransferCut, match="connection lost"):
+            handshake.result()
+
+    asyncio.run(run())
+
+
+def test_an_inbound_socket_is_the_s5b_parts_to_reset_and_release() -> None:
+    s5b, _ibb, offers = parts()
+    assert not s5b.reset("unknown") and offers.s5b is s5b
+    s5b.release("unknown")  # nothing held: nothing to do
+    ours, theirs = socket.socketpair()
+    try:
+        s5b.sockets["sid1"] = ours
+        assert s5b.reset("sid1")  # a STAT study first: a reset, the reader sees its stream end
+        s5b.release("sid1")
+        assert "sid1" not in s5b.sockets and ours.fileno() == -1
+    finally:
+        theirs.close()
