@@ -94,15 +94,18 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
         if sorted((i["sop_instance_uid"], i["sha256"]) for i in sent) != sorted((i["sop_instance_uid"], i["sha256"]) for i in got):
             raise RuntimeError("SHA-256 mismatch between sender and receiver")
         bundle = int(units[0]["bundle_bytes"])
-        steps = a.attempt_steps()
-        stored = [line.split(" from ", 1)[1].split(": ", 1)[1].split(" [", 1)[0]
-                  for line in b.log_path.read_text(errors="replace").splitlines()
-                  if ": verified and stored " in line or ": verdict " in line]
         wire = int(done.get("wire_bytes") or done["bytes"])  # study bytes are "bytes" (issue 16); the stream's are "wire_bytes"
+        steps = a.attempt_steps()
+        stored = []  # the receiver's side of the attempt: offer accepted, stored after the last byte, verdict answered
+        for line in b.log_path.read_text(errors="replace").splitlines():
+            if "accepted (" in line and ") in " in line:
+                stored.append("offer " + line.split(" accepted ", 1)[1].split(" [", 1)[0])
+            elif ": verified and stored " in line or ": verdict " in line:
+                stored.append(line.split(" from ", 1)[1].split(": ", 1)[1].split(" [", 1)[0])
         return {"method": method, "compress": compress, "rate_mbit": rate_mbit, "rtt_ms": rtt_ms, "seconds": round(seconds, 2),
                 "bundle_bytes": bundle, "wire_bytes": wire, "compression_ratio": round(bundle / max(wire, 1), 3),
                 "mb_s": round(bundle / seconds / 1e6, 3), "vs_link": round(bundle / seconds / rate, 3) if rate else None,
-                "steps": f"{steps[-1]}; receiver: {'; '.join(stored[-2:])}" if steps and stored else (steps[-1] if steps else None)}
+                "steps": f"{steps[-1]}; receiver: {'; '.join(stored[-3:])}" if steps and stored else (steps[-1] if steps else None)}
     finally:
         a.stop()
         b.stop()

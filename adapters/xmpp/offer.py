@@ -242,6 +242,7 @@ class StudyOffers:
         if iq["type"] != "set":
             return
         peer = iq["from"]
+        arrived = time.perf_counter()
         try:  # a malformed offer is refused before anything is admitted
             offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
         except ValueError as exc:
@@ -285,6 +286,8 @@ class StudyOffers:
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed, used))
         reply.send()
+        log.info("offer %s from %s accepted (%s from offset %d) in %.0f ms", offer.sid, peer.full, short_method(method),
+                 sink.offset, (time.perf_counter() - arrived) * 1000)
         loop = asyncio.get_running_loop()
         loop.call_later(self.client.settings.stream_start_timeout_s, self._check_started, offer.sid)
         if tls is not None:
