@@ -42,7 +42,7 @@ class ArchiveRepo:
             StudyUnitRow.archived_at.is_(None), StudyUnitRow.state_changed_at <= cutoff,
             StudyUnitRow.state == State.DELIVERED.value, ~unsettled_copy,
             *((StudyUnitRow.purged_at.is_not(None),) if require_purged else ()))
-            .order_by(StudyUnitRow.state_changed_at).limit(batch))
+            .order_by(StudyUnitRow.state_changed_at, StudyUnitRow.id).limit(batch))  # oldest first, always the same order
         with self._unit_of_work() as session:
             picked = session.execute(query.with_for_update(skip_locked=True)).all()
             if not picked:

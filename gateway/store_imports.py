@@ -155,6 +155,13 @@ class ImportsRepo:
             if unit is None:
                 raise KeyError(f"no study unit {unit_id}")
             self._lock_fresh(session, unit)  # a receipt committed meanwhile must be seen here
+            if unit.state == State.DELIVERED.value:
+                return State.DELIVERED.value  # the receipt came first and already said more
+            if unit.state in (State.QUEUED.value, State.WAITING_PEER.value, State.WAITING_WINDOW.value):
+                # Our lease lapsed while the stream ran (a process too busy to renew it in time) and a recovery
+                # queued the unit again: the receiver has verified it all the same, which is what counts.
+                self._move(session, unit, State.OFFERING, "the attempt that was running when this process's lease "
+                           "lapsed has ended")
             self._move(session, unit, State.SENT, detail)
             if values:
                 session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id).values(**values))

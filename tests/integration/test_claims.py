@@ -130,3 +130,20 @@ def test_a_receipt_racing_the_verdict_always_ends_delivered(store: QueueStore) -
         for t in threads:
             t.join(30)
     assert [store.unit(u).state for u in units] == ["delivered"] * len(units)
+
+
+def test_a_verdict_after_the_lease_lapsed_and_the_unit_was_queued_again_still_marks_it_sent(store: QueueStore) -> None:
+    """A process too busy to renew its lease in time (seen in CI: three gateway processes and a test run on two
+    cores) has its sending unit queued again by another's recovery; the receiver's verdict for the stream that
+    was running still counts: the unit goes to `sent` (through `offering`, each move audited), never an
+    IllegalTransition; a receipt that came first leaves it `delivered`."""
+    requeued, delivered = queued_units(store, 2)
+    for unit in (requeued, delivered):
+        store.transition(unit, State.OFFERING, bundle_sha256=f"{unit:064x}")
+        store.transition(unit, State.SENDING)
+        store.transition(unit, State.QUEUED, "lease lapsed: recovered")
+    assert store.mark_sent(requeued, "b@x/gw1 verified it") == State.SENT.value
+    moves = [(e["from_state"], e["to_state"]) for e in store.audit_entries(unit_id=requeued)][:2]
+    assert moves == [("offering", "sent"), ("queued", "offering")]
+    store.transition(delivered, State.DELIVERED, "receipt")
+    assert store.mark_sent(delivered, "b@x/gw1 verified it") == State.DELIVERED.value
