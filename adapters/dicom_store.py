@@ -138,6 +138,9 @@ class AssociationHandler:
                 pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes,
                                           deadline=time.monotonic() + self.link.pdu_timeout_s)
                 if pdu_type == 0x05:
+                    spare = self._take_spare()  # gone before the modality hears the release: nothing left behind
+                    if spare is not None:
+                        spare.abort()
                     self.assoc.sock.sendall(RELEASE_RP)
                     return
                 if pdu_type == 0x07:
