@@ -138,9 +138,7 @@ class AssociationHandler:
                 pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes,
                                           deadline=time.monotonic() + self.link.pdu_timeout_s)
                 if pdu_type == 0x05:
-                    spare = self._take_spare()  # gone before the modality hears the release: nothing left behind
-                    if spare is not None:
-                        spare.abort()
+                    self._drop_spare()  # gone before the modality hears the release: nothing left behind
                     self.assoc.sock.sendall(RELEASE_RP)
                     return
                 if pdu_type == 0x07:
@@ -152,9 +150,7 @@ class AssociationHandler:
         finally:
             if self.writer is not None:
                 self.writer.abort()
-            spare = self._take_spare()
-            if spare is not None:
-                spare.abort()
+            self._drop_spare()
             self.link.release_slot()
 
     def _pdv(self, context_id: int, flags: int, fragment: memoryview) -> None:
@@ -261,6 +257,11 @@ class AssociationHandler:
         self.assoc.send_message(self.context_id, encode_command(elements))
         if self.spare is None:  # while the modality sends the next instance (an empty one is removed at start)
             self.spare = self.scp._spool.fsync_pool.submit(self.scp._spool.open_staged)
+
+    def _drop_spare(self) -> None:
+        spare = self._take_spare()
+        if spare is not None:
+            spare.abort()
 
     def _take_spare(self) -> StagedWriter | None:
         """The spare staged file, or None when there is none or it could not be made (the caller opens its own

@@ -36,7 +36,7 @@ from adapters.dicom_files import (
     header_from_part10_prefix,
     inspect_part10_file,
 )
-from adapters.spool import Spool, fsync_dir, fsync_file
+from adapters.spool import Spool, fsync_and_close, fsync_dir, fsync_file
 from gateway.manifest import (
     DEFAULT_CHUNK_BYTES,
     MAGIC,
@@ -210,10 +210,7 @@ class InboundBundle:
     @classmethod
     def _settle(cls, fd: int, entry: BundleFile, path: Path) -> InstanceHeader:
         """A whole file, on a spool thread: fsync and close it, and read its header (``finish`` takes both)."""
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_and_close(fd)
         return cls._header(entry, path)
 
     def _file_done(self) -> None:

@@ -108,7 +108,7 @@ class Spool:
         """Threads that fsync staged files while their writer goes on (``StagedWriter.close_deferred``)."""
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
             return self._pool
 
     def stop(self) -> None:
@@ -119,11 +119,8 @@ class Spool:
 
     def make_durable(self, staged: list[StagedFile]) -> None:
         """fsync many staged files at once (a few threads: the file system commits them together)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         try:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(lambda f: fsync_file(f.temp_path), staged))
+            list(self.fsync_pool.map(lambda f: fsync_file(f.temp_path), staged))
         except OSError as exc:
             raise _as_spool_error(exc) from exc
 
@@ -260,14 +257,7 @@ class StagedWriter:
         leaves nothing behind). Its size and SHA-256 are known at once, so the caller's duplicate check runs
         while the disk writes (``gateway.service.IngestService.ingest``, ``durable``)."""
         fd, self._fd = self._fd, -1
-
-        def sync() -> None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        pending = pool.submit(sync)
+        pending = pool.submit(fsync_and_close, fd)
         staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=self._digest.hexdigest())
 
         def wait() -> None:
@@ -315,6 +305,14 @@ def _make_dirs(directory: Path, root: Path) -> list[Path]:
         except FileExistsError:
             pass
     return created
+
+
+def fsync_and_close(fd: int) -> None:
+    """fsync an open descriptor and close it (on a spool thread, while its writer goes on)."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:

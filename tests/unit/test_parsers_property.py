@@ -217,6 +217,8 @@ def test_offer_streamhost_hint_round_trips_and_refuses_hostile_values() -> None:
         {"jid": "proxy", "host": "127.0.0.1", "port": "٥٠٠٠"},  # Arabic-Indic digits: isdigit() but not a port
         {"jid": "proxy", "host": "127.0.0.1", "port": "9" * 1000},
         {"jid": "proxy", "host": "127.0.0.1"},
+        {"jid": "proxy", "host": "pr\u00f8xy.test", "port": "5000"},  # not ASCII: no host name we connect to
+        {"jid": "proxy", "host": "127.0.0.1\udcff", "port": "5000"},  # a byte that was not UTF-8, as Python keeps it
     ]
     for attrs in hostile:
         si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,)))
@@ -226,3 +228,7 @@ def test_offer_streamhost_hint_round_trips_and_refuses_hostile_values() -> None:
         si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,)))
         ET.SubElement(si, q(NS_WIRE, "streamhost"), attrs)
         assert parse_offer(si).streamhost is None  # not an S5B offer: the hint is not looked at
+    si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,), streamhost=hint))
+    for _ in range(1000):  # repeated: only the first is read
+        ET.SubElement(si, q(NS_WIRE, "streamhost"), {"jid": "other", "host": "10.9.9.9", "port": "1"})
+    assert parse_offer(si).streamhost == hint
