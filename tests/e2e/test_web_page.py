@@ -79,7 +79,11 @@ def test_the_admin_reads_a_moving_study_peers_stats_and_metrics(tmp_path: Path, 
             unit = a.gateway.store.studies()[0]
             return unit.state == "sending" and unit.progress_bytes > unit.bundle_bytes / 10
 
-        wait_for(streaming, 60, 0.05, what="A to stream a tenth of the study")
+        wait_for(streaming, 60, 0.05, what=lambda: f"A to stream a tenth of the study: A {a.gateway.store.studies()}, "
+                 f"attempts {a.gateway.store.transfers()}, B {b.gateway.store.studies()}")
+        # Held nearly still while the browser starts and reads the page (64 KiB/s: the rest would take over a
+        # minute), so that a busy machine's slow browser start cannot outrun the study; full rate again after.
+        relay.configure(rate_bytes_s=65_536)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             context = browser.new_context(http_credentials={"username": "admin", "password": PASSWORD},
@@ -94,6 +98,7 @@ def test_the_admin_reads_a_moving_study_peers_stats_and_metrics(tmp_path: Path, 
             assert page.locator("#xmpp").inner_text().startswith("XMPP: online")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "web-queue.png"), full_page=True)
+            relay.configure(rate_bytes_s=1_500_000)
 
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 120, 0.1, what="the study to be sent")
             assert "nothing is moving" in fresh(page, base + "/", "#in-flight")  # what the auto-refresh shows a moment later
