@@ -250,8 +250,12 @@ class Dispatcher:
         except Exception:
             log.exception("sending unit %s failed unexpectedly", unit.unit_id)
         finally:
-            self._running.pop(unit.unit_id, None)
-            await asyncio.to_thread(self.claims.release, unit.unit_id)
+            # Released while still listed as running: a tick meanwhile must not start the unit's next send,
+            # whose claim this release would clear (and an unowned unit mid-stream is any process's to recover).
+            try:
+                await asyncio.to_thread(self.claims.release, unit.unit_id)
+            finally:
+                self._running.pop(unit.unit_id, None)
             self.wake()
 
     def _wait_for_window(self, unit: StudySummary, peer_bare: str, opening: datetime, schedule: str) -> None:

@@ -130,9 +130,11 @@ class ImportService:
             log.exception("import of unit %s failed unexpectedly", unit.unit_id)
             self._retry(unit, "internal error during import (see the gateway log)")
         finally:
-            with self._lock:
-                self._running.discard(unit.unit_id)
-            self.claims.release(unit.unit_id)
+            try:  # released while still listed as running: a tick meanwhile must not start its next import
+                self.claims.release(unit.unit_id)
+            finally:
+                with self._lock:
+                    self._running.discard(unit.unit_id)
 
     def import_unit(self, unit: StudySummary) -> None:
         transform = None

@@ -13,6 +13,29 @@ from tests.helpers import wait_for
 from tests.integration.test_queue import record
 
 
+class HeldRelease(Claims):
+    """Claims whose release waits for the test's go (``gate``): ``releasing`` when one began, ``released``
+    when it ended."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.releasing, self.gate, self.released = threading.Event(), threading.Event(), threading.Event()
+
+    def release(self, unit_id: int) -> None:
+        self.releasing.set()
+        self.gate.wait(30)
+        super().release(unit_id)
+        self.released.set()
+
+
+def owner_of(store: QueueStore, unit_id: int) -> str | None:
+    from sqlalchemy import select
+
+    from gateway.rows import StudyUnitRow
+    with store.engine.connect() as conn:
+        return conn.execute(select(StudyUnitRow.owner).where(StudyUnitRow.id == unit_id)).scalar_one()
+
+
 def queued_units(store: QueueStore, count: int) -> list[int]:
     ids = []
     for n in range(count):

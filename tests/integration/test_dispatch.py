@@ -321,3 +321,50 @@ def test_already_received_closes_the_interrupted_attempt_as_received(store: Queu
         assert (figures["N"], figures["S"], figures["F"]) == (1, 1, 0)
 
     asyncio.run(scenario())
+
+
+def test_a_send_that_ends_keeps_its_claim_until_released_so_the_next_send_of_the_unit_is_never_unowned(
+        store: QueueStore, tmp_path: Path) -> None:
+    """A send ends (here: suspended, due again at once) and its task releases the unit's claim on a worker
+    thread. A dispatch tick that runs meanwhile must not start the unit's next send before that release, or the
+    release would clear the new send's claim and any process's recovery would take the unit back to `queued`
+    mid-stream (CI, three processes on one queue: 'illegal study state move queued -> sending')."""
+    from gateway.lifecycle import State
+    from tests.integration.test_claims import HeldRelease, owner_of
+
+    class SuspendOnce(FakeSender):
+        def __init__(self) -> None:
+            super().__init__()
+            self.owners: list[str | None] = []
+
+        async def send_bundle(self, peer_full_jid: str, size: int, manifest_sha256: str, stream_from: Callable[..., Iterator[bytes]],
+                              progress: Callable[..., None], priority: str = "routine") -> SendOutcome:
+            if self.owners:  # the next send reads its claim once the first send's release has run
+                await asyncio.to_thread(claims.released.wait, 30)
+            self.owners.append(await asyncio.to_thread(lambda: owner_of(store, unit)))
+            if len(self.owners) == 1:
+                return SendOutcome(ok=False, method="s5b", detail="suspended for a STAT transfer", suspended=True,
+                                   attempts=[{"sid": "first", "method": "s5b", "bytes": 0, "outcome": "suspended"}])
+            return await super().send_bundle(peer_full_jid, size, manifest_sha256, stream_from, progress, priority)
+
+    unit = stable_study(store, tmp_path, "1.2.61")
+    claims = HeldRelease(store.engine)
+
+    async def scenario() -> None:
+        sender = SuspendOnce()
+        d = Dispatcher(store, tmp_path, sender, router(store, tmp_path), claims=claims, peer_configs=store.peer_configs)
+        await d.tick()
+        deadline = time.monotonic() + 30
+        while not claims.releasing.is_set() and time.monotonic() < deadline:  # the first send ended; its release waits
+            await asyncio.sleep(0.01)
+        assert claims.releasing.is_set() and store.unit(unit).state == State.QUEUED.value
+        await d.tick()  # a tick while the first release is pending
+        claims.gate.set()
+        await drain(d)
+        await d.tick()  # the next send, once the first has let go
+        await drain(d)
+        assert store.unit(unit).state == State.SENT.value
+        assert sender.owners == [claims.owner, claims.owner]  # each send ran holding the unit's claim
+        assert owner_of(store, unit) is None  # and let it go at its end
+
+    asyncio.run(scenario())

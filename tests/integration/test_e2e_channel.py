@@ -15,7 +15,7 @@ from tests.helpers import CapturingRelay, dataset_bytes, storescu, wait_for
 from tests.integration.test_xmpp_transfer import (  # noqa: F401  (the prosody fixture)
     A_JID,
     B_JID,
-    prosody,
+    prosody,  # noqa: F401  (a fixture)
     received_instances,
     running_prosody,
     site_identity,
@@ -46,7 +46,7 @@ def ibb_split(data: bytes) -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("method", ["s5b", "ibb"])
 def test_relayed_bytes_name_no_patient_no_study_and_carry_no_dicom(tmp_path: Path, plain_prosody: Prosody, method: str) -> None:
-    prosody = plain_prosody
+    prosody = plain_prosody  # noqa: F811
     c2s_a, c2s_b = CapturingRelay(prosody.c2s_port), CapturingRelay(prosody.c2s_port)
     proxy = CapturingRelay(prosody.proxy_port)
     # c2s in plaintext through the capture: the strongest check, since the server itself reads every stanza.
@@ -78,7 +78,7 @@ def test_relayed_bytes_name_no_patient_no_study_and_carry_no_dicom(tmp_path: Pat
             relay.stop()
 
 
-def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_path: Path, prosody: Prosody) -> None:
+def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_path: Path, prosody: Prosody) -> None:  # noqa: F811
     wrong = "0" * 64
     # B pins a wrong certificate for A: B refuses A's offer before admitting anything.
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), peer_pins=((A_JID, wrong),))
@@ -128,7 +128,7 @@ def test_a_certificate_that_is_not_the_pinned_one_is_refused_on_both_sides(tmp_p
         b.stop()
 
 
-def test_no_pin_no_exchange(tmp_path: Path, prosody: Prosody) -> None:
+def test_no_pin_no_exchange(tmp_path: Path, prosody: Prosody) -> None:  # noqa: F811
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", peer_pins=())
     try:

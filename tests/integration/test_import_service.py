@@ -196,3 +196,34 @@ def test_outcomes_of_the_early_import_are_kept_refusals_not_retried_conversions_
     run_due(service(store, pacs))
     assert pacs.calls[-1] == ["1.2.3.1.3"]  # nothing sent for the refused unit: never retried
     assert store.unit(refused).state == "failed" and "0xA900 data set does not match" in (store.unit(refused).error or "")
+
+
+def test_an_import_that_ends_keeps_its_claim_until_released_so_the_next_import_is_never_unowned(store: QueueStore) -> None:  # noqa: F811
+    """An import fails for a moment (due again at once) and its thread releases the unit's claim. A tick that
+    runs meanwhile must not start the unit's next import before that release, which would clear the new
+    import's claim and leave an `importing` unit to any process's recovery."""
+    from tests.integration.test_claims import HeldRelease, owner_of
+
+    owners: list[str | None] = []
+    claims = HeldRelease(store.engine)
+
+    class Pacs(FakePacs):
+        def store(self, instances: list[InstanceRecord], on_result: Callable[[InstanceRecord, PacsOutcome], None]) -> None:
+            if owners:  # the next import reads its claim once the first import's release has run
+                claims.released.wait(30)
+            owners.append(owner_of(store, unit_id))
+            super().store(instances, on_result)
+
+    unit_id = received_unit(store)
+    settings = PacsSettings(host="127.0.0.1", retry_base_s=0.0, retry_max_s=0.0)
+    svc = ImportService(store, Pacs(PacsUnavailable("connection refused"), {}), settings, claims=claims)
+    (first,) = svc.tick()
+    assert claims.releasing.wait(30) and store.unit(unit_id).state == "received"  # it failed; its release waits
+    started = svc.tick()  # a tick while the first release is pending
+    claims.gate.set()
+    first.join(30)
+    for thread in started + svc.tick():
+        thread.join(30)
+    assert store.unit(unit_id).state == "delivered"
+    assert owners == [claims.owner, claims.owner]  # each import ran holding the unit's claim
+    assert owner_of(store, unit_id) is None
