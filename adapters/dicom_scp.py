@@ -71,7 +71,7 @@ from adapters.dicom_ul import (
 )
 from adapters.spool import Spool
 from gateway.model import IngestResult
-from gateway.service import IngestService
+from gateway.service import CompletenessService, IngestService
 from gateway.settings import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,10 @@ class StorageSCP:
         on_commit_request: CommitRequestFn | None = None,
         on_commit_reported: Callable[[int, str], None] | None = None,
         on_mpps: Callable[..., tuple[int, str]] | None = None,
+        feeds: CompletenessService | None = None,
     ) -> None:
         self._settings = settings
+        self._feeds = feeds  # each association's hold on the study it sends (not stable while it is fed)
         self._on_mpps = on_mpps  # (creating, calling AE, SOP instance UID, gateway.mpps.StepMessage) -> (status, comment)
         self._on_commit_request = on_commit_request  # a modality's N-ACTION (gateway.commitment)
         self._on_commit_reported = on_commit_reported

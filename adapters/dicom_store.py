@@ -45,6 +45,7 @@ from adapters.dicom_ul import (
 from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
 from gateway.routing import scp_source
+from gateway.service import CompletenessService
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ScpServices(Protocol):
     _on_commit_request: CommitRequestFn | None
     _on_commit_reported: Callable[[int, str], None] | None
     _on_mpps: Callable[..., tuple[int, str]] | None
+    _feeds: CompletenessService | None
 
 
 class ProtocolViolation(ProtocolError):
@@ -131,12 +133,19 @@ class AssociationHandler:
         self.reports: dict[int, int] = {}  # our N-EVENT-REPORTs on this association: message id -> request id
         self.dataset_started = 0.0  # monotonic time of the data set's command, and its bytes so far
         self.dataset_bytes = 0
+        # Which study this association sends, and whether it waits for the modality (gateway.service.Feed).
+        self.feed = scp._feeds.open_feed() if scp._feeds is not None else None
 
     def run(self) -> None:
+        feed = self.feed
         try:
             while True:
+                if feed is not None:
+                    feed.waiting_since = time.monotonic()
                 pdu_type, body = read_pdu(self.assoc.sock, self.link.max_pdu_bytes,
                                           deadline=time.monotonic() + self.link.pdu_timeout_s)
+                if feed is not None:
+                    feed.waiting_since = None  # ours to work on: its study stays open meanwhile
                 if pdu_type == 0x05:
                     self._drop_spare()  # gone before the modality hears the release: nothing left behind
                     self.assoc.sock.sendall(RELEASE_RP)
@@ -151,6 +160,8 @@ class AssociationHandler:
             if self.writer is not None:
                 self.writer.abort()
             self._drop_spare()
+            if feed is not None:
+                self.scp._feeds.close_feed(feed)  # type: ignore[union-attr]
             self.link.release_slot()
 
     def _pdv(self, context_id: int, flags: int, fragment: memoryview) -> None:
@@ -322,6 +333,8 @@ class AssociationHandler:
         except Exception as exc:  # DB down, I/O error: never Success, never an exception on the wire
             log.exception("refusing %s from %s", sop_instance_uid, self.source)
             return StoreStatus.OUT_OF_RESOURCES, f"gateway could not store the instance: {type(exc).__name__}"
+        if self.feed is not None:
+            self.feed.unit = result.unit_id
         if self.scp._on_stored is not None:
             self.scp._on_stored(result)
         return StoreStatus.SUCCESS, ""

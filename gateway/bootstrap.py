@@ -139,7 +139,7 @@ class Gateway:
             settings.dicom, self.ingest, self.spool, self._audit, self._stored_threadsafe,
             on_commitment=self.importer.commitment_result if self.importer else None, refused=self.refusals.note,
             on_commit_request=self._commit_request, on_commit_reported=self.store.commitment_reported,
-            on_mpps=self._mpps,
+            on_mpps=self._mpps, feeds=self.completeness,
         )
         self.watcher = (
             FolderWatcher(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -120,15 +121,61 @@ class IngestService:
         return len(rows)
 
 
-class CompletenessService:
-    """Marks studies stable once no instance arrived for ``stable_age_s`` (PS3.4 has no "study complete")."""
+class Feed:
+    """One association's hold on the study it is sending (this process): ``unit`` is the unit its last
+    instance went to; ``waiting_since`` the monotonic time it began waiting for the modality's next PDU, None
+    while the gateway works on one (reads, stores, answers)."""
 
-    def __init__(self, store: QueueStore, stable_age_s: float) -> None:
+    __slots__ = ("unit", "waiting_since")
+
+    def __init__(self) -> None:
+        self.unit: int | None = None
+        self.waiting_since: float | None = None
+
+
+class CompletenessService:
+    """Marks studies stable once no instance arrived for ``stable_age_s`` (PS3.4 has no "study complete").
+    The study an open association is sending stays open while the gateway works on that association's next
+    PDU or the modality's silence is shorter than the stable age: a stall of our own (a slow disk, a busy
+    machine) between two instances never splits a study in two units. An association that stays open but
+    silent (some modalities keep one for a session) holds nothing beyond the stable age; nor does one that
+    went on to another study. Each tick stamps the held units' last instance as now, so that the other
+processes of a site on one queue (which do not see this process's feeds) hold them too."""
+
+    def __init__(self, store: QueueStore, stable_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._stable_age_s = stable_age_s
+        self._clock = clock
+        self._feeds: set[Feed] = set()
+        self._lock = threading.Lock()
+
+    def open_feed(self) -> Feed:
+        feed = Feed()
+        with self._lock:
+            self._feeds.add(feed)
+        return feed
+
+    def close_feed(self, feed: Feed) -> None:
+        with self._lock:
+            self._feeds.discard(feed)
+
+    def held(self) -> list[int]:
+        """Units an association is still feeding: its gateway side is busy, or its modality paused for less than
+        the stable age."""
+        now = self._clock()
+        with self._lock:
+            feeds = list(self._feeds)
+        held = set()
+        for feed in feeds:
+            unit, since = feed.unit, feed.waiting_since
+            if unit is not None and (since is None or now - since < self._stable_age_s):
+                held.add(unit)
+        return sorted(held)
 
     def tick(self) -> list[int]:
-        moved = self._store.mark_stable(self._stable_age_s)
+        held = self.held()
+        self._store.keep_open(held)  # for the other processes of a site on one queue
+        moved = self._store.mark_stable(self._stable_age_s, exclude=held)
         if moved:
             log.info("study units now stable: %s", moved)
         return moved

@@ -263,19 +263,32 @@ class UnitsRepo:
             )
         )
 
-    def mark_stable(self, stable_age_s: float, now: datetime | None = None, batch: int = 500) -> list[int]:
+    def mark_stable(self, stable_age_s: float, now: datetime | None = None, batch: int = 500,
+                    exclude: Sequence[int] = ()) -> list[int]:
         """Move every ``received`` unit with no new instance for ``stable_age_s`` to ``stable``: in batches of
         ``batch`` units, each one transaction of one UPDATE and one INSERT of its audit rows, so the time is
-        linear in the units and the write lock is given up between batches (ingest goes on answering)."""
+        linear in the units and the write lock is given up between batches (ingest goes on answering).
+        ``exclude``: units still being fed (``gateway.service.CompletenessService.held``)."""
         moved: list[int] = []
         for _round in range(1_000_000 // batch + 1):  # bounded: a million units a tick at most
-            found, done = self._mark_stable_batch(stable_age_s, now, batch)
+            found, done = self._mark_stable_batch(stable_age_s, now, batch, exclude)
             moved += done
             if found < batch:
                 break
         return moved
 
-    def _mark_stable_batch(self, stable_age_s: float, now: datetime | None, batch: int) -> tuple[int, list[int]]:
+    def keep_open(self, unit_ids: Sequence[int]) -> None:
+        """Units an association of this process still feeds: their last instance counts as now, so that no
+        other process on this queue marks them stable meanwhile (``gateway.service.CompletenessService``)."""
+        if not unit_ids:
+            return
+        with self._unit_of_work() as session:
+            session.execute(update(StudyUnitRow).where(StudyUnitRow.id.in_(list(unit_ids)),
+                                                       StudyUnitRow.state == State.RECEIVED.value)
+                            .values(last_instance_at=utcnow()).execution_options(synchronize_session=False))
+
+    def _mark_stable_batch(self, stable_age_s: float, now: datetime | None, batch: int,
+                           exclude: Sequence[int] = ()) -> tuple[int, list[int]]:
         """(units found, units moved) of one batch."""
         check_move(State.RECEIVED.value, State.STABLE)
         cutoff = (now or utcnow()) - timedelta(seconds=stable_age_s)
@@ -288,6 +301,7 @@ class UnitsRepo:
                     StudyUnitRow.last_instance_at <= cutoff,
                     StudyUnitRow.instance_count > 0,
                     ~StudyUnitRow.flags.contains("held"),  # a discontinued MPPS holds it for an admin
+                    *([StudyUnitRow.id.not_in(list(exclude))] if exclude else []),
                 ).order_by(StudyUnitRow.id).limit(batch).with_for_update(skip_locked=True)  # other processes too
             ).all()
             if not found:

@@ -300,3 +300,79 @@ def test_long_and_nul_values_from_a_modality_are_stored_on_both_databases(tmp_pa
         assert gw.store.count_instances() == 2
     finally:
         controller.stop()
+
+
+def test_a_stall_of_ours_between_two_instances_never_splits_the_study(tmp_path: Path) -> None:
+    """The gateway takes longer than the stable age over one instance (a slow disk, a busy machine): the study
+    its association is sending stays one unit, also for another process on the queue, and becomes stable once
+    the association is over."""
+    import threading
+    import time
+
+    from gateway.service import CompletenessService
+
+    stable_age = 0.3
+    controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=stable_age, stable_check_interval_s=0.05))
+    gw = controller.start()
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=32, columns=32)
+        ingest, calls, stalled, go = gw.ingest.ingest, [0], threading.Event(), threading.Event()
+        ticks: list[float] = []
+        tick = gw.completeness.tick
+
+        def slow_second(*args: object, **kwargs: object) -> object:
+            calls[0] += 1
+            if calls[0] == 2:
+                stalled.set()
+                go.wait(60)
+            return ingest(*args, **kwargs)  # type: ignore[arg-type]
+
+        other = CompletenessService(gw.store, stable_age)  # another process of the site on this queue
+
+        def counted_tick() -> list[int]:
+            moved = tick() + other.tick()
+            ticks.append(time.monotonic())
+            return moved
+
+        gw.ingest.ingest = slow_second  # type: ignore[method-assign]
+        gw.completeness.tick = counted_tick  # type: ignore[method-assign]
+        done: list[subprocess.CompletedProcess[str]] = []
+        sender = threading.Thread(target=lambda: done.append(storescu(gw.scp.port, study.files)))
+        sender.start()
+        assert stalled.wait(60)
+        since = time.monotonic()
+        # Ticks ran after the first instance is older than the stable age: it stays open while we stall.
+        wait_for(lambda: sum(1 for t in ticks if t > since + 2 * stable_age) >= 3, 60, 0.05, what="three ticks past the stable age")
+        assert [(s.state, s.instances) for s in gw.store.studies()] == [("received", 1)]
+        go.set()
+        sender.join(60)
+        assert done and done[0].returncode == 0
+        wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 60, 0.05, what="the study to become stable")
+        assert [s.instances for s in gw.store.studies()] == [3]  # one unit, all three instances
+    finally:
+        controller.stop()
+
+
+def test_an_open_but_silent_association_does_not_hold_its_study(tmp_path: Path) -> None:
+    """A modality that keeps its association open after its last instance (some keep one for a session): its
+    study becomes stable after the stable age all the same."""
+    from pynetdicom import AE
+
+    controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=0.3, stable_check_interval_s=0.05))
+    gw = controller.start()
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(pydicom.dcmread(study.files[0]).SOPClassUID, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title="DICOMGW")
+        assert assoc.is_established
+        try:
+            for path in study.files:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+            wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 60, 0.05,
+                     what="the study to become stable while its association is open")
+            assert assoc.is_established and [s.instances for s in gw.store.studies()] == [2]
+        finally:
+            assoc.release()
+    finally:
+        controller.stop()
