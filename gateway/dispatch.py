@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import and_, not_
 
 from gateway.claims import Claims
-from gateway.lifecycle import State
+from gateway.lifecycle import IllegalTransition, State
 from gateway.logs import bind
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import PeerConfig, StudySummary
@@ -285,8 +285,8 @@ class Dispatcher:
                         unit.unit_id, State.QUEUED, f"no delivery receipt after {self.receipt_timeout_s:g} s: sending again",
                         "no delivery receipt yet", next_attempt_at=None,
                     )
-            except ConcurrentMove:
-                pass  # a late receipt moved it first
+            except (ConcurrentMove, IllegalTransition):
+                pass  # a late receipt moved it first (to delivered: no move from there)
             finally:
                 self.claims.release(unit.unit_id)
 

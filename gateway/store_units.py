@@ -126,9 +126,11 @@ class UnitsRepo:
 
     def _route_unit(self, unit_id: int, peers: Sequence[str], priority: str, rule: str) -> list[tuple[int, str]]:
         with self._unit_of_work() as session:
-            unit = session.get(StudyUnitRow, unit_id)
+            unit = session.get(StudyUnitRow, unit_id, with_for_update=True)
             if unit is None:
                 raise KeyError(f"no study unit {unit_id}")
+            if unit.state != State.STABLE.value:  # another process routed it since the list was read (and may send it)
+                raise ConcurrentMove(f"study unit {unit_id} is {unit.state} now, no longer stable")
             why = f"{priority}, {'rule ' + repr(rule) if rule != 'default_destination' else 'default_destination'}"
             self._move(session, unit, State.QUEUED, f"routed to {peers[0]} ({why})")
             session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit_id)

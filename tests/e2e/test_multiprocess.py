@@ -135,6 +135,18 @@ def sent_exactly_once(pg_url: str) -> dict[int, int]:
     return {unit: count for unit, count in rows}
 
 
+def moves(pg_url: str) -> str:
+    """Every unit's audited moves, in order (what a failure's message shows)."""
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT unit_id, at, from_state, to_state, detail FROM audit_log "
+                                     "WHERE event = 'transition' ORDER BY unit_id, id")).all()
+    finally:
+        engine.dispose()
+    return "\n".join(f"{unit} {at:%H:%M:%S.%f} {before} -> {after}: {detail}" for unit, at, before, after, detail in rows)
+
+
 @pytest.mark.parametrize("processes", [2, 3])
 def test_several_processes_on_one_queue_send_every_study_exactly_once(tmp_path: Path, pg_url: str, processes: int) -> None:
     server, senders, b = build(tmp_path, pg_url, processes)
@@ -154,7 +166,8 @@ def test_several_processes_on_one_queue_send_every_study_exactly_once(tmp_path: 
         assert all(u["instances"] == 4 for u in received)  # one unit per study at B, nothing twice
         streams = []
         for proc in senders:
-            assert "IllegalTransition" not in proc.log.read_text() and "dispatch tick failed" not in proc.log.read_text()
+            assert "IllegalTransition" not in proc.log.read_text() and "dispatch tick failed" not in proc.log.read_text(), \
+                f"{proc.log.name}: the moves of every unit:\n{moves(pg_url)}"
             lines = [json.loads(line) for line in proc.log.read_text().splitlines() if line.strip()]  # every line JSON
             streams += [line for line in lines if line["msg"].startswith("S5B stream to")]
         assert len(streams) == len(studies)  # one per study, each naming its study, unit and attempt

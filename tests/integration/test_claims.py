@@ -170,3 +170,21 @@ def test_a_verdict_after_the_lease_lapsed_and_the_unit_was_queued_again_still_ma
     assert moves == [("offering", "sent"), ("queued", "offering")]
     store.transition(delivered, State.DELIVERED, "receipt")
     assert store.mark_sent(delivered, "b@x/gw1 verified it") == State.DELIVERED.value
+
+
+def test_routing_leaves_a_unit_another_process_routed_and_is_offering_since_the_list_was_read(store: QueueStore) -> None:
+    """Two processes route the stable units they listed; the other one routed this unit and began offering it
+    between our list and our move: ours leaves it alone (CI, two processes: 'offering -> queued: routed to ...'
+    mid-stream, then 'illegal study state move queued -> sending')."""
+    unit = record(store, "1.2.70.1", study="1.2.70")
+    store.transition(unit, State.STABLE)
+
+    def route(summary: object) -> tuple[list[str], str, str]:
+        store.transition(unit, State.QUEUED, "routed by the other process", destination="b@x")  # meanwhile
+        store.transition(unit, State.OFFERING, "the other process offers it")
+        return ["b@x"], "routine", "default_destination"
+
+    assert store.route_stable(route) == []
+    assert store.unit(unit).state == State.OFFERING.value
+    moves = [(e["from_state"], e["to_state"]) for e in store.audit_entries(unit_id=unit)]
+    assert ("offering", "queued") not in moves and moves[0] == ("queued", "offering")

@@ -368,3 +368,21 @@ def test_a_send_that_ends_keeps_its_claim_until_released_so_the_next_send_of_the
         assert owner_of(store, unit) is None  # and let it go at its end
 
     asyncio.run(scenario())
+
+
+def test_a_receipt_that_comes_while_the_receipts_are_chased_ends_the_chase_for_that_unit(store: QueueStore, tmp_path: Path) -> None:
+    """The unit was listed as `sent` without a receipt for too long; its receipt came before it was queued
+    again: it stays `delivered` and the tick goes on (no IllegalTransition out of the tick)."""
+    from gateway.lifecycle import State
+
+    unit = stable_study(store, tmp_path, "1.2.62")
+    assert [u for u, _peer in store.route_stable(router(store, tmp_path))] == [unit]
+    store.transition(unit, State.OFFERING, "offering", None, bundle_bytes=8192)
+    store.mark_sent(unit, "verified")
+    d = dispatcher(store, tmp_path, FakeSender())
+    listed = store.overdue_sent(0.0)
+    assert [u.unit_id for u in listed] == [unit]
+    store.transition(unit, State.DELIVERED, "receipt")  # it came meanwhile
+    d.store.overdue_sent = lambda _timeout: listed  # type: ignore[method-assign]  # the list as read before
+    asyncio.run(d.tick())
+    assert store.unit(unit).state == State.DELIVERED.value
