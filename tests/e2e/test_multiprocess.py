@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -124,26 +125,23 @@ def queue(site: SiteProcess) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def sent_exactly_once(pg_url: str) -> dict[int, int]:
+def query(pg_url: str, sql: str) -> list[Any]:
     engine = create_engine(pg_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(text("SELECT unit_id, count(*) FROM transfers WHERE direction = 'out' "
-                                     "AND outcome = 'received' GROUP BY unit_id")).all()
+            return list(conn.execute(text(sql)).all())
     finally:
         engine.dispose()
+
+
+def sent_exactly_once(pg_url: str) -> dict[int, int]:
+    rows = query(pg_url, "SELECT unit_id, count(*) FROM transfers WHERE direction = 'out' AND outcome = 'received' GROUP BY unit_id")
     return {unit: count for unit, count in rows}
 
 
 def moves(pg_url: str) -> str:
     """Every unit's audited moves, in order (what a failure's message shows)."""
-    engine = create_engine(pg_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text("SELECT unit_id, at, from_state, to_state, detail FROM audit_log "
-                                     "WHERE event = 'transition' ORDER BY unit_id, id")).all()
-    finally:
-        engine.dispose()
+    rows = query(pg_url, "SELECT unit_id, at, from_state, to_state, detail FROM audit_log WHERE event = 'transition' ORDER BY unit_id, id")
     return "\n".join(f"{unit} {at:%H:%M:%S.%f} {before} -> {after}: {detail}" for unit, at, before, after, detail in rows)
 
 
