@@ -56,8 +56,7 @@ def main() -> None:
         b = GatewayProcess(work / "b", B_USER, server, A_USER, peer_fingerprint=a_fp)
         b.text += f'[pacs]\nae_title = "{orthanc.ae_title}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
         a = GatewayProcess(work / "a", A_USER, server, B_USER, B_USER, peer_fingerprint=b_fp)
-        a.text = a.text.replace("stable_age_s = 0.3", f"stable_age_s = {args.stable_age:g}").replace(
-            "stable_check_interval_s = 0.1", "stable_check_interval_s = 0.2") + RULES
+        a.text = a.text.replace("stable_age_s = 0.3", f"stable_age_s = {args.stable_age:g}") + RULES
         b.start()
         a.start()
         time.sleep(3)  # both online, each other's presence seen

@@ -8,11 +8,13 @@ shuts every part down in reverse order. ``run_forever(settings)`` adds SIGINT/SI
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import functools
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -61,6 +63,7 @@ from gateway.transfer import (
 from gateway.windows import local_clock, local_zone
 
 log = logging.getLogger(__name__)
+STABLE_SLACK_S = 0.02  # a study is looked at this long after it may have become stable (clocks, stamping)
 
 __all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
 
@@ -162,6 +165,9 @@ class Gateway:
         self.receipts: ReceiptSender | None = None
         self._receipts_due = asyncio.Event()
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
+        self._stable_dues: collections.deque[float] = collections.deque()  # when studies may become stable
+        self._main_wake = asyncio.Event()  # an earlier wake-up of the main loop than it sleeps until
+        self._main_wake_at = math.inf
         self._maintenance = Maintenance(False)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
@@ -431,6 +437,34 @@ class Gateway:
 
     def _stored(self, result: IngestResult) -> None:
         self.instances_stored += 1
+        # Its study may be stable one stable age from now: the main loop wakes then, not at its next interval.
+        due = time.monotonic() + self.settings.queue.stable_age_s + STABLE_SLACK_S
+        if not self._stable_dues or due - self._stable_dues[-1] >= STABLE_SLACK_S:  # one per slack: bounded
+            self._stable_dues.append(due)
+        if due < self._main_wake_at:
+            self._main_wake.set()
+
+    async def _until_next_tick(self, stop: asyncio.Event, ticked_at: float) -> None:
+        """Sleep until the next tick of the main loop: ``stable_check_interval_s`` after the last, or sooner when
+        a stored instance's study may become stable (its time + ``stable_age_s``). Instances stored meanwhile
+        only move the wake-up earlier; they never run a tick of their own."""
+        while self._stable_dues and self._stable_dues[0] <= ticked_at:
+            self._stable_dues.popleft()  # that tick saw them
+        end = ticked_at + self.settings.queue.stable_check_interval_s
+        while not stop.is_set():
+            wake_at = min(end, self._stable_dues[0]) if self._stable_dues else end
+            timeout = wake_at - time.monotonic()
+            if timeout <= 0:
+                break
+            self._main_wake_at = wake_at
+            self._main_wake.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._main_wake.wait())]
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        self._main_wake_at = math.inf
 
     def kick_import(self) -> None:
         """A bundle was verified and stored: start its import now instead of at the next tick (any thread)."""
@@ -483,6 +517,7 @@ class Gateway:
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None
             next_clean = next_beat = 0.0
             while not stop.is_set():
+                ticked_at = time.monotonic()
                 await asyncio.to_thread(self._check_maintenance)
                 await asyncio.to_thread(self._record_watcher)
                 if time.monotonic() >= next_beat:  # lapsed leases of other processes (ours: _heartbeat_loop)
@@ -499,8 +534,7 @@ class Gateway:
                     next_clean = time.monotonic() + self.settings.retention.check_interval_s
                     await asyncio.to_thread(self.cleaner.tick)
                     await asyncio.to_thread(self.archiver.tick)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.queue.stable_check_interval_s)
+                await self._until_next_tick(stop, ticked_at)
             if dispatching is not None:
                 dispatching.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -376,3 +376,27 @@ def test_an_open_but_silent_association_does_not_hold_its_study(tmp_path: Path) 
             assoc.release()
     finally:
         controller.stop()
+
+
+def test_a_study_becomes_stable_at_its_stable_age_not_at_the_next_check_interval(tmp_path: Path) -> None:
+    """The main loop sleeps ``stable_check_interval_s`` (30 s here) between its ticks, but wakes when a stored
+    instance's study may become stable: the study is stable within seconds, with no tick per instance."""
+    controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=0.5, stable_check_interval_s=30))
+    gw = controller.start()
+    try:
+        ticks = [0]
+        tick = gw.completeness.tick
+
+        def counted_tick() -> list[int]:
+            ticks[0] += 1
+            return tick()
+
+        gw.completeness.tick = counted_tick  # type: ignore[method-assign]
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=20, rows=32, columns=32)
+        assert storescu(gw.scp.port, study.files).returncode == 0
+        wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 20, 0.05,
+                 what="the study to become stable before the 30 s check interval")
+        assert [s.instances for s in gw.store.studies()] == [20]
+        assert ticks[0] < 20  # woken for the study, not for each of its instances
+    finally:
+        controller.stop()
