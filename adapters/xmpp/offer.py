@@ -90,6 +90,7 @@ class StudyOffers:
         self.sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
         self.verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
         self.signing: dict[str, str] = {}  # peer bare JID -> fingerprint of our identity it pins
+        self.deciding: dict[str, tuple[str, asyncio.Future[None]]] = {}  # sid -> (sender, decided) while we decide
 
     def session_ended(self) -> None:
         """No verdict comes on a dead stream: the attempts waiting for one fail now."""
@@ -147,8 +148,10 @@ class StudyOffers:
             # The proxy leg is opened while the offer is answered (S5B is the first choice whenever offered):
             # the SOCKS5 greeting and request cost two round trips to the proxy that then overlap the offer's.
             early = self.s5b.connect_early(peer_full_jid, sid) if NS_S5B in methods else None
+            offering = asyncio.ensure_future(self._offer(peer_full_jid, offer))
+            asked = self.s5b.ask_streamhost(peer_full_jid, sid) if NS_S5B in methods else None  # behind the offer
             try:
-                method, offset, framed, used = await self._offer(peer_full_jid, offer)
+                method, offset, framed, used = await offering
                 phases.mark("offer", 1)
             except XMPPError as exc:
                 discard_early(early)
@@ -177,7 +180,8 @@ class StudyOffers:
                 report = progress_in_thread(progress, sid, offset, chunks.plain_at)
                 if method == NS_S5B:
                     handed, early = early, None  # the S5B half owns it from here (and closes it on every path)
-                    sent = await self.s5b.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases)
+                    sent = await self.s5b.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases,
+                                               asked)
                 else:
                     sent = await self.ibb.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
                 attempt["stream_s"] = time.perf_counter() - stream_started
@@ -247,9 +251,26 @@ class StudyOffers:
             offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
         except ValueError as exc:
             raise XMPPError("bad-request", str(exc)) from exc
-        if offer.sid in self.sinks or offer.sid in self.ibb.outbound:
+        if offer.sid in self.sinks or offer.sid in self.ibb.outbound or offer.sid in self.deciding:
             raise XMPPError("conflict", "this stream id is in use")
         set_fields(peer=peer.bare, transfer_id=offer.sid)  # every log line of this offer names them
+        decided = asyncio.get_running_loop().create_future()
+        self.deciding[offer.sid] = (peer.full, decided)  # its streamhost query may come before we decide
+        try:
+            await self._decide(iq, peer, offer, arrived)
+        finally:
+            del self.deciding[offer.sid]
+            decided.set_result(None)
+
+    async def offer_decided(self, sid: str, peer: str) -> None:
+        """A streamhost query sent right behind its offer waits until we have decided that offer (the same
+        sender only, at most ``iq_timeout_s``); any other finds the offer as it is."""
+        pending = self.deciding.get(sid)
+        if pending is not None and pending[0] == peer:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pending[1]), self.client.settings.iq_timeout_s)
+
+    async def _decide(self, iq: slixmpp.Iq, peer: slixmpp.JID, offer: Offer, arrived: float) -> None:
         refusal = self.client.inbound.screen(peer.bare, offer)  # from memory: a flood from a stranger costs no I/O here
         if refusal is None:
             refusal = await asyncio.to_thread(self.client.inbound.authorize, peer.bare, offer)

@@ -19,6 +19,7 @@ import ssl
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout, XMPPError
@@ -116,20 +117,43 @@ class Socks5Bytestreams:
         return asyncio.ensure_future(asyncio.to_thread(
             socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.client.boundjid.full)))
 
+    def ask_streamhost(self, peer: str, sid: str) -> asyncio.Future[Any] | None:
+        """The streamhost query, sent right behind the offer (before its answer) when this session's proxy is
+        known: the receiver answers it once it has accepted the offer and its own leg is up, so the query costs
+        no round trip of its own. None when the proxy is not known yet (:meth:`send` asks after the offer)."""
+        if self.proxy is None:
+            return None
+        proxy_jid, host, port = self.proxy
+        iq = self.client.make_iq_set(ito=peer)
+        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
+        answer = asyncio.ensure_future(self.client.send_iq(iq))
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # an unused one's error is read
+        return answer
+
     async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
                         moved: list[int], early: asyncio.Future[socket.socket] | None = None,
-                        phases: Phases | None = None) -> int:
+                        phases: Phases | None = None, asked: asyncio.Future[Any] | None = None) -> int:
+        """Stream through the proxy. ``early``: our leg, opened while the offer was answered; ``asked``: the
+        streamhost query sent behind the offer (:meth:`ask_streamhost`), asked again here if that one failed."""
         phases = phases or Phases()
         if early is None:
             early = self.connect_early(peer, sid)
         try:
             proxy_jid, host, port = await self.discover_proxy()
-            iq = self.client.make_iq_set(ito=peer)
-            query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
-            ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-            await self.client.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
-            phases.mark("streamhost", 1)
+            answered = False
+            if asked is not None:
+                with contextlib.suppress(IqError, IqTimeout):  # a receiver that looked for it before deciding
+                    await asked                                # the offer (an older version): asked once more
+                    answered = True
+                    phases.mark("streamhost", 0)  # its round trip overlapped the offer's
+            if not answered:
+                iq = self.client.make_iq_set(ito=peer)
+                query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+                ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
+                await self.client.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
+                phases.mark("streamhost", 1)
             waited = not early.done()
             sock = await early
             phases.mark("proxy", 2 if waited else 0)  # our own SOCKS5 greeting and request, if not done meanwhile
@@ -138,14 +162,24 @@ class Socks5Bytestreams:
             raise
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
+        pump: asyncio.Future[Any] | None = None
         try:
             activate = self.client.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
-            await self.client.send_iq(activate)
-            phases.mark("activate", 1)
+            activation = asyncio.ensure_future(self.client.send_iq(activate))
+            # The TLS handshake starts behind the activation: both proxies hold what a leg sends before it
+            # (Prosody pauses the leg, ejabberd stops reading it) and relay it once the legs are linked.
             secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
-            await on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "", peer, moved, report,
-                                self.client.settings.s5b_idle_timeout_s, secured)
+            pump = asyncio.ensure_future(on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "",
+                                                       peer, moved, report, self.client.settings.s5b_idle_timeout_s, secured))
+            try:
+                await activation
+            except BaseException:
+                shut(sock)  # the pump waits for an answer that cannot come: it ends now
+                await asyncio.wait([pump])
+                raise
+            phases.mark("activate", 0 if tls is not None else 1)  # with TLS: its round trip is inside the handshake's
+            await pump
             phases.mark("stream")
             return moved[0]
         except PinMismatch:
@@ -153,6 +187,9 @@ class Socks5Bytestreams:
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise TransferCut(f"SOCKS5 stream cut: {describe(exc)}") from exc
         finally:
+            if pump is not None and not pump.done():
+                shut(sock)
+                await asyncio.wait([pump])
             shut(sock)  # ends the sending thread if this attempt was cancelled; it closes the socket itself
 
     async def on_query(self, iq: slixmpp.Iq) -> None:
@@ -160,6 +197,7 @@ class Socks5Bytestreams:
             return
         query = iq.xml.find(q(NS_S5B, "query"))
         sid = query.get("sid", "") if query is not None else ""
+        await self.ends.offer_decided(sid, iq["from"].full)  # sent right behind its offer: that offer first
         entry = self.ends.sinks.get(sid)
         if entry is None or entry.peer != iq["from"].full or entry.started:
             raise XMPPError("item-not-found", "no accepted offer with this stream id")

@@ -474,9 +474,12 @@ def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_
 def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg_costs_only_its_time(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The offer names the proxy, the receiver opens its leg while its accept travels and the sender its own
-    while it waits: the sender's log line for the attempt shows no wait for its own leg ("proxy 0 ms") and four
-    round trips before the first byte (offer, streamhost, activate, TLS). When the receiver's early leg fails
-    (a proxy that refused it), the XEP-0065 query connects again and the study still goes over S5B."""
+    while it waits; the streamhost query travels right behind the offer and the TLS handshake right behind the
+    activation: the sender's log line for the attempt shows no wait for its own leg ("proxy 0 ms") and two
+    round trips before the first byte (the offer; the activation with the handshake). When the receiver's early
+    leg fails (a proxy that refused it), the XEP-0065 query connects again and the study still goes over S5B.
+    A receiver that answers the early query before deciding the offer (item-not-found, as a version without
+    the wait would) is asked again: one round trip more, and the study goes over S5B."""
     import asyncio
     import logging
 
@@ -493,17 +496,37 @@ def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="the first study to be sent")
             lines = [r.getMessage() for r in caplog.records if "round trips before the first byte" in r.getMessage()]
             assert len(lines) == 1 and lines[0].startswith("S5B attempt"), lines
-            assert "proxy 0 ms" in lines[0] and "; 4 round trips before the first byte" in lines[0], lines[0]
+            assert "proxy 0 ms" in lines[0] and "; 2 round trips before the first byte" in lines[0], lines[0]
 
             async def refused() -> object:
                 raise socks5.Socks5Error("proxy answered CONNECT with status 2")
 
+            connect_early = b.gateway.agent.s5b.connect_streamhost_early
             b.gateway.agent.s5b.connect_streamhost_early = lambda *_args: asyncio.ensure_future(refused())  # type: ignore[method-assign]
             second = generate_ct_study(tmp_path / "ct2", series=1, slices_per_series=5, rows=64, columns=64, seed=7)
             assert storescu(a.gateway.scp.port, second.files).returncode == 0
             wait_for(lambda: unit_states(a.gateway) == ["sent", "sent"], 60, 0.1, what="the second study to be sent")
             assert set(second.sop_instance_uids) <= set(received_instances(b.gateway))
             assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")] * 2
+
+            from slixmpp.exceptions import XMPPError
+
+            asked: set[str] = set()
+
+            async def too_early(sid: str, _peer: str) -> None:  # the first query of each stream: not waiting
+                if sid not in asked:
+                    asked.add(sid)
+                    raise XMPPError("item-not-found", "no accepted offer with this stream id")
+
+            b.gateway.agent.offers.offer_decided = too_early  # type: ignore[method-assign]
+            b.gateway.agent.s5b.connect_streamhost_early = connect_early  # its leg works again
+            third = generate_ct_study(tmp_path / "ct3", series=1, slices_per_series=5, rows=64, columns=64, seed=8)
+            assert storescu(a.gateway.scp.port, third.files).returncode == 0
+            wait_for(lambda: unit_states(a.gateway) == ["sent"] * 3, 60, 0.1, what="the third study to be sent")
+            assert set(third.sop_instance_uids) <= set(received_instances(b.gateway))
+            assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")] * 3
+            lines = [r.getMessage() for r in caplog.records if "round trips before the first byte" in r.getMessage()]
+            assert len(asked) == 1 and "; 3 round trips before the first byte" in lines[-1], lines[-1]
         finally:
             a.stop()
             b.stop()
