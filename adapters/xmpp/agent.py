@@ -37,6 +37,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream.handler import Callback, CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from adapters.xmpp import attest
 from adapters.xmpp.common import (
     IQ,
     InboundPort,
@@ -204,6 +205,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._set_status(state="online", bound_jid=self.boundjid.full, last_error=None,
                          tls_version=ssl_object.version() if ssl_object is not None else None)
         log.info("XMPP session up as %s", self.boundjid.full)
+        if self.identities is not None:  # the first verdict or receipt signed or checked without a cold start
+            self.spawn(asyncio.to_thread(attest.prepare, self.identities.all()))
         if NS_S5B in self.settings.methods:  # the proxy is named in offers (``Offer.streamhost``): know it before one
             self.spawn(self._discover_proxy_quietly())
 

@@ -74,3 +74,17 @@ def test_refusals_whose_write_failed_are_written_next_time_and_counted_once() ->
     log.restore(tallies)
     (tally,) = log.drain()
     assert tally.count == 6 and log.total == 6
+
+
+def test_prepare_loads_our_keys_before_the_first_statement_and_tolerates_a_missing_one(tmp_path: Path) -> None:
+    """At session start the identities' keys are loaded and used once, so the first verdict is not the one
+    that pays for it; a key file gone (rotated meanwhile) is left for the statement that needs it to report."""
+    from dataclasses import replace
+
+    b, _ = ensure_identity(tmp_path / "b.key", tmp_path / "b.crt", "b")
+    gone = replace(b, key_path=tmp_path / "gone.key")
+    attest._private_key.cache_clear()
+    attest.prepare([gone, b])
+    assert attest._private_key.cache_info().currsize == 1  # ours, loaded; the missing one not
+    with pytest.raises(OSError):
+        attest.sign(gone, b"a statement")  # still said where it is used
