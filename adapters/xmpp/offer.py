@@ -272,6 +272,19 @@ class StudyOffers:
 
     async def _decide(self, iq: slixmpp.Iq, peer: slixmpp.JID, offer: Offer, arrived: float) -> None:
         refusal = self.client.inbound.screen(peer.bare, offer)  # from memory: a flood from a stranger costs no I/O here
+        early = None
+        if refusal is None and NS_S5B in offer.methods and offer.streamhost is not None:
+            # An allowed peer with its pin: our leg to the proxy its offer names opens while we decide (its two
+            # SOCKS5 exchanges are the longest step before the stream); closed again if we refuse.
+            early = self.s5b.connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
+        try:
+            await self._admit(iq, peer, offer, arrived, refusal, early)
+        except BaseException:
+            discard_early(early)
+            raise
+
+    async def _admit(self, iq: slixmpp.Iq, peer: slixmpp.JID, offer: Offer, arrived: float,
+                     refusal: tuple[str, str] | None, early: asyncio.Future[Any] | None) -> None:
         if refusal is None:
             refusal = await asyncio.to_thread(self.client.inbound.authorize, peer.bare, offer)
             if refusal is None and (offer.sid in self.sinks or offer.sid in self.ibb.outbound):
@@ -301,9 +314,8 @@ class StudyOffers:
             self._reset_routine_streams(peer.bare)
         self.sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
                                                priority=offer.priority, start_offset=sink.offset)
-        if method == NS_S5B and offer.streamhost is not None:
-            self.sinks[offer.sid].early = self.s5b.connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
-            self.sinks[offer.sid].early_for = offer.streamhost
+        if method == NS_S5B and early is not None:
+            self.sinks[offer.sid].early, self.sinks[offer.sid].early_for = early, offer.streamhost
         reply = iq.reply()
         reply.xml.append(build_accept(method, sink.offset, framed, used))
         reply.send()

@@ -72,3 +72,45 @@ def test_an_inbound_socket_is_the_s5b_parts_to_reset_and_release() -> None:
         assert "sid1" not in s5b.sockets and ours.fileno() == -1
     finally:
         theirs.close()
+
+
+def test_the_receivers_early_proxy_leg_opens_only_for_an_allowed_peer_and_is_closed_when_the_offer_is_refused() -> None:
+    """The leg to the proxy an offer names opens while the receiver decides, once the offer passed the
+    in-memory screen (an allowed peer, its pin); a stranger's offer opens none, and a refused one's is closed."""
+    import slixmpp
+    from slixmpp.exceptions import XMPPError
+
+    from adapters.xmpp.stanzas import NS_S5B, Offer
+
+    class Inbound:
+        def __init__(self, screen: tuple[str, str] | None, authorize: tuple[str, str] | None) -> None:
+            self._screen, self._authorize = screen, authorize
+
+        def screen(self, _peer: str, _offer: object) -> tuple[str, str] | None:
+            return self._screen
+
+        def authorize(self, _peer: str, _offer: object) -> tuple[str, str] | None:
+            return self._authorize
+
+    async def run(screen: tuple[str, str] | None, authorize: tuple[str, str] | None) -> list[socket.socket]:
+        s5b, _ibb, offers = parts()
+        opened: list[socket.socket] = []
+
+        def leg(*_args: object) -> asyncio.Future[socket.socket]:
+            ours, theirs = socket.socketpair()
+            theirs.close()
+            opened.append(ours)
+            future: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+            future.set_result(ours)
+            return future
+
+        s5b.connect_streamhost_early = leg  # type: ignore[method-assign]
+        offers.client.inbound = Inbound(screen, authorize)  # type: ignore[attr-defined]
+        offer = Offer("sid1", "sid1.dgwb", 1000, "ab" * 32, (NS_S5B,), streamhost=("proxy.x", "127.0.0.1", 5000))
+        with pytest.raises(XMPPError):
+            await offers._decide(None, slixmpp.JID("a@x/gw1"), offer, 0.0)  # type: ignore[arg-type]
+        return opened
+
+    assert asyncio.run(run(("forbidden", "not an allowed peer"), None)) == []  # a stranger: no connection at all
+    (leg,) = asyncio.run(run(None, ("resource-constraint", "busy: 2 inbound transfer(s) running")))
+    assert leg.fileno() == -1  # opened while deciding, closed with the refusal
