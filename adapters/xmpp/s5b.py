@@ -163,6 +163,9 @@ class Socks5Bytestreams:
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         pump: asyncio.Future[Any] | None = None
+        # The pump's TLS wrap takes over ``sock``'s descriptor: a second one to the same socket can still shut
+        # it (and so end a handshake or a write blocked on its thread).
+        control = sock.dup()
         try:
             activate = self.client.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
@@ -175,8 +178,8 @@ class Socks5Bytestreams:
             try:
                 await activation
             except BaseException:
-                shut(sock)  # the pump waits for an answer that cannot come: it ends now
-                await asyncio.wait([pump])
+                shut(control)  # the handshake waits for an answer that cannot come: it ends now
+                await _ended(pump)
                 raise
             phases.mark("activate", 0 if tls is not None else 1)  # with TLS: its round trip is inside the handshake's
             await pump
@@ -187,10 +190,11 @@ class Socks5Bytestreams:
         except (ConnectionError, OSError, ssl.SSLError) as exc:
             raise TransferCut(f"SOCKS5 stream cut: {describe(exc)}") from exc
         finally:
-            if pump is not None and not pump.done():
-                shut(sock)
-                await asyncio.wait([pump])
-            shut(sock)  # ends the sending thread if this attempt was cancelled; it closes the socket itself
+            if pump is not None and not pump.done():  # cancelled: the sending thread ends with its socket
+                shut(control)
+                await _ended(pump)
+            shut(sock)  # not handed to a thread (closed by it otherwise)
+            control.close()
 
     async def on_query(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
@@ -295,6 +299,13 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 raise TimeoutError(f"no byte for {seconds} s") if isinstance(failed[0], (BlockingIOError, ssl.SSLWantReadError)) else failed[0]
             if count == 0:
                 return  # the sender (or a stop) ended the stream: the sink keeps what came
+
+
+async def _ended(task: asyncio.Future[Any]) -> None:
+    """Wait for a sending thread we stopped; its error (the socket we shut) is read, not raised."""
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 def discard_early(early: asyncio.Future[socket.socket] | None) -> None:

@@ -193,6 +193,41 @@ def test_unknown_sender_is_refused_and_audited(tmp_path: Path, prosody: Prosody)
         b.stop()
 
 
+def test_an_activation_the_proxy_refuses_ends_the_early_handshake_and_the_study_goes_over_ibb(
+        tmp_path: Path, prosody: Prosody, caplog: pytest.LogCaptureFixture) -> None:
+    """The TLS handshake starts behind the activation; when the proxy refuses the activation (here: it names a
+    target the proxy has no leg of), the handshake waiting behind it ends at once, nothing of it is left
+    unread, and the study goes over IBB, whole."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    try:
+        agent = a.gateway.agent
+        send_iq = agent.send_iq
+
+        async def wrong_target(iq: Any, timeout_s: float | None = None) -> Any:
+            activate = iq.xml.find("{http://jabber.org/protocol/bytestreams}query/{http://jabber.org/protocol/bytestreams}activate")
+            if activate is not None:
+                activate.text = "nobody@helsenett.test/none"
+            return await send_iq(iq, timeout_s)
+
+        agent.send_iq = wrong_target
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=4, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "cut"), ("ibb", "received")]
+        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        # B did not wait out its handshake timeout for a sender stuck in a dead handshake (and report it as a
+        # refused end-to-end channel):
+        assert not [r for r in caplog.records if "no end-to-end TLS handshake" in r.getMessage()]
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosody: Prosody) -> None:
     relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode="cut")
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
