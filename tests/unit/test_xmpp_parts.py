@@ -114,3 +114,24 @@ def test_the_receivers_early_proxy_leg_opens_only_for_an_allowed_peer_and_is_clo
     assert asyncio.run(run(("forbidden", "not an allowed peer"), None)) == []  # a stranger: no connection at all
     (leg,) = asyncio.run(run(None, ("resource-constraint", "busy: 2 inbound transfer(s) running")))
     assert leg.fileno() == -1  # opened while deciding, closed with the refusal
+
+
+def test_a_streamhost_query_waits_for_the_pending_offer_of_its_own_sender_only() -> None:
+    """The query sent right behind an offer waits until that offer is decided; a query from anyone else
+    naming the same stream id does not wait (it finds no accepted offer of its own, as before)."""
+    async def run() -> None:
+        _s5b, _ibb, offers = parts()
+        offers.client.settings = type("S", (), {"iq_timeout_s": 30.0})()  # type: ignore[attr-defined]
+        decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        offers.deciding["sid1"] = ("radiology.hospital-a@x/gw1", decided)
+        await offers.offer_decided("sid1", "mallory@x/evil")  # a stranger: at once, the offer still pending
+        await offers.offer_decided("sid2", "radiology.hospital-a@x/gw1")  # no such pending offer: at once
+        assert not decided.done()
+        waiting = asyncio.ensure_future(offers.offer_decided("sid1", "radiology.hospital-a@x/gw1"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # the sender's own query waits for the decision
+        decided.set_result(None)
+        await asyncio.wait_for(waiting, 30)
+
+    asyncio.run(run())
