@@ -123,13 +123,15 @@ class Socks5Bytestreams:
         no round trip of its own. None when the proxy is not known yet (:meth:`send` asks after the offer)."""
         if self.proxy is None:
             return None
-        proxy_jid, host, port = self.proxy
-        iq = self.client.make_iq_set(ito=peer)
-        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
-        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-        answer = asyncio.ensure_future(self.client.send_iq(iq))
+        answer = asyncio.ensure_future(self.client.send_iq(self._streamhost_query(peer, sid, self.proxy)))
         answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # an unused one's error is read
         return answer
+
+    def _streamhost_query(self, peer: str, sid: str, proxy: tuple[str, str, int]) -> slixmpp.Iq:
+        iq = self.client.make_iq_set(ito=peer)
+        query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+        ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy[0], "host": proxy[1], "port": str(proxy[2])})
+        return iq
 
     async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
@@ -148,11 +150,8 @@ class Socks5Bytestreams:
                     await asked                                # the offer (an older version): asked once more
                     answered = True
                     phases.mark("streamhost", 0)  # its round trip overlapped the offer's
-            if not answered:
-                iq = self.client.make_iq_set(ito=peer)
-                query = ET.SubElement(iq.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
-                ET.SubElement(query, q(NS_S5B, "streamhost"), {"jid": proxy_jid, "host": host, "port": str(port)})
-                await self.client.send_iq(iq)  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
+            if not answered:  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
+                await self.client.send_iq(self._streamhost_query(peer, sid, (proxy_jid, host, port)))
                 phases.mark("streamhost", 1)
             waited = not early.done()
             sock = await early
