@@ -72,3 +72,18 @@ def test_resume_offset_is_whole_chunks() -> None:
     assert resume_offset(0, 65536) == 0
     assert resume_offset(65535, 65536) == 0
     assert resume_offset(200000, 65536) == 196608
+
+
+def test_the_spool_check_names_the_first_changed_file_in_manifest_order_whatever_thread_finds_one(tmp_path: Path) -> None:
+    from gateway.dispatch import check_spool
+
+    manifest, paths = make_files(tmp_path, [3_000_000, 1000, 70000, 5, 2_000_000, 64])
+    assert check_spool(manifest, paths) is None
+    paths[4].write_bytes(paths[4].read_bytes()[:-1] + b"\x00")  # a late, large file changed ...
+    paths[3].unlink()  # ... and an earlier, small one gone: the earlier is what the operator is told
+    assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.3 cannot be read: ")
+    paths[3].write_bytes(b"12345")  # same size, other bytes
+    assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.3 changed since ingest (5 bytes, SHA-256 ")
+    paths[3].write_bytes(bytes((3 * 7 + j) % 251 for j in range(5)))
+    assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.4 changed since ingest (2000000 bytes")
+    assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[:1]), paths[:1]) is None  # one file: no pool
