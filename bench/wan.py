@@ -9,6 +9,10 @@ into A with dcmtk's storescu and sent to B end to end encrypted, by S5B (mediate
 compression off (``[xmpp] compress = false``) and on, at each link rate (``--rates``, Mbit/s; 0: plain
 loopback without relays, where compression must switch itself off; ``--random``: random pixels).
 
+Prosody loads the proxy65 variant shipped in conf/prosody, as the README tells a site to (it links the two
+legs as soon as both are up, so the end-to-end TLS handshake overlaps the offer); ``--stock-proxy`` runs
+Debian's own mod_proxy65 instead.
+
 Figures per run: seconds from offer to B's verdict (B verified every SHA-256 and stored every instance),
 ``MB/s`` of original bundle bytes delivered, wire bytes (A's transfer row), ``compression_ratio`` = bundle
 bytes / wire bytes, ``vs_link`` = delivered bytes per second / link rate. Also the zstd ratio (level 1, byte
@@ -32,7 +36,7 @@ from pathlib import Path
 from adapters.lab.localpeers import Prosody, nodelay_env
 from adapters.lab.netem import FaultRelay
 from adapters.lab.synthetic import generate_ct_study
-from bench.transfer import DOMAIN, GatewayProcess, identity
+from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"
 
@@ -123,11 +127,12 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=27.0)
     parser.add_argument("--methods", default="s5b,ibb")
     parser.add_argument("--random", action="store_true", help="random pixels (nothing to compress) instead of the phantom")
+    parser.add_argument("--stock-proxy", action="store_true", help="Debian's mod_proxy65 instead of the conf/prosody variant")
     args = parser.parse_args()
     size_mb, rates = (20.0, [100.0]) if args.quick else (args.size_mb, [float(r) for r in args.rates.split(",")])
     slices = max(1, round(size_mb * 1e6 / (512 * 512 * 2 + 1400)))
     work = Path(tempfile.mkdtemp(prefix="dicomgw-wan-"))
-    server = Prosody(work / "prosody", domain=DOMAIN)
+    server = Prosody(work / "prosody", domain=DOMAIN, plugin_paths=[] if args.stock_proxy else [VARIANT])
     for user in (A_USER, B_USER):
         server.add_account(user, f"pw-{user}")
     runs = []

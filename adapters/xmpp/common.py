@@ -206,28 +206,29 @@ class TransferCut(ConnectionError):
     """A bytestream failed after it started; the next offer resumes at the receiver's offset."""
 
 
-async def on_own_thread(name: str, fn: Callable[..., None], *args: object) -> None:
-    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end.
-    It runs in a copy of the caller's context, so its log lines carry the same fields (``gateway.logs``)."""
+async def on_own_thread(name: str, fn: Callable[..., Any], *args: object) -> Any:
+    """Run a long blocking ``fn`` on a new daemon thread (not the loop's shared executor) and await its end
+    (its result, or its exception). It runs in a copy of the caller's context, so its log lines carry the same
+    fields (``gateway.logs``)."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    done: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
 
-    def finish(exc: BaseException | None) -> None:
+    def finish(result: object, exc: BaseException | None) -> None:
         if not done.done():
-            done.set_exception(exc) if exc is not None else done.set_result(None)
+            done.set_exception(exc) if exc is not None else done.set_result(result)
 
     def run() -> None:
-        outcome: BaseException | None = None
+        result, outcome = None, None
         try:
-            context.run(fn, *args)
+            result = context.run(fn, *args)
         except BaseException as exc:  # handed to the awaiting coroutine, which decides
             outcome = exc
         with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits any more
-            loop.call_soon_threadsafe(finish, outcome)
+            loop.call_soon_threadsafe(finish, result, outcome)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    await done
+    return await done
 
 
 def log_task_failure(task: asyncio.Future[Any]) -> None:

@@ -140,14 +140,19 @@ class StudyOffers:
             offer = Offer(sid, f"{sid}.dgwb", size, manifest_sha256, methods,
                           identity.cert_der if encrypted and identity else b"", self.client.settings.compress, priority,
                           previous.cert_der if previous is not None else b"", ",".join(pin_set(pin)) if encrypted else "",
-                          self.s5b.proxy if NS_S5B in methods else None)  # known after the first S5B attempt
+                          self.s5b.proxy if NS_S5B in methods else None,  # known after the first S5B attempt
+                          self.s5b.links_early)
             started = time.time()
             attempt: dict[str, object] = {"sid": sid, "methods": list(methods), "started": started}
             result.attempts.append(attempt)
             phases = Phases()  # where the attempt's time goes, and its round trips before the first byte
             # The proxy leg is opened while the offer is answered (S5B is the first choice whenever offered):
             # the SOCKS5 greeting and request cost two round trips to the proxy that then overlap the offer's.
-            early = self.s5b.connect_early(peer_full_jid, sid) if NS_S5B in methods else None
+            # On a proxy that links the legs as soon as both are up, the TLS handshake starts on our leg at once
+            # (with our current certificate: not while we rotate, when the receiver may pin the previous one).
+            early_tls = (client_context(identity) if encrypted and identity and previous is None and self.s5b.links_early
+                         else None)
+            early = self.s5b.connect_early(peer_full_jid, sid, early_tls, pin or "") if NS_S5B in methods else None
             offering = asyncio.ensure_future(self._offer(peer_full_jid, offer))
             asked = self.s5b.ask_streamhost(peer_full_jid, sid) if NS_S5B in methods else None  # behind the offer
             try:
@@ -173,6 +178,11 @@ class StudyOffers:
             # The receiver pins our old certificate while we rotate: present that one (it said which).
             presented = (identities.by_fingerprint(used) if used and identities is not None else None) or identity
             tls = client_context(presented) if encrypted and presented else None
+            if early is not None and early.handshakes and presented is not identity:
+                # Its early handshake presents a certificate the receiver does not pin (cannot happen while we do not
+                # rotate: the early handshake is only started then); the leg goes, and with it the receiver's.
+                discard_early(early)
+                early = None
             moved = [0]  # stream bytes; study bytes (the bundle's own) are ``chunks.plain_at(moved[0])``
             chunks = Tally(stream_from(offset, framed), framed)
             try:
@@ -276,7 +286,7 @@ class StudyOffers:
         if refusal is None and NS_S5B in offer.methods and offer.streamhost is not None:
             # An allowed peer with its pin: our leg to the proxy its offer names opens while we decide (its two
             # SOCKS5 exchanges are the longest step before the stream); closed again if we refuse.
-            early = self.s5b.connect_streamhost_early(offer.sid, peer.full, offer.streamhost)
+            early = self.s5b.connect_streamhost_early(offer.sid, peer.full, offer.streamhost, offer.pipelined)
         try:
             await self._admit(iq, peer, offer, arrived, refusal, early)
         except BaseException:

@@ -4,6 +4,9 @@ Prosody's mod_proxy65 offer between two clients behind NAT).
 Sender: find the proxy (disco#items, then a bytestreams query; cached), send the streamhost to the
 receiver, connect to the proxy with DST.ADDR = SHA1(sid + initiator + target) (XEP-0065 5.3.2), activate,
 then (end to end) TLS 1.3 as the client, the receiver's pin checked before the first byte, and stream.
+On a proxy that links the two legs as soon as both are connected (disco feature ``NS_EARLY_LINK``: the
+variant in conf/prosody) both legs send their SOCKS5 greeting and request in one packet and the sender's
+TLS handshake starts as soon as its leg is up, so that it ends about when the receiver's leg is there.
 Receiver: connect to the offered streamhost (at most four tried), answer ``streamhost-used``, read the
 stream on a thread of its own (``_pump_s5b``: whole 1 MiB blocks, an idle limit, TLS server side when the
 offer carried a certificate) into the sink; its end, or its failure, ends in a verdict.
@@ -17,8 +20,9 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import slixmpp
@@ -44,6 +48,64 @@ from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
 
+NS_EARLY_LINK = "urn:dicomgw:proxy65:early-link"  # the proxy's disco feature (conf/prosody/plugins/mod_proxy65.lua)
+
+
+class OutboundLeg:
+    """Our leg to the proxy for one attempt, opened while the offer is answered. ``connected``: the socket once
+    the proxy answered its SOCKS5 request. With ``handshake`` (a proxy that links the legs as soon as both are
+    connected) the end-to-end TLS handshake then starts on it at once, on a thread of its own: ``secured``
+    gives the TLS socket (its flights wait in the proxy until the receiver's leg joins). ``control``, a second
+    descriptor of the socket, shuts it from the loop whichever thread holds it; :meth:`discard` ends a leg the
+    attempt does not use, on every path (closed now, or when its thread ends)."""
+
+    def __init__(self, connect: Callable[[], Awaitable[socket.socket]],
+                 handshake: Callable[[socket.socket], ssl.SSLSocket] | None, name: str) -> None:
+        self.control: socket.socket | None = None
+        self.secured: asyncio.Future[ssl.SSLSocket] | None = None
+        self._lock = threading.Lock()
+        self._discarded = False
+        self._handshake, self._name = handshake, name
+        self.handshakes = handshake is not None
+        self.connected: asyncio.Future[socket.socket] = asyncio.ensure_future(self._connect(connect))
+
+    async def _connect(self, connect: Callable[[], Awaitable[socket.socket]]) -> socket.socket:
+        sock = await connect()
+        with self._lock:
+            if self._discarded:
+                sock.close()
+                raise socks5.Socks5Error("the attempt went another way")
+            self.control = sock.dup()
+        if self._handshake is not None:
+            self.secured = asyncio.ensure_future(on_own_thread(self._name, self._secure, sock))
+            self.secured.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, if unused
+        return sock
+
+    def _secure(self, sock: socket.socket) -> ssl.SSLSocket:
+        assert self._handshake is not None
+        stream = self._handshake(sock)
+        with self._lock:
+            if self._discarded:  # discarded while the handshake ran: nobody takes it
+                stream.close()
+                raise socks5.Socks5Error("the attempt went another way")
+        return stream
+
+    def take_control(self) -> socket.socket:
+        """The second descriptor, now the caller's to shut and close (the leg is handed over)."""
+        assert self.control is not None
+        control, self.control = self.control, None
+        return control
+
+    def discard(self) -> None:
+        with self._lock:
+            self._discarded = True
+            control, self.control = self.control, None
+        shut(control, close=True)  # ends a handshake blocked on its thread
+        if self.secured is None:
+            discard_early(self.connected)
+        else:  # the handshake's thread owns the socket (closing it here could close a reused descriptor)
+            discard_early(self.secured)
+
 
 class Socks5Bytestreams:
     """XEP-0065 for the agent: its own state is the proxy of this session (looked up once, forgotten when the
@@ -54,11 +116,13 @@ class Socks5Bytestreams:
         self.client = client
         self.ends: StreamEnds = None  # type: ignore[assignment]  # the offers, set by the agent once they exist
         self.proxy: tuple[str, str, int] | None = None  # (jid, host, port) of this session's proxy65
+        self.links_early = False  # that proxy says NS_EARLY_LINK (pipelined SOCKS5, legs linked when both are up)
         self.readers: dict[str, asyncio.Future[None]] = {}  # sid -> the task reading an inbound stream
         self.sockets: dict[str, socket.socket] = {}  # sid -> inbound socket (a dup) to shut from the loop
 
     def session_ended(self) -> None:
         self.proxy = None  # the next session may be on another node, with its own proxy65
+        self.links_early = False
 
     def release(self, sid: str) -> None:
         """An inbound stream dropped: its socket shut (the reading thread returns) and its task cancelled."""
@@ -92,30 +156,45 @@ class Socks5Bytestreams:
                 host = response.xml.find(f"{q(NS_S5B, 'query')}/{q(NS_S5B, 'streamhost')}")
                 if host is not None and host.get("host") and host.get("port"):
                     address = self.client.settings.proxy_address or (host.get("host", ""), int(host.get("port", "0")))
+                    self.links_early = await self._links_early(host.get("jid", item[0]))
                     self.proxy = (host.get("jid", item[0]), address[0], address[1])
                     break
             if self.proxy is None:
                 raise TransferCut("the server offers no SOCKS5 proxy (XEP-0065)")
         return self.proxy
 
-    def connect_early(self, peer: str, sid: str) -> asyncio.Future[socket.socket]:
-        """Our leg to the proxy (discovered once, then cached), opened while the offer is answered: a task
-        giving the socket after the SOCKS5 request (nothing is relayed before the activation). The proxies
-        we run on (Prosody's mod_proxy65 and its variant, ejabberd's) pair the two legs by DST.ADDR in
-        either order. ``discard_early`` closes it when the attempt goes another way."""
+    async def _links_early(self, proxy_jid: str) -> bool:
+        """Whether the proxy says it links the legs as soon as both are connected (its disco#info)."""
+        try:
+            info = await self.client.plugin["xep_0030"].get_info(jid=proxy_jid, timeout=self.client.settings.iq_timeout_s)
+        except (IqError, IqTimeout):
+            return False
+        return NS_EARLY_LINK in info["disco_info"]["features"]
+
+    def connect_early(self, peer: str, sid: str, tls: ssl.SSLContext | None = None, pin: str = "") -> OutboundLeg:
+        """Our leg to the proxy of this session (known: looked up at session start), opened while the offer is
+        answered (nothing is relayed before both legs are there). The proxies we run on (Prosody's mod_proxy65
+        and its variant, ejabberd's) pair the two legs by DST.ADDR in either order. With ``tls`` on a proxy that
+        links the legs early, the handshake starts at once too (see :class:`OutboundLeg`)."""
+        digest = socks5.dst_addr(sid, self.client.boundjid.full, peer)
 
         async def connect() -> socket.socket:
-            _jid, host, port = await self.discover_proxy()
-            return await asyncio.to_thread(socks5.connect_blocking, host, port,
-                                           socks5.dst_addr(sid, self.client.boundjid.full, peer))
+            _jid, host, port = await self.discover_proxy()  # known already, unless the lookup at start failed
+            return await asyncio.to_thread(socks5.connect_blocking, host, port, digest, pipelined=self.links_early)
 
-        return asyncio.ensure_future(connect())
+        idle_s = self.client.settings.s5b_idle_timeout_s
+        early_tls = tls is not None and self.proxy is not None and self.links_early
+        return OutboundLeg(connect, (lambda sock: _secure(sock, tls, pin, peer, idle_s)) if early_tls else None,
+                           f"s5b-tls-{sid[:8]}")
 
-    def connect_streamhost_early(self, sid: str, peer: str, streamhost: tuple[str, str, int]) -> asyncio.Future[socket.socket]:
+    def connect_streamhost_early(self, sid: str, peer: str, streamhost: tuple[str, str, int],
+                                 pipelined: bool = False) -> asyncio.Future[socket.socket]:
         """The receiver's leg to the proxy an accepted offer named, opened while the accept travels (the sender's
-        XEP-0065 query then finds it ready). Only for an admitted offer; the query still decides."""
+        XEP-0065 query then finds it ready). Only for an admitted offer; the query still decides. ``pipelined``:
+        the offer says that proxy takes the SOCKS5 greeting and request in one packet."""
         return asyncio.ensure_future(asyncio.to_thread(
-            socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.client.boundjid.full)))
+            socks5.connect_blocking, streamhost[1], streamhost[2], socks5.dst_addr(sid, peer, self.client.boundjid.full),
+            pipelined=pipelined))
 
     def ask_streamhost(self, peer: str, sid: str) -> asyncio.Future[Any] | None:
         """The streamhost query, sent right behind the offer (before its answer) when this session's proxy is
@@ -135,10 +214,11 @@ class Socks5Bytestreams:
 
     async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
                         progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
-                        moved: list[int], early: asyncio.Future[socket.socket] | None = None,
+                        moved: list[int], early: OutboundLeg | None = None,
                         phases: Phases | None = None, asked: asyncio.Future[Any] | None = None) -> int:
-        """Stream through the proxy. ``early``: our leg, opened while the offer was answered; ``asked``: the
-        streamhost query sent behind the offer (:meth:`ask_streamhost`), asked again here if that one failed."""
+        """Stream through the proxy. ``early``: our leg, opened while the offer was answered (its TLS handshake
+        too, on a proxy that links early); ``asked``: the streamhost query sent behind the offer
+        (:meth:`ask_streamhost`), asked again here if that one failed."""
         phases = phases or Phases()
         if early is None:
             early = self.connect_early(peer, sid)
@@ -153,22 +233,43 @@ class Socks5Bytestreams:
             if not answered:  # answered once the receiver's leg is up (its SOCKS5 exchanges inside)
                 await self.client.send_iq(self._streamhost_query(peer, sid, (proxy_jid, host, port)))
                 phases.mark("streamhost", 1)
-            waited = not early.done()
-            sock = await early
+            waited = not early.connected.done()
+            sock = await early.connected
             phases.mark("proxy", 2 if waited else 0)  # our own SOCKS5 greeting and request, if not done meanwhile
+            control = early.take_control()
         except BaseException:
-            discard_early(early)
+            early.discard()
             raise
         loop = asyncio.get_running_loop()
         report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
         pump: asyncio.Future[Any] | None = None
-        # The pump's TLS wrap takes over ``sock``'s descriptor: a second one to the same socket can still shut
-        # it (and so end a handshake or a write blocked on its thread).
-        control = sock.dup()
+        # ``control``: a second descriptor of the socket, which a TLS wrap on another thread takes over; it can
+        # still shut it (and so end a handshake or a write blocked on its thread).
         try:
             activate = self.client.make_iq_set(ito=proxy_jid)
             ET.SubElement(ET.SubElement(activate.xml, q(NS_S5B, "query"), {"sid": sid}), q(NS_S5B, "activate")).text = peer
             activation = asyncio.ensure_future(self.client.send_iq(activate))
+            if early.secured is not None:
+                # The handshake ran since our leg was up; the proxy linked the legs when the receiver's joined.
+                # The activation is sent all the same (a proxy that did not link early links now). Its answer
+                # counts only while the handshake has not ended (a refusal then ends it): a finished handshake
+                # shows the legs are linked, and a small study may be through (its legs closed, the proxy's
+                # answer then item-not-found) before the proxy reads the activation.
+                activation.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, not raised
+                try:
+                    await asyncio.wait([early.secured, activation], return_when=asyncio.FIRST_COMPLETED)
+                    if not early.secured.done() and (refused := activation.exception()) is not None:
+                        raise refused
+                    sock = await early.secured
+                except BaseException:
+                    shut(control)  # a handshake still waiting on its thread ends now
+                    raise
+                phases.mark("tls", 0)  # its round trip overlapped the offer's and the streamhost's
+                pump = asyncio.ensure_future(on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, None, pin or "",
+                                                           peer, moved, report, self.client.settings.s5b_idle_timeout_s))
+                await pump
+                phases.mark("stream")
+                return moved[0]
             # The TLS handshake starts behind the activation: both proxies hold what a leg sends before it
             # (Prosody pauses the leg, ejabberd stops reading it) and relay it once the legs are linked.
             secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
@@ -215,7 +316,7 @@ class Socks5Bytestreams:
                     if early is None:
                         raise socks5.Socks5Error("no early leg")
                     sock = await early  # opened while we answered the offer (its hint named this streamhost)
-                except (socks5.Socks5Error, OSError, ValueError):
+                except (socks5.Socks5Error, OSError, ValueError):  # (a proxy that refused a pipelined request too)
                     sock = await asyncio.to_thread(
                         socks5.connect_blocking, named[1], named[2], socks5.dst_addr(sid, entry.peer, self.client.boundjid.full))
             except (socks5.Socks5Error, ValueError, OverflowError) as exc:
@@ -307,9 +408,30 @@ async def _ended(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def discard_early(early: asyncio.Future[socket.socket] | None) -> None:
+def _secure(sock: socket.socket, tls: ssl.SSLContext, pin: str, peer: str, idle_timeout_s: float) -> ssl.SSLSocket:
+    """The end-to-end TLS handshake as the client on our leg (on its own thread), the receiver's certificate
+    checked against ``pin``; the TLS socket comes back blocking, without a timeout (the pump sets its own)."""
+    try:
+        sock.settimeout(idle_timeout_s)
+        stream = tls.wrap_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        check_pin(stream, pin, peer)  # type: ignore[arg-type]
+        stream.settimeout(None)
+    except BaseException:
+        stream.close()
+        raise
+    return stream
+
+
+def discard_early(early: OutboundLeg | asyncio.Future[Any] | None) -> None:
     """An early proxy leg the attempt does not use (never one handed to a sending thread): closed now, or
-    when its connect ends."""
+    when its connect (or handshake) ends."""
+    if isinstance(early, OutboundLeg):
+        early.discard()
+        return
     if early is None:
         return
 

@@ -29,19 +29,22 @@ def _connect_request(digest: bytes) -> bytes:
     return b"\x05\x01\x00\x03" + bytes([len(digest)]) + digest + b"\x00\x00"
 
 
-def connect_blocking(host: str, port: int, digest: bytes, timeout_s: float = 10.0) -> socket.socket:
+def connect_blocking(host: str, port: int, digest: bytes, timeout_s: float = 10.0, pipelined: bool = False) -> socket.socket:
     """The same negotiation on a blocking socket (call it from a worker thread). The socket comes back in
-    blocking mode without a timeout; the caller sets its own idle limit."""
+    blocking mode without a timeout; the caller sets its own idle limit. ``pipelined``: the greeting and the
+    CONNECT request go in one packet (one round trip to the proxy instead of two), for a proxy that says it
+    takes them so (the dicomgw proxy65 variant; Prosody's stock module closes such a connection)."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except OSError as exc:
         raise Socks5Error(f"SOCKS5 connection to {host}:{port} failed: {exc}") from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(METHODS)
+        sock.sendall(METHODS + _connect_request(digest) if pipelined else METHODS)
         if _recv_exactly(sock, 2) != b"\x05\x00":
             raise Socks5Error("proxy refused the no-authentication method")
-        sock.sendall(_connect_request(digest))
+        if not pipelined:
+            sock.sendall(_connect_request(digest))
         reply = _recv_exactly(sock, 5)
         if reply[1] != 0:
             raise Socks5Error(f"proxy answered CONNECT with status {reply[1]}")

@@ -73,6 +73,10 @@ class Offer:
     # leg to it while it answers the offer, so that the query finds it ready (one round trip to the proxy
     # less on the path to the first byte). A hint only: the query still decides which streamhost is used.
     streamhost: tuple[str, str, int] | None = None
+    # That proxy takes the SOCKS5 greeting and CONNECT request in one packet and links the legs as soon as both
+    # are up (the dicomgw proxy65 variant's disco feature, NS_EARLY_LINK): the receiver may pipeline its
+    # request. A hint as well: if the proxy refuses, the receiver connects again the XEP-0065 way.
+    pipelined: bool = False
 
 
 def build_offer(offer: Offer) -> ET.Element:
@@ -97,7 +101,8 @@ def build_offer(offer: Offer) -> ET.Element:
         ET.SubElement(si, q(NS_WIRE, "priority"), {"level": "stat"})
     if offer.streamhost is not None:
         jid, host, port = offer.streamhost
-        ET.SubElement(si, q(NS_WIRE, "streamhost"), {"jid": jid, "host": host, "port": str(port)})
+        ET.SubElement(si, q(NS_WIRE, "streamhost"), {"jid": jid, "host": host, "port": str(port),
+                                                      **({"pipelined": "1"} if offer.pipelined else {})})
     return si
 
 
@@ -105,17 +110,21 @@ HOST = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")  # a DNS name or an IPv4/IPv6
 JID_TEXT = re.compile(r"^[^\s\x00-\x1f\x7f]{1,1023}$")
 
 
-def parse_streamhost(si: ET.Element) -> tuple[str, str, int] | None:
-    """The offer's streamhost hint, checked as strictly as the rest (ValueError: bad-request)."""
+def parse_streamhost(si: ET.Element) -> tuple[tuple[str, str, int] | None, bool]:
+    """The offer's streamhost hint and whether its proxy takes a pipelined SOCKS5 request, checked as strictly
+    as the rest (ValueError: bad-request)."""
     el = si.find(q(NS_WIRE, "streamhost"))
     if el is None:
-        return None
+        return None, False
     jid, host, port = el.get("jid", ""), el.get("host", ""), el.get("port", "")
     if not JID_TEXT.match(jid) or not HOST.match(host):
         raise ValueError("offer's streamhost hint has no usable jid or host")
     if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
         raise ValueError(f"offer's streamhost hint has port {port[:16]!r} (1-65535)")
-    return jid, host, int(port)
+    pipelined = el.get("pipelined")
+    if pipelined not in (None, "1"):
+        raise ValueError(f"offer's streamhost hint has pipelined={pipelined[:16]!r} (only \"1\")")
+    return (jid, host, int(port)), pipelined == "1"
 
 
 def parse_offer(si: ET.Element) -> Offer:
@@ -154,8 +163,9 @@ def parse_offer(si: ET.Element) -> Offer:
         raise ValueError("offer's expected fingerprints are not SHA-256 hex digests separated by commas")
     priority_el = si.find(q(NS_WIRE, "priority"))
     priority = "stat" if priority_el is not None and priority_el.get("level") == "stat" else "routine"
+    streamhost, pipelined = parse_streamhost(si) if NS_S5B in methods else (None, False)
     return Offer(sid, file_el.get("name", "")[:256], int(size_text), sha, methods, cert_der, offers_frames(si), priority,
-                 certs["previous"] if cert_der else b"", expect, parse_streamhost(si) if NS_S5B in methods else None)
+                 certs["previous"] if cert_der else b"", expect, streamhost, pipelined)
 
 
 def build_accept(method: str, offset: int, compress: bool = False, identity_used: str = "") -> ET.Element:

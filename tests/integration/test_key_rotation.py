@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from adapters.lab.localpeers import Orthanc, Prosody
 from adapters.lab.netem import FaultRelay
 from adapters.lab.synthetic import generate_ct_study
@@ -19,14 +21,19 @@ from tests.integration.test_operations import in_orthanc
 from tests.integration.test_xmpp_transfer import (
     A_JID,
     B_JID,
+    PROXY65_VARIANT,
     running_prosody,
     site_identity,
     start_site,
 )
 
 
-def test_rotating_either_side_loses_no_study(tmp_path: Path) -> None:
-    with running_prosody(tmp_path / "prosody") as prosody, Orthanc(tmp_path / "orthanc") as orthanc:
+@pytest.mark.parametrize("variant", [False, True], ids=["stock-proxy65", "dicomgw-proxy65"])
+def test_rotating_either_side_loses_no_study(tmp_path: Path, variant: bool) -> None:
+    """On the variant a sender that is not rotating starts its handshake as soon as its leg is up (early link);
+    one that rotates waits for the receiver's accept, which names the certificate it pins."""
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT] if variant else []) as prosody, \
+            Orthanc(tmp_path / "orthanc") as orthanc:
         orthanc.start()
         _scenario(tmp_path, prosody, orthanc)
 

@@ -197,7 +197,8 @@ def test_an_activation_the_proxy_refuses_ends_the_early_handshake_and_the_study_
         tmp_path: Path, prosody: Prosody, caplog: pytest.LogCaptureFixture) -> None:
     """The TLS handshake starts behind the activation; when the proxy refuses the activation (here: it names a
     target the proxy has no leg of), the handshake waiting behind it ends at once, nothing of it is left
-    unread, and the study goes over IBB, whole."""
+    unread, and the study goes over IBB, whole. (A proxy that links the legs before any activation, the
+    variant, is used here as one that does not: its early link is the proxy_legs test's.)"""
     import logging
 
     caplog.set_level(logging.WARNING)
@@ -205,6 +206,8 @@ def test_an_activation_the_proxy_refuses_ends_the_early_handshake_and_the_study_
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
     try:
         agent = a.gateway.agent
+        wait_for(lambda: agent.s5b.proxy is not None, 30, 0.1, what="A to know the proxy (looked up at session start)")
+        agent.s5b.links_early = False
         send_iq = agent.send_iq
 
         async def wrong_target(iq: Any, timeout_s: float | None = None) -> Any:
@@ -506,32 +509,38 @@ def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_
             b.stop()
 
 
+@pytest.mark.parametrize("links_early", [False, True], ids=["stock-proxy65", "dicomgw-proxy65"])
 def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg_costs_only_its_time(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, links_early: bool) -> None:
     """The offer names the proxy, the receiver opens its leg while its accept travels and the sender its own
     while it waits; the streamhost query travels right behind the offer and the TLS handshake right behind the
     activation: the sender's log line for the attempt shows no wait for its own leg ("proxy 0 ms") and two
-    round trips before the first byte (the offer; the activation with the handshake). When the receiver's early
-    leg fails (a proxy that refused it), the XEP-0065 query connects again and the study still goes over S5B.
-    A receiver that answers the early query before deciding the offer (item-not-found, as a version without
-    the wait would) is asked again: one round trip more, and the study goes over S5B."""
+    round trips before the first byte (the offer; the activation with the handshake). On the proxy variant
+    (which links the legs as soon as both are up and says so) the handshake starts as soon as the sender's leg
+    is up: one round trip (the offer). When the receiver's early leg fails (a proxy that refused it), the
+    XEP-0065 query connects again and the study still goes over S5B. A receiver that answers the early query
+    before deciding the offer (item-not-found, as a version without the wait would) is asked again: one round
+    trip more, and the study goes over S5B."""
     import asyncio
     import logging
 
     from adapters.xmpp import socks5
 
     caplog.set_level(logging.INFO, logger="adapters.xmpp.offer")
-    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT]) as prosody:
+    trips = 1 if links_early else 2
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT] if links_early else []) as prosody:
         b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
         a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
         try:
             wait_for(lambda: a.gateway.agent.s5b.proxy is not None, 30, 0.1, what="A to know the proxy (looked up at session start)")
+            assert a.gateway.agent.s5b.links_early is links_early  # the variant's disco feature, read at session start
             study = generate_ct_study(tmp_path / "ct1", series=1, slices_per_series=5, rows=64, columns=64)
             assert storescu(a.gateway.scp.port, study.files).returncode == 0
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="the first study to be sent")
             lines = [r.getMessage() for r in caplog.records if "round trips before the first byte" in r.getMessage()]
             assert len(lines) == 1 and lines[0].startswith("S5B attempt"), lines
-            assert "proxy 0 ms" in lines[0] and "; 2 round trips before the first byte" in lines[0], lines[0]
+            assert "proxy 0 ms" in lines[0] and f"; {trips} round trips before the first byte" in lines[0], lines[0]
+            assert ("activate" in lines[0]) is not links_early, lines[0]  # early: the linked legs do not wait for it
 
             async def refused() -> object:
                 raise socks5.Socks5Error("proxy answered CONNECT with status 2")
@@ -561,7 +570,7 @@ def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg
             assert set(third.sop_instance_uids) <= set(received_instances(b.gateway))
             assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")] * 3
             lines = [r.getMessage() for r in caplog.records if "round trips before the first byte" in r.getMessage()]
-            assert len(asked) == 1 and "; 3 round trips before the first byte" in lines[-1], lines[-1]
+            assert len(asked) == 1 and f"; {trips + 1} round trips before the first byte" in lines[-1], lines[-1]
         finally:
             a.stop()
             b.stop()

@@ -204,7 +204,14 @@ def test_offer_streamhost_hint_round_trips_and_refuses_hostile_values() -> None:
     hint = ("proxy.helsenett.test", "10.0.0.5", 5000)
     assert parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B, NS_IBB), streamhost=hint))).streamhost == hint
     assert parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,)))).streamhost is None
+    for pipelined in (False, True):  # the proxy takes a pipelined SOCKS5 request: said only with a hint
+        read = parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,), streamhost=hint, pipelined=pipelined)))
+        assert (read.streamhost, read.pipelined) == (hint, pipelined)
+    assert not parse_offer(build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,), pipelined=True))).pipelined
     hostile = [
+        {"jid": "proxy", "host": "127.0.0.1", "port": "5000", "pipelined": "true"},  # only "1"
+        {"jid": "proxy", "host": "127.0.0.1", "port": "5000", "pipelined": ""},
+        {"jid": "proxy", "host": "127.0.0.1", "port": "5000", "pipelined": "1" * 1000},
         {"jid": "", "host": "127.0.0.1", "port": "5000"},
         {"jid": "proxy x", "host": "127.0.0.1", "port": "5000"},
         {"jid": "proxy\x1b[2J", "host": "127.0.0.1", "port": "5000"},
@@ -227,7 +234,7 @@ def test_offer_streamhost_hint_round_trips_and_refuses_hostile_values() -> None:
             parse_offer(si)
         si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_IBB,)))
         ET.SubElement(si, q(NS_WIRE, "streamhost"), attrs)
-        assert parse_offer(si).streamhost is None  # not an S5B offer: the hint is not looked at
+        assert (parse_offer(si).streamhost, parse_offer(si).pipelined) == (None, False)  # not S5B: the hint is not looked at
     si = build_offer(Offer("sid1", "sid1.dgwb", 10, "ab" * 32, (NS_S5B,), streamhost=hint))
     for _ in range(1000):  # repeated: only the first is read
         ET.SubElement(si, q(NS_WIRE, "streamhost"), {"jid": "other", "host": "10.9.9.9", "port": "1"})

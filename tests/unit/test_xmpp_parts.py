@@ -43,7 +43,7 @@ def test_the_session_ending_ends_what_each_part_holds() -> None:
     async def run() -> None:
         s5b, ibb, offers = parts()
         loop = asyncio.get_running_loop()
-        s5b.proxy = ("proxy.helsenett.test", "127.0.0.1", 5000)
+        s5b.proxy, s5b.links_early = ("proxy.helsenett.test", "127.0.0.1", 5000), True
         verdict = AwaitedVerdict(loop.create_future(), "b@helsenett.test/gw1", None)
         offers.verdicts["sid1"] = verdict
         handshake: asyncio.Future[None] = loop.create_future()
@@ -51,7 +51,7 @@ def test_the_session_ending_ends_what_each_part_holds() -> None:
         s5b.session_ended()
         offers.session_ended()
         ibb.session_ended(TransferCut("XMPP connection lost"))
-        assert s5b.proxy is None  # the next session may be on another node
+        assert s5b.proxy is None and not s5b.links_early  # the next session may be on another node, another proxy
         with pytest.raises(TransferCut, match="before the receiver's verdict"):
             verdict.future.result()
         with pytest.raises(TransferCut, match="connection lost"):
@@ -133,5 +133,49 @@ def test_a_streamhost_query_waits_for_the_pending_offer_of_its_own_sender_only()
         assert not waiting.done()  # the sender's own query waits for the decision
         decided.set_result(None)
         await asyncio.wait_for(waiting, 30)
+
+    asyncio.run(run())
+
+
+def test_an_early_legs_handshake_ends_when_the_attempt_goes_another_way_and_a_finished_one_is_closed() -> None:
+    """``OutboundLeg``: the handshake started on our leg as soon as it is up (a proxy that links early) blocks on
+    its own thread until the receiver answers; discarding the leg (a refused offer, an IBB answer) ends it at
+    once through the second descriptor, and a handshake that had finished leaves no socket open."""
+    from adapters.xmpp.s5b import OutboundLeg
+
+    async def run() -> None:
+        ours, far = socket.socketpair()
+        started = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def blocked_handshake(sock: socket.socket) -> Any:
+            loop.call_soon_threadsafe(started.set)
+            if sock.recv(1) == b"":  # the far side never answers: only a shutdown ends this
+                raise ConnectionError("the leg was shut")
+            raise AssertionError("no byte was sent")
+
+        async def connect() -> socket.socket:
+            return ours
+
+        leg = OutboundLeg(connect, blocked_handshake, "test-tls")
+        assert await leg.connected is ours
+        await asyncio.wait_for(started.wait(), 30)
+        leg.discard()
+        with pytest.raises(ConnectionError, match="shut"):
+            await asyncio.wait_for(leg.secured, 30)  # type: ignore[arg-type]
+        far.close()
+
+        one, two = socket.socketpair()
+
+        async def connect_two() -> socket.socket:
+            return one
+
+        done = OutboundLeg(connect_two, lambda sock: sock, "test-tls")  # a handshake that ends at once
+        assert await asyncio.wait_for(done.secured if done.secured else done.connected, 30) is one
+        await asyncio.wait_for(done.secured, 30)  # type: ignore[arg-type]
+        done.discard()
+        await asyncio.sleep(0)  # the close runs as a done-callback
+        assert one.fileno() == -1  # closed: nobody took it
+        two.close()
 
     asyncio.run(run())

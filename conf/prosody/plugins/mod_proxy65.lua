@@ -1,7 +1,15 @@
 -- dicomgw variant of Prosody 0.12's mod_proxy65 (XEP-0065 SOCKS5 Bytestreams proxy).
--- The only change from the module Debian ships: the relay buffer is proxy65_buffer_size bytes
--- (default 65536) instead of a hard-coded 4096, so the proxy relays in 64 KiB steps rather than 4 KiB
--- stop-and-wait. Load it by putting this folder first in plugin_paths (see prosody.cfg.lua here).
+-- Changes from the module Debian ships:
+-- * the relay buffer is proxy65_buffer_size bytes (default 65536) instead of a hard-coded 4096, so the
+--   proxy relays in 64 KiB steps rather than 4 KiB stop-and-wait;
+-- * the two legs of a stream are linked as soon as both are connected (the initiator's activation that
+--   follows is answered as done), and a client may send its SOCKS5 greeting and CONNECT request in one
+--   packet. Both are announced by the disco feature urn:dicomgw:proxy65:early-link, which dicomgw gateways
+--   look for: they then start their end-to-end TLS handshake on their leg at once (what a leg sends waits in
+--   the proxy until the other leg is there), which saves a round trip per transfer and one per leg. Clients
+--   that follow XEP-0065 to the letter see no difference: nothing is relayed that they did not send;
+-- * a third leg for a stream that already has two is refused (the stock module let it replace the first).
+-- Load it by putting this folder first in plugin_paths (see prosody.cfg.lua here).
 -- Original copyright and licence below (MIT/X11).
 -- Prosody IM
 -- Copyright (C) 2008-2011 Matthew Wild
@@ -26,6 +34,15 @@ local max_buffer_size = module:get_option_number("proxy65_buffer_size", 65536);
 
 local listener = {};
 
+local function link(transfer)
+	if transfer.activated then return; end
+	transfer.activated = true;
+	server.link(transfer.initiator, transfer.target, max_buffer_size);
+	server.link(transfer.target, transfer.initiator, max_buffer_size);
+	transfer.target:resume();
+	transfer.initiator:resume();
+end
+
 function listener.onincoming(conn, data)
 	local session = sessions[conn] or {};
 
@@ -38,39 +55,46 @@ function listener.onincoming(conn, data)
 
 	if not session.greeting_done then
 		local nmethods = data:byte(2) or 0;
-		if data:byte(1) == 0x05 and nmethods > 0 and #data == 2 + nmethods then -- check if we have all the data
-			if data:find("%z") then -- 0x00 = 'No authentication' is supported
-				session.greeting_done = true;
-				sessions[conn] = session;
-				conn:write("\5\0"); -- send (SOCKS version 5, No authentication)
-				module:log("debug", "SOCKS5 greeting complete");
-				return;
-			end
-		end -- else error, unexpected input
-		conn:write("\5\255"); -- send (SOCKS version 5, no acceptable method)
-		conn:close();
-		module:log("debug", "Invalid SOCKS5 greeting received: %q", data:sub(1, 300));
-	else -- connection request
-		--local head = string.char( 0x05, 0x01, 0x00, 0x03, 40 ); -- ( VER=5=SOCKS5, CMD=1=CONNECT, RSV=0=RESERVED, ATYP=3=DOMAIMNAME, SHA-1 size )
-		if #data == 47 and data:sub(1,5) == "\5\1\0\3\40" and data:sub(-2) == "\0\0" then
-			local sha = data:sub(6, 45);
-			conn:pause();
-			conn:write("\5\0\0\3\40" .. sha .. "\0\0"); -- VER, REP, RSV, ATYP, BND.ADDR (sha), BND.PORT (2 Byte)
-			if not transfers[sha] then
-				transfers[sha] = {};
-				transfers[sha].target = conn;
-				session.sha = sha;
-				module:log("debug", "SOCKS5 target connected for session %s", sha);
-			else -- transfers[sha].target ~= nil
-				transfers[sha].initiator = conn;
-				session.sha = sha;
-				module:log("debug", "SOCKS5 initiator connected for session %s", sha);
-			end
+		if data:byte(1) == 0x05 and nmethods > 0 and #data >= 2 + nmethods and data:sub(3, 2 + nmethods):find("%z") then
+			session.greeting_done = true; -- 0x00 = 'No authentication' is supported
+			sessions[conn] = session;
+			conn:write("\5\0"); -- send (SOCKS version 5, No authentication)
+			module:log("debug", "SOCKS5 greeting complete");
+			data = data:sub(3 + nmethods); -- a pipelined CONNECT request follows in the same packet
+			if #data == 0 then return; end
 		else -- error, unexpected input
-			conn:write("\5\1\0\3\0\0\0"); -- VER, REP, RSV, ATYP, BND.ADDR (sha), BND.PORT (2 Byte)
+			conn:write("\5\255"); -- send (SOCKS version 5, no acceptable method)
 			conn:close();
-			module:log("debug", "Invalid SOCKS5 negotiation received: %q", data:sub(1, 300));
+			module:log("debug", "Invalid SOCKS5 greeting received: %q", data:sub(1, 300));
+			return;
 		end
+	end
+	-- connection request
+	--local head = string.char( 0x05, 0x01, 0x00, 0x03, 40 ); -- ( VER=5=SOCKS5, CMD=1=CONNECT, RSV=0=RESERVED, ATYP=3=DOMAIMNAME, SHA-1 size )
+	if not session.sha and #data == 47 and data:sub(1,5) == "\5\1\0\3\40" and data:sub(-2) == "\0\0" then
+		local sha = data:sub(6, 45);
+		local existing = transfers[sha];
+		if existing and existing.initiator then -- both legs are here: a third is not one of them
+			conn:write("\5\2\0\3\0\0\0"); -- REP 2: connection not allowed by ruleset
+			conn:close();
+			module:log("debug", "Third SOCKS5 leg for session %s refused", sha);
+			return;
+		end
+		conn:pause();
+		conn:write("\5\0\0\3\40" .. sha .. "\0\0"); -- VER, REP, RSV, ATYP, BND.ADDR (sha), BND.PORT (2 Byte)
+		session.sha = sha;
+		if not existing then
+			transfers[sha] = { target = conn };
+			module:log("debug", "SOCKS5 target connected for session %s", sha);
+		else -- transfers[sha].target ~= nil
+			existing.initiator = conn;
+			module:log("debug", "SOCKS5 initiator connected for session %s: legs linked", sha);
+			link(existing); -- what either leg sent meanwhile waits in its (paused) socket and goes now
+		end
+	else -- error, unexpected input
+		conn:write("\5\1\0\3\0\0\0"); -- VER, REP, RSV, ATYP, BND.ADDR (sha), BND.PORT (2 Byte)
+		conn:close();
+		module:log("debug", "Invalid SOCKS5 negotiation received: %q", data:sub(1, 300));
 	end
 end
 
@@ -107,6 +131,7 @@ function module.add_host(module)
 	module:depends("disco");
 	module:add_identity("proxy", "bytestreams", name);
 	module:add_feature("http://jabber.org/protocol/bytestreams");
+	module:add_feature("urn:dicomgw:proxy65:early-link");
 
 	local function is_permitted(origin, stanza)
 		if proxy_acl and #proxy_acl > 0 then
@@ -173,11 +198,7 @@ function module.add_host(module)
 			--	origin.send(st.error_reply(stanza, "cancel", "not-allowed", "The recipient is not connected to the proxy"));
 			else -- if transfers[sha].initiator ~= nil and transfers[sha].target ~= nil then
 				module:log("debug", "Transfer activated (%s)", info);
-				transfers[sha].activated = true;
-				server.link(transfers[sha].initiator, transfers[sha].target, max_buffer_size);
-				server.link(transfers[sha].target, transfers[sha].initiator, max_buffer_size);
-				transfers[sha].target:resume();
-				transfers[sha].initiator:resume();
+				link(transfers[sha]); -- linked already when the second leg connected
 				origin.send(st.reply(stanza));
 			end
 		elseif to and sid then
