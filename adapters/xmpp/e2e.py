@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,22 +183,45 @@ def _base(purpose: int, identity: Identity) -> ssl.SSLContext:
     return context
 
 
+_CONTEXTS: dict[tuple[str, ...], ssl.SSLContext] = {}  # made once per identity (and peer certificate), ~0.6 ms each
+_CONTEXTS_KEPT = 64
+
+
+def _kept(key: tuple[str, ...], make: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """A context is configuration only (each connection has its own state): one per key serves every
+    transfer; a rotated identity has another fingerprint, so another key."""
+    context = _CONTEXTS.get(key)
+    if context is None:
+        if len(_CONTEXTS) >= _CONTEXTS_KEPT:
+            _CONTEXTS.clear()
+        context = _CONTEXTS[key] = make()
+    return context
+
+
 def server_context(identity: Identity, peer_cert_der: bytes) -> ssl.SSLContext:
     """The receiver's side: requires the client to present exactly ``peer_cert_der`` (checked against the
     pin before this is called)."""
-    context = _base(ssl.PROTOCOL_TLS_SERVER, identity)
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=peer_cert_der)
-    context.num_tickets = 0
-    return context
+
+    def make() -> ssl.SSLContext:
+        context = _base(ssl.PROTOCOL_TLS_SERVER, identity)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=peer_cert_der)
+        context.num_tickets = 0
+        return context
+
+    return _kept(("server", identity.fingerprint, str(identity.key_path), fingerprint(peer_cert_der)), make)
 
 
 def client_context(identity: Identity) -> ssl.SSLContext:
     """The sender's side: presents our certificate; the server's is checked by :func:`check_pin`."""
-    context = _base(ssl.PROTOCOL_TLS_CLIENT, identity)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # no CA for self-signed gateway certificates: the pin decides
-    return context
+
+    def make() -> ssl.SSLContext:
+        context = _base(ssl.PROTOCOL_TLS_CLIENT, identity)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # no CA for self-signed gateway certificates: the pin decides
+        return context
+
+    return _kept(("client", identity.fingerprint, str(identity.key_path)), make)
 
 
 def check_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pin: str, peer: str) -> None:
