@@ -31,6 +31,7 @@ from sqlalchemy.orm import sessionmaker
 
 from gateway.lifecycle import State
 from gateway.rows import StreamClaimRow, StudyUnitRow, utcnow
+from gateway.store import lease_engine
 
 IN_FLIGHT = (State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)
 
@@ -62,7 +63,7 @@ class Claims:
         self.owner = owner or new_owner_id()
         self.lease_s = lease_s
         self._owner_gone = owner_gone
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._sessions = sessionmaker(lease_engine(engine), expire_on_commit=False)  # commits not waiting for the disk
         self._stream_refs: dict[str, int] = {}  # bundle -> streams of it this process admitted
         self._refs_lock = threading.Lock()
 

@@ -11,6 +11,7 @@ Contract
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,13 +58,38 @@ def make_engine(db_url: str) -> Engine:
     return create_engine(db_url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+_LEASE_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def lease_engine(engine: Engine) -> Engine:
+    """An engine on the same database whose commits do not wait for the disk, for lease bookkeeping only
+    (``gateway.claims``): a claim or lease lost in a power cut belonged to a process that is gone with it, and
+    other processes see a commit at once either way. SQLite: synchronous=NORMAL (WAL stays consistent; the next
+    full commit of any connection syncs it too); PostgreSQL: synchronous_commit off. Every instance, unit move
+    and receipt still commits through ``engine`` (synchronous=FULL / on). One per engine; an in-memory SQLite
+    database (one per connection) keeps ``engine``."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and (not url.database or url.database == ":memory:"):
+        return engine
+    lax = _LEASE_ENGINES.get(engine)
+    if lax is None:
+        if url.get_backend_name() == "sqlite":
+            lax = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=2)
+            event.listen(lax, "connect", lambda conn, record: _sqlite_pragmas(conn, record, "NORMAL"))
+        else:
+            lax = create_engine(url, pool_pre_ping=True, pool_size=2,
+                                connect_args={"options": "-c synchronous_commit=off"})
+        _LEASE_ENGINES[engine] = lax
+    return lax
 
 
 def alembic_config(db_url: str) -> Any:

@@ -188,3 +188,28 @@ def test_routing_leaves_a_unit_another_process_routed_and_is_offering_since_the_
     assert store.unit(unit).state == State.OFFERING.value
     moves = [(e["from_state"], e["to_state"]) for e in store.audit_entries(unit_id=unit)]
     assert ("offering", "queued") not in moves and moves[0] == ("queued", "offering")
+
+
+def test_leases_commit_without_waiting_for_the_disk_and_everything_else_still_waits(store: QueueStore) -> None:
+    """A claim lost in a power cut belonged to a process gone with it: lease writes commit without an fsync
+    (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit off), on an engine of their own; the queue's own
+    writes (instances, moves, receipts) keep synchronous=FULL / on. A claim is seen by the queue at once."""
+    from sqlalchemy import text
+
+    from gateway.store import lease_engine
+
+    (unit,) = queued_units(store, 1)
+    claims = Claims(store.engine, owner="host-a:1:x", lease_s=60)
+    assert claims.claim(unit) and owner_of(store, unit) == "host-a:1:x"
+    sqlite = store.engine.dialect.name == "sqlite"
+    setting = "PRAGMA synchronous" if sqlite else "SHOW synchronous_commit"
+    with lease_engine(store.engine).connect() as conn:
+        lax = conn.exec_driver_sql(setting).scalar()
+    with store.engine.connect() as conn:
+        full = conn.exec_driver_sql(setting).scalar()
+        if sqlite:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    assert (lax, full) == ((1, 2) if sqlite else ("off", "on"))
+    assert lease_engine(store.engine) is lease_engine(store.engine)  # one per engine
+    claims.release(unit)
+    assert owner_of(store, unit) is None
