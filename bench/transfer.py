@@ -90,7 +90,7 @@ class GatewayProcess(PeerProcess):
     def attempt_steps(self) -> list[str]:
         """The sender's line per transfer attempt (``adapters.xmpp.common.Phases``), when it logs at INFO."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return [line.split(" attempt ", 1)[1] for line in text.splitlines() if "round trips before the first byte" in line]
+        return [line.split(" attempt ", 1)[1] for line in text.splitlines() if "before the first byte" in line]
 
     def unit_state(self) -> tuple[str, str] | None:
         """(state, error) of the first study unit, read straight from the queue DB (stdlib sqlite3, read-only).

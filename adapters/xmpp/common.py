@@ -317,7 +317,8 @@ class Phases:
 
     def describe(self) -> str:
         steps = ", ".join(f"{step} {ms:.0f} ms" for step, ms, _ in self.steps)
-        return f"{steps}; {self.round_trips_before_data():g} round trips before the first byte"
+        trips = self.round_trips_before_data()
+        return f"{steps}; {trips:g} round trip{'' if trips == 1 else 's'} before the first byte"
 
 
 class XmppClient(Protocol):
