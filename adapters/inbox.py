@@ -12,9 +12,9 @@ rounded down to whole chunks (the format's 64 KiB), the file holding that offset
 later ones removed, and the hashes of what was kept are recomputed. ``close`` (a cut stream, a stop)
 fsyncs what arrived. Each whole file is fsynced as soon as it is complete, on the spool's threads (so the
 sender's wait for the verdict does not grow with the study). ``finish`` needs every file verified and
-durable, ``on_verified`` is
-called, and all instances are placed and recorded through the same ``IngestService`` as network instances
-(one transaction), in a unit whose ``origin_peer`` is the sender. A bundle that fails verification is moved
+durable; then all instances are placed and recorded through the same ``IngestService`` as network
+instances, in one transaction with the receiving unit's move to ``received`` (``received``), in a unit whose
+``origin_peer`` is the sender. A bundle that fails verification is moved
 to quarantine with the reason, so the sender's retry starts from zero with nothing lost.
 """
 
@@ -241,14 +241,15 @@ class InboundBundle:
         log.info("bundle %s from %s paused at %d of %d bytes: %s", self.manifest_sha256[:12], self.peer_jid, self.offset, self.size, reason)
 
     # -- the end --------------------------------------------------------------------------------
-    def finish(self, on_verified: Callable[[], None] | None = None, keep_files: bool = False) -> tuple[bool, str]:
-        """Verify, call ``on_verified``, import; (True, summary) or (False, reason). Runs on a worker thread.
-        With ``keep_files`` the instance files are hard-linked into the spool and the inbox folder stays
-        readable (an early import still reading it) until :meth:`cleanup`."""
+    def finish(self, received: tuple[int, str, int] | None = None, keep_files: bool = False) -> tuple[bool, str]:
+        """Verify, then place and record every instance; (True, summary) or (False, reason). Runs on a worker
+        thread. ``received``: (unit id, detail, bytes) of the receiving unit, moved to ``received`` in the same
+        transaction as the instance rows. With ``keep_files`` the instance files are hard-linked into the spool
+        and the inbox folder stays readable (an early import still reading it) until :meth:`cleanup`."""
         with self._lock:
-            return self._finish(on_verified, keep_files)
+            return self._finish(received, keep_files)
 
-    def _finish(self, on_verified: Callable[[], None] | None, keep_files: bool) -> tuple[bool, str]:
+    def _finish(self, received: tuple[int, str, int] | None, keep_files: bool) -> tuple[bool, str]:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -259,9 +260,8 @@ class InboundBundle:
             self.spool.make_durable([copy for index, copy in enumerate(staged) if index not in headers])  # a resume's
             items = [(headers.get(index) or self._header(entry, copy.temp_path), copy)
                      for index, (entry, copy) in enumerate(zip(manifest.files, staged, strict=True))]
-            if on_verified is not None:
-                on_verified()
-            stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid, keep_source=keep_files)
+            stored = self.ingest.ingest_batch(items, f"xmpp:{self.peer_jid}", origin_peer=self.peer_jid, keep_source=keep_files,
+                                              received=received)
         except (BundleError, RejectedFile) as exc:
             kept = self.spool.quarantine(self.dir, f"bundle from {self.peer_jid} rejected: {exc}")
             log.warning("rejected bundle from %s: %s (kept at %s)", self.peer_jid, exc, kept)

@@ -181,14 +181,9 @@ class AuditedSink:
             self._end("rejected", detail)
             return False, detail
 
-        def verified() -> None:
-            self.gateway.store.transition(
-                self.unit_id, State.RECEIVED, f"bundle verified ({self.size} bytes over {self.method})", None,
-                progress_bytes=self.size,
-            )
-
-        try:
-            ok, detail = self.bundle.finish(on_verified=verified, keep_files=self.early is not None)
+        received = (self.unit_id, f"bundle verified ({self.size} bytes over {self.method})", self.size)
+        try:  # the unit's move to received commits with the instance rows (one fsync less before the verdict)
+            ok, detail = self.bundle.finish(received=received, keep_files=self.early is not None)
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"

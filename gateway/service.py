@@ -94,11 +94,12 @@ class IngestService:
 
 
     def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None,
-                     keep_source: bool = False) -> int:
+                     keep_source: bool = False, received: tuple[int, str, int] | None = None) -> int:
         """Place and record many durable staged files at once (a verified bundle): one directory fsync per
-        directory and one transaction for all rows; returns how many were new. Identical duplicates are
-        dropped; conflicting copies are kept beside and flagged, as in :meth:`ingest`. If the transaction
-        fails, the placed files stay where the identical bytes of a retry will land."""
+        directory and one transaction for all rows (with ``received``, the receiving unit's move to
+        ``received`` too); returns how many were new. Identical duplicates are dropped; conflicting copies are
+        kept beside and flagged, as in :meth:`ingest`. If the transaction fails, the placed files stay where
+        the identical bytes of a retry will land."""
         with contextlib.ExitStack() as held:  # every stripe, in order (one UID's ingest holds one)
             for lock in self._locks:
                 held.enter_context(lock)
@@ -116,8 +117,8 @@ class IngestService:
                 copies.add(staged.sha256)
                 rows.append((header, relative, staged.size_bytes, staged.sha256, conflict))
             self._spool.sync_dirs(placed)
-            if rows:
-                self._store.record_instances(rows, source, origin_peer)
+            if rows or received is not None:
+                self._store.record_instances(rows, source, origin_peer, received=received)
         return len(rows)
 
 

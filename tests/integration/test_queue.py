@@ -207,6 +207,25 @@ def test_two_bundles_of_one_study_received_at_once_get_a_unit_each(store: QueueS
     assert store.begin_receiving("1.2.3", peer, 1000, 500, "ibb", bundles[3]) == got[bundles[3]]  # resumed, same unit
 
 
+def test_a_verified_bundle_is_received_with_its_rows_or_not_at_all(store: QueueStore) -> None:
+    """The receiving unit moves to ``received`` in the transaction that records its instance rows: when the rows
+    cannot be written the unit is still ``receiving`` (never ``received`` without its instances), and when they
+    are, both are there, audited once."""
+    peer = "radiology.hospital-a@net.test"
+    unit = store.begin_receiving("1.2.9", peer, 2000, 0, "s5b", "ab" * 32)
+    rows = [(header("1.2.9.1", study="1.2.9"), "s/1.dcm", 1000, "c" * 64, False),
+            (header("1.2.9.1", study="1.2.9"), "s/1b.dcm", 1000, "c" * 64, False)]  # the same UID and bytes twice
+    with pytest.raises(Exception):  # noqa: B017 - the database's unique (UID, SHA-256), whatever the driver calls it
+        store.record_instances(rows, "xmpp:a", peer, received=(unit, "bundle verified (2000 bytes over s5b)", 2000))
+    assert store.unit(unit).state == State.RECEIVING.value
+    assert store.unit_instances(unit) == []
+    store.record_instances(rows[:1], "xmpp:a", peer, received=(unit, "bundle verified (2000 bytes over s5b)", 2000))
+    assert store.unit(unit).state == State.RECEIVED.value and store.unit(unit).progress_bytes == 2000
+    assert [i.sop_instance_uid for i in store.unit_instances(unit)] == ["1.2.9.1"]
+    moves = [(e["from_state"], e["to_state"]) for e in store.audit_entries(unit_id=unit)]
+    assert moves == [("receiving", "received"), (None, "receiving")]  # newest first: the failed write left none
+
+
 @pytest.mark.parametrize("field", ["study_description", "patient_name", "accession_number", "patient_id", "nul"])
 def test_what_a_modality_sends_is_indexed_the_same_on_both_databases(store: QueueStore, field: str) -> None:
     """Values SQLite would store and PostgreSQL refused for ever (varchar, NUL): stored, clipped, NUL gone."""
