@@ -235,7 +235,8 @@ class Socks5Bytestreams:
                 phases.mark("streamhost", 1)
             waited = not early.connected.done()
             sock = await early.connected
-            phases.mark("proxy", 2 if waited else 0)  # our own SOCKS5 greeting and request, if not done meanwhile
+            # our own SOCKS5 greeting and request (one exchange when pipelined), if not done meanwhile
+            phases.mark("proxy", (1 if self.links_early else 2) if waited else 0)
             control = early.take_control()
         except BaseException:
             early.discard()
