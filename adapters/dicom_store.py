@@ -240,7 +240,7 @@ class AssociationHandler:
         self.walker = DatasetWalker(transfer_syntax)
         meta = file_meta_bytes(command.text(0x00000002), command.text(0x00001000), transfer_syntax, self.link.request.calling_ae)
         try:
-            self.writer = self._take_spare() or self.scp._spool.open_staged()
+            self.writer = self._take_spare() or self.scp._spool.open_staged(hashed=False)  # hashed beside its fsync
             self.writer.write(PART10_PREFIX + meta)
         except OSError as exc:
             self.writer, self.write_error = None, exc
@@ -267,7 +267,7 @@ class AssociationHandler:
             elements.append((0x00000902, LO, _lo(comment)))
         self.assoc.send_message(self.context_id, encode_command(elements))
         if self.spare is None:  # while the modality sends the next instance (an empty one is removed at start)
-            self.spare = self.scp._spool.fsync_pool.submit(self.scp._spool.open_staged)
+            self.spare = self.scp._spool.fsync_pool.submit(self.scp._spool.open_staged, False)
 
     def _drop_spare(self) -> None:
         spare = self._take_spare()

@@ -15,6 +15,8 @@ empty staged file (nothing was written to it).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -99,9 +101,10 @@ class Spool:
             raise
         return writer.close(durable)
 
-    def open_staged(self) -> StagedWriter:
-        """A new staged file to write piece by piece (a data set as its PDVs arrive)."""
-        return StagedWriter(self.staging_dir / f"{uuid.uuid4().hex}.part")
+    def open_staged(self, hashed: bool = True) -> StagedWriter:
+        """A new staged file to write piece by piece (a data set as its PDVs arrive). ``hashed`` False: no
+        SHA-256 as it is written; :meth:`StagedWriter.close_deferred` hashes it beside its fsync instead."""
+        return StagedWriter(self.staging_dir / f"{uuid.uuid4().hex}.part", hashed)
 
     @property
     def fsync_pool(self) -> Executor:
@@ -231,9 +234,9 @@ class StagedWriter:
     """One staged file being written: hashed as it goes; ``close`` fsyncs it and returns the StagedFile,
     ``abort`` removes it. Errors are raised as :class:`SpoolFull` or ``OSError`` and leave nothing behind."""
 
-    def __init__(self, temp_path: Path) -> None:
+    def __init__(self, temp_path: Path, hashed: bool = True) -> None:
         self.temp_path = temp_path
-        self._digest = hashlib.sha256()
+        self._digest = hashlib.sha256() if hashed else None
         self.size = 0
         try:
             self._fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -242,7 +245,8 @@ class StagedWriter:
 
     def write(self, chunk: bytes | memoryview) -> None:
         view = memoryview(chunk)
-        self._digest.update(view)
+        if self._digest is not None:
+            self._digest.update(view)
         try:
             while view:
                 written = os.write(self._fd, view)
@@ -252,20 +256,30 @@ class StagedWriter:
             raise _as_spool_error(exc) from exc
         self.size += len(chunk)
 
-    def close_deferred(self, pool: Executor) -> tuple[StagedFile, Callable[[], None]]:
+    def close_deferred(self, pool: Executor) -> tuple[StagedFile, Callable[[], StagedFile]]:
         """Close with the fsync running on ``pool``: (the file, a wait that raises the fsync's error and then
-        leaves nothing behind). Its size and SHA-256 are known at once, so the caller's duplicate check runs
-        while the disk writes (``gateway.service.IngestService.ingest``, ``durable``)."""
+        leaves nothing behind, else gives the file). Its size is known at once, so the caller's duplicate
+        lookup runs while the disk writes (``gateway.service.IngestService.ingest``, ``durable``). A writer
+        that did not hash as it wrote (``hashed`` False) has its file hashed on ``pool`` beside the fsync (read
+        back from the page cache: the writer's own thread, which reads the network, does not spend the ~0.3
+        ms of a CT slice's SHA-256 on it); its SHA-256 is in the file the wait gives."""
         fd, self._fd = self._fd, -1
-        pending = pool.submit(fsync_and_close, fd)
-        staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=self._digest.hexdigest())
+        pending = [pool.submit(fsync_and_close, fd)]
+        if self._digest is None:
+            pending.append(pool.submit(sha256_of, self.temp_path))
+        staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size,
+                            sha256=self._digest.hexdigest() if self._digest is not None else "")
 
-        def wait() -> None:
+        def wait() -> StagedFile:
             try:
-                pending.result()
+                digests = [job.result() for job in pending][1:]
             except OSError as exc:
+                for job in pending:  # every job is over before the file goes
+                    with contextlib.suppress(BaseException):
+                        job.result()
                 _remove_quietly(self.temp_path)
                 raise _as_spool_error(exc) from exc
+            return dataclasses.replace(staged, sha256=digests[0]) if digests else staged
 
         return staged, wait
 
@@ -278,7 +292,8 @@ class StagedWriter:
             self.abort()
             raise _as_spool_error(exc) from exc
         self._fd = -1
-        return StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=self._digest.hexdigest())
+        digest = self._digest.hexdigest() if self._digest is not None else sha256_of(self.temp_path)
+        return StagedFile(temp_path=self.temp_path, size_bytes=self.size, sha256=digest)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -305,6 +320,15 @@ def _make_dirs(directory: Path, root: Path) -> list[Path]:
         except FileExistsError:
             pass
     return created
+
+
+def sha256_of(path: Path, block: int = 1 << 20) -> str:
+    """The SHA-256 of a file (hashlib lets go of the GIL for each block)."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_and_close(fd: int) -> None:

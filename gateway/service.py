@@ -46,12 +46,13 @@ class IngestService:
         return self._locks[hash(sop_instance_uid) % LOCK_STRIPES]
 
     def ingest(self, header: InstanceHeader, staged: StagedFile, source: str, origin_peer: str | None = None,
-               durable: Callable[[], None] | None = None) -> IngestResult:
+               durable: Callable[[], StagedFile | None] | None = None) -> IngestResult:
         """Place ``staged`` in the spool and record it; returns once the row is committed.
 
         ``durable``: when the staged file's fsync still runs (``StagedWriter.close_deferred``), waits for it
-        (raising its error); it is called before the file is placed or discarded, so the duplicate check
-        runs while the disk writes. On any exception nothing was acknowledged: a staged file not yet placed
+        (raising its error) and gives the file with its SHA-256 (hashed beside the fsync when its writer did
+        not hash it); it is called before the file is placed or discarded, so the duplicate lookup runs while
+        the disk writes. On any exception nothing was acknowledged: a staged file not yet placed
         is discarded (the sender still holds the instance); a placed file whose row failed stays at its
         path and is overwritten by the identical bytes when the sender tries again.
         """
@@ -60,7 +61,7 @@ class IngestService:
             with self._lock_for(header.sop_instance_uid):
                 copies = self._store.instance_hashes(header.sop_instance_uid)
                 if durable is not None:
-                    durable()
+                    staged = durable() or staged
                 if any(sha256 == staged.sha256 for sha256, _ in copies):
                     self._spool.discard(staged)
                     log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)

@@ -50,6 +50,19 @@ def test_deferred_close_gives_size_and_hash_at_once_and_the_file_after_the_wait(
     assert file.temp_path.read_bytes() == data
 
 
+def test_a_writer_that_does_not_hash_as_it_writes_gets_its_sha256_from_the_wait(spool: Spool) -> None:
+    """The SCP's writers leave the SHA-256 to the spool's threads (read back beside the fsync, off the thread
+    that reads the network): the wait gives the file with the digest of exactly what was written."""
+    data = os.urandom(700_000)
+    writer = spool.open_staged(hashed=False)
+    for start in range(0, len(data), 16_384):  # as PDV fragments come
+        writer.write(data[start : start + 16_384])
+    file, durable = writer.close_deferred(spool.fsync_pool)
+    assert file.size_bytes == len(data)
+    done = durable()
+    assert (done.temp_path, done.size_bytes, done.sha256) == (file.temp_path, len(data), hashlib.sha256(data).hexdigest())
+
+
 def test_a_failed_fsync_is_spool_full_and_leaves_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(_fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
