@@ -109,13 +109,22 @@ def received_instances(gw: Gateway) -> dict[str, Path]:
     return found
 
 
+def situation(*sites: Any) -> str:
+    """What each site's queue and transfer rows say (a failed wait prints it)."""
+    return "; ".join(
+        f"{i}: units {[(u.state, u.error) for u in site.gateway.store.studies()]}, transfers "
+        f"{[(t['direction'], t['method'], t['outcome'], t['bytes'], t['error']) for t in site.gateway.store.transfers()]}"
+        for i, site in enumerate(sites))
+
+
 def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Prosody) -> None:
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
     try:
         study = generate_ct_study(tmp_path / "ct", series=2, slices_per_series=20, rows=128, columns=128)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1,
+                 what=lambda: f"A's study to be sent (A, B: {situation(a, b)})")
         received = received_instances(b.gateway)
         assert set(received) == set(study.sop_instance_uids)
         for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
