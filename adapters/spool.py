@@ -322,13 +322,10 @@ def _make_dirs(directory: Path, root: Path) -> list[Path]:
     return created
 
 
-def sha256_of(path: Path, block: int = 1 << 20) -> str:
-    """The SHA-256 of a file (hashlib lets go of the GIL for each block)."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fsync_and_close(fd: int) -> None:

@@ -66,8 +66,12 @@ class OutboundLeg:
         self._lock = threading.Lock()
         self._discarded = False
         self._handshake, self._name = handshake, name
-        self.handshakes = handshake is not None
         self.connected: asyncio.Future[socket.socket] = asyncio.ensure_future(self._connect(connect))
+
+    @property
+    def handshakes(self) -> bool:
+        """Whether the TLS handshake runs on this leg as soon as it is up."""
+        return self._handshake is not None
 
     async def _connect(self, connect: Callable[[], Awaitable[socket.socket]]) -> socket.socket:
         sock = await connect()
@@ -266,23 +270,21 @@ class Socks5Bytestreams:
                     shut(control)  # a handshake still waiting on its thread ends now
                     raise
                 phases.mark("tls", 0)  # its round trip overlapped the offer's and the streamhost's
-                pump = asyncio.ensure_future(on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, None, pin or "",
-                                                           peer, moved, report, self.client.settings.s5b_idle_timeout_s))
-                await pump
-                phases.mark("stream")
-                return moved[0]
-            # The TLS handshake starts behind the activation: both proxies hold what a leg sends before it
-            # (Prosody pauses the leg, ejabberd stops reading it) and relay it once the legs are linked.
-            secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
+                tls, secured = None, None  # the pump sends on the TLS socket as it is
+            else:
+                # The TLS handshake starts behind the activation: both proxies hold what a leg sends before it
+                # (Prosody pauses the leg, ejabberd stops reading it) and relay it once the legs are linked.
+                secured = (lambda: loop.call_soon_threadsafe(phases.mark, "tls", 1)) if tls is not None else None
             pump = asyncio.ensure_future(on_own_thread(f"s5b-out-{sid[:8]}", _pump_out, sock, chunks, tls, pin or "",
                                                        peer, moved, report, self.client.settings.s5b_idle_timeout_s, secured))
-            try:
-                await activation
-            except BaseException:
-                shut(control)  # the handshake waits for an answer that cannot come: it ends now
-                await _ended(pump)
-                raise
-            phases.mark("activate", 0 if tls is not None else 1)  # with TLS: its round trip is inside the handshake's
+            if early.secured is None:
+                try:
+                    await activation
+                except BaseException:
+                    shut(control)  # the handshake waits for an answer that cannot come: it ends now
+                    await _ended(pump)
+                    raise
+                phases.mark("activate", 0 if tls is not None else 1)  # with TLS: its round trip is inside the handshake's
             await pump
             phases.mark("stream")
             return moved[0]
