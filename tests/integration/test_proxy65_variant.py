@@ -5,6 +5,7 @@ pipelined request, which is why a gateway pipelines only where the proxy says it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -55,6 +56,9 @@ def test_a_pipelined_socks5_request_is_taken_only_by_the_variant(tmp_path: Path,
 def test_the_variant_links_both_legs_before_any_activation_and_refuses_a_third(tmp_path: Path) -> None:
     digest = socks5.dst_addr("sid-2", "a@helsenett.test/gw1", "b@helsenett.test/gw1")
     with running(tmp_path, variant=True) as server:
+        odd = b"\xff\xfe" * 20  # any 40 bytes are an address (the proxy cannot tell a hash from noise): a leg
+        for _ in range(3):  # opened and closed again leaves nothing behind
+            socks5.connect_blocking("127.0.0.1", server.proxy_port, odd, pipelined=True).close()
         first = socks5.connect_blocking("127.0.0.1", server.proxy_port, digest, pipelined=True)
         hello = os.urandom(300_000)  # sent before the other leg exists: it waits in the proxy (the leg is paused)
         first.sendall(hello[:1000])
@@ -69,3 +73,41 @@ def test_the_variant_links_both_legs_before_any_activation_and_refuses_a_third(t
                 socks5.connect_blocking("127.0.0.1", server.proxy_port, digest)
             first.sendall(b"still linked")  # the refused third leg did not take either place
             assert _read_exactly(second, 12) == b"still linked"
+
+
+def test_the_variant_refuses_hostile_socks5_input_and_keeps_linking_streams(tmp_path: Path) -> None:
+    """What a stranger can send the proxy in place of a greeting or a request: empty methods, no
+    no-authentication method, a truncated or oversized request, control characters and bytes that are not
+    UTF-8 as the address, a megabyte of garbage, the same bad greeting from 1000 connections. Each is answered
+    with a SOCKS5 error and closed (or just closed), none is granted; a well-formed request whose address is
+    noise is a leg like any other. The proxy still links the next two legs."""
+    digest = socks5.dst_addr("sid-3", "a@helsenett.test/gw1", "b@helsenett.test/gw1")
+    request = b"\x05\x01\x00\x03\x28" + digest + b"\x00\x00"
+    hostile = [
+        b"\x05\x00",  # no methods
+        b"\x05\x01\x02",  # username/password only
+        b"\x05\x01\x00" + request[:20],  # pipelined, request cut short
+        b"\x05\x01\x00" + request + b"x" * 5000,  # a request with more after it
+        b"\x05\x01\x00\x05\x01\x00\x03\x28" + b"\x1b[2J\x00\x07" * 5 + b"\x00\x00",  # control characters as the address
+        b"\x05\x01\x00\x05\x01\x00\x03\x29" + b"\xff" * 41 + b"\x00\x00",  # not UTF-8, one byte over
+        os.urandom(1 << 20),
+    ] + [b"\x04\x01\x00\x50"] * 1000  # SOCKS4, repeated
+    with running(tmp_path, variant=True) as server:
+        for payload in hostile:
+            with socket.create_connection(("127.0.0.1", server.proxy_port), timeout=30) as sock:
+                with contextlib.suppress(OSError):
+                    sock.sendall(payload)
+                answer = b""
+                with contextlib.suppress(OSError):
+                    while piece := sock.recv(4096):  # the proxy closes: the loop ends (60 s at most per read)
+                        answer += piece
+                assert answer[:2] in (b"", b"\x05\x00", b"\x05\xff"), (payload[:16], answer[:16])
+                assert b"\x05\x00\x00\x03" not in answer, (payload[:16], answer[:16])  # never a CONNECT granted
+        odd = b"\xff\xfe" * 20  # any 40 bytes are an address (the proxy cannot tell a hash from noise): a leg
+        for _ in range(3):  # opened and closed again leaves nothing behind
+            socks5.connect_blocking("127.0.0.1", server.proxy_port, odd, pipelined=True).close()
+        first = socks5.connect_blocking("127.0.0.1", server.proxy_port, digest, pipelined=True)
+        second = socks5.connect_blocking("127.0.0.1", server.proxy_port, digest)
+        with first, second:
+            first.sendall(b"still serving")
+            assert _read_exactly(second, 13) == b"still serving"
