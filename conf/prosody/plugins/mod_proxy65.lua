@@ -34,11 +34,29 @@ local max_buffer_size = module:get_option_number("proxy65_buffer_size", 65536);
 
 local listener = {};
 
+-- Relay what `from` reads into `to`. Prosody 0.12's server.link pauses `from` on each read and resumes it
+-- when `to` has drained, but the resume only asks epoll for readability: bytes LuaSocket had already taken
+-- off the socket into its own buffer (a read of exactly the link's size that ended inside one of its 8 KiB
+-- receives) stay there until more arrive, and at the end of a stream, or while the other side waits for
+-- an answer, none do. So after each drain, a leg whose buffer still holds bytes is read on the next turn of
+-- the loop (as server_epoll itself does after a read and after a timed pause).
+local function relay(from, to)
+	server.link(from, to, max_buffer_size);
+	local resume = to.ondrain;
+	function to:ondrain()
+		resume(self);
+		local sock = from.conn;
+		if sock and sock.dirty and from.pausefor and sock:dirty() then
+			from:pausefor(0);
+		end
+	end
+end
+
 local function link(transfer)
 	if transfer.activated then return; end
 	transfer.activated = true;
-	server.link(transfer.initiator, transfer.target, max_buffer_size);
-	server.link(transfer.target, transfer.initiator, max_buffer_size);
+	relay(transfer.initiator, transfer.target);
+	relay(transfer.target, transfer.initiator);
 	transfer.target:resume();
 	transfer.initiator:resume();
 end
