@@ -18,7 +18,8 @@ Figures per run: seconds from offer to B's verdict (B verified every SHA-256 and
 bytes / wire bytes, ``vs_link`` = delivered bytes per second / link rate. Also the zstd ratio (level 1, byte
 shuffle) of pydicom's real ``CT_small.dcm`` and ``MR_small.dcm``, each on its own. The last line printed is
 one JSON object with ``s5b_vs_link``, ``ibb_vs_link`` (uncompressed, lowest rate), ``compression_ratio``,
-``effective_vs_link`` (S5B compressed, lowest rate) and every run.
+``effective_vs_link`` (S5B compressed, lowest rate), ``bare_tcp_vs_link`` (plain TCP of the study's size through
+the same two emulated links, measured first in the same run: what the emulation itself reaches) and every run.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +55,41 @@ def real_file_ratios() -> dict[str, float]:
         data = Path(get_testdata_file(name)).read_bytes()
         ratios[name] = round(len(data) / len(zstandard.ZstdCompressor(level=1).compress(shuffle2(data))), 3)
     return ratios
+
+
+def bare_stream(size: int, rate_mbit: float, rtt_ms: float) -> float:
+    """Seconds for ``size`` bytes of plain TCP through two relays in series as a study's stream takes them
+    (sender's link, receiver's link; no proxy, no XMPP): how close the emulated line itself comes to the link."""
+    rate, one_way = rate_mbit * 1e6 / 8, rtt_ms / 4 / 1000
+    sink = socket.create_server(("127.0.0.1", 0))
+    far = FaultRelay(sink.getsockname()[1], one_way, rate)
+    near = FaultRelay(far.port, one_way, rate)
+    ended: list[float] = []
+
+    def drain() -> None:
+        conn, _ = sink.accept()
+        with conn:
+            got = 0
+            while got < size and (piece := conn.recv(1 << 20)):
+                got += len(piece)
+            ended.append(time.monotonic())
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with socket.create_connection(("127.0.0.1", near.port), timeout=600) as sender:
+            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            payload = bytes(size)
+            started = time.monotonic()
+            sender.sendall(payload)
+            reader.join(600)
+    finally:
+        near.stop()
+        far.stop()
+        sink.close()
+    if not ended:
+        raise TimeoutError("the bare stream did not arrive")
+    return ended[0] - started
 
 
 def one_run(root: Path, server: Prosody, files: list[Path], method: str, compress: bool, rate_mbit: float,
@@ -140,7 +178,11 @@ def main() -> None:
         study = generate_ct_study(work / "study", series=1, slices_per_series=slices, phantom=not args.random)
         print(f"study: {len(study.files)} {'random' if args.random else 'phantom'} slices, {study.size_bytes / 1e6:.1f} MB; link RTT {args.rtt_ms:g} ms", flush=True)
         server.start()
+        bare = {}
         for rate in rates:
+            seconds = bare_stream(study.size_bytes, rate, args.rtt_ms)
+            bare[rate] = round(study.size_bytes / seconds / (rate * 1e6 / 8), 3)
+            print(f"{rate:>6g} Mbit/s bare TCP through the two emulated links: {seconds:.2f} s, vs_link {bare[rate]}", flush=True)
             for method in args.methods.split(","):
                 for compress in (False, True):
                     run = one_run(work / "run", server, study.files, method, compress, rate, args.rtt_ms)
@@ -163,6 +205,7 @@ def main() -> None:
         "link_mbit": lowest, "rtt_ms": args.rtt_ms, "study_mb": round(study.size_bytes / 1e6, 1),
         "s5b_vs_link": plain_s5b["vs_link"] if plain_s5b else None,
         "ibb_vs_link": plain_ibb["vs_link"] if plain_ibb else None,
+        "bare_tcp_vs_link": bare.get(lowest),  # the emulated line itself, same run: the ceiling of the ratios above
         "compression_ratio": round(statistics.median(ratios), 3) if ratios else None,
         "effective_vs_link": packed_s5b["vs_link"] if packed_s5b else None,
         "real_files_zstd1_shuffle": real_file_ratios(),

@@ -2,7 +2,9 @@
 
 :class:`FaultRelay` listens on 127.0.0.1 and forwards each connection to ``target_port``, applying per
 direction: a one-way ``latency_s`` (each piece is delivered that long after it was read, so a round trip
-costs twice it), a ``rate_bytes_s`` cap (token bucket, the link rate of *each* connection and direction),
+costs twice it), a ``rate_bytes_s`` cap (the link rate of *each* connection and direction: a piece leaves once the line has
+carried the ones before it, counted from when it reached the line, so the relay's own late wake-ups do not
+slow the line),
 and faults on the client->server direction: ``stall_after``/``stall_s`` (the link goes quiet), ``cut_after``
 (both sides closed after that many bytes, once) and ``reset_after`` (an RST instead of a FIN). With a
 :class:`SharedLink` the rate is that of one link that all connections of the relays given it share (per
@@ -32,10 +34,10 @@ class SharedLink:
         self._free_at = {True: 0.0, False: 0.0}
         self._lock = threading.Lock()
 
-    def turn(self, upstream: bool, size: int) -> float:
-        """When a piece of ``size`` bytes has left, if it joins the queue now (monotonic time)."""
+    def turn(self, upstream: bool, size: int, ready_at: float) -> float:
+        """When a piece of ``size`` bytes has left, if it reached the line at ``ready_at`` (monotonic time)."""
         with self._lock:
-            self._free_at[upstream] = max(self._free_at[upstream], time.monotonic()) + size / self.rate_bytes_s
+            self._free_at[upstream] = max(self._free_at[upstream], ready_at) + size / self.rate_bytes_s
             return self._free_at[upstream]
 
 
@@ -147,10 +149,12 @@ class FaultRelay:
                 if upstream and self._fault(moved, len(data), src, dst):
                     return
                 if self.link is not None:  # the piece takes its turn on the one line
-                    if (lag := self.link.turn(upstream, len(data)) - time.monotonic()) > 0:
+                    if (lag := self.link.turn(upstream, len(data), stamp + self.latency_s) - time.monotonic()) > 0:
                         time.sleep(lag)
-                elif self.rate_bytes_s > 0:  # token bucket: this piece may leave once the link has carried the last
-                    budget_at = max(budget_at, time.monotonic()) + len(data) / self.rate_bytes_s
+                elif self.rate_bytes_s > 0:  # the line carries this piece after the last one, from the moment it
+                    # reached the line (its arrival plus the delay): when this thread wakes late, the line had been
+                    # sending meanwhile, as a real one does, instead of charging the emulator's lateness to the link
+                    budget_at = max(budget_at, stamp + self.latency_s) + len(data) / self.rate_bytes_s
                     if (lag := budget_at - time.monotonic()) > 0:
                         time.sleep(lag)
                 dst.sendall(data)
