@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.model import InstanceHeader, StagedFile, is_valid_uid
 
@@ -166,6 +167,32 @@ class Spool:
             raise _as_spool_error(exc) from exc
         return target
 
+    def place_deferred(self, staged: StagedFile, relative_path: str) -> Callable[..., Path]:
+        """Rename the staged file to ``relative_path`` now and fsync its directory on the spool's threads,
+        beside the file's own fsync (``StagedWriter.close_deferred``); the wait gives the path once the name
+        is durable, or removes the file and raises :class:`SpoolFull`; ``wait(False)`` removes it after the
+        fsync (the caller will not record it: its own fsync failed). For a name that needs no
+        SHA-256 (a new SOP Instance UID): the row must still wait for both fsyncs; until then a crash leaves
+        at most a file without a row, which nothing reads and the sender's retry overwrites."""
+        target = self.root / relative_path
+        try:
+            created = _make_dirs(target.parent, self.root)
+            os.replace(staged.temp_path, target)
+        except OSError as exc:
+            _remove_quietly(staged.temp_path)
+            raise _as_spool_error(exc) from exc
+        job = self.fsync_pool.submit(self.sync_dirs, [target, *created])
+
+        def wait(keep: bool = True) -> Path:
+            try:
+                job.result()
+            finally:
+                if not (keep and job.exception() is None):
+                    _remove_quietly(target)
+            return target
+
+        return wait
+
     def sync_dirs(self, paths: Iterable[Path]) -> None:
         try:
             for directory in sorted({p.parent for p in paths}):
@@ -265,8 +292,8 @@ class StagedWriter:
         ms of a CT slice's SHA-256 on it); its SHA-256 is in the file the wait gives."""
         fd, self._fd = self._fd, -1
         pending = [pool.submit(fsync_and_close, fd)]
-        if self._digest is None:
-            pending.append(pool.submit(sha256_of, self.temp_path))
+        if self._digest is None:  # read through a descriptor of its own: the file may be renamed meanwhile
+            pending.append(pool.submit(_sha256_and_close, open(self.temp_path, "rb")))
         staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size,
                             sha256=self._digest.hexdigest() if self._digest is not None else "")
 
@@ -324,7 +351,11 @@ def _make_dirs(directory: Path, root: Path) -> list[Path]:
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file."""
-    with open(path, "rb") as fh:
+    return _sha256_and_close(open(path, "rb"))
+
+
+def _sha256_and_close(fh: BinaryIO) -> str:
+    with fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 

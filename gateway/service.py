@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class SpoolPort(Protocol):
     def relative_path(self, header: InstanceHeader, sha256: str, conflict: bool) -> str: ...
     def place(self, staged: StagedFile, relative_path: str, sync: bool = True, keep_source: bool = False) -> Path: ...
+    def place_deferred(self, staged: StagedFile, relative_path: str) -> Callable[..., Path]: ...
     def sync_dirs(self, paths: list[Path]) -> None: ...
     def discard(self, staged: StagedFile) -> None: ...
 
@@ -51,24 +52,33 @@ class IngestService:
 
         ``durable``: when the staged file's fsync still runs (``StagedWriter.close_deferred``), waits for it
         (raising its error) and gives the file with its SHA-256 (hashed beside the fsync when its writer did
-        not hash it); it is called before the file is placed or discarded, so the duplicate lookup runs while
-        the disk writes. On any exception nothing was acknowledged: a staged file not yet placed
-        is discarded (the sender still holds the instance); a placed file whose row failed stays at its
-        path and is overwritten by the identical bytes when the sender tries again.
+        not hash it); the duplicate lookup runs while the disk writes. A new SOP Instance UID's file needs no
+        hash for its name: it is renamed to it at once and its directory fsynced beside the file's own fsync
+        (``place_deferred``); its row waits for both. Otherwise the file is placed or discarded only once it is
+        durable and hashed. On any exception nothing was acknowledged: a file not yet durable is removed (the
+        sender still holds the instance); a durable placed file whose row failed stays at its path and is
+        overwritten by the identical bytes when the sender tries again.
         """
         placed = False
+        placing: Callable[..., Path] | None = None
         try:
             with self._lock_for(header.sop_instance_uid):
                 copies = self._store.instance_hashes(header.sop_instance_uid)
+                if durable is not None and not copies:  # a new UID's name has no hash in it
+                    relative = self._spool.relative_path(header, "", False)
+                    placing = self._spool.place_deferred(staged, relative)
                 if durable is not None:
                     staged = durable() or staged
-                if any(sha256 == staged.sha256 for sha256, _ in copies):
-                    self._spool.discard(staged)
-                    log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
-                    return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
-                conflict = bool(copies)
-                relative = self._spool.relative_path(header, staged.sha256, conflict)
-                final_path = self._spool.place(staged, relative)
+                if placing is not None:
+                    conflict, final_path = False, placing()
+                else:
+                    if any(sha256 == staged.sha256 for sha256, _ in copies):
+                        self._spool.discard(staged)
+                        log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
+                        return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
+                    conflict = bool(copies)
+                    relative = self._spool.relative_path(header, staged.sha256, conflict)
+                    final_path = self._spool.place(staged, relative)
                 placed = True
                 unit_id = self._store.record_instance(
                     header,
@@ -86,13 +96,15 @@ class IngestService:
                 if durable is not None:
                     with contextlib.suppress(BaseException):
                         durable()  # the fsync is over (its descriptor closed) before the file goes
+                if placing is not None:
+                    with contextlib.suppress(BaseException):
+                        placing(False)  # renamed but never durable (or its row never written): removed
                 self._spool.discard(staged)
             raise
         if conflict:
             log.warning("conflict: %s from %s differs from the stored copy; kept at %s", header.sop_instance_uid, source, relative)
             return IngestResult(IngestOutcome.CONFLICT, unit_id, header.sop_instance_uid, final_path)
         return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
-
 
     def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None,
                      keep_source: bool = False, received: tuple[int, str, int] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,69 @@ def test_a_failed_fsync_is_spool_full_and_leaves_nothing(spool: Spool, monkeypat
     with pytest.raises(SpoolFull):
         durable()
     assert not file.temp_path.exists()
+    assert list(spool.staging_dir.iterdir()) == []
+
+
+def unhashed(spool: Spool, data: bytes):
+    writer = spool.open_staged(hashed=False)  # as the SCP writes: hashed on the spool's threads
+    writer.write(data)
+    return writer.close_deferred(spool.fsync_pool)
+
+
+def test_a_new_uid_is_renamed_before_its_fsync_ends_and_recorded_with_the_hash_of_what_was_written(
+    store: QueueStore, spool: Spool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new UID's file goes to its name while its fsync and its hash still run (the name has no hash in it);
+    the hash reads the bytes through a descriptor of its own, so the rename cannot take them away, and the
+    row follows once the file and its directory are durable."""
+    data = os.urandom(400_000)
+    release, order = threading.Event(), []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            assert release.wait(30)  # the file's fsync is still running when the service renames it
+        order.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr("adapters.spool.os.fsync", slow_fsync)
+    file, durable = unhashed(spool, data)
+    service = IngestService(store, spool)
+    done: list[object] = []
+    worker = threading.Thread(target=lambda: done.append(service.ingest(header("1.2.3.9"), file, "AE", durable=durable)))
+    worker.start()
+    target = spool.absolute(spool.relative_path(header("1.2.3.9"), "", False))
+    for _ in range(3000):  # bounded: the rename comes before the fsync ends
+        if target.exists():
+            break
+        threading.Event().wait(0.01)
+    assert target.exists() and not file.temp_path.exists()
+    assert store.instance_hashes("1.2.3.9") == []  # no row while the file is not yet durable
+    release.set()
+    worker.join(60)
+    assert done and done[0].outcome == IngestOutcome.STORED  # type: ignore[attr-defined]
+    assert order.count("file") == 1 and "dir" in order  # the new directories too
+    assert store.instance_hashes("1.2.3.9") == [(hashlib.sha256(data).hexdigest(), spool.relative_path(header("1.2.3.9"), "", False))]
+    assert target.read_bytes() == data
+
+
+@pytest.mark.parametrize("failing", ["file", "dir"])
+def test_a_new_uid_whose_fsync_fails_after_its_rename_leaves_no_file_and_no_row(
+    store: QueueStore, spool: Spool, monkeypatch: pytest.MonkeyPatch, failing: str,
+) -> None:
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if ("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr("adapters.spool.os.fsync", full)
+    file, durable = unhashed(spool, os.urandom(50_000))
+    with pytest.raises(SpoolFull):
+        IngestService(store, spool).ingest(header("1.2.3.8"), file, "AE", durable=durable)
+    assert store.instance_hashes("1.2.3.8") == []
+    assert not spool.absolute(spool.relative_path(header("1.2.3.8"), "", False)).exists()
     assert list(spool.staging_dir.iterdir()) == []
 
 
