@@ -50,13 +50,15 @@ from gateway.wire import Adaptive, encode_frames
 log = logging.getLogger(__name__)
 
 
-def manifest_for(store: QueueStore, unit: StudySummary) -> tuple[Manifest, list[Path]]:
-    """The unit's bundle manifest and the spool paths of its files, in bundle order."""
+def manifest_for(store: QueueStore, unit: StudySummary) -> tuple[Manifest, list[Path], list[datetime]]:
+    """The unit's bundle manifest, the spool paths of its files and when each file's row was written (UTC),
+    in bundle order."""
     instances = store.unit_instances(unit.unit_id)
     files = tuple(
         BundleFile(i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, i.size_bytes, i.sha256) for i in instances
     )
-    return Manifest(unit.study_instance_uid, unit.unit_seq, DEFAULT_CHUNK_BYTES, files), [Path(i.spool_path) for i in instances]
+    return (Manifest(unit.study_instance_uid, unit.unit_seq, DEFAULT_CHUNK_BYTES, files), [Path(i.spool_path) for i in instances],
+            [i.received_at for i in instances])
 
 
 class Withheld(ValueError):
@@ -297,9 +299,11 @@ class Dispatcher:
 
     async def _send_unit(self, unit: StudySummary, full_jid: str) -> None:
         peer_bare = unit.destination or ""
-        manifest, relative_paths = await asyncio.to_thread(manifest_for, self.store, unit)
+        manifest, relative_paths, recorded = await asyncio.to_thread(manifest_for, self.store, unit)
         paths = [self.spool_root / p for p in relative_paths]
-        damaged = await asyncio.to_thread(check_spool, manifest, paths)
+        # A first attempt trusts a file nothing has touched since its row was written; after a failed attempt
+        # (the receiver may have found a file's bytes differ: a disk's silent error) every file is hashed.
+        damaged = await asyncio.to_thread(check_spool, manifest, paths, recorded if unit.attempts == 0 else None)
         if damaged is not None:
             await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"not sent: {damaged}", damaged)
             await asyncio.to_thread(self.store.audit, "integrity", damaged, unit.unit_id, unit.study_instance_uid)
@@ -400,20 +404,35 @@ class Dispatcher:
 
 
 
-def check_spool(manifest: Manifest, paths: list[Path]) -> str | None:
-    """Re-hash every spool file against the size and SHA-256 recorded at ingest; the first difference (in the
-    manifest's order), or None. The files are hashed on a few threads (hashlib lets go of the GIL): on one, a
-    400-slice CT study held its offer back ~140 ms on a 2-core machine."""
+def check_spool(manifest: Manifest, paths: list[Path], recorded: list[datetime] | None = None) -> str | None:
+    """Check every spool file against the size and SHA-256 recorded at ingest; the first difference (in the
+    manifest's order), or None. With ``recorded`` (when each file's row was written, UTC), a file of the
+    recorded size whose inode has not changed since (its ctime is older: any write, rename, chmod or touch
+    sets ctime to the present, and no one but the clock's owner can set it back) is taken as it was, without
+    reading it; any other is hashed. The files are hashed on a few threads (hashlib lets go of the GIL): on
+    one, a 400-slice CT study held its offer back ~140 ms on a 2-core machine, on four ~120 ms; its ctimes
+    take ~3 ms."""
+    since = [None] * len(paths) if recorded is None else [_epoch_ns(at) for at in recorded]
     workers = max(1, min(4, os.cpu_count() or 1, len(paths)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spool-check") as pool:
         try:
-            return next(filter(None, pool.map(_check_spool_file, manifest.files, paths)), None)
+            return next(filter(None, pool.map(_check_spool_file, manifest.files, paths, since)), None)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_spool_file(entry: BundleFile, path: Path) -> str | None:
+def _epoch_ns(at: datetime) -> int:
+    """A naive UTC datetime (as rows hold them) in nanoseconds since the epoch, exactly."""
+    delta = at.replace(tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def _check_spool_file(entry: BundleFile, path: Path, untouched_before_ns: int | None = None) -> str | None:
     try:
+        if untouched_before_ns is not None:
+            status = path.stat()
+            if status.st_size == entry.size and status.st_ctime_ns < untouched_before_ns:
+                return None
         with path.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256")
             size = fh.tell()

@@ -6,10 +6,12 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from adapters.lab.localpeers import Prosody
 from adapters.lab.synthetic import generate_ct_study
@@ -380,6 +382,43 @@ def test_a_spool_file_changed_since_ingest_stops_its_study_and_not_the_others(tm
         assert a.gateway.store.transfers(victim.unit_id) == []  # not one byte of it left
         assert set(received_instances(b.gateway)) == set(intact.sop_instance_uids)
         assert any(e["event"] == "integrity" for e in a.gateway.store.audit_entries(unit_id=victim.unit_id))
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
+def test_a_spool_file_changed_without_a_trace_in_its_times_is_refused_by_the_receiver_and_stops_its_study(
+    tmp_path: Path, prosody: Prosody,
+) -> None:
+    """The first offer trusts a spool file whose inode has not changed since its row was written (it is not
+    read before the offer). A disk's silent error changes bytes and no time: here the row is dated after the
+    change. The receiver's SHA-256 check refuses the study; the retry hashes every file first, names the
+    changed one and stops the study there, instead of sending it again and again."""
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+    b = None
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 60, 0.1, what="A to wait for offline B")
+        (unit,) = a.gateway.store.studies()
+        rotten = a.gateway.store.unit_instances(unit.unit_id)[1]
+        spool_file = a.gateway.spool.absolute(rotten.spool_path)
+        raw = bytearray(spool_file.read_bytes())
+        raw[-1] ^= 0xFF
+        spool_file.write_bytes(bytes(raw))
+        with a.gateway.store.engine.begin() as conn:
+            conn.execute(text("UPDATE instances SET received_at = :later WHERE unit_id = :unit"),
+                         {"later": datetime.now(UTC).replace(tzinfo=None) + timedelta(days=1), "unit": unit.unit_id})
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
+        wait_for(lambda: unit_states(a.gateway) == ["failed"], 60, 0.1,
+                 what=lambda: f"A's study to stop: {[(s.state, s.error) for s in a.gateway.store.studies()]}")
+        stopped = a.gateway.store.unit(unit.unit_id)
+        assert f"spool file of instance {rotten.sop_instance_uid} changed since ingest" in (stopped.error or "")
+        attempts = [(t["outcome"], t["error"] or "") for t in a.gateway.store.transfers(unit.unit_id)]
+        assert len(attempts) == 1 and attempts[0][0] == "rejected" and "SHA-256 mismatch" in attempts[0][1]
+        assert any(e["event"] == "integrity" for e in a.gateway.store.audit_entries(unit_id=unit.unit_id))
+        assert not received_instances(b.gateway)
     finally:
         a.stop()
         if b is not None:

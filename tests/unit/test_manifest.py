@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,36 @@ def test_the_spool_check_names_the_first_changed_file_in_manifest_order_whatever
     paths[3].write_bytes(bytes((3 * 7 + j) % 251 for j in range(5)))
     assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.4 changed since ingest (2000000 bytes")
     assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[:1]), paths[:1]) is None  # one file: no pool
+
+
+def test_the_spool_check_reads_no_file_untouched_since_its_row_and_hashes_every_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first attempt: a file whose inode has not changed since its row was written (ctime older than the row,
+    same size) is not read; a file written, renamed, touched or chmodded since is hashed, and a changed one is
+    named. A retry (no row times) hashes every file: a disk's silent error changes no ctime."""
+    from gateway.dispatch import check_spool
+
+    manifest, paths = make_files(tmp_path, [70000, 1000, 5, 64])
+    rows_written = [datetime.now(UTC).replace(tzinfo=None)] * len(paths)  # after the files, as at ingest
+    hashed: list[str] = []
+    real_digest = hashlib.file_digest
+
+    def counting(fh, name):  # type: ignore[no-untyped-def]
+        hashed.append(Path(fh.name).name)
+        return real_digest(fh, name)
+
+    monkeypatch.setattr("gateway.dispatch.hashlib.file_digest", counting)
+    assert check_spool(manifest, paths, rows_written) is None and hashed == []
+    assert check_spool(manifest, paths) is None and sorted(hashed) == sorted(p.name for p in paths)  # a retry
+    earlier = [at - timedelta(seconds=5) for at in rows_written]  # the rows, as if written 5 s before now
+    hashed.clear()
+    os.chmod(paths[0], 0o600)  # metadata only: hashed, found intact
+    paths[2].write_bytes(b"54321")  # same size, other bytes
+    assert check_spool(manifest, paths, earlier).startswith("spool file of instance 1.2.3.2 changed since ingest (5 bytes")
+    assert sorted(hashed) == sorted(p.name for p in paths)  # each was changed (or written) after its row
+    hashed.clear()
+    paths[3].write_bytes(b"x" * 63)  # a different size is read at once, whatever the times
+    assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[3:]), paths[3:], rows_written[3:]).startswith(
+        "spool file of instance 1.2.3.3 changed since ingest (63 bytes")
+    assert hashed == [paths[3].name]
