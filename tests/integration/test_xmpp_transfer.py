@@ -102,6 +102,14 @@ def unit_states(gw: Gateway) -> list[str]:
     return [s.state for s in gw.store.studies()]
 
 
+def push_while_b_is_offline(a: Site, tmp_path: Path) -> Any:
+    """A small CT study pushed into A while B is offline: A holds it ``waiting-peer``."""
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+    assert storescu(a.gateway.scp.port, study.files).returncode == 0
+    wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 60, 0.1, what="A to wait for offline B")
+    return study
+
+
 def received_instances(gw: Gateway) -> dict[str, Path]:
     found = {}
     for summary in gw.store.studies():
@@ -347,9 +355,7 @@ def test_offline_receiver_gets_the_study_when_it_comes_back(tmp_path: Path, pros
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
     b = None
     try:
-        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
-        assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 30, 0.1, what="A to wait for offline B")
+        study = push_while_b_is_offline(a, tmp_path)
         assert a.gateway.store.studies()[0].error == "peer offline"
         b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,))
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once B is online")
@@ -398,9 +404,7 @@ def test_a_spool_file_changed_without_a_trace_in_its_times_is_refused_by_the_rec
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
     b = None
     try:
-        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
-        assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 60, 0.1, what="A to wait for offline B")
+        push_while_b_is_offline(a, tmp_path)
         (unit,) = a.gateway.store.studies()
         rotten = a.gateway.store.unit_instances(unit.unit_id)[1]
         spool_file = a.gateway.spool.absolute(rotten.spool_path)
