@@ -12,7 +12,10 @@ For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three 
 (a)-(c) run two real gateway processes (``dicomgw run``): the study is pushed into A with storescu, A routes
 it to B, and the figure is A's transfer attempt (end to end encrypted unless said otherwise; c2s TLS to
 Prosody verified against a CA made for the run) from offer to B's verdict (B has verified every SHA-256 and
-stored every instance by then). MB/s = 10^6 bytes of bundle per second, median of the runs. Peak RSS of
+stored every instance by then). MB/s = 10^6 bytes of bundle per second, median of the runs; the methods take
+turns within each run (a, a', a'', ..., a, a', ...), and ``encrypted_vs_plain_verified_paired`` is the median
+over runs of each run's a''/a' time ratio (offer to verdict), the figure least moved by this machine's
+drift. Peak RSS of
 sender, receiver and Prosody is read from /proc (VmHWM). The last line printed is one JSON object.
 """
 
@@ -310,19 +313,26 @@ def main() -> None:
             study = generate_ct_study(root / f"study{size_mb}", series=1, slices_per_series=slices, seed=size_mb)
             row: dict[str, float] = {}
             bundle_bytes = 0
-            for name, (server_name, xmpp) in methods.items():
-                stream_times, verdict_times = [], []
-                for run in range(args.runs):
+            stream_times: dict[str, list[float]] = {name: [] for name in methods}
+            verdict_times: dict[str, list[float]] = {name: [] for name in methods}
+            for run in range(args.runs):  # the methods take turns, so a machine that slows down weighs on each alike
+                for name, (server_name, xmpp) in methods.items():
                     stream_s, verdict_s, bundle_bytes, peaks = gateway_transfer(
                         root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp, encrypted=not name.endswith("_plain")
                     )
-                    stream_times.append(stream_s)
-                    verdict_times.append(verdict_s)
+                    stream_times[name].append(stream_s)
+                    verdict_times[name].append(verdict_s)
                     for k, v in peaks.items():
                         rss[k] = max(rss[k], v)
-                row[name] = bundle_bytes / 1e6 / statistics.median(stream_times)
-                row[name + "_verified"] = bundle_bytes / 1e6 / statistics.median(verdict_times)
+            for name in methods:
+                row[name] = bundle_bytes / 1e6 / statistics.median(stream_times[name])
+                row[name + "_verified"] = bundle_bytes / 1e6 / statistics.median(verdict_times[name])
                 print(f"  {size_mb} MB {name}: stream {row[name]:.1f} MB/s, offer to verified {row[name + '_verified']:.1f} MB/s", flush=True)
+            if "a2_s5b_variant" in methods and "a3_s5b_variant_plain" in methods:  # each run's pair, side by side
+                row["paired_encrypted_vs_plain_verified"] = statistics.median(
+                    plain / enc for enc, plain in zip(verdict_times["a2_s5b_variant"], verdict_times["a3_s5b_variant_plain"]))
+                print(f"  {size_mb} MB encrypted / plain, offer to verified, median of the {args.runs} side-by-side pairs: "
+                      f"{row['paired_encrypted_vs_plain_verified']:.3f}", flush=True)
             bare = [asyncio.run(_bare_s5b(servers["stock"], bundle_bytes)) for _ in range(args.runs)]
             raw = [raw_tcp(bundle_bytes) for _ in range(args.runs)]
             sha_ok = sha_ok and all(ok for _, ok in bare + raw)
@@ -359,6 +369,8 @@ def main() -> None:
         "variant_vs_stock": round(_ratio(largest, "a2_s5b_variant", "a_s5b"), 2),
         "s5b_variant_plain_mb_s": round(largest.get("a3_s5b_variant_plain", float("nan")), 2),
         "encrypted_vs_plain": round(_ratio(largest, "a2_s5b_variant", "a3_s5b_variant_plain"), 3),
+        "encrypted_vs_plain_verified": round(_ratio(largest, "a2_s5b_variant_verified", "a3_s5b_variant_plain_verified"), 3),
+        "encrypted_vs_plain_verified_paired": round(largest.get("paired_encrypted_vs_plain_verified", float("nan")), 3),
         "ibb_plain_mb_s": round(largest.get("c2_ibb_tuned_plain", float("nan")), 2),
         "ibb_encrypted_vs_plain": round(_ratio(largest, "c_ibb_tuned", "c2_ibb_tuned_plain"), 3),
         "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
