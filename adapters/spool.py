@@ -293,7 +293,7 @@ class StagedWriter:
         fd, self._fd = self._fd, -1
         pending = [pool.submit(fsync_and_close, fd)]
         if self._digest is None:  # read through a descriptor of its own: the file may be renamed meanwhile
-            pending.append(pool.submit(_sha256_and_close, open(self.temp_path, "rb")))
+            pending.append(pool.submit(_sha256_and_close, _reader(self.temp_path)))
         staged = StagedFile(temp_path=self.temp_path, size_bytes=self.size,
                             sha256=self._digest.hexdigest() if self._digest is not None else "")
 
@@ -354,7 +354,17 @@ def sha256_of(path: Path) -> str:
     return _sha256_and_close(open(path, "rb"))
 
 
-def _sha256_and_close(fh: BinaryIO) -> str:
+def _reader(path: Path) -> BinaryIO | OSError:
+    """The file opened for reading, or why it could not be (raised where the hash is waited for)."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        return exc
+
+
+def _sha256_and_close(fh: BinaryIO | OSError) -> str:
+    if isinstance(fh, OSError):
+        raise fh
     with fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

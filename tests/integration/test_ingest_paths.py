@@ -139,6 +139,21 @@ def test_a_new_uid_whose_fsync_fails_after_its_rename_leaves_no_file_and_no_row(
     assert list(spool.staging_dir.iterdir()) == []
 
 
+def test_a_file_that_cannot_be_opened_for_its_hash_is_an_error_at_the_wait_and_leaves_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_descriptors(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    writer = spool.open_staged(hashed=False)
+    writer.write(b"x" * 1000)
+    monkeypatch.setattr("adapters.spool.open", no_descriptors, raising=False)
+    file, durable = writer.close_deferred(spool.fsync_pool)  # the association goes on reading its socket
+    with pytest.raises(OSError, match="Too many open files"):
+        durable()
+    assert not file.temp_path.exists() and list(spool.staging_dir.iterdir()) == []
+
+
 def test_restart_quarantines_a_staged_write_and_removes_an_empty_spare(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
     spool.start()
