@@ -8,7 +8,9 @@
 --   look for: they then start their end-to-end TLS handshake on their leg at once (what a leg sends waits in
 --   the proxy until the other leg is there), which saves a round trip per transfer and one per leg. Clients
 --   that follow XEP-0065 to the letter see no difference: nothing is relayed that they did not send;
--- * a third leg for a stream that already has two is refused (the stock module let it replace the first).
+-- * a third leg for a stream that already has two is refused (the stock module let it replace the first);
+-- * a leg whose bytes LuaSocket already holds is read again after the other leg drained (with
+--   server.link alone, the tail of a stream could wait in that buffer for bytes that never came).
 -- Load it by putting this folder first in plugin_paths (see prosody.cfg.lua here).
 -- Original copyright and licence below (MIT/X11).
 -- Prosody IM
