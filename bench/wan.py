@@ -79,9 +79,10 @@ def bare_stream(size: int, rate_mbit: float, rtt_ms: float) -> float:
     try:
         with socket.create_connection(("127.0.0.1", near.port), timeout=600) as sender:
             sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            payload = bytes(size)
+            piece = bytes(1 << 20)
             started = time.monotonic()
-            sender.sendall(payload)
+            for offset in range(0, size, len(piece)):
+                sender.sendall(piece[: size - offset])
             reader.join(600)
     finally:
         near.stop()
