@@ -8,7 +8,7 @@ SyncStorageArea on, SQLite index in a temp dir):
           the delivery receipt back to A: from the first instance sent to A's queue showing ``delivered``,
           minus the configured stable age (the time A waits for the study to be complete, reported apart).
 A and B are two ``dicomgw run`` processes, as at two hospitals. Prosody loads the proxy65 variant shipped in
-conf/prosody (64 KiB relay buffers, what the README tells a site to deploy); ``--stock-proxy`` runs
+conf/prosody (256 KiB relay buffers, what the README tells a site to deploy); ``--stock-proxy`` runs
 Debian's own mod_proxy65 instead (4 KiB stop-and-wait relaying). Stage times come from both gateways' audit
 logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer, stream, B's verification;
 B imports each verified instance into Orthanc while the rest still arrives), import (A sent -> B delivered:

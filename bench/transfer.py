@@ -2,7 +2,7 @@
 
 For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three runs:
   (a) the gateway's own study transfer over mediated S5B through Prosody's stock proxy65,
-  (a') the same through the proxy65 variant shipped in conf/prosody (64 KiB relay buffers),
+  (a') the same through the proxy65 variant shipped in conf/prosody (256 KiB relay buffers),
   (a'') the same as (a') in plaintext (``require_e2e = false``, lab only): ``encrypted_vs_plain`` = a'/a'',
   (b) the gateway over IBB with the study's settings (4096-byte blocks, one in flight),
   (c) the gateway over IBB tuned (65535-byte blocks, 8 in flight), (c') the same in plaintext (lab only),

