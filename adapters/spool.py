@@ -151,13 +151,8 @@ class Spool:
         (with ``sync`` False the caller fsyncs the directories once for many files: :meth:`sync_dirs`;
         with ``keep_source`` the file is hard-linked instead, and the staged name stays readable)."""
         target = self.root / relative_path
+        created = self._move_in(staged, target, keep_source)
         try:
-            created = _make_dirs(target.parent, self.root)
-            if keep_source:
-                _remove_quietly(target)  # identical bytes a crash left before their row was committed
-                os.link(staged.temp_path, target)
-            else:
-                os.replace(staged.temp_path, target)
             if sync:
                 fsync_dir(target.parent)
             for directory in created:
@@ -175,23 +170,35 @@ class Spool:
         SHA-256 (a new SOP Instance UID): the row must still wait for both fsyncs; until then a crash leaves
         at most a file without a row, which nothing reads and the sender's retry overwrites."""
         target = self.root / relative_path
-        try:
-            created = _make_dirs(target.parent, self.root)
-            os.replace(staged.temp_path, target)
-        except OSError as exc:
-            _remove_quietly(staged.temp_path)
-            raise _as_spool_error(exc) from exc
-        job = self.fsync_pool.submit(self.sync_dirs, [target, *created])
+        job = self.fsync_pool.submit(self.sync_dirs, [target, *self._move_in(staged, target)])
 
         def wait(keep: bool = True) -> Path:
             try:
                 job.result()
-            finally:
-                if not (keep and job.exception() is None):
-                    _remove_quietly(target)
+            except BaseException:
+                _remove_quietly(target)
+                raise
+            if not keep:
+                _remove_quietly(target)
             return target
 
         return wait
+
+    def _move_in(self, staged: StagedFile, target: Path, keep_source: bool = False) -> list[Path]:
+        """Give the staged file its name in the spool (renamed, or hard-linked with ``keep_source``); returns
+        the directories made for it. On an error the staged name is removed and :class:`SpoolFull` or
+        ``OSError`` raised."""
+        try:
+            created = _make_dirs(target.parent, self.root)
+            if keep_source:
+                _remove_quietly(target)  # identical bytes a crash left before their row was committed
+                os.link(staged.temp_path, target)
+            else:
+                os.replace(staged.temp_path, target)
+        except OSError as exc:
+            _remove_quietly(staged.temp_path)
+            raise _as_spool_error(exc) from exc
+        return created
 
     def sync_dirs(self, paths: Iterable[Path]) -> None:
         try:

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,16 @@ def _activate(sid: str, target: str) -> Any:
     return query
 
 
-def raw_tcp(size: int) -> tuple[float, bool]:
+def raw_tcp(size: int, route: Callable[[int], int] | None = None) -> tuple[float, bool]:
+    """Seconds to copy ``size`` bytes over one loopback TCP connection until the receiver has them all, and
+    whether both ends hashed the same bytes. ``route``: given the receiver's port, the port to connect to
+    instead (a chain of relays in front of it, e.g. ``bench.wan``'s emulated links)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
+    if route is not None:
+        port = route(port)
     block = os.urandom(1 << 20)
     digests = [hashlib.sha256(), hashlib.sha256()]
 

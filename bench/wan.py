@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +37,7 @@ from pathlib import Path
 from adapters.lab.localpeers import Prosody, nodelay_env
 from adapters.lab.netem import FaultRelay
 from adapters.lab.synthetic import generate_ct_study
-from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity
+from bench.transfer import DOMAIN, VARIANT, GatewayProcess, identity, raw_tcp
 
 A_USER, B_USER = "radiology.hospital-a", "radiology.hospital-b"
 
@@ -61,36 +59,21 @@ def bare_stream(size: int, rate_mbit: float, rtt_ms: float) -> float:
     """Seconds for ``size`` bytes of plain TCP through two relays in series as a study's stream takes them
     (sender's link, receiver's link; no proxy, no XMPP): how close the emulated line itself comes to the link."""
     rate, one_way = rate_mbit * 1e6 / 8, rtt_ms / 4 / 1000
-    sink = socket.create_server(("127.0.0.1", 0))
-    far = FaultRelay(sink.getsockname()[1], one_way, rate)
-    near = FaultRelay(far.port, one_way, rate)
-    ended: list[float] = []
+    relays: list[FaultRelay] = []
 
-    def drain() -> None:
-        conn, _ = sink.accept()
-        with conn:
-            got = 0
-            while got < size and (piece := conn.recv(1 << 20)):
-                got += len(piece)
-            ended.append(time.monotonic())
+    def through_two_links(sink_port: int) -> int:
+        relays.append(FaultRelay(sink_port, one_way, rate))
+        relays.append(FaultRelay(relays[0].port, one_way, rate))
+        return relays[1].port
 
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     try:
-        with socket.create_connection(("127.0.0.1", near.port), timeout=600) as sender:
-            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            piece = bytes(1 << 20)
-            started = time.monotonic()
-            for offset in range(0, size, len(piece)):
-                sender.sendall(piece[: size - offset])
-            reader.join(600)
+        seconds, same = raw_tcp(size, through_two_links)
     finally:
-        near.stop()
-        far.stop()
-        sink.close()
-    if not ended:
-        raise TimeoutError("the bare stream did not arrive")
-    return ended[0] - started
+        for relay in relays:
+            relay.stop()
+    if not same:
+        raise RuntimeError("the bare stream arrived changed")
+    return seconds
 
 
 def one_run(root: Path, server: Prosody, files: list[Path], method: str, compress: bool, rate_mbit: float,

@@ -88,7 +88,7 @@ def test_the_spool_check_names_the_first_changed_file_in_manifest_order_whatever
     assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.3 changed since ingest (5 bytes, SHA-256 ")
     paths[3].write_bytes(bytes((3 * 7 + j) % 251 for j in range(5)))
     assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.4 changed since ingest (2000000 bytes")
-    assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[:1]), paths[:1]) is None  # one file: no pool
+    assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[:1]), paths[:1]) is None  # one file
 
 
 def test_the_spool_check_reads_no_file_untouched_since_its_row_and_hashes_every_other(
