@@ -21,9 +21,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 import weakref
@@ -439,8 +441,10 @@ def _epoch_ns(at: datetime) -> int:
 
 
 def _check_spool_file(entry: BundleFile, path: Path) -> str | None:
-    try:
-        with path.open("rb") as fh:
+    try:  # opened without blocking and read only if a regular file: a FIFO or a device put there would never end
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             digest = hashlib.file_digest(fh, "sha256")
             size = fh.tell()
     except OSError as exc:

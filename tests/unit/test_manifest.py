@@ -122,3 +122,32 @@ def test_the_spool_check_reads_no_file_untouched_since_its_row_and_hashes_every_
     assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[3:]), paths[3:], rows_written[3:]).startswith(
         "spool file of instance 1.2.3.3 changed since ingest (63 bytes")
     assert hashed == [paths[3].name]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "dangling symlink", "non-UTF-8 name"])
+def test_a_spool_file_replaced_by_something_else_is_named_and_never_waited_for(tmp_path: Path, kind: str) -> None:
+    """Whatever stands at a spool path instead of the file (a FIFO no one writes to, a directory, an endless
+    device, a link to nothing), the check answers at once with the instance's UID; it does not block."""
+    from gateway.dispatch import check_spool
+
+    manifest, paths = make_files(tmp_path, [1000, 2000])
+    target = paths[1]
+    if kind == "non-UTF-8 name":
+        target = tmp_path / os.fsdecode(b"f\xff\x01.dcm")
+        paths[1].rename(target)
+        paths[1] = target
+        assert check_spool(manifest, paths) is None  # a name is only a name
+        target.write_bytes(b"x" * 2000)
+        assert check_spool(manifest, paths).startswith("spool file of instance 1.2.3.1 changed since ingest")
+        return
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    else:
+        target.symlink_to(tmp_path / "gone")
+    for recorded in (None, [datetime.now(UTC).replace(tzinfo=None) + timedelta(days=1)] * 2):  # a retry, a first offer
+        assert check_spool(manifest, paths, recorded).startswith("spool file of instance 1.2.3.1 cannot be read: ")
