@@ -163,14 +163,19 @@ class Spool:
         return target
 
     def place_deferred(self, staged: StagedFile, relative_path: str) -> Callable[..., Path]:
-        """Rename the staged file to ``relative_path`` now and fsync its directory on the spool's threads,
+        """Give the staged file the name ``relative_path`` now and fsync its directory on the spool's threads,
         beside the file's own fsync (``StagedWriter.close_deferred``); the wait gives the path once the name
         is durable, or removes the file and raises :class:`SpoolFull`; ``wait(False)`` removes it after the
         fsync (the caller will not record it: its own fsync failed). For a name that needs no
         SHA-256 (a new SOP Instance UID): the row must still wait for both fsyncs; until then a crash leaves
-        at most a file without a row, which nothing reads and the sender's retry overwrites."""
+        at most a file without a row, which nothing reads.
+
+        The name is never taken from a file already there (``FileExistsError``, the staged file kept): another
+        process of the site may have placed the same UID's bytes there a moment ago, its row not yet
+        committed (a rename would replace them, and that row would then name bytes the file no longer holds).
+        The caller then waits for the hash and places the file under a name with the hash in it."""
         target = self.root / relative_path
-        job = self.fsync_pool.submit(self.sync_dirs, [target, *self._move_in(staged, target)])
+        job = self.fsync_pool.submit(self.sync_dirs, [target, *self._move_in(staged, target, replace=False)])
 
         def wait(keep: bool = True) -> Path:
             try:
@@ -184,17 +189,29 @@ class Spool:
 
         return wait
 
-    def _move_in(self, staged: StagedFile, target: Path, keep_source: bool = False) -> list[Path]:
+    def _move_in(self, staged: StagedFile, target: Path, keep_source: bool = False, replace: bool = True) -> list[Path]:
         """Give the staged file its name in the spool (renamed, or hard-linked with ``keep_source``); returns
         the directories made for it. On an error the staged name is removed and :class:`SpoolFull` or
-        ``OSError`` raised."""
+        ``OSError`` raised. With ``replace`` False a file already at the name stays and ``FileExistsError`` is
+        raised with the staged file kept (a hard link, then the staged name unlinked: ``rename`` replaces)."""
         try:
             created = _make_dirs(target.parent, self.root)
             if keep_source:
                 _remove_quietly(target)  # identical bytes a crash left before their row was committed
                 os.link(staged.temp_path, target)
-            else:
+            elif replace:
                 os.replace(staged.temp_path, target)
+            else:
+                os.link(staged.temp_path, target)
+                try:
+                    os.unlink(staged.temp_path)
+                except OSError:
+                    _remove_quietly(target)
+                    raise
+        except FileExistsError:
+            if replace:
+                _remove_quietly(staged.temp_path)
+            raise
         except OSError as exc:
             _remove_quietly(staged.temp_path)
             raise _as_spool_error(exc) from exc

@@ -54,30 +54,38 @@ class IngestService:
         (raising its error) and gives the file with its SHA-256 (hashed beside the fsync when its writer did
         not hash it); the duplicate lookup runs while the disk writes. A new SOP Instance UID's file needs no
         hash for its name: it is renamed to it at once and its directory fsynced beside the file's own fsync
-        (``place_deferred``); its row waits for both. Otherwise the file is placed or discarded only once it is
+        (``place_deferred``); its row waits for both. If a file is already at that name (another process of
+        the site placing the same UID, its row not yet committed, or a file a crash left without a row), it
+        stays, and this file waits for its hash and goes to a name with the hash in it. Otherwise the file is placed or discarded only once it is
         durable and hashed. On any exception nothing was acknowledged: a file not yet durable is removed (the
         sender still holds the instance); a durable placed file whose row failed stays at its path and is
         overwritten by the identical bytes when the sender tries again.
         """
         placed = False
         placing: Callable[..., Path] | None = None
+        taken = False  # the plain name holds a file with no row we saw: another process's, or a crash's
         try:
             with self._lock_for(header.sop_instance_uid):
                 copies = self._store.instance_hashes(header.sop_instance_uid)
                 if durable is not None and not copies:  # a new UID's name has no hash in it
                     relative = self._spool.relative_path(header, "", False)
-                    placing = self._spool.place_deferred(staged, relative)
+                    try:
+                        placing = self._spool.place_deferred(staged, relative)
+                    except FileExistsError:
+                        taken = True
                 if durable is not None:
                     staged = durable() or staged
                 if placing is not None:
                     conflict, final_path = False, placing()
                 else:
+                    if taken:  # what another process recorded meanwhile decides, as in that process
+                        copies = self._store.instance_hashes(header.sop_instance_uid)
                     if any(sha256 == staged.sha256 for sha256, _ in copies):
                         self._spool.discard(staged)
                         log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
                         return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
                     conflict = bool(copies)
-                    relative = self._spool.relative_path(header, staged.sha256, conflict)
+                    relative = self._spool.relative_path(header, staged.sha256, conflict or taken)
                     final_path = self._spool.place(staged, relative)
                 placed = True
                 unit_id = self._store.record_instance(

@@ -195,3 +195,64 @@ def test_one_uid_from_eight_threads_at_once(store: QueueStore, spool: Spool, sam
     for sha, path in rows:
         assert hashlib.sha256(spool.absolute(path).read_bytes()).hexdigest() == sha
     assert list(spool.staging_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("same_bytes", [True, False], ids=["identical", "different"])
+def test_two_processes_placing_one_new_uid_keep_each_copy_at_the_path_its_row_names(
+    store: QueueStore, spool: Spool, same_bytes: bool,
+) -> None:
+    """Two processes of one site (PostgreSQL: each with its own locks) store one new SOP Instance UID: the
+    first has its file at the UID's name and waits for its fsync, its row not yet committed, when the second
+    looks and finds no row. The second's file must not replace the first's (that row would then name bytes
+    the file no longer holds, and the first modality's acknowledged bytes would be gone)."""
+    first, second = IngestService(store, spool), IngestService(store, spool)  # two processes' locks
+    payloads = [os.urandom(30_000)] * 2 if same_bytes else [os.urandom(30_000), os.urandom(30_000)]
+    file1, durable1 = unhashed(spool, payloads[0])
+    gate, results = threading.Event(), []
+
+    def held() -> object:
+        assert gate.wait(30)  # the first process's fsync still runs
+        return durable1()
+
+    worker = threading.Thread(target=lambda: results.append(first.ingest(header("1.2.3.7"), file1, "AE1", durable=held)))
+    worker.start()
+    plain = spool.absolute(spool.relative_path(header("1.2.3.7"), "", False))
+    for _ in range(3000):  # bounded: the first file goes to its name before its fsync ends
+        if plain.exists():
+            break
+        threading.Event().wait(0.01)
+    assert plain.exists()
+    file2, durable2 = unhashed(spool, payloads[1])
+    other = second.ingest(header("1.2.3.7"), file2, "AE2", durable=durable2)
+    gate.set()
+    worker.join(60)
+    outcomes = sorted([results[0].outcome.value, other.outcome.value])  # type: ignore[attr-defined]
+    rows = store.instance_hashes("1.2.3.7")
+    assert sorted(sha for sha, _ in rows) == sorted({hashlib.sha256(p).hexdigest() for p in payloads})
+    for sha, path in rows:  # every row names the bytes at its path
+        assert hashlib.sha256(spool.absolute(path).read_bytes()).hexdigest() == sha
+    if same_bytes:
+        assert outcomes == sorted([IngestOutcome.STORED.value, IngestOutcome.DUPLICATE.value])
+    else:
+        assert outcomes == [IngestOutcome.STORED.value] * 2 and len({path for _, path in rows}) == 2
+    assert plain.read_bytes() == payloads[0]  # the first copy stays where it was put
+    assert list(spool.staging_dir.iterdir()) == []
+
+
+def test_a_file_left_at_a_new_uids_name_without_a_row_stays_and_the_instance_is_stored_beside_it(
+    store: QueueStore, spool: Spool,
+) -> None:
+    """A crash between a new UID's rename and its row leaves a file that no row names (its bytes may be
+    partial: its fsync never finished). The modality sends the instance again: it is stored and recorded
+    under a name with its hash in it, and the leftover is not taken for it nor removed."""
+    plain = spool.absolute(spool.relative_path(header("1.2.3.6"), "", False))
+    plain.parent.mkdir(parents=True)
+    plain.write_bytes(b"half an instan")
+    data = os.urandom(20_000)
+    file, durable = unhashed(spool, data)
+    result = IngestService(store, spool).ingest(header("1.2.3.6"), file, "AE", durable=durable)
+    assert result.outcome == IngestOutcome.STORED
+    [(sha, path)] = store.instance_hashes("1.2.3.6")
+    assert sha == hashlib.sha256(data).hexdigest() and spool.absolute(path).read_bytes() == data
+    assert spool.absolute(path) != plain and plain.read_bytes() == b"half an instan"
+    assert list(spool.staging_dir.iterdir()) == []
