@@ -116,7 +116,10 @@ def test_the_spool_check_reads_no_file_untouched_since_its_row_and_hashes_every_
     os.chmod(paths[0], 0o600)  # metadata only: hashed, found intact
     paths[2].write_bytes(b"54321")  # same size, other bytes
     assert check_spool(manifest, paths, earlier).startswith("spool file of instance 1.2.3.2 changed since ingest (5 bytes")
-    assert sorted(hashed) == sorted(p.name for p in paths)  # each was changed (or written) after its row
+    # Each was changed (or written) after its row: none is taken unread. The check stops at the first
+    # difference in the manifest's order, so the last file's hash may be cancelled before it starts (a busy
+    # machine); every file up to the difference was hashed.
+    assert {p.name for p in paths[:3]} <= set(hashed) <= {p.name for p in paths}
     hashed.clear()
     paths[3].write_bytes(b"x" * 63)  # a different size is read at once, whatever the times
     assert check_spool(Manifest("1.2.3", 1, DEFAULT_CHUNK_BYTES, manifest.files[3:]), paths[3:], rows_written[3:]).startswith(
