@@ -169,7 +169,8 @@ class Gateway:
         self._main_wake = asyncio.Event()  # an earlier wake-up of the main loop than it sleeps until
         self._main_wake_at = math.inf
         self._maintenance = Maintenance(False)
-        self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for)
+        self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for,
+                                       self.store.signing_pins)
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
         self._xmpp_refused: dict[str, Any] | None = None  # the last refusal until the session is online again
         self._beat_due = asyncio.Event()  # the XMPP state changed: beat now, not in up to BEAT_S

@@ -15,14 +15,20 @@ from collections.abc import Callable
 
 from gateway.model import PeerConfig
 
+NOTED_S = 10.0  # far longer than a write to the queue and the next refresh (every second)
+
 
 class PeerDirectory:
     def __init__(self, read: Callable[[], dict[str, PeerConfig]], configured_peers: tuple[str, ...] = (),
-                 configured_pin: Callable[[str], str | None] = lambda _jid: None) -> None:
+                 configured_pin: Callable[[str], str | None] = lambda _jid: None,
+                 read_signing: Callable[[], dict[str, str]] = dict) -> None:
         self._read = read
+        self._read_signing = read_signing
         self.configured_peers = configured_peers
         self._configured_pin = configured_pin
         self._peers: dict[str, PeerConfig] = {}
+        self._signing: dict[str, str] = {}  # peer -> our identity it pins (the queue's peer_signing table)
+        self._noted: dict[str, tuple[str, float]] = {}  # what this process was told, until its write is read back
         self._read_at = 0.0
         self._refreshing = threading.Lock()
 
@@ -32,6 +38,7 @@ class PeerDirectory:
             return  # one refresh at a time; the running one is as fresh
         try:
             self._peers = dict(self._read())  # one reference swap: readers see the old or the new snapshot
+            self._signing = dict(self._read_signing())
             self._read_at = time.monotonic()
         finally:
             self._refreshing.release()
@@ -51,6 +58,20 @@ class PeerDirectory:
     def allowed(self, jid: str) -> bool:
         config = self._peers.get(jid)
         return jid in self.configured_peers or (config is not None and config.allowed)
+
+    def signing(self, jid: str) -> str | None:
+        """The fingerprint of our identity ``jid`` pins, as its last offer (to any process of the site) said:
+        what this process was told in the last ``NOTED_S`` (its write may not be read back yet), else the table."""
+        noted = self._noted.get(jid)
+        if noted is not None and time.monotonic() - noted[1] < NOTED_S:
+            return noted[0]
+        return self._signing.get(jid)
+
+    def note_signing(self, jid: str, fingerprint: str) -> bool:
+        """An offer from ``jid`` named the identity of ours it pins; True if the table does not say so yet
+        (the caller writes it)."""
+        self._noted[jid] = (fingerprint, time.monotonic())
+        return self._signing.get(jid) != fingerprint
 
     def pin(self, jid: str) -> str | None:
         """The pinned certificate fingerprint: `dicomgw peers add --fingerprint` first, then the TOML file."""

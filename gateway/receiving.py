@@ -47,6 +47,8 @@ class ReceivingHost(Protocol):
     _xmpp_refused: Any
     _beat_due: Any
 
+    directory: Any
+
     def pin_for(self, peer_jid: str) -> str | None: ...
     def kick_import(self) -> None: ...
     def _check_maintenance(self) -> None: ...
@@ -82,6 +84,27 @@ class Inbound:
 
     def pin_for(self, peer_jid: str) -> str | None:
         return self.gateway.pin_for(peer_jid)
+
+    def signing_for(self, peer_jid: str) -> str | None:
+        """Our identity ``peer_jid`` pins, as its last offer said (to this process or another, before a restart)."""
+        return self.gateway.directory.signing(peer_jid)
+
+    def note_signing(self, peer_jid: str, fingerprint: str) -> None:
+        """An admitted offer named the identity of ours it pins: kept in memory now and in the queue off the
+        loop (only when it changed: after a rotation, once per peer)."""
+        if not self.gateway.directory.note_signing(peer_jid, fingerprint):
+            return
+
+        def keep() -> None:
+            try:
+                self.gateway.store.note_signing(peer_jid, fingerprint)
+            except Exception:  # the receipt falls back to this process's memory, then the current key
+                log.exception("could not keep which identity %s pins", peer_jid)
+
+        if self.gateway._loop is not None:
+            self.gateway._loop.run_in_executor(None, keep)
+        else:
+            keep()
 
     def security_event(self, peer_jid: str, text: str) -> None:
         self.gateway.refusals.note("e2e_refused", peer_jid, text)

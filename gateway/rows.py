@@ -146,6 +146,17 @@ class PeerRow(Base):
     schedule: Mapped[str] = mapped_column(Text, default="", server_default="")  # gateway.windows spec
 
 
+class PeerSigningRow(Base):
+    """Our identity a peer pins, as its last offer said (migration 0017): its verdicts and receipts are signed
+    with that key while a rotation's overlap lasts, also after a restart or from another process."""
+
+    __tablename__ = "peer_signing"
+
+    peer_jid: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class TransferRow(Base):
     __tablename__ = "transfers"
 

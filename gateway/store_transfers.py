@@ -6,12 +6,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from gateway.lifecycle import State
 from gateway.model import PeerConfig
 from gateway.rows import (
     AuditRow,
     PeerRow,
+    PeerSigningRow,
     StudyUnitRow,
     TransferArchiveRow,
     TransferRow,
@@ -145,6 +147,26 @@ class TransfersRepo:
                  "destinations": _split(r.destinations), "max_concurrent": r.max_concurrent or 1,
                  "directions": r.directions or "both", "schedule": r.schedule or "",
                  "created_at": r.created_at.isoformat()} for r in rows]
+
+    def signing_pins(self) -> dict[str, str]:
+        """Peer bare JID -> the fingerprint of our identity it pins, as its last offer said (``note_signing``)."""
+        with self._sessions() as session:
+            return {r.peer_jid: r.fingerprint for r in session.scalars(select(PeerSigningRow))}
+
+    def note_signing(self, peer_jid: str, fingerprint: str) -> None:
+        """Keep which of our identities ``peer_jid`` pins (an offer named it): the verdicts and receipts to it
+        are signed with that key, whichever process sends them and after a restart."""
+        for _attempt in range(2):  # two processes may insert the first row for a peer at once
+            try:
+                with self._unit_of_work() as session:
+                    row = session.get(PeerSigningRow, peer_jid)
+                    if row is None:
+                        session.add(PeerSigningRow(peer_jid=peer_jid, fingerprint=fingerprint, updated_at=utcnow()))
+                    elif row.fingerprint != fingerprint:
+                        row.fingerprint, row.updated_at = fingerprint, utcnow()
+                return
+            except IntegrityError:
+                continue
 
     def peer_configs(self) -> dict[str, PeerConfig]:
         """Every peer row as set by the admin, allowed or not, by bare JID."""

@@ -99,6 +99,12 @@ class InboundPort(Protocol):
     def pin_for(self, peer_jid: str) -> str | None:
         """The pinned certificate fingerprint of a peer gateway (bare JID), if any."""
 
+    def signing_for(self, peer_jid: str) -> str | None:
+        """The fingerprint of our identity the peer pins, as its last offer said (kept across restarts)."""
+
+    def note_signing(self, peer_jid: str, fingerprint: str) -> None:
+        """An admitted offer named the identity of ours the peer pins (only its verdicts and receipts use it)."""
+
     def security_event(self, peer_jid: str, text: str) -> None:
         """A refused end-to-end channel (pin mismatch, failed handshake): audited."""
 

@@ -89,7 +89,6 @@ class StudyOffers:
         self.s5b, self.ibb = s5b, ibb
         self.sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
         self.verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
-        self.signing: dict[str, str] = {}  # peer bare JID -> fingerprint of our identity it pins
         self.deciding: dict[str, tuple[str, asyncio.Future[None]]] = {}  # sid -> (sender, decided) while we decide
 
     def session_ended(self) -> None:
@@ -312,7 +311,7 @@ class StudyOffers:
                 # that it pins (our previous one while we rotate and it has not pinned the new one yet).
                 sender_cert = pinned_cert(offer, self.client.inbound.pin_for(peer.bare))
                 ours = self.client.identities.choose(offer.expect)
-                self.signing[peer.bare] = ours.fingerprint  # its verdict and receipt: signed with the key it pins
+                self.client.inbound.note_signing(peer.bare, ours.fingerprint)  # its verdicts and receipts: that key
                 tls = server_context(ours, sender_cert)
                 used = fingerprint(sender_cert) if sender_cert != offer.cert_der else ""
             sink = self.client.inbound.open_sink(peer.bare, offer, method)
@@ -418,11 +417,12 @@ class StudyOffers:
             await self.client.send_iq(iq)
 
     def _identity_for(self, peer: str) -> Identity | None:
-        """Our identity that ``peer`` pins, as its last offer said (``_signing``), looked up in the identities
-        as they are now (a rotation replaced the files since); the current one otherwise."""
+        """Our identity that ``peer`` pins, as its last offer said (to this process or another of the site,
+        before a restart too: ``note_signing``), looked up in the identities as they are now (a rotation replaced
+        the files since); the current one otherwise."""
         if self.client.identities is None:
             return None
-        remembered = self.signing.get(peer.split("/", 1)[0])
+        remembered = self.client.inbound.signing_for(peer.split("/", 1)[0])
         return (self.client.identities.by_fingerprint(remembered) if remembered else None) or self.client.identities.current
 
     def _sign(self, kind: str, addressee: str, *fields: str) -> Signature | None:

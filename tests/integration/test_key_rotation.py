@@ -106,3 +106,39 @@ def _scenario(tmp_path: Path, prosody: Prosody, orthanc: Orthanc) -> None:
         a.stop()
         b.stop()
         relay.stop()
+
+
+def test_a_receipt_after_a_restart_in_the_overlap_is_signed_with_the_key_the_sender_pins(tmp_path: Path) -> None:
+    """B rotates its key; A still pins only B's old certificate. A study reaches B, B cannot import it (its PACS
+    is down) and is restarted. The receipt it sends once the PACS is back is signed with the key A pins (as A's
+    offer said, kept in B's queue: B's memory of it went with the restart), and A takes it: delivered, not
+    refused."""
+    with running_prosody(tmp_path / "prosody") as prosody:
+        orthanc = Orthanc(tmp_path / "orthanc")  # ports chosen, not started yet: B's import waits
+        pacs = PacsSettings(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title="GWB",
+                            timeout_s=10, retry_base_s=0.2, retry_max_s=0.5)
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), pacs=pacs)
+        a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b")
+        b_old = site_identity(tmp_path, "b")[2]
+        try:
+            rotated, _old = rotate_keys(b.gateway.settings, overlap_s=3600)
+            wait_for(lambda: b.gateway.agent.identities.previous is not None, 10, 0.05, what="B to take over its new key")
+            assert a.gateway.pin_for(B_JID) == b_old and rotated.current.fingerprint != b_old
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=4, rows=64, columns=64)
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+            wait_for(lambda: any(u.attempts >= 1 and u.state in ("received", "importing") for u in b.gateway.store.studies()),
+                     60, 0.1, what="B to have the study and fail to import it")
+            wait_for(lambda: [s.state for s in a.gateway.store.studies()] == ["sent"], 30, 0.1, what="A's verdict")
+            b.stop()
+            b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), pacs=pacs)  # the same site, restarted
+            assert b.gateway.agent.identities.previous is not None  # still in the overlap
+            with orthanc:
+                orthanc.start()
+                wait_for(lambda: [s.state for s in a.gateway.store.studies()] == ["delivered"], 90, 0.1,
+                         what=lambda: f"A to take B's receipt: {a.gateway.store.audit_entries(limit=5)}")
+                assert in_orthanc(orthanc, study.study_instance_uid) == 4
+            events = {e["event"] for e in a.gateway.store.audit_entries(limit=2000)}
+            assert "receipt_refused" not in events, events
+        finally:
+            a.stop()
+            b.stop()

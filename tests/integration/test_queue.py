@@ -123,6 +123,12 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         QueueStore(engine).record_instance(
             header("1.2.3.1.2"), spool_path="y", size_bytes=1, sha256="d" * 64, source=long_source, conflict=False
         )
+        assert "peer_signing" in tables
+        QueueStore(engine).note_signing("radiology.hospital-a@helsenett.test", "e" * 64)
+        QueueStore(engine).note_signing("radiology.hospital-a@helsenett.test", "f" * 64)  # the peer's next offer
+        assert QueueStore(engine).signing_pins() == {"radiology.hospital-a@helsenett.test": "f" * 64}
+        command.downgrade(config, "-1")  # 0017 -> 0016: which of our keys each peer pins goes
+        assert "peer_signing" not in set(inspect(engine).get_table_names())
         command.downgrade(config, "-1")  # 0016 -> 0015: the archive tables and archived_at go
         assert not {"instances_archive", "transfers_archive"} & set(inspect(engine).get_table_names())
         assert "archived_at" not in {c["name"] for c in inspect(engine).get_columns("study_units")}
@@ -260,3 +266,23 @@ def test_a_backlog_turns_stable_in_batches_each_unit_audited_once(store: QueueSt
     assert rows == 1200
     record(store, "1.2.3.9.1", study="1.2.3.9")
     assert store.mark_stable(3600.0) == []  # too young: stays received
+
+
+def test_which_of_our_keys_a_peer_pins_is_known_to_every_process_of_the_site(store: QueueStore) -> None:
+    """An offer to one process names the identity of ours the peer pins; another process (PostgreSQL) sends the
+    receipt of that study, or this one after a restart: both read it from the queue."""
+    from gateway.directory import PeerDirectory
+
+    peer, pinned = "radiology.hospital-a@helsenett.test", "ab" * 32
+    one, other = (PeerDirectory(store.peer_configs, read_signing=store.signing_pins) for _ in range(2))
+    one.refresh()
+    other.refresh()
+    assert one.note_signing(peer, pinned)  # news: the caller writes it
+    assert one.signing(peer) == pinned and other.signing(peer) is None  # before the write is read back
+    store.note_signing(peer, pinned)
+    other.refresh()
+    restarted = PeerDirectory(store.peer_configs, read_signing=store.signing_pins)
+    restarted.refresh()
+    assert other.signing(peer) == pinned and restarted.signing(peer) == pinned
+    one.refresh()
+    assert not one.note_signing(peer, pinned)  # the table says so already: no write
