@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -192,13 +193,24 @@ class ReceiptSender:
     """Receiver side: tell each sender what became of its study (delivered to the PACS, or refused for good),
     repeating until the sender acknowledges; waits while the sender is offline."""
 
-    def __init__(self, store: QueueStore, port: ReceiptPort) -> None:
+    RETRY_FIRST_S = 1.0  # a receipt the sender did not acknowledge (refused, an error, no answer) waits this long,
+    RETRY_MAX_S = 30.0   # doubling up to this: every tick (0.1-1 s) again would repeat a refusal to no end
+
+    def __init__(self, store: QueueStore, port: ReceiptPort, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.port = port
+        self._clock = clock
+        self._backoff: dict[int, tuple[float, float]] = {}  # unit id -> (not before, the next wait)
 
     async def tick(self) -> int:
         sent = 0
-        for unit in await asyncio.to_thread(self.store.receipts_due):
+        now = self._clock()
+        due = await asyncio.to_thread(self.store.receipts_due)
+        waiting = {unit.unit_id for unit in due}
+        self._backoff = {k: v for k, v in self._backoff.items() if k in waiting}  # acknowledged meanwhile: forgotten
+        for unit in due:
+            if unit.unit_id in self._backoff and now < self._backoff[unit.unit_id][0]:
+                continue
             peer = self.port.peer_online(unit.origin_peer or "")
             if peer is None:
                 continue
@@ -216,10 +228,13 @@ class ReceiptSender:
             ok, detail = await self.port.send_receipt(peer, receipt)
             if ok:
                 sent += 1
+                self._backoff.pop(unit.unit_id, None)
                 await asyncio.to_thread(
                     self.store.receipt_acknowledged, unit.unit_id,
                     f"{'delivery' if delivered else 'failure'} receipt to {peer}: {detail}",
                 )
             else:
-                log.warning("receipt for unit %s to %s not acknowledged: %s", unit.unit_id, peer, detail)
+                wait = self._backoff.get(unit.unit_id, (0.0, self.RETRY_FIRST_S))[1]
+                self._backoff[unit.unit_id] = (self._clock() + wait, min(wait * 2, self.RETRY_MAX_S))
+                log.warning("receipt for unit %s to %s not acknowledged: %s (again in %g s)", unit.unit_id, peer, detail, wait)
         return sent
