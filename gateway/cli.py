@@ -366,9 +366,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     for column in columns:
         table.add_column(column)
     for r in rows:
-        table.add_row(*[cell(str(r.get(c) if r.get(c) is not None else "-")[:120]) for c in columns])
+        table.add_row(*[cell(_clipped(str(r.get(c) if r.get(c) is not None else "-")), overflow="fold") for c in columns])
     _console().print(table)
     return 0
+
+
+AUDIT_CELL_CHARS = 1000  # a detail is shown whole up to this (a pin change names two 64-character fingerprints)
+
+
+def _clipped(text: str) -> str:
+    """A table cell's text, cut only past ``AUDIT_CELL_CHARS`` and then saying so (``--json`` has it whole)."""
+    if len(text) <= AUDIT_CELL_CHARS:
+        return text
+    return f"{text[:AUDIT_CELL_CHARS]} ... ({len(text) - AUDIT_CELL_CHARS} more characters: --json has them)"
 
 
 # -- demo ---------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ def plain(value: object) -> str:
     return _CONTROL.sub("", _SPACES.sub(" ", str(value)))
 
 
-def cell(value: object) -> Any:
+def cell(value: object, overflow: str | None = None) -> Any:
+    """``value`` as a table cell, literally (``overflow="fold"``: a long word is broken over lines, not cut)."""
     from rich.text import Text
 
-    return Text(plain(value))
+    return Text(plain(value), overflow=overflow)  # type: ignore[arg-type]
 
 
 def markup(value: object) -> str:

@@ -4,6 +4,7 @@ queue, in a process of its own (its output piped, as a script or a terminal mult
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -72,3 +73,23 @@ def test_roster_names_that_would_inject_into_the_groups_file_are_refused(tmp_pat
     refused = cli(config, "peers", "export", "prosody")
     assert refused.returncode == 2 and "display name of radiology.hospital-b@net.test" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_audit_shows_a_long_detail_whole_and_says_where_a_very_long_one_is_cut(tmp_path: Path) -> None:
+    """A pin change names two fingerprints: its audit detail (~200 characters) was cut at 120 in the table. It is
+    shown whole now; only a detail over 1000 characters is cut, saying how much more `--json` holds."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "q"\n'
+                      f'[queue]\ndb_url = "sqlite:///{tmp_path / "queue.db"}"\n')
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    upgrade_schema(engine)
+    store = QueueStore(engine)
+    change = f"radiology.hospital-b@net.test: fingerprint {'a' * 64} -> {'a' * 64},{'b' * 64}"
+    store.audit("peer_edited", change)
+    store.audit("offer_refused", "x" * 1500)
+    engine.dispose()
+    done = cli(config, "audit")
+    assert done.returncode == 0, done.stderr
+    squeezed = re.sub(r"[\s│]", "", done.stdout)  # the table wraps a long cell over lines of its column
+    assert change.replace(" ", "") in squeezed
+    assert "x" * 1000 + "...(500morecharacters:--jsonhasthem)" in squeezed and "x" * 1001 not in squeezed
