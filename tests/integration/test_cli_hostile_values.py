@@ -10,6 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
+
 from gateway.model import InstanceHeader
 from gateway.store import QueueStore, make_engine, upgrade_schema
 from tests.helpers import REPO
@@ -23,12 +25,18 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_queue_queue_show_and_peers_ls_print_hostile_values_literally(tmp_path: Path) -> None:
+def queue_config(tmp_path: Path) -> tuple[Path, Engine]:
+    """A config file naming a fresh SQLite queue at the newest schema, and that queue's engine."""
     config = tmp_path / "gateway.toml"
     config.write_text(f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "q"\n'
                       f'[queue]\ndb_url = "sqlite:///{tmp_path / "queue.db"}"\n')
     engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
     upgrade_schema(engine)
+    return config, engine
+
+
+def test_queue_queue_show_and_peers_ls_print_hostile_values_literally(tmp_path: Path) -> None:
+    config, engine = queue_config(tmp_path)
     store = QueueStore(engine)
     header = InstanceHeader("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.3.4", "1.2.3.4.0",
                             patient_name=HOSTILE_NAME, study_description=HOSTILE_DESCRIPTION, modality="CT")
@@ -78,11 +86,7 @@ def test_roster_names_that_would_inject_into_the_groups_file_are_refused(tmp_pat
 def test_audit_shows_a_long_detail_whole_and_says_where_a_very_long_one_is_cut(tmp_path: Path) -> None:
     """A pin change names two fingerprints: its audit detail (~200 characters) was cut at 120 in the table. It is
     shown whole now; only a detail over 1000 characters is cut, saying how much more `--json` holds."""
-    config = tmp_path / "gateway.toml"
-    config.write_text(f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "q"\n'
-                      f'[queue]\ndb_url = "sqlite:///{tmp_path / "queue.db"}"\n')
-    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
-    upgrade_schema(engine)
+    config, engine = queue_config(tmp_path)
     store = QueueStore(engine)
     change = f"radiology.hospital-b@net.test: fingerprint {'a' * 64} -> {'a' * 64},{'b' * 64}"
     store.audit("peer_edited", change)
