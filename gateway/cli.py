@@ -250,10 +250,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         _store(settings).audit("identity_retired", f"the previous end-to-end certificate SHA-256 {retired} is retired: "
                                f"its overlap ended")
     previous = identities.previous
+    # While the overlap lasts: the peers that still pin only the previous certificate (as their last offer to
+    # us, or accept of ours, said), so the operator knows whom to ask before it ends.
+    behind = _store(settings).peers_pinning(previous.fingerprint) if previous is not None else []
     if args.json:
         print(json.dumps({"fingerprint": identity.fingerprint, "certificate": str(cert_path), "key": str(key_path),
                           "created": created, "previous_fingerprint": previous.fingerprint if previous else None,
-                          "previous_until": identities.previous_until.isoformat() if identities.previous_until else None}))
+                          "previous_until": identities.previous_until.isoformat() if identities.previous_until else None,
+                          "peers_pinning_previous": [{"jid": jid, "since": at.isoformat()} for jid, at in behind]}))
         return 0
     print(f"{'created' if created else 'identity'}: {cert_path} (key {key_path}, mode 600)")
     print(f"SHA-256 {identity.fingerprint}")
@@ -261,6 +265,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     if previous is not None:
         print(f"previous SHA-256 {previous.fingerprint}: still served to peers that pin it until "
               f"{identities.previous_until:%Y-%m-%d %H:%M} UTC")
+        for jid, at in behind:
+            print(f"  {plain(jid)} pins only the previous certificate (its last exchange, {at:%Y-%m-%d %H:%M} UTC): "
+                  f"its operator adds the new pin with `dicomgw peers edit OUR_JID --add-fingerprint SHA256`")
+        if not behind:
+            print("  no peer's last exchange pinned only the previous certificate")
     print("Read it to the peer's operator; they pin it with `dicomgw peers add YOUR_JID --fingerprint SHA256`.")
     return 0
 

@@ -153,6 +153,13 @@ class TransfersRepo:
         with self._sessions() as session:
             return {r.peer_jid: r.fingerprint for r in session.scalars(select(PeerSigningRow))}
 
+    def peers_pinning(self, fingerprint: str) -> list[tuple[str, datetime]]:
+        """(peer, since when) of the peers whose last exchange pinned only our identity ``fingerprint``."""
+        with self._sessions() as session:
+            rows = session.scalars(select(PeerSigningRow).where(PeerSigningRow.fingerprint == fingerprint)
+                                   .order_by(PeerSigningRow.peer_jid))
+            return [(r.peer_jid, r.updated_at) for r in rows]
+
     def note_signing(self, peer_jid: str, fingerprint: str) -> None:
         """Keep which of our identities ``peer_jid`` pins (an offer named it): the verdicts and receipts to it
         are signed with that key, whichever process sends them and after a restart."""

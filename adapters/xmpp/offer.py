@@ -177,6 +177,8 @@ class StudyOffers:
             # The receiver pins our old certificate while we rotate: present that one (it said which).
             presented = (identities.by_fingerprint(used) if used and identities is not None else None) or identity
             tls = client_context(presented) if encrypted and presented else None
+            if tls is not None and presented is not None:  # what it pins of ours: its receipts to us, `keys show`
+                self.client.inbound.note_signing(peer_bare, presented.fingerprint)
             if early is not None and early.handshakes and presented is not identity:
                 # Its early handshake presents a certificate the receiver does not pin (cannot happen while we do not
                 # rotate: the early handshake is only started then); the leg goes, and with it the receiver's.

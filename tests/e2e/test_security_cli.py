@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from adapters.lab.localpeers import Prosody
+from gateway.store import QueueStore, make_engine
 from tests.e2e.test_gateway_process import GatewayProcess
 from tests.helpers import REPO, wait_for
 
@@ -86,6 +87,15 @@ def test_keys_rotate_and_two_pins_from_the_command_line(tmp_path: Path) -> None:
     assert new["fingerprint"] in shown.stdout and f"previous SHA-256 {first}: still served" in shown.stdout
     again = gw.cli("keys", "rotate")
     assert again.returncode == 1 and "a rotation is under way" in again.stderr
+    # Peers whose last exchange pinned only the old certificate are named while the overlap lasts.
+    store = QueueStore(make_engine(f"sqlite:///{gw.workdir / 'var' / 'queue.db'}"))
+    store.note_signing(f"radiology.hospital-b@{DOMAIN}", first)  # its last offer pinned only the old one
+    store.note_signing(f"radiology.hospital-c@{DOMAIN}", new["fingerprint"])
+    behind = json.loads(gw.cli("keys", "show", "--json").stdout)["peers_pinning_previous"]
+    assert [p["jid"] for p in behind] == [f"radiology.hospital-b@{DOMAIN}"]
+    assert f"radiology.hospital-b@{DOMAIN} pins only the previous certificate" in gw.cli("keys", "show").stdout
+    store.note_signing(f"radiology.hospital-b@{DOMAIN}", new["fingerprint"])  # it added the new pin
+    assert "no peer's last exchange pinned only the previous" in gw.cli("keys", "show").stdout
     audit = json.loads(gw.cli("audit", "--json").stdout)
     assert any(e["event"] == "identity_rotated" and first in e["detail"] and new["fingerprint"] in e["detail"] for e in audit)
 

@@ -70,11 +70,14 @@ def _scenario(tmp_path: Path, prosody: Prosody, orthanc: Orthanc) -> None:
         second = send(2)  # A still pins only B's old certificate
         delivered(first, 40)
         delivered(second, 8)
+        pinning = lambda site, fp: [jid for jid, _at in site.gateway.store.peers_pinning(fp)]  # noqa: E731  (`keys show`)
+        wait_for(lambda: pinning(b, b_old) == [A_JID], 10, 0.05, what="B to know A pins only its old key")
 
         a.gateway.store.add_peer(B_JID, "", f"{b_old},{b_new}")  # `peers edit B --add-fingerprint NEW`
         wait_for(lambda: b_new in (a.gateway.pin_for(B_JID) or ""), 10, 0.05, what="A to read B's second pin")
         third = send(3)
         delivered(third, 8)
+        wait_for(lambda: pinning(b, b_old) == [], 10, 0.05, what="B to know A pins its new key too")
 
         meta = identity_paths(b.gateway.settings)[1].with_name("gateway.crt.previous.json")
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "until": "2000-01-01T00:00:00+00:00"}))  # time passes
@@ -91,10 +94,12 @@ def _scenario(tmp_path: Path, prosody: Prosody, orthanc: Orthanc) -> None:
         wait_for(lambda: a.gateway.agent.identities.previous is not None, 10, 0.05, what="A to take over its new key")
         fifth = send(5)
         delivered(fifth, 8)
+        wait_for(lambda: pinning(a, a_old) == [B_JID], 10, 0.05, what="A to know B pins only its old key (B's accept)")
         b.gateway.store.add_peer(A_JID, "", a_rotated.current.fingerprint)  # B pins A's new certificate only
         wait_for(lambda: b.gateway.pin_for(A_JID) == a_rotated.current.fingerprint, 10, 0.05, what="B's new pin for A")
         sixth = send(6)
         delivered(sixth, 8)
+        wait_for(lambda: pinning(a, a_old) == [], 10, 0.05, what="A to know B pins its new key")
 
         outcomes = [t["outcome"] for t in a.gateway.store.transfers() + b.gateway.store.transfers()]
         assert set(outcomes) == {"received"}, outcomes  # not one refused, cut or failed attempt
