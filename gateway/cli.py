@@ -250,8 +250,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         _store(settings).audit("identity_retired", f"the previous end-to-end certificate SHA-256 {retired} is retired: "
                                f"its overlap ended")
     previous = identities.previous
-    # While the overlap lasts: the peers that still pin only the previous certificate (as their last offer to
-    # us, or accept of ours, said), so the operator knows whom to ask before it ends.
+    # While the overlap lasts: the peers that still pin only the previous certificate (as their last completed
+    # exchange with us showed), so the operator knows whom to ask before it ends.
     behind = _store(settings).peers_pinning(previous.fingerprint) if previous is not None else []
     if args.json:
         print(json.dumps({"fingerprint": identity.fingerprint, "certificate": str(cert_path), "key": str(key_path),

@@ -60,7 +60,8 @@ class PeerDirectory:
         return jid in self.configured_peers or (config is not None and config.allowed)
 
     def signing(self, jid: str) -> str | None:
-        """The fingerprint of our identity ``jid`` pins, as its last offer (to any process of the site) said:
+        """The fingerprint of our identity ``jid`` pins, as its last completed exchange (with any process of the site)
+        showed:
         what this process was told in the last ``NOTED_S`` (its write may not be read back yet), else the table."""
         noted = self._noted.get(jid)
         if noted is not None and time.monotonic() - noted[1] < NOTED_S:
@@ -68,7 +69,7 @@ class PeerDirectory:
         return self._signing.get(jid)
 
     def note_signing(self, jid: str, fingerprint: str) -> bool:
-        """An offer from ``jid`` named the identity of ours it pins; True if the table does not say so yet
+        """An exchange with ``jid`` completed under this identity of ours; True if the table does not say so yet
         (the caller writes it)."""
         self._noted[jid] = (fingerprint, time.monotonic())
         return self._signing.get(jid) != fingerprint

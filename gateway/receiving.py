@@ -86,12 +86,14 @@ class Inbound:
         return self.gateway.pin_for(peer_jid)
 
     def signing_for(self, peer_jid: str) -> str | None:
-        """Our identity ``peer_jid`` pins, as its last offer said (to this process or another, before a restart)."""
+        """Our identity ``peer_jid`` pins, as its last completed exchange showed (with this process or another,
+        before a restart too)."""
         return self.gateway.directory.signing(peer_jid)
 
     def note_signing(self, peer_jid: str, fingerprint: str) -> None:
-        """An admitted offer named the identity of ours it pins: kept in memory now and in the queue off the
-        loop (only when it changed: after a rotation, once per peer)."""
+        """An exchange with ``peer_jid`` completed under this identity of ours (a bundle received under its
+        handshake, or its signed verdict on ours): kept in memory now and in the queue off the loop (only when it
+        changed: after a rotation, once per peer)."""
         if not self.gateway.directory.note_signing(peer_jid, fingerprint):
             return
 

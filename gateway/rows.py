@@ -147,7 +147,7 @@ class PeerRow(Base):
 
 
 class PeerSigningRow(Base):
-    """Our identity a peer pins, as its last offer said (migration 0017): its verdicts and receipts are signed
+    """Our identity a peer pins, as its last completed exchange showed (migration 0017): its receipts are signed
     with that key while a rotation's overlap lasts, also after a restart or from another process."""
 
     __tablename__ = "peer_signing"

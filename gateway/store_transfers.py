@@ -149,7 +149,7 @@ class TransfersRepo:
                  "created_at": r.created_at.isoformat()} for r in rows]
 
     def signing_pins(self) -> dict[str, str]:
-        """Peer bare JID -> the fingerprint of our identity it pins, as its last offer said (``note_signing``)."""
+        """Peer bare JID -> the fingerprint of our identity it pins, as its last completed exchange showed (``note_signing``)."""
         with self._sessions() as session:
             return {r.peer_jid: r.fingerprint for r in session.scalars(select(PeerSigningRow))}
 
@@ -161,7 +161,7 @@ class TransfersRepo:
             return [(r.peer_jid, r.updated_at) for r in rows]
 
     def note_signing(self, peer_jid: str, fingerprint: str) -> None:
-        """Keep which of our identities ``peer_jid`` pins (an offer named it): the verdicts and receipts to it
+        """Keep which of our identities ``peer_jid`` pins (an exchange completed under it): the receipts to it
         are signed with that key, whichever process sends them and after a restart."""
         for _attempt in range(2):  # two processes may insert the first row for a peer at once
             try:

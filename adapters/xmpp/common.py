@@ -100,10 +100,11 @@ class InboundPort(Protocol):
         """The pinned certificate fingerprint of a peer gateway (bare JID), if any."""
 
     def signing_for(self, peer_jid: str) -> str | None:
-        """The fingerprint of our identity the peer pins, as its last offer said (kept across restarts)."""
+        """The fingerprint of our identity the peer pins, as its last completed exchange showed (kept across restarts)."""
 
     def note_signing(self, peer_jid: str, fingerprint: str) -> None:
-        """An admitted offer named the identity of ours the peer pins (only its verdicts and receipts use it)."""
+        """The identity of ours the peer pins: a bundle from it came under that handshake, or its signed verdict
+        took ours."""
 
     def security_event(self, peer_jid: str, text: str) -> None:
         """A refused end-to-end channel (pin mismatch, failed handshake): audited."""
@@ -134,6 +135,7 @@ class InboundStream:
     secured: bool = False  # the end-to-end TLS handshake finished (set by the reader thread for S5B)
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (StudyOffers)
     start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
+    ours: str = ""  # fingerprint of our identity its handshake presents (the one the sender pins): its verdict's key
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
     early: asyncio.Future[socket.socket] | None = None
@@ -356,5 +358,5 @@ class StreamEnds(Protocol):
     async def complete(self, sid: str) -> None: ...
     async def fail_stream(self, sid: str, exc: BaseException) -> None: ...
     def drop(self, sid: str, reason: str) -> None: ...
-    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None: ...
+    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None: ...
     async def offer_decided(self, sid: str, peer: str) -> None: ...

@@ -179,7 +179,7 @@ class InBandBytestreams:
         seq = el.get("seq", "")
         if not entry.started or not seq.isdigit() or int(seq) != entry.next_seq:  # XEP-0047 2.2: gap or replay
             self.ends.drop(sid, f"IBB block out of order: seq {seq[:8]!r}, expected {entry.next_seq}")
-            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order"))
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order", entry.ours))
             raise XMPPError("unexpected-request", f"expected seq {entry.next_seq}; the stream is closed", etype="cancel")
         entry.next_seq = (entry.next_seq + 1) % 65536
         try:
@@ -199,11 +199,11 @@ class InBandBytestreams:
         except ssl.SSLError as exc:
             self.client.inbound.security_event(iq["from"].bare, f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
             self.ends.drop(sid, f"end-to-end TLS failed: {describe(exc)}")
-            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed"))
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed", entry.ours))
             raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
         except (ValueError, OverflowError) as exc:
             self.ends.drop(sid, f"bad IBB data: {exc}")
-            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}"))
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
             raise XMPPError("bad-request", str(exc)) from exc
         except Exception as exc:  # ours (the sink's database, the disk): logged, the stream closed, the sender told
             self.client.spawn(self.ends.fail_stream(sid, exc))

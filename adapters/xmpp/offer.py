@@ -177,8 +177,6 @@ class StudyOffers:
             # The receiver pins our old certificate while we rotate: present that one (it said which).
             presented = (identities.by_fingerprint(used) if used and identities is not None else None) or identity
             tls = client_context(presented) if encrypted and presented else None
-            if tls is not None and presented is not None:  # what it pins of ours: its receipts to us, `keys show`
-                self.client.inbound.note_signing(peer_bare, presented.fingerprint)
             if early is not None and early.handshakes and presented is not identity:
                 # Its early handshake presents a certificate the receiver does not pin (cannot happen while we do not
                 # rotate: the early handshake is only started then); the leg goes, and with it the receiver's.
@@ -202,6 +200,10 @@ class StudyOffers:
                 phases.mark("verdict", 0.5)
                 if outcome == "incomplete":
                     raise TransferCut(f"receiver got {detail}")
+                if tls is not None and presented is not None and outcome == "received":
+                    # The receiver took our handshake with ``presented`` (its verdict is signed with its pinned
+                    # key): that is what it pins of ours (the accept's ``used`` alone could be forged on the way).
+                    self.client.inbound.note_signing(peer_bare, presented.fingerprint)
             except StreamSuspended as exc:
                 attempt.update(outcome="suspended", error=str(exc), bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0],
                                stream_s=time.perf_counter() - stream_started)
@@ -307,15 +309,15 @@ class StudyOffers:
         method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
         await self._supersede(peer.bare, offer.manifest_sha256)
         try:  # from here on the admission is the sink's: every path below ends it
-            tls, used = None, ""
+            tls, used, ours_fp = None, "", ""
             if offer.cert_der and self.client.identities is not None:
                 # The sender's certificate we pin (its current or, while it rotates, its previous one), and ours
                 # that it pins (our previous one while we rotate and it has not pinned the new one yet).
                 sender_cert = pinned_cert(offer, self.client.inbound.pin_for(peer.bare))
                 ours = self.client.identities.choose(offer.expect)
-                self.client.inbound.note_signing(peer.bare, ours.fingerprint)  # its verdicts and receipts: that key
                 tls = server_context(ours, sender_cert)
                 used = fingerprint(sender_cert) if sender_cert != offer.cert_der else ""
+                ours_fp = ours.fingerprint
             sink = self.client.inbound.open_sink(peer.bare, offer, method)
         except Exception as exc:
             log.exception("could not open a sink for an offer from %s", peer)
@@ -324,7 +326,7 @@ class StudyOffers:
         if offer.priority == "stat":
             self._reset_routine_streams(peer.bare)
         self.sinks[offer.sid] = InboundStream(peer.full, FramedSink(sink) if framed else sink, method, tls,
-                                               priority=offer.priority, start_offset=sink.offset)
+                                               priority=offer.priority, start_offset=sink.offset, ours=ours_fp)
         if method == NS_S5B and early is not None:
             self.sinks[offer.sid].early, self.sinks[offer.sid].early_for = early, offer.streamhost
         reply = iq.reply()
@@ -375,7 +377,7 @@ class StudyOffers:
         if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
             # The sender ended the channel right after the handshake, before a byte: it refused our certificate
             # (its pin for us is not our certificate: after `dicomgw keys rotate`, or a wrong pin).
-            signing = self._identity_for(entry.peer)
+            signing = self._identity_for(entry.peer, entry.ours)
             ours = signing.fingerprint if signing is not None else "?"
             self.client.inbound.security_event(entry.peer.split("/", 1)[0], (
                 f"end-to-end channel from {entry.peer} closed by the sender after the handshake, before any byte: "
@@ -389,6 +391,8 @@ class StudyOffers:
             else:
                 ok, detail = await asyncio.to_thread(sink.finish)
                 outcome = "received" if ok else "rejected"
+                if ok and entry.ours:  # the bundle came whole under the handshake with the sender's pinned key:
+                    self.client.inbound.note_signing(entry.peer.split("/", 1)[0], entry.ours)  # its receipts: that key
                 log.info("stream %s from %s: verified and stored %.0f ms after its last byte", sid, entry.peer,
                          (time.perf_counter() - ended) * 1000)
         except Exception as exc:  # our failure (the database, the disk): logged, and the sender resumes later
@@ -396,7 +400,7 @@ class StudyOffers:
             outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
             with contextlib.suppress(Exception):
                 sink.close(detail)
-        await self.send_verdict(entry.peer, sid, outcome, detail)
+        await self.send_verdict(entry.peer, sid, outcome, detail, entry.ours)
         log.info("stream %s from %s: verdict %s answered %.0f ms after its last byte", sid, entry.peer, outcome,
                  (time.perf_counter() - ended) * 1000)
 
@@ -407,29 +411,31 @@ class StudyOffers:
         if entry is not None:
             detail = f"the receiver failed ({type(exc).__name__}); offer it again"
             self.s5b.readers.pop(sid, None)  # called from the reader task itself: drop must not cancel it (nor the verdict)
-            verdict = asyncio.ensure_future(self.send_verdict(entry.peer, sid, "incomplete", detail))  # on the wire first
+            verdict = asyncio.ensure_future(self.send_verdict(entry.peer, sid, "incomplete", detail, entry.ours))  # on the wire first
             self.drop(sid, detail)
             await verdict
 
-    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str) -> None:
+    async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None:
+        """Signed with ``ours`` (the identity the stream's handshake presented) when given."""
         iq = self.client.make_iq_set(ito=peer)
-        signature = self._sign("verdict", peer, sid, outcome, statement_text(detail))
+        signature = self._sign("verdict", peer, sid, outcome, statement_text(detail), ours=ours)
         iq.xml.append(build_result(sid, outcome, detail, signature))
         with contextlib.suppress(IqError, IqTimeout):
             await self.client.send_iq(iq)
 
-    def _identity_for(self, peer: str) -> Identity | None:
-        """Our identity that ``peer`` pins, as its last offer said (to this process or another of the site,
-        before a restart too: ``note_signing``), looked up in the identities as they are now (a rotation replaced
-        the files since); the current one otherwise."""
+    def _identity_for(self, peer: str, ours: str = "") -> Identity | None:
+        """Our identity that ``peer`` pins, as its last completed exchange showed (with this process or another of
+        the site, before a restart too: ``note_signing``), looked up in the identities as they are now (a rotation replaced
+        the files since); the current one otherwise. ``ours``: the identity a stream's handshake presented
+        (its verdict is signed with it)."""
         if self.client.identities is None:
             return None
-        remembered = self.client.inbound.signing_for(peer.split("/", 1)[0])
+        remembered = ours or self.client.inbound.signing_for(peer.split("/", 1)[0])
         return (self.client.identities.by_fingerprint(remembered) if remembered else None) or self.client.identities.current
 
-    def _sign(self, kind: str, addressee: str, *fields: str) -> Signature | None:
+    def _sign(self, kind: str, addressee: str, *fields: str, ours: str = "") -> Signature | None:
         """Our signature of a statement to ``addressee`` (``adapters.xmpp.attest``); None without an identity."""
-        identity = self._identity_for(addressee)
+        identity = self._identity_for(addressee, ours)
         if identity is None:
             return None
         data = attest.canonical(kind, self.client.boundjid.bare, addressee.split("/", 1)[0], *fields)

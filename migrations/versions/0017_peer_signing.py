@@ -1,9 +1,11 @@
-"""Which of this gateway's identities each peer pins, as its last offer said (``peer_signing``).
+"""Which of this gateway's identities each peer pins, as its last completed exchange showed (``peer_signing``).
 
 During a key rotation's overlap (`dicomgw keys rotate`) a peer may still pin the previous certificate; its
-verdicts and delivery receipts must be signed with that key, or the peer refuses them. The offer names what the
-peer pins; the receipt of the study it brought may be sent after a restart, or by another process of the site
-(PostgreSQL), neither of which saw the offer: so the choice is kept here, not only in the receiving process.
+delivery receipts must be signed with that key, or the peer refuses them. A stream's verdict is signed with the
+key its handshake presented; the receipt of the study may be sent after a restart, or by another process of the
+site (PostgreSQL), neither of which saw that stream: so the key is kept here once an exchange completed under it
+(a bundle received and verified under the handshake, or the peer's signed verdict on one we sent; an offer's
+own claim could be forged on the way).
 
 Revision ID: 0017
 Revises: 0016

@@ -89,7 +89,7 @@ def test_keys_rotate_and_two_pins_from_the_command_line(tmp_path: Path) -> None:
     assert again.returncode == 1 and "a rotation is under way" in again.stderr
     # Peers whose last exchange pinned only the old certificate are named while the overlap lasts.
     store = QueueStore(make_engine(f"sqlite:///{gw.workdir / 'var' / 'queue.db'}"))
-    store.note_signing(f"radiology.hospital-b@{DOMAIN}", first)  # its last offer pinned only the old one
+    store.note_signing(f"radiology.hospital-b@{DOMAIN}", first)  # its last exchange pinned only the old one
     store.note_signing(f"radiology.hospital-c@{DOMAIN}", new["fingerprint"])
     behind = json.loads(gw.cli("keys", "show", "--json").stdout)["peers_pinning_previous"]
     assert [p["jid"] for p in behind] == [f"radiology.hospital-b@{DOMAIN}"]

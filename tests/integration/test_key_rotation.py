@@ -115,8 +115,8 @@ def _scenario(tmp_path: Path, prosody: Prosody, orthanc: Orthanc) -> None:
 
 def test_a_receipt_after_a_restart_in_the_overlap_is_signed_with_the_key_the_sender_pins(tmp_path: Path) -> None:
     """B rotates its key; A still pins only B's old certificate. A study reaches B, B cannot import it (its PACS
-    is down) and is restarted. The receipt it sends once the PACS is back is signed with the key A pins (as A's
-    offer said, kept in B's queue: B's memory of it went with the restart), and A takes it: delivered, not
+    is down) and is restarted. The receipt it sends once the PACS is back is signed with the key A pins (as the
+    stream that brought the study showed, kept in B's queue: B's memory of it went with the restart), and A takes it: delivered, not
     refused."""
     with running_prosody(tmp_path / "prosody") as prosody:
         orthanc = Orthanc(tmp_path / "orthanc")  # ports chosen, not started yet: B's import waits
