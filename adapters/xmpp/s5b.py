@@ -280,10 +280,14 @@ class Socks5Bytestreams:
             if early.secured is None:
                 try:
                     await activation
-                except BaseException:
-                    shut(control)  # the handshake waits for an answer that cannot come: it ends now
-                    await _ended(pump)
-                    raise
+                except BaseException as exc:
+                    if not (self.links_early and _pair_gone(exc) and await _through(pump, ACTIVATION_GRACE_S)):
+                        shut(control)  # the handshake waits for an answer that cannot come: it ends now
+                        await _ended(pump)
+                        raise
+                    # A proxy that links early linked the legs when both were up: a small study was through
+                    # and its legs closed before the proxy read the activation ("item-not-found"). The pump
+                    # ended well; the receiver's verdict decides, as on every other path.
                 phases.mark("activate", 0 if tls is not None else 1)  # with TLS: its round trip is inside the handshake's
             await pump
             phases.mark("stream")
@@ -402,6 +406,21 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 raise TimeoutError(f"no byte for {seconds} s") if isinstance(failed[0], (BlockingIOError, ssl.SSLWantReadError)) else failed[0]
             if count == 0:
                 return  # the sender (or a stop) ended the stream: the sink keeps what came
+
+
+ACTIVATION_GRACE_S = 5.0  # how long a pump may still take to end after the proxy no longer knows its pair
+
+
+def _pair_gone(exc: BaseException) -> bool:
+    """The proxy's answer to an activation of a pair it no longer (or never) knew."""
+    return isinstance(exc, IqError) and exc.condition == "item-not-found"
+
+
+async def _through(pump: asyncio.Future[Any], grace_s: float) -> bool:
+    """The sending thread ended without an error within ``grace_s`` (every byte written and the receiver's
+    close seen); False if it did not (it goes on: the caller shuts it)."""
+    done, _pending = await asyncio.wait([pump], timeout=grace_s)
+    return bool(done) and not pump.cancelled() and pump.exception() is None
 
 
 async def _ended(task: asyncio.Future[Any]) -> None:

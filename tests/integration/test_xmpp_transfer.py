@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from adapters.lab.localpeers import Prosody
 from adapters.lab.synthetic import generate_ct_study
+from adapters.xmpp.stanzas import NS_S5B
 from gateway.bootstrap import Gateway, GatewayController
 from gateway.settings import PacsSettings, RoutingSettings, WebSettings, XmppSettings
 from tests.helpers import TamperingRelay, dataset_bytes, free_port, storescu, wait_for
@@ -623,6 +624,48 @@ def test_both_proxy_legs_open_while_the_offer_is_answered_and_a_failed_early_leg
             assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")] * 3
             lines = [r.getMessage() for r in caplog.records if "before the first byte" in r.getMessage()]
             assert len(asked) == 1 and f"; {trips + 1} round trips before the first byte" in lines[-1], lines[-1]
+        finally:
+            a.stop()
+            b.stop()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["lab-plaintext", "end-to-end-rotating"])
+def test_an_activation_answered_after_a_small_study_is_through_does_not_cut_it(tmp_path: Path, encrypted: bool) -> None:
+    """On a proxy that links the legs as soon as both are up, a small study can be through, its legs closed,
+    before the proxy reads the sender's activation, which it then answers item-not-found (seen beside a CPU hog:
+    the attempt was recorded 'cut' and the study sent again). The activation is held here until B has verified
+    the study: the attempt is the one that delivers it. End to end the handshake waits for the activation only
+    while the sender rotates its key (otherwise it starts on the early leg), so that case is the encrypted one."""
+    import asyncio
+
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT]) as prosody:
+        plain = {} if encrypted else {"require_e2e": False, "peer_pins": ()}
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), **plain)  # type: ignore[arg-type]
+        a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", **plain)  # type: ignore[arg-type]
+        try:
+            wait_for(lambda: a.gateway.agent.s5b.links_early, 30, 0.1, what="A to know the proxy links early")
+            if encrypted:
+                from gateway.bootstrap import rotate_keys
+
+                rotate_keys(a.gateway.settings, overlap_s=3600)  # B pins A's old certificate: named in its accept
+                wait_for(lambda: a.gateway.agent.identities.previous is not None, 10, 0.05, what="A to take its new key")
+            real_send_iq = a.gateway.agent.send_iq
+
+            async def activation_late(iq: Any, timeout_s: float | None = None) -> Any:
+                if iq.xml.find(f".//{{{NS_S5B}}}activate") is not None:
+                    for _ in range(600):  # bounded: until B has the study (its legs closed by then)
+                        if any(s.state in ("received", "importing", "delivered") for s in b.gateway.store.studies()):
+                            break
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # and the proxy has let the pair go
+                return await real_send_iq(iq, timeout_s)
+
+            a.gateway.agent.send_iq = activation_late  # type: ignore[method-assign]
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+            wait_for(lambda: unit_states(a.gateway) == ["sent"], 90, 0.1, what="A's study to be sent")
+            assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "received")]
+            assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
         finally:
             a.stop()
             b.stop()
