@@ -91,9 +91,12 @@ def test_audit_shows_a_long_detail_whole_and_says_where_a_very_long_one_is_cut(t
     change = f"radiology.hospital-b@net.test: fingerprint {'a' * 64} -> {'a' * 64},{'b' * 64}"
     store.audit("peer_edited", change)
     store.audit("offer_refused", "x" * 1500)
+    store.audit("receipt_refused", HOSTILE_NAME * 1000)  # control characters, repeated: shown literally, cut, never obeyed
     engine.dispose()
     done = cli(config, "audit")
     assert done.returncode == 0, done.stderr
     squeezed = re.sub(r"[\s│]", "", done.stdout)  # the table wraps a long cell over lines of its column
     assert change.replace(" ", "") in squeezed
     assert "x" * 1000 + "...(500morecharacters:--jsonhasthem)" in squeezed and "x" * 1001 not in squeezed
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\u202e" not in done.stdout
+    assert "morecharacters:--jsonhasthem)" in squeezed.split("receipt_refused", 1)[1]
