@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from adapters.dicom_files import inspect_part10_file
+from adapters.dicom_store import SPARE_FILES
 from adapters.dicom_ul import UI, US, Association, encode_command, read_pdu
 from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import Gateway, GatewayController
@@ -254,6 +255,47 @@ def test_a_modality_that_drops_mid_instance_leaves_nothing_and_the_scp_serves_on
     result = storescu(gateway.scp.port, study.files)  # its slot was given back: the resend is stored whole
     assert result.returncode == 0, result.stderr
     assert set(stored_instances(gateway)) == set(study.sop_instance_uids)
+
+
+def _store_one(assoc: Association, path: Path, message_id: int) -> int:
+    """One whole C-STORE on an open association; the response's status."""
+    header = inspect_part10_file(path)
+    command = encode_command([
+        (0x00000002, UI, header.sop_class_uid), (0x00000100, US, 0x0001), (0x00000110, US, message_id),
+        (0x00000700, US, 0), (0x00000800, US, 0x0000), (0x00001000, UI, header.sop_instance_uid),
+    ])
+    assoc.send_message(1, command, dataset_bytes(path))
+    _context, response, _data = assoc.receive_message()
+    return response.us(0x00000900)
+
+
+@pytest.mark.parametrize("ending", ["release", "dropped"])
+def test_the_files_kept_ready_for_an_associations_next_instances_are_gone_when_it_ends(gateway: Gateway, tmp_path: Path,
+                                                                                       ending: str) -> None:
+    """After its first instance an association keeps a few empty staged files ready (a file create can cost
+    a millisecond of kernel time): they are used by the next instances and removed when it ends, released or
+    dropped by a crashed modality; nothing else is left in staging."""
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=5, rows=64, columns=64)
+    header = inspect_part10_file(study.files[0])
+    assoc = Association.open("127.0.0.1", gateway.scp.port, "STORESCU", "DICOMGW",
+                             [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+    try:
+        assert _store_one(assoc, study.files[0], 1) == 0x0000
+        wait_for(lambda: len(list(gateway.spool.staging_dir.iterdir())) == SPARE_FILES, timeout_s=10,
+                 what=f"{SPARE_FILES} staged files ready")
+        assert all(p.stat().st_size == 0 for p in gateway.spool.staging_dir.iterdir())
+        for number, path in enumerate(study.files[1:], start=2):
+            assert _store_one(assoc, path, number) == 0x0000
+        if ending == "release":
+            assoc.release()
+        else:
+            assoc.sock.close()  # the modality crashed: no A-RELEASE, no A-ABORT
+    finally:
+        assoc.sock.close()
+    assert wait_for(lambda: not any(gateway.spool.staging_dir.iterdir()), timeout_s=10)
+    assert set(stored_instances(gateway)) == set(study.sop_instance_uids)
+    for uid, info in stored_instances(gateway).items():
+        assert dataset_bytes(info["path"]) == dataset_bytes(study.files[study.sop_instance_uids.index(uid)])
 
 
 def test_a_message_on_a_context_that_was_not_accepted_is_aborted(gateway: Gateway, tmp_path: Path) -> None:
