@@ -14,7 +14,8 @@ logs: ingest (storescu run), stable wait, transfer (A offering -> A sent: offer,
 B imports each verified instance into Orthanc while the rest still arrives), import (A sent -> B delivered:
 what the import adds after the transfer), receipt (B delivered -> A delivered); "other" is what is left
 (dispatch ticks, routing). Orthanc's SOP Instance
-UIDs are checked after each chain. ``cpu_s`` is each process's CPU time (this machine has few cores: the
+UIDs are checked after each chain. Every run's files stay until the bench ends (files deleted seconds
+before a run make its file creates slow: ext4 skips recently freed inodes). ``cpu_s`` is each process's CPU time (this machine has few cores: the
 chain runs four busy processes where the direct store runs two).
 The study: 400 slices of 512x512 16-bit CT (~210 MB); ``--quick``: 40 slices. Medians of ``--runs``.
 The last line printed is one JSON object with ``ratio`` = chain / direct.
@@ -54,14 +55,13 @@ def storescu(port: int, files: list[Path], called_ae: str) -> None:
 
 
 def direct(root: Path, files: list[Path]) -> float:
-    with Orthanc(root / "orthanc-direct") as orthanc:
+    with Orthanc(root) as orthanc:
         orthanc.start()
         t0 = time.perf_counter()
         storescu(orthanc.dicom_port, files, "ORTHANC")
         seconds = time.perf_counter() - t0
         if orthanc.instance_count() != len(files):
             raise RuntimeError("direct store incomplete")
-    shutil.rmtree(root / "orthanc-direct", ignore_errors=True)
     return seconds
 
 
@@ -138,9 +138,6 @@ def chain(root: Path, files: list[Path], uids: set[str], stock_proxy: bool = Fal
         b.stop()
         orthanc.stop()
         server.stop()
-        shutil.rmtree(root / "a", ignore_errors=True)
-        shutil.rmtree(root / "b", ignore_errors=True)
-        shutil.rmtree(root / "orthanc-chain", ignore_errors=True)
 
 
 def main() -> None:
@@ -158,7 +155,7 @@ def main() -> None:
         print(f"study: {len(study.files)} instances, {study.size_bytes / 1e6:.1f} MB; {args.runs} run(s), interleaved", flush=True)
         directs, chains = [], []
         for run in range(args.runs):
-            directs.append(direct(root, study.files))
+            directs.append(direct(root / f"direct{run}", study.files))
             chains.append(chain(root / f"run{run}", study.files, uids, args.stock_proxy, not args.plain))
             c = chains[-1]
             print(f"run {run + 1}: direct {directs[-1]:.2f} s, chain {c['chain_s']:.2f} s ("
