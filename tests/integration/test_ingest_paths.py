@@ -256,3 +256,34 @@ def test_a_file_left_at_a_new_uids_name_without_a_row_stays_and_the_instance_is_
     assert sha == hashlib.sha256(data).hexdigest() and spool.absolute(path).read_bytes() == data
     assert spool.absolute(path) != plain and plain.read_bytes() == b"half an instan"
     assert list(spool.staging_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("same_bytes", [True, False], ids=["identical", "different"])
+def test_a_uid_recorded_before_whose_file_is_not_at_its_name_is_a_duplicate_or_a_conflict(
+    store: QueueStore, spool: Spool, same_bytes: bool,
+) -> None:
+    """A copy recorded before whose file is gone from the UID's name (retention removed it after delivery)
+    still decides, though the name is free: the same bytes again are a duplicate, nothing left at the name
+    and one row; different bytes are a conflict, kept and flagged, its row naming the bytes at its path."""
+    service = IngestService(store, spool)
+    first = os.urandom(20_000)
+    file, durable = unhashed(spool, first)
+    assert service.ingest(header("1.2.3.5"), file, "AE1", durable=durable).outcome == IngestOutcome.STORED
+    [(_sha, first_path)] = store.instance_hashes("1.2.3.5")
+    assert spool.remove(first_path)  # what retention does to a delivered study's files
+    again = first if same_bytes else os.urandom(20_000)
+    file, durable = unhashed(spool, again)
+    result = service.ingest(header("1.2.3.5"), file, "AE2", durable=durable)
+    plain = spool.absolute(spool.relative_path(header("1.2.3.5"), "", False))
+    rows = store.instance_hashes("1.2.3.5")
+    if same_bytes:
+        assert result.outcome == IngestOutcome.DUPLICATE
+        assert len(rows) == 1 and not plain.exists()
+    else:
+        assert result.outcome == IngestOutcome.CONFLICT
+        assert sorted(sha for sha, _ in rows) == sorted(hashlib.sha256(p).hexdigest() for p in (first, again))
+        new_path = next(path for sha, path in rows if sha == hashlib.sha256(again).hexdigest())
+        assert spool.absolute(new_path).read_bytes() == again
+        units = [i for _u, instances in store.study_units("1.2.3") for i in instances if i.sha256 == hashlib.sha256(again).hexdigest()]
+        assert [i.conflict for i in units] == [True]
+    assert list(spool.staging_dir.iterdir()) == []
