@@ -10,7 +10,10 @@ For each size (1, 10, 50, 100, 200 MB; ``--quick``: 1 and 10) and each of three 
       only SOCKS5 + the activate IQ: the proxy's ceiling),
   (e) a raw TCP copy over loopback (the physical limit).
 (a)-(c) run two real gateway processes (``dicomgw run``): the study is pushed into A with storescu, A routes
-it to B, and the figure is A's transfer attempt (end to end encrypted unless said otherwise; c2s TLS to
+it to B, and the figure is A's transfer attempt for it. Each pair first sends a one-instance warm-up study
+(a running gateway has sent studies before: the first of a process also pays its first TLS contexts, key
+loads and database statements: 10 MB took 79-83 ms from offer to verdict cold, 64-73 warm); ``--cold`` measures the first study
+instead. The attempt is timed (end to end encrypted unless said otherwise; c2s TLS to
 Prosody verified against a CA made for the run) from offer to B's verdict (B has verified every SHA-256 and
 stored every instance by then). MB/s = 10^6 bytes of bundle per second, median of the runs; the methods take
 turns within each run (a, a', a'', ..., a, a', ...), and ``encrypted_vs_plain_verified_paired`` is the median
@@ -43,6 +46,7 @@ from typing import Any
 
 import slixmpp
 
+from adapters.dicom_files import inspect_part10_file
 from adapters.lab.localpeers import (
     PeerProcess,
     Prosody,
@@ -96,8 +100,8 @@ class GatewayProcess(PeerProcess):
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return [line.split(" attempt ", 1)[1] for line in text.splitlines() if "before the first byte" in line]
 
-    def unit_state(self) -> tuple[str, str] | None:
-        """(state, error) of the first study unit, read straight from the queue DB (stdlib sqlite3, read-only).
+    def unit_state(self, index: int = 0) -> tuple[str, str] | None:
+        """(state, error) of the study unit number ``index`` (0 = the first), read straight from the queue DB (stdlib sqlite3, read-only).
         Polling through ``dicomgw queue --json`` would start a Python process (~0.5 CPU-s) per poll and take a
         core away from the transfer being measured on a 2-core machine."""
         db = self.workdir / "queue.db"
@@ -105,7 +109,8 @@ class GatewayProcess(PeerProcess):
             return None
         try:
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-                row = conn.execute("SELECT state, coalesce(error, '') FROM study_units ORDER BY id LIMIT 1").fetchone()
+                row = conn.execute("SELECT state, coalesce(error, '') FROM study_units ORDER BY id LIMIT 1 OFFSET ?",
+                                   (index,)).fetchone()
         except sqlite3.OperationalError:  # schema not created yet
             return None
         return (row[0], row[1]) if row else None
@@ -130,29 +135,37 @@ def identity(workdir: Path) -> str:
     return ensure_identity(workdir / "var/identity/gateway.key", workdir / "var/identity/gateway.crt", workdir.name)[0].fingerprint
 
 
-def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str, encrypted: bool = True) -> tuple[float, float, int, dict[str, float]]:
+def _push_and_wait(a: GatewayProcess, files: list[Path], unit_index: int) -> None:
+    """storescu the files into A and wait until its study unit number ``unit_index`` (0 = the first) is sent."""
+    pushed = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "DICOMGW", "127.0.0.1", str(a.port), *map(str, files)],
+                            env=nodelay_env(), capture_output=True, text=True, timeout=600)
+    if pushed.returncode != 0:
+        raise RuntimeError(pushed.stderr[-2000:])
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        unit = a.unit_state(unit_index)
+        if unit and unit[0] == "sent":
+            return
+        if unit and unit[0] == "failed":
+            raise RuntimeError(unit[1])
+        time.sleep(0.1)
+    raise TimeoutError("transfer did not finish")
+
+
+def gateway_transfer(root: Path, server: Prosody, files: list[Path], xmpp: str, encrypted: bool = True,
+                     warm_up: list[Path] | None = None) -> tuple[float, float, int, dict[str, float]]:
     """(seconds of the stream incl. its set-up, seconds from offer to B's verdict, bundle bytes, peak RSS);
-    checks that B holds every SHA-256 that A sent."""
+    checks that B holds every SHA-256 that A sent. With ``warm_up``, that study goes from A to B first, so
+    the measured one is not the first of the two processes (as in a gateway that has been running)."""
     a_fp, b_fp = (identity(root / "a"), identity(root / "b")) if encrypted else ("", "")
     b = GatewayProcess(root / "b", "radiology.hospital-b", server, "radiology.hospital-a", peer_fingerprint=a_fp).start()
     a = GatewayProcess(root / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b", xmpp,
                        peer_fingerprint=b_fp).start()
     try:
-        pushed = subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "DICOMGW", "127.0.0.1", str(a.port), *map(str, files)],
-                                env=nodelay_env(), capture_output=True, text=True, timeout=600)
-        if pushed.returncode != 0:
-            raise RuntimeError(pushed.stderr[-2000:])
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            unit = a.unit_state()
-            if unit and unit[0] == "sent":
-                break
-            if unit and unit[0] == "failed":
-                raise RuntimeError(unit[1])
-            time.sleep(0.1)
-        else:
-            raise TimeoutError("transfer did not finish")
-        units = a.cli("queue")
+        if warm_up:
+            _push_and_wait(a, warm_up, 0)
+        _push_and_wait(a, files, 1 if warm_up else 0)
+        units = [u for u in a.cli("queue") if not warm_up or u["study_uid"] != inspect_part10_file(warm_up[0]).study_instance_uid]
         attempts = [t for t in a.cli("audit", "--transfers", "--limit", "100") if t["outcome"] == "received"]
         seconds = (datetime.fromisoformat(attempts[-1]["ended_at"]) - datetime.fromisoformat(attempts[-1]["started_at"])).total_seconds()
         sent = a.cli("queue", "show", units[0]["study_uid"])["instances"]
@@ -287,6 +300,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes up to 10 MB only")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", type=lambda text: [int(x) for x in text.split(",")], help="e.g. 50,200")
+    parser.add_argument("--cold", action="store_true", help="measure each gateway pair's first study (no warm-up study before it)")
     parser.add_argument("--only", help="comma-separated gateway columns to run "
                         "(a_s5b,a2_s5b_variant,a3_s5b_variant_plain,b_ibb_4096,c_ibb_tuned,c2_ibb_tuned_plain)")
     args = parser.parse_args()
@@ -310,6 +324,7 @@ def main() -> None:
     }
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only.split(",")}
+    warm_up = None if args.cold else generate_ct_study(root / "warm-up", series=1, slices_per_series=1, rows=64, columns=64, seed=99).files
     table: dict[int, dict[str, float]] = {}
     rss: dict[str, float] = {"sender": 0.0, "receiver": 0.0, "prosody": 0.0}
     sha_ok = True
@@ -324,7 +339,8 @@ def main() -> None:
             for run in range(args.runs):  # the methods take turns, so a machine that slows down weighs on each alike
                 for name, (server_name, xmpp) in methods.items():
                     stream_s, verdict_s, bundle_bytes, peaks = gateway_transfer(
-                        root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp, encrypted=not name.endswith("_plain")
+                        root / f"{name}-{size_mb}-{run}", servers[server_name], study.files, xmpp, encrypted=not name.endswith("_plain"),
+                        warm_up=warm_up,
                     )
                     stream_times[name].append(stream_s)
                     verdict_times[name].append(verdict_s)
