@@ -28,9 +28,12 @@ class SpoolPort(Protocol):
     def place_deferred(self, staged: StagedFile, relative_path: str) -> Callable[..., Path]: ...
     def sync_dirs(self, paths: list[Path]) -> None: ...
     def discard(self, staged: StagedFile) -> None: ...
+    def absolute(self, relative_path: str) -> Path: ...
 
 
 LOCK_STRIPES = 64
+IN_FLIGHT_S = 5.0  # a file at a UID's plain name this new, with no row yet, is another process's ingest in flight
+IN_FLIGHT_POLL_S = 0.005
 
 
 class IngestService:
@@ -56,7 +59,8 @@ class IngestService:
         hash for its name: it is renamed to it at once and its directory fsynced beside the file's own fsync
         (``place_deferred``); its row waits for both. If a file is already at that name (another process of
         the site placing the same UID, its row not yet committed, or a file a crash left without a row), it
-        stays, and this file waits for its hash and goes to a name with the hash in it. Otherwise the file is placed or discarded only once it is
+        stays, and this file waits for its hash and goes to a name with the hash in it; another process's
+        row is waited for (:meth:`_other_copies`), so that its bytes make this a duplicate or a conflict. Otherwise the file is placed or discarded only once it is
         durable and hashed. On any exception nothing was acknowledged: a file not yet durable is removed (the
         sender still holds the instance); a durable placed file whose row failed stays at its path and is
         overwritten by the identical bytes when the sender tries again.
@@ -79,7 +83,7 @@ class IngestService:
                     conflict, final_path = False, placing()
                 else:
                     if taken:  # what another process recorded meanwhile decides, as in that process
-                        copies = self._store.instance_hashes(header.sop_instance_uid)
+                        copies = self._other_copies(header.sop_instance_uid, self._spool.relative_path(header, "", False))
                     if any(sha256 == staged.sha256 for sha256, _ in copies):
                         self._spool.discard(staged)
                         log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)
@@ -113,6 +117,24 @@ class IngestService:
             log.warning("conflict: %s from %s differs from the stored copy; kept at %s", header.sop_instance_uid, source, relative)
             return IngestResult(IngestOutcome.CONFLICT, unit_id, header.sop_instance_uid, final_path)
         return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
+
+    def _other_copies(self, sop_instance_uid: str, plain: str) -> list[tuple[str, str]]:
+        """The copies recorded of a UID whose plain name holds a file: when no row names that file yet and it
+        is new (``IN_FLIGHT_S``), another process of the site is storing the UID right now, between placing
+        its file and committing its row: its row is waited for (bounded), so that its bytes decide duplicate
+        or conflict here as they would in that process. An older file is what a crash left: not waited for."""
+        deadline = time.monotonic() + IN_FLIGHT_S
+        while True:
+            copies = self._store.instance_hashes(sop_instance_uid)
+            if any(path == plain for _sha, path in copies) or time.monotonic() >= deadline:
+                return copies
+            try:
+                age = time.time() - self._spool.absolute(plain).stat().st_mtime  # its last byte, just before its link
+            except OSError:
+                return copies  # gone: nothing to wait for
+            if age >= IN_FLIGHT_S:
+                return copies
+            time.sleep(IN_FLIGHT_POLL_S)
 
     def ingest_batch(self, items: list[tuple[InstanceHeader, StagedFile]], source: str, origin_peer: str | None = None,
                      keep_source: bool = False, received: tuple[int, str, int] | None = None) -> int:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,8 +205,11 @@ def test_two_processes_placing_one_new_uid_keep_each_copy_at_the_path_its_row_na
     """Two processes of one site (PostgreSQL: each with its own locks) store one new SOP Instance UID: the
     first has its file at the UID's name and waits for its fsync, its row not yet committed, when the second
     looks and finds no row. The second's file must not replace the first's (that row would then name bytes
-    the file no longer holds, and the first modality's acknowledged bytes would be gone)."""
-    first, second = IngestService(store, spool), IngestService(store, spool)  # two processes' locks
+    the file no longer holds, and the first modality's acknowledged bytes would be gone), and the first's
+    bytes decide for the second as if it had been committed: identical, a duplicate, no second file left
+    behind; different, a conflict, kept beside and flagged."""
+    second_store = _Watched(store)
+    first, second = IngestService(store, spool), IngestService(second_store, spool)  # two processes' locks
     payloads = [os.urandom(30_000)] * 2 if same_bytes else [os.urandom(30_000), os.urandom(30_000)]
     file1, durable1 = unhashed(spool, payloads[0])
     gate, results = threading.Event(), []
@@ -223,10 +227,15 @@ def test_two_processes_placing_one_new_uid_keep_each_copy_at_the_path_its_row_na
         threading.Event().wait(0.01)
     assert plain.exists()
     file2, durable2 = unhashed(spool, payloads[1])
-    other = second.ingest(header("1.2.3.7"), file2, "AE2", durable=durable2)
+    second_results: list[object] = []
+    other = threading.Thread(target=lambda: second_results.append(second.ingest(header("1.2.3.7"), file2, "AE2", durable=durable2)))
+    other.start()
+    looked = second_store.looked  # the second found the name taken and looks for the first's row again
+    assert looked.wait(30)
     gate.set()
     worker.join(60)
-    outcomes = sorted([results[0].outcome.value, other.outcome.value])  # type: ignore[attr-defined]
+    other.join(60)
+    outcomes = sorted([results[0].outcome.value, second_results[0].outcome.value])  # type: ignore[attr-defined]
     rows = store.instance_hashes("1.2.3.7")
     assert sorted(sha for sha, _ in rows) == sorted({hashlib.sha256(p).hexdigest() for p in payloads})
     for sha, path in rows:  # every row names the bytes at its path
@@ -234,9 +243,30 @@ def test_two_processes_placing_one_new_uid_keep_each_copy_at_the_path_its_row_na
     if same_bytes:
         assert outcomes == sorted([IngestOutcome.STORED.value, IngestOutcome.DUPLICATE.value])
     else:
-        assert outcomes == [IngestOutcome.STORED.value] * 2 and len({path for _, path in rows}) == 2
+        assert outcomes == sorted([IngestOutcome.STORED.value, IngestOutcome.CONFLICT.value])
+        assert len({path for _, path in rows}) == 2
+        flagged = [i.conflict for _u, instances in store.study_units("1.2.3") for i in instances]
+        assert sorted(flagged) == [False, True]
     assert plain.read_bytes() == payloads[0]  # the first copy stays where it was put
+    on_disk = sorted(p for p in plain.parent.iterdir())
+    assert on_disk == sorted(spool.absolute(path) for _, path in rows)  # no file without its row
     assert list(spool.staging_dir.iterdir()) == []
+
+
+class _Watched:
+    """A queue store whose second duplicate lookup is signalled (the taken name's look for another's row)."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self._store, self.looked, self._calls = store, threading.Event(), 0
+
+    def instance_hashes(self, sop_instance_uid: str) -> list[tuple[str, str]]:
+        self._calls += 1
+        if self._calls >= 2:
+            self.looked.set()
+        return self._store.instance_hashes(sop_instance_uid)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
 
 
 def test_a_file_left_at_a_new_uids_name_without_a_row_stays_and_the_instance_is_stored_beside_it(
@@ -248,6 +278,8 @@ def test_a_file_left_at_a_new_uids_name_without_a_row_stays_and_the_instance_is_
     plain = spool.absolute(spool.relative_path(header("1.2.3.6"), "", False))
     plain.parent.mkdir(parents=True)
     plain.write_bytes(b"half an instan")
+    left = time.time() - 60  # the crash was a minute ago: no ingest of another process is in flight
+    os.utime(plain, (left, left))
     data = os.urandom(20_000)
     file, durable = unhashed(spool, data)
     result = IngestService(store, spool).ingest(header("1.2.3.6"), file, "AE", durable=durable)
