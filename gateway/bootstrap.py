@@ -8,7 +8,6 @@ shuts every part down in reverse order. ``run_forever(settings)`` adds SIGINT/SI
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import datetime
 import functools
@@ -165,7 +164,9 @@ class Gateway:
         self.receipts: ReceiptSender | None = None
         self._receipts_due = asyncio.Event()
         self._dispatch_due = asyncio.Event()  # set when a unit became stable: dispatch without waiting
-        self._stable_dues: collections.deque[float] = collections.deque()  # when studies may become stable
+        # When each study unit fed here may become stable: its last instance's time + the stable age. A newer
+        # instance moves its unit's time later (a tick at the earlier one would find it still growing).
+        self._stable_dues: dict[int, float] = {}
         self._main_wake = asyncio.Event()  # an earlier wake-up of the main loop than it sleeps until
         self._main_wake_at = math.inf
         self._maintenance = Maintenance(False)
@@ -440,20 +441,22 @@ class Gateway:
         self.instances_stored += 1
         # Its study may be stable one stable age from now: the main loop wakes then, not at its next interval.
         due = time.monotonic() + self.settings.queue.stable_age_s + STABLE_SLACK_S
-        if not self._stable_dues or due - self._stable_dues[-1] >= STABLE_SLACK_S:  # one per slack: bounded
-            self._stable_dues.append(due)
+        self._stable_dues[result.unit_id] = due  # one per unit, however many instances it is fed
         if due < self._main_wake_at:
             self._main_wake.set()
 
     async def _until_next_tick(self, stop: asyncio.Event, ticked_at: float) -> None:
         """Sleep until the next tick of the main loop: ``stable_check_interval_s`` after the last, or sooner when
         a stored instance's study may become stable (its time + ``stable_age_s``). Instances stored meanwhile
-        only move the wake-up earlier; they never run a tick of their own."""
-        while self._stable_dues and self._stable_dues[0] <= ticked_at:
-            self._stable_dues.popleft()  # that tick saw them
+        only move their unit's wake-up later; they never run a tick of their own: while a study is fed, the
+        loop wakes at its last due, finds it moved, and sleeps on (ticking at every instance's due, 50 a
+        second, slowed a 400-instance push by ~0.2 s: each tick reads and writes the queue)."""
+        for unit, due in list(self._stable_dues.items()):
+            if due <= ticked_at:
+                del self._stable_dues[unit]  # that tick saw it
         end = ticked_at + self.settings.queue.stable_check_interval_s
         while not stop.is_set():
-            wake_at = min(end, self._stable_dues[0]) if self._stable_dues else end
+            wake_at = min(end, min(self._stable_dues.values(), default=end))
             timeout = wake_at - time.monotonic()
             if timeout <= 0:
                 break

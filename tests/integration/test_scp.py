@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -420,20 +421,55 @@ def test_an_open_but_silent_association_does_not_hold_its_study(tmp_path: Path) 
         controller.stop()
 
 
+def _counted_ticks(gw: Gateway) -> list[int]:
+    """Count the main loop's completeness ticks from now on: [count]."""
+    ticks = [0]
+    tick = gw.completeness.tick
+
+    def counted_tick() -> list[int]:
+        ticks[0] += 1
+        return tick()
+
+    gw.completeness.tick = counted_tick  # type: ignore[method-assign]
+    return ticks
+
+
+def test_a_study_fed_for_longer_than_the_slack_is_looked_at_once_when_it_may_be_stable(tmp_path: Path) -> None:
+    """A study whose instances keep coming is not looked at for each one: the main loop (which reads and
+    writes the queue at each tick, beside the ingest) wakes once its last instance is a stable age old.
+    The modality here sends for at least 0.4 s, 20 times the slack between two wake-ups for one study."""
+    controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=1.0, stable_check_interval_s=30))
+    gw = controller.start()
+    try:
+        ticks = _counted_ticks(gw)
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=200, rows=64, columns=64)
+        header = inspect_part10_file(study.files[0])
+        assoc = Association.open("127.0.0.1", gw.scp.port, "STORESCU", "DICOMGW",
+                                 [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+        started, sent = time.monotonic(), 0
+        try:
+            for number, path in enumerate(study.files, start=1):  # bounded: 200 instances at most
+                assert _store_one(assoc, path, number) == 0x0000
+                sent = number
+                if time.monotonic() - started >= 0.4 and number >= 10:
+                    break
+            assoc.release()
+        finally:
+            assoc.sock.close()
+        wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 20, 0.05, what="the study to become stable")
+        assert [s.instances for s in gw.store.studies()] == [sent]
+        assert ticks[0] <= 2  # was one per 20 ms of feeding: 20 or more here
+    finally:
+        controller.stop()
+
+
 def test_a_study_becomes_stable_at_its_stable_age_not_at_the_next_check_interval(tmp_path: Path) -> None:
     """The main loop sleeps ``stable_check_interval_s`` (30 s here) between its ticks, but wakes when a stored
     instance's study may become stable: the study is stable within seconds, with no tick per instance."""
     controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=0.5, stable_check_interval_s=30))
     gw = controller.start()
     try:
-        ticks = [0]
-        tick = gw.completeness.tick
-
-        def counted_tick() -> list[int]:
-            ticks[0] += 1
-            return tick()
-
-        gw.completeness.tick = counted_tick  # type: ignore[method-assign]
+        ticks = _counted_ticks(gw)
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=20, rows=32, columns=32)
         assert storescu(gw.scp.port, study.files).returncode == 0
         wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 20, 0.05,
