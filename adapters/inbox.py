@@ -52,6 +52,8 @@ from gateway.service import IngestService
 log = logging.getLogger(__name__)
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 HEADER_PREFIX_BYTES = 256 * 1024
+OPEN_AHEAD_FILES = 4  # the next instance files created on the spool's threads while the stream writes this one
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # never truncating: a resume appends to what it kept
 FileHook = Callable[[BundleFile, Path], None]
 
 
@@ -81,6 +83,9 @@ class InboundBundle:
         # Each file that arrived whole: fsynced (and its header read) on the spool's threads while the next one
         # arrives, so that ``finish`` (the sender waits for its verdict) only waits for the last few.
         self._settled: dict[int, Future[InstanceHeader]] = {}
+        # The next files, opened ahead on the spool's threads: a file create is kernel time the stream thread
+        # would spend otherwise (~0.5 ms each, 0.2 s of a 400-instance study's 1.4 s stream, measured in bench/e2e).
+        self._opening: dict[int, Future[int]] = {}
         self._lock = threading.Lock()  # the receiver writes from a worker thread; close may come from the loop
         self._closed = False
         self.offset = self._resume()
@@ -193,7 +198,8 @@ class InboundBundle:
         entry = self.manifest.files[self._index]
         piece = view[: entry.size - self._written]
         if self._fd < 0:
-            self._fd = os.open(self._file(self._index), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            self._fd = self._opened(self._index)
+            self._open_ahead()
         remaining = piece
         while remaining:
             remaining = remaining[os.write(self._fd, remaining):]
@@ -206,6 +212,31 @@ class InboundBundle:
             self._index += 1
             self._written, self._hash = 0, hashlib.sha256()
         return view[len(piece):]
+
+    def _opened(self, index: int) -> int:
+        """The descriptor of file ``index``: opened ahead, else now (where an error is then raised)."""
+        pending = self._opening.pop(index, None)
+        if pending is not None:
+            try:
+                return pending.result()
+            except OSError:
+                pass
+        return os.open(self._file(index), FILE_FLAGS, 0o640)
+
+    def _open_ahead(self) -> None:
+        assert self.manifest is not None
+        for index in range(self._index + 1, min(self._index + 1 + OPEN_AHEAD_FILES, len(self.manifest.files))):
+            if index not in self._opening:
+                self._opening[index] = self.spool.fsync_pool.submit(os.open, self._file(index), FILE_FLAGS, 0o640)
+
+    def _close_ahead(self) -> None:
+        """Close the files opened ahead and not written (kept empty: a resume appends to them)."""
+        for pending in self._opening.values():
+            try:
+                os.close(pending.result())
+            except OSError:
+                pass
+        self._opening.clear()
 
     @classmethod
     def _settle(cls, fd: int, entry: BundleFile, path: Path) -> InstanceHeader:
@@ -232,6 +263,7 @@ class InboundBundle:
 
     def _close(self, reason: str) -> None:
         self._closed = True
+        self._close_ahead()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -250,6 +282,7 @@ class InboundBundle:
             return self._finish(received, keep_files)
 
     def _finish(self, received: tuple[int, str, int] | None, keep_files: bool) -> tuple[bool, str]:
+        self._close_ahead()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
