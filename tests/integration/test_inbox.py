@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from adapters.dicom_files import inspect_part10_file
 from adapters.inbox import OPEN_AHEAD_FILES, InboundBundle
@@ -18,14 +15,6 @@ from adapters.spool import Spool
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.service import IngestService
 from gateway.store import QueueStore
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
-    spool.start()
-    yield spool
-    spool.stop()
 
 
 def _bundle(tmp_path: Path, instances: int) -> tuple[Manifest, list[Path], bytes]:

@@ -10,7 +10,6 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,6 @@ def header(sop: str, study: str = "1.2.3") -> InstanceHeader:
         study_instance_uid=study, series_instance_uid=f"{study}.1", patient_name="DOE^JANE", study_description="CT",
         modality="CT", series_number=1, instance_number=1,
     )
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
-    spool.start()
-    yield spool
-    spool.stop()
 
 
 def staged(spool: Spool, data: bytes):
