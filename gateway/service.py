@@ -34,6 +34,7 @@ class SpoolPort(Protocol):
 LOCK_STRIPES = 64
 IN_FLIGHT_S = 5.0  # a file at a UID's plain name this new, with no row yet, is another process's ingest in flight
 IN_FLIGHT_POLL_S = 0.005
+MAX_LEFT_NOTED = 10_000
 
 
 class IngestService:
@@ -45,6 +46,8 @@ class IngestService:
         self._store = store
         self._spool = spool
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._left: set[str] = set()  # spool paths of files placed here whose row failed (see _other_copies)
+        self._left_lock = threading.Lock()
 
     def _lock_for(self, sop_instance_uid: str) -> threading.Lock:
         return self._locks[hash(sop_instance_uid) % LOCK_STRIPES]
@@ -60,12 +63,14 @@ class IngestService:
         (``place_deferred``); its row waits for both. If a file is already at that name (another process of
         the site placing the same UID, its row not yet committed, or a file a crash left without a row), it
         stays, and this file waits for its hash and goes to a name with the hash in it; another process's
-        row is waited for (:meth:`_other_copies`), so that its bytes make this a duplicate or a conflict. Otherwise the file is placed or discarded only once it is
-        durable and hashed. On any exception nothing was acknowledged: a file not yet durable is removed (the
-        sender still holds the instance); a durable placed file whose row failed stays at its path and is
-        overwritten by the identical bytes when the sender tries again.
+        row is waited for (:meth:`_other_copies`), so that its bytes make this a duplicate or a conflict.
+        Otherwise the file is placed or discarded only once it is durable and hashed. On any exception
+        nothing was acknowledged: a file not yet durable is removed (the sender still holds the instance); a
+        durable placed file whose row failed stays at its path (its commit may have reached the database),
+        and the sender's retry is stored beside it without waiting for a row for it.
         """
         placed = False
+        relative = ""
         placing: Callable[..., Path] | None = None
         taken = False  # the plain name holds a file with no row we saw: another process's, or a crash's
         try:
@@ -102,9 +107,12 @@ class IngestService:
                     origin_peer=origin_peer,
                 )
         except DuplicateInstance:
+            self._note_left(relative)
             return IngestResult(IngestOutcome.DUPLICATE, 0, header.sop_instance_uid, None)
         except BaseException:
-            if not placed:
+            if placed:
+                self._note_left(relative)
+            else:
                 if durable is not None:
                     with contextlib.suppress(BaseException):
                         durable()  # the fsync is over (its descriptor closed) before the file goes
@@ -118,6 +126,13 @@ class IngestService:
             return IngestResult(IngestOutcome.CONFLICT, unit_id, header.sop_instance_uid, final_path)
         return IngestResult(IngestOutcome.STORED, unit_id, header.sop_instance_uid, final_path)
 
+    def _note_left(self, relative: str) -> None:
+        """A file this process placed and left without its row: no ingest is in flight there."""
+        with self._left_lock:
+            if len(self._left) >= MAX_LEFT_NOTED:
+                self._left.clear()  # bounded; a forgotten one costs its retry one wait of IN_FLIGHT_S
+            self._left.add(relative)
+
     def _other_copies(self, sop_instance_uid: str, plain: str) -> list[tuple[str, str]]:
         """The copies recorded of a UID whose plain name holds a file: when no row names that file yet and it
         is new (``IN_FLIGHT_S``), another process of the site is storing the UID right now, between placing
@@ -126,7 +141,7 @@ class IngestService:
         deadline = time.monotonic() + IN_FLIGHT_S
         while True:
             copies = self._store.instance_hashes(sop_instance_uid)
-            if any(path == plain for _sha, path in copies) or time.monotonic() >= deadline:
+            if any(path == plain for _sha, path in copies) or time.monotonic() >= deadline or plain in self._left:
                 return copies
             try:
                 age = time.time() - self._spool.absolute(plain).stat().st_mtime  # its last byte, just before its link

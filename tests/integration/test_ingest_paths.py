@@ -310,3 +310,40 @@ def test_a_uid_recorded_before_whose_file_is_not_at_its_name_is_a_duplicate_or_a
         units = [i for _u, instances in store.study_units("1.2.3") for i in instances if i.sha256 == hashlib.sha256(again).hexdigest()]
         assert [i.conflict for i in units] == [True]
     assert list(spool.staging_dir.iterdir()) == []
+
+
+def test_a_retry_after_a_failed_row_is_stored_beside_the_file_left_without_waiting_for_its_row(
+    store: QueueStore, spool: Spool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database fails at the row (the instance was placed and is durable): the modality hears a refusal
+    and sends again at once. The file left at the UID's name is this process's own, no ingest is in flight
+    there: the retry does not wait for a row for it (a wait of seconds per instance while a database comes
+    back), and is stored under its hashed name; the file left stays where it was."""
+    import gateway.service as service_module
+
+    service = IngestService(store, spool)
+    data = os.urandom(20_000)
+    real_record = store.record_instance
+    calls = []
+
+    def failing_once(*args: object, **kwargs: object) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("database is locked")
+        return real_record(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "record_instance", failing_once)
+    file, durable = unhashed(spool, data)
+    with pytest.raises(OSError, match="database is locked"):
+        service.ingest(header("1.2.3.3"), file, "AE", durable=durable)
+    plain = spool.absolute(spool.relative_path(header("1.2.3.3"), "", False))
+    assert plain.read_bytes() == data  # durable, placed, its row never written
+    waits: list[float] = []
+    monkeypatch.setattr(service_module.time, "sleep", waits.append)
+    file, durable = unhashed(spool, data)
+    result = service.ingest(header("1.2.3.3"), file, "AE", durable=durable)
+    assert result.outcome == IngestOutcome.STORED and waits == []
+    [(sha, path)] = store.instance_hashes("1.2.3.3")
+    assert spool.absolute(path) != plain and spool.absolute(path).read_bytes() == data
+    assert plain.read_bytes() == data
+    assert list(spool.staging_dir.iterdir()) == []
