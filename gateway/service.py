@@ -88,7 +88,7 @@ class IngestService:
                     conflict, final_path = False, placing()
                 else:
                     if taken:  # what another process recorded meanwhile decides, as in that process
-                        copies = self._other_copies(header.sop_instance_uid, self._spool.relative_path(header, "", False))
+                        copies = self._other_copies(header.sop_instance_uid, relative)  # the plain name, taken
                     if any(sha256 == staged.sha256 for sha256, _ in copies):
                         self._spool.discard(staged)
                         log.info("duplicate %s from %s: identical bytes already stored", header.sop_instance_uid, source)

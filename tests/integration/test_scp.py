@@ -231,17 +231,27 @@ def test_full_disk_answers_out_of_resources_and_keeps_nothing_half_written(tmp_p
     shutil.rmtree(tmp_path / "ct", ignore_errors=True)
 
 
-def _half_sent_store(port: int, path: Path, context_ok: bool = True) -> Association:
-    """A requestor (our own UL client) that sends a C-STORE command and half of the data set, then stops."""
+def _open_for(port: int, path: Path) -> Association:
+    """An association from our own UL client proposing the file's SOP class and transfer syntax (context 1)."""
     header = inspect_part10_file(path)
-    assoc = Association.open("127.0.0.1", port, "STORESCU", "DICOMGW", [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
-    context_id = 1 if context_ok else 3  # 3 was never proposed, let alone accepted
-    command = encode_command([
-        (0x00000002, UI, header.sop_class_uid), (0x00000100, US, 0x0001), (0x00000110, US, 1),
+    return Association.open("127.0.0.1", port, "STORESCU", "DICOMGW", [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+
+
+def _store_command(path: Path, message_id: int) -> bytes:
+    """The C-STORE-RQ command set for the file."""
+    header = inspect_part10_file(path)
+    return encode_command([
+        (0x00000002, UI, header.sop_class_uid), (0x00000100, US, 0x0001), (0x00000110, US, message_id),
         (0x00000700, US, 0), (0x00000800, US, 0x0000), (0x00001000, UI, header.sop_instance_uid),
     ])
+
+
+def _half_sent_store(port: int, path: Path, context_ok: bool = True) -> Association:
+    """A requestor (our own UL client) that sends a C-STORE command and half of the data set, then stops."""
+    assoc = _open_for(port, path)
+    context_id = 1 if context_ok else 3  # 3 was never proposed, let alone accepted
     data = dataset_bytes(path)
-    assoc._send_fragments(context_id, 0x01, memoryview(command))
+    assoc._send_fragments(context_id, 0x01, memoryview(_store_command(path, 1)))
     assoc._send_fragments(context_id, 0x00, memoryview(data)[: len(data) // 2], last=False)
     return assoc
 
@@ -260,12 +270,7 @@ def test_a_modality_that_drops_mid_instance_leaves_nothing_and_the_scp_serves_on
 
 def _store_one(assoc: Association, path: Path, message_id: int) -> int:
     """One whole C-STORE on an open association; the response's status."""
-    header = inspect_part10_file(path)
-    command = encode_command([
-        (0x00000002, UI, header.sop_class_uid), (0x00000100, US, 0x0001), (0x00000110, US, message_id),
-        (0x00000700, US, 0), (0x00000800, US, 0x0000), (0x00001000, UI, header.sop_instance_uid),
-    ])
-    assoc.send_message(1, command, dataset_bytes(path))
+    assoc.send_message(1, _store_command(path, message_id), dataset_bytes(path))
     _context, response, _data = assoc.receive_message()
     return response.us(0x00000900)
 
@@ -277,9 +282,7 @@ def test_the_files_kept_ready_for_an_associations_next_instances_are_gone_when_i
     a millisecond of kernel time): they are used by the next instances and removed when it ends, released or
     dropped by a crashed modality; nothing else is left in staging."""
     study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=5, rows=64, columns=64)
-    header = inspect_part10_file(study.files[0])
-    assoc = Association.open("127.0.0.1", gateway.scp.port, "STORESCU", "DICOMGW",
-                             [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+    assoc = _open_for(gateway.scp.port, study.files[0])
     try:
         assert _store_one(assoc, study.files[0], 1) == 0x0000
         wait_for(lambda: len(list(gateway.spool.staging_dir.iterdir())) == SPARE_FILES, timeout_s=10,
@@ -443,9 +446,7 @@ def test_a_study_fed_for_longer_than_the_slack_is_looked_at_once_when_it_may_be_
     try:
         ticks = _counted_ticks(gw)
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=200, rows=64, columns=64)
-        header = inspect_part10_file(study.files[0])
-        assoc = Association.open("127.0.0.1", gw.scp.port, "STORESCU", "DICOMGW",
-                                 [(header.sop_class_uid, (header.transfer_syntax_uid,))], 10)
+        assoc = _open_for(gw.scp.port, study.files[0])
         started, sent = time.monotonic(), 0
         try:
             for number, path in enumerate(study.files, start=1):  # bounded: 200 instances at most
