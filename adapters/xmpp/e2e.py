@@ -13,8 +13,8 @@ bundle (manifest and instances) travels inside a TLS 1.3 session whose two ends 
   first byte of the bundle (:func:`check_pin`): a mismatch ends the attempt with :class:`PinMismatch`.
 - TLS 1.3 only, no session tickets, no resumption: every attempt is a fresh session, and resume offsets
   (XEP-0096 ``<range offset>``) count plaintext bytes of the bundle, so a cut stream resumes exactly.
-- Over S5B the relayed socket is wrapped (``ssl`` on the receiver's blocking socket, asyncio's
-  ``start_tls`` on the sender's stream); over IBB a :class:`TlsPipe` (``ssl.MemoryBIO``/``SSLObject``)
+- Over S5B each end's blocking socket carries the session through memory BIOs (:class:`TlsSocket`: a
+  megabyte of records per system call); over IBB a :class:`TlsPipe` (``ssl.MemoryBIO``/``SSLObject``)
   turns plaintext into the blocks' bytes and back, both directions on the same IBB session.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -281,3 +282,87 @@ class TlsPipe:
 
     def outgoing(self) -> bytes:
         return self._out.read()
+
+
+class TlsSocket:
+    """TLS on a blocking socket through memory BIOs, for the S5B pumps, so that the socket's idle limits
+    hold: ``ssl.SSLSocket`` on a blocking socket retries a read or write that ``SO_RCVTIMEO`` /
+    ``SO_SNDTIMEO`` ended (OpenSSL sees "want read/write"), so a sender or proxy that went quiet mid-stream,
+    or a receiver that stopped reading, held the pump's thread for ever. Here the socket's own calls raise
+    (``BlockingIOError``); a TCP end without close_notify reads as the end of the stream, as ``SSLSocket``
+    with ``suppress_ragged_eofs``. Whole blocks of records go out in one ``sendall`` and up to
+    ``RAW_READ_BYTES`` of records come in per ``recv_into`` (``SSLSocket``: a system call per 16 KiB record
+    out, two per record in); 100 MB over loopback in a microbenchmark: 0.068 s against 0.078 (median of 8),
+    no difference that ``bench/transfer`` could show. :meth:`shutdown` drops the TLS layer as
+    ``SSLSocket.shutdown`` does (no close_notify); after it, :meth:`recv` reads the socket itself."""
+
+    RAW_READ_BYTES = (1 << 20) + (64 << 10)
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool) -> None:
+        self.sock = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
+        self._raw = memoryview(bytearray(self.RAW_READ_BYTES))
+
+    def handshake(self) -> TlsSocket:
+        """Run the handshake (a closed connection meanwhile raises ``ConnectionResetError``); returns self."""
+        while True:
+            try:
+                self.ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._pull():
+                    raise ConnectionResetError("the connection closed during the TLS handshake") from None
+        self._flush()
+        return self
+
+    def _flush(self) -> None:
+        pending = self._out.read()
+        if pending:
+            self.sock.sendall(pending)
+
+    def _pull(self) -> int:
+        count = self.sock.recv_into(self._raw)
+        if count:
+            self._in.write(self._raw[:count])
+        return count
+
+    def getpeercert(self, binary_form: bool = False) -> object:
+        return self.ssl.getpeercert(binary_form)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self.ssl.write(data)
+        self._flush()
+
+    def recv_into(self, view: memoryview, nbytes: int = 0) -> int:
+        """Plaintext into ``view`` (one record's or less); 0 at the end of the stream."""
+        while True:
+            try:
+                return self.ssl.read(nbytes or len(view), view)
+            except ssl.SSLWantReadError:
+                if not self._pull():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        self.sock.setsockopt(level, option, value)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> TlsSocket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -41,7 +41,7 @@ from adapters.xmpp.common import (
     on_own_thread,
     shut,
 )
-from adapters.xmpp.e2e import PinMismatch, check_pin
+from adapters.xmpp.e2e import PinMismatch, TlsSocket, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
 from gateway.logs import set_fields
 from gateway.transfer import StreamSuspended
@@ -60,9 +60,9 @@ class OutboundLeg:
     attempt does not use, on every path (closed now, or when its thread ends)."""
 
     def __init__(self, connect: Callable[[], Awaitable[socket.socket]],
-                 handshake: Callable[[socket.socket], ssl.SSLSocket] | None, name: str) -> None:
+                 handshake: Callable[[socket.socket], TlsSocket] | None, name: str) -> None:
         self.control: socket.socket | None = None
-        self.secured: asyncio.Future[ssl.SSLSocket] | None = None
+        self.secured: asyncio.Future[TlsSocket] | None = None
         self._lock = threading.Lock()
         self._discarded = False
         self._handshake, self._name = handshake, name
@@ -85,7 +85,7 @@ class OutboundLeg:
             self.secured.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, if unused
         return sock
 
-    def _secure(self, sock: socket.socket) -> ssl.SSLSocket:
+    def _secure(self, sock: socket.socket) -> TlsSocket:
         assert self._handshake is not None
         stream = self._handshake(sock)
         with self._lock:
@@ -386,8 +386,8 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
         owned.enter_context(sock)
         if tls is not None:
             try:
-                stream = owned.enter_context(tls.wrap_socket(sock, server_side=True))
-            except ssl.SSLWantReadError as exc:
+                stream = TlsSocket(sock, tls, server_side=True).handshake()  # type: ignore[assignment]
+            except BlockingIOError as exc:  # SO_RCVTIMEO
                 raise TimeoutError(f"no TLS handshake within {seconds} s") from exc
             if on_secured is not None:
                 on_secured()
@@ -430,12 +430,12 @@ async def _ended(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _secure(sock: socket.socket, tls: ssl.SSLContext, pin: str, peer: str, idle_timeout_s: float) -> ssl.SSLSocket:
+def _secure(sock: socket.socket, tls: ssl.SSLContext, pin: str, peer: str, idle_timeout_s: float) -> TlsSocket:
     """The end-to-end TLS handshake as the client on our leg (on its own thread), the receiver's certificate
     checked against ``pin``; the TLS socket comes back blocking, without a timeout (the pump sets its own)."""
     try:
         sock.settimeout(idle_timeout_s)
-        stream = tls.wrap_socket(sock)
+        stream = TlsSocket(sock, tls, server_side=False).handshake()
     except BaseException:
         sock.close()
         raise
@@ -490,7 +490,7 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
         stream: socket.socket = sock
         if tls is not None:
             sock.settimeout(idle_timeout_s)
-            stream = owned.enter_context(tls.wrap_socket(sock))
+            stream = TlsSocket(sock, tls, server_side=False).handshake()  # type: ignore[assignment]
             check_pin(stream, pin, peer)  # type: ignore[arg-type]
             stream.settimeout(None)
             if secured is not None:
