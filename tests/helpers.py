@@ -105,8 +105,10 @@ class LoopbackRelay:
 
 
 class TamperingRelay(LoopbackRelay):
-    """For failure tests: the first connection whose upstream passes ``after_bytes`` is cut (``mode='cut'``)
-    or gets one byte flipped (``mode='flip'``); every other connection is relayed untouched."""
+    """For failure tests: the first connection whose upstream passes ``after_bytes`` is cut (``mode='cut'``),
+    gets one byte flipped (``mode='flip'``), or stalls (``mode='stall'``: its first ``after_bytes`` upstream
+    are relayed, then nothing more either way and nothing closed, until ``stop()``: a proxy that hangs);
+    every other connection is relayed untouched."""
 
     def __init__(self, target_port: int, after_bytes: int, mode: str = "cut") -> None:
         import threading
@@ -114,7 +116,12 @@ class TamperingRelay(LoopbackRelay):
         self.after_bytes = after_bytes
         self.mode = mode
         self.tampered = threading.Event()
+        self._stopped = threading.Event()
         super().__init__(target_port)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        super().stop()
 
     def _pump(self, src: object, dst: object, upstream: bool) -> None:
         seen = 0
@@ -127,6 +134,10 @@ class TamperingRelay(LoopbackRelay):
                     self.tampered.set()
                     if self.mode == "cut":
                         _drain(dst)  # what already passed reaches the proxy before the cut
+                        break
+                    if self.mode == "stall":
+                        dst.sendall(data[: max(0, self.after_bytes - seen)])  # type: ignore[attr-defined]
+                        self._stopped.wait(300)  # bounded: the test stops the relay long before
                         break
                     index = max(0, self.after_bytes - seen)
                     data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]

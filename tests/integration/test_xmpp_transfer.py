@@ -120,6 +120,14 @@ def received_instances(gw: Gateway) -> dict[str, Path]:
     return found
 
 
+def assert_received_whole(gw: Gateway, study: Any) -> None:
+    """Every instance of ``study`` is in ``gw``'s spool as received, byte for byte."""
+    received = received_instances(gw)
+    assert set(received) == set(study.sop_instance_uids)
+    for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
+        assert dataset_bytes(received[uid]) == dataset_bytes(path)
+
+
 def situation(*sites: Any) -> str:
     """What each site's queue and transfer rows say (a failed wait prints it)."""
     return "; ".join(
@@ -136,10 +144,8 @@ def test_study_crosses_from_a_to_b_over_mediated_s5b(tmp_path: Path, prosody: Pr
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1,
                  what=lambda: f"A's study to be sent (A, B: {situation(a, b)})")
+        assert_received_whole(b.gateway, study)
         received = received_instances(b.gateway)
-        assert set(received) == set(study.sop_instance_uids)
-        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
-            assert dataset_bytes(received[uid]) == dataset_bytes(path)
         sent_by_a = {i.sop_instance_uid: i.sha256 for _u, rows in a.gateway.store.study_units(study.study_instance_uid) for i in rows}
         assert {uid: hashlib.sha256(p.read_bytes()).hexdigest() for uid, p in received.items()} == sent_by_a
         (unit,) = a.gateway.store.studies()
@@ -263,16 +269,40 @@ def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosod
         attempts = a.gateway.store.transfers()
         assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")]
         assert attempts[1]["offset_bytes"] > 0 and attempts[1]["offset_bytes"] % 65536 == 0
-        received = received_instances(b.gateway)
-        assert set(received) == set(study.sop_instance_uids)
-        for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
-            assert dataset_bytes(received[uid]) == dataset_bytes(path)
+        assert_received_whole(b.gateway, study)
         inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
         assert [t["outcome"] for t in inbound] == ["cut", "received"] and inbound[1]["offset_bytes"] > 0
         (b_unit,) = b.gateway.store.studies()
         paused = [e["detail"] for e in b.gateway.store.audit_entries(unit_id=b_unit.unit_id) if e["event"] == "receive_paused"]
         assert len(paused) == 1 and f"resumes when {A_JID} offers it again" in paused[0]
         assert b_unit.error is None  # the resumed stream cleared it
+    finally:
+        a.stop()
+        b.stop()
+        relay.stop()
+
+
+def test_a_proxy_that_stalls_mid_stream_cuts_the_attempt_after_the_idle_limit_and_the_study_resumes(
+        tmp_path: Path, prosody: Prosody) -> None:
+    """The proxy path stops relaying mid-stream and closes nothing (a hung proxy): the end-to-end TLS streams
+    give up after ``s5b_idle_timeout_s`` and the study resumes over IBB from what B kept. Before, inside TLS,
+    the receiver's read (and the sender's write, once the buffers filled) waited for ever: no verdict, the
+    study stayed ``sending``."""
+    relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode="stall")
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), s5b_idle_timeout_s=2.0)
+    a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b",
+                   s5b_proxy=f"127.0.0.1:{relay.port}", s5b_idle_timeout_s=2.0)
+    try:
+        # ~42 MB: more than the socket buffers along the path hold, so that A's writes block too
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=80, rows=512, columns=512)
+        assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        wait_for(lambda: unit_states(a.gateway) == ["sent"], 90, 0.1,
+                 what=lambda: f"A's study to be sent ({situation(a, b)})")
+        assert relay.tampered.is_set()
+        assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "cut"), ("ibb", "received")]
+        inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
+        assert [t["outcome"] for t in inbound] == ["cut", "received"] and inbound[1]["offset_bytes"] > 0
+        assert_received_whole(b.gateway, study)
     finally:
         a.stop()
         b.stop()
@@ -553,10 +583,7 @@ def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_
             attempts = a.gateway.store.transfers()
             assert attempts[0]["outcome"] == "cut" and "XMPP connection lost" in (attempts[0]["error"] or ""), [(t["method"], t["outcome"], t["bytes"], t["error"]) for t in attempts]
             assert attempts[0]["bytes"] > 0 and attempts[-1]["outcome"] in ("received", "held")
-            received = received_instances(b.gateway)
-            assert set(received) == set(study.sop_instance_uids)
-            for path, uid in zip(study.files, study.sop_instance_uids, strict=True):
-                assert dataset_bytes(received[uid]) == dataset_bytes(path)
+            assert_received_whole(b.gateway, study)
         finally:
             a.stop()
             b.stop()
