@@ -44,7 +44,7 @@ INDEX = """{% extends "base.html" %}
 {% for u in in_flight %}<tr><td><a href="/study/{{ u.study_uid }}">{{ u.description or u.study_uid }}</a>
 {% if u.priority == 'stat' %} <span class="stat">STAT</span>{% endif %}</td><td>{{ u.patient }}</td>
 <td>{{ '→' if u.direction == 'out' else '←' }} {{ u.peer }}</td><td class="state">{{ u.state }}</td>
-<td><span class="bar"><span style="width: {{ u.percent }}%"></span></span> {{ u.percent }} %</td><td>{{ u.method }}</td></tr>
+<td><span class="bar"><span style="width: {{ u.percent }}%"></span></span> {{ u.percent }} %{% if u.awaiting %}: {{ u.awaiting }}{% endif %}</td><td>{{ u.method }}</td></tr>
 {% else %}<tr><td colspan="6">nothing is moving</td></tr>{% endfor %}</table>
 <h2>Latest</h2>
 <table id="recent"><tr><th>Unit</th><th>Study</th><th>Patient</th><th>Modality</th><th class="num">Instances</th><th class="num">MB</th>
@@ -67,7 +67,7 @@ STUDY = """{% extends "base.html" %}
 {% if u.priority == 'stat' %}<span class="stat">STAT</span>{% endif %}
 {{ '→' if u.direction == 'out' else '←' }} {{ u.peer or '-' }}</h2>
 <p>{{ u.instances }} instance(s), {{ u.mb }} MB, {{ u.modalities }}{% if u.rule %}, routed by {{ u.rule }}{% endif %};
-<span class="bar"><span style="width: {{ u.percent }}%"></span></span> {{ u.percent }} %
+<span class="bar"><span style="width: {{ u.percent }}%"></span></span> {{ u.percent }} %{% if u.awaiting %}: {{ u.awaiting }}{% endif %}
 {% if u.error %}<br><span class="err">{{ u.error }}</span>{% endif %}</p>
 <table class="transfers"><tr><th>Started (UTC)</th><th>Direction</th><th>Peer</th><th>Method</th><th class="num">Offset</th>
 <th class="num">Bytes</th><th>Outcome</th><th>Error</th></tr>

@@ -138,7 +138,9 @@ def one_run(root: Path, server: Prosody, files: list[Path], method: str, compres
         for pair in links.values():
             for relay in pair:
                 relay.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        # The run's files stay until the bench ends (removed with its work directory): deleting a study's
+        # files seconds before the next pair writes theirs makes that pair's file creates slow (ext4 skips
+        # recently freed inodes), as bench/ingest found.
 
 
 def main() -> None:
@@ -169,7 +171,7 @@ def main() -> None:
             print(f"{rate:>6g} Mbit/s bare TCP through the two emulated links: {seconds:.2f} s, vs_link {bare[rate]}", flush=True)
             for method in args.methods.split(","):
                 for compress in (False, True):
-                    run = one_run(work / "run", server, study.files, method, compress, rate, args.rtt_ms)
+                    run = one_run(work / f"run{len(runs)}", server, study.files, method, compress, rate, args.rtt_ms)
                     runs.append(run)
                     print(f"{rate:>6g} Mbit/s {method:>4} compress={str(compress):5}  {run['seconds']:>8.2f} s  "
                           f"{run['mb_s']:>7.3f} MB/s  ratio {run['compression_ratio']:.2f}  vs_link {run['vs_link']}", flush=True)

@@ -26,6 +26,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
+from gateway.dashboard import AWAITING_VERDICT, awaiting_verdict
 from gateway.lifecycle import State
 from gateway.model import InstanceRecord, StudySummary
 from gateway.settings import Settings, SettingsError, load_settings
@@ -693,6 +694,8 @@ def _state_text(s: StudySummary) -> str:
     text = f"STAT {s.state}" if s.priority == "stat" else s.state
     if s.state in ("sending", "receiving") and s.bundle_bytes:
         text += f" {100 * s.progress_bytes // s.bundle_bytes}%"
+        if awaiting_verdict(s):
+            text += f" ({AWAITING_VERDICT})"
     if s.method and s.state in ("sending", "sent", "delivered"):
         text += f" ({s.method})"
     if s.origin_peer and s.state == "received":

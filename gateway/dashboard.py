@@ -36,10 +36,20 @@ def xmpp_state(store: QueueStore) -> dict[str, Any]:
             "processes": [{"owner": p.owner, "summary": p.summary, "running": p.running} for p in found.processes[:10]]}
 
 
+AWAITING_VERDICT = "every byte sent, waiting for the receiver's verdict"
+
+
+def awaiting_verdict(s: StudySummary) -> bool:
+    """An outbound unit still ``sending`` whose every byte was handed to the network: the percentage counts what
+    the sender's kernel took, and buffers along the path can hold megabytes; B's verdict ends it."""
+    return s.origin_peer is None and s.state == "sending" and 0 < s.bundle_bytes <= s.progress_bytes
+
+
 def unit_row(s: StudySummary) -> dict[str, Any]:
     total = s.bundle_bytes or s.size_bytes
     percent = round(100 * s.progress_bytes / total, 1) if total and s.progress_bytes else (100 if s.state in ("sent", "delivered") else 0)
     return {
+        "awaiting": AWAITING_VERDICT if awaiting_verdict(s) else "",
         "unit_id": s.unit_id, "study_uid": s.study_instance_uid, "state": s.state, "priority": s.priority,
         "patient": s.patient_name, "description": s.study_description, "modalities": s.modalities,
         "instances": s.instances, "mb": round(s.size_bytes / 1e6, 1),

@@ -17,6 +17,7 @@ import pytest
 from adapters.lab.localpeers import Prosody, free_port
 from adapters.lab.netem import FaultRelay
 from adapters.lab.synthetic import generate_ct_study
+from gateway.dashboard import AWAITING_VERDICT
 from gateway.passwords import hash_password
 from gateway.routing import parse_rules
 from gateway.settings import RoutingSettings, WebSettings
@@ -96,9 +97,11 @@ def test_the_admin_reads_a_moving_study_peers_stats_and_metrics(tmp_path: Path, 
             assert "CT TRAUMA HEAD" in flight and "STAT" in flight and "sending" in flight and B_JID in flight
             percent = float(re.search(r"([\d.]+) %", flight).group(1))  # type: ignore[union-attr]
             unit = a.gateway.store.studies()[0]
-            # 100 % while `sending` is every byte handed to the network and B's verdict still to come: twice in a
-            # fresh-clone CI run the browser read the page only then (its start can take seconds on a busy box).
+            # 100 % while `sending` is every byte handed to the network and B's verdict still to come (twice in a
+            # fresh-clone CI run the browser read the page only then: its start can take seconds on a busy box);
+            # the page says so.
             assert 0 < percent <= 100, (flight, unit.progress_bytes, unit.bundle_bytes, unit.size_bytes)
+            assert AWAITING_VERDICT not in flight or percent == 100, flight
             assert page.locator("#xmpp").inner_text().startswith("XMPP: online")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "web-queue.png"), full_page=True)
