@@ -198,7 +198,7 @@ class Gateway:
             AgentSettings(
                 jid=x.jid, password=x.password, host=x.host, port=x.port, use_tls=x.use_tls, methods=methods,
                 ibb_block_bytes=x.ibb_block_bytes, ibb_window=x.ibb_window, verdict_timeout_s=x.verdict_timeout_s,
-                s5b_idle_timeout_s=x.s5b_idle_timeout_s,
+                s5b_idle_timeout_s=x.s5b_idle_timeout_s, ibb_idle_timeout_s=x.ibb_idle_timeout_s,
                 proxy_address=_host_port(x.s5b_proxy) if x.s5b_proxy else None,
                 ca_file=str(x.ca_file) if x.ca_file else "", server_cert_sha256=x.server_cert_sha256,
                 identity=self.identity, require_e2e=x.require_e2e, stream_start_timeout_s=x.stream_start_timeout_s,

@@ -119,6 +119,7 @@ class XmppSettings:
     retry_max_age_s: float = 7 * 86400.0  # ... or this long since it was queued
     verdict_timeout_s: float = 600.0
     s5b_idle_timeout_s: float = 120.0  # an inbound S5B stream silent this long counts as cut (resumed later)
+    ibb_idle_timeout_s: float = 120.0  # ... and an open inbound IBB stream with no block for this long
     dispatch_interval_s: float = 1.0
     s5b_proxy: str = ""  # "host:port" to use instead of the address the server's proxy advertises
     receipt_timeout_s: float = 3600.0  # a sent study without a delivery receipt after this is sent again
@@ -512,6 +513,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         retry_max_age_s=_float(raw.get("retry_max_age_s", 7 * 86400.0), "xmpp.retry_max_age_s", 1.0),
         verdict_timeout_s=_float(raw.get("verdict_timeout_s", 600.0), "xmpp.verdict_timeout_s", 1.0),
         s5b_idle_timeout_s=_float(raw.get("s5b_idle_timeout_s", 120.0), "xmpp.s5b_idle_timeout_s", 1.0),
+        ibb_idle_timeout_s=_float(raw.get("ibb_idle_timeout_s", 120.0), "xmpp.ibb_idle_timeout_s", 0.5),
         dispatch_interval_s=_float(raw.get("dispatch_interval_s", 1.0), "xmpp.dispatch_interval_s", 0.05),
         s5b_proxy=str(raw.get("s5b_proxy", "")),
         receipt_timeout_s=_float(raw.get("receipt_timeout_s", 3600.0), "xmpp.receipt_timeout_s", 0.1),

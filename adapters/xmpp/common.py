@@ -50,6 +50,7 @@ class XmppSettings:
     s5b_write_bytes: int = 1 << 20
     verdict_timeout_s: float = 600.0
     s5b_idle_timeout_s: float = 120.0  # an inbound S5B stream with no byte for this long counts as cut
+    ibb_idle_timeout_s: float = 120.0  # an open inbound IBB stream with no block for this long counts as cut
     iq_timeout_s: float = 30.0
     proxy_address: tuple[str, int] | None = None  # override the address the proxy advertises (NAT, relays)
     ca_file: str = ""  # PEM CA bundle for the server's certificate; empty: the system store
@@ -136,6 +137,7 @@ class InboundStream:
     priority: str = "routine"  # the offer's: a STAT offer resets the sender's routine streams (StudyOffers)
     start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
     ours: str = ""  # fingerprint of our identity its handshake presents (the one the sender pins): its verdict's key
+    last_block_at: float = 0.0  # IBB: time.monotonic() of the stream's opening or its last data block
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
     early: asyncio.Future[socket.socket] | None = None

@@ -159,7 +159,7 @@ class InBandBytestreams:
         return el, sid, entry
 
     def on_open(self, iq: slixmpp.Iq) -> None:
-        el, _sid, entry = self._stream(iq, "open")
+        el, sid, entry = self._stream(iq, "open")
         block = el.get("block-size", "")
         if not block.isdigit() or not 0 < int(block) <= 65535 or el.get("stanza", "iq") != "iq":
             raise XMPPError("resource-constraint", "block-size 1..65535 with stanza='iq' only", etype="modify")
@@ -168,7 +168,27 @@ class InBandBytestreams:
         entry.started = True
         if entry.tls is not None:
             entry.pipe = TlsPipe(entry.tls, server_side=True)
+        entry.last_block_at = time.monotonic()
+        self._watch_idle(sid, entry, self.client.settings.ibb_idle_timeout_s)
         iq.reply().send()
+
+    def _watch_idle(self, sid: str, entry: InboundStream, after_s: float) -> None:
+        """End an open inbound stream that brought no block for ``ibb_idle_timeout_s`` as cut (what came is
+        kept; the verdict tells the sender, whose next offer resumes from it), as a silent S5B stream ends:
+        a sender that went quiet without a close would otherwise hold its inbound slot until it offers the
+        bundle again. One timer per stream, set again for the rest of the limit while blocks come."""
+        def check() -> None:
+            if self.ends.sinks.get(sid) is not entry:
+                return  # ended meanwhile
+            limit = self.client.settings.ibb_idle_timeout_s
+            quiet = time.monotonic() - entry.last_block_at
+            if quiet < limit:
+                self._watch_idle(sid, entry, limit - quiet)
+                return
+            log.warning("IBB stream %s from %s: no block for %.0f s; cut (kept for a resume)", sid, entry.peer, quiet)
+            self.client.spawn(self.ends.complete(sid))
+
+        asyncio.get_running_loop().call_later(after_s, check)
 
     def on_data(self, iq: slixmpp.Iq) -> None:
         el = iq.xml.find(q(NS_IBB, "data"))
@@ -182,6 +202,7 @@ class InBandBytestreams:
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "incomplete", "IBB stream closed: block out of order", entry.ours))
             raise XMPPError("unexpected-request", f"expected seq {entry.next_seq}; the stream is closed", etype="cancel")
         entry.next_seq = (entry.next_seq + 1) % 65536
+        entry.last_block_at = time.monotonic()
         try:
             data = base64.b64decode(el.text or "", validate=True)
             if entry.pipe is not None:

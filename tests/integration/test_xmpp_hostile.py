@@ -168,6 +168,37 @@ def test_an_accepted_offer_whose_stream_never_starts_is_released(tmp_path: Path,
         b.stop()
 
 
+def test_an_ibb_stream_that_goes_silent_is_cut_after_the_idle_limit_and_frees_its_slot(tmp_path: Path, prosody: Prosody) -> None:
+    """A sender that opens an In-Band Bytestream, sends a block and then nothing, staying online and never closing
+    it: after ``ibb_idle_timeout_s`` the stream ends as cut with an ``incomplete`` verdict, the bytes that came are
+    kept for a resume, and the inbound slot is free again (before, it was held until the sender offered again)."""
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, require_e2e=False, peer_pins=(),
+                   ibb_idle_timeout_s=1.0)
+
+    async def attack() -> tuple[list[tuple[str, str]], list[tuple[str, str]], int]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answers = [await intruder.iq(offer("quiet", size=100)), await intruder.iq(ibb("open", "quiet")),
+                   await intruder.iq(ibb("data", "quiet", 0, b"x" * 10))]
+        held = b.gateway.inbound_policy.active  # the slot, while the stream is open
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(intruder.verdict_came.wait(), 20)  # online, silent, the stream open
+        late = await intruder.iq(ibb("data", "quiet", 1, b"x" * 10))
+        await intruder.stop()
+        return [*answers, late], intruder.verdicts, held
+
+    try:
+        answers, verdicts, held = asyncio.run(attack())
+        assert answers == [("result", "")] * 3 + [("error", "item-not-found")]  # a block after the cut: no such stream
+        assert held == 1
+        assert verdicts == [("incomplete", "10 of 100 bytes before the stream ended")]
+        assert b.gateway.inbound_policy.active == 0
+        (row,) = [t for t in b.gateway.store.transfers() if t["sid"] == "quiet"]
+        assert row["outcome"] == "cut" and row["bytes"] == 10
+    finally:
+        b.stop()
+
+
 @pytest.mark.parametrize("case", ["sequence gap", "replayed block", "past the announced size"])
 def test_ibb_blocks_out_of_order_or_too_many_close_the_stream_with_a_verdict(tmp_path: Path, prosody: Prosody, case: str) -> None:
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, require_e2e=False, peer_pins=())
