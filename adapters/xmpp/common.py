@@ -121,6 +121,32 @@ class InboundPort(Protocol):
         """A message from the XMPP server itself (its bare domain): an operator's broadcast."""
 
 
+STREAM_GRACE_S = 60.0  # an inbound stream may start slowly for this long ...
+MIN_STREAM_BYTES_PER_S = 1024  # ... then must have averaged this (the DICOM SCP's floor for a data set)
+
+
+class RateFloor:
+    """The bytes of one inbound stream against a floor: once ``STREAM_GRACE_S`` have passed since it began, it
+    must have averaged ``MIN_STREAM_BYTES_PER_S``; :meth:`add` raises ``TimeoutError`` otherwise. The idle
+    limits end a stream that stops; this ends one that trickles (a byte now and then, within the idle limit),
+    which would otherwise hold its inbound slot for as long as its sender or a relaying proxy liked."""
+
+    def __init__(self, min_bytes_per_s: float | None = None, grace_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_bytes_per_s = MIN_STREAM_BYTES_PER_S if min_bytes_per_s is None else min_bytes_per_s
+        self.grace_s = STREAM_GRACE_S if grace_s is None else grace_s
+        self._clock = clock
+        self._started = clock()
+        self.total = 0
+
+    def add(self, count: int) -> None:
+        self.total += count
+        elapsed = self._clock() - self._started
+        if elapsed > self.grace_s and self.total < self.min_bytes_per_s * elapsed:
+            raise TimeoutError(f"stream at {self.total / elapsed:.0f} bytes/s after {elapsed:.0f} s "
+                               f"(at least {self.min_bytes_per_s:.0f} required)")
+
+
 @dataclass
 class InboundStream:
     """An accepted offer: where its bytes go, and its end-to-end channel."""
@@ -138,6 +164,7 @@ class InboundStream:
     start_offset: int = 0  # the sink's offset when the offer was accepted (a stream that brought nothing)
     ours: str = ""  # fingerprint of our identity its handshake presents (the one the sender pins): its verdict's key
     last_block_at: float = 0.0  # IBB: time.monotonic() of the stream's opening or its last data block
+    floor: RateFloor | None = None  # IBB: its rate since it opened
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
     early: asyncio.Future[socket.socket] | None = None

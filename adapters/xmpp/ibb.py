@@ -28,6 +28,7 @@ from adapters.xmpp.common import (
     InboundStream,
     OutboundStream,
     Phases,
+    RateFloor,
     StreamEnds,
     TransferCut,
     XmppClient,
@@ -169,6 +170,7 @@ class InBandBytestreams:
         if entry.tls is not None:
             entry.pipe = TlsPipe(entry.tls, server_side=True)
         entry.last_block_at = time.monotonic()
+        entry.floor = RateFloor()
         self._watch_idle(sid, entry, self.client.settings.ibb_idle_timeout_s)
         iq.reply().send()
 
@@ -205,6 +207,8 @@ class InBandBytestreams:
         entry.last_block_at = time.monotonic()
         try:
             data = base64.b64decode(el.text or "", validate=True)
+            if entry.floor is not None:
+                entry.floor.add(len(data))
             if entry.pipe is not None:
                 plain = entry.pipe.feed(data)
                 entry.secured = entry.pipe.handshaken
@@ -222,6 +226,10 @@ class InBandBytestreams:
             self.ends.drop(sid, f"end-to-end TLS failed: {describe(exc)}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed", entry.ours))
             raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
+        except TimeoutError as exc:  # too slow (RateFloor): cut, what came kept for a resume
+            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, exc)
+            self.client.spawn(self.ends.complete(sid))
+            raise XMPPError("not-acceptable", f"{exc}; the stream is closed", etype="cancel") from exc
         except (ValueError, OverflowError) as exc:
             self.ends.drop(sid, f"bad IBB data: {exc}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))

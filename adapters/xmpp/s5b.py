@@ -31,6 +31,7 @@ from slixmpp.exceptions import IqError, IqTimeout, XMPPError
 from adapters.xmpp import socks5
 from adapters.xmpp.common import (
     Phases,
+    RateFloor,
     Sink,
     StreamEnds,
     TransferCut,
@@ -371,9 +372,10 @@ NOTSENT_LOWAT_BYTES = 256 << 10
 
 
 def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.SSLContext | None = None,
-              on_secured: Callable[[], None] | None = None) -> None:
-    """Read an inbound S5B stream into ``sink`` until its announced size, the sender's end of stream, or
-    ``idle_timeout_s`` without a byte (then ``TimeoutError``). Plaintext: blocking ``recv_into`` with
+              on_secured: Callable[[], None] | None = None, floor: RateFloor | None = None) -> None:
+    """Read an inbound S5B stream into ``sink`` until its announced size, the sender's end of stream,
+    ``idle_timeout_s`` without a byte, or a rate under ``floor`` (:class:`RateFloor`, from the end of the
+    handshake; then ``TimeoutError``, what came kept). Plaintext: blocking ``recv_into`` with
     MSG_WAITALL fills a whole 1 MiB block per system call whatever piece size the proxy relays (stock
     proxy65: 4 KiB). End to end (``tls``): the socket is the TLS server side of the gateways' channel, and
     a block is filled record by record. The sink splits, hashes and writes each block on this thread."""
@@ -391,17 +393,20 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
                 raise TimeoutError(f"no TLS handshake within {seconds} s") from exc
             if on_secured is not None:
                 on_secured()
+        floor = floor or RateFloor()
         failed: list[OSError] = []
         framed = getattr(sink, "wanted", None)  # compressed frames: read up to the end of the frame under way
         while sink.offset < sink.size:
             want = min(S5B_BLOCK_BYTES, framed() if framed else sink.size - received)
             try:
-                count = _fill(stream, block[:want], failed) if tls is not None else stream.recv_into(block[:want], want, socket.MSG_WAITALL)
+                count = _fill(stream, block[:want], failed, floor) if tls is not None else stream.recv_into(block[:want], want, socket.MSG_WAITALL)
             except (BlockingIOError, ssl.SSLWantReadError) as exc:  # SO_RCVTIMEO expired with nothing read
                 raise TimeoutError(f"no byte for {seconds} s") from exc
             if count:
                 sink.write(block[:count])
                 received += count
+                if tls is None:
+                    floor.add(count)  # (inside TLS, _fill counts record by record)
             if failed:
                 raise TimeoutError(f"no byte for {seconds} s") if isinstance(failed[0], (BlockingIOError, ssl.SSLWantReadError)) else failed[0]
             if count == 0:
@@ -516,9 +521,10 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
                 pass
 
 
-def _fill(stream: socket.socket, view: memoryview, failed: list[OSError]) -> int:
-    """Fill ``view`` from a TLS socket (one record per read); fewer bytes only at the end of the stream or
-    before an error, which is then put in ``failed`` (what was authenticated before it is kept first)."""
+def _fill(stream: socket.socket, view: memoryview, failed: list[OSError], floor: RateFloor | None = None) -> int:
+    """Fill ``view`` from a TLS socket (one record per read, each counted against ``floor``); fewer bytes only
+    at the end of the stream or before an error, which is then put in ``failed`` (what was authenticated
+    before it is kept first)."""
     filled = 0
     while filled < len(view):
         try:
@@ -533,4 +539,10 @@ def _fill(stream: socket.socket, view: memoryview, failed: list[OSError]) -> int
         if count == 0:
             break
         filled += count
+        if floor is not None:
+            try:
+                floor.add(count)
+            except TimeoutError as exc:
+                failed.append(exc)
+                return filled
     return filled

@@ -9,11 +9,13 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from adapters.xmpp.common import RateFloor
 from adapters.xmpp.e2e import (
     Identity,
     client_context,
@@ -93,7 +95,7 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Iden
 
 
 def _tls_sender(sock: socket.socket, identities: tuple[Identity, Identity], payload: bytes, piece: int,
-                close: bool = True) -> tuple[threading.Thread, list[BaseException]]:
+                close: bool = True, pause_s: float = 0.0) -> tuple[threading.Thread, list[BaseException]]:
     """The sender's end as the gateway has it (``_secure``: handshake, the receiver's pin checked), writing
     ``payload`` in ``piece``-byte writes, then ending as the gateway does (no close_notify, a FIN)."""
     sender, receiver = identities
@@ -105,6 +107,7 @@ def _tls_sender(sock: socket.socket, identities: tuple[Identity, Identity], payl
             with stream:
                 for start in range(0, len(payload), piece):
                     stream.sendall(payload[start : start + piece])
+                    time.sleep(pause_s)  # a trickle when asked
                 if close:
                     stream.shutdown(socket.SHUT_WR)
         except BaseException as exc:  # noqa: BLE001 - the test reads it
@@ -275,3 +278,33 @@ def test_the_sender_refuses_a_receiver_that_is_not_the_pinned_one(identities: tu
             _secure(theirs.dup(), client_context(sender), identities[1].fingerprint, "receiver", 10)
         theirs.shutdown(socket.SHUT_RDWR)
         thread.join()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "tls"])
+def test_a_stream_that_trickles_under_the_rate_floor_is_cut_and_keeps_its_bytes(
+        identities: tuple[Identity, Identity], encrypted: bool) -> None:
+    """A byte now and then, always within the idle limit: once the grace has passed the stream must have
+    averaged the floor; a trickle (1 kB/s against 100 kB/s here) is cut with what came kept."""
+    payload = os.urandom(20_000)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sink = MemorySink(len(payload))
+        if encrypted:
+            sender, _errors = _tls_sender(theirs, identities, payload, 100, pause_s=0.1)
+        else:
+            def trickle() -> None:
+                with contextlib.suppress(OSError):
+                    for start in range(0, len(payload), 100):
+                        theirs.sendall(payload[start : start + 100])
+                        time.sleep(0.1)
+            sender = threading.Thread(target=trickle)
+            sender.start()
+        floor = RateFloor(min_bytes_per_s=100_000, grace_s=0.5)
+        raised = _ended_within(30, lambda: _pump_s5b(ours, sink, idle_timeout_s=10, tls=_receiver_tls(identities) if encrypted else None,
+                                                     floor=floor))
+        with contextlib.suppress(OSError):
+            theirs.shutdown(socket.SHUT_RDWR)
+        sender.join()
+    assert isinstance(raised, TimeoutError) and "bytes/s after" in str(raised), raised
+    assert 0 < sink.offset < len(payload)
+    assert sink.digest.hexdigest() == hashlib.sha256(payload[: sink.offset]).hexdigest()

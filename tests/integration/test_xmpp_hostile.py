@@ -80,6 +80,12 @@ class Intruder:
     async def stop(self) -> None:
         self.client.disconnect()
 
+    async def stop_after_a_verdict(self, timeout_s: float = 10) -> None:
+        """Disconnect once a verdict came (or ``timeout_s`` passed without one)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.verdict_came.wait(), timeout_s)
+        await self.stop()
+
 
 async def send_and_check(server: Any, user: str, to: str, body: str, check: Any) -> None:
     """Log in as ``user``, send a message (a server announcement when ``to`` is DOMAIN/announce/online), and stay
@@ -199,6 +205,41 @@ def test_an_ibb_stream_that_goes_silent_is_cut_after_the_idle_limit_and_frees_it
         b.stop()
 
 
+def test_an_ibb_stream_that_trickles_under_the_rate_floor_is_cut_and_frees_its_slot(
+        tmp_path: Path, prosody: Prosody, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks keep coming, each within the idle limit, but at 50 bytes/s: once the grace has passed (1 s here,
+    60 s in service) the stream is cut below the floor (1000 bytes/s here; 1024 in service), the block that
+    found it refused, what came kept, an ``incomplete`` verdict sent and the slot freed."""
+    import adapters.xmpp.common as xmpp_common
+
+    monkeypatch.setattr(xmpp_common, "STREAM_GRACE_S", 1.0)
+    monkeypatch.setattr(xmpp_common, "MIN_STREAM_BYTES_PER_S", 1000)
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, require_e2e=False, peer_pins=())
+
+    async def attack() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        intruder = Intruder(prosody, "radiology.hospital-a")
+        await intruder.start()
+        answers = [await intruder.iq(offer("slow", size=100_000)), await intruder.iq(ibb("open", "slow"))]
+        for seq in range(40):  # at most 8 s
+            answers.append(await intruder.iq(ibb("data", "slow", seq, b"x" * 10)))
+            if answers[-1][0] == "error":
+                break
+            await asyncio.sleep(0.2)
+        await intruder.stop_after_a_verdict()
+        return answers, intruder.verdicts
+
+    try:
+        answers, verdicts = asyncio.run(attack())
+        assert answers[-1] == ("error", "not-acceptable") and set(answers[:-1]) == {("result", "")}, answers
+        kept = 10 * (len(answers) - 3)  # every block before the refused one
+        assert verdicts == [("incomplete", f"{kept} of 100000 bytes before the stream ended")]
+        wait_for(lambda: b.gateway.inbound_policy.active == 0, 10, 0.05, what="the slot to be released")
+        (row,) = [t for t in b.gateway.store.transfers() if t["sid"] == "slow"]
+        assert row["outcome"] == "cut" and row["bytes"] == kept
+    finally:
+        b.stop()
+
+
 @pytest.mark.parametrize("case", ["sequence gap", "replayed block", "past the announced size"])
 def test_ibb_blocks_out_of_order_or_too_many_close_the_stream_with_a_verdict(tmp_path: Path, prosody: Prosody, case: str) -> None:
     b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), max_inbound=1, require_e2e=False, peer_pins=())
@@ -213,9 +254,7 @@ def test_ibb_blocks_out_of_order_or_too_many_close_the_stream_with_a_verdict(tmp
             answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 10)), await intruder.iq(ibb("data", "s1", 0, b"x" * 10))]
         else:
             answers += [await intruder.iq(ibb("data", "s1", 0, b"x" * 60)), await intruder.iq(ibb("data", "s1", 1, b"x" * 60))]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(intruder.verdict_came.wait(), 10)
-        await intruder.stop()
+        await intruder.stop_after_a_verdict()
         return answers, intruder.verdicts
 
     try:
