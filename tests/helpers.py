@@ -106,8 +106,10 @@ class LoopbackRelay:
 
 class TamperingRelay(LoopbackRelay):
     """For failure tests: the first connection whose upstream passes ``after_bytes`` is cut (``mode='cut'``),
-    gets one byte flipped (``mode='flip'``), or stalls (``mode='stall'``: its first ``after_bytes`` upstream
-    are relayed, then nothing more either way and nothing closed, until ``stop()``: a proxy that hangs);
+    gets one byte flipped (``mode='flip'``), stalls (``mode='stall'``: its first ``after_bytes`` upstream
+    are relayed, then nothing more either way and nothing closed, until ``stop()``: a proxy that hangs) or
+    trickles (``mode='trickle'``: then 100 bytes upstream every 0.2 s, taken from the client as long as it
+    sends, and its connection held open until ``stop()`` whatever the server does: a hostile proxy);
     every other connection is relayed untouched."""
 
     def __init__(self, target_port: int, after_bytes: int, mode: str = "cut") -> None:
@@ -122,6 +124,26 @@ class TamperingRelay(LoopbackRelay):
     def stop(self) -> None:
         self._stopped.set()
         super().stop()
+
+    def _trickle(self, src: object, dst: object, data: bytes) -> None:
+        """100 bytes every 0.2 s of what is left, reading more from ``src`` only as it goes (bounded: 300 s)."""
+        import time
+
+        pending = bytearray(data)
+        deadline = time.monotonic() + 300
+        forward = True
+        while not self._stopped.is_set() and time.monotonic() < deadline:
+            if not pending:
+                pending += src.recv(100)  # type: ignore[attr-defined]
+                if not pending:
+                    return
+            if forward:
+                try:
+                    dst.sendall(bytes(pending[:100]))  # type: ignore[attr-defined]
+                except OSError:
+                    forward = False  # the server's side is gone: the client's bytes are still taken, slowly
+            del pending[:100]
+            self._stopped.wait(0.2)
 
     def _pump(self, src: object, dst: object, upstream: bool) -> None:
         seen = 0
@@ -139,6 +161,9 @@ class TamperingRelay(LoopbackRelay):
                         dst.sendall(data[: max(0, self.after_bytes - seen)])  # type: ignore[attr-defined]
                         self._stopped.wait(300)  # bounded: the test stops the relay long before
                         break
+                    if self.mode == "trickle":
+                        self._trickle(src, dst, data)
+                        break
                     index = max(0, self.after_bytes - seen)
                     data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]
                 seen += len(data)
@@ -148,6 +173,8 @@ class TamperingRelay(LoopbackRelay):
         finally:
             import socket
 
+            if self.mode == "trickle" and not upstream and self.tampered.is_set():
+                self._stopped.wait(300)  # the client's connection stays open (bounded: the test stops the relay)
             for sock in (src, dst):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # wakes the other pump

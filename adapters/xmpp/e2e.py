@@ -303,6 +303,9 @@ class TlsSocket:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
         self._raw = memoryview(bytearray(self.RAW_READ_BYTES))
+        # Called with the count of each read of the socket itself (a rate floor that must also see a record
+        # trickled in pieces: a 16 KiB record a byte at a time would otherwise be counted only when whole).
+        self.on_pull: Callable[[int], object] | None = None
 
     def handshake(self) -> TlsSocket:
         """Run the handshake (a closed connection meanwhile raises ``ConnectionResetError``); returns self."""
@@ -326,6 +329,8 @@ class TlsSocket:
         count = self.sock.recv_into(self._raw)
         if count:
             self._in.write(self._raw[:count])
+        if self.on_pull is not None:
+            self.on_pull(count)
         return count
 
     def getpeercert(self, binary_form: bool = False) -> object:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import slixmpp
@@ -189,10 +189,10 @@ class StudyOffers:
                 report = progress_in_thread(progress, sid, offset, chunks.plain_at)
                 if method == NS_S5B:
                     handed, early = early, None  # the S5B half owns it from here (and closes it on every path)
-                    sent = await self.s5b.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases,
-                                               asked)
+                    sending = self.s5b.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, handed, phases, asked)
                 else:
-                    sent = await self.ibb.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
+                    sending = self.ibb.send(peer_full_jid, sid, chunks, offset, report, tls, pin, moved, phases)
+                sent = await _unless_ended_by(verdict, sending)
                 attempt["stream_s"] = time.perf_counter() - stream_started
                 attempt.update(bytes=chunks.plain_at(sent), wire_bytes=sent)
                 result.bytes_sent += chunks.plain_at(sent)
@@ -530,3 +530,29 @@ class StudyOffers:
         except IqTimeout:
             return False, "no answer (timeout)"
         return True, "acknowledged"
+
+
+async def _unless_ended_by(verdict: asyncio.Future[tuple[str, str]], sending: Awaitable[int]) -> int:
+    """The stream's bytes sent, unless the receiver ended the stream first: an ``incomplete`` verdict (it cut
+    the stream before its end: silent, or under its rate floor) or the loss of the connection the verdict
+    would come on, while we still send (a relay that takes a byte now and then keeps a write going within
+    the idle limit). The send is then stopped (its socket shut) and the attempt is cut with what the
+    receiver said. Any other verdict came after every byte: the send ends by itself, as before."""
+    task = asyncio.ensure_future(sending)
+    try:
+        await asyncio.wait({task, verdict}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            if verdict.cancelled():
+                raise TransferCut("the wait for the receiver's verdict was cancelled")
+            failure = verdict.exception()
+            if failure is not None:
+                raise failure
+            outcome, detail = verdict.result()
+            if outcome == "incomplete":
+                raise TransferCut(f"receiver cut the stream while we sent: {detail}")
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

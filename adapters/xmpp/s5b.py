@@ -394,6 +394,8 @@ def _pump_s5b(sock: socket.socket, sink: Sink, idle_timeout_s: float, tls: ssl.S
             if on_secured is not None:
                 on_secured()
         floor = floor or RateFloor()
+        if isinstance(stream, TlsSocket):
+            stream.on_pull = lambda _count: floor.add(0)  # the average so far, at every piece of a record
         failed: list[OSError] = []
         framed = getattr(sink, "wanted", None)  # compressed frames: read up to the end of the frame under way
         while sink.offset < sink.size:

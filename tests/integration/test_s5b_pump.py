@@ -160,6 +160,12 @@ def test_an_encrypted_stream_arrives_exactly_as_far_as_it_was_sent(identities: t
     assert sink.writes == blocks
 
 
+def _shut(*socks: socket.socket) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _ended_within(seconds: float, run: Callable[[], object]) -> BaseException | None:
     """Run ``run`` on a thread; what it raised, once it ended. A run still going after ``seconds`` (a
     pump that would wait for ever) fails the test instead of hanging the suite; the caller's sockets end it."""
@@ -247,9 +253,7 @@ def test_a_tampered_record_ends_the_stream_after_the_bytes_before_it(identities:
         sender, _errors = _tls_sender(theirs, identities, payload, 10_000)
         relays = [_relay(relay_out, relay_in, flip_at=200_000), _relay(relay_in, relay_out, flip_at=-1)]
         raised = _ended_within(60, lambda: _pump_s5b(ours, sink, idle_timeout_s=10, tls=_receiver_tls(identities)))
-        for sock in (ours, relay_in, relay_out, theirs):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        _shut(ours, relay_in, relay_out, theirs)
         sender.join()
         for relay in relays:
             relay.join()
@@ -307,4 +311,41 @@ def test_a_stream_that_trickles_under_the_rate_floor_is_cut_and_keeps_its_bytes(
         sender.join()
     assert isinstance(raised, TimeoutError) and "bytes/s after" in str(raised), raised
     assert 0 < sink.offset < len(payload)
+    assert sink.digest.hexdigest() == hashlib.sha256(payload[: sink.offset]).hexdigest()
+
+
+def test_a_record_trickled_in_pieces_is_cut_by_the_rate_floor_before_it_is_whole(identities: tuple[Identity, Identity]) -> None:
+    """A relay that passes the handshake, then the sender's records 20 bytes every 0.05 s: a 16 KiB record would
+    take 40 s to complete; the floor (100 kB/s after 0.5 s here) is checked at every piece, not per record."""
+    payload = os.urandom(200_000)
+    ours, relay_in = socket.socketpair()
+    relay_out, theirs = socket.socketpair()
+    with ours, relay_in, relay_out, theirs:
+        sink = MemorySink(len(payload))
+        sender, _errors = _tls_sender(theirs, identities, payload, 50_000)
+        done = threading.Event()
+
+        def slow_relay() -> None:  # the handshake passes whole; then the stream's bytes in small pieces
+            seen = 0
+            with contextlib.suppress(OSError):
+                while not done.is_set() and (chunk := relay_out.recv(20 if seen > 3000 else 65536)):
+                    relay_in.sendall(chunk)
+                    seen += len(chunk)
+                    if seen > 3000:
+                        time.sleep(0.05)
+
+        relays = [threading.Thread(target=slow_relay), _relay(relay_in, relay_out, flip_at=-1)]
+        relays[0].start()
+        started = time.monotonic()
+        raised = _ended_within(30, lambda: _pump_s5b(ours, sink, idle_timeout_s=10, tls=_receiver_tls(identities),
+                                                     floor=RateFloor(min_bytes_per_s=100_000, grace_s=0.5)))
+        elapsed = time.monotonic() - started
+        done.set()
+        _shut(ours, relay_in, relay_out, theirs)
+        sender.join()
+        for relay in relays:
+            relay.join()
+    assert isinstance(raised, TimeoutError) and "bytes/s after" in str(raised), raised
+    assert elapsed < 20, elapsed  # cut while a record was still arriving in pieces (one takes ~40 s)
+    assert sink.offset < len(payload)
     assert sink.digest.hexdigest() == hashlib.sha256(payload[: sink.offset]).hexdigest()

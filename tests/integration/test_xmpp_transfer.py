@@ -282,31 +282,54 @@ def test_proxy_connection_cut_mid_stream_resumes_over_ibb(tmp_path: Path, prosod
         relay.stop()
 
 
-def test_a_proxy_that_stalls_mid_stream_cuts_the_attempt_after_the_idle_limit_and_the_study_resumes(
-        tmp_path: Path, prosody: Prosody) -> None:
-    """The proxy path stops relaying mid-stream and closes nothing (a hung proxy): the end-to-end TLS streams
-    give up after ``s5b_idle_timeout_s`` and the study resumes over IBB from what B kept. Before, inside TLS,
-    the receiver's read (and the sender's write, once the buffers filled) waited for ever: no verdict, the
-    study stayed ``sending``."""
-    relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode="stall")
-    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), s5b_idle_timeout_s=2.0)
+def resumed_over_ibb_past_a_bad_proxy(tmp_path: Path, prosody: Prosody, mode: str, idle_s: float) -> list[dict[str, Any]]:
+    """A ~42 MB study (more than the socket buffers along the path hold, so that A's writes block too) sent
+    through a proxy path that misbehaves after 1.5 MB (``TamperingRelay`` ``mode``): the S5B attempt is cut on
+    both sides, the study resumes over IBB from B's offset and arrives byte for byte. A's attempts."""
+    relay = TamperingRelay(prosody.proxy_port, after_bytes=1_500_000, mode=mode)
+    b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), s5b_idle_timeout_s=idle_s)
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b",
-                   s5b_proxy=f"127.0.0.1:{relay.port}", s5b_idle_timeout_s=2.0)
+                   s5b_proxy=f"127.0.0.1:{relay.port}", s5b_idle_timeout_s=idle_s)
     try:
-        # ~42 MB: more than the socket buffers along the path hold, so that A's writes block too
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=80, rows=512, columns=512)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 90, 0.1,
                  what=lambda: f"A's study to be sent ({situation(a, b)})")
         assert relay.tampered.is_set()
-        assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "cut"), ("ibb", "received")]
+        attempts = a.gateway.store.transfers()
+        assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")]
         inbound = [t for t in b.gateway.store.transfers() if t["direction"] == "in"]
         assert [t["outcome"] for t in inbound] == ["cut", "received"] and inbound[1]["offset_bytes"] > 0
         assert_received_whole(b.gateway, study)
+        return attempts
     finally:
         a.stop()
         b.stop()
         relay.stop()
+
+
+def test_a_proxy_that_stalls_mid_stream_cuts_the_attempt_after_the_idle_limit_and_the_study_resumes(
+        tmp_path: Path, prosody: Prosody) -> None:
+    """The proxy path stops relaying mid-stream and closes nothing (a hung proxy): the end-to-end TLS streams
+    give up after ``s5b_idle_timeout_s`` (2 s here) and the study resumes over IBB from what B kept. Before,
+    inside TLS, the receiver's read (and the sender's write, once the buffers filled) waited for ever: no
+    verdict, the study stayed ``sending``."""
+    resumed_over_ibb_past_a_bad_proxy(tmp_path, prosody, "stall", 2.0)
+
+
+def test_a_proxy_that_trickles_is_cut_by_the_receivers_rate_floor_and_the_sender_stops_at_its_verdict(
+        tmp_path: Path, prosody: Prosody, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile proxy path: after 1.5 MB, 500 bytes/s, within every idle limit, and A's leg held open whatever
+    B's side does. B's rate floor (lowered here: 100 kB/s after 1 s) cuts its side and says so in its verdict;
+    A, whose write is still blocked, stops at that verdict (before, it sent on: the trickle's progress keeps
+    its idle limit, 30 s here, from firing), and the study resumes over IBB."""
+    import adapters.xmpp.common as xmpp_common
+
+    monkeypatch.setattr(xmpp_common, "STREAM_GRACE_S", 1.0)
+    monkeypatch.setattr(xmpp_common, "MIN_STREAM_BYTES_PER_S", 100_000)
+    attempts = resumed_over_ibb_past_a_bad_proxy(tmp_path, prosody, "trickle", 30.0)
+    error = attempts[0]["error"] or ""
+    assert error.startswith("receiver: ") and "bytes before the stream ended" in error, attempts[0]  # B's verdict
 
 
 def test_corrupted_byte_is_rejected_and_the_study_resent(tmp_path: Path, prosody: Prosody) -> None:
