@@ -585,6 +585,8 @@ def _float(value: Any, key: str, low: float) -> float:
         raise SettingsError(f"{key}: {value!r} is not a number") from None
     if math.isnan(number):  # NaN compares false with every bound
         raise SettingsError(f"{key}: {value!r} is not a number")
+    if math.isinf(number):  # "inf", 1e999, a thousand nines: no timer, size or interval is infinite
+        raise SettingsError(f"{key}: {str(value)[:40]!r} is not a finite number")
     if number < low:
         raise SettingsError(f"{key}: {number} is below {low}")
     return number

@@ -37,6 +37,11 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('dicom = 3', "[dicom] must be a table"),
         ("[dicom\n", "not valid TOML"),
         ('[pacs]\nassociations_per_study = 0', "pacs.associations_per_study: 0 is outside 1..16"),
+        ('[xmpp]\nibb_idle_timeout_s = 0.1', "xmpp.ibb_idle_timeout_s"),
+        ('[xmpp]\nibb_idle_timeout_s = "\\u0000\\u001b[2J\\u00ff"', "xmpp.ibb_idle_timeout_s"),
+        ('[xmpp]\nibb_idle_timeout_s = "' + "9" * 1000 + '"', "is not a finite number"),
+        ('[xmpp]\nverdict_timeout_s = inf', "xmpp.verdict_timeout_s: 'inf' is not a finite number"),
+        ('[xmpp]\nibb_idle_timeout_s = nan', "xmpp.ibb_idle_timeout_s"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
