@@ -203,7 +203,7 @@ class Gateway:
                 ca_file=str(x.ca_file) if x.ca_file else "", server_cert_sha256=x.server_cert_sha256,
                 identity=self.identity, require_e2e=x.require_e2e, stream_start_timeout_s=x.stream_start_timeout_s,
                 handshake_timeout_s=x.handshake_timeout_s,
-                compress=x.compress, servers=x.servers, reconnect_s=x.reconnect_s,
+                compress=x.compress, servers=x.servers, dns_servers=x.dns_servers, reconnect_s=x.reconnect_s,
                 presence_min_interval_s=x.presence_min_interval_s,
             ),
             Inbound(self),

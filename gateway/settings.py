@@ -15,6 +15,7 @@ Environment overrides (useful for containers and tests): ``DICOMGW_DB_URL``, ``D
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -133,9 +134,10 @@ class XmppSettings:
     stream_start_timeout_s: float = 60.0  # an accepted offer whose stream does not start is released
     handshake_timeout_s: float = 15.0  # an accepted end-to-end offer without a finished TLS handshake by then is released
     compress: bool = True  # the bundle as zstd frames where it pays (gateway.wire); off: always plain bytes
-    # the server's nodes, tried in turn (a node that goes away: the next); empty: (host, port). host "": slixmpp's
-    # own lookup of the JID's domain (DNS SRV _xmpp-client._tcp when aiodns is installed, else its address, 5222)
+    # the server's nodes, tried in turn (a node that goes away: the next); empty: (host, port). host "" too: the
+    # nodes from DNS SRV _xmpp-client._tcp of the JID's domain (else the domain itself on 5222), each round anew
     servers: tuple[tuple[str, int], ...] = ()
+    dns_servers: tuple[str, ...] = ()  # resolvers asked for that lookup ("ip:port"); empty: /etc/resolv.conf's
     reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
     presence_min_interval_s: float = 2.0  # flow-control presence (dnd at the inbound limit) at most this often
 
@@ -525,6 +527,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         require_e2e=bool(raw.get("require_e2e", True)),
         compress=bool(raw.get("compress", True)),
         servers=_servers(raw.get("servers", [])),
+        dns_servers=_dns_servers(raw.get("dns_servers", [])),
         reconnect_s=_float(raw.get("reconnect_s", 5.0), "xmpp.reconnect_s", 0.1),
         presence_min_interval_s=_float(raw.get("presence_min_interval_s", 2.0), "xmpp.presence_min_interval_s", 0.0),
         peer_pins=peer_pins,
@@ -575,6 +578,30 @@ def _servers(value: Any) -> tuple[tuple[str, int], ...]:
                 or not 1 <= int(port) <= 65535 or any(not c.isprintable() or c.isspace() or c in "/@[]" for c in host)):
             raise SettingsError(f"xmpp.servers[{n}]: {text[:80]!r} is not host:port")
         found.append((host, int(port)))
+    return tuple(found)
+
+
+def _dns_servers(value: Any) -> tuple[str, ...]:
+    """``[xmpp] dns_servers``: resolvers as IP addresses, each with an optional port ("192.0.2.53", "192.0.2.53:5353",
+    "[2001:db8::53]:53"); given to the resolver as "ip:port" ("[v6]:port")."""
+    if not isinstance(value, list) or len(value) > 8:
+        raise SettingsError('xmpp.dns_servers: a list of IP addresses, each with an optional ":port" (at most 8)')
+    found = []
+    for n, entry in enumerate(value):
+        text = entry if isinstance(entry, str) else ""
+        host, port = text, "53"
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            port = rest[1:] if sep and rest.startswith(":") else ("53" if sep and not rest else "")
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is None or not port.isascii() or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+            raise SettingsError(f"xmpp.dns_servers[{n}]: {str(entry)[:80]!r} is not an IP address with an optional :port")
+        found.append(f"[{address}]:{int(port)}" if address.version == 6 else f"{address}:{int(port)}")
     return tuple(found)
 
 

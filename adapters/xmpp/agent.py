@@ -52,6 +52,7 @@ from adapters.xmpp.ibb import InBandBytestreams
 from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.presence import FlowControl, PeerPresence
 from adapters.xmpp.s5b import Socks5Bytestreams
+from adapters.xmpp.srv import LookupFailed, client_nodes
 from adapters.xmpp.stanzas import NS_IBB, NS_RESULT, NS_S5B, NS_SI, q
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class GatewayAgent(slixmpp.ClientXMPP):
             mechanisms.encrypted_plain = False
         else:
             self.plugin["feature_mechanisms"].unencrypted_plain = True
-        self.servers = ServerRotation(settings.server_list(), settings.reconnect_s)  # which node, when (connection.py)
+        # which node, when (connection.py); host "" and no servers: the nodes from DNS SRV (srv.py)
+        self.servers = ServerRotation(settings.server_list(), settings.reconnect_s, from_dns=settings.from_dns)
         self.status: dict[str, Any] = {
             "state": "connecting", "server": self._server_text(), "jid": settings.jid,
             "tls": settings.use_tls, "tls_version": None, "server_cert_sha256": None, "last_error": None,
@@ -233,9 +235,30 @@ class GatewayAgent(slixmpp.ClientXMPP):
         return self.servers.describe(self.boundjid.domain)
 
     def _connect_current(self) -> None:
-        host, port = self.servers.current
         self._set_status(state="connecting", server=self._server_text())
-        self.connect(host or None, port if host else None)  # no host: slixmpp looks the domain up
+        if self.servers.needs_lookup:
+            self.spawn(self._look_up_and_connect())
+            return
+        self.connect(*self.servers.current)
+
+    async def _look_up_and_connect(self) -> None:
+        """The nodes from DNS SRV, then the first of them; a failed lookup is retried as a failed node is. We
+        connect to each address ourselves: slixmpp tries its SRV targets in turn too, but only within one attempt,
+        which a failed node ends here (``_on_connection_failed``), so a primary that is down would be tried again
+        and again and its backup never."""
+        try:
+            nodes = await client_nodes(self.boundjid.domain, self.settings.dns_servers)
+        except LookupFailed as exc:
+            self.servers.use(())
+            self._set_status(state="disconnected", server=self._server_text(), last_error=str(exc))
+            log.warning("XMPP: %s", exc)
+            self._schedule_reconnect()
+            return
+        if self._stopping:
+            return
+        self.servers.use(tuple((node.address, node.port, node.target) for node in nodes))
+        self._set_status(state="connecting", server=self._server_text())
+        self.connect(*self.servers.current)
 
     def _on_connection_failed(self, error: object) -> None:
         """A node that cannot be reached: slixmpp would retry the same address with a growing wait (up to 300 s);

@@ -61,11 +61,17 @@ class XmppSettings:
     handshake_timeout_s: float = 15.0  # ... and one whose end-to-end TLS handshake is not done by then
     compress: bool = True  # offer and accept the bundle as compressed frames (gateway.wire)
     servers: tuple[tuple[str, int], ...] = ()  # the server's nodes, tried in turn; empty: (host, port)
+    dns_servers: tuple[str, ...] = ()  # resolvers for the SRV lookup ("ip:port"); empty: the system's
     reconnect_s: float = 5.0  # the longest wait between connection attempts (the next node is tried at once)
     presence_min_interval_s: float = 2.0  # flow-control presence at most this often (presence.FlowControl)
 
+    @property
+    def from_dns(self) -> bool:
+        """No host and no servers: the nodes are looked up in DNS (``srv.py``)."""
+        return not self.servers and not self.host
+
     def server_list(self) -> tuple[tuple[str, int], ...]:
-        return self.servers or ((self.host, self.port),)
+        return () if self.from_dns else self.servers or ((self.host, self.port),)
 
 
 class Sink(Protocol):

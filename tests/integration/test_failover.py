@@ -22,6 +22,7 @@ from tests.integration.test_xmpp_transfer import (
     B_JID,
     DOMAIN,
     received_instances,
+    small_study_goes_through,
     start_site,
     unit_states,
 )
@@ -108,4 +109,60 @@ def test_a_node_that_is_down_at_start_is_passed_over_and_named(tmp_path: Path) -
             assert b.gateway.agent.status["server"] == f"127.0.0.1:{prosody.c2s_port}"
             assert b.gateway.agent.status["last_error"] is None
         finally:
+            b.stop()
+
+
+def test_nodes_from_dns_srv_a_primary_that_is_down_is_passed_over_for_the_backup(tmp_path: Path) -> None:
+    """``host = ""`` and no ``servers``: the nodes come from the domain's SRV records on a real DNS server (dnsmasq).
+    The primary (priority 0) has nothing listening; the gateway comes up on the backup (priority 10, Prosody) with
+    TLS verified against the domain, and its status names the node and its SRV target. (slixmpp's own SRV
+    lookup tried the backup only within one attempt, which a failed node ends: it went back to the primary.)"""
+    from adapters.lab.dns import Dnsmasq
+    from adapters.lab.localpeers import free_port
+    from tests.integration.test_xmpp_hostile import running_prosody
+
+    service = f"_xmpp-client._tcp.{DOMAIN}"
+    with running_prosody(tmp_path / "prosody") as prosody:
+        srv = [(service, f"xmpp1.{DOMAIN}", free_port(), 0, 10), (service, f"xmpp2.{DOMAIN}", prosody.c2s_port, 10, 10)]
+        hosts = [(f"xmpp1.{DOMAIN}", "127.0.0.1"), (f"xmpp2.{DOMAIN}", "127.0.0.1")]
+        with Dnsmasq(tmp_path / "dns", DOMAIN, srv=srv, hosts=hosts) as dns:
+            dns.start()
+            b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), host="", dns_servers=(dns.nameserver,), reconnect_s=1.0)
+            try:
+                wait_for(lambda: b.gateway.agent.online, 60, 0.05, what="B online through the backup node")
+                assert b.gateway.agent.status["server"] == f"127.0.0.1:{prosody.c2s_port} (xmpp2.{DOMAIN}, DNS SRV)"
+                assert b.gateway.agent.status["tls_version"] and b.gateway.agent.status["last_error"] is None
+            finally:
+                b.stop()
+
+
+def test_nodes_from_dns_srv_the_cluster_node_that_dies_is_left_for_the_backup(tmp_path: Path, cluster: list[Ejabberd]) -> None:
+    """Both gateways find the ejabberd cluster through SRV (node 1 priority 0, node 2 priority 10, node 3 20): both
+    on node 1; node 1 is SIGKILLed; both move to node 2 within ``reconnect_s`` and a study goes from A to B."""
+    from adapters.lab.dns import Dnsmasq
+
+    node1, node2, node3 = cluster
+    service = f"_xmpp-client._tcp.{DOMAIN}"
+    srv = [(service, f"xmpp{n}.{DOMAIN}", node.c2s_port, 10 * (n - 1), 10) for n, node in enumerate(cluster, 1)]
+    hosts = [(f"xmpp{n}.{DOMAIN}", "127.0.0.1") for n in (1, 2, 3)]
+    with Dnsmasq(tmp_path / "dns", DOMAIN, srv=srv, hosts=hosts) as dns:
+        dns.start()
+        settings = {"port": node1.c2s_port, "ca_file": node1.ca_file, "reconnect_s": 5.0, "host": "", "dns_servers": (dns.nameserver,)}
+        b = start_site(tmp_path, "b", B_JID, node1, peers=(A_JID,), **settings)  # type: ignore[arg-type]
+        a = start_site(tmp_path, "a", A_JID, node1, peers=(B_JID,), destination="radiology.hospital-b", **settings)  # type: ignore[arg-type]
+        try:
+            def on(site: object, n: int) -> bool:
+                agent = site.gateway.agent  # type: ignore[attr-defined]
+                return agent.online and agent.status.get("server") == f"127.0.0.1:{cluster[n - 1].c2s_port} (xmpp{n}.{DOMAIN}, DNS SRV)"
+
+            wait_for(lambda: on(a, 1) and on(b, 1), 60, 0.05, what="A and B on node 1, the SRV primary")
+            killed_at = time.monotonic()
+            pid = node1.kill()
+            wait_for(lambda: not pid_alive(pid), 30, 0.05, what="node 1 to be gone")
+            wait_for(lambda: on(a, 2) and on(b, 2), 60, 0.05, what="A and B on node 2, the SRV backup")
+            print(f"failover_s {time.monotonic() - killed_at:.2f} (SRV)")
+            wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == "available", 60, 0.05, what="A to see B on node 2")
+            small_study_goes_through(a, b, tmp_path, 120)  # through node 2
+        finally:
+            a.stop()
             b.stop()

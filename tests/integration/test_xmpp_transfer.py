@@ -128,6 +128,14 @@ def assert_received_whole(gw: Gateway, study: Any) -> None:
         assert dataset_bytes(received[uid]) == dataset_bytes(path)
 
 
+def small_study_goes_through(a: Site, b: Site, tmp_path: Path, within_s: float) -> None:
+    """A 5-slice study pushed into A is sent and every instance is at B."""
+    study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=5, rows=64, columns=64)
+    assert storescu(a.gateway.scp.port, study.files).returncode == 0
+    wait_for(lambda: unit_states(a.gateway) == ["sent"], within_s, 0.1, what="A's study to be sent")
+    assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+
+
 def situation(*sites: Any) -> str:
     """What each site's queue and transfer rows say (a failed wait prints it)."""
     return "; ".join(
@@ -577,10 +585,7 @@ def test_a_study_is_offered_as_soon_as_it_is_stable_not_at_the_next_dispatch_tic
     # With an hour between dispatch ticks, only the wake-up from the completeness check can send it in time.
     a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination="radiology.hospital-b", dispatch_interval_s=3600)
     try:
-        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=5, rows=64, columns=64)
-        assert storescu(a.gateway.scp.port, study.files).returncode == 0
-        wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
-        assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
+        small_study_goes_through(a, b, tmp_path, 60)
     finally:
         a.stop()
         b.stop()

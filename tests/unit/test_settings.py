@@ -161,3 +161,22 @@ def test_xmpp_servers_are_read_in_order_and_hostile_entries_are_named(tmp_path: 
         path.write_text(f'[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\npresence_min_interval_s = {bad}\n')
         with pytest.raises(SettingsError, match="xmpp.presence_min_interval_s"):
             load_settings(path, environ={})
+
+
+def test_xmpp_dns_servers_are_ip_addresses_with_a_port_and_hostile_entries_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    head = '[xmpp]\njid = "radiology.hospital-a@helsenett.test/gw1"\nhost = ""\n'
+    path.write_text(head + 'dns_servers = ["192.0.2.53", "127.0.0.1:5353", "[2001:db8::53]:5300", "::1"]\n')
+    assert load_settings(path, environ={}).xmpp.dns_servers == ("192.0.2.53:53", "127.0.0.1:5353", "[2001:db8::53]:5300", "[::1]:53")
+    path.write_text(head)
+    assert load_settings(path, environ={}).xmpp.dns_servers == ()  # the system's resolvers
+    hostile = ['"dns.example"', '"127.0.0.1:0"', '"127.0.0.1:99999"', '"127.0.0.1:"', '"1.2.3.4:5:6"', '"[::1"', '"[::1]x"',
+               '"\\u001b]0;x\\u0007"', f'"{"1" * 1000}"', "53", '"127.0.0.1:\u0663"', '"127.0.0.1:+53"', '"127.0.0.1 "']
+    for entry in hostile:
+        path.write_text(head + f"dns_servers = [{entry}]\n")
+        with pytest.raises(SettingsError, match=r"xmpp\.dns_servers\[0\]: .* is not an IP address with an optional :port"):
+            load_settings(path, environ={})
+    for toml in ('dns_servers = "127.0.0.1"', "dns_servers = [" + ", ".join(['"127.0.0.1"'] * 9) + "]"):
+        path.write_text(head + toml + "\n")
+        with pytest.raises(SettingsError, match=r"xmpp\.dns_servers: a list"):
+            load_settings(path, environ={})
