@@ -511,11 +511,11 @@ class Gateway:
                 try:
                     await self.agent.start(timeout_s=30)
                 except TimeoutError:
-                    log.error("XMPP server %s:%s not reachable yet; retrying in the background",
-                              self.settings.xmpp.host, self.settings.xmpp.port)
+                    log.error("XMPP server %s not reachable yet (%s); retrying in the background",
+                              self.agent.status.get("server"), self.agent.status.get("last_error") or "no answer")
                 except ConnectionRefusedError as exc:
-                    log.error("XMPP server %s:%s refused (%s); retrying with backoff, never in plaintext",
-                              self.settings.xmpp.host, self.settings.xmpp.port, exc)
+                    log.error("XMPP server %s refused (%s); retrying with backoff, never in plaintext",
+                              self.agent.status.get("server"), exc)
             if ready is not None:
                 ready()
             dispatching = asyncio.ensure_future(self._dispatch_loop(stop)) if self.dispatcher else None

@@ -64,3 +64,30 @@ def test_a_resolver_that_does_not_answer_fails_within_its_timeout() -> None:
     with pytest.raises(LookupFailed, match="DNS SRV"):
         lookup(ZONE, f"127.0.0.1:{free_port()}", timeout_s=1.0)  # nothing listens there
     assert time.monotonic() - started < 30  # a bound against a hang, not a speed figure
+
+
+def test_a_gateway_whose_domain_offers_no_service_says_so_and_keeps_trying(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The agent with ``host = ""``: the lookup's reason is its status (``dicomgw status``, the web page), and it
+    looks up again after each wait instead of giving up (the log shows each lookup dnsmasq answered)."""
+    from adapters.xmpp.agent import GatewayAgent
+    from adapters.xmpp.common import XmppSettings
+
+    srv = [("_xmpp-client._tcp.closed.helsenett.test", ".", 0, 0, 0)]
+    with Dnsmasq(tmp_path_factory.mktemp("dns-closed"), ZONE, srv=srv) as server:
+        server.start()
+        settings = XmppSettings(jid="radiology.hospital-b@closed.helsenett.test/gw1", password="pw", host="",
+                                dns_servers=(server.nameserver,), reconnect_s=0.5)
+
+        async def start() -> dict[str, object]:
+            agent = GatewayAgent(settings, inbound=None)  # type: ignore[arg-type]  # never online: no inbound call
+            try:
+                with pytest.raises(TimeoutError):
+                    await agent.start(timeout_s=3)
+                return dict(agent.status)
+            finally:
+                await agent.stop()
+
+        status = asyncio.run(start())
+        assert status["state"] == "disconnected" and status["server"] == "closed.helsenett.test (DNS SRV)"
+        assert 'DNS SRV _xmpp-client._tcp.closed.helsenett.test: the domain offers no XMPP client service (target ".")' == status["last_error"]
+        assert server.log_path.read_text().count("query[SRV] _xmpp-client._tcp.closed.helsenett.test") >= 3
