@@ -8,7 +8,9 @@
 
 Every sender and receiver runs with TCP_NODELAY=1 (Debian's dcmtk leaves Nagle on otherwise). Each target
 gets a fresh work directory per run, kept until the bench ends (files deleted seconds before a receiver
-runs make its file creates slow: ext4 skips recently freed inodes); the figure is the median of ``--runs``. The gateway's peak RSS is
+runs make its file creates slow: ext4 skips recently freed inodes), and the dirty pages of the receivers before
+it are written out first (``sync``, not timed: storescp leaves its 210 MB to the kernel's writeback, which ran
+into the next receivers' fsyncs); the figure is the median of ``--runs``. The gateway's peak RSS is
 read from /proc (VmHWM) after the 1x study and again after a 2x study, to show it flat in study size.
 The last line printed is one JSON object.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -90,6 +93,7 @@ def one_push(label: str, make: Callable[[Path], PeerProcess], files: list[Path],
     with make(workdir) as peer:
         peer.start()  # type: ignore[attr-defined]
         port = getattr(peer, "port", None) or peer.dicom_port  # type: ignore[attr-defined]
+        os.sync()  # no receiver waits behind the writeback of another's files
         seconds = push(port, getattr(peer, "ae_title", "ANY"), files)
         check(peer)
         rss = peak_rss_mb(peer.pid)
