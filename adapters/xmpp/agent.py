@@ -4,6 +4,7 @@ One part per protocol, as slixmpp has one plugin object per XEP; each file says 
 use the agent only through ``common.XmppClient`` (the session's stanzas, IQs, handlers, settings, identities):
 - here: connection, TLS to the server, presence, status; every handler registered in one block in ``__init__``;
 - ``connection.py`` (``ServerRotation``): which server node next and when (``[xmpp] servers``, failover);
+  ``srv.py``: the nodes from the domain's DNS SRV records when no node is configured;
 - ``presence.py`` (``PeerPresence``, ``FlowControl``): what the peers show, and what we show;
 - ``offer.py`` (``StudyOffers``): XEP-0095/0096 offers, our verdict, the delivery receipt; the inbound offers;
 - ``s5b.py`` (``Socks5Bytestreams``): XEP-0065 mediated SOCKS5 bytestreams; the proxy, the inbound sockets;
