@@ -380,14 +380,15 @@ class Gateway:
                         here: bool) -> tuple[int, object]:
         """A modality's Storage Commitment request (association thread): recorded, then decided at once when the
         report may go on the same association; else ``commitments.tick`` reports it (a new association)."""
-        request_id = self.store.add_commitment_request(transaction_uid, calling_ae, address, refs)
-        if not here or self.settings.dicom.commit_when != "stored":
+        on_this = here and self.settings.dicom.commit_when == "stored"
+        # The report goes on this association; should the modality not answer it, a new one in 30 s (not before:
+        # the tick must not find the request due while this association reports it).
+        request_id = self.store.add_commitment_request(
+            transaction_uid, calling_ae, address, refs, utcnow() + datetime.timedelta(seconds=30) if on_this else None)
+        if not on_this:
             return request_id, None
         request = {"id": request_id, "refs": refs, "result": None, "requested_at": utcnow(), "attempts": 0}
-        decision = self.commitments.decision(request)
-        # The report goes on this association; should the modality not answer it, a new one in 30 s.
-        self.store.commitment_defer(request_id, utcnow() + datetime.timedelta(seconds=30))
-        return request_id, decision
+        return request_id, self.commitments.decision(request)
 
     def _mpps(self, creating: bool, calling_ae: str, sop_instance_uid: str, message: Any) -> tuple[int, str]:
         """An MPPS N-CREATE or N-SET (association thread); a completed step is settled at once, not at the tick."""

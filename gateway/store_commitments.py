@@ -21,11 +21,14 @@ class CommitmentsRepo:
     """Mixed into ``QueueStore``."""
 
     def add_commitment_request(self, transaction_uid: str, calling_ae: str, address: str,
-                               refs: list[tuple[str, str]]) -> int:
-        """Record a request (durably, before the N-ACTION is answered Success); audited."""
+                               refs: list[tuple[str, str]], not_before: datetime | None = None) -> int:
+        """Record a request (durably, before the N-ACTION is answered Success); audited. ``not_before``: no
+        report on a new association before then (one goes on the request's own): in the same row, so that no
+        tick finds the request due in between."""
         with self._unit_of_work() as session:
             row = CommitmentRequestRow(transaction_uid=transaction_uid, calling_ae=calling_ae, address=address[:64],
-                                       requested_at=utcnow(), refs=json.dumps(refs), state="pending", attempts=0)
+                                       requested_at=utcnow(), refs=json.dumps(refs), state="pending", attempts=0,
+                                       next_attempt_at=not_before)
             session.add(row)
             session.add(AuditRow(at=utcnow(), event="commitment_requested",
                                  detail=f"Storage Commitment request from {calling_ae} ({address}): transaction "
@@ -88,13 +91,6 @@ class CommitmentsRepo:
                 f"Storage Commitment report to {row.calling_ae} ({how}): transaction {row.transaction_uid}, "
                 f"event type {row.event_type}, {len(result.get('committed', []))} committed, "
                 f"{len(result.get('failed', []))} failed")))
-
-    def commitment_defer(self, request_id: int, until: datetime) -> None:
-        """No report on a new association before ``until`` (one is under way on the request's own)."""
-        with self._unit_of_work() as session:
-            row = session.get(CommitmentRequestRow, request_id)
-            if row is not None and row.state == "pending":
-                row.next_attempt_at = until
 
     def commitment_retry(self, request_id: int, error: str, next_attempt_at: datetime | None) -> None:
         """The report could not be sent: tried again at ``next_attempt_at``; None: given up (``failed``)."""

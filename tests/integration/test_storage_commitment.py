@@ -287,3 +287,54 @@ def test_the_report_goes_over_tls_to_a_modality_that_asks_for_it(tmp_path: Path)
     finally:
         controller.stop()
         server.shutdown()
+
+
+def test_the_tick_never_reports_on_a_new_association_what_goes_on_the_request_s_own(tmp_path: Path) -> None:
+    """The report for a request made on an association that took the role goes there; the periodic tick, run at
+    the worst moment (right after the request is recorded, before it is answered), finds nothing due: the
+    modality's listener gets no second report and the log no false "not sent" (the row was due for that
+    moment before, and the tick sent a report on a new association too)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    port, modality_port = free_port(), free_port()
+    settings = make_settings(tmp_path / "gw", port)
+    settings = replace(settings, dicom=replace(settings.dicom, allowed_calling_ae_titles=("MR01",),
+                                               modalities=(ModalitySettings("MR01", "127.0.0.1", modality_port),)))
+    elsewhere: list[int] = []
+    listener = AE(ae_title="MR01")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(("127.0.0.1", modality_port), block=False, evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT, lambda e: (elsewhere.append(int(e.request.EventTypeID)), (0x0000, None))[1])])
+    controller = GatewayController(settings)
+    gw = controller.start()
+    recorded = gw.store.add_commitment_request
+    ticks: list[int] = []
+
+    def record_then_tick(*args: Any, **kwargs: Any) -> int:
+        request_id = recorded(*args, **kwargs)
+        ticks.append(gw.commitments.tick())  # the tick thread, between the record and the answer
+        return request_id
+
+    gw.store.add_commitment_request = record_then_tick  # type: ignore[method-assign]
+    here: list[int] = []
+    try:
+        ae = AE(ae_title="MR01")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", port, ae_title=GW_AE,
+                             ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: (here.append(int(e.request.EventTypeID)), (0x0000, None))[1])])
+        try:
+            status, _reply = assoc.send_n_action(_request(["1.2.826.0.1.3680043.8.498.7"]), 1, StorageCommitmentPushModel,
+                                                 "1.2.840.10008.1.20.1.1")
+            assert status.Status == 0x0000
+            wait_for(lambda: here, 20, 0.05, what="the report on the request's own association")
+        finally:
+            assoc.release()
+        (row,) = wait_for(lambda: [r for r in gw.store.commitment_requests() if r["state"] == "reported"], 10, 0.1,
+                          what="the request reported")
+        assert ticks == [0] and here == [2] and elsewhere == []
+        assert (row["attempts"], row["last_error"]) == (1, None)  # the one report, on the request's association
+    finally:
+        controller.stop()
+        server.shutdown()
