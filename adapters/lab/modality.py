@@ -4,6 +4,7 @@ benchmarks send MPPS and ask for Storage Commitment as a scanner would."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -42,27 +43,46 @@ def send_mpps(port: int, called_ae: str, study: Any, step: str, phase: str, call
         assoc.release()
 
 
+def report_handlers(on_report: Callable[[Any], None]) -> tuple[list[tuple[Any, Any]], threading.Event]:
+    """pynetdicom handlers for Storage Commitment reports on the request's own association: ``on_report(event)``
+    for each, answered Success; and an event set once the answer (N-EVENT-REPORT-RSP) is handed to pynetdicom's
+    DUL. Release only after it: pynetdicom sends the answer after the handler returns, and a release requested
+    before that kills its DUL thread ("Invalid event 'Evt9' for the current state 'Sta7'"), the release then
+    waiting out its 30 s ACSE timeout and the gateway never getting the answer."""
+    from pynetdicom import evt
+
+    answered = threading.Event()
+
+    def report(event: Any) -> tuple[int, None]:
+        on_report(event)
+        return 0x0000, None
+
+    def sent(event: Any) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.set()
+
+    return [(evt.EVT_N_EVENT_REPORT, report), (evt.EVT_DIMSE_SENT, sent)], answered
+
+
 def request_commitment(port: int, called_ae: str, study: Any, timeout_s: float = 30.0,
                        calling_ae: str = "MODALITY") -> tuple[int, int, int]:
     """Request Storage Commitment for every instance of ``study`` and wait for the report on the same association
-    (the role negotiated): (event type, committed, failed); (0, 0, 0) when no report came in time."""
-    from pynetdicom import AE, build_role, evt
+    (the role negotiated), answered before the release: (event type, committed, failed); (0, 0, 0) when no
+    report came in time."""
+    from pynetdicom import AE, build_role
 
     got: list[tuple[int, int, int]] = []
-    came = threading.Event()
 
-    def on_report(event: Any) -> tuple[int, None]:
+    def on_report(event: Any) -> None:
         info = event.event_information
         got.append((int(event.request.EventTypeID), len(info.get("ReferencedSOPSequence", []) or []),
                     len(info.get("FailedSOPSequence", []) or [])))
-        came.set()
-        return 0x0000, None
 
+    handlers, answered = report_handlers(on_report)
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(COMMITMENT_CLASS)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae,
-                         ext_neg=[build_role(COMMITMENT_CLASS, scu_role=True, scp_role=True)],
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                         ext_neg=[build_role(COMMITMENT_CLASS, scu_role=True, scp_role=True)], evt_handlers=handlers)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {called_ae}@127.0.0.1:{port}")
     try:
@@ -72,7 +92,7 @@ def request_commitment(port: int, called_ae: str, study: Any, timeout_s: float =
         status, _ = assoc.send_n_action(ds, 1, COMMITMENT_CLASS, "1.2.840.10008.1.20.1.1")
         if not status or status.Status != 0x0000:
             return 0, 0, 0
-        came.wait(timeout_s)
+        answered.wait(timeout_s)
     finally:
         assoc.release()
     return got[0] if got else (0, 0, 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.lab.localpeers import Orthanc, free_port
+from adapters.lab.modality import report_handlers
 from adapters.lab.synthetic import generate_ct_study
 from gateway.bootstrap import GatewayController
 from gateway.settings import ModalitySettings
@@ -99,7 +100,7 @@ def _request(uids: list[str]) -> Any:
 def test_pynetdicom_gets_the_report_on_its_own_association(tmp_path: Path) -> None:
     """An SCU that negotiates the role for Storage Commitment and waits on its association gets the report
     there, right after the N-ACTION-RSP (commit_when = stored)."""
-    from pynetdicom import AE, build_role, evt
+    from pynetdicom import AE, build_role
     from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
 
     port = free_port()
@@ -109,12 +110,13 @@ def test_pynetdicom_gets_the_report_on_its_own_association(tmp_path: Path) -> No
     gw = controller.start()
     reports: list[tuple[int, list[str], list[tuple[str, int]]]] = []
 
-    def on_report(event: Any) -> tuple[int, None]:
+    def on_report(event: Any) -> None:
         info = event.event_information
         reports.append((int(event.request.EventTypeID),
                         [str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])],
                         [(str(i.ReferencedSOPInstanceUID), int(i.FailureReason)) for i in info.get("FailedSOPSequence", [])]))
-        return 0x0000, None
+
+    handlers, answered = report_handlers(on_report)
 
     try:
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=16, columns=16)
@@ -123,7 +125,7 @@ def test_pynetdicom_gets_the_report_on_its_own_association(tmp_path: Path) -> No
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title=GW_AE,
                              ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                             evt_handlers=handlers)
         assert assoc.is_established
         try:
             import pydicom
@@ -134,7 +136,7 @@ def test_pynetdicom_gets_the_report_on_its_own_association(tmp_path: Path) -> No
             status, _reply = assoc.send_n_action(_request([*study.sop_instance_uids, missing]), 1,
                                                  StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
             assert status.Status == 0x0000
-            wait_for(lambda: reports, 20, 0.05, what="the report on the same association")
+            wait_for(answered.is_set, 20, 0.05, what="the report on the same association, answered")
         finally:
             assoc.release()
         ((event_type, committed, failed),) = reports
@@ -318,17 +320,18 @@ def test_the_tick_never_reports_on_a_new_association_what_goes_on_the_request_s_
 
     gw.store.add_commitment_request = record_then_tick  # type: ignore[method-assign]
     here: list[int] = []
+    handlers, answered = report_handlers(lambda e: here.append(int(e.request.EventTypeID)))
     try:
         ae = AE(ae_title="MR01")
         ae.add_requested_context(StorageCommitmentPushModel)
         assoc = ae.associate("127.0.0.1", port, ae_title=GW_AE,
                              ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: (here.append(int(e.request.EventTypeID)), (0x0000, None))[1])])
+                             evt_handlers=handlers)
         try:
             status, _reply = assoc.send_n_action(_request(["1.2.826.0.1.3680043.8.498.7"]), 1, StorageCommitmentPushModel,
                                                  "1.2.840.10008.1.20.1.1")
             assert status.Status == 0x0000
-            wait_for(lambda: here, 20, 0.05, what="the report on the request's own association")
+            wait_for(answered.is_set, 20, 0.05, what="the report on the request's own association, answered")
         finally:
             assoc.release()
         (row,) = wait_for(lambda: [r for r in gw.store.commitment_requests() if r["state"] == "reported"], 10, 0.1,
