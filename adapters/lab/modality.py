@@ -45,23 +45,24 @@ def send_mpps(port: int, called_ae: str, study: Any, step: str, phase: str, call
 
 def report_handlers(on_report: Callable[[Any], None]) -> tuple[list[tuple[Any, Any]], threading.Event]:
     """pynetdicom handlers for Storage Commitment reports on the request's own association: ``on_report(event)``
-    for each, answered Success; and an event set once the answer (N-EVENT-REPORT-RSP) is handed to pynetdicom's
-    DUL. Release only after it: pynetdicom sends the answer after the handler returns, and a release requested
-    before that kills its DUL thread ("Invalid event 'Evt9' for the current state 'Sta7'"), the release then
-    waiting out its 30 s ACSE timeout and the gateway never getting the answer."""
+    for each, answered Success; and an event set once the answer (N-EVENT-REPORT-RSP) is on the wire. Release
+    only after it: pynetdicom queues the answer after the handler returns (``EVT_DIMSE_SENT`` fires before
+    that), and a release queued first kills its DUL thread ("Invalid event 'Evt9' for the current state
+    'Sta7'"), the release then waiting out its 30 s ACSE timeout and the gateway never getting the answer."""
     from pynetdicom import evt
 
-    answered = threading.Event()
+    reported, answered = threading.Event(), threading.Event()
 
     def report(event: Any) -> tuple[int, None]:
         on_report(event)
+        reported.set()
         return 0x0000, None
 
-    def sent(event: Any) -> None:
-        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+    def sent(event: Any) -> None:  # a P-DATA-TF after a report: its answer (a command alone, one PDU)
+        if reported.is_set() and type(event.pdu).__name__ == "P_DATA_TF":
             answered.set()
 
-    return [(evt.EVT_N_EVENT_REPORT, report), (evt.EVT_DIMSE_SENT, sent)], answered
+    return [(evt.EVT_N_EVENT_REPORT, report), (evt.EVT_PDU_SENT, sent)], answered
 
 
 def request_commitment(port: int, called_ae: str, study: Any, timeout_s: float = 30.0,
