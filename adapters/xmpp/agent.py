@@ -257,7 +257,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
             return
         if self._stopping:
             return
-        self.servers.use(tuple((node.address, node.port, node.target) for node in nodes))
+        self.servers.use(nodes)
         self._set_status(state="connecting", server=self._server_text())
         self.connect(*self.servers.current)
 

@@ -13,7 +13,10 @@ failed round.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from adapters.xmpp.srv import Node
 
 
 @dataclass
@@ -38,10 +41,10 @@ class ServerRotation:
         """From DNS, at the start of a round (or before the first): look the nodes up before connecting."""
         return self.from_dns and self.index == 0
 
-    def use(self, nodes: tuple[tuple[str, int, str], ...]) -> None:
-        """The nodes a lookup gave, (address, port, SRV target) in the order to try them."""
-        self.servers = tuple((address, port) for address, port, _target in nodes)
-        self.targets = tuple(target for _address, _port, target in nodes)
+    def use(self, nodes: Sequence[Node]) -> None:
+        """The nodes a lookup gave, in the order to try them."""
+        self.servers = tuple((node.address, node.port) for node in nodes)
+        self.targets = tuple(node.target for node in nodes)
         self.index = 0
 
     def describe(self, domain: str) -> str:

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -160,6 +160,15 @@ def test_an_encrypted_stream_arrives_exactly_as_far_as_it_was_sent(identities: t
     assert sink.writes == blocks
 
 
+@contextlib.contextmanager
+def _relayed() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
+    """(ours, relay_in, relay_out, theirs): the receiver's socket, the relay's two ends, the sender's socket."""
+    ours, relay_in = socket.socketpair()
+    relay_out, theirs = socket.socketpair()
+    with ours, relay_in, relay_out, theirs:
+        yield ours, relay_in, relay_out, theirs
+
+
 def _shut(*socks: socket.socket) -> None:
     for sock in socks:
         with contextlib.suppress(OSError):
@@ -246,9 +255,7 @@ def test_a_tampered_record_ends_the_stream_after_the_bytes_before_it(identities:
     """A relay that changes one byte of what it carries: TLS refuses that record; what came authenticated
     before it is kept (for a resume), nothing of it or after it reaches the sink."""
     payload = os.urandom(400_000)
-    ours, relay_in = socket.socketpair()
-    relay_out, theirs = socket.socketpair()
-    with ours, relay_in, relay_out, theirs:
+    with _relayed() as (ours, relay_in, relay_out, theirs):
         sink = MemorySink(len(payload))
         sender, _errors = _tls_sender(theirs, identities, payload, 10_000)
         relays = [_relay(relay_out, relay_in, flip_at=200_000), _relay(relay_in, relay_out, flip_at=-1)]
@@ -318,9 +325,7 @@ def test_a_record_trickled_in_pieces_is_cut_by_the_rate_floor_before_it_is_whole
     """A relay that passes the handshake, then the sender's records 20 bytes every 0.05 s: a 16 KiB record would
     take 40 s to complete; the floor (100 kB/s after 0.5 s here) is checked at every piece, not per record."""
     payload = os.urandom(200_000)
-    ours, relay_in = socket.socketpair()
-    relay_out, theirs = socket.socketpair()
-    with ours, relay_in, relay_out, theirs:
+    with _relayed() as (ours, relay_in, relay_out, theirs):
         sink = MemorySink(len(payload))
         sender, _errors = _tls_sender(theirs, identities, payload, 50_000)
         done = threading.Event()

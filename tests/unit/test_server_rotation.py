@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adapters.xmpp.connection import ServerRotation
+from adapters.xmpp.srv import Node
 
 
 def test_the_next_node_at_once_then_rounds_that_wait_at_most_reconnect_s() -> None:
@@ -31,7 +32,7 @@ def test_one_node_waits_between_attempts_and_names_itself() -> None:
 def test_nodes_from_dns_are_looked_up_at_every_round_and_named_with_their_target() -> None:
     rotation = ServerRotation((), reconnect_s=4.0, from_dns=True)
     assert rotation.needs_lookup and rotation.describe("helsenett.test") == "helsenett.test (DNS SRV)"
-    rotation.use((("192.0.2.1", 5222, "xmpp1.helsenett.test"), ("192.0.2.2", 5223, "xmpp2.helsenett.test")))
+    rotation.use((Node("192.0.2.1", 5222, "xmpp1.helsenett.test"), Node("192.0.2.2", 5223, "xmpp2.helsenett.test")))
     assert rotation.current == ("192.0.2.1", 5222)
     assert rotation.describe("helsenett.test") == "192.0.2.1:5222 (xmpp1.helsenett.test, DNS SRV)"
     assert rotation.after_failure() == 0.2 and not rotation.needs_lookup  # the backup at once, no new lookup
@@ -39,6 +40,6 @@ def test_nodes_from_dns_are_looked_up_at_every_round_and_named_with_their_target
     assert rotation.after_failure() == 2.0 and rotation.needs_lookup  # a round failed: wait, then look up again
     rotation.use(())  # the lookup failed: a round with no node
     assert rotation.after_failure() == 4.0 and rotation.needs_lookup
-    rotation.use((("192.0.2.1", 5222, "xmpp1.helsenett.test"),))
+    rotation.use((Node("192.0.2.1", 5222, "xmpp1.helsenett.test"),))
     rotation.connected()
     assert rotation.after_failure() == 2.0 and rotation.needs_lookup  # one node: every retry looks up anew
