@@ -23,3 +23,14 @@ def test_within_a_priority_the_weights_share_the_first_place_and_every_record_is
         assert sorted(order) == [("heavy", 5222), ("light", 5222), ("zero", 5222)]
         firsts[order[0][0]] += 1
     assert 850 <= firsts["heavy"] <= 950 and 50 <= firsts["light"] <= 150 and firsts["zero"] < 20
+
+
+def test_an_srv_target_that_is_no_host_name_is_not_used() -> None:
+    """SRV answers are untrusted: a target that is not a plausible host name is dropped (never connected to, never
+    shown in the status) whatever it holds."""
+    from adapters.xmpp.srv import _name
+
+    assert _name("xmpp1.helsenett.test") == "xmpp1.helsenett.test"
+    for hostile in ["x" * 254, "xmpp\x1b]0;x\x07.test", "xmpp\n.test", "xmpp1.helsenett.test\x00", "xmp\u00e9.test",
+                    "a b.test", "a/b.test", "\udcff.test", "xmpp." * 1000]:
+        assert _name(hostile) == "", hostile
