@@ -169,6 +169,8 @@ class Gateway:
         self._stable_dues: dict[int, float] = {}
         self._main_wake = asyncio.Event()  # an earlier wake-up of the main loop than it sleeps until
         self._main_wake_at = math.inf
+        self._wake_pending = False
+        self._dues_lock = threading.Lock()  # the dues are noted on the storing threads, read on the loop
         self._maintenance = Maintenance(False)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for,
                                        self.store.signing_pins)
@@ -435,16 +437,24 @@ class Gateway:
         self.store.audit(event_name, detail)
 
     def _stored_threadsafe(self, result: IngestResult) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stored, result)
-
-    def _stored(self, result: IngestResult) -> None:
-        self.instances_stored += 1
-        # Its study may be stable one stable age from now: the main loop wakes then, not at its next interval.
+        """An instance was stored (an association's or the watcher's thread). Its study may be stable one stable
+        age from now: the main loop wakes then, not at its next interval. The due is noted here, under a lock;
+        the loop is woken only when it sleeps past it (at most one wake-up pending), not for every instance (a
+        wake-up per instance took the GIL from the storing thread 400 times a push)."""
         due = time.monotonic() + self.settings.queue.stable_age_s + STABLE_SLACK_S
-        self._stable_dues[result.unit_id] = due  # one per unit, however many instances it is fed
-        if due < self._main_wake_at:
-            self._main_wake.set()
+        with self._dues_lock:
+            self.instances_stored += 1
+            self._stable_dues[result.unit_id] = due  # one per unit, however many instances it is fed
+            wake = due < self._main_wake_at and not self._wake_pending
+            if wake:
+                self._wake_pending = True
+        if wake and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake_main)
+
+    def _wake_main(self) -> None:
+        with self._dues_lock:
+            self._wake_pending = False
+        self._main_wake.set()
 
     async def _until_next_tick(self, stop: asyncio.Event, ticked_at: float) -> None:
         """Sleep until the next tick of the main loop: ``stable_check_interval_s`` after the last, or sooner when
@@ -452,16 +462,18 @@ class Gateway:
         only move their unit's wake-up later; they never run a tick of their own: while a study is fed, the
         loop wakes at its last due, finds it moved, and sleeps on (ticking at every instance's due, 50 a
         second, slowed a 400-instance push by ~0.2 s: each tick reads and writes the queue)."""
-        for unit, due in list(self._stable_dues.items()):
-            if due <= ticked_at:
-                del self._stable_dues[unit]  # that tick saw it
+        with self._dues_lock:
+            for unit, due in list(self._stable_dues.items()):
+                if due <= ticked_at:
+                    del self._stable_dues[unit]  # that tick saw it
         end = ticked_at + self.settings.queue.stable_check_interval_s
         while not stop.is_set():
-            wake_at = min(end, min(self._stable_dues.values(), default=end))
+            with self._dues_lock:  # a due noted after this, earlier than wake_at, wakes the loop (_wake_main)
+                wake_at = min(end, min(self._stable_dues.values(), default=end))
+                self._main_wake_at = wake_at
             timeout = wake_at - time.monotonic()
             if timeout <= 0:
                 break
-            self._main_wake_at = wake_at
             self._main_wake.clear()
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._main_wake.wait())]
             try:
@@ -469,7 +481,8 @@ class Gateway:
             finally:
                 for waiting in waits:
                     waiting.cancel()
-        self._main_wake_at = math.inf
+        with self._dues_lock:
+            self._main_wake_at = math.inf
 
     def kick_import(self) -> None:
         """A bundle was verified and stored: start its import now instead of at the next tick (any thread)."""
