@@ -88,6 +88,7 @@ class InboundBundle:
         self._opening: dict[int, Future[int]] = {}
         self._lock = threading.Lock()  # the receiver writes from a worker thread; close may come from the loop
         self._closed = False
+        self._failed: OSError | None = None  # a write failed (the spool full): this stream brings no more
         self.offset = self._resume()
         self.resumed_from = self.offset
 
@@ -137,15 +138,23 @@ class InboundBundle:
 
     # -- receiving ------------------------------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
+        """Append what the stream brought. ``offset`` counts only bytes that reached the files: a write that fails
+        (the spool full) leaves it at what is there, and the bundle takes no more bytes from this stream (the
+        sender resumes at the offset on its next offer), so blocks already on the way are not counted past a gap."""
         with self._lock:
             if self._closed:  # a stream that was cut or superseded must never append behind the next one
                 raise ConnectionAbortedError(f"the inbound stream of bundle {self.manifest_sha256[:12]} was closed")
-            self._write(data)
+            if self._failed is not None:
+                raise self._failed
+            try:
+                self._write(data)
+            except OSError as exc:
+                self._failed = exc
+                raise
 
     def _write(self, data: bytes | memoryview) -> None:
         if self.offset + len(data) > self.size:
             raise ValueError(f"more bytes than offered ({self.offset + len(data)} > {self.size})")
-        self.offset += len(data)
         view = memoryview(data)
         while view:
             if self.manifest is None and self.rejected is None:
@@ -155,15 +164,17 @@ class InboundBundle:
             else:
                 with (self.dir / "rest").open("ab") as fh:  # what cannot be split: kept as it came
                     fh.write(view)
+                self.offset += len(view)
                 self.rejected = self.rejected or "bytes after the last file of the manifest"
                 break
 
     def _take_head(self, view: memoryview) -> memoryview:
         need = 12 if len(self.head) < 12 else 12 + struct.unpack_from(">I", self.head, 8)[0]
         piece = view[: need - len(self.head)]
-        self.head += piece
         with (self.dir / "head").open("ab") as fh:
             fh.write(piece)
+        self.head += piece
+        self.offset += len(piece)
         if len(self.head) >= 12:
             self._parse_manifest()
         return view[len(piece):]
@@ -200,11 +211,13 @@ class InboundBundle:
         if self._fd < 0:
             self._fd = self._opened(self._index)
             self._open_ahead()
-        remaining = piece
-        while remaining:
-            remaining = remaining[os.write(self._fd, remaining):]
-        self._hash.update(piece)
-        self._written += len(piece)
+        done = 0
+        while done < len(piece):  # each write counted as it lands (one that fails leaves the count at the file's end)
+            count = os.write(self._fd, piece[done:])
+            self._hash.update(piece[done : done + count])
+            self._written += count
+            self.offset += count
+            done += count
         if self._written == entry.size:
             fd, self._fd = self._fd, -1
             self._settled[self._index] = self.spool.fsync_pool.submit(self._settle, fd, entry, self._file(self._index))

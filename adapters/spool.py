@@ -115,6 +115,11 @@ class Spool:
                 self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
             return self._pool
 
+    def free_bytes(self) -> int:
+        """Bytes free for this process on the spool's file system (``statvfs``: the blocks available to an
+        unprivileged writer; a root process may use the file system's reserved blocks beyond it)."""
+        return shutil.disk_usage(self.root).free
+
     def stop(self) -> None:
         with self._pool_lock:
             if self._pool is not None:
@@ -261,9 +266,12 @@ class Spool:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            shutil.copy2(source, target)
-            fsync_file(target)
-            os.unlink(source)
+            _copy_across(source, target)  # another file system: copied whole and durable, then the source goes
+            if source.is_dir():
+                shutil.rmtree(source)
+                fsync_dir(source.parent)
+            else:
+                os.unlink(source)
         reason_path = target.with_name(target.name + ".reason.txt")
         partial = target.with_name(target.name + ".reason.part")  # the reason appears whole or not at all
         partial.write_text(f"{printable(reason)}\noriginal path: {printable(source)}\nquarantined at: {stamp}\n",
@@ -354,6 +362,23 @@ class StagedWriter:
                 pass
             self._fd = -1
         _remove_quietly(self.temp_path)
+
+
+def _copy_across(source: Path, target: Path) -> None:
+    """Copy a file or a folder (a rejected inbound bundle) to ``target`` on another file system: under a
+    temporary name, every file and folder fsynced, then renamed, so that ``target`` is whole or absent."""
+    partial = target.with_name(target.name + ".copying")
+    if source.is_dir():
+        shutil.copytree(source, partial)
+        for folder, _subfolders, names in os.walk(partial):
+            for name in names:
+                fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
+    else:
+        shutil.copy2(source, partial)
+        fsync_file(partial)
+    os.replace(partial, target)
+    fsync_dir(target.parent)
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

@@ -119,9 +119,11 @@ OUTCOME_LABELS = frozenset({"received", "rejected", "incomplete", "refused", "cu
 class QueueCollector(Collector):
     """Prometheus metrics read from the queue database at each scrape."""
 
-    def __init__(self, store: QueueStore, xmpp_online: Callable[[], bool | None]) -> None:
+    def __init__(self, store: QueueStore, xmpp_online: Callable[[], bool | None],
+                 spool_space: Callable[[], tuple[int, int]] | None = None) -> None:
         self.store = store
         self.xmpp_online = xmpp_online
+        self.spool_space = spool_space  # (free bytes, bytes kept for the site's modalities)
 
     def collect(self) -> Iterator[Any]:
         depth = GaugeMetricFamily("dicomgw_queue_units", "Study units in the queue by direction and state",
@@ -185,14 +187,27 @@ class QueueCollector(Collector):
         running.add_metric(["running"], sum(1 for p in found.processes if p.running))
         running.add_metric(["not_running"], sum(1 for p in found.processes if not p.running))
         yield running
+        if self.spool_space is not None:
+            try:
+                free, reserve = self.spool_space()
+            except OSError:
+                return  # no sample rather than a wrong one (the spool's file system cannot be read)
+            spool = GaugeMetricFamily("dicomgw_spool_free_bytes", "Bytes free on the spool's file system")
+            spool.add_metric([], float(free))
+            yield spool
+            kept = GaugeMetricFamily("dicomgw_spool_reserve_bytes", "Spool bytes kept free for the site's own "
+                                     "modalities: peers' studies are refused below it ([paths] spool_reserve_mb)")
+            kept.add_metric([], float(reserve))
+            yield kept
 
 
 def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers: tuple[str, ...],
              xmpp_online: Callable[[], bool | None], access: WebAccess | None = None, refresh_s: int = 5,
-             own_jid: str = "", pin_for: Callable[[str], str | None] = lambda _jid: None) -> Starlette:
+             own_jid: str = "", pin_for: Callable[[str], str | None] = lambda _jid: None,
+             spool_space: Callable[[], tuple[int, int]] | None = None) -> Starlette:
     env = Environment(loader=DictLoader(TEMPLATES), autoescape=select_autoescape(default=True))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(store, xmpp_online))
+    registry.register(QueueCollector(store, xmpp_online, spool_space))
 
     def page(name: str, **data: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(refresh_s=refresh_s, own_jid=own_jid, **data))

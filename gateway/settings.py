@@ -82,6 +82,9 @@ class PathSettings:
     spool_dir: Path = Path("var/spool")
     watch_dir: Path | None = Path("var/incoming")
     quarantine_dir: Path = Path("var/quarantine")
+    # Spool space kept for this site's own modalities: an inbound study from a peer is refused while taking it
+    # would leave less than this free (the modalities may still fill the rest; 0: no reserve).
+    spool_reserve_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ def settings_from_mapping(
         quarantine_dir=_path(
             environ.get("DICOMGW_QUARANTINE_DIR", paths_raw.get("quarantine_dir", "var/quarantine")), base_dir
         ),
+        spool_reserve_mb=_int(paths_raw.get("spool_reserve_mb", 1024), "paths.spool_reserve_mb", 0, 2**40),
     )
     queue = QueueSettings(
         db_url=_db_url(str(environ.get("DICOMGW_DB_URL", queue_raw.get("db_url", "sqlite:///var/queue.db"))), base_dir),
@@ -556,9 +560,13 @@ def _ae_title(value: Any, key: str) -> str:
 
 
 def _int(value: Any, key: str, low: int, high: int) -> int:
+    """A whole number within low..high: TOML's integer, or text of one (the environment); a fraction, true/false,
+    inf or nan is refused (``int()`` alone would truncate 1.7 to 1, take true as 1 and raise on inf)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise SettingsError(f"{key}: {value!r} is not a whole number")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SettingsError(f"{key}: {value!r} is not a whole number") from None
     if not low <= number <= high:
         raise SettingsError(f"{key}: {number} is outside {low}..{high}")

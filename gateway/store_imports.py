@@ -97,6 +97,18 @@ class ImportsRepo:
             return None  # a bundle that failed verification is received again
         return row.id, row.state
 
+    def bytes_held(self, origin_peer: str, bundle_sha256: str) -> int:
+        """What this gateway already holds of a bundle it is receiving from this peer (a paused stream's
+        progress: the resume needs only the rest); 0 if none."""
+        with self._sessions() as session:
+            held = session.execute(
+                select(StudyUnitRow.progress_bytes)
+                .where(StudyUnitRow.origin_peer == origin_peer, StudyUnitRow.bundle_sha256 == bundle_sha256,
+                       StudyUnitRow.state == State.RECEIVING.value)
+                .order_by(StudyUnitRow.id.desc())
+            ).scalar()
+        return max(0, held or 0)
+
     def resend_receipt(self, unit_id: int, reason: str) -> None:
         with self._unit_of_work() as session:
             unit = session.get(StudyUnitRow, unit_id)

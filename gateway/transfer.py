@@ -6,7 +6,9 @@ Receiver side (:class:`InboundPolicy`): offers only from allowed peers (refused 
 counted in memory and audited once per sender and minute with a count, ``gateway.refusals``) that the admin has not set to "send only", whose certificate is
 the one pinned for them (``not-authorized``, audited; without a pin only when ``require_e2e`` is off), up
 to ``max_study_bytes`` (``not-acceptable``), and at most ``max_inbound`` at once (``resource-constraint``,
-and the agent shows ``dnd`` while full), plus ``stat_reserve`` more for STAT offers.
+and the agent shows ``dnd`` while full), plus ``stat_reserve`` more for STAT offers; and only while the spool
+can take the study and keep ``[paths] spool_reserve_mb`` free for the site's own modalities, counting what the
+streams already admitted still bring (``resource-constraint``: the sender waits and offers it again).
 Nothing said to the peer over the XMPP server names a study: receipts and verdicts refer to the bundle by
 the SHA-256 of its manifest, and their texts are redacted (``gateway.pins.redact``).
 """
@@ -91,7 +93,8 @@ class InboundPolicy:
 
     def __init__(self, store: QueueStore, directory: PeerDirectory, max_study_bytes: int, max_inbound: int,
                  on_capacity: Callable[[bool], None] | None = None, require_e2e: bool = True,
-                 claims: Claims | None = None, stat_reserve: int = 1, refusals: RefusalLog | None = None) -> None:
+                 claims: Claims | None = None, stat_reserve: int = 1, refusals: RefusalLog | None = None,
+                 free_bytes: Callable[[], int] | None = None, reserve_bytes: int = 0) -> None:
         self.store = store
         self.directory = directory
         self.refusals = refusals or RefusalLog()
@@ -102,6 +105,9 @@ class InboundPolicy:
         self.max_inbound = max_inbound
         self.on_capacity = on_capacity
         self.active = 0
+        self.free_bytes = free_bytes  # the spool's free space now (None: not checked)
+        self.reserve_bytes = reserve_bytes
+        self._incoming: dict[str, list[int]] = {}  # per bundle admitted: the bytes each admission may still bring
         self.maintenance: str | None = None  # the admin's maintenance text while it is on (gateway.maintenance)
         self._lock = threading.Lock()
 
@@ -146,13 +152,33 @@ class InboundPolicy:
             self.store.audit("offer_refused", f"offer of bundle {bundle} from {peer_bare}: {size} bytes over the limit")
             return "not-acceptable", f"study of {size} bytes exceeds this gateway's limit of {self.max_study_bytes}"
         limit = self.max_inbound + (self.stat_reserve if priority == "stat" else 0)
+        free = need = 0
+        if self.free_bytes is not None:
+            need = max(0, size - self.store.bytes_held(peer_bare, bundle_sha256)) if bundle_sha256 else size
+            try:
+                free = self.free_bytes()
+            except OSError as exc:
+                return "resource-constraint", f"busy: the spool's free space cannot be read ({exc.strerror})"
+        short = ""
         with self._lock:
             if self.active >= limit:
                 return "resource-constraint", f"busy: {self.active} inbound transfer(s) running"
-            self.active += 1
-            full = self.active >= self.max_inbound
+            if self.free_bytes is not None:
+                coming = sum(sum(amounts) for amounts in self._incoming.values())
+                if free - coming - need < self.reserve_bytes:
+                    short = _space_text(free, coming, need, self.reserve_bytes)
+                else:
+                    self._incoming.setdefault(bundle_sha256, []).append(need)
+            if not short:
+                self.active += 1
+                full = self.active >= self.max_inbound
+        if short:
+            self.store.audit("offer_refused", f"offer of bundle {bundle} from {peer_bare}: {short}")
+            log.warning("refused an offer of bundle %s from %s: %s", bundle, peer_bare, short)
+            return "resource-constraint", f"busy: {short}"
         holder = self.claims.claim_stream(bundle_sha256, peer_bare) if self.claims and bundle_sha256 else None
         if holder is not None:
+            self._release_space(bundle_sha256)
             self.release()
             self.store.audit("offer_refused", f"bundle {bundle} from {peer_bare}: a stream of it is running ({holder})")
             return "resource-constraint", "busy: this bundle is being received on another stream"
@@ -179,14 +205,33 @@ class InboundPolicy:
             return self.active >= self.max_inbound
 
     def release(self, bundle_sha256: str = "") -> None:
-        """End an admission; with the bundle, its stream claim too (another stream of it may start)."""
+        """End an admission; with the bundle, its stream claim too (another stream of it may start) and the
+        space it was counted for (what it wrote is on disk now: the file system's free space says it)."""
         if bundle_sha256 and self.claims is not None:
             self.claims.release_stream(bundle_sha256)
+        self._release_space(bundle_sha256)
         with self._lock:
             was_full = self.active >= self.max_inbound
             self.active = max(0, self.active - 1)
         if was_full and self.on_capacity:
             self.on_capacity(False)
+
+
+    def _release_space(self, bundle_sha256: str) -> None:
+        with self._lock:
+            amounts = self._incoming.get(bundle_sha256)
+            if amounts:
+                amounts.pop()
+                if not amounts:
+                    del self._incoming[bundle_sha256]
+
+
+def _space_text(free: int, coming: int, need: int, reserve: int) -> str:
+    """Why an offer does not fit (no study named: this text goes to the peer through the XMPP server)."""
+    mb = 10**6
+    running = f", {coming / mb:,.0f} MB still to come for the transfers running" if coming else ""
+    return (f"not enough spool space here: {free / mb:,.0f} MB free{running}, {need / mb:,.0f} MB needed for this "
+            f"study, {reserve / mb:,.0f} MB kept for this site's modalities")
 
 
 class ReceiptSender:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +31,18 @@ def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {(what() if callable(what) else what) or predicate}")
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def small_file_system(mount_point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("2m") at ``mount_point``: a real disk that fills (a remount can grow it). Needs root
+    (CI runs as root); anything else is a setup error. Unmounted at the end."""
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def dcmtk_env() -> dict[str, str]:

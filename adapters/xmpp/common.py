@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import logging
 import socket
 import ssl
@@ -129,6 +130,22 @@ class InboundPort(Protocol):
 
 STREAM_GRACE_S = 60.0  # an inbound stream may start slowly for this long ...
 MIN_STREAM_BYTES_PER_S = 1024  # ... then must have averaged this (the DICOM SCP's floor for a data set)
+
+
+SPOOL_FULL = "the receiver's spool is full"
+
+
+def spool_full(exc: BaseException) -> str:
+    """What an inbound stream's error means when it is this gateway's spool being full (said in the verdict and
+    the log instead of the OS error), else ""."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SPOOL_FULL
+    return ""
+
+
+def spool_full_said(text: str) -> bool:
+    """The receiver said its spool is full: another method would meet the same disk (no fallback to IBB)."""
+    return SPOOL_FULL in text
 
 
 class RateFloor:
@@ -390,7 +407,7 @@ class StreamEnds(Protocol):
 
     sinks: dict[str, InboundStream]
 
-    async def complete(self, sid: str) -> None: ...
+    async def complete(self, sid: str, reason: str = "") -> None: ...
     async def fail_stream(self, sid: str, exc: BaseException) -> None: ...
     def drop(self, sid: str, reason: str) -> None: ...
     async def send_verdict(self, peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None: ...

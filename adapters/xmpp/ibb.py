@@ -17,6 +17,7 @@ import ssl
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import slixmpp
@@ -33,9 +34,10 @@ from adapters.xmpp.common import (
     TransferCut,
     XmppClient,
     describe,
+    spool_full,
 )
 from adapters.xmpp.e2e import PinMismatch, TlsPipe, check_pin
-from adapters.xmpp.stanzas import NS_IBB, q
+from adapters.xmpp.stanzas import NS_IBB, q, statement_text
 from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class InBandBytestreams:
                 return
             stanza = None if fut.cancelled() else fut.result()
             if stanza is None or stanza["type"] != "result":  # type: ignore[index]
-                failure.append(TransferCut(f"IBB block refused: {stanza['error']['condition'] if stanza is not None else 'cancelled'}"))  # type: ignore[index]
+                failure.append(TransferCut(f"IBB block refused: {_refusal(stanza)}"))
 
         async def send_block(data: bytes) -> None:
             nonlocal seq
@@ -234,7 +236,15 @@ class InBandBytestreams:
             self.ends.drop(sid, f"bad IBB data: {exc}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
             raise XMPPError("bad-request", str(exc)) from exc
-        except Exception as exc:  # ours (the sink's database, the disk): logged, the stream closed, the sender told
+        except OSError as exc:  # the disk: a full spool is said as such, what came kept for a resume
+            reason = spool_full(exc)
+            if not reason:
+                self.client.spawn(self.ends.fail_stream(sid, exc))
+                raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
+            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, reason)
+            self.client.spawn(self.ends.complete(sid, reason))
+            raise XMPPError("resource-constraint", f"{reason}; offer it again later", etype="wait") from exc
+        except Exception as exc:  # ours (the sink's database): logged, the stream closed, the sender told
             self.client.spawn(self.ends.fail_stream(sid, exc))
             raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
         iq.reply().send()
@@ -267,3 +277,12 @@ def _ibb_data(to_attr: str, iq_id: str, seq: int, sid: str, data: bytes) -> str:
     """One XEP-0047 data stanza, written directly (slixmpp's per-character escaping costs 3.7 ms per block)."""
     payload = base64.b64encode(data).decode("ascii")
     return f"<iq type='set' to={to_attr} id='{iq_id}'><data xmlns='{NS_IBB}' seq='{seq}' sid='{sid}'>{payload}</data></iq>"
+
+
+def _refusal(stanza: Any) -> str:
+    """The receiver's error on a block: its condition and, when it gave one, its text (bounded: a hostile
+    receiver's text is not ours to relay whole)."""
+    if stanza is None:
+        return "cancelled"
+    condition, text = stanza["error"]["condition"], statement_text(str(stanza["error"]["text"] or ""))[:200]
+    return f"{condition}: {text}" if text else condition

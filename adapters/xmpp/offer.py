@@ -36,6 +36,7 @@ from adapters.xmpp.common import (
     describe,
     progress_in_thread,
     short_method,
+    spool_full_said,
 )
 from adapters.xmpp.e2e import (
     Identity,
@@ -74,6 +75,7 @@ from gateway.transfer import SendOutcome, StreamSuspended
 from gateway.wire import Tally
 
 log = logging.getLogger(__name__)
+VERDICT_AFTER_CUT_S = 2.0  # a stream the receiver closed: its verdict (why) is awaited this long before giving up on it
 SUPERSEDE_GRACE_S = 5.0  # an old stream of a re-offered bundle may drain its socket this long
 
 
@@ -218,14 +220,18 @@ class StudyOffers:
                 result.detail = f"end-to-end channel refused: {exc}"
                 return result
             except (TransferCut, socks5.Socks5Error, IqError, IqTimeout, OSError, TimeoutError) as exc:
+                if isinstance(exc, (socks5.Socks5Error, OSError)) and not verdict.done():
+                    # The receiver closed the stream (its verdict, with why, is on its way through the server).
+                    await asyncio.wait({verdict}, timeout=VERDICT_AFTER_CUT_S)
                 said = verdict.result()[1] if verdict.done() and not verdict.cancelled() and verdict.exception() is None else ""
                 attempt.update(outcome="cut", error=f"receiver: {said}" if said else describe(exc),
                                bytes=chunks.plain_at(moved[0]), wire_bytes=moved[0])
-                log.warning("%s transfer %s to %s failed: %s", short_method(method), sid, peer_full_jid, describe(exc))
-                if method == NS_S5B and NS_IBB in methods:
+                log.warning("%s transfer %s to %s failed: %s", short_method(method), sid, peer_full_jid,
+                            f"receiver: {said}" if said else describe(exc))
+                if method == NS_S5B and NS_IBB in methods and not spool_full_said(said):
                     methods = (NS_IBB,)
                     continue
-                result.detail = f"{short_method(method)} failed: {describe(exc)}"
+                result.detail = f"{short_method(method)} failed: " + (f"receiver: {said}" if said else describe(exc))
                 return result
             finally:
                 self.verdicts.pop(sid, None)
@@ -367,8 +373,9 @@ class StudyOffers:
             self.client.inbound.security_event(entry.peer.split("/", 1)[0], f"end-to-end channel from {entry.peer} refused: {reason}")
             self.drop(sid, reason)
 
-    async def complete(self, sid: str) -> None:
-        """The stream ended: the verdict goes to the sender on every path, also when we fail ourselves."""
+    async def complete(self, sid: str, reason: str = "") -> None:
+        """The stream ended: the verdict goes to the sender on every path, also when we fail ourselves.
+        ``reason``: why it ended early, when we know (the spool full), for the verdict and the unit."""
         entry = self.sinks.pop(sid, None)
         if entry is None:
             return
@@ -385,7 +392,7 @@ class StudyOffers:
         ended = time.perf_counter()
         try:
             if sink.offset < sink.size:
-                detail = f"{sink.offset} of {sink.size} bytes before the stream ended"
+                detail = f"{sink.offset} of {sink.size} bytes before the stream ended" + (f" ({reason})" if reason else "")
                 sink.close(detail)  # kept: the sender re-offers and resumes at our offset
                 outcome = "incomplete"
             else:

@@ -41,6 +41,7 @@ from adapters.xmpp.common import (
     log_task_failure,
     on_own_thread,
     shut,
+    spool_full,
 )
 from adapters.xmpp.e2e import PinMismatch, TlsSocket, check_pin
 from adapters.xmpp.stanzas import NS_S5B, q
@@ -348,6 +349,7 @@ class Socks5Bytestreams:
         """The stream is read on a thread of its own (see :func:`_pump_s5b`); the loop only waits for its end."""
         entry = self.ends.sinks[sid]
         failure: BaseException | None = None
+        reason = ""
         try:
             await on_own_thread(f"s5b-{sid[:8]}", _pump_s5b, sock, entry.sink, self.client.settings.s5b_idle_timeout_s, entry.tls,
                                 lambda: setattr(entry, "secured", True))
@@ -355,7 +357,8 @@ class Socks5Bytestreams:
             log.warning("S5B stream %s from %s: end-to-end TLS failed: %s", sid, entry.peer, exc)
             self.client.inbound.security_event(entry.peer.split("/")[0], f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
         except (ConnectionError, OSError, ValueError) as exc:
-            log.warning("S5B stream %s from %s cut: %s", sid, entry.peer, exc)
+            reason = spool_full(exc)
+            log.warning("S5B stream %s from %s cut: %s", sid, entry.peer, reason or exc)
         except Exception as exc:  # ours (the sink's database, the disk): never lost in the task
             failure = exc
         finally:
@@ -363,7 +366,7 @@ class Socks5Bytestreams:
         if failure is not None:
             await self.ends.fail_stream(sid, failure)
         else:
-            await self.ends.complete(sid)
+            await self.ends.complete(sid, reason)
 
 
 S5B_BLOCK_BYTES = 1 << 20

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +134,11 @@ def test_the_running_gateway_serves_its_page_behind_a_hashed_password(tmp_path: 
         metrics = httpx.get(url + "metrics", auth=("pacsadmin", "a long enough password"), timeout=10).text
         assert 'dicomgw_queue_units{direction="out",state="received"} 0.0' in metrics
         assert "dicomgw_xmpp_connected 0.0" in metrics
+        free = re.search(r"^dicomgw_spool_free_bytes (\S+)$", metrics, re.MULTILINE)  # what an alert rule reads
+        assert free is not None, metrics
+        on_disk = shutil.disk_usage(gw.workdir).free
+        assert 0 < float(free.group(1)) and abs(float(free.group(1)) - on_disk) < 0.05 * on_disk
+        assert "dicomgw_spool_reserve_bytes 1.024e+09" in metrics  # the default [paths] spool_reserve_mb
     finally:
         gw.stop()
     log = (gw.workdir / "gateway.log").read_text()

@@ -33,6 +33,7 @@ from tests.helpers import (
     free_port,
     port_open,
     run_dcmtk,
+    small_file_system,
     sop_instance_uid,
     storescu,
     transfer_syntax,
@@ -196,14 +197,9 @@ def _store_responses(log: str) -> str:
 
 @pytest.fixture
 def tiny_spool(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a real full disk. Needs root (CI runs as root); anything else is a setup error."""
-    mount_point = tmp_path / "tinyfs"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
-    try:
+    """A 2 MiB tmpfs: a real full disk."""
+    with small_file_system(tmp_path / "tinyfs", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_full_disk_answers_out_of_resources_and_keeps_nothing_half_written(tmp_path: Path, tiny_spool: Path) -> None:

@@ -26,6 +26,7 @@ class FakeStore:
     def __init__(self, allowed: set[str]) -> None:
         self.allowed = allowed
         self.audited: list[tuple[str, str]] = []
+        self.held: dict[str, int] = {}  # bundle -> bytes a paused stream of it left here
 
     def peer_configs(self) -> dict[str, PeerConfig]:
         return {jid: PeerConfig(jid) for jid in self.allowed}
@@ -35,6 +36,9 @@ class FakeStore:
 
     def inbound_bundle_state(self, peer: str, bundle: str) -> None:
         return None
+
+    def bytes_held(self, peer: str, bundle: str) -> int:
+        return self.held.get(bundle, 0)
 
 
 def test_admission_rules_and_capacity_signal() -> None:
@@ -110,3 +114,26 @@ def test_stat_offers_use_the_room_kept_for_them_and_send_only_peers_are_refused(
     assert not policy.full
     assert policy.authorize("archive.c@net.test", 10) == (
         "forbidden", "this gateway does not take studies from archive.c@net.test (it only sends to it)")
+
+
+def test_an_offer_the_spool_cannot_take_with_the_reserve_kept_is_refused_busy() -> None:
+    """Free space minus what the admitted streams still bring minus the study must leave the reserve; a paused
+    bundle needs only its rest; an admission's bytes count until it ends (then the disk itself says)."""
+    store = FakeStore({"radiology.a@net.test"})
+    free = [10_000_000]
+    policy = InboundPolicy(store, directory(store), max_study_bytes=10**9, max_inbound=5,  # type: ignore[arg-type]
+                           require_e2e=False, free_bytes=lambda: free[0], reserve_bytes=2_000_000)
+    assert policy.authorize("radiology.a@net.test", 5_000_000, "b1" * 32) is None  # 10 - 5 leaves 5 >= 2
+    refusal = policy.authorize("radiology.a@net.test", 4_000_000, "b2" * 32)  # 10 - 5 coming - 4 leaves 1 < 2
+    assert refusal == ("resource-constraint", "busy: not enough spool space here: 10 MB free, 5 MB still to come for "
+                                              "the transfers running, 4 MB needed for this study, 2 MB kept for this "
+                                              "site's modalities")
+    assert store.audited[-1] == ("offer_refused", f"offer of bundle {'b2' * 6} from radiology.a@net.test: "
+                                 f"{refusal[1].removeprefix('busy: ')}")
+    assert policy.active == 1  # the refusal took no admission
+    store.held["b2" * 32] = 3_500_000  # a paused stream of it holds most of it: only the rest is needed
+    assert policy.authorize("radiology.a@net.test", 4_000_000, "b2" * 32) is None
+    policy.release("b1" * 32)  # its bytes are on disk now (the free space went down by them)
+    free[0] = 5_000_000
+    assert policy.authorize("radiology.a@net.test", 3_000_000, "b3" * 32)[0] == "resource-constraint"  # 5 - 0.5 - 3
+    assert policy.authorize("radiology.a@net.test", 2_500_000, "b3" * 32) is None  # 5 - 0.5 - 2.5 leaves the 2

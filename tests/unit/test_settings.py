@@ -42,6 +42,15 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[xmpp]\nibb_idle_timeout_s = "' + "9" * 1000 + '"', "is not a finite number"),
         ('[xmpp]\nverdict_timeout_s = inf', "xmpp.verdict_timeout_s: 'inf' is not a finite number"),
         ('[xmpp]\nibb_idle_timeout_s = nan', "xmpp.ibb_idle_timeout_s"),
+        ('[paths]\nspool_reserve_mb = -1', "paths.spool_reserve_mb: -1 is outside 0..1099511627776"),
+        ('[paths]\nspool_reserve_mb = 1.7', "paths.spool_reserve_mb: 1.7 is not a whole number"),
+        ('[paths]\nspool_reserve_mb = true', "paths.spool_reserve_mb: True is not a whole number"),
+        ('[paths]\nspool_reserve_mb = inf', "paths.spool_reserve_mb: inf is not a whole number"),
+        ('[paths]\nspool_reserve_mb = nan', "paths.spool_reserve_mb: nan is not a whole number"),
+        ('[paths]\nspool_reserve_mb = "lots"', "paths.spool_reserve_mb: 'lots' is not a whole number"),
+        ('[paths]\nspool_reserve_mb = "\\u0000\\u001b[2J\\u00ff"', "paths.spool_reserve_mb"),
+        ('[paths]\nspool_reserve_mb = ' + "9" * 1000, "paths.spool_reserve_mb: 9999"),
+        ('[xmpp]\nmax_inbound = inf', "xmpp.max_inbound: inf is not a whole number"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
