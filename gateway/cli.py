@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -319,12 +320,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     watchers = [p.listeners.get("watcher") for p in live if isinstance(p.listeners.get("watcher"), dict)]
     watcher_ok = all(bool(w.get("running")) for w in watchers)
     ok = bool(live) and watcher_ok and (found.xmpp_online or not xmpp_wanted)
+    spool = _spool_space(settings)
     if args.json:
         status = {**{k: found.xmpp.get(k) for k in ("state", "jid", "server", "tls", "tls_version",
                                                      "server_cert_sha256", "last_error")},
                   "running": found.running, "xmpp_configured": xmpp_wanted, "ok": ok,
                   "last_heartbeat_at": found.last_heartbeat_at.isoformat(timespec="seconds") if found.last_heartbeat_at else None,
-                  "watcher": watchers[0] if watchers else None,
+                  "watcher": watchers[0] if watchers else None, "spool": spool,
                   "processes": [p.as_json() for p in found.processes]}
         if not found.running:
             status["state"] = "not running"
@@ -348,6 +350,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if isinstance(watcher, dict):
             print(f"{'watcher':>20}: {'running' if watcher.get('running') else 'NOT RUNNING'} "
                   f"({plain(watcher.get('watch_dir'))}); last error: {plain(watcher.get('last_error') or '-')}")
+    print(f"{'spool':>20}: {_spool_text(spool)}")
     if xmpp_wanted:
         xmpp = found.xmpp if found.running else {"state": "not running"}
         for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error"):
@@ -355,6 +358,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"{'xmpp':>20}: not configured (no [xmpp] jid)")
     return 0 if ok else 1
+
+
+def _spool_space(settings: Settings) -> dict[str, Any]:
+    """The spool's free space against ``[paths] spool_reserve_mb`` (read here: `status` runs on the gateway's host)."""
+    reserve = settings.paths.spool_reserve_mb * 10**6
+    found: dict[str, Any] = {"dir": str(settings.paths.spool_dir), "reserve_bytes": reserve}
+    try:
+        found["free_bytes"] = shutil.disk_usage(settings.paths.spool_dir).free
+    except OSError as exc:
+        found["error"] = exc.strerror or type(exc).__name__
+        return found
+    found["low"] = found["free_bytes"] < reserve
+    return found
+
+
+def _spool_text(spool: dict[str, Any]) -> str:
+    if "error" in spool:
+        return f"{plain(spool['dir'])}: free space cannot be read ({plain(spool['error'])})"
+    text = (f"{spool['free_bytes'] / 1e6:,.0f} MB free on {plain(spool['dir'])} "
+            f"({spool['reserve_bytes'] / 1e6:,.0f} MB kept for this site's modalities)")
+    return text + ("; LOW: peers' studies are refused until there is room" if spool["low"] else "")
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

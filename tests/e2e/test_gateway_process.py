@@ -278,6 +278,10 @@ def test_status_tells_whether_the_gateway_runs(tmp_path: Path) -> None:
         assert f":{gw.proc.pid}:" in process["owner"]
         text = gw.cli("status")
         assert text.returncode == 0 and "gateway: running" in text.stdout and "not configured" in text.stdout
+        spool = status["spool"]  # the spool's room, against the reserve kept for the site's modalities
+        assert spool["dir"] == str(gw.workdir / "var" / "spool") and spool["reserve_bytes"] == 1024 * 10**6
+        assert spool["free_bytes"] > 0 and spool["low"] is (spool["free_bytes"] < 1024 * 10**6)
+        assert f"MB free on {gw.workdir / 'var' / 'spool'} (1,024 MB kept for this site's modalities)" in text.stdout
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=30) as answer:
