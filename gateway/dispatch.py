@@ -387,7 +387,11 @@ class Dispatcher:
             self.store.reschedule(unit.unit_id, next_at, unit.attempts, error=f"peer {availability}")
 
     def _attempt_failed(self, unit: StudySummary, peer_bare: str, detail: str, streamed: bool) -> None:
-        attempts = unit.attempts + 1
+        # A peer that refused the offer busy (its inbound limit, no spool room for the study) is waited for as a
+        # peer whose presence says busy is (``_peer_unavailable``): with the peer's backoff until the study's
+        # age says ``dead``, not counted as a failed attempt of the study (20 such refusals made it ``dead``).
+        busy = "resource-constraint" in detail and not streamed
+        attempts = unit.attempts if busy else unit.attempts + 1
         if classify(detail) is ErrorKind.PERMANENT:
             self.store.transition(unit.unit_id, State.FAILED, f"attempt {attempts} refused for good: {detail}", detail,
                                   attempts=attempts)
@@ -396,12 +400,11 @@ class Dispatcher:
             self.store.transition(unit.unit_id, State.DEAD, f"gave up after {attempts} attempt(s) over "
                                   f"{self._age_s(unit):.0f} s: {detail}", detail, attempts=attempts)
             return
-        busy = "resource-constraint" in detail and not streamed
         delay = self.policy.peer_failed(peer_bare) if busy else self.policy.delay_s(attempts)
         target = State.WAITING_PEER if busy else State.QUEUED
         self.store.transition(
-            unit.unit_id, target, f"attempt {attempts} failed: {detail}", detail,
-            next_attempt_at=utcnow() + timedelta(seconds=delay), attempts=attempts,
+            unit.unit_id, target, f"{peer_bare} refused the offer busy: {detail}" if busy else f"attempt {attempts} failed: {detail}",
+            detail, next_attempt_at=utcnow() + timedelta(seconds=delay), attempts=attempts,
         )
 
 

@@ -10,11 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from gateway.claims import Claims
 from gateway.dispatch import Dispatcher
 from gateway.model import InstanceHeader
 from gateway.retention import SpoolCleaner
+from gateway.retry import RetryPolicy
 from gateway.routing import Router, Rules, parse_rules
 from gateway.store import QueueStore
 from gateway.transfer import SendOutcome, StreamSuspended
@@ -386,3 +388,43 @@ def test_a_receipt_that_comes_while_the_receipts_are_chased_ends_the_chase_for_t
     d.store.overdue_sent = lambda _timeout: listed  # type: ignore[method-assign]  # the list as read before
     asyncio.run(d.tick())
     assert store.unit(unit).state == State.DELIVERED.value
+
+
+def test_offers_refused_busy_are_waited_out_by_age_not_counted_to_dead(store: QueueStore, tmp_path: Path) -> None:
+    """A peer that refuses offers busy (at its inbound limit, or without spool room for the study) is waited for as
+    one whose presence says busy: the study stays ``waiting-peer`` with the reason, its attempts not counted (with
+    ``max_attempts`` 2, five refusals made it ``dead`` before); a real failure still counts."""
+    refusal = "peer refused the offer: resource-constraint (busy: not enough spool space here: 10 MB free, ...)"
+
+    class BusyPeer(FakeSender):
+        async def send_bundle(self, *args: Any, **kwargs: Any) -> SendOutcome:
+            self.offers.append((args[2], kwargs.get("priority", "routine")))
+            return SendOutcome(ok=False, detail=self.answer)
+
+    async def scenario() -> None:
+        sender = BusyPeer()
+        sender.answer = refusal  # type: ignore[attr-defined]
+        d = Dispatcher(store, tmp_path, sender, router(store, tmp_path), claims=Claims(store.engine),
+                       peer_configs=store.peer_configs, policy=RetryPolicy(base_s=0.001, cap_s=0.002, max_attempts=2))
+        unit = stable_study(store, tmp_path, "1.2.40")
+        store.route_stable(d.route)
+        for _ in range(400):  # a bounded loop: each tick offers when the peer's backoff (2 ms here) is over
+            await d.tick()
+            await drain(d)
+            if len(sender.offers) >= 5:
+                break
+            await asyncio.sleep(0.003)
+        assert len(sender.offers) >= 5
+        summary = store.unit(unit)
+        assert (summary.state, summary.attempts) == ("waiting-peer", 0), (summary.state, summary.attempts)
+        assert summary.error == refusal
+        sender.answer = "S5B failed: SOCKS5 stream cut: [Errno 104] Connection reset by peer"  # type: ignore[attr-defined]
+        for _ in range(400):
+            await d.tick()
+            await drain(d)
+            if store.unit(unit).state == "dead":
+                break
+            await asyncio.sleep(0.003)
+        assert (store.unit(unit).state, store.unit(unit).attempts) == ("dead", 2)
+
+    asyncio.run(scenario())
