@@ -35,6 +35,7 @@ from typing import Any
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ as SM_MAX_SEQ
 from slixmpp.xmlstream.handler import Callback, CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -331,6 +332,22 @@ class GatewayAgent(slixmpp.ClientXMPP):
     def peer_availability(self, bare_jid: str, priority: str = "routine") -> tuple[str | None, str]:
         """(full JID to offer to, or None; 'available' | 'busy' | 'offline'): see ``PeerPresence.availability``."""
         return self.peers.availability(bare_jid, priority)
+
+    def send_stanza_text(self, data: str) -> None:
+        """A stanza serialised by us (an IBB block: no stanza object per block), written at once. XEP-0198 counts
+        it as slixmpp counts the stanzas it sends itself (``_handle_outgoing``: the sequence number and the
+        unacked queue, which a resumed stream resends): sent raw without that, the server's acks counted more
+        stanzas than slixmpp had queued ("inconsistent sequence numbers", logged as an error) and its queue lost
+        track of which stanzas were still unacknowledged."""
+        sm = self.plugin.get("xep_0198", None)
+        if sm is not None and sm.enabled_out:
+            sm.seq = (sm.seq + 1) % SM_MAX_SEQ
+            sm.unacked_queue.append((sm.seq, data))
+            sm.window_counter -= 1
+            if sm.window_counter == 0:
+                sm.window_counter = sm.window
+                sm.request_ack()
+        self.send_raw(data)
 
     def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -97,7 +97,7 @@ class InBandBytestreams:
             fut.add_done_callback(acked)
             self.client.track(fut, None)
             pending.add(fut)
-            self.client.send_raw(_ibb_data(to_attr, iq_id, seq, sid, data))
+            self.client.send_stanza_text(_ibb_data(to_attr, iq_id, seq, sid, data))
             seq = (seq + 1) % 65536
 
         async def flush(final: bool) -> None:
@@ -216,7 +216,7 @@ class InBandBytestreams:
                 entry.secured = entry.pipe.handshaken
                 back = entry.pipe.outgoing()
                 if back:  # handshake records for the sender, on the same IBB session
-                    self.client.send_raw(_ibb_data(quoteattr(entry.peer), self.client.new_id(), entry.out_seq, sid, back))
+                    self.client.send_stanza_text(_ibb_data(quoteattr(entry.peer), self.client.new_id(), entry.out_seq, sid, back))
                     entry.out_seq = (entry.out_seq + 1) % 65536
                 data = plain
             if not hasattr(entry.sink, "wanted") and entry.sink.offset + len(data) > entry.sink.size:  # framed: checks itself
