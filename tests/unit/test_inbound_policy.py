@@ -125,8 +125,8 @@ def test_an_offer_the_spool_cannot_take_with_the_reserve_kept_is_refused_busy() 
                            require_e2e=False, free_bytes=lambda: free[0], reserve_bytes=2_000_000)
     assert policy.authorize("radiology.a@net.test", 5_000_000, "b1" * 32) is None  # 10 - 5 leaves 5 >= 2
     refusal = policy.authorize("radiology.a@net.test", 4_000_000, "b2" * 32)  # 10 - 5 coming - 4 leaves 1 < 2
-    assert refusal == ("resource-constraint", "busy: not enough spool space here: 10 MB free, 5 MB still to come for "
-                                              "the transfers running, 4 MB needed for this study, 2 MB kept for this "
+    assert refusal == ("resource-constraint", "busy: not enough spool space here: 10 MB free, 5 MB admitted for "
+                                              "the transfers under way, 4 MB needed for this study, 2 MB kept for this "
                                               "site's modalities")
     assert store.audited[-1] == ("offer_refused", f"offer of bundle {'b2' * 6} from radiology.a@net.test: "
                                  f"{refusal[1].removeprefix('busy: ')}")
