@@ -213,7 +213,8 @@ def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers
         return HTMLResponse(env.get_template(name).render(refresh_s=refresh_s, own_jid=own_jid, **data))
 
     async def index(_request: Request) -> Response:
-        return page("index.html", title="Queue", **await asyncio.to_thread(dashboard.overview, store))
+        return page("index.html", title="Queue", spool=await asyncio.to_thread(_spool_view, spool_space),
+                    **await asyncio.to_thread(dashboard.overview, store))
 
     async def study(request: Request) -> Response:
         found = await asyncio.to_thread(dashboard.study, store, request.path_params["study_uid"])
@@ -244,6 +245,17 @@ def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers
     routes = [Route("/", index), Route("/study/{study_uid}", study), Route("/peers", peers),
               Route("/stats", statistics), Route("/metrics", metrics)]
     return Starlette(routes=routes, middleware=middleware)
+
+
+def _spool_view(spool_space: Callable[[], tuple[int, int]] | None) -> dict[str, Any] | None:
+    """The spool's room for the page: MB free, MB kept for the site's modalities, low (peers refused) or not."""
+    if spool_space is None:
+        return None
+    try:
+        free, reserve = spool_space()
+    except OSError as exc:
+        return {"error": exc.strerror or type(exc).__name__}
+    return {"free": f"{free / 1e6:,.0f}", "reserve": f"{reserve / 1e6:,.0f}", "low": free < reserve}
 
 
 class _Server(uvicorn.Server):

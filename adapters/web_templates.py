@@ -35,6 +35,9 @@ INDEX = """{% extends "base.html" %}
 <p id="xmpp">XMPP: <span class="{{ 'ok' if xmpp.state == 'online' else 'bad' }}">{{ xmpp.state }}</span>
 {% if xmpp.server %} to {{ xmpp.server }}{% endif %}{% if xmpp.tls_version %}, {{ xmpp.tls_version }}{% endif %}
 {% if xmpp.last_error %} <span class="err">last error: {{ xmpp.last_error }}</span>{% endif %}</p>
+{% if spool %}<p id="spool">Spool: {% if spool.error %}<span class="bad">free space cannot be read ({{ spool.error }})</span>
+{% else %}<span class="{{ 'bad' if spool.low else 'ok' }}">{{ spool.free }} MB free</span>, {{ spool.reserve }} MB kept for
+this site's modalities{% if spool.low %}: <span class="err">peers' studies are refused until there is room</span>{% endif %}{% endif %}</p>{% endif %}
 <h2>Queue by state</h2>
 <table id="by-state"><tr><th>State</th><th class="num">Outgoing</th><th class="num">Incoming</th></tr>
 {% for row in by_state %}<tr><td class="state">{{ row.state }}</td><td class="num">{{ row.out }}</td><td class="num">{{ row['in'] }}</td></tr>

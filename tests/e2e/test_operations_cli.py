@@ -131,6 +131,7 @@ def test_the_running_gateway_serves_its_page_behind_a_hashed_password(tmp_path: 
         page = httpx.get(url, auth=("pacsadmin", "a long enough password"), timeout=10)
         assert page.status_code == 200 and "XMPP: <span class=\"bad\">not configured</span>" in page.text
         assert "Gateway: <span class=\"ok\">running</span>" in page.text  # its heartbeat, as `dicomgw status` reads it
+        assert re.search(r'id="spool">Spool: <span class="ok">[\d,]+ MB free</span>, 1,024 MB kept for\s+this site', page.text), page.text
         metrics = httpx.get(url + "metrics", auth=("pacsadmin", "a long enough password"), timeout=10).text
         assert 'dicomgw_queue_units{direction="out",state="received"} 0.0' in metrics
         assert "dicomgw_xmpp_connected 0.0" in metrics

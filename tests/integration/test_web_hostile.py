@@ -87,3 +87,30 @@ def test_metrics_have_one_sample_per_label_set_and_closed_label_values(tmp_path:
     assert set(failures) == {"refused", "other"}
     outcomes = {dict(labels)["outcome"] for name, labels in seen if name == "dicomgw_transfers_total"}
     assert outcomes <= {"refused", "other"}
+
+
+def test_the_page_says_when_the_spool_is_below_its_reserve_and_when_it_cannot_be_read(tmp_path: Path) -> None:
+    """The overview's spool line: free space against the reserve, red with why below it (peers' studies are
+    refused), and a file system error said instead of a 500; /metrics then has no spool sample rather than a
+    wrong one."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    upgrade_schema(engine)
+    room = [(500_000_000, 1_024_000_000)]
+
+    def spool_space() -> tuple[int, int]:
+        if not room:
+            raise OSError(5, "Input/output error")
+        return room[0]
+
+    app = make_app(QueueStore(engine), lambda _jid: "available", (), lambda: True, spool_space=spool_space)
+    with TestClient(app) as client:
+        page = client.get("/").text
+        assert '<span class="bad">500 MB free</span>, 1,024 MB kept for' in page
+        assert "peers' studies are refused until there is room" in page
+        assert "dicomgw_spool_free_bytes 5e+08" in client.get("/metrics").text
+        room.clear()
+        answer = client.get("/")
+        assert answer.status_code == 200 and "free space cannot be read (Input/output error)" in answer.text
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and "dicomgw_spool_free_bytes" not in metrics.text
+    engine.dispose()
