@@ -185,6 +185,8 @@ class AuditedSink:
         if self._first_byte is None:
             self._first_byte = time.perf_counter()
         self.bundle.write(data)
+        assert self.gateway.inbound_policy is not None
+        self.gateway.inbound_policy.landed(self.bundle_key, len(data))  # on disk: no longer counted as to come
         if self.unit_id is None:
             self._begin()
         now = time.monotonic()

@@ -8,8 +8,7 @@ the one pinned for them (``not-authorized``, audited; without a pin only when ``
 to ``max_study_bytes`` (``not-acceptable``), and at most ``max_inbound`` at once (``resource-constraint``,
 and the agent shows ``dnd`` while full), plus ``stat_reserve`` more for STAT offers; and only while the spool
 can take the study and keep ``[paths] spool_reserve_mb`` free for the site's own modalities, counting what the
-streams under way were admitted for until each ends (an over-count while they write, never an under-count;
-``resource-constraint``: the sender waits and offers it again).
+streams under way still bring (``resource-constraint``: the sender waits and offers it again).
 Nothing said to the peer over the XMPP server names a study: receipts and verdicts refer to the bundle by
 the SHA-256 of its manifest, and their texts are redacted (``gateway.pins.redact``).
 """
@@ -108,7 +107,7 @@ class InboundPolicy:
         self.active = 0
         self.free_bytes = free_bytes  # the spool's free space now (None: not checked)
         self.reserve_bytes = reserve_bytes
-        self._incoming: dict[str, list[int]] = {}  # per bundle admitted: the bytes each admission was counted for
+        self._incoming: dict[str, list[int]] = {}  # per bundle admitted: the bytes each admission may still bring
         self.maintenance: str | None = None  # the admin's maintenance text while it is on (gateway.maintenance)
         self._lock = threading.Lock()
 
@@ -218,6 +217,14 @@ class InboundPolicy:
             self.on_capacity(False)
 
 
+    def landed(self, bundle_sha256: str, count: int) -> None:
+        """``count`` bytes of an admitted stream are on disk: the free space shows them now, so they no longer
+        count as admitted (a concurrent offer is measured against what the running streams still bring)."""
+        with self._lock:
+            amounts = self._incoming.get(bundle_sha256)
+            if amounts:
+                amounts[0] = max(0, amounts[0] - count)
+
     def _release_space(self, bundle_sha256: str) -> None:
         with self._lock:
             amounts = self._incoming.get(bundle_sha256)
@@ -230,7 +237,7 @@ class InboundPolicy:
 def _space_text(free: int, coming: int, need: int, reserve: int) -> str:
     """Why an offer does not fit (no study named: this text goes to the peer through the XMPP server)."""
     mb = 10**6
-    running = f", {coming / mb:,.0f} MB admitted for the transfers under way" if coming else ""
+    running = f", {coming / mb:,.0f} MB still to come for the transfers under way" if coming else ""
     return (f"not enough spool space here: {free / mb:,.0f} MB free{running}, {need / mb:,.0f} MB needed for this "
             f"study, {reserve / mb:,.0f} MB kept for this site's modalities")
 

@@ -125,7 +125,7 @@ def test_an_offer_the_spool_cannot_take_with_the_reserve_kept_is_refused_busy() 
                            require_e2e=False, free_bytes=lambda: free[0], reserve_bytes=2_000_000)
     assert policy.authorize("radiology.a@net.test", 5_000_000, "b1" * 32) is None  # 10 - 5 leaves 5 >= 2
     refusal = policy.authorize("radiology.a@net.test", 4_000_000, "b2" * 32)  # 10 - 5 coming - 4 leaves 1 < 2
-    assert refusal == ("resource-constraint", "busy: not enough spool space here: 10 MB free, 5 MB admitted for "
+    assert refusal == ("resource-constraint", "busy: not enough spool space here: 10 MB free, 5 MB still to come for "
                                               "the transfers under way, 4 MB needed for this study, 2 MB kept for this "
                                               "site's modalities")
     assert store.audited[-1] == ("offer_refused", f"offer of bundle {'b2' * 6} from radiology.a@net.test: "
@@ -137,3 +137,15 @@ def test_an_offer_the_spool_cannot_take_with_the_reserve_kept_is_refused_busy() 
     free[0] = 5_000_000
     assert policy.authorize("radiology.a@net.test", 3_000_000, "b3" * 32)[0] == "resource-constraint"  # 5 - 0.5 - 3
     assert policy.authorize("radiology.a@net.test", 2_500_000, "b3" * 32) is None  # 5 - 0.5 - 2.5 leaves the 2
+
+
+def test_bytes_a_running_stream_wrote_count_once_as_less_free_space_not_also_as_still_to_come() -> None:
+    store = FakeStore({"radiology.a@net.test"})
+    free = [10_000_000]
+    policy = InboundPolicy(store, directory(store), max_study_bytes=10**9, max_inbound=5,  # type: ignore[arg-type]
+                           require_e2e=False, free_bytes=lambda: free[0], reserve_bytes=2_000_000)
+    assert policy.authorize("radiology.a@net.test", 5_000_000, "b1" * 32) is None
+    policy.landed("b1" * 32, 4_000_000)  # written: the disk shows it
+    free[0] = 6_000_000
+    assert policy.authorize("radiology.a@net.test", 3_000_000, "b2" * 32) is None  # 6 - 1 still to come - 3 = 2
+    assert policy.authorize("radiology.a@net.test", 1_000_000, "b3" * 32)[0] == "resource-constraint"  # 6 - 1 - 3 - 1
