@@ -252,10 +252,9 @@ def _spool_view(spool_space: Callable[[], tuple[int, int]] | None) -> dict[str, 
     if spool_space is None:
         return None
     try:
-        free, reserve = spool_space()
+        return dashboard.spool_room(*spool_space())
     except OSError as exc:
         return {"error": exc.strerror or type(exc).__name__}
-    return {"free": f"{free / 1e6:,.0f}", "reserve": f"{reserve / 1e6:,.0f}", "low": free < reserve}
 
 
 class _Server(uvicorn.Server):

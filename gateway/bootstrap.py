@@ -195,7 +195,7 @@ class Gateway:
         self.inbound_policy = InboundPolicy(
             self.store, self.directory, x.max_study_bytes, x.max_inbound, on_capacity=self._capacity_changed,
             require_e2e=x.require_e2e, claims=self.claims, stat_reserve=x.stat_reserve, refusals=self.refusals,
-            free_bytes=self.spool.free_bytes, reserve_bytes=self.settings.paths.spool_reserve_mb * 10**6,
+            free_bytes=self.spool.free_bytes, reserve_bytes=self.settings.paths.spool_reserve_bytes,
         )
         self.agent = GatewayAgent(
             AgentSettings(
@@ -602,7 +602,7 @@ class Gateway:
         app = make_app(self.store, presence, self.settings.xmpp.peers,
                        lambda: self.agent.online if self.agent is not None else None, access, w.refresh_s,
                        own_jid=self.settings.xmpp.jid or self.settings.dicom.ae_title, pin_for=self.pin_for,
-                       spool_space=lambda: (self.spool.free_bytes(), self.settings.paths.spool_reserve_mb * 10**6))
+                       spool_space=lambda: (self.spool.free_bytes(), self.settings.paths.spool_reserve_bytes))
         self.web = WebServer(app, w.host, w.port, access)
         await self.web.start()
 

@@ -362,22 +362,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _spool_space(settings: Settings) -> dict[str, Any]:
     """The spool's free space against ``[paths] spool_reserve_mb`` (read here: `status` runs on the gateway's host)."""
-    reserve = settings.paths.spool_reserve_mb * 10**6
-    found: dict[str, Any] = {"dir": str(settings.paths.spool_dir), "reserve_bytes": reserve}
+    from gateway.dashboard import spool_room
+
+    found: dict[str, Any] = {"dir": str(settings.paths.spool_dir), "reserve_bytes": settings.paths.spool_reserve_bytes}
     try:
-        found["free_bytes"] = shutil.disk_usage(settings.paths.spool_dir).free
+        free = shutil.disk_usage(settings.paths.spool_dir).free
     except OSError as exc:
         found["error"] = exc.strerror or type(exc).__name__
         return found
-    found["low"] = found["free_bytes"] < reserve
-    return found
+    return {**found, **spool_room(free, settings.paths.spool_reserve_bytes)}
 
 
 def _spool_text(spool: dict[str, Any]) -> str:
     if "error" in spool:
         return f"{plain(spool['dir'])}: free space cannot be read ({plain(spool['error'])})"
-    text = (f"{spool['free_bytes'] / 1e6:,.0f} MB free on {plain(spool['dir'])} "
-            f"({spool['reserve_bytes'] / 1e6:,.0f} MB kept for this site's modalities)")
+    text = (f"{spool['free']} MB free on {plain(spool['dir'])} "
+            f"({spool['reserve']} MB kept for this site's modalities)")
     return text + ("; LOW: peers' studies are refused until there is room" if spool["low"] else "")
 
 

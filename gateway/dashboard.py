@@ -60,6 +60,13 @@ def unit_row(s: StudySummary) -> dict[str, Any]:
     }
 
 
+def spool_room(free_bytes: int, reserve_bytes: int) -> dict[str, Any]:
+    """The spool's room as `dicomgw status` and the web page show it: MB free, MB kept for the site's own
+    modalities, and low (peers' studies refused: ``gateway.transfer.InboundPolicy``) below the reserve."""
+    return {"free_bytes": free_bytes, "reserve_bytes": reserve_bytes, "low": free_bytes < reserve_bytes,
+            "free": f"{free_bytes / 1e6:,.0f}", "reserve": f"{reserve_bytes / 1e6:,.0f}"}
+
+
 def overview(store: QueueStore) -> dict[str, Any]:
     counts = store.state_counts()
     by_state = [{"state": state, "out": counts.get(("out", state), 0), "in": counts.get(("in", state), 0)}

@@ -86,6 +86,10 @@ class PathSettings:
     # would leave less than this free (the modalities may still fill the rest; 0: no reserve).
     spool_reserve_mb: int = 1024
 
+    @property
+    def spool_reserve_bytes(self) -> int:
+        return self.spool_reserve_mb * 10**6
+
 
 @dataclass(frozen=True)
 class QueueSettings:
