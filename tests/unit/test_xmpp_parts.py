@@ -179,3 +179,22 @@ def test_an_early_legs_handshake_ends_when_the_attempt_goes_another_way_and_a_fi
         two.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("text", [
+    "x" * 100_000,  # oversized
+    "line one\nline two\r\nthree",  # newlines: one line in the attempt row
+    "spool is full\u0000\u001b[2J\ud800\U0010ffff",  # NUL, ESC, a lone surrogate, a non-character
+    "é" * 1000,  # non-ASCII repeated
+    "",  # no text: the condition alone
+])
+def test_a_receivers_ibb_refusal_text_goes_into_the_attempt_bounded_and_on_one_line(text: str) -> None:
+    """A peer's text on a refused IBB block is untrusted: it reaches the attempt row (and the queue) as one line
+    of at most 200 characters XML can carry, after its condition."""
+    from adapters.xmpp.ibb import _refusal
+
+    said = _refusal({"error": {"condition": "resource-constraint", "text": text}})
+    assert said.startswith("resource-constraint") and "\n" not in said and "\r" not in said
+    assert len(said) <= len("resource-constraint: ") + 200
+    assert not any(ch in said for ch in "\u0000\u001b\ud800")
+    assert _refusal(None) == "cancelled"
