@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 
@@ -21,10 +22,21 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     ae.network_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
+    # The A-ASSOCIATE-RJ is taken from the PDU as it arrives, not from ``assoc.is_rejected``: pynetdicom 3.0's
+    # requestor checks that its socket is still connected before it reads the answer, and a peer that closes
+    # right after its RJ (ours does, as PS3.8 9.3.4 lets it) has often been closed by then on a busy machine,
+    # so a rejection read as "aborted" (2 to 9 in 200 here beside a CPU hog).
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
     if not assoc.is_established:
-        if assoc.is_rejected:
-            return EchoResult(False, f"association rejected by {called_ae}@{host}:{port}")
+        if rejections or assoc.is_rejected:
+            why = f": {rejections[0].result_str}, {rejections[0].source_str}: {rejections[0].reason_str}" if rejections else ""
+            return EchoResult(False, f"association rejected by {called_ae}@{host}:{port}{why}")
         return EchoResult(False, f"no association with {called_ae}@{host}:{port} (refused, aborted or timed out)")
     try:
         status = assoc.send_c_echo()

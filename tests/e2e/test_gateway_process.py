@@ -135,7 +135,8 @@ def test_echo_command_against_the_running_gateway(gateway: GatewayProcess) -> No
     ok = gateway.cli("echo", f"DICOMGW@127.0.0.1:{gateway.port}", "--calling-ae", "ECHOSCU")
     assert ok.returncode == 0 and "Success" in ok.stdout
     refused = gateway.cli("echo", f"DICOMGW@127.0.0.1:{gateway.port}", "--calling-ae", "STRANGER")
-    assert refused.returncode == 1 and "rejected" in refused.stdout
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "association rejected" in refused.stdout and "Calling AE title not recognised" in refused.stdout
 
 
 def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:

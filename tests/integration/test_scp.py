@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from adapters.dicom_files import inspect_part10_file
+from adapters.dicom_scu import echo
 from adapters.dicom_store import SPARE_FILES
 from adapters.dicom_ul import UI, US, Association, encode_command, read_pdu
 from adapters.lab.synthetic import generate_ct_study
@@ -159,6 +160,16 @@ def test_echoscu_succeeds_and_unknown_calling_ae_is_rejected_and_audited(gateway
         10,
         what="an audit row for the rejected association",
     )
+
+
+def test_dicomgw_echo_reads_every_rejection_as_one_with_its_reason(gateway: Gateway) -> None:
+    # Our SCP closes right after its A-ASSOCIATE-RJ; pynetdicom's requestor then often reported "aborted" on a
+    # busy machine (its socket check ran after the close). Repeated: each must be the rejection, with the reason.
+    answers = [echo("DICOMGW", "127.0.0.1", gateway.scp.port, calling_ae="STRANGER", timeout_s=30) for _ in range(25)]
+    assert [a.detail for a in answers] == [
+        f"association rejected by DICOMGW@127.0.0.1:{gateway.scp.port}: Rejected (Permanent), DUL service-user: "
+        "Calling AE title not recognised"] * 25
+    assert echo("DICOMGW", "127.0.0.1", gateway.scp.port, calling_ae="ECHOSCU").ok
 
 
 def test_duplicate_identical_is_noop_and_different_bytes_kept_and_flagged(gateway: Gateway, tmp_path: Path) -> None:
