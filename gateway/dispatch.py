@@ -42,7 +42,7 @@ from gateway.lifecycle import IllegalTransition, State
 from gateway.logs import bind
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import PeerConfig, StudySummary
-from gateway.retry import ErrorKind, RetryPolicy, classify
+from gateway.retry import PEER_SPOOL_FULL, ErrorKind, RetryPolicy, classify
 from gateway.rows import StudyUnitRow
 from gateway.store import ConcurrentMove, QueueStore, utcnow
 from gateway.transfer import SenderPort, SendOutcome, StreamSuspended
@@ -390,7 +390,11 @@ class Dispatcher:
         # A peer that refused the offer busy (its inbound limit, no spool room for the study) is waited for as a
         # peer whose presence says busy is (``_peer_unavailable``): with the peer's backoff until the study's
         # age says ``dead``, not counted as a failed attempt of the study (20 such refusals made it ``dead``).
-        busy = "resource-constraint" in detail and not streamed
+        # So is a peer whose disk filled during the stream (what it took is kept; the next offer resumes there):
+        # its PACS or anything else on that disk can fill it after the offer was admitted, again and again.
+        refused_busy = "resource-constraint" in detail and not streamed
+        disk_full = PEER_SPOOL_FULL in detail
+        busy = refused_busy or disk_full
         attempts = unit.attempts if busy else unit.attempts + 1
         if classify(detail) is ErrorKind.PERMANENT:
             self.store.transition(unit.unit_id, State.FAILED, f"attempt {attempts} refused for good: {detail}", detail,
@@ -401,9 +405,12 @@ class Dispatcher:
                                   f"{self._age_s(unit):.0f} s: {detail}", detail, attempts=attempts)
             return
         delay = self.policy.peer_failed(peer_bare) if busy else self.policy.delay_s(attempts)
-        target = State.WAITING_PEER if busy else State.QUEUED
+        target = State.WAITING_PEER if refused_busy else State.QUEUED  # a stream ran: queued (sending -> queued)
         self.store.transition(
-            unit.unit_id, target, f"{peer_bare} refused the offer busy: {detail}" if busy else f"attempt {attempts} failed: {detail}",
+            unit.unit_id, target,
+            f"{peer_bare} refused the offer busy: {detail}" if refused_busy
+            else f"{peer_bare}'s spool filled during the stream (kept, resumed later): {detail}" if disk_full
+            else f"attempt {attempts} failed: {detail}",
             detail, next_attempt_at=utcnow() + timedelta(seconds=delay), attempts=attempts,
         )
 

@@ -30,6 +30,10 @@ class ErrorKind(StrEnum):
 
 T, P = ErrorKind.TRANSIENT, ErrorKind.PERMANENT
 
+#: What a receiving gateway says when its spool's disk filled during a stream (its verdict, or its refusal of an
+#: IBB block): the peer's condition, not the study's (``gateway.dispatch`` waits for it as for a busy peer).
+PEER_SPOOL_FULL = "the receiver's spool is full"
+
 #: (text the failure contains, kind, what it means). First match wins; the texts are those of
 #: ``adapters.xmpp`` (XMPP stanza error conditions, RFC 6120 8.3.3) and of the dispatcher itself.
 ERROR_TABLE: tuple[tuple[str, ErrorKind, str], ...] = (
@@ -43,7 +47,7 @@ ERROR_TABLE: tuple[tuple[str, ErrorKind, str], ...] = (
     ("bad-request", P, "the peer cannot parse our offer"),
     ("feature-not-implemented", P, "the peer has no common stream method"),
     ("resource-constraint", T, "the peer is at its inbound transfer limit, or its spool has no room for the study"),
-    ("spool is full", T, "the peer's spool filled during the stream: what it received is kept, offered again later"),
+    ("spool is full", T, "the peer's spool filled during the stream: what it received is kept, offered again with the peer's backoff (not counted to dead)"),
     ("service-unavailable", T, "the peer's gateway is not answering file transfer offers"),
     ("recipient-unavailable", T, "the peer went offline"),
     ("remote-server-not-found", T, "the peer's XMPP server is unreachable"),

@@ -32,6 +32,7 @@ from adapters.xmpp.stanzas import (
     Offer,
     Receipt,
 )
+from gateway.retry import PEER_SPOOL_FULL
 from gateway.wire import FrameDecoder
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ STREAM_GRACE_S = 60.0  # an inbound stream may start slowly for this long ...
 MIN_STREAM_BYTES_PER_S = 1024  # ... then must have averaged this (the DICOM SCP's floor for a data set)
 
 
-SPOOL_FULL = "the receiver's spool is full"
+SPOOL_FULL = PEER_SPOOL_FULL
 
 
 def spool_full(exc: BaseException) -> str:

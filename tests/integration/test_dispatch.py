@@ -390,6 +390,52 @@ def test_a_receipt_that_comes_while_the_receipts_are_chased_ends_the_chase_for_t
     assert store.unit(unit).state == State.DELIVERED.value
 
 
+async def offered_five_times(store: QueueStore, tmp_path: Path, sender: FakeSender, study: str) -> tuple[Dispatcher, int]:
+    """A dispatcher that gives up after 2 counted attempts (2 ms backoffs), ticked until ``sender`` saw five
+    offers of a stable study (a bounded loop: each tick offers when the peer's backoff is over)."""
+    d = Dispatcher(store, tmp_path, sender, router(store, tmp_path), claims=Claims(store.engine),
+                   peer_configs=store.peer_configs, policy=RetryPolicy(base_s=0.001, cap_s=0.002, max_attempts=2))
+    unit = stable_study(store, tmp_path, study)
+    store.route_stable(d.route)
+    for _ in range(400):
+        await d.tick()
+        await drain(d)
+        if len(sender.offers) >= 5:
+            return d, unit
+        await asyncio.sleep(0.003)
+    raise AssertionError(f"{len(sender.offers)} offers, not 5: {store.unit(unit)}")
+
+
+def test_a_peer_whose_disk_fills_during_streams_is_waited_for_not_counted_to_dead(store: QueueStore, tmp_path: Path) -> None:
+    """A receiver whose disk filled during the stream (its PACS on the same disk, after the offer was admitted)
+    keeps what came and says so in its verdict: that is the peer's condition, as a busy refusal is. The study
+    waits ``queued`` with that reason and the peer's backoff, its attempts still 0 (with ``max_attempts`` 2, the
+    second such stream made it ``dead`` before); each attempt was a real stream (moved to ``sending``)."""
+    full = "S5B failed: the receiver's spool is full (verdict from radiology.hospital-b@example.org/gw1)"
+
+    class FillingPeer(FakeSender):
+        async def send_bundle(self, peer_full_jid: str, size: int, manifest_sha256: str,
+                              stream_from: Callable[[int, bool], Iterator[bytes]], progress: Callable[..., None],
+                              priority: str = "routine") -> SendOutcome:
+            self.offers.append((manifest_sha256, priority))
+            block = next(iter(stream_from(0, False)))
+            progress(len(block), "s5b", f"sid-{len(self.offers)}", 0)
+            return SendOutcome(ok=False, method="s5b", bytes_sent=len(block), detail=full,
+                               attempts=[{"sid": f"sid-{len(self.offers)}", "method": "s5b", "bytes": len(block),
+                                          "outcome": "failed", "error": full}])
+
+    async def scenario() -> None:
+        sender = FillingPeer()
+        d, unit = await offered_five_times(store, tmp_path, sender, "1.2.41")
+        summary = store.unit(unit)
+        assert (summary.state, summary.attempts) == ("queued", 0), (summary.state, summary.attempts)
+        assert summary.error == full
+        said = [e["detail"] for e in store.audit_entries() if e["unit_id"] == unit and e["to_state"] == "queued"]
+        assert said and said[0] == f"{PEER}'s spool filled during the stream (kept, resumed later): {full}"
+
+    asyncio.run(scenario())
+
+
 def test_offers_refused_busy_are_waited_out_by_age_not_counted_to_dead(store: QueueStore, tmp_path: Path) -> None:
     """A peer that refuses offers busy (at its inbound limit, or without spool room for the study) is waited for as
     one whose presence says busy: the study stays ``waiting-peer`` with the reason, its attempts not counted (with
@@ -404,17 +450,7 @@ def test_offers_refused_busy_are_waited_out_by_age_not_counted_to_dead(store: Qu
     async def scenario() -> None:
         sender = BusyPeer()
         sender.answer = refusal  # type: ignore[attr-defined]
-        d = Dispatcher(store, tmp_path, sender, router(store, tmp_path), claims=Claims(store.engine),
-                       peer_configs=store.peer_configs, policy=RetryPolicy(base_s=0.001, cap_s=0.002, max_attempts=2))
-        unit = stable_study(store, tmp_path, "1.2.40")
-        store.route_stable(d.route)
-        for _ in range(400):  # a bounded loop: each tick offers when the peer's backoff (2 ms here) is over
-            await d.tick()
-            await drain(d)
-            if len(sender.offers) >= 5:
-                break
-            await asyncio.sleep(0.003)
-        assert len(sender.offers) >= 5
+        d, unit = await offered_five_times(store, tmp_path, sender, "1.2.40")
         summary = store.unit(unit)
         assert (summary.state, summary.attempts) == ("waiting-peer", 0), (summary.state, summary.attempts)
         assert summary.error == refusal

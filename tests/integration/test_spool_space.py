@@ -172,6 +172,7 @@ def test_a_spool_that_fills_during_a_stream_is_said_to_the_sender_and_the_study_
             wait_for(lambda: "spool is full" in (a.gateway.store.studies()[0].error or ""), 60, 0.05,
                      what=lambda: f"A's queue to say B's spool is full ({situation(a, b)})")
             assert a.gateway.store.count_instances() == len(study.files)  # nothing lost at A
+            assert a.gateway.store.studies()[0].attempts == 0  # B's full disk is B's condition: not counted to dead
             subprocess.run(["mount", "-o", "remount,size=32m", str(small_fs)], check=True)
             wait_for(lambda: unit_states(a.gateway) == ["sent"], 120, 0.2, what=f"A's study to be sent ({situation(a, b)})")
             assert_received_whole(b.gateway, study)
