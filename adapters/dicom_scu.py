@@ -29,9 +29,10 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
             rejections.append(event.pdu)
 
     # The A-ASSOCIATE-RJ is taken from the PDU as it arrives, not from ``assoc.is_rejected``: pynetdicom 3.0's
-    # requestor checks that its socket is still connected before it reads the answer, and a peer that closes
-    # right after its RJ (ours does, as PS3.8 9.3.4 lets it) has often been closed by then on a busy machine,
-    # so a rejection read as "aborted" (2 to 9 in 200 here beside a CPU hog).
+    # requestor (``acse._negotiate_as_requestor``) checks that its socket is still connected before it reads
+    # the answer, and its own reactor closes that socket as soon as it has read an RJ (``fsm.AE_4``, PS3.8 AE-4);
+    # on a busy machine the check often came second and the rejection was read as an abort (9 in 200 here
+    # beside CPU hogs), whichever SCP rejected.
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
     if not assoc.is_established:
         if rejections or assoc.is_rejected:

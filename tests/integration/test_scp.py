@@ -163,8 +163,9 @@ def test_echoscu_succeeds_and_unknown_calling_ae_is_rejected_and_audited(gateway
 
 
 def test_dicomgw_echo_reads_every_rejection_as_one_with_its_reason(gateway: Gateway) -> None:
-    # Our SCP closes right after its A-ASSOCIATE-RJ; pynetdicom's requestor then often reported "aborted" on a
-    # busy machine (its socket check ran after the close). Repeated: each must be the rejection, with the reason.
+    # pynetdicom's requestor closes its socket when it reads the A-ASSOCIATE-RJ and may check that socket only
+    # after: on a busy machine the rejection then read as "aborted". Repeated: each must be the rejection, with
+    # the reason.
     answers = [echo("DICOMGW", "127.0.0.1", gateway.scp.port, calling_ae="STRANGER", timeout_s=30) for _ in range(25)]
     assert [a.detail for a in answers] == [
         f"association rejected by DICOMGW@127.0.0.1:{gateway.scp.port}: Rejected (Permanent), DUL service-user: "
