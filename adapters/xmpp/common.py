@@ -133,20 +133,17 @@ STREAM_GRACE_S = 60.0  # an inbound stream may start slowly for this long ...
 MIN_STREAM_BYTES_PER_S = 1024  # ... then must have averaged this (the DICOM SCP's floor for a data set)
 
 
-SPOOL_FULL = PEER_SPOOL_FULL
-
-
 def spool_full(exc: BaseException) -> str:
     """What an inbound stream's error means when it is this gateway's spool being full (said in the verdict and
     the log instead of the OS error), else ""."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SPOOL_FULL
+        return PEER_SPOOL_FULL
     return ""
 
 
 def spool_full_said(text: str) -> bool:
     """The receiver said its spool is full: another method would meet the same disk (no fallback to IBB)."""
-    return SPOOL_FULL in text
+    return PEER_SPOOL_FULL in text
 
 
 class RateFloor:
