@@ -20,6 +20,7 @@ to quarantine with the reason, so the sender's retry starts from zero with nothi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -280,6 +281,9 @@ class InboundBundle:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        for pending in self._settled.values():  # whole files still being fsynced and closed on the spool's threads:
+            with contextlib.suppress(Exception):  # waited for, so nothing of the bundle stays open once it is closed
+                pending.result()  # (their errors: the resume's ``finish`` reads those files again)
         for path, _size in self._segments():
             if path.exists():
                 fsync_file(path)
