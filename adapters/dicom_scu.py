@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pynetdicom import AE, evt
-from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 
@@ -13,6 +16,54 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 class EchoResult:
     ok: bool
     detail: str
+
+
+# The values pynetdicom 3.0 turns into a primitive (``pdu_primitives``): a PDU that carries any other value
+# killed its reactor thread with a ``ValueError`` traceback on stderr, and the client then waited for its timeout.
+_RJ_RESULTS, _RJ_SOURCES, _RJ_REASONS = {1, 2}, {1, 2, 3}, {1, 2, 3, 7}
+_ABORT_SOURCES, _PROVIDER_REASONS = {0, 1, 2}, {0, 1, 2, 4, 5, 6}
+
+
+def _outside_table(pdu: object) -> str | None:
+    """The words for an A-ASSOCIATE-RJ or A-ABORT whose fields lie outside PS3.8 Tables 9-21 / 9-26, after
+    setting them to values the library reads (what the SCP sent is said, never what the library was given)."""
+    if isinstance(pdu, A_ASSOCIATE_RJ):
+        sent = (pdu.result, pdu.source, pdu.reason_diagnostic)
+        if sent[0] in _RJ_RESULTS and sent[1] in _RJ_SOURCES and sent[2] in _RJ_REASONS:
+            return None
+        pdu.result, pdu.source, pdu.reason_diagnostic = 1, 1, 1
+        return f"an A-ASSOCIATE-RJ with values outside PS3.8 Table 9-21 (result {sent[0]}, source {sent[1]}, reason {sent[2]})"
+    if isinstance(pdu, A_ABORT_RQ):
+        sent = (pdu.source, pdu.reason_diagnostic)
+        if sent[0] in _ABORT_SOURCES and (sent[0] != 2 or sent[1] in _PROVIDER_REASONS):
+            return None
+        pdu.source, pdu.reason_diagnostic = 0, 0
+        return f"an A-ABORT with values outside PS3.8 Table 9-26 (source {sent[0]}, reason {sent[1]})"
+    return None
+
+
+@contextmanager
+def _reactor_failures() -> Iterator[list[str]]:
+    """Collect, instead of printing a traceback, what kills a pynetdicom reactor thread while the block runs
+    (a hostile answer the library cannot read and :func:`_outside_table` does not know)."""
+    failures: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and "run_reactor" in args.thread.name and args.exc_type is not SystemExit:
+            failures.append(f"{args.exc_type.__name__}: {args.exc_value}"[:200])
+        else:
+            previous(args)
+
+    # pynetdicom's own debug-log handlers come first on EVT_PDU_RECV and fail on such values, which skipped
+    # ours (one ``try`` around all handlers in ``events.trigger``): this client binds none of them.
+    level, _config.LOG_HANDLER_LEVEL = _config.LOG_HANDLER_LEVEL, "none"
+    threading.excepthook = hook
+    try:
+        yield failures
+    finally:
+        threading.excepthook = previous
+        _config.LOG_HANDLER_LEVEL = level
 
 
 def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", timeout_s: float = 10.0) -> EchoResult:
@@ -23,9 +74,12 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     ae.dimse_timeout = timeout_s
     ae.add_requested_context(Verification)
     rejections: list[A_ASSOCIATE_RJ] = []
+    hostile: list[str] = []
 
     def on_pdu(event: evt.Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+        if (words := _outside_table(event.pdu)) is not None:
+            hostile.append(words)
+        elif isinstance(event.pdu, A_ASSOCIATE_RJ):
             rejections.append(event.pdu)
 
     # The A-ASSOCIATE-RJ is taken from the PDU as it arrives, not from ``assoc.is_rejected``: pynetdicom 3.0's
@@ -33,7 +87,16 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     # the answer, and its own reactor closes that socket as soon as it has read an RJ (``fsm.AE_4``, PS3.8 AE-4);
     # on a busy machine the check often came second and the rejection was read as an abort (9 in 200 here
     # beside CPU hogs), whichever SCP rejected.
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+    with _reactor_failures() as failures:
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+    if hostile:
+        if assoc.is_established:
+            assoc.abort()
+        return EchoResult(False, f"no association with {called_ae}@{host}:{port}: it answered {hostile[0]}")
+    if failures:
+        if assoc.is_established:
+            assoc.abort()
+        return EchoResult(False, f"no association with {called_ae}@{host}:{port}: its answer could not be read ({failures[0]})")
     if not assoc.is_established:
         if rejections or assoc.is_rejected:
             why = f": {rejections[0].result_str}, {rejections[0].source_str}: {rejections[0].reason_str}" if rejections else ""
