@@ -72,8 +72,8 @@ class Site:
 def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tuple[str, ...], destination: str = "",
                pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,  # None: any free port, bound by the SCP itself (no race with another test for it)
                routing: RoutingSettings | None = None, web: WebSettings | None = None, dicom: dict[str, Any] | None = None,
-               settings_extra: dict[str, Any] | None = None, **xmpp: object) -> Site:
-    settings = make_settings(tmp_path / name, dicom_port or 0, stable_age_s=0.3, stable_check_interval_s=0.1)
+               settings_extra: dict[str, Any] | None = None, stable_age_s: float = 0.3, **xmpp: object) -> Site:
+    settings = make_settings(tmp_path / name, dicom_port or 0, stable_age_s=stable_age_s, stable_check_interval_s=0.1)
     settings = replace(settings, pacs=pacs or PacsSettings(),
                        dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae,
                                      **(dicom or {})))
