@@ -31,9 +31,11 @@ from adapters.xmpp.common import (
     FramedSink,
     InboundStream,
     Phases,
+    Sink,
     TransferCut,
     XmppClient,
     describe,
+    log_task_failure,
     progress_in_thread,
     short_method,
     spool_full_said,
@@ -92,6 +94,9 @@ class StudyOffers:
         self.sinks: dict[str, InboundStream] = {}  # sid -> accepted inbound offer
         self.verdicts: dict[str, AwaitedVerdict] = {}  # sid -> the verdict a stream we sent waits for
         self.deciding: dict[str, tuple[str, asyncio.Future[None]]] = {}  # sid -> (sender, decided) while we decide
+        # bundle -> the closes of its streams running on worker threads (fsyncs, the unit's and the transfer's
+        # rows): off the loop, and a new offer of the same bundle opens it only after they have ended.
+        self.closing: dict[str, set[asyncio.Future[None]]] = {}
 
     def session_ended(self) -> None:
         """No verdict comes on a dead stream: the attempts waiting for one fail now."""
@@ -314,6 +319,7 @@ class StudyOffers:
             raise XMPPError(condition, text, etype="wait" if condition == "resource-constraint" else "cancel")
         method = next(m for m in (NS_S5B, NS_IBB) if m in offer.methods)  # parse_offer made sure there is one
         await self._supersede(peer.bare, offer.manifest_sha256)
+        await self.closed(offer.manifest_sha256)  # a cut stream's close first: the resume starts where it ended
         try:  # from here on the admission is the sink's: every path below ends it
             tls, used, ours_fp = None, "", ""
             if offer.cert_der and self.client.identities is not None:
@@ -324,7 +330,7 @@ class StudyOffers:
                 tls = server_context(ours, sender_cert)
                 used = fingerprint(sender_cert) if sender_cert != offer.cert_der else ""
                 ours_fp = ours.fingerprint
-            sink = self.client.inbound.open_sink(peer.bare, offer, method)
+            sink = await self._open_sink(peer.bare, offer, method)
         except Exception as exc:
             log.exception("could not open a sink for an offer from %s", peer)
             raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
@@ -344,6 +350,17 @@ class StudyOffers:
         loop.call_later(self.client.settings.stream_start_timeout_s, self._check_started, offer.sid)
         if tls is not None:
             loop.call_later(self.client.settings.handshake_timeout_s, self._check_secured, offer.sid, self.sinks[offer.sid])
+
+    async def _open_sink(self, peer_bare: str, offer: Offer, method: str) -> Sink:
+        """The sink, made on a worker thread: a resume reads and hashes what came before and writes the unit's
+        row. Should the offer's task be cancelled meanwhile (the session or the gateway ends), the sink made is closed."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self.client.inbound.open_sink, peer_bare, offer, method))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(lambda done: done.cancelled() or done.exception() is not None
+                                      or done.result().close("the offer was cancelled"))  # here: the loop may be ending
+            raise
 
     async def _supersede(self, peer_bare: str, bundle_sha256: str) -> None:
         """One writer per bundle: a new offer of it (from any of the sender's processes) ends the old stream.
@@ -393,7 +410,7 @@ class StudyOffers:
         try:
             if sink.offset < sink.size:
                 detail = f"{sink.offset} of {sink.size} bytes before the stream ended" + (f" ({reason})" if reason else "")
-                sink.close(detail)  # kept: the sender re-offers and resumes at our offset
+                await self.close_sink(sink, detail)  # kept: the sender re-offers and resumes at our offset
                 outcome = "incomplete"
             else:
                 ok, detail = await asyncio.to_thread(sink.finish)
@@ -406,7 +423,7 @@ class StudyOffers:
             log.exception("stream %s from %s: the receiver failed to end it", sid, entry.peer)
             outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
             with contextlib.suppress(Exception):
-                sink.close(detail)
+                await self.close_sink(sink, detail)
         await self.send_verdict(entry.peer, sid, outcome, detail, entry.ours)
         log.info("stream %s from %s: verdict %s answered %.0f ms after its last byte", sid, entry.peer, outcome,
                  (time.perf_counter() - ended) * 1000)
@@ -477,7 +494,30 @@ class StudyOffers:
         entry = self.sinks.pop(sid, None)
         if entry is not None:
             discard_early(entry.early)
-            entry.sink.close(reason)
+            self.close_sink(entry.sink, reason)
+
+    def close_sink(self, sink: Sink, reason: str) -> asyncio.Future[None]:
+        """Close an inbound stream's sink on a worker thread: a cut or refused stream (hostile input among them)
+        costs the loop no fsync and no database write. Once handed to the thread it runs to its end, also when
+        the gateway stops meanwhile (the loop's executor is waited for)."""
+        key = getattr(sink, "bundle_key", None) or f"sink:{id(sink)}"
+        task = asyncio.ensure_future(asyncio.to_thread(sink.close, reason))
+        pending = self.closing.setdefault(key, set())
+        pending.add(task)
+
+        def ended(done: asyncio.Future[None]) -> None:
+            pending.discard(done)
+            if not pending and self.closing.get(key) is pending:
+                del self.closing[key]
+
+        task.add_done_callback(ended)
+        task.add_done_callback(log_task_failure)
+        return task
+
+    async def closed(self, bundle_key: str) -> None:
+        """Until the closes of ``bundle_key``'s streams have ended (its offset and rows are then final)."""
+        while pending := self.closing.get(bundle_key):
+            await asyncio.wait(set(pending))
 
     def on_verdict(self, iq: slixmpp.Iq) -> None:
         """The receiver's verdict on a stream we sent: only from the full JID the offer was agreed with, with

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from adapters.xmpp.common import AwaitedVerdict, OutboundStream, TransferCut
+from adapters.xmpp.common import (
+    AwaitedVerdict,
+    InboundStream,
+    OutboundStream,
+    TransferCut,
+)
 from adapters.xmpp.ibb import InBandBytestreams
 from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.s5b import Socks5Bytestreams
@@ -198,3 +205,87 @@ def test_a_receivers_ibb_refusal_text_goes_into_the_attempt_bounded_and_on_one_l
     assert len(said) <= len("resource-constraint: ") + 200
     assert not any(ch in said for ch in "\u0000\u001b\ud800")
     assert _refusal(None) == "cancelled"
+
+
+class SlowSink:
+    """A sink whose close (fsyncs, the unit's and the transfer's rows) takes until the test lets it end."""
+
+    def __init__(self, bundle_key: str, log: list[str], gate: threading.Event) -> None:
+        self.bundle_key, self.log, self.gate = bundle_key, log, gate
+        self.offset, self.size = 10, 100
+
+    def close(self, reason: str) -> None:
+        self.log.append(f"{id(self)} start on {'the loop' if threading.current_thread() is threading.main_thread() else 'a worker'}")
+        assert self.gate.wait(30)
+        self.log.append(f"{id(self)} end: {reason}")
+
+
+def test_a_dropped_streams_close_runs_off_the_loop_and_the_next_open_of_its_bundle_waits_for_it() -> None:
+    async def run() -> None:
+        _s5b, _ibb, offers = parts()
+        log: list[str] = []
+        gate = threading.Event()
+        sink, other = SlowSink("b" * 64, log, gate), SlowSink("c" * 64, log, threading.Event())
+        offers.sinks["sid1"] = InboundStream("a@helsenett.test/gw1", sink, "ibb", None)  # type: ignore[arg-type]
+        offers.drop("sid1", "IBB block out of order")  # a refusal of hostile input: returns at once
+        assert "sid1" not in offers.sinks
+        waiting = asyncio.ensure_future(offers.closed("b" * 64))  # what a new offer of the bundle waits for
+        await asyncio.wait_for(_until(lambda: bool(log)), 60)
+        assert log == [f"{id(sink)} start on a worker"]
+        await asyncio.wait_for(offers.closed(other.bundle_key), 60)  # another bundle's offer does not wait
+        assert not waiting.done()
+        gate.set()
+        await asyncio.wait_for(waiting, 60)
+        assert log == [f"{id(sink)} start on a worker", f"{id(sink)} end: IBB block out of order"]
+        assert offers.closing == {}
+
+    asyncio.run(run())
+
+
+def test_a_sink_is_opened_on_a_worker_thread() -> None:
+    async def run() -> None:
+        _s5b, _ibb, offers = parts()
+        threads: list[threading.Thread] = []
+
+        class Inbound:
+            def open_sink(self, _peer: str, _offer: object, _method: str) -> str:
+                threads.append(threading.current_thread())  # a resume hashes what came before: never on the loop
+                return "sink"
+
+        offers.client.inbound = Inbound()
+        assert await offers._open_sink("a@helsenett.test", object(), "ibb") == "sink"  # type: ignore[arg-type]
+        assert threads and threads[0] is not threading.main_thread()
+
+    asyncio.run(run())
+
+
+def test_a_sink_opened_for_an_offer_cancelled_meanwhile_is_closed() -> None:
+    async def run() -> None:
+        _s5b, _ibb, offers = parts()
+        gate, closed = threading.Event(), threading.Event()
+
+        class Made:
+            def close(self, reason: str) -> None:
+                assert reason == "the offer was cancelled"
+                closed.set()
+
+        class Inbound:
+            def open_sink(self, _peer: str, _offer: object, _method: str) -> Made:
+                assert gate.wait(30)
+                return Made()
+
+        offers.client.inbound = Inbound()
+        opening = asyncio.ensure_future(offers._open_sink("a@helsenett.test", object(), "s5b"))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        opening.cancel()  # the session ends while the worker thread still makes the sink
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        gate.set()
+        await asyncio.wait_for(_until(closed.is_set), 60)  # its admission and files are not left behind
+
+    asyncio.run(run())
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
