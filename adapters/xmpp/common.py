@@ -314,16 +314,29 @@ def progress_in_thread(progress: Callable[..., None] | None, sid: str = "", offs
                        plain_at: Callable[[int], int] = lambda wire: wire) -> Callable[[int, str], None] | None:
     """Progress callbacks write to the DB: keep them off the event loop, at most one in flight. The callback
     gets (position, method, sid, offset): the stream attempt it belongs to and where that attempt started;
-    ``position`` in the bundle's own bytes (``plain_at`` turns the stream's bytes since ``offset`` into them)."""
+    ``position`` in the bundle's own bytes (``plain_at`` turns the stream's bytes since ``offset`` into them).
+    A position that comes while a write is in flight is kept, and the latest such one is written after it: the
+    last position is never lost (a busy machine's slow first write once left `sending` at a few per cent
+    while every byte had been handed to the network)."""
     if progress is None:
         return None
     running: list[asyncio.Future[None]] = []
+    waiting: list[tuple[int, str, str, int]] = []  # the latest position that came while a write was in flight
+
+    def write(args: tuple[int, str, str, int]) -> None:
+        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, *args))]
+        running[0].add_done_callback(written)
+
+    def written(_done: asyncio.Future[None]) -> None:
+        if waiting:
+            write(waiting.pop())
 
     def call(position: int, method: str) -> None:
+        args = (offset + plain_at(position - offset), short_method(method).lower(), sid, offset)
         if running and not running[0].done():
+            waiting[:] = [args]
             return
-        plain = offset + plain_at(position - offset)
-        running[:] = [asyncio.ensure_future(asyncio.to_thread(progress, plain, short_method(method).lower(), sid, offset))]
+        write(args)
 
     return call
 

@@ -16,10 +16,12 @@ from adapters.xmpp.common import (
     InboundStream,
     OutboundStream,
     TransferCut,
+    progress_in_thread,
 )
 from adapters.xmpp.ibb import InBandBytestreams
 from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.s5b import Socks5Bytestreams
+from adapters.xmpp.stanzas import NS_S5B
 
 
 class Client:
@@ -289,3 +291,26 @@ def test_a_sink_opened_for_an_offer_cancelled_meanwhile_is_closed() -> None:
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_the_last_progress_of_a_stream_is_written_when_it_came_while_a_write_was_in_flight() -> None:
+    """A busy machine's slow first progress write: the positions that come meanwhile are not all dropped, the
+    latest is written after it (the queue said `sending` at a few per cent while every byte was handed on)."""
+    async def run() -> None:
+        gate = threading.Event()
+        written: list[int] = []
+
+        def progress(position: int, method: str, sid: str, offset: int) -> None:
+            assert gate.wait(30) and (method, sid, offset) == ("s5b", "sid1", 0)
+            written.append(position)
+
+        report = progress_in_thread(progress, "sid1", 0)
+        assert report is not None
+        for position in (100, 2_000, 40_000, 5_300_187):  # the pump hands everything on during the first write
+            report(position, NS_S5B)
+        gate.set()
+        await asyncio.wait_for(_until(lambda: len(written) == 2), 60)
+        await asyncio.sleep(0.2)  # nothing more comes
+        assert written == [100, 5_300_187]
+
+    asyncio.run(run())
