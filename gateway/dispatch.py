@@ -467,8 +467,8 @@ def _check_spool_file(entry: BundleFile, path: Path) -> str | None:
 
 class _ProgressWriter:
     """Moves the unit to ``sending`` at the first byte; each stream attempt gets its ``transfers`` row at its
-    first byte, whose byte count follows the stream (written at most once a second) and is closed by
-    :meth:`finish` (a killed gateway leaves it ``running``, closed as ``interrupted`` at recovery)."""
+    first byte, whose byte count follows the stream (written at most once a second, and at its last byte) and
+    is closed by :meth:`finish` (a killed gateway leaves it ``running``, closed as ``interrupted`` at recovery)."""
 
     def __init__(self, store: QueueStore, unit_id: int, peer_jid: str) -> None:
         self.store = store
@@ -487,7 +487,8 @@ class _ProgressWriter:
                 self.moved_to_sending = True
                 self.store.transition(self.unit_id, State.SENDING, f"streaming over {method}", None, method=method)
 
-    def update(self, position: int, method: str, sid: str = "", offset: int = 0) -> None:
+    def update(self, position: int, method: str, sid: str = "", offset: int = 0, final: bool = False) -> None:
+        """``final``: every byte handed to the network (the verdict still to come): written whatever the time."""
         self.ensure_sending(method)
         with self._rows_lock:
             if self._finished:
@@ -495,7 +496,7 @@ class _ProgressWriter:
             if sid and sid not in self._rows:
                 self._rows[sid] = (self.store.open_transfer(self.unit_id, sid, self.peer_jid, "out", method, offset), offset)
             now = time.monotonic()
-            if now - self._last >= 1.0:
+            if final or now - self._last >= 1.0:
                 self._last = now
                 self.store.set_progress(self.unit_id, position, method)
                 if sid:

@@ -61,7 +61,7 @@ class InBandBytestreams:
             self.fail_outbound(sid, exc)
 
     async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
-                        progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
+                        progress: Callable[..., None] | None, tls: ssl.SSLContext | None, pin: str | None,
                         moved: list[int], phases: Phases | None = None) -> int:
         phases = phases or Phases()
         block = self.client.settings.ibb_block_bytes
@@ -124,6 +124,8 @@ class InBandBytestreams:
                 if progress is not None:
                     progress(offset + moved[0], "ibb")
             await flush(True)
+            if progress is not None:  # all handed on: the queue says so while the acknowledgements come
+                progress(offset + moved[0], "ibb", True)
             deadline = time.monotonic() + self.client.settings.iq_timeout_s
             while pending and time.monotonic() < deadline and not failure:
                 await asyncio.wait(set(pending), timeout=max(0.0, deadline - time.monotonic()))

@@ -219,7 +219,7 @@ class Socks5Bytestreams:
         return iq
 
     async def send(self, peer: str, sid: str, chunks: Iterator[bytes], offset: int,
-                        progress: Callable[[int, str], None] | None, tls: ssl.SSLContext | None, pin: str | None,
+                        progress: Callable[..., None] | None, tls: ssl.SSLContext | None, pin: str | None,
                         moved: list[int], early: OutboundLeg | None = None,
                         phases: Phases | None = None, asked: asyncio.Future[Any] | None = None) -> int:
         """Stream through the proxy. ``early``: our leg, opened while the offer was answered (its TLS handshake
@@ -248,7 +248,8 @@ class Socks5Bytestreams:
             early.discard()
             raise
         loop = asyncio.get_running_loop()
-        report = (lambda position: loop.call_soon_threadsafe(progress, offset + position, "s5b")) if progress else None
+        report = ((lambda position, final=False: loop.call_soon_threadsafe(progress, offset + position, "s5b", final))
+                  if progress else None)
         pump: asyncio.Future[Any] | None = None
         # ``control``: a second descriptor of the socket, which a TLS wrap on another thread takes over; it can
         # still shut it (and so end a handshake or a write blocked on its thread).
@@ -478,7 +479,7 @@ def discard_early(early: OutboundLeg | asyncio.Future[Any] | None) -> None:
 
 
 def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext | None, pin: str, peer: str,
-              moved: list[int], report: Callable[[int], object] | None, idle_timeout_s: float,
+              moved: list[int], report: Callable[..., object] | None, idle_timeout_s: float,
               secured: Callable[[], object] | None = None) -> None:
     """Send a bundle on an activated S5B socket (a thread of its own, blocking writes). End to end: TLS 1.3
     as the client, the receiver's certificate checked against ``pin`` before the first byte. Then a TCP
@@ -519,6 +520,8 @@ def _pump_out(sock: socket.socket, chunks: Iterator[bytes], tls: ssl.SSLContext 
             if getattr(chunks, "suspended", False):  # our own reset for a STAT transfer, not a cut
                 raise StreamSuspended("suspended for a STAT transfer") from exc
             raise
+        if report is not None:  # all handed on (the socket buffers may hold megabytes): said while B reads them
+            report(moved[0], True)
         stream.shutdown(socket.SHUT_WR)  # on a TLS socket: drops the TLS layer, then the TCP half-close
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
         with contextlib.suppress(OSError):

@@ -293,24 +293,48 @@ async def _until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_the_last_progress_of_a_stream_is_written_when_it_came_while_a_write_was_in_flight() -> None:
-    """A busy machine's slow first progress write: the positions that come meanwhile are not all dropped, the
-    latest is written after it (the queue said `sending` at a few per cent while every byte was handed on)."""
+@pytest.mark.parametrize("final", [True, False])
+def test_the_last_progress_of_a_stream_is_written_when_it_came_while_a_write_was_in_flight(final: bool) -> None:
+    """A busy machine's slow first progress write while the pump hands the whole study to the socket buffers:
+    the latest position that came meanwhile is written after it, and the final one (all handed on) is marked so
+    that the writer's once-a-second thinning keeps it (the queue said `sending 0.2 %` for a whole stream)."""
     async def run() -> None:
         gate = threading.Event()
-        written: list[int] = []
+        written: list[tuple[int, bool]] = []
 
-        def progress(position: int, method: str, sid: str, offset: int) -> None:
+        def progress(position: int, method: str, sid: str, offset: int, final: bool = False) -> None:
             assert gate.wait(30) and (method, sid, offset) == ("s5b", "sid1", 0)
-            written.append(position)
+            written.append((position, final))
 
         report = progress_in_thread(progress, "sid1", 0)
         assert report is not None
-        for position in (100, 2_000, 40_000, 5_300_187):  # the pump hands everything on during the first write
+        for position in (10_827, 2_000_000, 4_000_000):  # the pump hands everything on during the first write
             report(position, NS_S5B)
+        report(5_300_187, NS_S5B, final)
         gate.set()
         await asyncio.wait_for(_until(lambda: len(written) == 2), 60)
         await asyncio.sleep(0.2)  # nothing more comes
-        assert written == [100, 5_300_187]
+        assert written == [(10_827, False), (5_300_187, final)]
 
     asyncio.run(run())
+
+
+def test_the_writer_thins_progress_to_once_a_second_but_keeps_the_final_position() -> None:
+    from gateway.dispatch import _ProgressWriter
+
+    class Store:
+        def __init__(self) -> None:
+            self.progress: list[int] = []
+
+        def transition(self, *_args: object, **_kwargs: object) -> None:
+            pass
+
+        def set_progress(self, _unit_id: int, position: int, _method: str) -> None:
+            self.progress.append(position)
+
+    store = Store()
+    writer = _ProgressWriter(store, 1, "b@helsenett.test/gw1")  # type: ignore[arg-type]
+    writer.update(10_827, "s5b")
+    writer.update(4_000_000, "s5b")  # within the second: thinned out
+    writer.update(5_300_187, "s5b", final=True)
+    assert store.progress == [10_827, 5_300_187]
