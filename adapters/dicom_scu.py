@@ -89,14 +89,12 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     # beside CPU hogs), whichever SCP rejected.
     with _reactor_failures() as failures:
         assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
-    if hostile:
+    unreadable = (f"it answered {hostile[0]}" if hostile
+                  else f"its answer could not be read ({failures[0]})" if failures else "")
+    if unreadable:
         if assoc.is_established:
             assoc.abort()
-        return EchoResult(False, f"no association with {called_ae}@{host}:{port}: it answered {hostile[0]}")
-    if failures:
-        if assoc.is_established:
-            assoc.abort()
-        return EchoResult(False, f"no association with {called_ae}@{host}:{port}: its answer could not be read ({failures[0]})")
+        return EchoResult(False, f"no association with {called_ae}@{host}:{port}: {unreadable}")
     if not assoc.is_established:
         if rejections or assoc.is_rejected:
             why = f": {rejections[0].result_str}, {rejections[0].source_str}: {rejections[0].reason_str}" if rejections else ""
