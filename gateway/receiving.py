@@ -190,7 +190,8 @@ class AuditedSink:
         if self.unit_id is None:
             self._begin()
         now = time.monotonic()
-        if self.unit_id is not None and now - self._last_progress >= 1.0:  # `dicomgw queue` shows "receiving n %"
+        last = self.bundle.offset >= self.size  # every byte here: shown as such while the bundle is verified
+        if self.unit_id is not None and (now - self._last_progress >= 1.0 or last):  # `dicomgw queue`: "receiving n %"
             self._last_progress = now
             self.gateway.store.set_progress(self.unit_id, self.bundle.offset)
 

@@ -170,6 +170,7 @@ class GatewayAgent(slixmpp.ClientXMPP):
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
+        await self.offers.writes_ended()  # IBB blocks taken are written before their sinks close
         self.offers.stop()  # the inbound streams end (their reading threads return), what arrived is kept
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.disconnect(), 5)

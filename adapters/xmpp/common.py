@@ -186,6 +186,11 @@ class InboundStream:
     ours: str = ""  # fingerprint of our identity its handshake presents (the one the sender pins): its verdict's key
     last_block_at: float = 0.0  # IBB: time.monotonic() of the stream's opening or its last data block
     floor: RateFloor | None = None  # IBB: its rate since it opened
+    # IBB: blocks are written to the sink on worker threads, one after the other (``InBandBytestreams``):
+    accepted: int = 0  # the sink's offset once every block taken so far is written
+    writing: asyncio.Future[None] | None = None  # the last block's write (each waits for the one before)
+    queued: int = 0  # blocks taken whose write has not ended
+    write_failed: bool = False  # a write failed: the blocks behind it are not written
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
     early: asyncio.Future[socket.socket] | None = None

@@ -4,7 +4,8 @@ Sender: open with 65535-byte blocks, keep ``ibb_window`` blocks in flight, close
 a :class:`adapters.xmpp.e2e.TlsPipe` turns plaintext into the blocks' bytes and the receiver's TLS
 records come back on the same stream. Receiver: sequence numbers are checked (a gap or a replay closes the
 stream with ``unexpected-request`` and a verdict, XEP-0047 2.2), data past the announced size is refused,
-every block is answered; ``close`` ends the stream and brings the verdict.
+every block is written on a worker thread (in order) and answered once written; ``close`` ends the stream
+after those writes and brings the verdict.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ from adapters.xmpp.stanzas import NS_IBB, q, statement_text
 from gateway.transfer import StreamSuspended
 
 log = logging.getLogger(__name__)
+MAX_QUEUED_BLOCKS = 256  # blocks of one stream taken but not yet written (our sender keeps `ibb_window` <= 64 in flight)
+
+
+class _NotWritten(Exception):
+    """A block behind a block whose write failed."""
 
 
 class InBandBytestreams:
@@ -171,6 +177,7 @@ class InBandBytestreams:
         if entry.started:
             raise XMPPError("not-acceptable", "this stream is already open")
         entry.started = True
+        entry.accepted = entry.sink.offset
         if entry.tls is not None:
             entry.pipe = TlsPipe(entry.tls, server_side=True)
         entry.last_block_at = time.monotonic()
@@ -221,16 +228,16 @@ class InBandBytestreams:
                     self.client.send_stanza_text(_ibb_data(quoteattr(entry.peer), self.client.new_id(), entry.out_seq, sid, back))
                     entry.out_seq = (entry.out_seq + 1) % 65536
                 data = plain
-            if not hasattr(entry.sink, "wanted") and entry.sink.offset + len(data) > entry.sink.size:  # framed: checks itself
+            if not hasattr(entry.sink, "wanted") and entry.accepted + len(data) > entry.sink.size:  # framed: checks itself
                 raise OverflowError(f"data past the announced size of {entry.sink.size} bytes")
-            if data:
-                entry.sink.write(data)
+            if entry.queued >= MAX_QUEUED_BLOCKS:  # ahead of the disk by more than any window of ours
+                raise TimeoutError(f"{entry.queued} blocks still waiting for the disk")
         except ssl.SSLError as exc:
             self.client.inbound.security_event(iq["from"].bare, f"end-to-end channel from {entry.peer} failed: {describe(exc)}")
             self.ends.drop(sid, f"end-to-end TLS failed: {describe(exc)}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "refused", "end-to-end TLS failed", entry.ours))
             raise XMPPError("not-acceptable", "end-to-end TLS failed", etype="cancel") from exc
-        except TimeoutError as exc:  # too slow (RateFloor): cut, what came kept for a resume
+        except TimeoutError as exc:  # too slow (RateFloor) or too far ahead: cut, what came kept for a resume
             log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, exc)
             self.client.spawn(self.ends.complete(sid))
             raise XMPPError("not-acceptable", f"{exc}; the stream is closed", etype="cancel") from exc
@@ -238,18 +245,67 @@ class InBandBytestreams:
             self.ends.drop(sid, f"bad IBB data: {exc}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
             raise XMPPError("bad-request", str(exc)) from exc
-        except OSError as exc:  # the disk: a full spool is said as such, what came kept for a resume
-            reason = spool_full(exc)
-            if not reason:
-                self.client.spawn(self.ends.fail_stream(sid, exc))
-                raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
-            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, reason)
-            self.client.spawn(self.ends.complete(sid, reason))
-            raise XMPPError("resource-constraint", f"{reason}; offer it again later", etype="wait") from exc
-        except Exception as exc:  # ours (the sink's database): logged, the stream closed, the sender told
+        if not data:  # handshake records only
+            iq.reply().send()
+            return
+        entry.accepted += len(data)
+        entry.writing = self._write(sid, entry, data)
+        self.client.spawn(self._answer(iq, entry.writing))
+
+    def _write(self, sid: str, entry: InboundStream, data: bytes) -> asyncio.Future[None]:
+        """Write one block to the sink on a worker thread once the block before it is written: the file
+        writes, the unit's row when the manifest arrives and the progress rows cost the loop nothing. A write
+        that fails ends the stream as the block's own error would; the blocks behind it are not written."""
+        before = entry.writing
+        entry.queued += 1
+
+        async def write() -> None:
+            try:
+                if before is not None:
+                    await asyncio.wait([before])
+                if entry.write_failed:
+                    raise _NotWritten("an earlier block of this stream was not written; the stream is closed")
+                await asyncio.to_thread(entry.sink.write, data)
+            except (asyncio.CancelledError, _NotWritten):
+                raise
+            except BaseException as exc:
+                entry.write_failed = True
+                self._write_failed(sid, entry, exc)
+                raise
+            finally:
+                entry.queued -= 1
+
+        return asyncio.ensure_future(write())
+
+    def _write_failed(self, sid: str, entry: InboundStream, exc: BaseException) -> None:
+        """The stream's end for a block the sink refused (bad data, the disk, our database)."""
+        if self.ends.sinks.get(sid) is not entry:
+            return  # already ended (the sender's close waits for the writes, then finds the stream gone)
+        if isinstance(exc, (ValueError, OverflowError)):
+            self.ends.drop(sid, f"bad IBB data: {exc}")
+            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
+        elif isinstance(exc, OSError) and spool_full(exc):  # a full spool is said as such, what came kept for a resume
+            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, spool_full(exc))
+            self.client.spawn(self.ends.complete(sid, spool_full(exc)))
+        else:  # ours (the disk, the sink's database): logged, the stream closed, the sender told
             self.client.spawn(self.ends.fail_stream(sid, exc))
-            raise XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait") from exc
-        iq.reply().send()
+
+    async def _answer(self, iq: slixmpp.Iq, writing: asyncio.Future[None]) -> None:
+        """A block is answered once it is written (the sender's window is the bound on blocks in flight)."""
+        try:
+            await writing
+        except _NotWritten as exc:
+            iq.exception(XMPPError("not-acceptable", str(exc), etype="cancel"))
+        except (ValueError, OverflowError) as exc:
+            iq.exception(XMPPError("bad-request", str(exc)))
+        except OSError as exc:
+            reason = spool_full(exc)
+            iq.exception(XMPPError("resource-constraint", f"{reason}; offer it again later", etype="wait") if reason
+                         else XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait"))
+        except Exception:
+            iq.exception(XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait"))
+        else:
+            iq.reply().send()
 
     def _on_reply_data(self, iq: slixmpp.Iq, el: ET.Element) -> None:
         """A TLS record from the receiver on an IBB stream we send (its handshake flight)."""

@@ -104,6 +104,13 @@ class StudyOffers:
             if not awaited.future.done():
                 awaited.future.set_exception(TransferCut("XMPP connection lost before the receiver's verdict"))
 
+    async def writes_ended(self, timeout_s: float = 10.0) -> None:
+        """Until the IBB blocks taken are written (their worker threads), at most ``timeout_s``: a stop closes
+        the sinks after them."""
+        writing = {entry.writing for entry in self.sinks.values() if entry.writing is not None}
+        if writing:
+            await asyncio.wait(writing, timeout=timeout_s)
+
     def stop(self) -> None:
         self.s5b.stop()
         for entry in self.sinks.values():
@@ -393,9 +400,14 @@ class StudyOffers:
     async def complete(self, sid: str, reason: str = "") -> None:
         """The stream ended: the verdict goes to the sender on every path, also when we fail ourselves.
         ``reason``: why it ended early, when we know (the spool full), for the verdict and the unit."""
-        entry = self.sinks.pop(sid, None)
+        entry = self.sinks.get(sid)
         if entry is None:
             return
+        while entry.writing is not None and not entry.writing.done():  # IBB: the blocks taken are written first
+            await asyncio.wait([entry.writing])
+        if self.sinks.get(sid) is not entry:
+            return  # ended meanwhile (a block's write failed, or another end came first)
+        del self.sinks[sid]
         discard_early(entry.early)
         sink = entry.sink
         if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
@@ -494,14 +506,21 @@ class StudyOffers:
         entry = self.sinks.pop(sid, None)
         if entry is not None:
             discard_early(entry.early)
-            self.close_sink(entry.sink, reason)
+            self.close_sink(entry.sink, reason, after=entry.writing)
 
-    def close_sink(self, sink: Sink, reason: str) -> asyncio.Future[None]:
+    def close_sink(self, sink: Sink, reason: str, after: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
         """Close an inbound stream's sink on a worker thread: a cut or refused stream (hostile input among them)
-        costs the loop no fsync and no database write. Once handed to the thread it runs to its end, also when
-        the gateway stops meanwhile (the loop's executor is waited for)."""
+        costs the loop no fsync and no database write. ``after``: the stream's last IBB block write, which
+        ends first. Once handed to the thread it runs to its end, also when the gateway stops meanwhile (the
+        loop's executor is waited for)."""
         key = getattr(sink, "bundle_key", None) or f"sink:{id(sink)}"
-        task = asyncio.ensure_future(asyncio.to_thread(sink.close, reason))
+
+        async def close() -> None:
+            if after is not None:
+                await asyncio.wait([after])
+            await asyncio.to_thread(sink.close, reason)
+
+        task = asyncio.ensure_future(close())
         pending = self.closing.setdefault(key, set())
         pending.add(task)
 

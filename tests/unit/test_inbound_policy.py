@@ -149,3 +149,27 @@ def test_bytes_a_running_stream_wrote_count_once_as_less_free_space_not_also_as_
     free[0] = 6_000_000
     assert policy.authorize("radiology.a@net.test", 3_000_000, "b2" * 32) is None  # 6 - 1 still to come - 3 = 2
     assert policy.authorize("radiology.a@net.test", 1_000_000, "b3" * 32)[0] == "resource-constraint"  # 6 - 1 - 3 - 1
+
+
+def test_the_receivers_progress_is_thinned_to_once_a_second_but_its_last_byte_is_written() -> None:
+    """B's `dicomgw queue` says `receiving n %`: written about once a second, and at the last byte, so that it
+    does not stay at the last thinned position while the whole bundle is verified (minutes for a large one)."""
+    from types import SimpleNamespace
+
+    from gateway.receiving import AuditedSink
+
+    written: list[tuple[int, int]] = []
+
+    class Bundle:
+        manifest = SimpleNamespace(study_instance_uid="1.2.3")
+        offset, size = 0, 300
+
+        def write(self, data: bytes) -> None:
+            self.offset += len(data)
+
+    store = SimpleNamespace(begin_receiving=lambda *_args: 7, set_progress=lambda unit, at: written.append((unit, at)))
+    host = SimpleNamespace(store=store, inbound_policy=SimpleNamespace(landed=lambda *_args: None))
+    sink = AuditedSink(host, Bundle(), "a@helsenett.test", SimpleNamespace(manifest_sha256="k" * 64), "ibb")  # type: ignore[arg-type]
+    for _ in range(3):
+        sink.write(b"x" * 100)
+    assert written == [(7, 100), (7, 300)]

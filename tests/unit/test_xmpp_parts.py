@@ -338,3 +338,166 @@ def test_the_writer_thins_progress_to_once_a_second_but_keeps_the_final_position
     writer.update(4_000_000, "s5b")  # within the second: thinned out
     writer.update(5_300_187, "s5b", final=True)
     assert store.progress == [10_827, 5_300_187]
+
+
+class BlockSink:
+    """An IBB stream's sink that records each write (and on which thread), holds the first until ``gate`` is set
+    (a disk or a database that stalls) and fails the block that is ``fail_at`` (1-based)."""
+
+    def __init__(self, gate: threading.Event, fail_at: int = 0) -> None:
+        self.gate, self.fail_at = gate, fail_at
+        self.offset, self.size, self.log = 0, 1000, []  # type: ignore[var-annotated]
+        self.on_loop = False
+
+    def write(self, data: bytes) -> None:
+        self.on_loop |= threading.current_thread() is threading.main_thread()
+        if not self.log and not self.on_loop:
+            assert self.gate.wait(30)
+        if len([e for e in self.log if e.startswith("write")]) + 1 == self.fail_at:
+            raise OSError(5, "Input/output error")
+        self.offset += len(data)
+        self.log.append(f"write {data.decode()}")
+
+    def close(self, reason: str) -> None:
+        self.log.append(f"close: {reason}")
+
+
+class BlockIq:
+    """What the IBB handler reads of a data stanza, and the answer it gives."""
+
+    def __init__(self, seq: int, data: bytes, answers: list[str], sid: str = "sid1") -> None:
+        import base64
+        import xml.etree.ElementTree as ET
+        from types import SimpleNamespace
+
+        from adapters.xmpp.stanzas import NS_IBB, q
+
+        self.xml = ET.Element("iq")
+        ET.SubElement(self.xml, q(NS_IBB, "data"), {"sid": sid, "seq": str(seq)}).text = base64.b64encode(data).decode()
+        self.sender = SimpleNamespace(full="a@helsenett.test/gw1", bare="a@helsenett.test")
+        self.answers, self.seq = answers, seq
+
+    def __getitem__(self, key: str) -> Any:
+        assert key == "from"
+        return self.sender
+
+    def reply(self) -> BlockIq:
+        return self
+
+    def send(self) -> None:
+        self.answers.append(f"{self.seq}: result")
+
+    def exception(self, exc: Any) -> None:
+        self.answers.append(f"{self.seq}: {exc.condition}")
+
+
+def ibb_stream(sink: BlockSink) -> tuple[InBandBytestreams, StudyOffers, list[asyncio.Future[Any]]]:
+    _s5b, ibb, offers = parts()
+    tasks: list[asyncio.Future[Any]] = []
+    offers.client.spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))  # type: ignore[method-assign]
+    entry = InboundStream("a@helsenett.test/gw1", sink, "ibb", None)  # type: ignore[arg-type]
+    entry.started = True
+    offers.sinks["sid1"] = entry
+    return ibb, offers, tasks
+
+
+def test_ibb_blocks_are_written_off_the_loop_in_order_and_each_is_answered_once_written() -> None:
+    """The IBB fallback's file writes, its unit row and its progress rows are the sink's: a stalled disk or
+    database holds the stream's blocks (and the sender's window), not the loop that serves every peer."""
+    async def run() -> None:
+        gate = threading.Event()
+        sink = BlockSink(gate)
+        ibb, _offers, _tasks = ibb_stream(sink)
+        answers: list[str] = []
+        for seq, data in enumerate([b"one", b"two", b"three"]):
+            ibb.on_data(BlockIq(seq, data, answers))  # type: ignore[arg-type]
+        ticks = 0
+        while ticks < 20:  # the loop runs on while the first write waits for its disk
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert answers == [] and sink.log == []
+        gate.set()
+        await asyncio.wait_for(_until(lambda: len(answers) == 3), 60)
+        assert sorted(answers) == ["0: result", "1: result", "2: result"]
+        assert sink.log == ["write one", "write two", "write three"] and not sink.on_loop
+
+    asyncio.run(run())
+
+
+def test_an_ibb_block_whose_write_fails_ends_the_stream_and_the_blocks_behind_it_are_not_written() -> None:
+    async def run() -> None:
+        gate = threading.Event()
+        gate.set()
+        sink = BlockSink(gate, fail_at=2)
+        ibb, offers, _tasks = ibb_stream(sink)
+        failed: list[BaseException] = []
+
+        async def fail_stream(sid: str, exc: BaseException) -> None:
+            failed.append(exc)
+
+        offers.fail_stream = fail_stream  # type: ignore[method-assign]
+        answers: list[str] = []
+        for seq, data in enumerate([b"one", b"two", b"three"]):
+            ibb.on_data(BlockIq(seq, data, answers))  # type: ignore[arg-type]
+        await asyncio.wait_for(_until(lambda: len(answers) == 3 and bool(failed)), 60)
+        assert sorted(answers) == ["0: result", "1: internal-server-error", "2: not-acceptable"]
+        assert sink.log == ["write one"] and [type(e) for e in failed] == [OSError]
+
+    asyncio.run(run())
+
+
+def test_a_dropped_ibb_streams_sink_closes_after_the_blocks_it_took() -> None:
+    """A refusal (a block out of order here) closes the sink on a worker thread, after the writes before it:
+    never a close racing a write of the same bundle."""
+    async def run() -> None:
+        gate = threading.Event()
+        sink = BlockSink(gate)
+        ibb, offers, tasks = ibb_stream(sink)
+        verdicts: list[str] = []
+
+        async def send_verdict(peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None:
+            verdicts.append(outcome)
+
+        offers.send_verdict = send_verdict  # type: ignore[method-assign]
+        answers: list[str] = []
+        ibb.on_data(BlockIq(0, b"one", answers))  # type: ignore[arg-type]
+        from slixmpp.exceptions import XMPPError
+
+        with pytest.raises(XMPPError):
+            ibb.on_data(BlockIq(5, b"six", answers))  # type: ignore[arg-type]
+        assert "sid1" not in offers.sinks
+        await asyncio.sleep(0.05)
+        assert sink.log == []
+        gate.set()
+        await asyncio.wait_for(offers.closed(f"sink:{id(sink)}"), 60)
+        await asyncio.wait_for(_until(lambda: len(sink.log) == 2), 60)
+        assert sink.log == ["write one", "close: IBB block out of order: seq '5', expected 1"]
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert verdicts == ["incomplete"] and answers == ["0: result"]
+
+    asyncio.run(run())
+
+
+def test_the_senders_close_of_an_ibb_stream_waits_for_its_writes_before_the_verdict() -> None:
+    async def run() -> None:
+        gate = threading.Event()
+        sink = BlockSink(gate)
+        sink.size = 3
+        ibb, offers, _tasks = ibb_stream(sink)
+        verdicts: list[tuple[str, str]] = []
+
+        async def send_verdict(peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None:
+            verdicts.append((outcome, detail))
+
+        offers.send_verdict = send_verdict  # type: ignore[method-assign]
+        sink.finish = lambda: (sink.log.append("finish"), (True, "verified"))[1]  # type: ignore[attr-defined]
+        answers: list[str] = []
+        ibb.on_data(BlockIq(0, b"one", answers))  # type: ignore[arg-type]
+        ending = asyncio.ensure_future(offers.complete("sid1"))  # the sender's close came behind its last block
+        await asyncio.sleep(0.05)
+        assert not ending.done() and "sid1" in offers.sinks
+        gate.set()
+        await asyncio.wait_for(ending, 60)
+        assert sink.log == ["write one", "finish"] and verdicts == [("received", "verified")]
+
+    asyncio.run(run())
