@@ -62,6 +62,7 @@ from gateway.transfer import (
 from gateway.windows import local_clock, local_zone
 
 log = logging.getLogger(__name__)
+SPOOL_LOW_STATUS = "busy: spool space below the reserve kept for this site's modalities"
 STABLE_SLACK_S = 0.02  # a study is looked at this long after it may have become stable (clocks, stamping)
 
 __all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
@@ -172,6 +173,7 @@ class Gateway:
         self._wake_pending = False
         self._dues_lock = threading.Lock()  # the dues are noted on the storing threads, read on the loop
         self._maintenance = Maintenance(False)
+        self._spool_low = False  # the spool's free space below the reserve: our presence says so (_check_spool_room)
         self.directory = PeerDirectory(self.store.peer_configs, settings.xmpp.peers, settings.xmpp.pin_for,
                                        self.store.signing_pins)
         self.web: Any = None  # adapters.web.WebServer while [web] port is set
@@ -356,6 +358,9 @@ class Gateway:
             if self._maintenance.on:
                 self.agent.set_busy(True, self._maintenance.status_text)
                 return
+            if self._spool_low:
+                self.agent.set_busy(True, SPOOL_LOW_STATUS)
+                return
             full = self.inbound_policy.full
             self.agent.set_busy(full, "busy: at the inbound transfer limit" if full else "ready")
 
@@ -369,6 +374,23 @@ class Gateway:
             log.warning("maintenance %s%s", "on" if now.on else "off", f": {now.message}" if now.message else "")
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._show_capacity)
+
+    def _check_spool_room(self) -> None:
+        """Each tick: with the spool's free space below ``[paths] spool_reserve_mb`` no peer's study can be taken
+        (the admission refuses each offer busy). The presence then says so (``dnd``), so that the peers wait by
+        presence instead of each offering again at every backoff step (a region's hub has hundreds of peers);
+        flipped only when the state changes (``FlowControl`` spaces the presences)."""
+        if self.agent is None or self._loop is None:
+            return
+        try:
+            low = self.spool.free_bytes() < self.settings.paths.spool_reserve_bytes
+        except OSError:
+            return  # unreadable: the admission says so per offer (and `dicomgw status`)
+        if low != self._spool_low:
+            self._spool_low = low
+            log.warning("spool space %s: peers' studies %s", "below the reserve" if low else "back above the reserve",
+                        "wait (presence dnd)" if low else "are taken again")
+            self._loop.call_soon_threadsafe(self._show_capacity)
 
     def _record_watcher(self) -> None:
         """The watched folder's health for `dicomgw status` (a row, written when it changes)."""
@@ -538,6 +560,7 @@ class Gateway:
             while not stop.is_set():
                 ticked_at = time.monotonic()
                 await asyncio.to_thread(self._check_maintenance)
+                await asyncio.to_thread(self._check_spool_room)
                 await asyncio.to_thread(self._record_watcher)
                 if time.monotonic() >= next_beat:  # lapsed leases of other processes (ours: _heartbeat_loop)
                     next_beat = time.monotonic() + self.settings.queue.lease_s / 4

@@ -60,6 +60,8 @@ class PeerPresence:
         text = next((t for r, t in sorted(self.text.get(bare, {}).items()) if r in resources and t), "")
         if priority == "stat" and not text.startswith("maintenance"):
             return f"{bare}/{sorted(resources)[0]}", "busy (STAT offered into its reserved room)"
+        if text.startswith("busy: ") and len(text) > len("busy: "):  # why, in the peer's words (its spool, its limit)
+            return None, f"busy ({text[len('busy: '):]})"
         return None, f"busy ({text})" if text.startswith("maintenance") else "busy"
 
 

@@ -77,6 +77,40 @@ def test_an_offer_that_would_eat_the_reserve_is_refused_busy_and_the_modalities_
             b.stop()
 
 
+def test_a_spool_below_its_reserve_says_busy_in_presence_and_its_peers_wait_without_offering(
+        tmp_path: Path, small_fs: Path) -> None:
+    """No peer's study fits while the spool's free space is below the reserve: B's presence says so (``dnd``),
+    A waits by presence (its queue says why) and offers nothing, then sends once B shows room again."""
+    with running_prosody(tmp_path / "prosody", plugin_paths=[PROXY65_VARIANT]) as prosody:
+        paths = PathSettings(spool_dir=small_fs / "spool", watch_dir=None, quarantine_dir=tmp_path / "b" / "quarantine",
+                             spool_reserve_mb=8)  # more than the 4 MiB file system holds
+        b = start_site(tmp_path, "b", B_JID, prosody, peers=(A_JID,), settings_extra={"paths": paths})
+        a = start_site(tmp_path, "a", A_JID, prosody, peers=(B_JID,), destination=B_JID)
+        try:
+            said = "busy (spool space below the reserve kept for this site's modalities)"
+            wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == said, 60, 0.05,
+                     what=lambda: f"A to see B's spool low ({a.gateway.agent.peer_availability(B_JID)})")
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=256, columns=256)
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
+
+            def a_waits() -> bool:
+                units = a.gateway.store.studies()
+                return [u.state for u in units] == ["waiting-peer"] and units[0].error == f"peer {said}"
+
+            wait_for(a_waits, 60, 0.05, what=lambda: f"A to wait for B by presence ({situation(a, b)})")
+            assert a.gateway.store.transfers() == []  # not offered
+            assert [e for e in b.gateway.store.audit_entries(limit=5000) if e["event"] == "offer_refused"] == []
+
+            subprocess.run(["mount", "-o", "remount,size=32m", str(small_fs)], check=True)
+            wait_for(lambda: a.gateway.agent.peer_availability(B_JID)[1] == "available", 60, 0.05,
+                     what="A to see B ready again")
+            wait_for(lambda: unit_states(a.gateway) == ["sent"], 120, 0.2, what=f"A's study to be sent ({situation(a, b)})")
+            assert_received_whole(b.gateway, study)
+        finally:
+            a.stop()
+            b.stop()
+
+
 def _on_disk(bundle: InboundBundle) -> int:
     return sum(path.stat().st_size for path in bundle.dir.iterdir() if path.name == "head" or path.suffix == ".dcm")
 

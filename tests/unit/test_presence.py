@@ -77,7 +77,10 @@ def test_peer_presence_and_what_it_means_for_an_offer() -> None:
     bare = "radiology.hospital-b@helsenett.test"
     assert peers.availability(bare) == (None, "offline")
     peers.update(bare, "gw1", "available", "dnd", "busy: at the inbound transfer limit")
+    assert peers.availability(bare) == (None, "busy (at the inbound transfer limit)")
+    peers.update(bare, "gw1", "available", "dnd", "")
     assert peers.availability(bare) == (None, "busy")
+    peers.update(bare, "gw1", "available", "dnd", "busy: at the inbound transfer limit")
     assert peers.availability(bare, "stat") == (f"{bare}/gw1", "busy (STAT offered into its reserved room)")
     peers.update(bare, "gw2", "available", "", "ready")
     assert peers.availability(bare) == (f"{bare}/gw2", "available")
@@ -85,6 +88,6 @@ def test_peer_presence_and_what_it_means_for_an_offer() -> None:
     peers.update(bare, "gw1", "available", "dnd", "maintenance: PACS upgrade" + "x" * 500)
     assert peers.availability(bare, "stat")[0] is None  # maintenance holds STAT too
     assert len(peers.text[bare]["gw1"]) == 200 and peers.online_resource(bare) == f"{bare}/gw1"
-    assert peers.received == 4
+    assert peers.received == 6
     peers.clear()
     assert peers.availability(bare) == (None, "offline")
