@@ -41,7 +41,7 @@ class PeerPresence:
             resources.pop(resource, None)
         elif kind in AVAILABLE_SHOWS:
             resources[resource] = show or "available"
-            self.text.setdefault(bare, {})[resource] = (status or "")[:200]
+            self.text.setdefault(bare, {})[resource] = " ".join((status or "")[:400].split())[:200]  # one line: it reaches queues
 
     def online_resource(self, bare: str) -> str | None:
         """A full JID of the peer if any of its resources is online (busy or not)."""

@@ -80,6 +80,8 @@ def test_peer_presence_and_what_it_means_for_an_offer() -> None:
     assert peers.availability(bare) == (None, "busy (at the inbound transfer limit)")
     peers.update(bare, "gw1", "available", "dnd", "")
     assert peers.availability(bare) == (None, "busy")
+    peers.update(bare, "gw1", "available", "dnd", "busy: spool\n\r\tfull\u2028 here")  # a peer's words: one line
+    assert peers.availability(bare) == (None, "busy (spool full here)")
     peers.update(bare, "gw1", "available", "dnd", "busy: at the inbound transfer limit")
     assert peers.availability(bare, "stat") == (f"{bare}/gw1", "busy (STAT offered into its reserved room)")
     peers.update(bare, "gw2", "available", "", "ready")
@@ -88,6 +90,6 @@ def test_peer_presence_and_what_it_means_for_an_offer() -> None:
     peers.update(bare, "gw1", "available", "dnd", "maintenance: PACS upgrade" + "x" * 500)
     assert peers.availability(bare, "stat")[0] is None  # maintenance holds STAT too
     assert len(peers.text[bare]["gw1"]) == 200 and peers.online_resource(bare) == f"{bare}/gw1"
-    assert peers.received == 6
+    assert peers.received == 7
     peers.clear()
     assert peers.availability(bare) == (None, "offline")
