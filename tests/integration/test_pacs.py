@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -132,12 +133,18 @@ class CountingSCP:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
 
+        both_up = threading.Event()
+
         def on_store(event: object) -> int:
+            if maximum_associations > 1:  # the first store waits for the second association (a busy machine may
+                both_up.wait(60)          # otherwise send the whole small study before the second is up)
             self.stored.append((id(event.assoc), str(event.request.AffectedSOPInstanceUID)))  # type: ignore[attr-defined]
             return 0x0000
 
         def on_accepted(_event: object) -> None:
             self.accepted += 1
+            if self.accepted >= 2:
+                both_up.set()
 
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)])

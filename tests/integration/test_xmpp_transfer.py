@@ -408,7 +408,7 @@ def test_busy_receiver_makes_the_sender_wait_then_send(tmp_path: Path, prosody: 
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: unit_states(a.gateway) == ["waiting-peer"], 30, 0.1, what="A to wait for busy B")
         (unit,) = a.gateway.store.studies()
-        assert unit.error == "peer busy" and a.gateway.store.transfers() == []
+        assert unit.error == "peer busy (at the inbound transfer limit)" and a.gateway.store.transfers() == []
         b.controller._loop.call_soon_threadsafe(b.gateway.agent.set_busy, False, "ready")  # noqa: SLF001
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 30, 0.1, what="A to send once B is free")
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
