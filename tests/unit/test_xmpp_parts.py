@@ -501,3 +501,22 @@ def test_the_senders_close_of_an_ibb_stream_waits_for_its_writes_before_the_verd
         assert sink.log == ["write one", "finish"] and verdicts == [("received", "verified")]
 
     asyncio.run(run())
+
+
+def test_a_stop_waits_for_the_ibb_blocks_taken_before_it_closes_the_sinks() -> None:
+    async def run() -> None:
+        gate = threading.Event()
+        sink = BlockSink(gate)
+        ibb, offers, tasks = ibb_stream(sink)
+        answers: list[str] = []
+        ibb.on_data(BlockIq(0, b"one", answers))  # type: ignore[arg-type]
+        ending = asyncio.ensure_future(offers.writes_ended())  # what the agent's stop awaits first
+        await asyncio.sleep(0.05)
+        assert not ending.done()
+        gate.set()
+        await asyncio.wait_for(ending, 60)
+        offers.stop()
+        assert sink.log == ["write one", "close: gateway stopping"]
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    asyncio.run(run())
