@@ -18,7 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.terminal import plain
+
 AVAILABLE_SHOWS = ("available", "", "chat", "away", "dnd", "xa")
+STATUS_CHARS = 200  # of a peer's status text kept: it reaches the sender's queue as the reason it waits
+
+
+def one_line(status: str | None) -> str:
+    """A peer's status text as the queue may show it: no control or direction characters (``gateway.terminal``),
+    on one line (whitespace and separators collapsed), at most ``STATUS_CHARS``."""
+    return " ".join(plain((status or "")[: 4 * STATUS_CHARS]).split())[:STATUS_CHARS]
 
 
 class PeerPresence:
@@ -41,7 +50,7 @@ class PeerPresence:
             resources.pop(resource, None)
         elif kind in AVAILABLE_SHOWS:
             resources[resource] = show or "available"
-            self.text.setdefault(bare, {})[resource] = " ".join((status or "")[:400].split())[:200]  # one line: it reaches queues
+            self.text.setdefault(bare, {})[resource] = one_line(status)
 
     def online_resource(self, bare: str) -> str | None:
         """A full JID of the peer if any of its resources is online (busy or not)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from adapters.xmpp.presence import FlowControl, PeerPresence
 
 
@@ -93,3 +95,26 @@ def test_peer_presence_and_what_it_means_for_an_offer() -> None:
     assert peers.received == 7
     peers.clear()
     assert peers.availability(bare) == (None, "offline")
+
+
+@pytest.mark.parametrize("status", [
+    "busy: " + "x" * 100_000,  # oversized
+    "busy: spool\x1b[2J\x1b]0;title\x07 low\u202e",  # escape sequences, a bidirectional override
+    "busy: \x00\x01\x7f\x9f",  # C0, DEL, C1 alone
+    "busy: \udcff\ufffd not utf-8",  # a lone surrogate (what undecodable bytes become), the replacement character
+    "busy: line\nbreak\r\n\u2028\u2029end",  # line and paragraph separators
+    "busy: full " * 1000,  # repeated 1000 times
+    "busy: ",  # nothing after the prefix
+    "",
+])
+def test_a_peers_busy_reason_reaches_the_queue_on_one_short_line_of_printable_text(status: str) -> None:
+    """The peer's status text is the peer's (or the server's) word: what the sender's queue shows of it is one
+    line of at most 200 characters with no control or direction characters, and the peer is still busy."""
+    from gateway.terminal import plain
+
+    peers = PeerPresence()
+    bare = "radiology.hospital-b@helsenett.test"
+    peers.update(bare, "gw1", "available", "dnd", status)
+    full, said = peers.availability(bare)
+    assert full is None and said.startswith("busy")
+    assert len(said) <= len("busy ()") + 200 and plain(said) == said and said == " ".join(said.split())
