@@ -242,9 +242,8 @@ class InBandBytestreams:
             self.client.spawn(self.ends.complete(sid))
             raise XMPPError("not-acceptable", f"{exc}; the stream is closed", etype="cancel") from exc
         except (ValueError, OverflowError) as exc:
-            self.ends.drop(sid, f"bad IBB data: {exc}")
-            self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
-            raise XMPPError("bad-request", str(exc)) from exc
+            self._write_failed(sid, entry, exc)
+            raise _block_error(exc) from exc
         if not data:  # handshake records only
             iq.reply().send()
             return
@@ -278,15 +277,16 @@ class InBandBytestreams:
         return asyncio.ensure_future(write())
 
     def _write_failed(self, sid: str, entry: InboundStream, exc: BaseException) -> None:
-        """The stream's end for a block the sink refused (bad data, the disk, our database)."""
+        """The stream's end for a block that is bad data or that the sink refused (the disk, our database)."""
         if self.ends.sinks.get(sid) is not entry:
             return  # already ended (the sender's close waits for the writes, then finds the stream gone)
+        full = spool_full(exc)
         if isinstance(exc, (ValueError, OverflowError)):
             self.ends.drop(sid, f"bad IBB data: {exc}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
-        elif isinstance(exc, OSError) and spool_full(exc):  # a full spool is said as such, what came kept for a resume
-            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, spool_full(exc))
-            self.client.spawn(self.ends.complete(sid, spool_full(exc)))
+        elif full:  # a full spool is said as such, what came kept for a resume
+            log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, full)
+            self.client.spawn(self.ends.complete(sid, full))
         else:  # ours (the disk, the sink's database): logged, the stream closed, the sender told
             self.client.spawn(self.ends.fail_stream(sid, exc))
 
@@ -294,16 +294,8 @@ class InBandBytestreams:
         """A block is answered once it is written (the sender's window is the bound on blocks in flight)."""
         try:
             await writing
-        except _NotWritten as exc:
-            iq.exception(XMPPError("not-acceptable", str(exc), etype="cancel"))
-        except (ValueError, OverflowError) as exc:
-            iq.exception(XMPPError("bad-request", str(exc)))
-        except OSError as exc:
-            reason = spool_full(exc)
-            iq.exception(XMPPError("resource-constraint", f"{reason}; offer it again later", etype="wait") if reason
-                         else XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait"))
-        except Exception:
-            iq.exception(XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait"))
+        except Exception as exc:
+            iq.exception(_block_error(exc))
         else:
             iq.reply().send()
 
@@ -335,6 +327,18 @@ def _ibb_data(to_attr: str, iq_id: str, seq: int, sid: str, data: bytes) -> str:
     """One XEP-0047 data stanza, written directly (slixmpp's per-character escaping costs 3.7 ms per block)."""
     payload = base64.b64encode(data).decode("ascii")
     return f"<iq type='set' to={to_attr} id='{iq_id}'><data xmlns='{NS_IBB}' seq='{seq}' sid='{sid}'>{payload}</data></iq>"
+
+
+def _block_error(exc: BaseException) -> XMPPError:
+    """The answer to a data block that was not taken (``_write_failed`` has ended its stream)."""
+    if isinstance(exc, _NotWritten):
+        return XMPPError("not-acceptable", str(exc), etype="cancel")
+    if isinstance(exc, (ValueError, OverflowError)):
+        return XMPPError("bad-request", str(exc))
+    full = spool_full(exc)
+    if full:
+        return XMPPError("resource-constraint", f"{full}; offer it again later", etype="wait")
+    return XMPPError("internal-server-error", "the receiver failed; offer it again", etype="wait")
 
 
 def _refusal(stanza: Any) -> str:

@@ -4,12 +4,16 @@ built here on a stand-in for the agent (``common.XmppClient``), no server needed
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from slixmpp.exceptions import XMPPError
 
 from adapters.xmpp.common import (
     AwaitedVerdict,
@@ -21,7 +25,7 @@ from adapters.xmpp.common import (
 from adapters.xmpp.ibb import InBandBytestreams
 from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.s5b import Socks5Bytestreams
-from adapters.xmpp.stanzas import NS_S5B
+from adapters.xmpp.stanzas import NS_IBB, NS_S5B, q
 
 
 class Client:
@@ -366,12 +370,6 @@ class BlockIq:
     """What the IBB handler reads of a data stanza, and the answer it gives."""
 
     def __init__(self, seq: int, data: bytes, answers: list[str], sid: str = "sid1") -> None:
-        import base64
-        import xml.etree.ElementTree as ET
-        from types import SimpleNamespace
-
-        from adapters.xmpp.stanzas import NS_IBB, q
-
         self.xml = ET.Element("iq")
         ET.SubElement(self.xml, q(NS_IBB, "data"), {"sid": sid, "seq": str(seq)}).text = base64.b64encode(data).decode()
         self.sender = SimpleNamespace(full="a@helsenett.test/gw1", bare="a@helsenett.test")
@@ -461,8 +459,6 @@ def test_a_dropped_ibb_streams_sink_closes_after_the_blocks_it_took() -> None:
         offers.send_verdict = send_verdict  # type: ignore[method-assign]
         answers: list[str] = []
         ibb.on_data(BlockIq(0, b"one", answers))  # type: ignore[arg-type]
-        from slixmpp.exceptions import XMPPError
-
         with pytest.raises(XMPPError):
             ibb.on_data(BlockIq(5, b"six", answers))  # type: ignore[arg-type]
         assert "sid1" not in offers.sinks
