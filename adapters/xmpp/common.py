@@ -191,6 +191,7 @@ class InboundStream:
     writing: asyncio.Future[None] | None = None  # the last block's write (each waits for the one before)
     queued: int = 0  # blocks taken whose write has not ended
     write_failed: bool = False  # a write failed: the blocks behind it are not written
+    ended_for: str = ""  # why a write ended the stream (the spool full): said by whichever end runs first
     # S5B: our leg to the proxy the offer named (``Offer.streamhost``), opened while we answered it; taken by
     # the XEP-0065 query that names the same streamhost, closed otherwise (``s5b.discard_early``).
     early: asyncio.Future[socket.socket] | None = None

@@ -285,6 +285,7 @@ class InBandBytestreams:
             self.ends.drop(sid, f"bad IBB data: {exc}")
             self.client.spawn(self.ends.send_verdict(entry.peer, sid, "rejected", f"bad IBB data: {exc}", entry.ours))
         elif full:  # a full spool is said as such, what came kept for a resume
+            entry.ended_for = full  # also when the sender's close, waiting for the same writes, ends it first
             log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, full)
             self.client.spawn(self.ends.complete(sid, full))
         else:  # ours (the disk, the sink's database): logged, the stream closed, the sender told

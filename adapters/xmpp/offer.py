@@ -409,6 +409,7 @@ class StudyOffers:
             return  # ended meanwhile (a block's write failed, or another end came first)
         del self.sinks[sid]
         discard_early(entry.early)
+        reason = reason or entry.ended_for
         sink = entry.sink
         if (entry.tls is not None or entry.pipe is not None) and entry.secured and sink.offset == entry.start_offset:
             # The sender ended the channel right after the handshake, before a byte: it refused our certificate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import socket
 import threading
 import xml.etree.ElementTree as ET
@@ -26,6 +27,7 @@ from adapters.xmpp.ibb import InBandBytestreams
 from adapters.xmpp.offer import StudyOffers
 from adapters.xmpp.s5b import Socks5Bytestreams
 from adapters.xmpp.stanzas import NS_IBB, NS_S5B, q
+from gateway.retry import PEER_SPOOL_FULL
 
 
 class Client:
@@ -348,8 +350,9 @@ class BlockSink:
     """An IBB stream's sink that records each write (and on which thread), holds the first until ``gate`` is set
     (a disk or a database that stalls) and fails the block that is ``fail_at`` (1-based)."""
 
-    def __init__(self, gate: threading.Event, fail_at: int = 0) -> None:
+    def __init__(self, gate: threading.Event, fail_at: int = 0, failure: OSError | None = None) -> None:
         self.gate, self.fail_at = gate, fail_at
+        self.failure = failure or OSError(errno.EIO, "Input/output error")
         self.offset, self.size, self.log = 0, 1000, []  # type: ignore[var-annotated]
         self.on_loop = False
 
@@ -358,7 +361,7 @@ class BlockSink:
         if not self.log and not self.on_loop:
             assert self.gate.wait(30)
         if len([e for e in self.log if e.startswith("write")]) + 1 == self.fail_at:
-            raise OSError(5, "Input/output error")
+            raise self.failure
         self.offset += len(data)
         self.log.append(f"write {data.decode()}")
 
@@ -495,6 +498,36 @@ def test_the_senders_close_of_an_ibb_stream_waits_for_its_writes_before_the_verd
         gate.set()
         await asyncio.wait_for(ending, 60)
         assert sink.log == ["write one", "finish"] and verdicts == [("received", "verified")]
+
+    asyncio.run(run())
+
+
+def test_a_full_spool_met_by_a_write_behind_the_senders_close_is_said_in_the_verdict() -> None:
+    """The sender's close came while its last blocks still waited for the disk, and a write found the spool
+    full: whichever end runs first, the verdict (and so the sender's queue) says the spool is full, not only
+    how many bytes came."""
+    async def run() -> None:
+        gate = threading.Event()
+        sink = BlockSink(gate, fail_at=2, failure=OSError(errno.ENOSPC, "No space left on device"))
+        ibb, offers, tasks = ibb_stream(sink)
+        verdicts: list[tuple[str, str]] = []
+
+        async def send_verdict(peer: str, sid: str, outcome: str, detail: str, ours: str = "") -> None:
+            verdicts.append((outcome, detail))
+
+        offers.send_verdict = send_verdict  # type: ignore[method-assign]
+        answers: list[str] = []
+        ibb.on_data(BlockIq(0, b"one", answers))  # type: ignore[arg-type]
+        ibb.on_data(BlockIq(1, b"two", answers))  # type: ignore[arg-type]
+        ibb.on_data(BlockIq(2, b"three", answers))  # type: ignore[arg-type]
+        ending = asyncio.ensure_future(offers.complete("sid1"))  # the sender's close, behind its last block
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait_for(ending, 60)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        assert sorted(answers) == ["0: result", "1: resource-constraint", "2: not-acceptable"]
+        assert verdicts == [("incomplete", f"3 of 1000 bytes before the stream ended ({PEER_SPOOL_FULL})")]
+        assert sink.log == ["write one", f"close: 3 of 1000 bytes before the stream ended ({PEER_SPOOL_FULL})"]
 
     asyncio.run(run())
 
