@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,30 +150,33 @@ def main() -> None:
     args = parser.parse_args()
     counts = [1000, 10000] if args.quick else [int(c) for c in args.studies.split(",")]
     work = Path(tempfile.mkdtemp(prefix="dicomgw-queue-scale-"))
-    results: dict[int, dict[str, float]] = {}
-    for count in counts:
-        db_url = args.db or f"sqlite:///{work / f'queue-{count}.db'}"
-        engine = make_engine(db_url)
-        if args.db:
-            with engine.begin() as conn:
-                conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        upgrade_schema(engine)
-        filled = time.perf_counter()
-        fill(QueueStore(engine), count)
-        engine.dispose()
-        config = work / f"gateway-{count}.toml"
-        config.write_text(f'[paths]\nspool_dir = "{work}/spool"\nwatch_dir = ""\nquarantine_dir = "{work}/q"\n'
-                          f'[queue]\ndb_url = "{db_url}"\n')
-        results[count] = measure(db_url, config)
-        print(f"{count:>7} studies (filled in {time.perf_counter() - filled:.0f} s): "
-              + "  ".join(f"{k} {v:.3f}" for k, v in results[count].items()), flush=True)
-    first, last = results[counts[0]], results[counts[-1]]
-    # archive_all_s moves every delivered study: it grows with the history by design (its batch must not)
-    ratios = {k: round(last[k] / first[k], 2) for k in first if first[k] > 0 and k != "archive_all_s"}
-    print(json.dumps({"db": "postgresql" if args.db else "sqlite", "counts": counts,
-                      "seconds": {str(c): {k: round(v, 4) for k, v in r.items()} for c, r in results.items()},
-                      "ratios": ratios, "worst_100k_vs_1k": max(ratios.values()),
-                      "worst_operation": max(ratios, key=ratios.get)}))
+    try:
+        results: dict[int, dict[str, float]] = {}
+        for count in counts:
+            db_url = args.db or f"sqlite:///{work / f'queue-{count}.db'}"
+            engine = make_engine(db_url)
+            if args.db:
+                with engine.begin() as conn:
+                    conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+            upgrade_schema(engine)
+            filled = time.perf_counter()
+            fill(QueueStore(engine), count)
+            engine.dispose()
+            config = work / f"gateway-{count}.toml"
+            config.write_text(f'[paths]\nspool_dir = "{work}/spool"\nwatch_dir = ""\nquarantine_dir = "{work}/q"\n'
+                              f'[queue]\ndb_url = "{db_url}"\n')
+            results[count] = measure(db_url, config)
+            print(f"{count:>7} studies (filled in {time.perf_counter() - filled:.0f} s): "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in results[count].items()), flush=True)
+        first, last = results[counts[0]], results[counts[-1]]
+        # archive_all_s moves every delivered study: it grows with the history by design (its batch must not)
+        ratios = {k: round(last[k] / first[k], 2) for k in first if first[k] > 0 and k != "archive_all_s"}
+        print(json.dumps({"db": "postgresql" if args.db else "sqlite", "counts": counts,
+                          "seconds": {str(c): {k: round(v, 4) for k, v in r.items()} for c, r in results.items()},
+                          "ratios": ratios, "worst_100k_vs_1k": max(ratios.values()),
+                          "worst_operation": max(ratios, key=ratios.get)}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

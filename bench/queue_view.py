@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,29 +61,32 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.studies.split(",")]
     work = Path(tempfile.mkdtemp(prefix="dicomgw-queue-view-"))
-    results = {}
-    reference = timed(work / "none.toml", "--help")
-    print(f"{'studies':>8} {'queue':>8} {'--json':>8} {'--page 3':>9}   (reference: dicomgw --help {reference:.2f} s)")
-    for count in counts:
-        db_url = args.db or f"sqlite:///{work / f'queue-{count}.db'}"
-        if args.db:
-            engine = make_engine(db_url)
-            with engine.begin() as conn:
-                conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-            engine.dispose()
-        fill(db_url, count)
-        config = work / f"gateway-{count}.toml"
-        config.write_text(f'[paths]\nspool_dir = "{work}/spool"\nwatch_dir = ""\nquarantine_dir = "{work}/q"\n'
-                          f'[queue]\ndb_url = "{db_url}"\n')
-        timed(config, "queue")  # the first run upgrades nothing more, but warms the file cache
-        row = [min(timed(config, "queue") for _ in range(3)), min(timed(config, "queue", "--json") for _ in range(3)),
-               min(timed(config, "queue", "--page", "3") for _ in range(3))]
-        results[count] = row
-        print(f"{count:>8} {row[0]:>8.2f} {row[1]:>8.2f} {row[2]:>9.2f}")
-    print(json.dumps({"queue_s": {str(c): round(r[0], 3) for c, r in results.items()},
-                      "queue_json_s": {str(c): round(r[1], 3) for c, r in results.items()},
-                      "reference_s": round(reference, 3),
-                      "largest_vs_smallest": round(results[counts[-1]][0] / results[counts[0]][0], 2)}))
+    try:
+        results = {}
+        reference = timed(work / "none.toml", "--help")
+        print(f"{'studies':>8} {'queue':>8} {'--json':>8} {'--page 3':>9}   (reference: dicomgw --help {reference:.2f} s)")
+        for count in counts:
+            db_url = args.db or f"sqlite:///{work / f'queue-{count}.db'}"
+            if args.db:
+                engine = make_engine(db_url)
+                with engine.begin() as conn:
+                    conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+                engine.dispose()
+            fill(db_url, count)
+            config = work / f"gateway-{count}.toml"
+            config.write_text(f'[paths]\nspool_dir = "{work}/spool"\nwatch_dir = ""\nquarantine_dir = "{work}/q"\n'
+                              f'[queue]\ndb_url = "{db_url}"\n')
+            timed(config, "queue")  # the first run upgrades nothing more, but warms the file cache
+            row = [min(timed(config, "queue") for _ in range(3)), min(timed(config, "queue", "--json") for _ in range(3)),
+                   min(timed(config, "queue", "--page", "3") for _ in range(3))]
+            results[count] = row
+            print(f"{count:>8} {row[0]:>8.2f} {row[1]:>8.2f} {row[2]:>9.2f}")
+        print(json.dumps({"queue_s": {str(c): round(r[0], 3) for c, r in results.items()},
+                          "queue_json_s": {str(c): round(r[1], 3) for c, r in results.items()},
+                          "reference_s": round(reference, 3),
+                          "largest_vs_smallest": round(results[counts[-1]][0] / results[counts[0]][0], 2)}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

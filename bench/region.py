@@ -47,6 +47,7 @@ import hmac
 import json
 import os
 import random
+import shutil
 import signal
 import ssl
 import statistics
@@ -467,14 +468,17 @@ def main() -> None:
     kinds = ["ejabberd", "prosody"] if args.server == "both" else [args.server]
     work = Path(tempfile.mkdtemp(prefix="dicomgw-region-"))
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    for kind in kinds:
-        for n in counts:
-            jids, groups = topology(n, args.peers_per_site)
-            figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster, args.study_runs)
-                       if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.study_runs))
-            figures["groups"] = len(groups)
-            results.setdefault(kind, {})[n] = figures
-            print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
+    try:  # the servers, the real pair and Orthanc are stopped by then (run_*); their files (~2 GB) go with it
+        for kind in kinds:
+            for n in counts:
+                jids, groups = topology(n, args.peers_per_site)
+                figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster, args.study_runs)
+                           if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.study_runs))
+                figures["groups"] = len(groups)
+                results.setdefault(kind, {})[n] = figures
+                print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, Any] = {"sites": counts, "peers_per_site": args.peers_per_site, "churn_s": churn_s}
     for kind, by_n in results.items():
         small, large = by_n[counts[0]], by_n[counts[-1]]
