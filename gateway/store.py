@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from gateway.group_commit import GroupCommit
 from gateway.rows import (  # noqa: F401 (the models and exceptions are part of this module's interface)
     AuditRow,
     Base,
@@ -126,6 +127,8 @@ class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, R
         # study_instance_uid -> id of the unit last seen open for it: lets the hot path skip the lookup.
         # Only a hint: the fast path re-checks the unit's state in its UPDATE.
         self._open_unit_hint: dict[tuple[str, str | None], int] = {}
+        # The associations' instance rows committed together (gateway.group_commit): one transaction, one fsync.
+        self.grow_commits: GroupCommit[dict[str, Any], bool] = GroupCommit(self._grow_units)
 
     @contextmanager
     def _unit_of_work(self) -> Iterator[Session]:

@@ -113,19 +113,31 @@ class IngestRepo:
     def _record_fast(
         self, header: InstanceHeader, spool_path: str, size_bytes: int, sha256: str, source: str, origin_peer: str | None
     ) -> int | None:
-        """One UPDATE + one INSERT on the unit this process saw open last; None if it is no longer open."""
+        """One UPDATE + one INSERT on the unit this process saw open last, committed with the other associations'
+        instances waiting at the same moment (``grow_commits``); None if the unit is no longer open."""
         key = (header.study_instance_uid, origin_peer)
         unit_id = self._open_unit_hint.get(key)
         if unit_id is None:
             return None
         now = utcnow()
-        with self._engine.begin() as conn:
-            moved = conn.execute(_GROW_OPEN_UNIT, {"unit": unit_id, "bytes": size_bytes, "now": now})
-            if moved.rowcount != 1:
-                self._open_unit_hint.pop(key, None)
-                return None
-            conn.execute(_INSERT_INSTANCE, _instance_values(header, unit_id, spool_path, size_bytes, sha256, source, False, now))
+        values = _instance_values(header, unit_id, spool_path, size_bytes, sha256, source, False, now)
+        if not self.grow_commits.submit(values):
+            self._open_unit_hint.pop(key, None)
+            return None
         return unit_id
+
+    def _grow_units(self, rows: list[dict[str, Any]]) -> list[bool]:
+        """Each instance row into its open unit, all in one transaction; False for a row whose unit is no longer
+        open (not inserted: its caller opens a unit)."""
+        grown = []
+        with self._engine.begin() as conn:
+            for values in rows:
+                moved = conn.execute(_GROW_OPEN_UNIT, {"unit": values["unit_id"], "bytes": values["size_bytes"],
+                                                       "now": values["received_at"]})
+                grown.append(moved.rowcount == 1)
+                if grown[-1]:
+                    conn.execute(_INSERT_INSTANCE, values)
+        return grown
 
     def _record(
         self,

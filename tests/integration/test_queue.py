@@ -3,11 +3,13 @@ when GATEWAY_TEST_PG_URL is set, which .ci/run does)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from gateway.lifecycle import IllegalTransition, State
 from gateway.model import InstanceHeader
@@ -286,3 +288,79 @@ def test_which_of_our_keys_a_peer_pins_is_known_to_every_process_of_the_site(sto
     assert other.signing(peer) == pinned and restarted.signing(peer) == pinned
     one.refresh()
     assert not one.note_signing(peer, pinned)  # the table says so already: no write
+
+
+def _hold_first_grow(store: QueueStore, queued: int) -> threading.Event:
+    """The first batch of instance rows waits in its first statement until ``queued`` more rows wait behind it
+    (a commit still on its way to the disk while other associations' instances come); returns when it runs."""
+    running = threading.Event()
+
+    def before(conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE STUDY_UNITS") and not running.is_set():
+            running.set()
+            for _ in range(6000):  # bounded: 30 s
+                if store.grow_commits.waiting >= queued:
+                    return
+                threading.Event().wait(0.005)
+
+    event.listen(store.engine, "before_cursor_execute", before)
+    return running
+
+
+def _record_in_threads(store: QueueStore, sops: list[str], sha: dict[str, str] | None = None) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+
+    def run(sop: str) -> None:
+        try:
+            results[sop] = record(store, sop, sha=(sha or {}).get(sop, ""))
+        except Exception as exc:  # the thread's own answer, read by the test
+            results[sop] = exc
+
+    threads = [threading.Thread(target=run, args=(sop,)) for sop in sops]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_instances_of_several_associations_at_once_commit_together_each_counted_once(store: QueueStore) -> None:
+    """Four associations' instances that come while one commit runs go in one transaction behind it (one
+    commit, one fsync), each answered with its unit, every row there and counted once."""
+    unit_id = record(store, "1.2.3.1.1")  # the study's unit is open: the next instances take the fast path
+    batches = store.grow_commits.batches
+    running = _hold_first_grow(store, queued=3)
+    sops = [f"1.2.3.1.{i}" for i in range(2, 6)]
+    first = threading.Thread(target=record, args=(store, sops[0]))
+    first.start()
+    assert running.wait(30)
+    results = _record_in_threads(store, sops[1:])
+    first.join(60)
+    assert results == {sop: unit_id for sop in sops[1:]}
+    assert store.grow_commits.batches - batches == 2  # the held one, then the three together
+    (summary,) = store.studies()
+    assert (summary.instances, summary.size_bytes) == (5, 5000)
+    assert store.count_instances() == 5
+
+
+def test_a_duplicate_among_instances_committed_together_is_refused_alone(store: QueueStore, db_url: str) -> None:
+    """Another process recorded one UID's bytes first: the batch that meets its constraint is rolled back and its
+    rows go again one by one, so only that instance is a duplicate; the others are stored and counted once."""
+    from gateway.store import DuplicateInstance
+
+    unit_id = record(store, "1.2.3.1.1")
+    other = QueueStore(make_engine(db_url))  # a second process of the site on the same queue
+    try:
+        record(other, "1.2.3.1.3", sha="c" * 64)
+    finally:
+        other.engine.dispose()
+    running = _hold_first_grow(store, queued=3)
+    first = threading.Thread(target=record, args=(store, "1.2.3.1.2"))
+    first.start()
+    assert running.wait(30)
+    results = _record_in_threads(store, ["1.2.3.1.3", "1.2.3.1.4", "1.2.3.1.5"], sha={"1.2.3.1.3": "c" * 64})
+    first.join(60)
+    assert isinstance(results.pop("1.2.3.1.3"), DuplicateInstance)
+    assert results == {"1.2.3.1.4": unit_id, "1.2.3.1.5": unit_id}
+    (summary,) = store.studies()  # 1.1, 1.2, 1.4 and 1.5 of this process, 1.3 of the other: each once
+    assert (summary.instances, summary.size_bytes) == (5, 5000) and store.count_instances() == 5
