@@ -52,8 +52,9 @@ def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def start_behind_a_running_batch(batches: Batches, items: list[str]) -> tuple[GroupCommit[str, str], dict[str, Any], list[threading.Thread]]:
-    """"first" runs alone and holds its batch; ``items`` are submitted meanwhile and wait."""
+def behind_a_running_batch(batches: Batches, items: list[str]) -> tuple[GroupCommit[str, str], dict[str, Any]]:
+    """"first" runs alone and holds its batch; ``items`` are submitted meanwhile and wait; then the held batch
+    ends and every thread's answer is collected."""
     group: GroupCommit[str, str] = GroupCommit(batches)
     results: dict[str, Any] = {}
     threads = [in_thread(lambda: group.submit("first"), results, "first")]
@@ -61,15 +62,15 @@ def start_behind_a_running_batch(batches: Batches, items: list[str]) -> tuple[Gr
     for item in items:
         threads.append(in_thread(lambda item=item: group.submit(item), results, item))  # type: ignore[misc]
     until(lambda: group.waiting == len(items))
-    return group, results, threads
+    batches.gate.set()
+    for thread in threads:
+        thread.join(30)
+    return group, results
 
 
 def test_items_that_wait_while_a_batch_runs_are_committed_together_each_with_its_own_result() -> None:
     batches = Batches()
-    group, results, threads = start_behind_a_running_batch(batches, ["a", "b", "c"])
-    batches.gate.set()
-    for thread in threads:
-        thread.join(30)
+    group, results = behind_a_running_batch(batches, ["a", "b", "c"])
     assert batches.seen[0] == ["first"] and sorted(batches.seen[1]) == ["a", "b", "c"] and len(batches.seen) == 2
     assert results == {name: f"{name} committed" for name in ("first", "a", "b", "c")}
     assert group.batches == 2 and group.waiting == 0
@@ -77,10 +78,7 @@ def test_items_that_wait_while_a_batch_runs_are_committed_together_each_with_its
 
 def test_a_failed_batch_runs_its_items_alone_and_the_error_reaches_only_its_own_thread() -> None:
     batches = Batches()
-    _group, results, threads = start_behind_a_running_batch(batches, ["a", "bad", "c"])
-    batches.gate.set()
-    for thread in threads:
-        thread.join(30)
+    _group, results = behind_a_running_batch(batches, ["a", "bad", "c"])
     assert sorted(batches.seen[1]) == ["a", "bad", "c"]
     assert sorted(map(tuple, batches.seen[2:])) == [("a",), ("bad",), ("c",)]  # each again, alone
     assert results["a"] == "a committed" and results["c"] == "c committed" and results["first"] == "first committed"
