@@ -12,7 +12,8 @@ runs make its file creates slow: ext4 skips recently freed inodes), and the dirt
 it are written out first (``sync``, not timed: storescp leaves its 210 MB to the kernel's writeback, which ran
 into the next receivers' fsyncs); the figure is the median of ``--runs``. The gateway's peak RSS is
 read from /proc (VmHWM) after the 1x study and again after a 2x study, to show it flat in study size.
-The last line printed is one JSON object.
+``--associations n``: n storescu processes send the study at once, each every n-th slice (modalities sending
+at the same moment; storescp then forks a child per association). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -76,25 +77,37 @@ class BarePynetdicom(PeerProcess):
         return self
 
 
-def push(port: int, called_ae: str, files: list[Path]) -> float:
+def push(port: int, called_ae: str, files: list[Path], associations: int = 1) -> float:
+    """Seconds for storescu to send ``files``, over ``associations`` storescu processes at once (every
+    ``associations``-th file each: several modalities sending at the same moment)."""
+    parts = [files[i::associations] for i in range(associations)]
     start = time.perf_counter()
-    result = subprocess.run(
-        ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
-        env=nodelay_env(), capture_output=True, text=True, timeout=600, check=False,
-    )
+    senders = [subprocess.Popen(
+        ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", called_ae, "127.0.0.1", str(port), *map(str, part)],
+        env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for part in parts]
+    errors = []
+    for sender in senders:
+        try:
+            errors.append(sender.communicate(timeout=600)[1])
+        except subprocess.TimeoutExpired:
+            sender.kill()
+            sender.wait()
+            errors.append("storescu timed out after 600 s")
     elapsed = time.perf_counter() - start
-    if result.returncode != 0 or "Failed" in result.stderr:
-        raise RuntimeError(f"storescu to {called_ae} failed: {result.stderr[-2000:]}")
+    for sender, stderr in zip(senders, errors, strict=True):
+        if sender.returncode != 0 or "Failed" in stderr:
+            raise RuntimeError(f"storescu to {called_ae} failed: {stderr[-2000:]}")
     return elapsed
 
 
-def one_push(label: str, make: Callable[[Path], PeerProcess], files: list[Path], workdir: Path, check: Callable[[PeerProcess], None]) -> tuple[float, float]:
+def one_push(label: str, make: Callable[[Path], PeerProcess], files: list[Path], workdir: Path, check: Callable[[PeerProcess], None],
+             associations: int = 1) -> tuple[float, float]:
     """Start a fresh receiver, push the study once, check what it stored, stop it; (seconds, peak RSS MiB)."""
     with make(workdir) as peer:
         peer.start()  # type: ignore[attr-defined]
         port = getattr(peer, "port", None) or peer.dicom_port  # type: ignore[attr-defined]
         os.sync()  # no receiver waits behind the writeback of another's files
-        seconds = push(port, getattr(peer, "ae_title", "ANY"), files)
+        seconds = push(port, getattr(peer, "ae_title", "ANY"), files, associations)
         check(peer)
         rss = peak_rss_mb(peer.pid)
     # Its files stay until the bench ends: deleting 400 files here would slow the next receiver's file
@@ -102,14 +115,15 @@ def one_push(label: str, make: Callable[[Path], PeerProcess], files: list[Path],
     return seconds, rss
 
 
-def measure_all(targets: dict[str, tuple[Callable[[Path], PeerProcess], Callable[[PeerProcess], None]]], files: list[Path], root: Path, runs: int) -> dict[str, tuple[float, float]]:
+def measure_all(targets: dict[str, tuple[Callable[[Path], PeerProcess], Callable[[PeerProcess], None]]], files: list[Path], root: Path, runs: int,
+                associations: int = 1) -> dict[str, tuple[float, float]]:
     """Rounds interleave the receivers (a, b, c, d, a, b, ...) after one untimed warm-up round, so that the
     machine's state (page cache, memory first touch) weighs on every receiver alike."""
     times: dict[str, list[float]] = {name: [] for name in targets}
     rss: dict[str, float] = {name: 0.0 for name in targets}
     for round_no in range(runs + 1):
         for name, (make, check) in targets.items():
-            seconds, peak = one_push(name, make, files, root / f"{name}-{round_no}", check)
+            seconds, peak = one_push(name, make, files, root / f"{name}-{round_no}", check, associations)
             if round_no == 0:
                 continue  # warm-up
             times[name].append(seconds)
@@ -123,6 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slices", type=int, default=400, help="slices in the 1x study (512x512 16-bit)")
+    parser.add_argument("--associations", type=int, default=1, help="storescu processes sending the study at once "
+                        "(each every n-th slice; storescp then runs with --fork)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-ingest-"))
@@ -130,7 +146,8 @@ def main() -> None:
         study = generate_ct_study(root / "study1x", series=1, slices_per_series=args.slices, seed=1)
         files = study.files
         n, total_mb = len(files), study.size_bytes / 1e6
-        print(f"study: {n} instances, {total_mb:.1f} MB; median of {args.runs} runs; TCP_NODELAY=1 everywhere", flush=True)
+        print(f"study: {n} instances, {total_mb:.1f} MB over {args.associations} association(s) at once; median of "
+              f"{args.runs} runs; TCP_NODELAY=1 everywhere", flush=True)
 
         def gateway_check(peer: PeerProcess) -> None:
             out = subprocess.run(
@@ -154,13 +171,14 @@ def main() -> None:
             {
                 "gateway": (GatewayUnderTest, gateway_check),
                 "orthanc": (lambda w: Orthanc(w, sync_storage=True), orthanc_check),
-                "storescp": (StoreSCP, files_check),
+                "storescp": (lambda w: StoreSCP(w, forked=args.associations > 1), files_check),
                 "bare_pynetdicom": (BarePynetdicom, files_check),
             },
-            files, root, args.runs,
+            files, root, args.runs, args.associations,
         )
         study2 = generate_ct_study(root / "study2x", series=2, slices_per_series=args.slices, seed=2)
-        time_2x, rss_2x = one_push("gateway2x", GatewayUnderTest, study2.files, root / "gateway2x", lambda p: None)
+        time_2x, rss_2x = one_push("gateway2x", GatewayUnderTest, study2.files, root / "gateway2x", lambda p: None,
+                                   args.associations)
 
         print(f"{'receiver':<18}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'peak RSS MB':>13}")
         for name, (seconds, rss) in results.items():
@@ -169,6 +187,7 @@ def main() -> None:
         gw_s = results["gateway"][0]
         summary = {
             "instances": n,
+            "associations": args.associations,
             "study_mb": round(total_mb, 1),
             "mb_s": round(total_mb / gw_s, 1),
             "instances_s": round(n / gw_s, 1),

@@ -175,9 +175,10 @@ class StoreSCP(PeerProcess):
     name = "storescp"
 
     def __init__(self, workdir: Path, ae_title: str = "STORESCP", bit_preserving: bool = False,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, forked: bool = False) -> None:
         super().__init__(workdir)
         self.ae_title = ae_title
+        self.forked = forked  # --fork: a child per association (several at once), as a site would run it
         self.port = free_port()
         self.out_dir = workdir / "out"
         self.bit_preserving = bit_preserving
@@ -188,6 +189,8 @@ class StoreSCP(PeerProcess):
         argv = ["/usr/bin/storescp", "-aet", self.ae_title, "-od", str(self.out_dir)]
         if self.bit_preserving:
             argv += ["+B", "-xf", "/etc/dcmtk/storescp.cfg", "AllDICOM"]
+        if self.forked:
+            argv.append("--fork")
         if self.tls is not None:
             key, cert, ca = self.tls
             argv += ["+tls", str(key), str(cert), "+cf", str(ca), "-rc", "+px"]
