@@ -10,12 +10,16 @@ waited for, and every commit paid its own fsync. Here the threads queue in this 
   batch ran) and runs them through ``run_batch`` in one transaction: one commit, one fsync;
 - each thread returns once the batch holding its item has committed, with its own result.
 
-A batch that fails (one item's constraint, the database gone) decides nothing for its items: each is run
-again alone, so the error reaches only the thread whose item causes it, as without grouping.
+A batch that fails commits none of its items. An error that may be one item's own (``per_item``: a
+constraint another process's row meets) sends each item through again alone, so that it reaches only the
+thread whose item causes it, as without grouping. Any other error (the database locked past its timeout, the
+disk) is every item's: each thread raises it (a copy, chained to the batch's) without trying again, so that a
+database that is down costs each association one wait, not one wait per association in turn.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -25,20 +29,23 @@ Result = TypeVar("Result")
 
 
 class _Request(Generic[Item, Result]):
-    __slots__ = ("item", "result", "state")
+    __slots__ = ("error", "item", "result", "state")
 
     def __init__(self, item: Item) -> None:
         self.item = item
         self.result: Result | None = None
-        self.state = "pending"  # then "done", or "alone" (its batch failed: run again by itself)
+        self.error: Exception | None = None
+        self.state = "pending"  # then "done", "alone" (its batch failed: run again by itself) or "failed"
 
 
 class GroupCommit(Generic[Item, Result]):
     """``run_batch(items)`` writes and commits the items in one transaction and returns one result per item, in
-    order; it runs on the calling threads, one batch at a time."""
+    order; it runs on the calling threads, one batch at a time. ``per_item(error)``: whether a failed batch's
+    error may belong to one of its items only."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result]]) -> None:
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], per_item: Callable[[Exception], bool]) -> None:
         self._run_batch = run_batch
+        self._per_item = per_item
         self._turn = threading.Lock()  # held by the thread running a batch
         self._pending_lock = threading.Lock()
         self._pending: list[_Request[Item, Result]] = []
@@ -51,7 +58,7 @@ class GroupCommit(Generic[Item, Result]):
             return len(self._pending)
 
     def submit(self, item: Item) -> Result:
-        """The item's result once the transaction holding it has committed; its own error otherwise."""
+        """The item's result once the transaction holding it has committed; its error otherwise."""
         request: _Request[Item, Result] = _Request(item)
         with self._pending_lock:
             self._pending.append(request)
@@ -59,20 +66,39 @@ class GroupCommit(Generic[Item, Result]):
             if request.state == "pending":
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
-                self._run(batch)
+                self._run(batch, request)
             if request.state == "alone":
                 return self._run_batch([item])[0]
+        if request.state == "failed":
+            assert request.error is not None
+            raise _own_copy(request.error) from request.error
         return request.result  # type: ignore[return-value]
 
-    def _run(self, batch: list[_Request[Item, Result]]) -> None:
+    def _run(self, batch: list[_Request[Item, Result]], leader: _Request[Item, Result]) -> None:
+        """Run ``batch`` (``leader``'s thread runs it; an error of its own is raised there)."""
+        self.batches += 1
         try:
-            self.batches += 1
             results = self._run_batch([r.item for r in batch])
-        except BaseException as exc:
+        except Exception as exc:
+            alone = len(batch) > 1 and self._per_item(exc)
+            for request in batch:
+                request.state, request.error = ("alone", None) if alone else ("failed", exc)
+            if not alone:
+                leader.state = "raised"
+                raise
+            return
+        except BaseException:  # the leader's thread ends: the others run their items alone
             for request in batch:
                 request.state = "alone"
-            if len(batch) == 1 or not isinstance(exc, Exception):
-                raise  # its own item's error (or the thread's end): the others, if any, run alone
-            return
+            raise
         for request, result in zip(batch, results, strict=True):
             request.result, request.state = result, "done"
+
+
+def _own_copy(error: Exception) -> Exception:
+    """An exception of the same type and text for another thread to raise (one object raised in several threads
+    at once would gather their tracebacks); the object itself when it cannot be copied."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:
+        return error

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.group_commit import GroupCommit
@@ -128,7 +129,9 @@ class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, R
         # Only a hint: the fast path re-checks the unit's state in its UPDATE.
         self._open_unit_hint: dict[tuple[str, str | None], int] = {}
         # The associations' instance rows committed together (gateway.group_commit): one transaction, one fsync.
-        self.grow_commits: GroupCommit[dict[str, Any], bool] = GroupCommit(self._grow_units)
+        # A constraint (another process's row for a UID) is one row's: the others then go again one by one.
+        self.grow_commits: GroupCommit[dict[str, Any], bool] = GroupCommit(
+            self._grow_units, per_item=lambda exc: isinstance(exc, IntegrityError))
 
     @contextmanager
     def _unit_of_work(self) -> Iterator[Session]:

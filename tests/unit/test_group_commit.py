@@ -15,7 +15,8 @@ from gateway.group_commit import GroupCommit
 
 class Batches:
     """Runs batches as the database would; the first waits on ``gate`` (a commit still on its way to the disk);
-    an item "bad" fails the batch it is in."""
+    an item "bad" fails the batch it is in with a constraint (ValueError), an item "down" with OSError (the
+    database gone)."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -28,6 +29,8 @@ class Batches:
             assert self.gate.wait(30)
         if "bad" in items:
             raise ValueError("constraint failed for bad")
+        if "down" in items:
+            raise OSError(5, "database gone")
         return [f"{item} committed" for item in items]
 
 
@@ -52,10 +55,14 @@ def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+def constraint(exc: Exception) -> bool:
+    return isinstance(exc, ValueError)
+
+
 def behind_a_running_batch(batches: Batches, items: list[str]) -> tuple[GroupCommit[str, str], dict[str, Any]]:
     """"first" runs alone and holds its batch; ``items`` are submitted meanwhile and wait; then the held batch
     ends and every thread's answer is collected."""
-    group: GroupCommit[str, str] = GroupCommit(batches)
+    group: GroupCommit[str, str] = GroupCommit(batches, per_item=constraint)
     results: dict[str, Any] = {}
     threads = [in_thread(lambda: group.submit("first"), results, "first")]
     until(lambda: len(batches.seen) == 1)
@@ -85,10 +92,22 @@ def test_a_failed_batch_runs_its_items_alone_and_the_error_reaches_only_its_own_
     assert isinstance(results["bad"], ValueError)
 
 
+def test_a_batch_that_fails_for_all_its_items_gives_each_thread_the_error_without_running_them_again() -> None:
+    """The database gone (not one item's constraint): every thread of the batch gets that error at once, each its
+    own copy chained to the batch's, instead of each trying again in turn behind the others."""
+    batches = Batches()
+    _group, results = behind_a_running_batch(batches, ["a", "down", "c"])
+    assert len(batches.seen) == 2 and sorted(batches.seen[1]) == ["a", "c", "down"]  # nothing run again
+    errors = [results[name] for name in ("a", "down", "c")]
+    assert all(isinstance(e, OSError) and e.errno == 5 and "database gone" in str(e) for e in errors)
+    assert len({id(e) for e in errors}) == 3 and sum(e.__cause__ is not None for e in errors) >= 2
+    assert results["first"] == "first committed"
+
+
 def test_one_items_error_is_raised_to_its_caller() -> None:
     batches = Batches()
     batches.gate.set()
-    group: GroupCommit[str, str] = GroupCommit(batches)
+    group: GroupCommit[str, str] = GroupCommit(batches, per_item=constraint)
     with pytest.raises(ValueError, match="bad"):
         group.submit("bad")
     assert group.submit("next") == "next committed"  # the group goes on
