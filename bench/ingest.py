@@ -13,7 +13,9 @@ it are written out first (``sync``, not timed: storescp leaves its 210 MB to the
 into the next receivers' fsyncs); the figure is the median of ``--runs``. The gateway's peak RSS is
 read from /proc (VmHWM) after the 1x study and again after a 2x study, to show it flat in study size.
 ``--associations n``: n storescu processes send the study at once, each every n-th slice (modalities sending
-at the same moment; storescp then forks a child per association). The last line printed is one JSON object.
+at the same moment; storescp then forks a child per association). ``--db-sync-delay-ms d``: the gateway's
+queue database as on slower storage, each commit's fdatasync d ms longer (bench/slowsync.c, LD_PRELOAD, the
+gateway only): where the group commit of concurrent associations shows. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 class GatewayUnderTest(PeerProcess):
     name = "gateway"
+    env: dict[str, str] | None = None  # --db-sync-delay-ms: LD_PRELOAD of bench/slowsync.c (slow_db_sync)
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
@@ -59,9 +62,19 @@ class GatewayUnderTest(PeerProcess):
             f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "quarantine"\n'
             f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 3600\n'
         )
-        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-level", "WARNING"], cwd=REPO)
+        self._spawn([sys.executable, "-m", "gateway", "run", "--config", str(config), "--log-level", "WARNING"], cwd=REPO,
+                    env=self.env)
         self._wait_ready(lambda: port_open(self.port), 30)
         return self
+
+
+def slow_db_sync(delay_ms: float, build_dir: Path) -> dict[str, str]:
+    """The environment that makes the gateway's database commits wait ``delay_ms`` longer for the disk
+    (bench/slowsync.c, built here with cc)."""
+    library = build_dir / "slowsync.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(REPO / "bench" / "slowsync.c"), "-ldl"],
+                   check=True, capture_output=True, timeout=120)
+    return {**os.environ, "LD_PRELOAD": str(library), "SLOWSYNC_US": str(round(delay_ms * 1000))}
 
 
 class BarePynetdicom(PeerProcess):
@@ -139,10 +152,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=400, help="slices in the 1x study (512x512 16-bit)")
     parser.add_argument("--associations", type=int, default=1, help="storescu processes sending the study at once "
                         "(each every n-th slice; storescp then runs with --fork)")
+    parser.add_argument("--db-sync-delay-ms", type=float, default=0.0, help="the gateway's database on slower storage: "
+                        "each of its commits waits this much longer for the disk (an LD_PRELOAD shim, built with cc)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="dicomgw-bench-ingest-"))
     try:
+        if args.db_sync_delay_ms > 0:
+            GatewayUnderTest.env = slow_db_sync(args.db_sync_delay_ms, root)
         study = generate_ct_study(root / "study1x", series=1, slices_per_series=args.slices, seed=1)
         files = study.files
         n, total_mb = len(files), study.size_bytes / 1e6
@@ -188,6 +205,7 @@ def main() -> None:
         summary = {
             "instances": n,
             "associations": args.associations,
+            "db_sync_delay_ms": args.db_sync_delay_ms,
             "study_mb": round(total_mb, 1),
             "mb_s": round(total_mb / gw_s, 1),
             "instances_s": round(n / gw_s, 1),
