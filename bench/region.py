@@ -159,7 +159,7 @@ class SimSite(slixmpp.ClientXMPP):
 class RealPair:
     """Two real ``dicomgw run`` gateways (A -> B, end-to-end encrypted, S5B through the node's proxy65) with Orthanc
     behind B, on the region's server: ``study(n)`` sends a fresh ~60 MB CT study to A with dcmtk's storescu and
-    returns the seconds from its last C-STORE response to A's unit ``delivered`` (B's receipt: Orthanc holds every
+    returns the seconds from its last C-STORE response to A's units ``delivered`` (B's receipt: Orthanc holds every
     instance), checked against Orthanc's SOP Instance UIDs."""
 
     def __init__(self, work: Path, server: Any, slices: int) -> None:
@@ -177,10 +177,13 @@ class RealPair:
         self.uids: set[str] = set()
 
     def delivered(self) -> int:
+        """Instances of A's delivered units: a study that A took in as more than one unit (the modality paused
+        past the stable age between two instances, as a busy machine's storescu can) counts once all are."""
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(f"file:{self.a.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM study_units WHERE state = 'delivered'").fetchone()[0])
+            return int(conn.execute("SELECT COALESCE(SUM(instance_count), 0) FROM study_units WHERE state = 'delivered'")
+                       .fetchone()[0])
 
     def study(self) -> float:
         import subprocess
@@ -192,7 +195,7 @@ class RealPair:
                        check=True, capture_output=True, timeout=600)
         stored = time.monotonic()
         deadline = stored + 900
-        while self.delivered() < self.sent:
+        while self.delivered() < len(self.uids):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"study {self.sent} not delivered after 900 s")
             time.sleep(0.05)
@@ -468,6 +471,7 @@ def main() -> None:
     kinds = ["ejabberd", "prosody"] if args.server == "both" else [args.server]
     work = Path(tempfile.mkdtemp(prefix="dicomgw-region-"))
     results: dict[str, dict[int, dict[str, Any]]] = {}
+    ended = False
     try:  # the servers, the real pair and Orthanc are stopped by then (run_*); their files (~2 GB) go with it
         for kind in kinds:
             for n in counts:
@@ -477,8 +481,12 @@ def main() -> None:
                 figures["groups"] = len(groups)
                 results.setdefault(kind, {})[n] = figures
                 print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
+        ended = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if ended:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # a failed run keeps its gateways' logs and queues, Orthanc's and the servers' for the reader
+            print(f"the run failed; its files are kept at {work}", file=sys.stderr, flush=True)
     summary: dict[str, Any] = {"sites": counts, "peers_per_site": args.peers_per_site, "churn_s": churn_s}
     for kind, by_n in results.items():
         small, large = by_n[counts[0]], by_n[counts[-1]]
