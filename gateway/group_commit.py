@@ -66,7 +66,7 @@ class GroupCommit(Generic[Item, Result]):
             if request.state == "pending":
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
-                self._run(batch, request)
+                self._run(batch)
             if request.state == "alone":
                 return self._run_batch([item])[0]
         if request.state == "failed":
@@ -74,8 +74,8 @@ class GroupCommit(Generic[Item, Result]):
             raise _own_copy(request.error) from request.error
         return request.result  # type: ignore[return-value]
 
-    def _run(self, batch: list[_Request[Item, Result]], leader: _Request[Item, Result]) -> None:
-        """Run ``batch`` (``leader``'s thread runs it; an error of its own is raised there)."""
+    def _run(self, batch: list[_Request[Item, Result]]) -> None:
+        """Run ``batch`` on this thread (the leader's); an error that is every item's is raised here too."""
         self.batches += 1
         try:
             results = self._run_batch([r.item for r in batch])
@@ -84,7 +84,6 @@ class GroupCommit(Generic[Item, Result]):
             for request in batch:
                 request.state, request.error = ("alone", None) if alone else ("failed", exc)
             if not alone:
-                leader.state = "raised"
                 raise
             return
         except BaseException:  # the leader's thread ends: the others run their items alone

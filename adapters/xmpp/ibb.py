@@ -287,7 +287,7 @@ class InBandBytestreams:
         elif full:  # a full spool is said as such, what came kept for a resume
             entry.ended_for = full  # also when the sender's close, waiting for the same writes, ends it first
             log.warning("IBB stream %s from %s: %s; cut (kept for a resume)", sid, entry.peer, full)
-            self.client.spawn(self.ends.complete(sid, full))
+            self.client.spawn(self.ends.complete(sid))
         else:  # ours (the disk, the sink's database): logged, the stream closed, the sender told
             self.client.spawn(self.ends.fail_stream(sid, exc))
 
