@@ -306,9 +306,9 @@ class Dispatcher:
         # A first attempt trusts a file nothing has touched since its row was written; after a failed attempt
         # (the receiver may have found a file's bytes differ: a disk's silent error) every file is hashed.
         damaged = await asyncio.to_thread(check_spool, manifest, paths, recorded if unit.attempts == 0 else None)
-        if damaged is not None:
-            await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"not sent: {damaged}", damaged)
+        if damaged is not None:  # the integrity row first: whoever sees the study stopped finds why in the audit
             await asyncio.to_thread(self.store.audit, "integrity", damaged, unit.unit_id, unit.study_instance_uid)
+            await asyncio.to_thread(self.store.transition, unit.unit_id, State.FAILED, f"not sent: {damaged}", damaged)
             return
         rule = self._rule(unit)
         if rule is not None and rule.deidentify and self.deidentify is not None:
