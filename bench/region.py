@@ -27,13 +27,19 @@ Measured per server and N (printed as a table, then one JSON line):
   dcmtk's storescu to B's PACS: seconds from the last C-STORE response to A's unit ``delivered`` (B's receipt), the
   median of ``--study-runs`` (3) studies on the idle server before the sites log in and of as many while the region
   churns (the churn lasts until they are through); every SOP Instance UID checked in Orthanc.
+- ``sim_transfers``: while the region churns, 1 % of the sites (at least one) each offer a small study
+  (``--sim-study-kb``, 1 MiB) every 0.5 s to a roster peer they see available, at most 32 at once, as our sender does:
+  the offer (the gateway's own stanzas, with the streamhost hint), the XEP-0065 query, the activation at the sender's
+  node's proxy65, the bytes. The peer accepts unless it is at its limit or in flow control (refused
+  ``resource-constraint``, busy). Counted: sent, received whole (``received``), received short, refused by condition,
+  failed by cause; the run stops if none arrived.
 The last line: the largest N's figures per server and ``presence_largest_vs_smallest`` (the ratio of
 ``presence_per_gateway_min`` at the largest N over the smallest; goal <= 1.5: presence grows with a site's peers,
 not with the region).
 
 - ``proxy_fanin_mb_s``: 1, 4 and 16 mediated S5B streams at once through one proxy65 (64 MiB in all, activated by a
   simulated site), aggregate MB/s, beside ``raw_tcp_fanin_mb_s``: the same streams over plain loopback TCP.
-The simulated sites answer offers but do not accept studies. A study moving while a node dies is in
+A study moving while a node dies is in
 ``tests/integration/test_failover.py``.
 """
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -55,26 +62,43 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import slixmpp
-from slixmpp.xmlstream.handler import Callback
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp.xmlstream.handler import Callback, CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from adapters.lab.ejabberd_peer import pid_alive, start_cluster
 from adapters.lab.localpeers import Orthanc, Prosody, orthanc_instances
 from adapters.lab.synthetic import generate_ct_study
+from adapters.xmpp import socks5
 from adapters.xmpp.connection import ServerRotation
 from adapters.xmpp.presence import FlowControl
+from adapters.xmpp.stanzas import (
+    NS_S5B,
+    Offer,
+    build_accept,
+    build_offer,
+    parse_accept,
+    parse_offer,
+    q,
+)
 from bench.e2e import _cpu_s
+from bench.transfer import _activate
 from gateway.roster import PairGroup, merge, pair_groups, prosody_text
 
 DOMAIN = "helsenett.test"
 HUB = f"radiology.hub@{DOMAIN}"
 PASSWORD = "pw-region"
 NS_SI = "http://jabber.org/protocol/si"
+PROXY_JID = f"proxy.{DOMAIN}"  # proxy65 on every node (ejabberd's default host, the lab Prosody's component)
+SIM_INBOUND_LIMIT = 2  # a simulated site takes at most this many studies at once; more are refused busy
+SIM_MAX_BYTES = 64 * 2**20  # and only small ones
+SIM_BLOCK = os.urandom(1 << 16)
 
 
 def site_jid(i: int) -> str:
@@ -101,9 +125,13 @@ def topology(sites: int, per_site: int, seed: int = 18) -> tuple[list[str], list
 
 
 class SimSite(slixmpp.ClientXMPP):
-    """A simulated gateway: presence as ours (FlowControl), roster, offers refused; counts presence received."""
+    """A simulated gateway: presence as ours (FlowControl), roster; offers answered as ours answer them (busy at
+    its limit or in flow control, else a small study accepted and read over S5B through the proxy65 its offer
+    names), and small studies offered to roster peers it sees available (``send_small``); counts presence received
+    and, in ``tally``, the simulated transfers."""
 
-    def __init__(self, jid: str, servers: list[tuple[str, int]], ca_file: Path) -> None:
+    def __init__(self, jid: str, servers: list[tuple[str, int]], ca_file: Path,
+                 proxies: dict[tuple[str, int], int] | None = None, tally: collections.Counter[str] | None = None) -> None:
         super().__init__(f"{jid}/gw1", PASSWORD)
         self.enable_direct_tls, self.enable_starttls, self.enable_plaintext = False, True, False  # as the agent
         self.ssl_context = ssl.create_default_context(cafile=str(ca_file))
@@ -115,11 +143,17 @@ class SimSite(slixmpp.ClientXMPP):
         self.flow = FlowControl(lambda show, status: self.send_presence(pshow=show, pstatus=status), 2.0,
                                 lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))
         self.busy = False
+        self.proxies = proxies or {}  # its node (host, c2s port) -> that node's proxy65 port
+        self.tally = tally if tally is not None else collections.Counter()  # simulated transfers, shared by the region
+        self.peers_seen: dict[str, tuple[str, str]] = {}  # a roster peer online: bare -> (full JID, show)
+        self.inbound: dict[str, tuple[str, int]] = {}  # sid -> (sender's full JID, size): accepted, stream to come
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("presence", self._presence)
         self.add_event_handler("disconnected", self._lost)
         self.add_event_handler("connection_failed", lambda _e: self._lost(None))
         self.register_handler(Callback("si offer", MatchXPath(f"{{jabber:client}}iq/{{{NS_SI}}}si"), self._offer))
+        self.register_handler(CoroutineCallback("s5b query", MatchXPath(f"{{jabber:client}}iq/{q(NS_S5B, 'query')}"),
+                                                self._streamhost))
 
     def start(self) -> None:
         self.connect(*self.servers.current)
@@ -132,17 +166,119 @@ class SimSite(slixmpp.ClientXMPP):
         self.up.set()
 
     def _presence(self, presence: slixmpp.Presence) -> None:
-        if presence["from"].bare != self.boundjid.bare:
-            self.presence_in += 1
+        sender = presence["from"]
+        if sender.bare == self.boundjid.bare:
+            return
+        self.presence_in += 1
+        kind = presence["type"]
+        if kind in ("unavailable", "error"):
+            self.peers_seen.pop(sender.bare, None)
+        elif kind not in ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe"):
+            self.peers_seen[sender.bare] = (sender.full, presence["show"])
+
+    def _refuse(self, iq: slixmpp.Iq, condition: str, text: str, etype: str = "cancel") -> None:
+        error = iq.reply(clear=True)
+        error["type"] = "error"
+        error["error"]["type"] = etype
+        error["error"]["condition"] = condition
+        error["error"]["text"] = text
+        error.send()
 
     def _offer(self, iq: slixmpp.Iq) -> None:
         if iq["type"] != "set":
             return
-        error = iq.reply(clear=True)
-        error["type"] = "error"
-        error["error"]["condition"] = "not-acceptable"
-        error["error"]["text"] = "simulated gateway: busy"
-        error.send()
+        try:
+            offer = parse_offer(iq.xml.find(q(NS_SI, "si")))
+        except ValueError as exc:
+            self._refuse(iq, "bad-request", str(exc))
+            return
+        if self.busy or len(self.inbound) >= SIM_INBOUND_LIMIT:
+            self._refuse(iq, "resource-constraint", "busy: at the inbound transfer limit", "wait")
+        elif offer.size > SIM_MAX_BYTES or NS_S5B not in offer.methods:
+            self._refuse(iq, "not-acceptable", "simulated gateway: small studies over S5B only")
+        else:
+            self.inbound[offer.sid] = (iq["from"].full, offer.size)
+            asyncio.get_running_loop().call_later(60, self.inbound.pop, offer.sid, None)  # no stream came: forgotten
+            reply = iq.reply(clear=True)
+            reply.xml.append(build_accept(NS_S5B, 0))
+            reply.send()
+
+    async def _streamhost(self, iq: slixmpp.Iq) -> None:
+        """The sender's XEP-0065 query: our leg to its proxy, then ``streamhost-used``, then the study read to its end."""
+        if iq["type"] != "set":
+            return
+        query = iq.xml.find(q(NS_S5B, "query"))
+        sid = query.get("sid", "") if query is not None else ""
+        host = query.find(q(NS_S5B, "streamhost")) if query is not None else None
+        entry = self.inbound.pop(sid, None)
+        if entry is None or host is None or entry[0] != iq["from"].full:
+            self._refuse(iq, "item-not-found", "no accepted offer with this stream id")
+            return
+        try:
+            reader, writer = await socks5.connect(host.get("host", ""), int(host.get("port", "0")),
+                                                  socks5.dst_addr(sid, entry[0], self.boundjid.full))
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            self.tally[f"failed: target's proxy leg ({type(exc).__name__})"] += 1
+            self._refuse(iq, "remote-server-not-found", "the streamhost could not be reached")
+            return
+        reply = iq.reply(clear=True)
+        used = ET.SubElement(reply.xml, q(NS_S5B, "query"), {"sid": sid})
+        ET.SubElement(used, q(NS_S5B, "streamhost-used"), {"jid": host.get("jid", "")})
+        reply.send()
+        got = 0
+        try:
+            async with asyncio.timeout(120):
+                while data := await reader.read(1 << 16):
+                    got += len(data)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+        self.tally["received" if got == entry[1] else "received short"] += 1
+        self.tally["received_bytes"] += got
+
+    async def send_small(self, size: int, rng: random.Random) -> None:
+        """Offer a small study (``size`` bytes) to a roster peer it sees available, as our sender does (not to one
+        in flow control), and stream it through its node's proxy65: the offer, the XEP-0065 query, the proxy's
+        activation, the bytes. What happened goes to ``tally``."""
+        ready = sorted(full for full, show in self.peers_seen.values() if show in ("", "chat"))
+        proxy_port = self.proxies.get(self.servers.current)
+        if not ready or proxy_port is None or not self.up.is_set():
+            return
+        target, sid = rng.choice(ready), uuid.uuid4().hex
+        offer = Offer(sid, "simulated.bundle", size, os.urandom(32).hex(), (NS_S5B,),
+                      streamhost=(PROXY_JID, "127.0.0.1", proxy_port))
+        try:
+            ask = self.make_iq_set(ito=target)
+            ask.xml.append(build_offer(offer))
+            try:
+                answer = await ask.send(timeout=30)
+            except IqError as exc:
+                self.tally[f"refused {exc.iq['error']['condition']}"] += 1
+                return
+            parse_accept(answer.xml.find(q(NS_SI, "si")))
+            query = self.make_iq_set(ito=target)
+            el = ET.SubElement(query.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
+            ET.SubElement(el, q(NS_S5B, "streamhost"), {"jid": PROXY_JID, "host": "127.0.0.1", "port": str(proxy_port)})
+            await query.send(timeout=30)
+            reader, writer = await socks5.connect("127.0.0.1", proxy_port, socks5.dst_addr(sid, self.boundjid.full, target))
+            try:
+                activate = self.make_iq_set(ito=PROXY_JID)
+                activate.xml.append(_activate(sid, target))
+                await activate.send(timeout=30)
+                left = size
+                while left > 0:
+                    writer.write(SIM_BLOCK[: min(len(SIM_BLOCK), left)])
+                    left -= min(len(SIM_BLOCK), left)
+                    await writer.drain()
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(1), 120)  # the proxy closes our leg once the target closed its
+            finally:
+                writer.close()
+            self.tally["sent"] += 1
+            self.tally["sent_bytes"] += size
+        except (IqError, IqTimeout, OSError, ValueError, asyncio.TimeoutError) as exc:
+            self.tally[f"failed: {type(exc).__name__}"] += 1
 
     def _lost(self, _event: object) -> None:
         self.up.clear()
@@ -245,9 +381,6 @@ async def _pump(writers: list[asyncio.StreamWriter], readers: list[asyncio.Strea
 async def proxy_fanin(initiator: SimSite, proxy_port: int, streams: int, total: int) -> float:
     """``streams`` mediated S5B streams at once through one proxy65 (XEP-0065: both ends connect, the initiator
     activates each through the server), ``total`` bytes in all: aggregate MB/s."""
-    from adapters.xmpp import socks5
-    from bench.transfer import _activate
-
     targets, initiators = [], []
     for k in range(streams):
         sid, target = f"fanin{streams}x{k}", f"sink{k}@{DOMAIN}/t"
@@ -316,9 +449,12 @@ async def wait_all(sites: list[SimSite], timeout_s: float, what: str) -> float:
 
 
 async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float, pair: RealPair | None = None,
-                  study_runs: int = 3, seed: int = 7) -> dict[str, Any]:
+                  study_runs: int = 3, seed: int = 7, sim_study_kb: int = 1024) -> dict[str, Any]:
     nodes = [("127.0.0.1", s.c2s_port) for s in servers]
-    sims = [SimSite(jid, [nodes[i % len(nodes)], *[n for n in nodes if n != nodes[i % len(nodes)]]], servers[0].ca_file)
+    proxies = {node: server.proxy_port for node, server in zip(nodes, servers, strict=True)}
+    tally: collections.Counter[str] = collections.Counter()
+    sims = [SimSite(jid, [nodes[i % len(nodes)], *[n for n in nodes if n != nodes[i % len(nodes)]]], servers[0].ca_file,
+                    proxies, tally)
             for i, jid in enumerate(jids)]
     rng = random.Random(seed)
     ordinary = sims[1:]
@@ -352,15 +488,31 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         tick = 0
         moving = asyncio.ensure_future(asyncio.to_thread(lambda: [pair.study() for _ in range(study_runs)])) \
             if pair is not None else None
+        sending: set[asyncio.Task[None]] = set()
         while time.monotonic() - churn_started < churn_s or (moving is not None and not moving.done()):
             for sim in rng.sample(ordinary, max(1, len(ordinary) // 20)):
                 sim.toggle()
             if tick % 10 == 0:
                 for sim in rng.sample(ordinary, max(1, len(ordinary) // 100)):
                     sim.disconnect()  # comes back by itself (SimSite._lost)
+            if sim_study_kb > 0:  # 1 % of the sites offer a small study to a peer each tick, at most 32 at once
+                for sim in rng.sample(ordinary, max(1, len(ordinary) // 100)):
+                    if len(sending) < 32:
+                        task = asyncio.ensure_future(sim.send_small(sim_study_kb * 1024, rng))
+                        sending.add(task)
+                        task.add_done_callback(sending.discard)
             tick += 1
             await asyncio.sleep(0.5)
         elapsed_min = (time.monotonic() - churn_started) / 60
+        if sending:
+            await asyncio.wait(sending, timeout=180)
+        if sim_study_kb > 0:  # the receivers' counts follow the senders' by the proxy's last bytes
+            deadline = time.monotonic() + 30
+            while tally["received"] + tally["received short"] < tally["sent"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            result["sim_transfers"] = dict(sorted(tally.items()))
+            if not tally["received"]:
+                raise RuntimeError(f"no simulated transfer arrived: {dict(tally)}")
         if moving is not None:
             result["study_busy_s"] = round(statistics.median(await moving), 2)
             result["study_busy_vs_idle"] = round(result["study_busy_s"] / result["study_idle_s"], 2)
@@ -399,7 +551,7 @@ def real_pair_groups() -> list[PairGroup]:
 
 
 def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int,
-                 roster: str = "items", study_runs: int = 3) -> dict[str, Any]:
+                 roster: str = "items", study_runs: int = 3, sim_study_kb: int = 1024) -> dict[str, Any]:
     nodes = start_cluster(work / "ejabberd", nodes=2, domain=DOMAIN, http_api=True)
     pair = None
     try:
@@ -422,7 +574,7 @@ def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: 
                                             user=i[1].split("@")[0], host=DOMAIN, nick=i[2], group="DICOM gateways",
                                             subs="both"), items))
         pair = RealPair(work / "real", nodes[1], slices) if slices else None  # on node 2: node 1 dies at the end
-        return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair, study_runs))
+        return asyncio.run(measure("ejabberd", nodes, jids, churn_s, pair, study_runs, sim_study_kb=sim_study_kb))
     finally:
         if pair is not None:
             pair.stop()
@@ -431,7 +583,7 @@ def run_ejabberd(work: Path, jids: list[str], groups: list[PairGroup], churn_s: 
 
 
 def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: float, slices: int,
-                study_runs: int = 3) -> dict[str, Any]:
+                study_runs: int = 3, sim_study_kb: int = 1024) -> dict[str, Any]:
     variant = Path(__file__).resolve().parents[1] / "conf" / "prosody" / "plugins"  # the proxy65 a site deploys
     server = Prosody(work / "prosody", DOMAIN, plugin_paths=[variant],
                      groups_text=prosody_text([*groups, *(real_pair_groups() if slices else [])]))
@@ -443,7 +595,7 @@ def run_prosody(work: Path, jids: list[str], groups: list[PairGroup], churn_s: f
                 server.add_account(user, f"pw-{user}")
         server.start()
         pair = RealPair(work / "real", server, slices) if slices else None
-        return asyncio.run(measure("prosody", [server], jids, churn_s, pair, study_runs))
+        return asyncio.run(measure("prosody", [server], jids, churn_s, pair, study_runs, sim_study_kb=sim_study_kb))
     finally:
         if pair is not None:
             pair.stop()
@@ -463,6 +615,8 @@ def main() -> None:
     parser.add_argument("--ejabberd-roster", choices=["srg", "items"], default="items",
                         help="items (default): `peers export ejabberd-roster`, the pairs as each user's roster items; "
                              "srg: `peers export ejabberd`, one shared roster group per pair")
+    parser.add_argument("--sim-study-kb", type=int, default=1024, help="the small studies the simulated sites send "
+                        "each other while the region churns (1 %% of the sites offer one every 0.5 s); 0: none")
     parser.add_argument("--quick", action="store_true", help="50 and 200 sites, 15 s of churn, a 40-slice study")
     args = parser.parse_args()
     counts = [50, 200] if args.quick else [int(n) for n in args.sites.split(",")]
@@ -476,8 +630,10 @@ def main() -> None:
         for kind in kinds:
             for n in counts:
                 jids, groups = topology(n, args.peers_per_site)
-                figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster, args.study_runs)
-                           if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.study_runs))
+                figures = (run_ejabberd(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.ejabberd_roster, args.study_runs,
+                                        args.sim_study_kb)
+                           if kind == "ejabberd" else run_prosody(work / f"{kind}-{n}", jids, groups, churn_s, slices, args.study_runs,
+                                                                  args.sim_study_kb))
                 figures["groups"] = len(groups)
                 results.setdefault(kind, {})[n] = figures
                 print(f"{kind:8} {n:>4} sites: " + "  ".join(f"{k} {v}" for k, v in figures.items() if k != "sites"), flush=True)
