@@ -107,6 +107,8 @@ def site_jid(i: int) -> str:
 
 def topology(sites: int, per_site: int, seed: int = 18) -> tuple[list[str], list[PairGroup]]:
     """Every site's export (K random peers and the hub, as its admin would list them; a peer lists it back), merged."""
+    if not 0 <= per_site < sites:
+        raise ValueError(f"{sites} sites cannot each have {per_site} other sites as peers (--peers-per-site below --sites)")
     rng = random.Random(seed)
     jids = [site_jid(i) for i in range(1, sites + 1)]
     peers: dict[str, set[str]] = {jid: {HUB} for jid in jids}
@@ -620,6 +622,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="50 and 200 sites, 15 s of churn, a 40-slice study")
     args = parser.parse_args()
     counts = [50, 200] if args.quick else [int(n) for n in args.sites.split(",")]
+    if any(not 0 <= args.peers_per_site < n for n in counts):
+        parser.error(f"--peers-per-site {args.peers_per_site} needs more sites than that in every --sites count")
     churn_s = 15.0 if args.quick else args.churn_s
     slices = min(args.study_slices, 40) if args.quick else args.study_slices
     kinds = ["ejabberd", "prosody"] if args.server == "both" else [args.server]
