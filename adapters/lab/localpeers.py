@@ -304,6 +304,9 @@ class Prosody(PeerProcess):
         runtime = Path(tempfile.mkdtemp(prefix="dicomgw-prosody-"))
         runtime.chmod(0o755)
         super().__init__(runtime)
+        # Its console (stdout) apart from its own log: opened by us (root) first, prosody.log was a file the
+        # prosody user could not write, and Prosody's own log was lost whenever the tests ran as root.
+        self.log_path = self.workdir / "prosody-console.log"
         self.domain = domain
         self.proxy_jid = f"proxy.{domain}"
         self.c2s_port = free_port()
@@ -358,6 +361,7 @@ proxy65_ports = {{ {self.proxy_port} }}
 proxy65_interfaces = {{ "127.0.0.1" }}
 network_default_read_size = 65536
 network_settings = {{ nagle = false }}
+gc = {{ mode = "incremental"; threshold = 200 }}
 c2s_stanza_size_limit = {self.stanza_size_limit}
 {tls}
 authentication = "internal_hashed"
@@ -395,7 +399,7 @@ VirtualHost "{self.domain}"
         super().stop(timeout_s)
         if self.workdir.exists():
             self.report_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("prosody.log", "prosody.err", "prosody.cfg.lua"):
+            for name in ("prosody.log", "prosody.err", "prosody-console.log", "prosody.cfg.lua"):
                 if (self.workdir / name).exists():
                     shutil.copy(self.workdir / name, self.report_dir / name)
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -25,6 +25,11 @@ authentication = "internal_hashed"
 -- Bigger reads and no Nagle: what made in-band transfers fast in our measurements.
 network_default_read_size = 65536
 network_settings = { nagle = false }
+-- The garbage collector as Lua's own default (a new cycle once memory has doubled) instead of Prosody's (after 5 %
+-- growth): every relayed proxy65 buffer becomes garbage, and with the sessions of a region in memory Prosody's
+-- default spends the server's time collecting (bench/region, 500 sites: proxy65 fan-in 57-67 -> 391-464 MB/s,
+-- RSS 44 -> 60 MB; 10 sites: 226-293 -> 350-444 MB/s).
+gc = { mode = "incremental"; threshold = 200 }
 -- In-band blocks of 64 KiB are ~87 KiB of base64 inside an <iq/>.
 c2s_stanza_size_limit = 1024 * 1024
 
