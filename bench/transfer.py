@@ -80,7 +80,9 @@ class GatewayProcess(PeerProcess):
             f'[paths]\nspool_dir = "spool"\nwatch_dir = ""\nquarantine_dir = "quarantine"\n'
             # The queue's ticks at the site's defaults (1 s): every hand-off of a study is woken by its event
             # (stable at its stable age, a verdict, an import's end), so 20 Hz polling would only burn CPU.
-            f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 0.3\n'
+            # storescu on a busy machine may pause longer than the short stable age between two instances: the
+            # open association holds its study, so a study stays one unit.
+            f'[queue]\ndb_url = "sqlite:///queue.db"\nstable_age_s = 0.3\nassociation_pause_s = 120\n'
             f'[xmpp]\njid = "{user}@{DOMAIN}/gw1"\npassword = "pw-{user}"\nport = {prosody.c2s_port}\nuse_tls = true\n'
             f'ca_file = "{prosody.ca_file}"\nrequire_e2e = {"true" if peer_fingerprint else "false"}\n'
             f'peers = [{peer_entry}]\nretry_base_s = 0.2\nretry_max_s = 1\n{xmpp}\n'

@@ -121,7 +121,8 @@ class Gateway:
         self.claims = Claims(self.engine, lease_s=settings.queue.lease_s)
         self.spool = Spool(settings.paths.spool_dir, settings.paths.quarantine_dir)
         self.ingest = IngestService(self.store, self.spool)
-        self.completeness = CompletenessService(self.store, settings.queue.stable_age_s)
+        self.completeness = CompletenessService(self.store, settings.queue.stable_age_s,
+                                                pause_s=settings.queue.association_pause_s)
         self.instances_stored = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pacs = PacsClient(settings.pacs, settings.paths.spool_dir) if settings.pacs.enabled else None

@@ -195,15 +195,17 @@ class Feed:
 class CompletenessService:
     """Marks studies stable once no instance arrived for ``stable_age_s`` (PS3.4 has no "study complete").
     The study an open association is sending stays open while the gateway works on that association's next
-    PDU or the modality's silence is shorter than the stable age: a stall of our own (a slow disk, a busy
-    machine) between two instances never splits a study in two units. An association that stays open but
-    silent (some modalities keep one for a session) holds nothing beyond the stable age; nor does one that
-    went on to another study. Each tick stamps the held units' last instance as now, so that the other
+    PDU or the modality's silence is shorter than ``pause_s`` (default: the stable age): a stall of our own (a
+    slow disk, a busy machine) between two instances never splits a study in two units. An association that
+    stays open but silent (some modalities keep one for a session) holds nothing beyond ``pause_s``; nor does
+    one that went on to another study. Each tick stamps the held units' last instance as now, so that the other
 processes of a site on one queue (which do not see this process's feeds) hold them too."""
 
-    def __init__(self, store: QueueStore, stable_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: QueueStore, stable_age_s: float, clock: Callable[[], float] = time.monotonic,
+                 pause_s: float | None = None) -> None:
         self._store = store
         self._stable_age_s = stable_age_s
+        self._pause_s = stable_age_s if pause_s is None else pause_s
         self._clock = clock
         self._feeds: set[Feed] = set()
         self._lock = threading.Lock()
@@ -220,14 +222,14 @@ processes of a site on one queue (which do not see this process's feeds) hold th
 
     def held(self) -> list[int]:
         """Units an association is still feeding: its gateway side is busy, or its modality paused for less than
-        the stable age."""
+        ``pause_s``."""
         now = self._clock()
         with self._lock:
             feeds = list(self._feeds)
         held = set()
         for feed in feeds:
             unit, since = feed.unit, feed.waiting_since
-            if unit is not None and (since is None or now - since < self._stable_age_s):
+            if unit is not None and (since is None or now - since < self._pause_s):
                 held.add(unit)
         return sorted(held)
 

@@ -96,6 +96,9 @@ class QueueSettings:
     db_url: str = "sqlite:///var/queue.db"
     stable_age_s: float = 30.0
     stable_check_interval_s: float = 1.0
+    # The longest pause between two instances of one open association that still keeps its study in one unit
+    # (None: ``stable_age_s``): a modality that sends reconstructions minutes apart on one association.
+    association_pause_s: float | None = None
     lease_s: float = 60.0  # a claim (unit being sent or imported, inbound stream) lasts this long unless renewed
 
 
@@ -329,6 +332,8 @@ def settings_from_mapping(
         db_url=_db_url(str(environ.get("DICOMGW_DB_URL", queue_raw.get("db_url", "sqlite:///var/queue.db"))), base_dir),
         stable_age_s=_float(environ.get("DICOMGW_STABLE_AGE_S", queue_raw.get("stable_age_s", 30.0)), "queue.stable_age_s", 0.0),
         stable_check_interval_s=_float(queue_raw.get("stable_check_interval_s", 1.0), "queue.stable_check_interval_s", 0.05),
+        association_pause_s=(None if queue_raw.get("association_pause_s") is None else
+                             _float(queue_raw["association_pause_s"], "queue.association_pause_s", 0.0)),
         lease_s=_float(queue_raw.get("lease_s", 60.0), "queue.lease_s", 1.0),
     )
     watch = WatchSettings(

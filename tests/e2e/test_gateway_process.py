@@ -48,6 +48,7 @@ quarantine_dir = "var/quarantine"
 [queue]
 db_url = "sqlite:///var/queue.db"
 stable_age_s = {stable_age_s}
+association_pause_s = 120
 stable_check_interval_s = 0.2
 """
         )

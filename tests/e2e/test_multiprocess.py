@@ -51,6 +51,7 @@ quarantine_dir = "var/quarantine"
 [queue]
 db_url = "{db_url}"
 stable_age_s = 0.5
+association_pause_s = 120
 stable_check_interval_s = 0.1
 lease_s = 4
 [xmpp]

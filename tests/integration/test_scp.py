@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -369,7 +370,9 @@ def test_a_stall_of_ours_between_two_instances_never_splits_the_study(tmp_path: 
     controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=stable_age, stable_check_interval_s=0.05))
     gw = controller.start()
     try:
-        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=32, columns=32)
+        # Two instances, the second stalled: storescu's own pause before it (longer than 0.3 s on a loaded
+        # machine) is the modality's, which the stable age rightly ends; no tick runs before our stall begins.
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
         ingest, calls, stalled, go = gw.ingest.ingest, [0], threading.Event(), threading.Event()
         ticks: list[float] = []
         tick = gw.completeness.tick
@@ -384,6 +387,8 @@ def test_a_stall_of_ours_between_two_instances_never_splits_the_study(tmp_path: 
         other = CompletenessService(gw.store, stable_age)  # another process of the site on this queue
 
         def counted_tick() -> list[int]:
+            if not stalled.is_set():
+                return []
             moved = tick() + other.tick()
             ticks.append(time.monotonic())
             return moved
@@ -402,24 +407,30 @@ def test_a_stall_of_ours_between_two_instances_never_splits_the_study(tmp_path: 
         sender.join(60)
         assert done and done[0].returncode == 0
         wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 60, 0.05, what="the study to become stable")
-        assert [s.instances for s in gw.store.studies()] == [3]  # one unit, all three instances
+        assert [s.instances for s in gw.store.studies()] == [2]  # one unit, both instances
     finally:
         controller.stop()
+
+
+def _pynetdicom_association(gw: Gateway, example: Path) -> Any:
+    """A modality's association (pynetdicom, held open by the test) for the SOP class of ``example``."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(pydicom.dcmread(example).SOPClassUID, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title="DICOMGW")
+    assert assoc.is_established
+    return assoc
 
 
 def test_an_open_but_silent_association_does_not_hold_its_study(tmp_path: Path) -> None:
     """A modality that keeps its association open after its last instance (some keep one for a session): its
     study becomes stable after the stable age all the same."""
-    from pynetdicom import AE
-
     controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=0.3, stable_check_interval_s=0.05))
     gw = controller.start()
     try:
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(pydicom.dcmread(study.files[0]).SOPClassUID, "1.2.840.10008.1.2.1")
-        assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title="DICOMGW")
-        assert assoc.is_established
+        assoc = _pynetdicom_association(gw, study.files[0])
         try:
             for path in study.files:
                 assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
@@ -428,6 +439,37 @@ def test_an_open_but_silent_association_does_not_hold_its_study(tmp_path: Path) 
             assert assoc.is_established and [s.instances for s in gw.store.studies()] == [2]
         finally:
             assoc.release()
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("pause_s", [None, 120.0])
+def test_a_modality_pausing_on_its_association_keeps_one_unit_within_the_association_pause(tmp_path: Path,
+                                                                                            pause_s: float | None) -> None:
+    """``[queue] association_pause_s``: a modality that pauses longer than the stable age between two instances
+    on one association (reconstructions sent later) keeps its study in one unit when the pause allows it; by
+    default (the stable age) the late instance opens a follow-up unit, as documented."""
+    controller = GatewayController(make_settings(tmp_path, 0, stable_age_s=0.3, stable_check_interval_s=0.05,
+                                                 association_pause_s=pause_s))
+    gw = controller.start()
+    try:
+        study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=2, rows=32, columns=32)
+        assoc = _pynetdicom_association(gw, study.files[0])
+        try:
+            assert assoc.send_c_store(pydicom.dcmread(study.files[0])).Status == 0x0000
+            ticks, paused = _counted_ticks(gw), time.monotonic()
+            # The modality's pause: ten of the main loop's ticks, beyond twice the stable age.
+            wait_for(lambda: ticks[0] >= 10 and time.monotonic() - paused > 0.6, 60, 0.05, what="ticks past the stable age")
+            if pause_s:
+                assert [s.state for s in gw.store.studies()] == ["received"]
+            else:  # stable one stable age after the pause's end (the hold's last tick stamped it)
+                wait_for(lambda: [s.state for s in gw.store.studies()] == ["stable"], 60, 0.05, what="the first unit stable")
+            assert assoc.send_c_store(pydicom.dcmread(study.files[1])).Status == 0x0000
+        finally:
+            assoc.release()
+        wait_for(lambda: {s.state for s in gw.store.studies()} == {"stable"}, 60, 0.05, what="the study stable")
+        expected = [2] if pause_s else [1, 1]
+        assert [s.instances for s in gw.store.studies()] == expected
     finally:
         controller.stop()
 

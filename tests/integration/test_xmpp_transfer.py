@@ -73,7 +73,11 @@ def start_site(tmp_path: Path, name: str, jid: str, prosody: Prosody, peers: tup
                pacs: PacsSettings | None = None, allowed_ae: tuple[str, ...] = (), dicom_port: int | None = None,  # None: any free port, bound by the SCP itself (no race with another test for it)
                routing: RoutingSettings | None = None, web: WebSettings | None = None, dicom: dict[str, Any] | None = None,
                settings_extra: dict[str, Any] | None = None, stable_age_s: float = 0.3, **xmpp: object) -> Site:
-    settings = make_settings(tmp_path / name, dicom_port or 0, stable_age_s=stable_age_s, stable_check_interval_s=0.1)
+    # The sites' stable age is short (tests run many studies), and storescu on a loaded machine can pause longer
+    # than that between two instances: an open association holds its study (association_pause_s), so that a
+    # study is one unit however busy the machine (a split showed as three units for two studies in CI).
+    settings = make_settings(tmp_path / name, dicom_port or 0, stable_age_s=stable_age_s, stable_check_interval_s=0.1,
+                             association_pause_s=120.0)
     settings = replace(settings, pacs=pacs or PacsSettings(),
                        dicom=replace(settings.dicom, allowed_calling_ae_titles=settings.dicom.allowed_calling_ae_titles + allowed_ae,
                                      **(dicom or {})))

@@ -21,3 +21,16 @@ def test_a_study_is_held_while_its_association_is_busy_or_briefly_silent_and_rel
     now[0] = 200.0
     service.close_feed(busy)  # released or aborted
     assert service.held() == []
+
+
+def test_a_longer_association_pause_holds_a_silent_association_s_study_that_long() -> None:
+    """``[queue] association_pause_s``: a modality that pauses between two instances of one association (longer
+    than the stable age, shorter than the pause) keeps its study open; beyond the pause it is released."""
+    now = [100.0]
+    service = CompletenessService(store=None, stable_age_s=5.0, clock=lambda: now[0], pause_s=60.0)  # type: ignore[arg-type]
+    feed = service.open_feed()
+    feed.unit, feed.waiting_since = 7, 100.0
+    now[0] = 159.0  # silent 59 s: beyond the stable age, within the pause
+    assert service.held() == [7]
+    now[0] = 160.0
+    assert service.held() == []

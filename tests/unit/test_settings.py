@@ -34,6 +34,9 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[dicom]\nae_title = "WAY_TOO_LONG_AE_TITLE"', "dicom.ae_title"),
         ('[dicom]\nport = 70000', "dicom.port: 70000 is outside 0..65535"),
         ('[queue]\nstable_age_s = "soon"', "queue.stable_age_s: 'soon' is not a number"),
+        ('[queue]\nassociation_pause_s = -1', "queue.association_pause_s: -1.0 is below 0.0"),
+        ('[queue]\nassociation_pause_s = nan', "queue.association_pause_s: nan is not a number"),
+        ('[queue]\nassociation_pause_s = "\\u0000\\u001b[2J"', "queue.association_pause_s: '.x00.x1b[2J' is not a number"),
         ('dicom = 3', "[dicom] must be a table"),
         ("[dicom\n", "not valid TOML"),
         ('[pacs]\nassociations_per_study = 0', "pacs.associations_per_study: 0 is outside 1..16"),
@@ -58,6 +61,14 @@ def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_settings(path, environ={})
+
+
+def test_an_association_may_pause_as_long_as_the_stable_age_unless_told_otherwise(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[queue]\nstable_age_s = 30\n')
+    assert load_settings(path, environ={}).queue.association_pause_s is None  # the stable age (CompletenessService)
+    path.write_text('[queue]\nstable_age_s = 30\nassociation_pause_s = 300\n')
+    assert load_settings(path, environ={}).queue.association_pause_s == 300.0
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
