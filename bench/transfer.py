@@ -345,6 +345,8 @@ def main() -> None:
                     )
                     stream_times[name].append(stream_s)
                     verdict_times[name].append(verdict_s)
+                    print(f"    {size_mb} MB run {run + 1} {name}: stream {stream_s * 1e3:.1f} ms, offer to verified "
+                          f"{verdict_s * 1e3:.1f} ms", flush=True)
                     for k, v in peaks.items():
                         rss[k] = max(rss[k], v)
             for name in methods:
