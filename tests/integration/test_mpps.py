@@ -119,7 +119,7 @@ def test_completed_step_makes_the_study_stable_at_once(gateway: Gateway, tmp_pat
         assert state(gateway) == ["received"]  # stable_age_s = 300: only the step can make it stable now
         assert modality.set(completed(study), uid) == 0x0000
         answered = time.monotonic()
-        wait_for(lambda: state(gateway) == ["stable"], 5, 0.05, what="the study stable after N-SET COMPLETED")
+        wait_for(lambda: state(gateway) == ["stable"], 30, 0.05, what="the study stable after N-SET COMPLETED")
         assert time.monotonic() - answered < 1.0
         audit = [e["detail"] for e in gateway.store.audit_entries()]
         assert any(d.startswith(f"MPPS {uid} COMPLETED: all 5 referenced instance(s) received") for d in audit)

@@ -102,7 +102,7 @@ def test_a_new_command_inside_an_incomplete_data_set_aborts_and_leaves_nothing(g
     peer.send(raw.pdata((1, 0x00, ds[:100])))  # the data set starts ...
     peer.send(raw.pdata((3, 0x03, raw.c_echo_rq())))  # ... and a C-ECHO arrives inside it
     assert peer.reply() == (ABORT, b"\x00\x00\x02\x00")
-    wait_for(lambda: staged_files(gateway) == [], 5, what="the staged file to be removed")
+    wait_for(lambda: staged_files(gateway) == [], 30, what="the staged file to be removed")
     assert gateway.store.count_instances() == 0
     assert serves_storescu(gateway, tmp_path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import pytest
 
@@ -136,7 +137,8 @@ def test_library_warnings_are_aggregated_and_ours_never_held_back() -> None:
     assert flood.filter(record("pynetdicom.acse", "another kind"))
     time.sleep(0.25)
     later = record("py.warnings", "Invalid value for VR UI: 'x'")
-    assert flood.filter(later) and "(49 more like it in the last 0 s not shown)" in later.getMessage()
+    # The window's seconds as this machine took them (a loaded one may oversleep): the count is the point.
+    assert flood.filter(later) and re.search(r"\(49 more like it in the last \d+ s not shown\)", later.getMessage())
 
 
 def test_refusals_log_once_per_key_and_window_then_a_count(caplog) -> None:  # type: ignore[no-untyped-def]
@@ -154,6 +156,6 @@ def test_refusals_log_once_per_key_and_window_then_a_count(caplog) -> None:  # t
                                                        "DICOM TLS handshake from 10.0.0.8:1 refused: y"]
     time.sleep(0.25)
     refusals.flush_quiet()
-    assert caplog.records[-1].getMessage() == ("29 more association_rejected like it from 10.0.0.9 tls in the last 0 s "
-                                               "(first: DICOM TLS handshake from 10.0.0.9:0 refused: x)")
+    assert re.fullmatch(r"29 more association_rejected like it from 10\.0\.0\.9 tls in the last \d+ s "
+                        r"\(first: DICOM TLS handshake from 10\.0\.0\.9:0 refused: x\)", caplog.records[-1].getMessage())
     assert sum(t.count for t in refusals.drain()) == 31  # every one counted for the audit
