@@ -32,7 +32,8 @@ Measured per server and N (printed as a table, then one JSON line):
   the offer (the gateway's own stanzas, with the streamhost hint), the XEP-0065 query, the activation at the sender's
   node's proxy65, the bytes. The peer accepts unless it is at its limit or in flow control (refused
   ``resource-constraint``, busy). Counted: sent, received whole (``received``), received short, refused by condition,
-  failed by cause; the run stops if none arrived.
+  failed by cause and stage (offer, streamhost, activation, stream), with "a party reconnected meanwhile" when the
+  sender's or the target's session ended during the attempt (the churn's reconnects); the run stops if none arrived.
 The last line: the largest N's figures per server and ``presence_largest_vs_smallest`` (the ratio of
 ``presence_per_gateway_min`` at the largest N over the smallest; goal <= 1.5: presence grows with a site's peers,
 not with the region).
@@ -132,6 +133,8 @@ class SimSite(slixmpp.ClientXMPP):
     names), and small studies offered to roster peers it sees available (``send_small``); counts presence received
     and, in ``tally``, the simulated transfers."""
 
+    by_bare: dict[str, SimSite] = {}  # the simulated sites of this process, by bare JID
+
     def __init__(self, jid: str, servers: list[tuple[str, int]], ca_file: Path,
                  proxies: dict[tuple[str, int], int] | None = None, tally: collections.Counter[str] | None = None) -> None:
         super().__init__(f"{jid}/gw1", PASSWORD)
@@ -149,6 +152,8 @@ class SimSite(slixmpp.ClientXMPP):
         self.tally = tally if tally is not None else collections.Counter()  # simulated transfers, shared by the region
         self.peers_seen: dict[str, tuple[str, str]] = {}  # a roster peer online: bare -> (full JID, show)
         self.inbound: dict[str, tuple[str, int]] = {}  # sid -> (sender's full JID, size): accepted, stream to come
+        self.sessions_lost = 0  # its sessions that ended (the churn's reconnects): a transfer cut by one says so
+        SimSite.by_bare[jid] = self
         self.add_event_handler("session_start", self._started)
         self.add_event_handler("presence", self._presence)
         self.add_event_handler("disconnected", self._lost)
@@ -248,6 +253,9 @@ class SimSite(slixmpp.ClientXMPP):
         if not ready or proxy_port is None or not self.up.is_set():
             return
         target, sid = rng.choice(ready), uuid.uuid4().hex
+        peer = SimSite.by_bare.get(target.split("/")[0])
+        lost = (self.sessions_lost, peer.sessions_lost if peer is not None else 0)
+        stage = "offer"
         offer = Offer(sid, "simulated.bundle", size, os.urandom(32).hex(), (NS_S5B,),
                       streamhost=(PROXY_JID, "127.0.0.1", proxy_port))
         try:
@@ -259,16 +267,18 @@ class SimSite(slixmpp.ClientXMPP):
                 self.tally[f"refused {exc.iq['error']['condition']}"] += 1
                 return
             parse_accept(answer.xml.find(q(NS_SI, "si")))
+            stage = "streamhost"
             query = self.make_iq_set(ito=target)
             el = ET.SubElement(query.xml, q(NS_S5B, "query"), {"sid": sid, "mode": "tcp"})
             ET.SubElement(el, q(NS_S5B, "streamhost"), {"jid": PROXY_JID, "host": "127.0.0.1", "port": str(proxy_port)})
             await query.send(timeout=30)
             reader, writer = await socks5.connect("127.0.0.1", proxy_port, socks5.dst_addr(sid, self.boundjid.full, target))
             try:
+                stage = "activation"
                 activate = self.make_iq_set(ito=PROXY_JID)
                 activate.xml.append(_activate(sid, target))
                 await activate.send(timeout=30)
-                left = size
+                stage, left = "stream", size
                 while left > 0:
                     writer.write(SIM_BLOCK[: min(len(SIM_BLOCK), left)])
                     left -= min(len(SIM_BLOCK), left)
@@ -280,9 +290,12 @@ class SimSite(slixmpp.ClientXMPP):
             self.tally["sent"] += 1
             self.tally["sent_bytes"] += size
         except (IqError, IqTimeout, OSError, ValueError, asyncio.TimeoutError) as exc:
-            self.tally[f"failed: {type(exc).__name__}"] += 1
+            # A party whose session ended meanwhile (the churn reconnects 1 % of the sites every 5 s) cannot answer.
+            churned = (self.sessions_lost, peer.sessions_lost if peer is not None else 0) != lost
+            self.tally[f"failed: {type(exc).__name__} at the {stage}" + (", a party reconnected meanwhile" if churned else "")] += 1
 
     def _lost(self, _event: object) -> None:
+        self.sessions_lost += 1
         self.up.clear()
         self.flow.session_ended()
         if not self.stopping:
