@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
@@ -54,15 +55,20 @@ class SpoolCleaner:
 class RowArchiver:
     """Retention of rows: units delivered more than ``keep_rows_days`` ago (their spool files purged, unless the spool
     keeps them for ever) have their instance and transfer rows moved to the archive tables, ``batch`` units per
-    transaction so that ingest and the dispatcher wait for one short batch at most, for up to ``budget_s`` per tick."""
+    transaction so that ingest and the dispatcher wait for one short batch at most, for up to ``budget_s`` per tick.
+    Between two batches it pauses ``pause_s``: a writer waiting for SQLite's lock sleeps up to 100 ms between two
+    tries (its busy handler), so batches run back to back could take the lock again before it woke, batch after
+    batch."""
 
     def __init__(self, store: QueueStore, keep_rows_days: float, keep_delivered_s: float, batch: int = 100,
-                 budget_s: float = 2.0) -> None:
+                 budget_s: float = 2.0, pause_s: float = 0.1, sleep: Callable[[float], object] = time.sleep) -> None:
         self.store = store
         self.keep_rows_days = keep_rows_days
         self.require_purged = keep_delivered_s >= 0
         self.batch = batch
         self.budget_s = budget_s
+        self.pause_s = pause_s
+        self._sleep = sleep
 
     def tick(self) -> int:
         if self.keep_rows_days <= 0:
@@ -74,6 +80,7 @@ class RowArchiver:
             moved += len(units)
             if len(units) < self.batch:
                 break
+            self._sleep(self.pause_s)  # the other writers' turn
         if moved:
             log.info("rows of %d unit(s) delivered more than %g day(s) ago moved to the archive", moved, self.keep_rows_days)
         return moved

@@ -153,3 +153,49 @@ def test_keep_rows_days_is_read_and_checked(tmp_path: Path) -> None:
             assert "retention.keep_rows_days" in str(error) and said in str(error)
         else:
             raise AssertionError(f"keep_rows_days = {bad} was accepted")
+
+
+def test_a_writer_waiting_for_the_queue_gets_its_turn_between_two_batches(db_url: str) -> None:
+    """The SCP's instance writes, one every few milliseconds while the retention archives: each commits after the
+    batch it came during, or the next, never after a run of batches (SQLite: its busy handler sleeps up to 100 ms
+    between tries, and batches run back to back took the lock again before it woke: 0.8-1.2 s waits in
+    bench/queue_scale; the archiver pauses between batches)."""
+    import threading
+    import time
+
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    store = QueueStore(engine)
+    age(store, fill(store, 3000, instances=1), 400)
+    batches_begun = [0]
+    archiving = threading.Event()
+    spans: list[int] = []  # per write: the batches begun while it waited
+    archive_rows = store.archive_rows
+
+    def batch(*args: object, **kwargs: object) -> list[int]:
+        batches_begun[0] += 1
+        return archive_rows(*args, **kwargs)  # type: ignore[arg-type]
+
+    def writes() -> None:
+        for n in range(100_000):  # bounded; ends with the tick
+            if not archiving.is_set():
+                return
+            before = batches_begun[0]
+            store.record_instance(InstanceHeader(f"1.8.0.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.8",
+                                                 "1.8.0", modality="CT"), spool_path=f"studies/new/{n}.dcm",
+                                  size_bytes=100, sha256=f"{n:064x}", source="scp:CT01", conflict=False)
+            spans.append(batches_begun[0] - before)
+            time.sleep(0.005)
+
+    store.archive_rows = batch  # type: ignore[method-assign]
+    archiving.set()
+    writer = threading.Thread(target=writes)
+    writer.start()
+    try:
+        assert RowArchiver(store, 365, 7 * 86400, batch=100, budget_s=600).tick() == 3000
+    finally:
+        archiving.clear()
+        writer.join(60)
+    assert batches_begun[0] == 31 and spans  # thirty full batches, and the one that found nothing left
+    assert max(spans) <= 3, sorted(spans)[-10:]
+    engine.dispose()
