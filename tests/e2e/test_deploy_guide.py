@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from adapters.lab.ejabberd_peer import pid_alive
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO
 
 GUIDE = REPO / "docs" / "deploy.md"
 SCRIPT = REPO / "docs" / "deploy-region.sh"
@@ -34,6 +36,28 @@ def test_every_command_block_of_the_guide_is_in_the_script() -> None:
         lines = [line.strip() for line in block.splitlines()]
         starts = [i for i, line in enumerate(script) if line == lines[0]]
         assert any(script[i:i + len(lines)] == lines for i in starts), f"not in deploy-region.sh as written:\n{block}"
+
+
+def _ports(names: tuple[str, ...]) -> dict[str, str]:
+    """Free ports below the kernel's ephemeral range: the script binds them many seconds after they are picked
+    (after the XMPP server's start), and a port of that range may meanwhile be the local end of any outgoing
+    connection on the machine (a PACS port taken that way left Orthanc unreachable in CI)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    chosen: dict[str, str] = {}
+    rng = random.Random()
+    for _attempt in range(1000):  # bounded
+        if len(chosen) == len(names):
+            return chosen
+        port = rng.randrange(20000, low)
+        if str(port) in chosen.values():
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen[names[len(chosen)]] = str(port)
+    raise AssertionError(f"no {len(names)} free ports between 20000 and {low}")
 
 
 def _pids(region: Path) -> list[int]:
@@ -51,14 +75,15 @@ def _pids(region: Path) -> list[int]:
 def test_the_guide_deploys_a_region(server: str) -> None:
     region = Path(tempfile.mkdtemp(prefix="dicomgw-region-"))
     region.chmod(0o755)  # the servers run as their own users: they must reach their directories
-    ports = {name: str(free_port()) for name in ("C2S_PORT", "PROXY_PORT", "EJABBERD_DIST_PORT", "A_DICOM_PORT",
-                                                  "B_DICOM_PORT", "A_WEB_PORT", "PACS_DICOM_PORT", "PACS_HTTP_PORT")}
+    ports = _ports(("C2S_PORT", "PROXY_PORT", "EJABBERD_DIST_PORT", "A_DICOM_PORT", "B_DICOM_PORT", "A_WEB_PORT",
+                    "PACS_DICOM_PORT", "PACS_HTTP_PORT"))
     env = {**os.environ, **ports, "REGION": str(region), "SERVER": server, "DOMAIN": "helsenett.test",
            "DICOMGW_HOME": str(REPO)}
     try:
         done = subprocess.run(["bash", str(SCRIPT), "all"], env=env, capture_output=True, text=True, timeout=900)
         logs = "".join(f"\n--- {log.relative_to(region)} (tail)\n" + log.read_text(errors="replace")[-3000:]
-                       for log in sorted(region.glob("gw-*/gateway.log"))) if done.returncode else ""
+                       for log in sorted([*region.glob("gw-*/gateway.log"), *region.glob("pacs/orthanc.log")])) \
+            if done.returncode else ""
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:] + logs  # the gateways' logs say why
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['PACS_HTTP_PORT']}/statistics", timeout=30) as answer:
             assert json.loads(answer.read())["CountInstances"] == 12 + 6  # both studies in B's PACS
