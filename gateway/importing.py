@@ -255,6 +255,8 @@ class ImportService:
             return
         delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempts - 1))
         when = utcnow() + timedelta(seconds=delay)
+        # In the log too, not only in the unit's row: a PACS that stays unreachable must show where an admin looks.
+        log.warning("import of unit %s: attempt %d failed, retry in %g s: %s", unit.unit_id, attempts, delay, detail)
         if current.state == State.RECEIVED.value:  # failed before the move to importing
             self.store.reschedule(unit.unit_id, when, attempts)
             return
@@ -264,6 +266,7 @@ class ImportService:
         )
 
     def _fail(self, unit: StudySummary, detail: str) -> None:
+        log.error("import of unit %s failed: %s", unit.unit_id, detail)
         self.store.transition(unit.unit_id, State.FAILED, detail, detail)
         self.store.add_flag(unit.unit_id, "pacs-refused")
         if self.on_outcome is not None:

@@ -3,6 +3,7 @@ retries and outcomes; the real PACS edge is tested in test_pacs.py and test_deli
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -60,12 +61,15 @@ def run_due(svc: ImportService) -> None:
         thread.join(10)
 
 
-def test_transient_failures_are_retried_and_stored_instances_are_not_sent_again(store: QueueStore) -> None:  # noqa: F811
+def test_transient_failures_are_retried_and_stored_instances_are_not_sent_again(store: QueueStore, caplog) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     unit_id = received_unit(store)
     pacs = FakePacs(PacsUnavailable("connection refused"), {"1.2.3.1.2": 0xA700}, {})
     svc = service(store, pacs)
+    caplog.set_level(logging.WARNING, logger="gateway.importing")
     run_due(svc)
     assert store.unit(unit_id).state == "received" and "PACS unavailable: connection refused" in (store.unit(unit_id).error or "")
+    # ... and in the log, where an admin looks when a study does not reach the PACS
+    assert f"import of unit {unit_id}: attempt 1 failed, retry in 0 s: PACS unavailable: connection refused" in caplog.messages
     run_due(svc)
     assert store.unit(unit_id).state == "received" and store.unit(unit_id).attempts == 2
     run_due(svc)
@@ -85,13 +89,14 @@ def test_a_permanent_refusal_fails_the_unit_with_the_pacs_text_and_keeps_the_res
     assert [u.unit_id for u in store.receipts_due()] == [unit_id]  # the sender will hear of it
 
 
-def test_gives_up_after_max_attempts(store: QueueStore) -> None:  # noqa: F811
+def test_gives_up_after_max_attempts(store: QueueStore, caplog) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     unit_id = received_unit(store)
     svc = service(store, FakePacs(*[PacsUnavailable("down")] * 3), max_attempts=3)
     for _ in range(3):
         run_due(svc)
     unit = store.unit(unit_id)
     assert unit.state == "failed" and unit.error == "gave up after 3 attempts: PACS unavailable: down"
+    assert f"import of unit {unit_id} failed: gave up after 3 attempts: PACS unavailable: down" in caplog.messages
 
 
 def test_storage_commitment_waits_for_the_report(store: QueueStore) -> None:  # noqa: F811
