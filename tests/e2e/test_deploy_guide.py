@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from adapters.lab.ejabberd_peer import pid_alive
+from adapters.lab.localpeers import free_port
 from tests.helpers import REPO
 
 GUIDE = REPO / "docs" / "deploy.md"
@@ -39,25 +38,10 @@ def test_every_command_block_of_the_guide_is_in_the_script() -> None:
 
 
 def _ports(names: tuple[str, ...]) -> dict[str, str]:
-    """Free ports below the kernel's ephemeral range: the script binds them many seconds after they are picked
-    (after the XMPP server's start), and a port of that range may meanwhile be the local end of any outgoing
+    """The lab's free ports (below the kernel's ephemeral range, this worker's own): the script binds them many
+    seconds after they are picked, and a port of the ephemeral range may meanwhile be the local end of any outgoing
     connection on the machine (a PACS port taken that way left Orthanc unreachable in CI)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    chosen: dict[str, str] = {}
-    rng = random.Random()
-    for _attempt in range(1000):  # bounded
-        if len(chosen) == len(names):
-            return chosen
-        port = rng.randrange(20000, low)
-        if str(port) in chosen.values():
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        chosen[names[len(chosen)]] = str(port)
-    raise AssertionError(f"no {len(names)} free ports between 20000 and {low}")
+    return {name: str(free_port()) for name in names}
 
 
 def _pids(region: Path) -> list[int]:
