@@ -27,6 +27,11 @@ Measured per server and N (printed as a table, then one JSON line):
   dcmtk's storescu to B's PACS: seconds from the last C-STORE response to A's unit ``delivered`` (B's receipt), the
   median of ``--study-runs`` (3) studies on the idle server before the sites log in and of as many while the region
   churns (the churn lasts until they are through); every SOP Instance UID checked in Orthanc.
+  ``cpu_cores_during_churn``: the cores this one machine gave, over the churn, to the server, the real pair (A, B,
+  Orthanc), storescu and this process (the simulated sites and the thread driving the real studies), ``of`` its CPUs:
+  what the busy studies shared the machine with.
+  ``study_idle_stages_s`` / ``study_busy_stages_s``: the studies' medians per stage from A's and B's audit (to stable,
+  to A's offer, the offer to A's sent, B's import, B's receipt back to A).
 - ``sim_transfers``: while the region churns, 1 % of the sites (at least one) each offer a small study
   (``--sim-study-kb``, 1 MiB) every 0.5 s to a roster peer they see available, at most 32 at once, as our sender does:
   the offer (the gateway's own stanzas, with the streamhost hint), the XEP-0065 query, the activation at the sender's
@@ -55,6 +60,7 @@ import hmac
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import ssl
@@ -65,6 +71,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +333,7 @@ class RealPair:
         self.a = GatewayProcess(work / "a", "radiology.hospital-a", server, "radiology.hospital-b", "radiology.hospital-b",
                                 peer_fingerprint=b_fp).start()
         self.uids: set[str] = set()
+        self.stages: list[dict[str, float]] = []  # per study, in order: see _stages
 
     def delivered(self) -> int:
         """Instances of A's delivered units: a study that A took in as more than one unit (the modality paused
@@ -344,7 +352,7 @@ class RealPair:
         self.uids |= set(study.sop_instance_uids)
         subprocess.run(["/usr/bin/storescu", "-aec", "DICOMGW", "127.0.0.1", str(self.a.port), *map(str, study.files)],
                        check=True, capture_output=True, timeout=600)
-        stored = time.monotonic()
+        stored, stored_at = time.monotonic(), datetime.now(UTC).replace(tzinfo=None)
         deadline = stored + 900
         while self.delivered() < len(self.uids):
             if time.monotonic() > deadline:
@@ -354,7 +362,30 @@ class RealPair:
         held = set(orthanc_instances(self.orthanc))
         if held != self.uids:
             raise RuntimeError(f"Orthanc holds {len(held)} of {len(self.uids)} instances")
+        self.stages.append(self._stages(study.study_instance_uid, stored_at))
         return took
+
+    def _stages(self, study_uid: str, stored_at: datetime) -> dict[str, float]:
+        """Where the study's seconds went, from A's and B's audit (UTC): the last C-STORE response to stable, the
+        dispatch to A's first offer, the offer to A's sent (B verified), B's import, B's receipt back to A."""
+        import sqlite3
+
+        def moves(site: Any) -> dict[str, datetime]:
+            with contextlib.closing(sqlite3.connect(f"file:{site.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
+                rows = conn.execute("SELECT at, to_state FROM audit_log WHERE study_instance_uid = ? AND to_state IS NOT "
+                                    "NULL ORDER BY id", (study_uid,)).fetchall()
+            first: dict[str, datetime] = {}
+            for at, state in rows:
+                first.setdefault(state, datetime.fromisoformat(at))
+            return first
+
+        a, b = moves(self.a), moves(self.b)
+        try:
+            marks = [stored_at, a["stable"], a["offering"], a["sent"], b["delivered"], a["delivered"]]
+        except KeyError:  # a state the audit does not hold (a study split in units): no breakdown
+            return {}
+        names = ("stable_wait", "to_offer", "offer_to_sent", "import", "receipt")
+        return {name: round((end - start).total_seconds(), 3) for name, start, end in zip(names, marks, marks[1:])}
 
     def stop(self) -> None:
         self.a.stop()
@@ -436,6 +467,20 @@ def prosody_accounts(server: Prosody, jids: list[str]) -> None:
             f'\t["server_key"] = "{server_key}";\n}};\n')
 
 
+def _median_stages(stages: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the studies that have a breakdown."""
+    whole = [s for s in stages if s]
+    return {name: round(statistics.median(s[name] for s in whole), 3) for name in whole[0]} if whole else {}
+
+
+def _cores_used(server: list[int], pair: list[int]) -> dict[str, float]:
+    """CPU seconds so far: the XMPP server's processes, the real pair (A, B, Orthanc), storescu (this process's
+    reaped children) and this process (the simulated sites and the thread that drives the real studies)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"server": sum(_cpu_s(p) for p in server if pid_alive(p)), "real_pair": sum(_cpu_s(p) for p in pair if pid_alive(p)),
+            "storescu": children.ru_utime + children.ru_stime, "emulator": own.ru_utime + own.ru_stime}
+
+
 def server_pids(kind: str, servers: list[Any]) -> list[int]:
     pids = []
     for server in servers:
@@ -477,6 +522,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
     try:
         if pair is not None:  # the real studies on an idle server first (the median of study_runs)
             result["study_idle_s"] = round(statistics.median([await asyncio.to_thread(pair.study) for _ in range(study_runs)]), 2)
+            result["study_idle_stages_s"] = _median_stages(pair.stages[-study_runs:])
         started = time.monotonic()
         for sim in sims:
             sim.start()
@@ -499,6 +545,8 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         for sim in sims:
             sim.presence_in = 0
         cpu_before = {p: _cpu_s(p) for p in pids}
+        pair_pids = [pair.a.pid, pair.b.pid, pair.orthanc.pid] if pair is not None else []
+        cores_before = _cores_used(pids, pair_pids)
         churn_started = time.monotonic()
         tick = 0
         moving = asyncio.ensure_future(asyncio.to_thread(lambda: [pair.study() for _ in range(study_runs)])) \
@@ -519,6 +567,10 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
             tick += 1
             await asyncio.sleep(0.5)
         elapsed_min = (time.monotonic() - churn_started) / 60
+        # where this machine's CPUs went while the region churned and the busy studies ran (all on one machine)
+        result["cpu_cores_during_churn"] = {
+            name: round((after - cores_before[name]) / (elapsed_min * 60), 2)
+            for name, after in _cores_used(pids, pair_pids).items()} | {"of": os.cpu_count()}
         if sending:
             await asyncio.wait(sending, timeout=180)
         if sim_study_kb > 0:  # the receivers' counts follow the senders' by the proxy's last bytes
@@ -531,6 +583,7 @@ async def measure(kind: str, servers: list[Any], jids: list[str], churn_s: float
         if moving is not None:
             result["study_busy_s"] = round(statistics.median(await moving), 2)
             result["study_busy_vs_idle"] = round(result["study_busy_s"] / result["study_idle_s"], 2)
+            result["study_busy_stages_s"] = _median_stages(pair.stages[-study_runs:])
         cpu = sum(_cpu_s(p) - cpu_before[p] for p in pids if pid_alive(p))
         result["presence_per_gateway_min"] = round(statistics.median(s.presence_in for s in ordinary) / elapsed_min, 1)
         result["hub_presence_min"] = round(sims[0].presence_in / elapsed_min, 1)
