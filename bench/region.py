@@ -31,7 +31,7 @@ Measured per server and N (printed as a table, then one JSON line):
   Orthanc), storescu and this process (the simulated sites and the thread driving the real studies), ``of`` its CPUs:
   what the busy studies shared the machine with.
   ``study_idle_stages_s`` / ``study_busy_stages_s``: the studies' medians per stage from A's and B's audit (to stable,
-  to A's offer, the offer to A's sent, B's import, B's receipt back to A).
+  to A's offer, the offer to A's sent and within it the stream's own seconds, B's import, B's receipt back to A).
 - ``sim_transfers``: while the region churns, 1 % of the sites (at least one) each offer a small study
   (``--sim-study-kb``, 1 MiB) every 0.5 s to a roster peer they see available, at most 32 at once, as our sender does:
   the offer (the gateway's own stanzas, with the streamhost hint), the XEP-0065 query, the activation at the sender's
@@ -385,7 +385,14 @@ class RealPair:
         except KeyError:  # a state the audit does not hold (a study split in units): no breakdown
             return {}
         names = ("stable_wait", "to_offer", "offer_to_sent", "import", "receipt")
-        return {name: round((end - start).total_seconds(), 3) for name, start, end in zip(names, marks, marks[1:])}
+        stages = {name: round((end - start).total_seconds(), 3) for name, start, end in zip(names, marks, marks[1:])}
+        with contextlib.closing(sqlite3.connect(f"file:{self.a.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
+            stream = conn.execute("SELECT t.stream_s FROM transfers t JOIN study_units u ON t.unit_id = u.id WHERE "
+                                  "u.study_instance_uid = ? AND t.direction = 'out' AND t.stream_s IS NOT NULL "
+                                  "ORDER BY t.id DESC", (study_uid,)).fetchone()
+        if stream is not None:  # of the offer to sent: the bytes' own time (A's first to last byte on the stream)
+            stages["stream"] = round(float(stream[0]), 3)
+        return stages
 
     def stop(self) -> None:
         self.a.stop()
