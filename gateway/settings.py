@@ -263,6 +263,8 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         raise SettingsError(f"config file not found: {config_path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{config_path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: a file saved in Latin-1, or binary
+        raise SettingsError(f"{config_path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     env = os.environ if environ is None else environ
     inline = [f"{name}.{key}" for name, table in raw.items() if isinstance(table, Mapping)
               for key in SECRET_KEYS if table.get(key)]
@@ -627,6 +629,8 @@ def _float(value: Any, key: str, low: float) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{key}: {value!r} is not a number") from None
+    except OverflowError:  # an integer of a thousand digits: beyond a float
+        number = math.inf
     if math.isnan(number):  # NaN compares false with every bound
         raise SettingsError(f"{key}: {value!r} is not a number")
     if math.isinf(number):  # "inf", 1e999, a thousand nines: no timer, size or interval is infinite

@@ -37,6 +37,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[queue]\nassociation_pause_s = -1', "queue.association_pause_s: -1.0 is below 0.0"),
         ('[queue]\nassociation_pause_s = nan', "queue.association_pause_s: nan is not a number"),
         ('[queue]\nassociation_pause_s = "\\u0000\\u001b[2J"', "queue.association_pause_s: '.x00.x1b[2J' is not a number"),
+        ('[queue]\nassociation_pause_s = ' + "9" * 1000, "queue.association_pause_s: '9999999999.* is not a finite number"),  # beyond a float
+        ('[queue]\nstable_age_s = ' + "9" * 1000, "queue.stable_age_s: '9999999999.* is not a finite number"),
+        ('[queue]\nassociation_pause_s = "' + "30 s " * 1000 + '"', "queue.association_pause_s: '30 s 30 s 30 s"),
+        ('[queue]\nassociation_pause_s = ', "not valid TOML"),  # cut off
         ('dicom = 3', "[dicom] must be a table"),
         ("[dicom\n", "not valid TOML"),
         ('[pacs]\nassociations_per_study = 0', "pacs.associations_per_study: 0 is outside 1..16"),
@@ -60,6 +64,13 @@ def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(toml)
     with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_settings(path, environ={})
+
+
+def test_a_config_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[queue]\nassociation_pause_s = 30\n# Ørland sykehus\n'.encode("latin-1"))
+    with pytest.raises(SettingsError, match=r"latin1\.toml: not valid TOML: not UTF-8 at byte 35"):
         load_settings(path, environ={})
 
 
