@@ -63,6 +63,7 @@ import random
 import resource
 import shutil
 import signal
+import sqlite3
 import ssl
 import statistics
 import sys
@@ -70,6 +71,7 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -338,9 +340,7 @@ class RealPair:
     def delivered(self) -> int:
         """Instances of A's delivered units: a study that A took in as more than one unit (the modality paused
         past the stable age between two instances, as a busy machine's storescu can) counts once all are."""
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(f"file:{self.a.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
+        with _queue_db(self.a) as conn:
             return int(conn.execute("SELECT COALESCE(SUM(instance_count), 0) FROM study_units WHERE state = 'delivered'")
                        .fetchone()[0])
 
@@ -368,28 +368,24 @@ class RealPair:
     def _stages(self, study_uid: str, stored_at: datetime) -> dict[str, float]:
         """Where the study's seconds went, from A's and B's audit (UTC): the last C-STORE response to stable, the
         dispatch to A's first offer, the offer to A's sent (B verified), B's import, B's receipt back to A."""
-        import sqlite3
-
-        def moves(site: Any) -> dict[str, datetime]:
-            with contextlib.closing(sqlite3.connect(f"file:{site.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
-                rows = conn.execute("SELECT at, to_state FROM audit_log WHERE study_instance_uid = ? AND to_state IS NOT "
-                                    "NULL ORDER BY id", (study_uid,)).fetchall()
+        def moves(conn: sqlite3.Connection) -> dict[str, datetime]:
             first: dict[str, datetime] = {}
-            for at, state in rows:
+            for at, state in conn.execute("SELECT at, to_state FROM audit_log WHERE study_instance_uid = ? AND to_state "
+                                          "IS NOT NULL ORDER BY id", (study_uid,)):
                 first.setdefault(state, datetime.fromisoformat(at))
             return first
 
-        a, b = moves(self.a), moves(self.b)
+        with _queue_db(self.a) as conn_a, _queue_db(self.b) as conn_b:
+            a, b = moves(conn_a), moves(conn_b)
+            stream = conn_a.execute("SELECT t.stream_s FROM transfers t JOIN study_units u ON t.unit_id = u.id WHERE "
+                                    "u.study_instance_uid = ? AND t.direction = 'out' AND t.stream_s IS NOT NULL "
+                                    "ORDER BY t.id DESC", (study_uid,)).fetchone()
         try:
             marks = [stored_at, a["stable"], a["offering"], a["sent"], b["delivered"], a["delivered"]]
         except KeyError:  # a state the audit does not hold (a study split in units): no breakdown
             return {}
         names = ("stable_wait", "to_offer", "offer_to_sent", "import", "receipt")
         stages = {name: round((end - start).total_seconds(), 3) for name, start, end in zip(names, marks, marks[1:])}
-        with contextlib.closing(sqlite3.connect(f"file:{self.a.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
-            stream = conn.execute("SELECT t.stream_s FROM transfers t JOIN study_units u ON t.unit_id = u.id WHERE "
-                                  "u.study_instance_uid = ? AND t.direction = 'out' AND t.stream_s IS NOT NULL "
-                                  "ORDER BY t.id DESC", (study_uid,)).fetchone()
         if stream is not None:  # of the offer to sent: the bytes' own time (A's first to last byte on the stream)
             stages["stream"] = round(float(stream[0]), 3)
         return stages
@@ -472,6 +468,13 @@ def prosody_accounts(server: Prosody, jids: list[str]) -> None:
         (directory / f"{name}.dat").write_text(
             f'return {{\n\t["stored_key"] = "{stored}";\n\t["iteration_count"] = 10000;\n\t["salt"] = "{salt}";\n'
             f'\t["server_key"] = "{server_key}";\n}};\n')
+
+
+@contextlib.contextmanager
+def _queue_db(site: Any) -> Iterator[sqlite3.Connection]:
+    """A real gateway's queue database, read-only, beside the running gateway."""
+    with contextlib.closing(sqlite3.connect(f"file:{site.workdir / 'queue.db'}?mode=ro", uri=True, timeout=5)) as conn:
+        yield conn
 
 
 def _median_stages(stages: list[dict[str, float]]) -> dict[str, float]:

@@ -8,6 +8,7 @@ with a deadline, and is stopped by the PID we started (terminate, then kill). dc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -25,23 +26,28 @@ from typing import Any
 _PORT_BLOCK = 1000  # ports per process
 _PORT_FLOOR = 20000
 _port_lock = threading.Lock()
-_port_cursor: list[int] = []  # the next port this process hands out, once its block is known
+_port_offset: int | None = None  # where in its block this process hands out the next port
 
 
-def _port_block() -> tuple[int, int]:
-    """This process's block of ports: below the kernel's ephemeral range (whence every outgoing connection's local
-    port comes), one block per pytest-xdist worker (another process's servers never get a port picked here)."""
+@functools.cache
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (whence every outgoing connection's local port comes)."""
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        low = 32768
-    slots = (low - _PORT_FLOOR) // _PORT_BLOCK
+        return 32768
+
+
+def _port_block() -> range:
+    """This process's block of ports: below the ephemeral range, one block per pytest-xdist worker (another
+    process's servers never get a port picked here); empty when the range leaves no room below it."""
+    slots = (ephemeral_low() - _PORT_FLOOR) // _PORT_BLOCK
     if slots < 1:
-        return 0, 0
+        return range(0)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else os.getpid()
     start = _PORT_FLOOR + (index % slots) * _PORT_BLOCK
-    return start, start + _PORT_BLOCK
+    return range(start, start + _PORT_BLOCK)
 
 
 def free_port() -> int:
@@ -49,24 +55,25 @@ def free_port() -> int:
     next of this process's block (it wraps after 1000 ports) that a bind accepts. A port picked by bind(0) came
     from the ephemeral range, and the servers bound to it seconds later met another worker's server on the same
     port (a SOCKS5 proxy answered a gateway's XMPP stream in CI) or an outgoing connection's local end."""
-    start, end = _port_block()
-    if start == end:  # no room below a machine's ephemeral range: the kernel's pick
+    global _port_offset
+    block = _port_block()
+    if not block:  # no room below a machine's ephemeral range: the kernel's pick
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             return int(sock.getsockname()[1])
     with _port_lock:
-        if not _port_cursor:
-            _port_cursor.append(start + random.randrange(_PORT_BLOCK))
-        for _attempt in range(_PORT_BLOCK):  # bounded: each port of the block once
-            port = _port_cursor[0]
-            _port_cursor[0] = start + (port + 1 - start) % _PORT_BLOCK
+        if _port_offset is None:
+            _port_offset = random.randrange(len(block))
+        for _attempt in range(len(block)):  # bounded: each port of the block once
+            port = block[_port_offset]
+            _port_offset = (_port_offset + 1) % len(block)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 try:
                     probe.bind(("127.0.0.1", port))
                 except OSError:
                     continue
             return port
-    raise OSError(f"no free port in {start}..{end - 1}")
+    raise OSError(f"no free port in {block.start}..{block.stop - 1}")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

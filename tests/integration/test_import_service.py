@@ -8,6 +8,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from gateway.importing import ImportService, PacsOutcome, PacsUnavailable, Verdict
 from gateway.lifecycle import State
 from gateway.model import InstanceRecord
@@ -61,7 +63,7 @@ def run_due(svc: ImportService) -> None:
         thread.join(10)
 
 
-def test_transient_failures_are_retried_and_stored_instances_are_not_sent_again(store: QueueStore, caplog) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_transient_failures_are_retried_and_stored_instances_are_not_sent_again(store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     unit_id = received_unit(store)
     pacs = FakePacs(PacsUnavailable("connection refused"), {"1.2.3.1.2": 0xA700}, {})
     svc = service(store, pacs)
@@ -89,7 +91,7 @@ def test_a_permanent_refusal_fails_the_unit_with_the_pacs_text_and_keeps_the_res
     assert [u.unit_id for u in store.receipts_due()] == [unit_id]  # the sender will hear of it
 
 
-def test_gives_up_after_max_attempts(store: QueueStore, caplog) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_gives_up_after_max_attempts(store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     unit_id = received_unit(store)
     svc = service(store, FakePacs(*[PacsUnavailable("down")] * 3), max_attempts=3)
     for _ in range(3):

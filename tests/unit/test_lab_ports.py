@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from pathlib import Path
 
 import pytest
 
@@ -14,13 +13,9 @@ from adapters.lab import localpeers
 from adapters.lab.localpeers import free_port
 
 
-def _ephemeral_low() -> int:
-    return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-
-
-def test_ports_are_below_the_ephemeral_range_and_never_handed_out_twice_while_bound() -> None:
-    if _ephemeral_low() < 21000:
-        pytest.skip("this machine's ephemeral range leaves no room below it")  # not the case on Debian's default
+def test_ports_are_below_the_ephemeral_range_and_never_handed_out_twice_while_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    low = 32768  # Debian's default (this machine's: localpeers.ephemeral_low())
+    monkeypatch.setattr(localpeers, "ephemeral_low", lambda: low)
     with contextlib.ExitStack() as held:
         ports = []
         for _ in range(300):
@@ -30,12 +25,19 @@ def test_ports_are_below_the_ephemeral_range_and_never_handed_out_twice_while_bo
             listener.listen(1)
             ports.append(port)
         assert len(set(ports)) == 300
-        assert all(20000 <= port < _ephemeral_low() for port in ports)
+        assert all(20000 <= port < low for port in ports)
+
+
+def test_without_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localpeers, "ephemeral_low", lambda: 20500)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", free_port()))  # free, as said
 
 
 def test_a_port_someone_bound_is_skipped() -> None:
     free_port()  # the block and its cursor are set
-    taken = localpeers._port_cursor[0]
+    block = localpeers._port_block()
+    taken = block[localpeers._port_offset]  # type: ignore[index]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", taken))
         assert free_port() != taken
@@ -45,7 +47,7 @@ def test_two_test_workers_pick_from_blocks_that_do_not_overlap(monkeypatch: pyte
     blocks = []
     for worker in ("gw0", "gw1", "gw2", "gw3"):
         monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
-        blocks.append(range(*localpeers._port_block()))
+        blocks.append(localpeers._port_block())
     assert all(len(block) == 1000 for block in blocks)
     for i, block in enumerate(blocks):
         for other in blocks[i + 1:]:
