@@ -37,6 +37,7 @@ from gateway.retry import ErrorKind
 from gateway.retry import classify_store_status as store_status_kind
 from gateway.settings import PacsSettings
 from gateway.store import QueueStore, utcnow
+from gateway.terminal import plain
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class ImportService:
         delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempts - 1))
         when = utcnow() + timedelta(seconds=delay)
         # In the log too, not only in the unit's row: a PACS that stays unreachable must show where an admin looks.
-        log.warning("import of unit %s: attempt %d failed, retry in %g s: %s", unit.unit_id, attempts, delay, detail)
+        log.warning("import of unit %s: attempt %d failed, retry in %g s: %s", unit.unit_id, attempts, delay, plain(detail))
         if current.state == State.RECEIVED.value:  # failed before the move to importing
             self.store.reschedule(unit.unit_id, when, attempts)
             return
@@ -266,7 +267,7 @@ class ImportService:
         )
 
     def _fail(self, unit: StudySummary, detail: str) -> None:
-        log.error("import of unit %s failed: %s", unit.unit_id, detail)
+        log.error("import of unit %s failed: %s", unit.unit_id, plain(detail))  # the PACS's words: one line, no escapes
         self.store.transition(unit.unit_id, State.FAILED, detail, detail)
         self.store.add_flag(unit.unit_id, "pacs-refused")
         if self.on_outcome is not None:

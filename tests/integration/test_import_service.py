@@ -101,6 +101,21 @@ def test_gives_up_after_max_attempts(store: QueueStore, caplog: pytest.LogCaptur
     assert f"import of unit {unit_id} failed: gave up after 3 attempts: PACS unavailable: down" in caplog.messages
 
 
+def test_a_pacs_error_text_reaches_the_log_on_one_line_without_escapes(store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """The PACS's words (an error comment, an exception's text) in the gateway's log: a line break in them would
+    forge a log line of its own, an escape sequence would reach the admin's terminal."""
+    unit_id = received_unit(store)
+    hostile = "refused\n2026-12-02 10:00:00 ERROR gateway: forged\x1b[2J\u202e" + "x" * 1000
+    svc = service(store, FakePacs(*[PacsUnavailable(hostile)] * 2), max_attempts=2)
+    caplog.set_level(logging.WARNING, logger="gateway.importing")
+    run_due(svc)
+    run_due(svc)
+    said = "PACS unavailable: refused 2026-12-02 10:00:00 ERROR gateway: forged[2J" + "x" * 1000
+    assert caplog.messages == [f"import of unit {unit_id}: attempt 1 failed, retry in 0 s: {said}",
+                               f"import of unit {unit_id} failed: gave up after 2 attempts: {said}"]
+    assert store.unit(unit_id).state == "failed"
+
+
 def test_storage_commitment_waits_for_the_report(store: QueueStore) -> None:  # noqa: F811
     unit_id = received_unit(store)
     pacs = FakePacs({})
