@@ -38,6 +38,7 @@ import re2
 
 from gateway.addressing import destination_jid
 from gateway.model import PeerConfig, StudySummary
+from gateway.terminal import quoted
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
         if not isinstance(table, dict):
             raise RuleError(f"routing.rules #{index}: must be a table")
         name = str(table.get("name") or f"rule {index}")
-        where = f"routing rule {name!r}"
+        where = f"routing rule {quoted(name)}"
         if name in names:
             raise RuleError(f"{where}: a second rule has this name")
         names.add(name)
@@ -278,10 +279,10 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
                 try:
                     check_destination(destination)
                 except ValueError as exc:
-                    raise RuleError(f"{where}: destination {destination!r}: {exc}") from None
+                    raise RuleError(f"{where}: destination {quoted(destination)}: {exc}") from None
         priority = str(table.get("priority", "routine")).lower()
         if priority not in PRIORITIES:
-            raise RuleError(f"{where}: priority {priority!r}: use \"stat\" or \"routine\"")
+            raise RuleError(f"{where}: priority {quoted(priority)}: use \"stat\" or \"routine\"")
         conditions = tuple((key, _matches(table[key], f"{where}: {key}")) for key in _CONDITIONS if key in table)
         tags_raw = table.get("tags", {})
         if not isinstance(tags_raw, dict):
@@ -290,7 +291,7 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
                      for key, value in tags_raw.items())
         deidentify = str(table.get("deidentify", "") or "")
         if deidentify not in ("", "basic"):
-            raise RuleError(f"{where}: deidentify {deidentify!r}: \"basic\" (PS3.15 Annex E Basic Profile)")
+            raise RuleError(f"{where}: deidentify {quoted(deidentify)}: \"basic\" (PS3.15 Annex E Basic Profile)")
         options = tuple(str(o) for o in table.get("deid_options", []))
         unknown_options = set(options) - set(DEID_OPTIONS)
         if unknown_options:
@@ -327,7 +328,9 @@ def _compile(pattern: str, text: str, where: str) -> Any:
         return re2.compile(pattern, options)
     except Exception as exc:  # re2's own error type (bytes message) for any pattern it cannot take
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise RuleError(f"{where}: {text!r} is not a regular expression RE2 accepts: {reason}") from None
+        if len(reason) > 160:  # RE2 repeats the pattern in its reason
+            reason = reason[:160] + "..."
+        raise RuleError(f"{where}: {quoted(text)} is not a regular expression RE2 accepts: {reason}") from None
 
 
 def _matches(raw: Any, where: str, fold_case: bool = False) -> tuple[Match, ...]:

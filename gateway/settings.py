@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.routing import Rule, RuleError, parse_rules
+from gateway.terminal import quoted
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
 
@@ -249,7 +250,7 @@ class Settings:
 
 def _log_format(value: str) -> str:
     if value not in ("text", "json"):
-        raise SettingsError(f"log.format = {value!r}: use \"text\" or \"json\"")
+        raise SettingsError(f"log.format = {quoted(value)}: use \"text\" or \"json\"")
     return value
 
 
@@ -311,9 +312,9 @@ def settings_from_mapping(
         on_discontinued=str(dicom_raw.get("on_discontinued", "send")),
     )
     if dicom.on_discontinued not in ("send", "hold"):
-        raise SettingsError(f"dicom.on_discontinued {dicom.on_discontinued!r}: send or hold")
+        raise SettingsError(f"dicom.on_discontinued {quoted(dicom.on_discontinued)}: send or hold")
     if dicom.commit_when not in COMMIT_WHEN:
-        raise SettingsError(f"dicom.commit_when {dicom.commit_when!r}: one of {', '.join(COMMIT_WHEN)}")
+        raise SettingsError(f"dicom.commit_when {quoted(dicom.commit_when)}: one of {', '.join(COMMIT_WHEN)}")
     if dicom.allowed_calling_ae_titles and dicom.modalities:  # a known modality may always associate
         known = tuple(m.ae_title for m in dicom.modalities if m.ae_title not in dicom.allowed_calling_ae_titles)
         dicom = replace(dicom, allowed_calling_ae_titles=dicom.allowed_calling_ae_titles + known)
@@ -376,7 +377,7 @@ def _web(raw: Mapping[str, Any], base_dir: Path) -> WebSettings:
     if web.client_ca_file and not web.tls_cert_file:
         raise SettingsError("web.client_ca_file (client certificates) needs tls_cert_file and tls_key_file")
     if web.port and not web.auth_user and not web.client_ca_file and web.host not in ("127.0.0.1", "::1", "localhost"):
-        raise SettingsError(f"web.host {web.host!r} is not loopback: set auth_user/auth_password_hash or client_ca_file")
+        raise SettingsError(f"web.host {quoted(web.host)} is not loopback: set auth_user/auth_password_hash or client_ca_file")
     return web
 
 
@@ -510,7 +511,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
             raise SettingsError(f"xmpp.server_cert_sha256: {exc}") from None
     methods = tuple(str(m) for m in raw.get("methods", ["s5b", "ibb"]))
     if not methods or any(m not in ("s5b", "ibb") for m in methods):
-        raise SettingsError(f"xmpp.methods: {list(methods)!r} must list 's5b' and/or 'ibb'")
+        raise SettingsError(f"xmpp.methods: {quoted(list(methods))} must list 's5b' and/or 'ibb'")
     return XmppSettings(
         jid=jid,
         password=_secret(raw, "password", environ, "DICOMGW_XMPP_PASSWORD", base_dir),
@@ -566,7 +567,7 @@ def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 def _ae_title(value: Any, key: str) -> str:
     text = str(value).strip()
     if not AE_TITLE_RE.match(text):
-        raise SettingsError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+        raise SettingsError(f"{key}: {quoted(value)} is not a valid AE title (1-16 printable characters, no backslash)")
     return text
 
 
@@ -574,13 +575,13 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     """A whole number within low..high: TOML's integer, or text of one (the environment); a fraction, true/false,
     inf or nan is refused (``int()`` alone would truncate 1.7 to 1, take true as 1 and raise on inf)."""
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise SettingsError(f"{key}: {value!r} is not a whole number")
+        raise SettingsError(f"{key}: {quoted(value)} is not a whole number")
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise SettingsError(f"{key}: {value!r} is not a whole number") from None
+        raise SettingsError(f"{key}: {quoted(value)} is not a whole number") from None
     if not low <= number <= high:
-        raise SettingsError(f"{key}: {number} is outside {low}..{high}")
+        raise SettingsError(f"{key}: {quoted(number)} is outside {low}..{high}")
     return number
 
 
@@ -595,7 +596,7 @@ def _servers(value: Any) -> tuple[tuple[str, int], ...]:
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if (not isinstance(entry, str) or not sep or not host or len(host) > 253 or not port.isascii() or not port.isdigit()
                 or not 1 <= int(port) <= 65535 or any(not c.isprintable() or c.isspace() or c in "/@[]" for c in host)):
-            raise SettingsError(f"xmpp.servers[{n}]: {text[:80]!r} is not host:port")
+            raise SettingsError(f"xmpp.servers[{n}]: {quoted(text)} is not host:port")
         found.append((host, int(port)))
     return tuple(found)
 
@@ -619,7 +620,7 @@ def _dns_servers(value: Any) -> tuple[str, ...]:
         except ValueError:
             address = None
         if address is None or not port.isascii() or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
-            raise SettingsError(f"xmpp.dns_servers[{n}]: {str(entry)[:80]!r} is not an IP address with an optional :port")
+            raise SettingsError(f"xmpp.dns_servers[{n}]: {quoted(entry)} is not an IP address with an optional :port")
         found.append(f"[{address}]:{int(port)}" if address.version == 6 else f"{address}:{int(port)}")
     return tuple(found)
 
@@ -628,13 +629,13 @@ def _float(value: Any, key: str, low: float) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{key}: {value!r} is not a number") from None
+        raise SettingsError(f"{key}: {quoted(value)} is not a number") from None
     except OverflowError:  # an integer of a thousand digits: beyond a float
         number = math.inf
     if math.isnan(number):  # NaN compares false with every bound
-        raise SettingsError(f"{key}: {value!r} is not a number")
+        raise SettingsError(f"{key}: {quoted(value)} is not a number")
     if math.isinf(number):  # "inf", 1e999, a thousand nines: no timer, size or interval is infinite
-        raise SettingsError(f"{key}: {str(value)[:40]!r} is not a finite number")
+        raise SettingsError(f"{key}: {quoted(str(value), 40)} is not a finite number")
     if number < low:
         raise SettingsError(f"{key}: {number} is below {low}")
     return number

@@ -6,7 +6,7 @@ exit with ``MarkupError``; ``[link=...]`` became a hyperlink), and printed at al
 the terminal (colour, window title, a cleared screen). :func:`plain` removes control characters (C0, DEL, C1,
 and the bidirectional overrides that reorder what is shown; tab and line breaks become spaces);
 :func:`cell` is such a value as a rich ``Text`` (never parsed as markup); :func:`markup` escapes it for
-a string that is.
+a string that is; :func:`quoted` is a refused value as an error message repeats it.
 """
 
 from __future__ import annotations
@@ -33,3 +33,13 @@ def markup(value: object) -> str:
     from rich.markup import escape
 
     return escape(plain(value))
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """A refused value as an error message repeats it: quoted (``repr``, so a control character shows as its
+    escape), cut to ``limit`` characters with its length said: a config value of thousands of characters
+    would otherwise fill the admin's screen with one message."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(value)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

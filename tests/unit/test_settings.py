@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ('[paths]\nspool_reserve_mb = nan', "paths.spool_reserve_mb: nan is not a whole number"),
         ('[paths]\nspool_reserve_mb = "lots"', "paths.spool_reserve_mb: 'lots' is not a whole number"),
         ('[paths]\nspool_reserve_mb = "\\u0000\\u001b[2J\\u00ff"', "paths.spool_reserve_mb"),
-        ('[paths]\nspool_reserve_mb = ' + "9" * 1000, "paths.spool_reserve_mb: 9999"),
+        ('[paths]\nspool_reserve_mb = ' + "9" * 1000, "paths.spool_reserve_mb: '9999"),
         ('[xmpp]\nmax_inbound = inf', "xmpp.max_inbound: inf is not a whole number"),
     ],
 )
@@ -65,6 +66,35 @@ def test_bad_values_are_named(tmp_path: Path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_settings(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[queue]\nassociation_pause_s = "' + "30 s " * 1000 + '"', "queue.association_pause_s: '30 s 30 s"),
+        ('[queue]\nstable_age_s = ' + "9" * 1000, "queue.stable_age_s: '9999"),
+        ('[dicom]\nport = ' + "9" * 1000, "dicom.port: '9999"),
+        ('[paths]\nspool_reserve_mb = "' + "x" * 5000 + '"', "paths.spool_reserve_mb: 'xxxx"),
+        ('[dicom]\nae_title = "' + "A" * 5000 + '"', "dicom.ae_title: 'AAAA"),
+        ('[log]\nformat = "' + "j" * 5000 + '"', "log.format = 'jjjj"),
+        ('[xmpp]\nservers = ["' + "h" * 5000 + '"]', "xmpp.servers[0]: 'hhhh"),
+        ('[[routing.rules]]\nname = "' + "n" * 5000 + '"\ndestinations = ["ct.hospital-b"]\npriority = "soon"',
+         "routing rule 'nnnn"),
+        ('[[routing.rules]]\nname = "r"\ndestinations = ["ct.hospital-b"]\npriority = "' + "s" * 5000 + '"',
+         "priority 'ssss"),
+        ('[[routing.rules]]\nname = "r"\ndestinations = ["ct.hospital-b"]\nmodality = "re:' + "(" * 5000 + '"',
+         "modality: 're:(((("),
+    ],
+)
+def test_a_value_of_thousands_of_characters_is_named_in_one_short_message(tmp_path: Path, toml: str, named: str) -> None:
+    """The refusal repeats the value's first 80 characters and says how long it is: not 5 KB of message."""
+    path = tmp_path / "long.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError) as refused:
+        load_settings(path, environ={})
+    message = str(refused.value)
+    assert named in message and re.search(r"\.\.\. \(\d{4,5} characters\)", message), message
+    assert len(message) < 400, message
 
 
 def test_a_config_file_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
