@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.lab.localpeers import PeerProcess, free_port, make_test_pki, port_open
+from adapters.lab.localpeers import PeerProcess, free_port, make_test_pki, socks5_answers, xmpp_answers
 
 
 class Ejabberd(PeerProcess):
@@ -154,7 +154,7 @@ modules:
             for path in [self.workdir, *self.workdir.rglob("*")]:
                 shutil.chown(path, "ejabberd", "ejabberd")
         self._spawn([*self._ctl_args(), "foreground"])
-        self._wait_ready(lambda: port_open(self.c2s_port) and port_open(self.proxy_port)
+        self._wait_ready(lambda: xmpp_answers(self.c2s_port, self.domain) and socks5_answers(self.proxy_port)
                          and self.ctl("status", timeout_s=20).returncode == 0, timeout_s)
         return self
 

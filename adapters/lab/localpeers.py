@@ -84,6 +84,38 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def _exchange(port: int, hello: bytes, enough: Any, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bytes:
+    """Send ``hello`` to ``port`` and read until ``enough(answer)`` or ``timeout_s``: what the server said."""
+    answer = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(hello)
+            deadline = time.monotonic() + timeout_s
+            while not enough(answer) and time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError:
+        pass
+    return answer
+
+
+def xmpp_answers(port: int, domain: str, host: str = "127.0.0.1") -> bool:
+    """An XMPP server for ``domain`` answers on ``port``: it opens a stream from ``domain`` and offers its
+    features. A port that only accepts (or another test's proxy or server that took it) does not."""
+    hello = (f"<?xml version='1.0'?><stream:stream to='{domain}' version='1.0' xmlns='jabber:client' "
+             f"xmlns:stream='http://etherx.jabber.org/streams'>").encode()
+    answer = _exchange(port, hello, lambda got: b"stream:features" in got, host)
+    return b"<stream:stream" in answer and b"stream:features" in answer and domain.encode() in answer
+
+
+def socks5_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """A SOCKS5 proxy (XEP-0065's proxy65) answers on ``port``: it takes the no-authentication method."""
+    return _exchange(port, b"\x05\x01\x00", lambda got: len(got) >= 2, host)[:2] == b"\x05\x00"
+
+
 def nodelay_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
@@ -199,11 +231,14 @@ class Orthanc(PeerProcess):
         return self
 
     def _http_ok(self) -> bool:
+        """Our Orthanc answers: its /system names the DICOM and HTTP ports we gave it (not another's on a port
+        taken meanwhile)."""
         try:
-            self.rest("/system")
-            return True
-        except OSError:
+            system = self.rest("/system")
+        except (OSError, ValueError):
             return False
+        return (isinstance(system, dict) and system.get("DicomPort") == self.dicom_port
+                and system.get("HttpPort") == self.http_port)
 
     def rest(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
@@ -474,7 +509,8 @@ VirtualHost "{self.domain}"
         if os.geteuid() == 0:
             argv = ["runuser", "-u", "prosody", "--", *argv]
         self._spawn(argv)
-        ready = (lambda: port_open(self.c2s_port) and port_open(self.proxy_port)) if self.proxy65 else (lambda: port_open(self.c2s_port))
+        ready = ((lambda: xmpp_answers(self.c2s_port, self.domain) and socks5_answers(self.proxy_port)) if self.proxy65
+                 else (lambda: xmpp_answers(self.c2s_port, self.domain)))
         self._wait_ready(ready, timeout_s)
         return self
 
