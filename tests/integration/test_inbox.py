@@ -85,3 +85,55 @@ def test_a_cut_on_a_slow_disk_waits_for_the_files_being_fsynced_and_leaves_no_de
     sink.close("stream cut")
     assert {d for d in _descriptors() - before if str(sink.dir) in d} == set()
     assert _sink(spool, store, manifest, data).offset > 0  # what came is kept for the resume
+
+
+def _files_start(manifest: Manifest, data: bytes) -> list[int]:
+    """Where each instance file's bytes begin in the bundle (after the magic, length and manifest)."""
+    start = len(data) - manifest.total_bytes
+    starts = []
+    for entry in manifest.files:
+        starts.append(start)
+        start += entry.size
+    return starts
+
+
+def test_a_file_changed_on_the_way_is_refused_by_name_and_never_handed_on(
+    tmp_path: Path, spool: Spool, store: QueueStore,
+) -> None:
+    """A file whose SHA-256 is not the manifest's rejects the bundle by that instance's name, is kept in quarantine
+    with the rest, and never reaches the early import; the files before it did (each was known good), none after."""
+    manifest, _paths, data = _bundle(tmp_path, 6)
+    bad = 2
+    changed = bytearray(data)
+    changed[_files_start(manifest, data)[bad] + manifest.files[bad].size // 2] ^= 0x01
+    handed: list[str] = []
+    sink = InboundBundle(spool, IngestService(store, spool), "radiology.hospital-a@example.org",
+                         hashlib.sha256(manifest.encode()).hexdigest(), len(data),
+                         on_file=lambda entry, path: handed.append(entry.sop_instance_uid))
+    for start in range(0, len(changed), 40_000):
+        sink.write(bytes(changed[start : start + 40_000]))
+    ok, detail = sink.finish()
+    assert not ok and detail == f"SHA-256 mismatch for instance {manifest.files[bad].sop_instance_uid}"
+    assert handed == [e.sop_instance_uid for e in manifest.files[:bad]]
+    assert all(store.instance_hashes(e.sop_instance_uid) == [] for e in manifest.files)  # nothing recorded
+    kept = list((spool.quarantine_dir).iterdir())
+    assert any(p.name.endswith(".reason.txt") and "SHA-256 mismatch" in p.read_text() for p in kept)  # kept, not deleted
+
+
+def test_a_kept_file_changed_on_disk_before_the_resume_is_refused(tmp_path: Path, spool: Spool, store: QueueStore) -> None:
+    """The hash is of what is on disk: a whole file kept from a cut stream and changed before the sender resumes
+    (a disk fault, a hand) is found when the bundle resumes, not stored."""
+    manifest, _paths, data = _bundle(tmp_path, 6)
+    first = _sink(spool, store, manifest, data)
+    cut = _files_start(manifest, data)[4] + 3 * DEFAULT_CHUNK_BYTES
+    first.write(data[:cut])
+    first.close("stream cut")
+    kept = first.dir / "00001.dcm"
+    raw = bytearray(kept.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    kept.write_bytes(bytes(raw))
+    second = _sink(spool, store, manifest, data)
+    assert second.offset > _files_start(manifest, data)[2]  # the whole files were kept, not sent again
+    second.write(data[second.offset :])
+    ok, detail = second.finish()
+    assert not ok and detail == f"SHA-256 mismatch for instance {manifest.files[1].sop_instance_uid}"
