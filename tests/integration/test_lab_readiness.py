@@ -67,7 +67,9 @@ def test_a_prosody_whose_port_another_proxy_holds_is_not_taken_as_ready(tmp_path
     with listener(b"\x05\xff") as taken:
         server = Prosody(tmp_path / "prosody", domain=DOMAIN)
         server.c2s_port = taken
-        with pytest.raises((TimeoutError, RuntimeError)):
-            server.start(timeout_s=8)
-        server.stop()
+        try:
+            with pytest.raises((TimeoutError, RuntimeError)):
+                server.start(timeout_s=8)
+        finally:
+            server.stop()  # also when it was taken as ready: no server is left running
         assert server.proc is not None and server.proc.poll() is not None  # stopped by PID, ready or not
