@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _exchange(port: int, hello: bytes, enough: Any, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bytes:
+def _exchange(port: int, hello: bytes, enough: Callable[[bytes], bool], host: str = "127.0.0.1", timeout_s: float = 1.0) -> bytes:
     """Send ``hello`` to ``port`` and read until ``enough(answer)`` or ``timeout_s``: what the server said."""
     answer = b""
     try:
