@@ -65,6 +65,8 @@ class Claims:
         self._owner_gone = owner_gone
         self._sessions = sessionmaker(lease_engine(engine), expire_on_commit=False)  # commits not waiting for the disk
         self._stream_refs: dict[str, int] = {}  # bundle -> streams of it this process admitted
+        # Held across a stream claim's or release's row as well: a claim that came between a release's last
+        # reference and its row's delete found this process's own row and was refused as "another stream".
         self._refs_lock = threading.Lock()
 
     def _until(self) -> datetime:
@@ -144,11 +146,10 @@ class Claims:
             if self._stream_refs.get(bundle_sha256):
                 self._stream_refs[bundle_sha256] += 1
                 return None
-        holder = self._claim_stream_row(bundle_sha256, peer_jid)
-        if holder is None:
-            with self._refs_lock:
-                self._stream_refs[bundle_sha256] = self._stream_refs.get(bundle_sha256, 0) + 1
-        return holder
+            holder = self._claim_stream_row(bundle_sha256, peer_jid)
+            if holder is None:
+                self._stream_refs[bundle_sha256] = 1
+            return holder
 
     def _claim_stream_row(self, bundle_sha256: str, peer_jid: str) -> str | None:
         now = utcnow()
@@ -177,6 +178,9 @@ class Claims:
                 self._stream_refs[bundle_sha256] = left
                 return
             self._stream_refs.pop(bundle_sha256, None)
+            self._drop_stream_row(bundle_sha256)
+
+    def _drop_stream_row(self, bundle_sha256: str) -> None:
         with self._sessions.begin() as session:
             session.execute(delete(StreamClaimRow).where(StreamClaimRow.bundle_sha256 == bundle_sha256,
                                                          StreamClaimRow.owner == self.owner))

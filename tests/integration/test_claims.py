@@ -126,6 +126,42 @@ def test_one_stream_per_bundle_across_processes(store: QueueStore) -> None:
     assert b.claim_stream(bundle, "s@x") is None
 
 
+def test_a_stream_claimed_while_this_process_releases_its_last_one_is_claimed(store: QueueStore) -> None:
+    """A sender's fallback offer (S5B failed, IBB next) may reach the receiver while the failed stream's claim is
+    being released. CI saw it refused as "being received on another stream": the claim came between the
+    release's last reference and its row's delete, and found this process's own row."""
+    from sqlalchemy import select
+
+    from gateway.rows import StreamClaimRow
+
+    bundle = "cd" * 32
+    claims = Claims(store.engine, owner="host-a:1:x", lease_s=600, owner_gone=lambda _o: False)
+    assert claims.claim_stream(bundle, "s@x") is None
+    deleting, go = threading.Event(), threading.Event()
+    drop = claims._drop_stream_row
+
+    def slow_drop(bundle_sha256: str) -> None:  # the release between its last reference and its row's delete
+        deleting.set()
+        go.wait(10)
+        drop(bundle_sha256)
+
+    claims._drop_stream_row = slow_drop  # type: ignore[method-assign]
+    releasing = threading.Thread(target=claims.release_stream, args=(bundle,))
+    releasing.start()
+    try:
+        assert deleting.wait(10)
+        threading.Timer(0.3, go.set).start()
+        assert claims.claim_stream(bundle, "s@x") is None  # the fallback's claim: this process holds no stream of it
+    finally:
+        go.set()
+        releasing.join(10)
+    with store._sessions() as session:
+        owners = session.scalars(select(StreamClaimRow.owner).where(StreamClaimRow.bundle_sha256 == bundle)).all()
+    assert owners == [claims.owner]  # the new stream's row, not deleted by the release before it
+    other = Claims(store.engine, owner="host-b:2:y", lease_s=600, owner_gone=lambda _o: False)
+    assert other.claim_stream(bundle, "s@x") == claims.owner
+
+
 def test_a_receipt_racing_the_verdict_always_ends_delivered(store: QueueStore) -> None:
     """The receiver's receipt may arrive while the sender records the verdict (`sent`): in either order,
     on SQLite and PostgreSQL, the unit must end `delivered` (seen once in a soak: it stayed `sent`)."""

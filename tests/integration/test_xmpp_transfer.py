@@ -262,7 +262,9 @@ def test_an_activation_the_proxy_refuses_ends_the_early_handshake_and_the_study_
         study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=4, rows=64, columns=64)
         assert storescu(a.gateway.scp.port, study.files).returncode == 0
         wait_for(lambda: unit_states(a.gateway) == ["sent"], 60, 0.1, what="A's study to be sent")
-        assert [(t["method"], t["outcome"]) for t in a.gateway.store.transfers()] == [("s5b", "cut"), ("ibb", "received")]
+        attempts = a.gateway.store.transfers()
+        assert [(t["method"], t["outcome"]) for t in attempts] == [("s5b", "cut"), ("ibb", "received")], \
+            [(t["method"], t["outcome"], t["error"]) for t in attempts]
         assert set(received_instances(b.gateway)) == set(study.sop_instance_uids)
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         # B did not wait out its handshake timeout for a sender stuck in a dead handshake (and report it as a
