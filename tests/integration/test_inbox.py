@@ -16,7 +16,7 @@ from adapters.dicom_files import inspect_part10_file
 from adapters.inbox import OPEN_AHEAD_FILES, InboundBundle
 from adapters.lab.synthetic import generate_ct_study
 from adapters.spool import Spool, fsync_and_close
-from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
+from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, file_offsets, stream_bundle
 from gateway.service import IngestService
 from gateway.store import QueueStore
 
@@ -89,12 +89,7 @@ def test_a_cut_on_a_slow_disk_waits_for_the_files_being_fsynced_and_leaves_no_de
 
 def _files_start(manifest: Manifest, data: bytes) -> list[int]:
     """Where each instance file's bytes begin in the bundle (after the magic, length and manifest)."""
-    start = len(data) - manifest.total_bytes
-    starts = []
-    for entry in manifest.files:
-        starts.append(start)
-        start += entry.size
-    return starts
+    return [start for _entry, start in file_offsets(manifest, len(data) - manifest.total_bytes)]
 
 
 def test_a_file_changed_on_the_way_is_refused_by_name_and_never_handed_on(
