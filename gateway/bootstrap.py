@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 SPOOL_LOW_STATUS = "busy: spool space below the reserve kept for this site's modalities"
 STABLE_SLACK_S = 0.02  # a study is looked at this long after it may have become stable (clocks, stamping)
 
-__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "open_store", "run_forever"]
+__all__ = ["EchoResult", "Gateway", "GatewayController", "echo", "run_forever"]
 
 
 def identity_paths(settings: Settings) -> tuple[Path, Path]:
@@ -105,12 +105,6 @@ def facts_from_file(path: str | Path, source: str, tag_keys: tuple[str, ...]) ->
     header = inspect_part10_file(Path(path))
     return StudyFacts(source, (header.modality,) if header.modality else (), read_tags(Path(path), tag_keys))
 
-
-def open_store(settings: Settings) -> QueueStore:
-    """Engine + schema at head + repository: what the CLI's read commands need."""
-    engine = make_engine(settings.queue.db_url)
-    upgrade_schema(engine)
-    return QueueStore(engine)
 
 
 class Gateway:

@@ -557,9 +557,9 @@ def _release_or_drop(store: Any, action: str, target: str) -> int:
 
 
 def _store(settings: Settings) -> Any:
-    from gateway.bootstrap import open_store
+    from gateway.store import open_store
 
-    return open_store(settings)
+    return open_store(settings.queue.db_url)
 
 
 def _age_s(since: datetime) -> float:

@@ -294,6 +294,6 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def _store(settings: Any) -> Any:
-    from gateway.bootstrap import open_store
+    from gateway.store import open_store
 
-    return open_store(settings)
+    return open_store(settings.queue.db_url)

@@ -62,10 +62,9 @@ class Hold:
 
 
 def parse_rules(raw: Any, base_dir: Path) -> tuple[CoerceRule, ...]:
-    from pydicom.datadict import tag_for_keyword
-
     if raw is None:
         return ()
+    from pydicom.datadict import tag_for_keyword  # here: a CLI command without rules need not load pydicom
     if not isinstance(raw, list):
         raise CoerceError("import.coerce: a list of tables ([[import.coerce]])")
     rules = []

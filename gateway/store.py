@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.group_commit import GroupCommit
@@ -104,14 +104,39 @@ def alembic_config(db_url: str) -> Any:
     return config
 
 
+# The newest revision under migrations/versions (tests/unit/test_migrations.py holds it to Alembic's head): a
+# database already there needs no Alembic at all, which saves every CLI command ~0.2 s of loading it.
+SCHEMA_HEAD = "0017"
+
+
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:
-    """Bring the database to ``revision`` (the gateway calls this on start)."""
+    """Bring the database to ``revision`` (the gateway and the CLI call this on start)."""
+    if revision == "head" and schema_revision(engine) == SCHEMA_HEAD:
+        return
     from alembic import command
 
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The revision Alembic last brought the database to; None for a database it never touched."""
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except OperationalError:
+        return None  # no such table (SQLite)
+    except ProgrammingError:
+        return None  # no such table (PostgreSQL)
+
+
+def open_store(db_url: str) -> QueueStore:
+    """Engine + schema at head + repository: what the CLI's commands need."""
+    engine = make_engine(db_url)
+    upgrade_schema(engine)
+    return QueueStore(engine)
 
 
 class QueueStore(IngestRepo, UnitsRepo, ImportsRepo, TransfersRepo, AuditRepo, ReportsRepo, CommitmentsRepo, MppsRepo,

@@ -14,9 +14,11 @@ from sqlalchemy import event, inspect, text
 from gateway.lifecycle import IllegalTransition, State
 from gateway.model import InstanceHeader
 from gateway.store import (
+    SCHEMA_HEAD,
     QueueStore,
     alembic_config,
     make_engine,
+    schema_revision,
     upgrade_schema,
     utcnow,
 )
@@ -181,6 +183,35 @@ def test_migrations_upgrade_empty_db_and_reverse_one_step(db_url: str) -> None:
         assert {"peers", "transfers"} <= set(inspect(engine).get_table_names())
         assert {"origin_peer", "receipt_at", "purged_at"} <= {c["name"] for c in inspect(engine).get_columns("study_units")}
         assert QueueStore(engine).count_instances() == 2  # data survived the round trip
+    finally:
+        engine.dispose()
+
+
+def test_the_schema_head_is_alembics_and_an_older_database_is_still_brought_to_it(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database at SCHEMA_HEAD opens without Alembic (the CLI's start); one a revision behind, or new, is
+    upgraded as before."""
+    from alembic.script import ScriptDirectory
+
+    import gateway.store as store_module
+
+    config = alembic_config(db_url)
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
+    engine = make_engine(db_url)
+    try:
+        assert schema_revision(engine) is None
+        upgrade_schema(engine)
+        assert schema_revision(engine) == SCHEMA_HEAD
+        command.downgrade(config, "-1")
+        assert schema_revision(engine) != SCHEMA_HEAD
+        upgrade_schema(engine)  # a gateway started on a database of the release before
+        assert schema_revision(engine) == SCHEMA_HEAD
+        assert "peer_signing" in set(inspect(engine).get_table_names())
+
+        def no_alembic(*_args: object) -> None:
+            raise AssertionError("Alembic loaded for a database at head")
+
+        monkeypatch.setattr(store_module, "alembic_config", no_alembic)
+        store_module.open_store(db_url).engine.dispose()
     finally:
         engine.dispose()
 
