@@ -12,7 +12,7 @@
     dicomgw demo [--json]
 
 The config defaults to ``$DICOMGW_CONFIG`` or ``conf/gateway.toml``. Exit codes: 0 ok, 1 the thing asked
-for failed or was not found, 2 bad usage or bad configuration.
+for failed or was not found, 2 bad usage or bad configuration, 3 the queue database cannot be reached or used.
 """
 
 from __future__ import annotations
@@ -41,11 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     try:
         return int(args.handler(args))
     except SettingsError as exc:
         print(f"dicomgw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except (OperationalError, InterfaceError) as exc:  # a server down, a file it may not open: one line, no traceback
+        if args.command == "run":  # in the log's own format (json under systemd), which is set up by then
+            logging.getLogger("gateway").critical("not started: %s", _database_error(args, exc))
+        else:
+            print(f"dicomgw: {_database_error(args, exc)}", file=sys.stderr)
+        return 3
+
+
+def _database_error(args: argparse.Namespace, exc: Exception) -> str:
+    """What an unreachable or unusable queue database says, with its URL (the password hidden)."""
+    from sqlalchemy import make_url
+
+    try:
+        url = make_url(load_settings(args.config).queue.db_url).render_as_string(hide_password=True)
+    except Exception:
+        url = "queue.db_url"
+    detail = plain(getattr(exc, "orig", None) or exc)
+    return f"the queue database {plain(url)} cannot be used: {detail[:400]}{'...' if len(detail) > 400 else ''}"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -126,10 +126,12 @@ def schema_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as connection:
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except OperationalError:
-        return None  # no such table (SQLite)
     except ProgrammingError:
-        return None  # no such table (PostgreSQL)
+        return None  # PostgreSQL: no such table
+    except OperationalError as exc:
+        if "no such table" in str(exc.orig):
+            return None  # SQLite
+        raise  # the database cannot be reached: said once, not again by Alembic
 
 
 def open_store(db_url: str) -> QueueStore:

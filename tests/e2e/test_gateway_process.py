@@ -329,3 +329,26 @@ def test_config_before_or_after_the_command_and_from_the_environment(tmp_path: P
         wait_for(lambda: [r["instances"] for r in gw.queue_json()] == [3], 30, 0.2, what="the test study queued")
     finally:
         gw.stop()
+
+
+def test_a_queue_database_that_cannot_be_used_is_said_in_one_line_without_its_password(tmp_path: Path) -> None:
+    """A PostgreSQL that does not answer, an SQLite path that is a folder: every command, ``run`` included, says
+    which database (its password hidden) and why in one line, exit code 3; no traceback."""
+    closed = free_port()  # nothing listens there
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for db_url, why in ((f"postgresql+psycopg://gw:s3cret-pw@127.0.0.1:{closed}/queue", "Connection refused"),
+                        (f"sqlite:///{folder}", "unable to open database file")):
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[queue]\ndb_url = "{db_url}"\n[paths]\nspool_dir = "{tmp_path}/spool"\nwatch_dir = ""\n'
+                          f'quarantine_dir = "{tmp_path}/quarantine"\n[dicom]\nport = {free_port()}\n')
+        for command in (["queue"], ["status"], ["audit"], ["run"]):
+            done = subprocess.run([sys.executable, "-m", "gateway", *command, "--config", str(config)], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            said = done.stderr.strip()
+            assert done.returncode == 3, (command, done.returncode, said[-2000:])
+            assert len(said.splitlines()) == 1 and "Traceback" not in said, (command, said[-2000:])
+            assert "cannot be used" in said and why in said, (command, said)
+            assert "s3cret-pw" not in said
+            if "postgresql" in db_url:
+                assert f"gw:***@127.0.0.1:{closed}/queue" in said, said
