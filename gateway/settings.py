@@ -266,6 +266,8 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         raise SettingsError(f"{config_path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8: a file saved in Latin-1, or binary
         raise SettingsError(f"{config_path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
+    except OSError as exc:  # not ours to read (an admin's own user, a file of root's), a folder
+        raise SettingsError(f"cannot read the config file {config_path}: {exc.strerror}") from None
     env = os.environ if environ is None else environ
     inline = [f"{name}.{key}" for name, table in raw.items() if isinstance(table, Mapping)
               for key in SECRET_KEYS if table.get(key)]

@@ -117,6 +117,19 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml", environ={})
 
 
+def test_a_config_path_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> None:
+    """A folder, a path through a file (and, for an admin's own user, a file of root's): a configuration error
+    naming the file and the reason, not a traceback."""
+    folder = tmp_path / "gateway.toml"
+    folder.mkdir()
+    with pytest.raises(SettingsError, match=r"cannot read the config file .*gateway\.toml: Is a directory"):
+        load_settings(folder, environ={})
+    plain_file = tmp_path / "conf"
+    plain_file.write_text("")
+    with pytest.raises(SettingsError, match=r"cannot read the config file .*conf/gateway\.toml: Not a directory"):
+        load_settings(plain_file / "gateway.toml", environ={})
+
+
 def test_empty_watch_dir_disables_the_watched_folder(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
     path.write_text('[paths]\nwatch_dir = ""\n')
