@@ -68,6 +68,31 @@ def _database_error(args: argparse.Namespace, exc: Exception) -> str:
     return f"the queue database {plain(url)} cannot be used: {detail[:400]}{'...' if len(detail) > 400 else ''}"
 
 
+def _bounded(low: int, high: int) -> Any:
+    """An argparse type: a whole number from ``low`` to ``high``, else a usage error that says so (not a
+    traceback from deep inside, for a count of 10^20)."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{plain(text)[:40]!r}: a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
+_count = _bounded(1, 1_000_000)
+
+
+def _uid_text(text: str) -> str:
+    """A UID as typed, for a message: one line, and cut if longer than any UID (64 characters)."""
+    text = plain(text)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+
+
+def _unit_id(text: str) -> int | None:
+    """``text`` as a unit id (ASCII digits, a database integer), else None (then it is a Study Instance UID)."""
+    return int(text) if text.isascii() and text.isdigit() and int(text) < 2**63 else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomgw", description="DICOM modality integration gateway",
@@ -89,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="show one study; retry a failed or dead unit; release or drop a held one (a discontinued MPPS)")
     queue.add_argument("study_uid", nargs="?", help="Study Instance UID (with 'show'); unit id or Study Instance UID (with 'retry')")
     queue.add_argument("--state", choices=[s.value for s in State], help="only studies in this state")
-    queue.add_argument("--limit", type=int, default=50, help="units per page (default 50): live units first, then "
+    queue.add_argument("--limit", type=_count, default=50, help="units per page (default 50): live units first, then "
                        "delivered ones, newest first")
-    queue.add_argument("--page", type=int, default=1, help="which page (from 1)")
+    queue.add_argument("--page", type=_count, default=1, help="which page (from 1)")
     queue.add_argument("--all", action="store_true", help="every unit, history included, no paging")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(handler=_cmd_queue)
@@ -117,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="the audit log: state moves, refusals, quarantines, transfers")
     _config_option(audit)
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--limit", type=_count, default=50, help="the newest so many (default 50)")
     audit.add_argument("--transfers", action="store_true", help="the transfer attempts instead")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=_cmd_audit)
@@ -142,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
 
     testdata = sub.add_parser("testdata", help="write a synthetic CT study (no patient data) to try the chain with")
     testdata.add_argument("out_dir", help="directory for the Part-10 files (made if missing)")
-    testdata.add_argument("--series", type=int, default=1)
-    testdata.add_argument("--slices", type=int, default=20, help="instances per series")
-    testdata.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
+    testdata.add_argument("--series", type=_bounded(1, 100), default=1)
+    testdata.add_argument("--slices", type=_bounded(1, 10_000), default=20, help="instances per series")
+    testdata.add_argument("--size", type=_bounded(8, 4096), default=256, help="rows and columns of each slice")
     testdata.add_argument("--description", default="CT TEST STUDY", help="Study Description (e.g. 'CT TRAUMA HEAD' for a STAT rule)")
     testdata.set_defaults(handler=_cmd_testdata)
 
@@ -184,9 +209,12 @@ def _duration_s(text: str) -> float | None:
     """Seconds of a duration like 30m, 24h, 7d (or 90s); None when ``text`` is not one."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+    if text[-1:] in units and text[:-1].isascii() and text[:-1].replace(".", "", 1).isdigit():
         return float(text[:-1]) * units[text[-1]]
     return None
+
+
+MAX_AGE_S = 100 * 365 * 86400  # --since: a century back is every row there is
 
 
 def _since(text: str | None) -> datetime | None:
@@ -195,11 +223,13 @@ def _since(text: str | None) -> datetime | None:
         return None
     age = _duration_s(text)
     if age is not None:
+        if age > MAX_AGE_S:
+            raise ValueError(f"--since {plain(text)[:40]!r}: at most {MAX_AGE_S // 86400}d back")
         return utcnow() - timedelta(seconds=age)
     try:
         return datetime.fromisoformat(text).replace(tzinfo=None)
     except ValueError as exc:
-        raise ValueError(f"--since {text!r}: give an ISO date/time (UTC) or an age like 24h, 7d, 30m") from exc
+        raise ValueError(f"--since {plain(text)[:40]!r}: give an ISO date/time (UTC) or an age like 24h, 7d, 30m") from exc
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -403,9 +433,7 @@ def _spool_text(spool: dict[str, Any]) -> str:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     store = _store(load_settings(args.config))
-    rows = store.transfers() if args.transfers else store.audit_entries(limit=args.limit)
-    if args.transfers:
-        rows = rows[-args.limit :]
+    rows = store.transfers(last=args.limit) if args.transfers else store.audit_entries(limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -493,7 +521,7 @@ def _cmd_queue(args: argparse.Namespace) -> int:
             return 2
         units = store.study_units(args.study_uid)
         if not units:
-            print(f"dicomgw queue show: no study {args.study_uid} in the queue", file=sys.stderr)
+            print(f"dicomgw queue show: no study {_uid_text(args.study_uid)} in the queue", file=sys.stderr)
             return 1
         if args.json:
             print(json.dumps(_study_json(args.study_uid, units), indent=2))
@@ -504,9 +532,6 @@ def _cmd_queue(args: argparse.Namespace) -> int:
         return _retry(store, args.study_uid or "")
     if args.action in ("release", "drop"):
         return _release_or_drop(store, args.action, args.study_uid or "")
-    if args.limit < 1 or args.page < 1:
-        print("dicomgw queue: --limit and --page count from 1", file=sys.stderr)
-        return 2
     limit = 10**9 if args.all else args.limit
     studies, live, history = store.queue_page(limit, 1 if args.all else args.page, args.state)
     if args.json:
@@ -523,12 +548,13 @@ def _retry(store: Any, target: str) -> int:
     if not target:
         print("dicomgw queue retry: a unit id or a Study Instance UID is required (see `dicomgw queue`)", file=sys.stderr)
         return 2
-    if target.isdigit():
-        unit_ids = [int(target)]
+    unit_id = _unit_id(target)
+    if unit_id is not None:
+        unit_ids = [unit_id]
     else:
         unit_ids = [unit.unit_id for unit, _rows in store.study_units(target) if unit.state in ("failed", "dead")]
         if not unit_ids:
-            print(f"dicomgw queue retry: study {target} has no failed or dead unit", file=sys.stderr)
+            print(f"dicomgw queue retry: study {_uid_text(target)} has no failed or dead unit", file=sys.stderr)
             return 1
     who = f"{os.environ.get('USER', 'admin')} via dicomgw queue retry"
     for unit_id in unit_ids:
@@ -554,12 +580,13 @@ def _release_or_drop(store: Any, action: str, target: str) -> int:
         print(f"dicomgw queue {action}: a unit id or a Study Instance UID is required", file=sys.stderr)
         return 2
     try:
-        units = [store.unit(int(target))] if target.isdigit() else [u for u, _rows in store.study_units(target)]
+        unit_id = _unit_id(target)
+        units = [store.unit(unit_id)] if unit_id is not None else [u for u, _rows in store.study_units(target)]
     except KeyError:
         units = []
     held = [u for u in units if "held" in u.flags.split(",")]
     if not held:
-        print(f"dicomgw queue {action}: {target} has no held unit", file=sys.stderr)
+        print(f"dicomgw queue {action}: {_uid_text(target)} has no held unit", file=sys.stderr)
         return 1
     who = f"{os.environ.get('USER', 'admin')} via dicomgw queue {action}"
     for unit in held:

@@ -76,16 +76,21 @@ class TransfersRepo:
             last.outcome, last.bytes_moved = "received", max(last.bytes_moved, whole)
             return True
 
-    def transfers(self, unit_id: int | None = None) -> list[dict[str, Any]]:
-        """Attempts, oldest first: the live rows and, for one unit, its archived ones (``gateway.store_archive``)."""
+    def transfers(self, unit_id: int | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        """Attempts, oldest first: the live rows and, for one unit, its archived ones (``gateway.store_archive``);
+        ``last``: only the newest so many (read as such: a year of attempts is not loaded to show 50)."""
         rows: list[Any] = []
         with self._sessions() as session:
             for table in (TransferRow, TransferArchiveRow) if unit_id is not None else (TransferRow,):
                 query = select(table)
                 if unit_id is not None:
                     query = query.where(table.unit_id == unit_id)
+                if last is not None:
+                    query = query.order_by(table.started_at.desc(), table.id.desc()).limit(last)
                 rows.extend(session.scalars(query).all())
         rows.sort(key=lambda r: (r.started_at, r.id))
+        if last is not None:
+            rows = rows[-last:] if last else []
         return [
             {"unit_id": r.unit_id, "sid": r.sid, "peer_jid": r.peer_jid, "direction": r.direction, "method": r.method,
              "offset_bytes": r.offset_bytes, "bytes": r.bytes_moved,

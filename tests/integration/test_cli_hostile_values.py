@@ -100,3 +100,29 @@ def test_audit_shows_a_long_detail_whole_and_says_where_a_very_long_one_is_cut(t
     assert "x" * 1000 + "...(500morecharacters:--jsonhasthem)" in squeezed and "x" * 1001 not in squeezed
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\u202e" not in done.stdout
     assert "morecharacters:--jsonhasthem)" in squeezed.split("receipt_refused", 1)[1]
+
+
+def test_counts_ages_and_unit_ids_out_of_range_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
+    """A count of 10^20, a negative or zero one, a superscript digit, an age of 10^11 days: exit 2 with the option
+    and its range named (each was a traceback, or an empty table for --limit 0); a unit id beyond any integer is
+    looked up as what it can only be, a Study Instance UID; a UID of 3000 characters is named cut."""
+    config, engine = queue_config(tmp_path)
+    engine.dispose()
+    for args, said in ((("queue", "--limit", "99999999999999999999"), "--limit: '99999999999999999999': a whole number from 1"),
+                       (("queue", "--limit", "-1"), "--limit: '-1': a whole number from 1"),
+                       (("queue", "--page", "0"), "--page: '0': a whole number from 1"),
+                       (("queue", "--limit", "\u00b2"), "--limit: '\u00b2': a whole number"),
+                       (("audit", "--limit", "0"), "--limit: '0': a whole number from 1"),
+                       (("audit", "--transfers", "--limit", "-5"), "--limit: '-5': a whole number from 1"),
+                       (("stats", "--since", "99999999999d"), "--since '99999999999d': at most 36500d back"),
+                       (("stats", "--since", "\u00b2h"), "--since '\u00b2h': give an ISO date/time"),
+                       (("testdata", str(tmp_path / "td"), "--slices", "999999999"), "--slices: '999999999': a whole number from 1 to 10000")):
+        done = cli(config, *args)
+        assert (done.returncode, "Traceback" in done.stderr) == (2, False), (args, done.stderr[-1500:])
+        assert said in done.stderr, (args, done.stderr)
+    for args, said in ((("queue", "retry", "9" * 30), f"study {'9' * 30} has no failed or dead unit"),
+                       (("queue", "release", "\u00b2"), "\u00b2 has no held unit"),
+                       (("queue", "show", "1." * 1500), "... (3000 characters) in the queue")):
+        done = cli(config, *args)
+        assert (done.returncode, "Traceback" in done.stderr) == (1, False), (args, done.stderr[-1500:])
+        assert said in done.stderr and len(done.stderr) < 300, (args, done.stderr)

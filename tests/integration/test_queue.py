@@ -216,6 +216,21 @@ def test_the_schema_head_is_alembics_and_an_older_database_is_still_brought_to_i
         engine.dispose()
 
 
+def test_the_last_transfers_are_the_newest_read_as_such_and_shown_oldest_first(store: QueueStore) -> None:
+    """``dicomgw audit --transfers --limit N``: the newest N attempts, oldest of them first, by one limited query."""
+    start = utcnow() - timedelta(hours=1)
+    for n in (3, 1, 4, 0, 2):  # written out of time order
+        store.record_transfer(None, f"sid-{n}", "radiology.hospital-b@net.test", "out", "s5b", 0, n,
+                              start + timedelta(minutes=n), "received", None)
+    assert [t["sid"] for t in store.transfers(last=3)] == ["sid-2", "sid-3", "sid-4"]
+    assert [t["sid"] for t in store.transfers()] == [f"sid-{n}" for n in range(5)]
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    store.transfers(last=2)
+    (query,) = [q for q in statements if "FROM transfers" in q]
+    assert "LIMIT" in query.upper(), query
+
+
 def test_two_bundles_of_one_study_received_at_once_get_a_unit_each(store: QueueStore) -> None:
     """Two units of one study (a late series, sent by another process) arriving at once: one receiving unit per
     bundle, distinct unit_seq, never an IntegrityError; a cut bundle offered again resumes its own unit."""
