@@ -88,7 +88,10 @@ def echo(called_ae: str, host: str, port: int, calling_ae: str = "DICOMGW", time
     # on a busy machine the check often came second and the rejection was read as an abort (9 in 200 here
     # beside CPU hogs), whichever SCP rejected.
     with _reactor_failures() as failures:
-        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+        try:
+            assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+        except OSError as exc:  # a host name that does not resolve
+            return EchoResult(False, f"no association with {called_ae}@{host}:{port}: {exc.strerror or exc}")
     unreadable = (f"it answered {hostile[0]}" if hostile
                   else f"its answer could not be read ({failures[0]})" if failures else "")
     if unreadable:

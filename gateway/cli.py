@@ -193,11 +193,15 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 # -- maintenance ----------------------------------------------------------------------------------
 def _cmd_maintenance(args: argparse.Namespace) -> int:
-    from gateway.maintenance import maintenance, set_maintenance
+    from gateway.maintenance import MAX_MESSAGE, maintenance, set_maintenance
 
+    message = plain(args.message).strip()
+    if len(message) > MAX_MESSAGE:  # peers see it in their presence: as long as a server announcement's, at most
+        print(f"dicomgw maintenance: --message of {len(message)} characters: at most {MAX_MESSAGE}", file=sys.stderr)
+        return 2
     store = _store(load_settings(args.config))
     if args.action is not None:
-        set_maintenance(store, args.action == "on", args.message, who=f"{os.environ.get('USER', 'admin')} via dicomgw")
+        set_maintenance(store, args.action == "on", message, who=f"{os.environ.get('USER', 'admin')} via dicomgw")
     state = maintenance(store)
     print(f"maintenance {'on since ' + state.since if state.on else 'off'}" + (f": {plain(state.message)}" if state.message else "")
           + ("; peers see dnd and hold their sends" if state.on else ""))
@@ -493,20 +497,38 @@ def _cmd_testdata(args: argparse.Namespace) -> int:
 
 
 # -- echo -----------------------------------------------------------------------------------------
-def _cmd_echo(args: argparse.Namespace) -> int:
-    try:
-        called, rest = args.target.split("@", 1)
-        host, port_text = rest.rsplit(":", 1)
-        port = int(port_text)
-    except ValueError:
-        print(f"dicomgw echo: expected AE@HOST:PORT, got {args.target!r}", file=sys.stderr)
-        return 2
-    from gateway.bootstrap import echo
+def _echo_target(target: str, calling_ae: str) -> tuple[str, str, int]:
+    """(called AE, host, port) of ``AE@HOST:PORT`` (an IPv6 host in brackets); ValueError saying what is wrong."""
+    from gateway.settings import AE_TITLE_RE
 
+    called, at, rest = target.partition("@")
+    host, colon, port_text = rest.rpartition(":")
+    if not at or not colon or not host:
+        raise ValueError(f"expected AE@HOST:PORT, got {plain(target)[:80]!r}")
+    for ae, what in ((called, "called AE title"), (calling_ae, "calling AE title")):
+        if not AE_TITLE_RE.match(ae.strip()):
+            raise ValueError(f"{what} {plain(ae)[:40]!r}: 1-16 printable characters, no backslash")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {plain(port_text)[:20]!r}: a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return called.strip(), host, int(port_text)
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
     calling_ae = args.calling_ae
     if not calling_ae:
         calling_ae = load_settings(args.config).dicom.ae_title if os.path.exists(args.config) else "DICOMGW"
-    result = echo(called, host, port, calling_ae=calling_ae, timeout_s=args.timeout)
+    try:
+        called, host, port = _echo_target(args.target, calling_ae)
+        if not 0.1 <= args.timeout <= 600:  # also nan
+            raise ValueError(f"--timeout {args.timeout:g}: from 0.1 to 600 seconds")
+    except ValueError as exc:
+        print(f"dicomgw echo: {exc}", file=sys.stderr)
+        return 2
+    from gateway.bootstrap import echo
+
+    result = echo(called, host, port, calling_ae=calling_ae.strip(), timeout_s=args.timeout)
     print(result.detail)
     return 0 if result.ok else 1
 

@@ -54,6 +54,7 @@ def maintenance(store: QueueStore) -> Maintenance:
         return Maintenance(False)
 
 
+MAX_MESSAGE = 200  # characters of a maintenance message (peers see it in this gateway's presence)
 _ANNOUNCEMENT = re.compile(r"^dicomgw maintenance (on|off)(?:: (.*))?$", re.IGNORECASE)
 
 
@@ -66,7 +67,7 @@ def parse_announcement(text: str) -> tuple[bool, str] | None:
     found = _ANNOUNCEMENT.match(first)
     if not found:
         return None
-    return found.group(1).lower() == "on", plain(found.group(2) or "").strip()[:200]
+    return found.group(1).lower() == "on", plain(found.group(2) or "").strip()[:MAX_MESSAGE]
 
 
 def obey_announcement(store: QueueStore, server: str, text: str) -> Maintenance | None:

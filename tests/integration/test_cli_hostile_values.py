@@ -126,3 +126,24 @@ def test_counts_ages_and_unit_ids_out_of_range_are_usage_errors_not_tracebacks(t
         done = cli(config, *args)
         assert (done.returncode, "Traceback" in done.stderr) == (1, False), (args, done.stderr[-1500:])
         assert said in done.stderr and len(done.stderr) < 300, (args, done.stderr)
+
+
+def test_echo_and_maintenance_refuse_what_they_cannot_use_with_a_usage_error(tmp_path: Path) -> None:
+    """A port over 65535 (was an OverflowError inside the answer), an AE title of 40 characters or with a backslash
+    (a pynetdicom traceback), a timeout of nan or 1e308, a maintenance message longer than peers are shown:
+    exit 2 naming what is wrong; nothing is sent and the maintenance state is unchanged."""
+    config, engine = queue_config(tmp_path)
+    engine.dispose()
+    for args, said in ((("echo", "PACS@127.0.0.1:99999"), "port '99999': a number from 1 to 65535"),
+                       (("echo", "A" * 40 + "@127.0.0.1:104"), "called AE title 'AAAAAAAAAAAAAAAA"),
+                       (("echo", "PACS@127.0.0.1:104", "--calling-ae", "X\\Y"), "calling AE title 'X\\\\Y'"),
+                       (("echo", "PACS@127.0.0.1:104", "--timeout", "nan"), "--timeout nan: from 0.1 to 600"),
+                       (("echo", "PACS@127.0.0.1:104", "--timeout", "1e308"), "--timeout 1e+308: from 0.1 to 600"),
+                       (("echo", "PACS127.0.0.1:104"), "expected AE@HOST:PORT"),
+                       (("maintenance", "on", "--message", "m" * 201), "--message of 201 characters: at most 200")):
+        done = cli(config, *args)
+        assert (done.returncode, "Traceback" in done.stderr) == (2, False), (args, done.stderr[-1500:])
+        assert said in done.stderr, (args, done.stderr)
+    assert cli(config, "maintenance").stdout.strip() == "maintenance off"
+    done = cli(config, "maintenance", "on", "--message", "m" * 200)
+    assert done.returncode == 0 and "m" * 200 in done.stdout
