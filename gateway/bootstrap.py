@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -524,12 +524,18 @@ class Gateway:
         ended: BaseException | None = None
         try:
             await asyncio.to_thread(self._recover)
-            for kept in self.spool.start():
+            paths, dicom = self.settings.paths, self.settings.dicom
+            with _starting(f"the spool {paths.spool_dir} (quarantine {paths.quarantine_dir}) cannot be used"):
+                kept_at_start = self.spool.start()
+            for kept in kept_at_start:
                 self._audit("quarantined", f"recovered at start-up: {kept}")
-            self.scp.start()
-            await self._start_web()
+            with _starting(f"the DICOM port {dicom.host}:{dicom.port} cannot be listened on"):
+                self.scp.start()
+            with _starting("the admin web page cannot start"):
+                await self._start_web()
             if self.watcher is not None:
-                self.watcher.start()
+                with _starting(f"the watched folder {paths.watch_dir} cannot be used"):
+                    self.watcher.start()
             await asyncio.to_thread(self.heartbeat.beat, self.describe())  # `dicomgw status`: running from here
             beats = asyncio.ensure_future(self._beat_loop(stop))
             log.info(
@@ -685,6 +691,20 @@ class EarlyImport:
         self.running = None
         return {uid: (o.status, o.verdict.value, o.detail) for uid, o in outcomes.items()}
 
+
+
+class NotStarted(RuntimeError):
+    """A listener or folder the gateway needs could not be had at start (a port in use, a spool path that is a
+    file): what and why, in one line for the admin (``dicomgw run`` exits with it, no traceback)."""
+
+
+@contextlib.contextmanager
+def _starting(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
+        raise NotStarted(f"{what}: {exc.strerror or exc}{where}") from exc
 
 
 def run_forever(settings: Settings) -> None:

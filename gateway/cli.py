@@ -275,9 +275,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure(args.log_level, args.log_format or settings.log_format)
     # pynetdicom logs every request at INFO: one line per instance is noise for an admin.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from gateway.bootstrap import run_forever
+    from gateway.bootstrap import NotStarted, run_forever
 
-    run_forever(settings)
+    try:
+        run_forever(settings)
+    except NotStarted as exc:  # the reason in the log's format (journald, json), not a traceback
+        logging.getLogger("gateway").critical("not started: %s", exc)
+        return 1
     return 0
 
 

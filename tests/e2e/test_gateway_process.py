@@ -352,3 +352,32 @@ def test_a_queue_database_that_cannot_be_used_is_said_in_one_line_without_its_pa
             assert "s3cret-pw" not in said
             if "postgresql" in db_url:
                 assert f"gw:***@127.0.0.1:{closed}/queue" in said, said
+
+
+def test_a_port_in_use_or_a_spool_that_is_a_file_stops_the_start_with_its_reason_not_a_traceback(tmp_path: Path) -> None:
+    """What `dicomgw run` cannot have at start (its DICOM port taken by another program, a spool or watched
+    folder path that is a file): exit 1, the log's last line names it; `dicomgw status` says the same."""
+    import socket
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        for n, (port, spool, watch, said) in enumerate((
+                (busy, tmp_path / "spool", "", f"not started: the DICOM port 127.0.0.1:{busy} cannot be listened on: "
+                                               "Address already in use"),
+                (free_port(), afile, "", f"not started: the spool {afile} (quarantine {tmp_path / 'q'}) cannot be used: "
+                                         f"Not a directory ({afile}/"),
+                (free_port(), tmp_path / "spool", afile, f"not started: the watched folder {afile} cannot be used: "))):
+            config = tmp_path / "gateway.toml"
+            config.write_text(f'[dicom]\nport = {port}\n[queue]\ndb_url = "sqlite:///{tmp_path}/queue-{n}.db"\n'
+                              f'[paths]\nspool_dir = "{spool}"\nwatch_dir = "{watch}"\nquarantine_dir = "{tmp_path}/q"\n')
+            done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            last = done.stderr.strip().splitlines()[-1]
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            assert "CRITICAL" in last and said in last, last
+            status = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "--config", str(config)],
+                                    cwd=REPO, capture_output=True, text=True, timeout=60)
+            (process,) = json.loads(status.stdout)["processes"]  # this start's own queue: its one process
+            assert process["exit_code"] == 1 and said.removeprefix("not started: ") in json.dumps(process), process
