@@ -55,6 +55,7 @@ from gateway.routing import Router, Rules, StudyFacts
 from gateway.service import CompletenessService, IngestService
 from gateway.settings import Settings
 from gateway.store import QueueStore, make_engine, upgrade_schema, utcnow
+from gateway.terminal import plain
 from gateway.transfer import (
     InboundPolicy,
     ReceiptSender,
@@ -516,20 +517,25 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(upgrade_schema, self.engine)
         await asyncio.to_thread(self.directory.refresh)
-        if self.settings.xmpp.enabled:
-            self._build_xmpp()
         refusals = asyncio.ensure_future(self._refusal_loop(stop))
         heartbeat = asyncio.ensure_future(self._heartbeat_loop(stop))
         beats: asyncio.Future[None] | None = None  # from when every listener runs (a first beat says so)
         ended: BaseException | None = None
-        try:
+        try:  # what cannot start ends here with its reason in the process's row too (`dicomgw status`)
+            for key, path in self.settings.files_to_read():  # named here, not as an ssl error without a file name
+                with _starting(f"{key} {path} cannot be read"):
+                    path.open("rb").close()
+            if self.settings.xmpp.enabled:
+                with _starting("the XMPP side cannot be set up (end-to-end identity, TLS)", ValueError):
+                    self._build_xmpp()
             await asyncio.to_thread(self._recover)
             paths, dicom = self.settings.paths, self.settings.dicom
             with _starting(f"the spool {paths.spool_dir} (quarantine {paths.quarantine_dir}) cannot be used"):
                 kept_at_start = self.spool.start()
             for kept in kept_at_start:
                 self._audit("quarantined", f"recovered at start-up: {kept}")
-            with _starting(f"the DICOM port {dicom.host}:{dicom.port} cannot be listened on"):
+            tls = f" or its TLS port {dicom.tls_port} (tls_cert_file, tls_key_file)" if dicom.tls_port else ""
+            with _starting(f"the DICOM port {dicom.host}:{dicom.port}{tls} cannot be listened on"):
                 self.scp.start()
             with _starting("the admin web page cannot start"):
                 await self._start_web()
@@ -699,12 +705,15 @@ class NotStarted(RuntimeError):
 
 
 @contextlib.contextmanager
-def _starting(what: str) -> Iterator[None]:
+def _starting(what: str, *also: type[Exception]) -> Iterator[None]:
+    """OSError (and ``also``) inside: :class:`NotStarted` saying ``what`` and why."""
     try:
         yield
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
-        raise NotStarted(f"{what}: {exc.strerror or exc}{where}") from exc
+    except (OSError, *also) as exc:
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
+            raise NotStarted(f"{what}: {exc.strerror or exc}{where}") from exc
+        raise NotStarted(f"{what}: {plain(str(exc))[:300]}") from exc
 
 
 def run_forever(settings: Settings) -> None:

@@ -247,6 +247,22 @@ class Settings:
         allowed = self.dicom.allowed_calling_ae_titles
         return not allowed or calling_ae_title.strip() in allowed
 
+    def files_to_read(self) -> list[tuple[str, Path]]:
+        """(key, path) of every file the settings name that ``run`` reads at start and cannot make itself:
+        certificates, keys and CAs of the parts that are on (the end-to-end identity is made when missing)."""
+        d, x, p, w = self.dicom, self.xmpp, self.pacs, self.web
+        named = [("dicom.tls_cert_file", d.tls_cert_file), ("dicom.tls_key_file", d.tls_key_file),
+                 ("dicom.tls_ca_file", d.tls_ca_file)] if d.tls_port else []
+        if x.enabled:
+            named.append(("xmpp.ca_file", x.ca_file))
+        if p.enabled:
+            named += [("pacs.tls_ca_file", p.tls_ca_file), ("pacs.tls_cert_file", p.tls_cert_file),
+                      ("pacs.tls_key_file", p.tls_key_file)]
+        if w.port:
+            named += [("web.tls_cert_file", w.tls_cert_file), ("web.tls_key_file", w.tls_key_file),
+                      ("web.client_ca_file", w.client_ca_file)]
+        return [(key, path) for key, path in named if path is not None]
+
 
 def _log_format(value: str) -> str:
     if value not in ("text", "json"):

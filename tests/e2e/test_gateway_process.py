@@ -356,22 +356,40 @@ def test_a_queue_database_that_cannot_be_used_is_said_in_one_line_without_its_pa
 
 def test_a_port_in_use_or_a_spool_that_is_a_file_stops_the_start_with_its_reason_not_a_traceback(tmp_path: Path) -> None:
     """What `dicomgw run` cannot have at start (its DICOM port taken by another program, a spool or watched
-    folder path that is a file): exit 1, the log's last line names it; `dicomgw status` says the same."""
+    folder path that is a file, a CA or certificate file that is not there, an identity that is not PEM): exit 1,
+    the log's last line names it; `dicomgw status` says the same."""
     import socket
 
     afile = tmp_path / "afile"
     afile.write_text("")
     with socket.create_server(("127.0.0.1", 0)) as taken:
         busy = taken.getsockname()[1]
-        for n, (port, spool, watch, said) in enumerate((
+        password = tmp_path / "xmpp-password"
+        password.write_text("not-used-here")
+        password.chmod(0o600)
+        garbage = tmp_path / "garbage.pem"
+        garbage.write_text("not a PEM file\n")
+        garbage.chmod(0o600)
+        xmpp = (f'[xmpp]\njid = "radiology.hospital-a@helsenett.test"\nserver = "127.0.0.1:{free_port()}"\n'
+                f'password_file = "{password}"\n')
+        for n, (port, spool, watch, said, extra) in enumerate((
                 (busy, tmp_path / "spool", "", f"not started: the DICOM port 127.0.0.1:{busy} cannot be listened on: "
-                                               "Address already in use"),
+                                               "Address already in use", ""),
                 (free_port(), afile, "", f"not started: the spool {afile} (quarantine {tmp_path / 'q'}) cannot be used: "
-                                         f"Not a directory ({afile}/"),
-                (free_port(), tmp_path / "spool", afile, f"not started: the watched folder {afile} cannot be used: "))):
+                                         f"Not a directory ({afile}/", ""),
+                (free_port(), tmp_path / "spool", afile, f"not started: the watched folder {afile} cannot be used: ", ""),
+                (free_port(), tmp_path / "spool", "", f"not started: xmpp.ca_file {tmp_path}/no-ca.pem cannot be read: "
+                                                      "No such file or directory", xmpp + f'ca_file = "{tmp_path}/no-ca.pem"\n'),
+                (free_port(), tmp_path / "spool", "", "not started: the XMPP side cannot be set up (end-to-end identity, TLS): "
+                                                      "Invalid PEM", xmpp + f'identity_key_file = "{garbage}"\n'
+                                                                            f'identity_cert_file = "{garbage}"\n'),
+                (free_port(), tmp_path / "spool", "", f"not started: web.tls_cert_file {tmp_path}/no.crt cannot be read: "
+                                                      "No such file or directory",
+                 f'[web]\nport = {free_port()}\ntls_cert_file = "{tmp_path}/no.crt"\ntls_key_file = "{garbage}"\n'))):
             config = tmp_path / "gateway.toml"
             config.write_text(f'[dicom]\nport = {port}\n[queue]\ndb_url = "sqlite:///{tmp_path}/queue-{n}.db"\n'
-                              f'[paths]\nspool_dir = "{spool}"\nwatch_dir = "{watch}"\nquarantine_dir = "{tmp_path}/q"\n')
+                              f'[paths]\nspool_dir = "{spool}"\nwatch_dir = "{watch}"\nquarantine_dir = "{tmp_path}/q"\n'
+                              + extra)
             done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
             last = done.stderr.strip().splitlines()[-1]
