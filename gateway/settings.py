@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.routing import Rule, RuleError, parse_rules
-from gateway.terminal import quoted
+from gateway.terminal import plain, quoted
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
 
@@ -297,10 +297,81 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
     return settings_from_mapping(raw, base_dir, env, source=config_path)
 
 
+class _ReadTable(dict):  # type: ignore[type-arg]
+    """A TOML table that notes which of its keys the settings read: what none read is a key this gateway does
+    not know (a typo such as ``allowed_calling_ae_title`` would otherwise let every modality in, silently).
+    Tables inside are tracked too; a list of tables checks its own keys (``[[routing.rules]]`` and the like)."""
+
+    def __init__(self, data: Mapping[str, Any], where: str = "") -> None:
+        super().__init__(data)
+        self.where = where
+        self.seen: set[str] = set()
+
+    def _tracked(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if isinstance(value, dict) and not isinstance(value, _ReadTable):
+            value = _ReadTable(value, f"{self.where}{key}.")
+            dict.__setitem__(self, key, value)
+        return value
+
+    def __getitem__(self, key: str) -> Any:
+        self.seen.add(key)
+        return self._tracked(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.seen.add(key)
+        return self._tracked(key) if dict.__contains__(self, key) else default
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(str(key))
+        return dict.__contains__(self, key)
+
+    def unread(self) -> list[str]:
+        """Every key none read, as ``table.key`` (a whole table none read: ``[table]``)."""
+        found = []
+        for key, value in dict.items(self):
+            if key not in self.seen:
+                found.append(f"[{self.where}{key}]" if isinstance(value, dict) else f"{self.where}{key}")
+            elif isinstance(value, _ReadTable):
+                found += value.unread()
+        return found
+
+
+def _known_keys_only(table: _ReadTable) -> None:
+    """Refuse the keys no setting read, each with the known key it most resembles."""
+    unknown = table.unread()
+    if not unknown:
+        return
+    import difflib
+
+    def hint(name: str) -> str:
+        where, _, key = name.strip("[]").rpartition(".")
+        parent: Any = table
+        for part in where.split(".") if where else ():
+            parent = dict.get(parent, part, {})
+        known = sorted(parent.seen) if isinstance(parent, _ReadTable) else []
+        close = difflib.get_close_matches(key, known or [k for k in table.seen], n=1, cutoff=0.6)
+        return f"{quoted(name)} (did you mean {'.'.join([where, close[0]]) if where else close[0]}?)" if close else quoted(name)
+
+    names = [hint(name) for name in unknown[:10]]
+    more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+    raise SettingsError(f"unknown key(s) {', '.join(names)}{more}: this gateway does not read them (a typo, or a "
+                        f"setting of another version; see conf/gateway.toml)")
+
+
 def settings_from_mapping(
     raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str], source: Path | None = None
 ) -> Settings:
-    """Build settings from an already-parsed mapping (the TOML document's shape)."""
+    """Build settings from an already-parsed mapping (the TOML document's shape); a key it does not read is
+    refused (:func:`_known_keys_only`)."""
+    raw = _ReadTable(raw)
+    settings = _settings(raw, base_dir, environ, source)
+    raw.get("base_dir")  # read by load_settings, before this
+    _known_keys_only(raw)
+    return settings
+
+
+def _settings(raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str], source: Path | None) -> Settings:
     dicom_raw = _table(raw, "dicom")
     paths_raw = _table(raw, "paths")
     queue_raw = _table(raw, "queue")
@@ -493,9 +564,9 @@ def _peers(raw: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
 
 def _secret(raw: Mapping[str, Any], key: str, environ: Mapping[str, str], env_key: str, base_dir: Path) -> str:
     """A secret from the environment, from ``<key>_file`` (a file only its owner may read), or inline."""
+    file_value, inline = raw.get(f"{key}_file"), raw.get(key, "")  # both read: neither is an unknown key
     if environ.get(env_key):
         return str(environ[env_key])
-    file_value = raw.get(f"{key}_file")
     if file_value:
         path = _path(file_value, base_dir)
         try:
@@ -505,7 +576,7 @@ def _secret(raw: Mapping[str, Any], key: str, environ: Mapping[str, str], env_ke
         if mode & 0o077:
             raise SettingsError(f"xmpp.{key}_file: {path} may be read by others (mode {mode & 0o777:o}); chmod 600 it")
         return path.read_text().strip()
-    return str(raw.get(key, ""))
+    return str(inline)
 
 
 def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = Path(".")) -> XmppSettings:
@@ -664,8 +735,28 @@ def _path(value: Any, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
+DB_URL_FORMS = "use sqlite:///path/queue.db or postgresql+psycopg://user@host/database"
+
+
 def _db_url(url: str, base_dir: Path) -> str:
-    """Resolve a relative SQLite file path against ``base_dir``; other URLs pass unchanged."""
+    """Resolve a relative SQLite file path against ``base_dir``; other URLs pass unchanged. A URL that is not
+    SQLite or PostgreSQL with a driver this install has is refused here, by name, not as a traceback later."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+            raise SettingsError(f"queue.db_url: {parsed.get_backend_name()!r} databases are not supported: "
+                                f"{DB_URL_FORMS}")
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError: first
+        raise SettingsError(f"queue.db_url: no driver for {parsed.drivername!r} in this install ({plain(str(exc))[:120]}): "
+                            f"{DB_URL_FORMS}") from None
+    except (ArgumentError, ValueError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"queue.db_url {quoted(url)} is not a database URL: {DB_URL_FORMS}") from None
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
         return prefix + str(_path(url[len(prefix):], base_dir))

@@ -117,6 +117,45 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml", environ={})
 
 
+def test_a_key_the_gateway_does_not_read_is_refused_with_the_one_it_resembles(tmp_path: Path) -> None:
+    """A typo is not a default taken silently: ``allowed_calling_ae_title`` (one letter short) would let every
+    modality in, ``[xmp]`` would leave XMPP off. Keys in tables inside tables are checked too; a secret given
+    both inline and as a file, or from the environment, leaves no key unread."""
+    path = tmp_path / "g.toml"
+    path.write_text('[dicom]\nport = 11112\nallowed_calling_ae_title = ["CT01"]\n[queue]\nstable_age = 30\n'
+                    '[xmp]\njid = "radiology.hospital-a@helsenett.test"\n[web]\nport = 8080\n[web.tls]\ncert = "x"\n')
+    with pytest.raises(SettingsError) as refused:
+        load_settings(path, environ={})
+    message = str(refused.value)
+    for said in ("'dicom.allowed_calling_ae_title' (did you mean dicom.allowed_calling_ae_titles?)",
+                 "'queue.stable_age' (did you mean queue.stable_age_s?)", "'[xmp]' (did you mean xmpp?)",
+                 "'[web.tls]'"):
+        assert said in message, message
+    assert "'dicom.port'" not in message and "'web.port'" not in message
+    secret = tmp_path / "password"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    path.write_text(f'[xmpp]\njid = "radiology.hospital-a@helsenett.test"\npassword_file = "{secret}"\n')
+    assert load_settings(path, environ={"DICOMGW_XMPP_PASSWORD": "from-env"}).xmpp.password == "from-env"
+    assert load_settings(path, environ={}).xmpp.password == "s3cret"
+    load_settings(REPO / "conf" / "gateway.toml", environ={"DICOMGW_XMPP_PASSWORD": "x"})  # the shipped sample
+
+
+def test_a_db_url_that_is_no_database_this_gateway_can_use_is_a_configuration_error(tmp_path: Path) -> None:
+    """Not a URL, a database other than SQLite or PostgreSQL, a driver this install lacks: refused by name when
+    the settings load (were a SQLAlchemy ArgumentError or a ModuleNotFoundError traceback at the first query)."""
+    path = tmp_path / "g.toml"
+    for url, said in (("nonsense", "queue.db_url 'nonsense' is not a database URL"),
+                      ("mysql://u@127.0.0.1/x", "queue.db_url: 'mysql' databases are not supported"),
+                      ("postgresql+nosuchdriver://u@127.0.0.1/x", "queue.db_url: no driver for 'postgresql+nosuchdriver'")):
+        path.write_text(f'[queue]\ndb_url = "{url}"\n')
+        with pytest.raises(SettingsError) as refused:
+            load_settings(path, environ={})
+        assert said in str(refused.value) and "sqlite:///path/queue.db or postgresql+psycopg://" in str(refused.value)
+    path.write_text('[queue]\ndb_url = "postgresql+psycopg://gw@127.0.0.1:5432/queue"\n')
+    assert load_settings(path, environ={}).queue.db_url == "postgresql+psycopg://gw@127.0.0.1:5432/queue"
+
+
 def test_a_config_path_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> None:
     """A folder, a path through a file (and, for an admin's own user, a file of root's): a configuration error
     naming the file and the reason, not a traceback."""
