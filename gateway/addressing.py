@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gateway.terminal import quoted
+
 LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
@@ -58,10 +60,10 @@ class GatewayAddress:
 
 def _label(value: str, part: str) -> str:
     if value != value.lower():
-        raise AddressError(f"{part} {value!r} must be lower case")
+        raise AddressError(f"{part} {quoted(value)} must be lower case")
     if not LABEL_RE.match(value):
         raise AddressError(
-            f"{part} {value!r} must be 1-63 characters of a-z, 0-9 and inner hyphens (no dots, spaces or '@')"
+            f"{part} {quoted(value)} must be 1-63 characters of a-z, 0-9 and inner hyphens (no dots, spaces or '@')"
         )
     return value
 
@@ -69,7 +71,7 @@ def _label(value: str, part: str) -> str:
 def build(department: str, institution: str, domain: str, node: str = "") -> GatewayAddress:
     """Build and validate an address from its parts."""
     if not DOMAIN_RE.match(domain or ""):
-        raise AddressError(f"domain {domain!r} is not a valid lower-case DNS name")
+        raise AddressError(f"domain {quoted(domain)} is not a valid lower-case DNS name")
     return GatewayAddress(
         _label(department, "department"),
         _label(institution, "institution"),
@@ -83,11 +85,11 @@ def parse(jid: str) -> GatewayAddress:
     text = jid.strip()
     local, at, rest = text.partition("@")
     if not at:
-        raise AddressError(f"{jid!r} has no '@domain' part")
+        raise AddressError(f"{quoted(jid)} has no '@domain' part")
     domain, _, node = rest.partition("/")
     department, dot, institution = local.partition(".")
     if not dot:
-        raise AddressError(f"{jid!r}: the part before '@' must be <department>.<institution>")
+        raise AddressError(f"{quoted(jid)}: the part before '@' must be <department>.<institution>")
     return build(department, institution, domain, node)
 
 
@@ -98,5 +100,5 @@ def destination_jid(destination: str, domain: str) -> str:
         return parse(destination).bare
     department, dot, institution = destination.partition(".")
     if not dot:
-        raise AddressError(f"destination {destination!r} must be <department>.<institution>")
+        raise AddressError(f"destination {quoted(destination)} must be <department>.<institution>")
     return build(department, institution, domain).bare

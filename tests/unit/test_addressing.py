@@ -38,3 +38,14 @@ def test_destination_mapping() -> None:
     assert destination_jid("radiology.hospital-b@other.test/gw2", "helsenett.test") == "radiology.hospital-b@other.test"
     with pytest.raises(AddressError):
         destination_jid("radiology", "helsenett.test")
+
+
+def test_an_address_of_hundreds_of_characters_is_named_cut_with_its_length() -> None:
+    """A JID or destination from a config, the CLI or a peer's stanza repeats in the refusal: cut, its length said."""
+    for refuse, value, length in ((lambda v: destination_jid(v, "helsenett.test"), "x" * 300, 300), (parse, "y" * 300, 300),
+                                  (parse, "radiology@" + "Z" * 200, 210),
+                                  (parse, "r" * 200 + ".hospital-b@helsenett.test", 200)):  # the department alone
+        with pytest.raises(AddressError) as refused:
+            refuse(value)
+        said = str(refused.value)
+        assert f"... ({length} characters)" in said and len(said) < 220, said
