@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -553,7 +553,7 @@ class Gateway:
             )
             if self.agent is not None:
                 try:
-                    await self.agent.start(timeout_s=30)
+                    await _unless_stopped(self.agent.start(timeout_s=30), stop)
                 except TimeoutError:
                     log.error("XMPP server %s not reachable yet (%s); retrying in the background",
                               self.agent.status.get("server"), self.agent.status.get("last_error") or "no answer")
@@ -697,6 +697,23 @@ class EarlyImport:
         self.running = None
         return {uid: (o.status, o.verdict.value, o.detail) for uid, o in outcomes.items()}
 
+
+
+async def _unless_stopped(step: Awaitable[None], stop: asyncio.Event) -> None:
+    """Await a start-up step, or give it up when ``stop`` is set meanwhile (a SIGTERM while the XMPP server does
+    not answer ends the process now, not when the step's own wait of 30 s ends)."""
+    task = asyncio.ensure_future(step)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return
+    task.result()
 
 
 class NotStarted(RuntimeError):

@@ -370,7 +370,7 @@ def test_a_port_in_use_or_a_spool_that_is_a_file_stops_the_start_with_its_reason
         garbage = tmp_path / "garbage.pem"
         garbage.write_text("not a PEM file\n")
         garbage.chmod(0o600)
-        xmpp = (f'[xmpp]\njid = "radiology.hospital-a@helsenett.test"\nserver = "127.0.0.1:{free_port()}"\n'
+        xmpp = (f'[xmpp]\njid = "radiology.hospital-a@helsenett.test"\nservers = ["127.0.0.1:{free_port()}"]\n'
                 f'password_file = "{password}"\n')
         for n, (port, spool, watch, said, extra) in enumerate((
                 (busy, tmp_path / "spool", "", f"not started: the DICOM port 127.0.0.1:{busy} cannot be listened on: "
@@ -399,3 +399,37 @@ def test_a_port_in_use_or_a_spool_that_is_a_file_stops_the_start_with_its_reason
                                     cwd=REPO, capture_output=True, text=True, timeout=60)
             (process,) = json.loads(status.stdout)["processes"]  # this start's own queue: its one process
             assert process["exit_code"] == 1 and said.removeprefix("not started: ") in json.dumps(process), process
+
+
+def test_sigterm_while_the_xmpp_server_does_not_answer_at_start_stops_the_gateway_at_once(tmp_path: Path) -> None:
+    """An XMPP server that takes the connection and never answers: the start waits up to 30 s for it. A SIGTERM
+    meanwhile (systemctl restart) ends the process cleanly now: it does not sit out that wait first (it did, and
+    then logged 'not reachable yet' on its way out)."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        password = tmp_path / "password"
+        password.write_text("not-used-here")
+        password.chmod(0o600)
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[dicom]\nport = {free_port()}\n[queue]\ndb_url = "sqlite:///{tmp_path}/queue.db"\n'
+                          f'[paths]\nspool_dir = "{tmp_path}/spool"\nwatch_dir = ""\nquarantine_dir = "{tmp_path}/q"\n'
+                          f'[xmpp]\njid = "radiology.hospital-a@helsenett.test"\npassword_file = "{password}"\n'
+                          f'servers = ["127.0.0.1:{silent.getsockname()[1]}"]\n')
+        log_path = tmp_path / "gateway.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=REPO,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: b"gateway ready" in log_path.read_bytes() or proc.poll() is not None, 60, 0.1,
+                     what="the gateway's 'gateway ready' line")
+            time.sleep(1.0)  # inside the start's wait for the server, whatever the machine's speed: 30 s of it
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(25) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    text = log_path.read_text()
+    assert "gateway stopped" in text and "not reachable yet" not in text, text[-2000:]
