@@ -298,8 +298,10 @@ def parse_rules(raw: Any, check_destination: Any = None) -> tuple[Rule, ...]:
             raise RuleError(f"{where}: deid_options {', '.join(sorted(unknown_options))}: one of {', '.join(DEID_OPTIONS)}")
         if options and not deidentify:
             raise RuleError(f"{where}: deid_options without deidentify = \"basic\"")
-        rules.append(Rule(name, tuple(destinations), priority, conditions, tags, deidentify, options,
-                          bool(table.get("allow_burned_in", False))))
+        burned_in = table.get("allow_burned_in", False)
+        if not isinstance(burned_in, bool):  # bool("false") is True: a quoted value would send burned-in pixels
+            raise RuleError(f"{where}: allow_burned_in {quoted(burned_in)} is not true or false (write it without quotes)")
+        rules.append(Rule(name, tuple(destinations), priority, conditions, tags, deidentify, options, burned_in))
     return tuple(rules)
 
 

@@ -394,7 +394,7 @@ def _settings(raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]
         tls_cert_file=_path(dicom_raw["tls_cert_file"], base_dir) if dicom_raw.get("tls_cert_file") else None,
         tls_key_file=_path(dicom_raw["tls_key_file"], base_dir) if dicom_raw.get("tls_key_file") else None,
         tls_ca_file=_path(dicom_raw["tls_ca_file"], base_dir) if dicom_raw.get("tls_ca_file") else None,
-        require_client_cert=bool(dicom_raw.get("require_client_cert", True)),
+        require_client_cert=_bool(dicom_raw.get("require_client_cert", True), "dicom.require_client_cert"),
         modalities=_modalities(dicom_raw.get("modalities", [])),
         commit_when=str(dicom_raw.get("commit_when", "stored")),
         commit_timeout_s=_float(dicom_raw.get("commit_timeout_s", 3600.0), "dicom.commit_timeout_s", 1.0),
@@ -440,7 +440,7 @@ def _settings(raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]
         log_format=_log_format(str(environ.get("DICOMGW_LOG_FORMAT", _table(raw, "log").get("format", "text")))),
         coerce=_coerce(_table(raw, "import").get("coerce"), base_dir),
         retention=RetentionSettings(
-            keep_delivered_s=float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0)),
+            keep_delivered_s=_float(_table(raw, "retention").get("keep_delivered_s", 7 * 86400.0), "retention.keep_delivered_s", 0.0),
             check_interval_s=_float(_table(raw, "retention").get("check_interval_s", 300.0), "retention.check_interval_s", 0.05),
             keep_rows_days=_float(_table(raw, "retention").get("keep_rows_days", 0.0), "retention.keep_rows_days", 0.0),
         ),
@@ -491,7 +491,7 @@ def _modalities(raw: Any) -> tuple[ModalitySettings, ...]:
         if unknown:
             raise SettingsError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         found.append(ModalitySettings(_ae_title(table["ae_title"], f"{where}.ae_title"), str(table["host"]),
-                                      _int(table["port"], f"{where}.port", 1, 65535), bool(table.get("tls", False))))
+                                      _int(table["port"], f"{where}.port", 1, 65535), _bool(table.get("tls", False), f"{where}.tls")))
     titles = [m.ae_title for m in found]
     if len(set(titles)) != len(titles):
         raise SettingsError("dicom.modalities: an AE title is listed twice")
@@ -531,9 +531,9 @@ def _pacs(raw: Mapping[str, Any], own_ae_title: str, base_dir: Path = Path("."))
         max_attempts=_int(raw.get("max_attempts", 10), "pacs.max_attempts", 1, 10000),
         retry_base_s=_float(raw.get("retry_base_s", 5.0), "pacs.retry_base_s", 0.01),
         retry_max_s=_float(raw.get("retry_max_s", 300.0), "pacs.retry_max_s", 0.01),
-        storage_commitment=bool(raw.get("storage_commitment", False)),
+        storage_commitment=_bool(raw.get("storage_commitment", False), "pacs.storage_commitment"),
         commitment_timeout_s=_float(raw.get("commitment_timeout_s", 600.0), "pacs.commitment_timeout_s", 0.1),
-        tls=bool(raw.get("tls", False)),
+        tls=_bool(raw.get("tls", False), "pacs.tls"),
         tls_ca_file=_path(raw["tls_ca_file"], base_dir) if raw.get("tls_ca_file") else None,
         tls_cert_file=_path(raw["tls_cert_file"], base_dir) if raw.get("tls_cert_file") else None,
         tls_key_file=_path(raw["tls_key_file"], base_dir) if raw.get("tls_key_file") else None,
@@ -606,7 +606,7 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         password=_secret(raw, "password", environ, "DICOMGW_XMPP_PASSWORD", base_dir),
         host=str(raw.get("host", "127.0.0.1")),
         port=_int(raw.get("port", 5222), "xmpp.port", 1, 65535),
-        use_tls=bool(raw.get("use_tls", True)),
+        use_tls=_bool(raw.get("use_tls", True), "xmpp.use_tls"),
         methods=methods,
         ibb_block_bytes=_int(raw.get("ibb_block_bytes", 65535), "xmpp.ibb_block_bytes", 1, 65535),
         ibb_window=_int(raw.get("ibb_window", 8), "xmpp.ibb_window", 1, 64),
@@ -629,8 +629,8 @@ def _xmpp(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path = P
         server_cert_sha256=server_pin,
         identity_key_file=_path(raw.get("identity_key_file", "var/identity/gateway.key"), base_dir),
         identity_cert_file=_path(raw.get("identity_cert_file", "var/identity/gateway.crt"), base_dir),
-        require_e2e=bool(raw.get("require_e2e", True)),
-        compress=bool(raw.get("compress", True)),
+        require_e2e=_bool(raw.get("require_e2e", True), "xmpp.require_e2e"),
+        compress=_bool(raw.get("compress", True), "xmpp.compress"),
         servers=_servers(raw.get("servers", [])),
         dns_servers=_dns_servers(raw.get("dns_servers", [])),
         reconnect_s=_float(raw.get("reconnect_s", 5.0), "xmpp.reconnect_s", 0.1),
@@ -712,6 +712,14 @@ def _dns_servers(value: Any) -> tuple[str, ...]:
             raise SettingsError(f"xmpp.dns_servers[{n}]: {quoted(entry)} is not an IP address with an optional :port")
         found.append(f"[{address}]:{int(port)}" if address.version == 6 else f"{address}:{int(port)}")
     return tuple(found)
+
+
+def _bool(value: Any, key: str) -> bool:
+    """A TOML true or false, nothing else: ``bool("false")`` is True and ``bool("")`` False, so a quoted value
+    would turn ``require_e2e = ""`` into plaintext exchange, silently."""
+    if not isinstance(value, bool):
+        raise SettingsError(f"{key}: {quoted(value)} is not true or false (write it without quotes)")
+    return value
 
 
 def _float(value: Any, key: str, low: float) -> float:

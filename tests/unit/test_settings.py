@@ -156,6 +156,27 @@ def test_a_db_url_that_is_no_database_this_gateway_can_use_is_a_configuration_er
     assert load_settings(path, environ={}).queue.db_url == "postgresql+psycopg://gw@127.0.0.1:5432/queue"
 
 
+def test_a_switch_is_true_or_false_never_a_quoted_word(tmp_path: Path) -> None:
+    """``require_e2e = ""`` was plaintext exchange and ``compress = "false"`` compression on (Python's bool() of a
+    string): every switch takes TOML's true or false only; a routing rule's allow_burned_in too."""
+    path = tmp_path / "g.toml"
+    jid = 'jid = "radiology.hospital-a@helsenett.test"\npassword = "x"\n'
+    for table, key, value in (("xmpp", "require_e2e", '""'), ("xmpp", "compress", '"false"'), ("xmpp", "use_tls", "0"),
+                              ("pacs", "tls", '"no"'), ("pacs", "storage_commitment", '"yes"'),
+                              ("dicom", "require_client_cert", '"false"')):
+        path.write_text(f"[{table}]\n{jid if table == 'xmpp' else ''}{key} = {value}\n")
+        path.chmod(0o600)
+        with pytest.raises(SettingsError, match=rf"{table}\.{key}: .* is not true or false \(write it without quotes\)"):
+            load_settings(path, environ={})
+    path.write_text('[[routing.rules]]\nname = "r"\ndestination = "radiology.hospital-b"\ndeidentify = "basic"\n'
+                    'allow_burned_in = "false"\n')
+    with pytest.raises(SettingsError, match=r"allow_burned_in 'false' is not true or false"):
+        load_settings(path, environ={})
+    path.write_text(f"[xmpp]\n{jid}require_e2e = false\ncompress = true\n")
+    loaded = load_settings(path, environ={}).xmpp
+    assert (loaded.require_e2e, loaded.compress) == (False, True)
+
+
 def test_a_config_path_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> None:
     """A folder, a path through a file (and, for an admin's own user, a file of root's): a configuration error
     naming the file and the reason, not a traceback."""
