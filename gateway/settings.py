@@ -550,6 +550,10 @@ def _peers(raw: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     pins: list[tuple[str, str]] = []
     for item in raw:
         if isinstance(item, Mapping):
+            unknown = sorted(set(item) - {"jid", "fingerprint"})
+            if unknown:  # a misspelt fingerprint would leave the peer unpinned
+                raise SettingsError(f"xmpp.peers: {quoted(str(item.get('jid', '')))}: unknown key(s) {', '.join(unknown)} "
+                                    f"(a peer is {{ jid = \"...\", fingerprint = \"...\" }})")
             jid = str(item.get("jid", ""))
             if item.get("fingerprint"):
                 try:

@@ -132,6 +132,11 @@ def test_a_key_the_gateway_does_not_read_is_refused_with_the_one_it_resembles(tm
                  "'[web.tls]'"):
         assert said in message, message
     assert "'dicom.port'" not in message and "'web.port'" not in message
+    path.write_text('[xmpp]\njid = "radiology.hospital-a@helsenett.test"\npassword = "x"\n'
+                    'peers = [{ jid = "radiology.hospital-b@helsenett.test", fingerprnt = "ab" }]\n')
+    path.chmod(0o600)
+    with pytest.raises(SettingsError, match=r"xmpp.peers: 'radiology.hospital-b@helsenett.test': unknown key\(s\) fingerprnt"):
+        load_settings(path, environ={})
     secret = tmp_path / "password"
     secret.write_text("s3cret")
     secret.chmod(0o600)
