@@ -46,6 +46,7 @@ from gateway.importing import ImportService
 from gateway.maintenance import Maintenance, maintenance
 from gateway.model import IngestResult
 from gateway.mpps import MppsService
+from gateway.outage import DatabaseOutage, unreachable
 from gateway.processes import BEAT_S, Heartbeat
 from gateway.receiving import Inbound
 from gateway.refusals import RefusalLog
@@ -127,6 +128,7 @@ class Gateway:
                           coercer=self.coercer, make_transform=self._coerce_transform)
             if self.pacs is not None else None
         )
+        self.outage = DatabaseOutage()  # the queue database away while running: said once, the gateway goes on
         self.refusals = RefusalLog()  # refusals counted in memory, written once a second (gateway.refusals)
         self._watcher_health: str | None = None  # the watcher's health as last written (``_record_watcher``)
         self.cleaner = SpoolCleaner(self.store, self.spool, settings.retention.keep_delivered_s)
@@ -243,8 +245,8 @@ class Gateway:
             while not stop.is_set():
                 try:
                     await loop.run_in_executor(pool, self.claims.heartbeat)
-                except Exception:  # the database away for a moment: the next beat tries again
-                    log.exception("lease heartbeat failed")
+                except Exception as exc:  # the database away for a moment: the next beat tries again
+                    self.outage.failed("lease heartbeat", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.queue.lease_s / 4)
 
@@ -278,8 +280,8 @@ class Gateway:
                 self._beat_due.clear()
                 try:
                     await loop.run_in_executor(pool, self.heartbeat.beat, self.describe())
-                except Exception:
-                    log.exception("process heartbeat failed")
+                except Exception as exc:
+                    self.outage.failed("process heartbeat", exc)
 
     def _identity_stamp(self) -> tuple[float, ...]:
         """The identity files' modification times: a change (`dicomgw keys rotate`) is picked up within a second."""
@@ -330,8 +332,8 @@ class Gateway:
                 await asyncio.to_thread(self.flush_refusals)
                 await asyncio.to_thread(self.directory.refresh)
                 await asyncio.to_thread(self._check_identities)
-            except Exception:  # a database hiccup must not end the loop; the counts wait for the next second
-                log.exception("writing refusal counts failed")
+            except Exception as exc:  # a database hiccup must not end the loop; the counts wait for the next second
+                self.outage.failed("writing refusal counts", exc)
 
     def flush_refusals(self) -> None:
         self.refusals.flush_quiet()
@@ -566,23 +568,13 @@ class Gateway:
             next_clean = next_beat = 0.0
             while not stop.is_set():
                 ticked_at = time.monotonic()
-                await asyncio.to_thread(self._check_maintenance)
-                await asyncio.to_thread(self._check_spool_room)
-                await asyncio.to_thread(self._record_watcher)
-                if time.monotonic() >= next_beat:  # lapsed leases of other processes (ours: _heartbeat_loop)
-                    next_beat = time.monotonic() + self.settings.queue.lease_s / 4
-                    await asyncio.to_thread(self._recover)
-                await asyncio.to_thread(self.commitments.tick)  # Storage Commitment reports (gateway.commitment)
-                if await asyncio.to_thread(self.mpps.tick):  # a step completed before its last instance came
-                    self._dispatch_due.set()
-                if await asyncio.to_thread(self.completeness.tick):
-                    self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
-                if self.importer is not None:
-                    await asyncio.to_thread(self.importer.tick)
-                if time.monotonic() >= next_clean:
-                    next_clean = time.monotonic() + self.settings.retention.check_interval_s
-                    await asyncio.to_thread(self.cleaner.tick)
-                    await asyncio.to_thread(self.archiver.tick)
+                try:
+                    next_beat, next_clean = await self._tick(next_beat, next_clean)
+                    self.outage.answered()
+                except Exception as exc:  # the database away: said once, the gateway goes on (anything else ends it)
+                    if not unreachable(exc):
+                        raise
+                    self.outage.failed("the gateway's tick", exc)
                 await self._until_next_tick(stop, ticked_at)
             if dispatching is not None:
                 dispatching.cancel()
@@ -615,6 +607,27 @@ class Gateway:
             self.engine.dispose()
             log.info("gateway stopped")
 
+
+    async def _tick(self, next_beat: float, next_clean: float) -> tuple[float, float]:
+        """One pass of the queue's periodic work; returns when the next lease recovery and clean-up are due."""
+        await asyncio.to_thread(self._check_maintenance)
+        await asyncio.to_thread(self._check_spool_room)
+        await asyncio.to_thread(self._record_watcher)
+        if time.monotonic() >= next_beat:  # lapsed leases of other processes (ours: _heartbeat_loop)
+            next_beat = time.monotonic() + self.settings.queue.lease_s / 4
+            await asyncio.to_thread(self._recover)
+        await asyncio.to_thread(self.commitments.tick)  # Storage Commitment reports (gateway.commitment)
+        if await asyncio.to_thread(self.mpps.tick):  # a step completed before its last instance came
+            self._dispatch_due.set()
+        if await asyncio.to_thread(self.completeness.tick):
+            self._dispatch_due.set()  # offer what just became stable now, not at the next dispatch tick
+        if self.importer is not None:
+            await asyncio.to_thread(self.importer.tick)
+        if time.monotonic() >= next_clean:
+            next_clean = time.monotonic() + self.settings.retention.check_interval_s
+            await asyncio.to_thread(self.cleaner.tick)
+            await asyncio.to_thread(self.archiver.tick)
+        return next_beat, next_clean
 
     async def _start_web(self) -> None:
         """The admin web page and /metrics on ``[web]`` host and port (``adapters.web``), when a port is set."""
@@ -649,8 +662,8 @@ class Gateway:
                 self._dispatch_due.clear()
                 try:
                     await self.dispatcher.tick()
-                except Exception:  # one bad tick must not stop the queue: logged, retried next tick
-                    log.exception("dispatch tick failed")
+                except Exception as exc:  # one bad tick must not stop the queue: logged, retried next tick
+                    self.outage.failed("dispatch tick", exc)
                 with contextlib.suppress(TimeoutError):  # every interval (backoffs, retries), or at once when woken
                     await asyncio.wait_for(self._dispatch_due.wait(), self.settings.xmpp.dispatch_interval_s)
         finally:

@@ -433,3 +433,38 @@ def test_sigterm_while_the_xmpp_server_does_not_answer_at_start_stops_the_gatewa
                 proc.wait(30)
     text = log_path.read_text()
     assert "gateway stopped" in text and "not reachable yet" not in text, text[-2000:]
+
+
+def test_the_queue_database_going_away_while_running_is_said_once_and_the_gateway_goes_on(tmp_path: Path) -> None:
+    """PostgreSQL stopped at once under a running gateway (a crash, a failover) and started again: the gateway
+    stays up; its log says the outage once when it begins and once when it ends, with no traceback; an instance
+    sent meanwhile is refused (nothing can be recorded) and taken when the database is back. It used to end the
+    process on its first failed tick, after a traceback from every loop."""
+    from adapters.lab.postgres import PrivatePostgres
+
+    database = PrivatePostgres().start()
+    gw = GatewayProcess(tmp_path / "site")
+    gw.config.write_text(gw.config.read_text().replace('db_url = "sqlite:///var/queue.db"', f'db_url = "{database.url}"'))
+    study = generate_ct_study(tmp_path / "study", series=1, slices_per_series=2, rows=32, columns=32, seed=7)
+    log_path = gw.workdir / "gateway.log"
+    try:
+        gw.start()
+        database.stop()
+        wait_for(lambda: b"queue database unreachable" in log_path.read_bytes(), 60, 0.2, what="the outage said")
+        refused = storescu(gw.port, study.files)
+        assert gw.proc is not None and gw.proc.poll() is None, log_path.read_text()[-3000:]
+        wait_for(lambda: b"the queue database cannot be reached" in log_path.read_bytes(), 30, 0.2,
+                 what="the instance refused")
+        database.start()
+        wait_for(lambda: b"queue database answers again" in log_path.read_bytes(), 60, 0.2, what="the outage's end")
+        assert storescu(gw.port, study.files).returncode == 0
+        wait_for(lambda: [u["instances"] for u in gw.queue_json()] == [2], 60, 0.2, what="the study queued")
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+        database.remove()
+    text = log_path.read_text()
+    assert text.count("queue database unreachable") == 1 and text.count("queue database answers again") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    said = refused.stdout + refused.stderr
+    assert "Received Store Response" in said and "Store Response (Success)" not in said, said  # never acknowledged
