@@ -114,3 +114,19 @@ def test_the_page_says_when_the_spool_is_below_its_reserve_and_when_it_cannot_be
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and "dicomgw_spool_free_bytes" not in metrics.text
     engine.dispose()
+
+
+def test_every_page_says_503_and_why_while_the_queue_database_cannot_be_reached(tmp_path: Path) -> None:
+    """A PostgreSQL that does not answer: every page, /metrics too (a failed scrape), answers 503 naming the
+    reason and what the gateway does meanwhile (was a bare 500 Internal Server Error)."""
+    from adapters.lab.localpeers import free_port
+
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/queue")
+    app = make_app(QueueStore(engine), lambda _jid: "available", (), lambda: True, None)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path in ("/", "/peers", "/stats", "/study/1.2.3", "/metrics"):
+            answer = client.get(path)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5", (path, answer.status_code)
+            assert answer.text.startswith("The queue database cannot be reached (") and "Connection refused" in answer.text
+            assert "Out of Resources, A700" in answer.text, (path, answer.text)
+    engine.dispose()
