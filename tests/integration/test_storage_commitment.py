@@ -68,8 +68,12 @@ def test_orthanc_as_modality_gets_its_commitment_report(tmp_path: Path) -> None:
             assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in report["Failures"]] == [(never_sent, 0x0112)]
             assert sorted(s["SOPInstanceUID"] for s in report["Success"]) == sorted(study.sop_instance_uids)
 
-            rows = gw.store.commitment_requests()
-            assert [r["state"] for r in rows] == ["reported", "reported"] and [r["event_type"] for r in rows] == [2, 1]
+            # The gateway marks a request reported once Orthanc has answered its N-EVENT-REPORT, a moment after
+            # Orthanc's own record (read above) changed: waited for, not raced.
+            rows = wait_for(lambda: (found := gw.store.commitment_requests()) and
+                            [r["state"] for r in found] == ["reported", "reported"] and found, 30, 0.1,
+                            what="both requests recorded as reported")
+            assert [r["event_type"] for r in rows] == [2, 1]
             events = [e["event"] for e in gw.store.audit_entries(limit=500)]
             assert events.count("commitment_requested") == 2 and events.count("commitment_reported") == 2
             from gateway import dashboard
