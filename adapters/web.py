@@ -37,7 +37,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -48,10 +47,10 @@ from starlette.routing import Route
 from adapters.web_templates import TEMPLATES
 from gateway import dashboard
 from gateway.lifecycle import State
+from gateway.outage import UNREACHABLE, reason
 from gateway.passwords import check_password
 from gateway.processes import overall
 from gateway.store import QueueStore, utcnow
-from gateway.terminal import plain
 
 log = logging.getLogger(__name__)
 
@@ -246,15 +245,14 @@ def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers
     middleware = [Middleware(_BasicAuth, access=access)] if access is not None and access.auth_user else []
     routes = [Route("/", index), Route("/study/{study_uid}", study), Route("/peers", peers),
               Route("/stats", statistics), Route("/metrics", metrics)]
-    handlers = {OperationalError: _database_away, InterfaceError: _database_away}
+    handlers = {error: _database_away for error in UNREACHABLE}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)  # type: ignore[arg-type]
 
 
 async def _database_away(_request: Request, exc: Exception) -> Response:
     """Every page (and /metrics: a failed scrape) while the queue database cannot be reached: 503 saying so,
     after the login as any page (gateway.outage says the outage once in the log)."""
-    reason = plain(getattr(exc, "orig", None) or exc)[:300]
-    return PlainTextResponse(f"The queue database cannot be reached ({reason}).\nThe gateway refuses instances "
+    return PlainTextResponse(f"The queue database cannot be reached ({reason(exc)}).\nThe gateway refuses instances "
                              "(Out of Resources, A700) and sends nothing until it answers again; this page shows "
                              "the queue once it does.\n", status_code=503, headers={"Retry-After": "5"})
 

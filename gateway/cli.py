@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from sqlalchemy.exc import InterfaceError, OperationalError
+    from gateway.outage import UNREACHABLE
 
     try:
         return int(args.handler(args))
     except SettingsError as exc:
         print(f"dicomgw: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (OperationalError, InterfaceError) as exc:  # a server down, a file it may not open: one line, no traceback
+    except UNREACHABLE as exc:  # a server down, a file it may not open: one line, no traceback
         if args.command == "run":  # in the log's own format (json under systemd), which is set up by then
             logging.getLogger("gateway").critical("not started: %s", _database_error(args, exc))
         else:
@@ -64,7 +64,9 @@ def _database_error(args: argparse.Namespace, exc: Exception) -> str:
         url = make_url(load_settings(args.config).queue.db_url).render_as_string(hide_password=True)
     except Exception:
         url = "queue.db_url"
-    detail = plain(getattr(exc, "orig", None) or exc)
+    from gateway.outage import reason
+
+    detail = reason(exc, 401)
     return f"the queue database {plain(url)} cannot be used: {detail[:400]}{'...' if len(detail) > 400 else ''}"
 
 

@@ -24,9 +24,17 @@ from gateway.terminal import plain
 log = logging.getLogger("gateway.outage")
 
 
+UNREACHABLE = (OperationalError, InterfaceError)  # what a database that cannot be reached or used raises
+
+
 def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached or used (not a bug in a query)."""
-    return isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, UNREACHABLE)
+
+
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """The driver's own words for a database error (SQLAlchemy's wrapper adds its SQL and a link), one line."""
+    return plain(getattr(exc, "orig", None) or exc)[:limit]
 
 
 class DatabaseOutage:
@@ -55,9 +63,8 @@ class DatabaseOutage:
                 self.since = self._clock()
             self.failures += 1
         if first:
-            reason = plain(getattr(exc, "orig", None) or exc)[:300]
             log.error("queue database unreachable (%s: %s): instances are refused with Out of Resources (A700) "
-                      "and nothing is sent or imported until it answers again; retrying", where, reason)
+                      "and nothing is sent or imported until it answers again; retrying", where, reason(exc))
 
     def answered(self) -> None:
         """A piece of database work succeeded: an outage, if any, is over."""

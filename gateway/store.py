@@ -104,7 +104,7 @@ def alembic_config(db_url: str) -> Any:
     return config
 
 
-# The newest revision under migrations/versions (tests/unit/test_migrations.py holds it to Alembic's head): a
+# The newest revision under migrations/versions (tests/integration/test_queue.py holds it to Alembic's head): a
 # database already there needs no Alembic at all, which saves every CLI command ~0.2 s of loading it.
 SCHEMA_HEAD = "0017"
 
