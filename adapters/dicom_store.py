@@ -45,7 +45,7 @@ from adapters.dicom_ul import (
 )
 from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
-from gateway.outage import unreachable
+from gateway.outage import comment, said, unreachable
 from gateway.routing import scp_source
 from gateway.service import CompletenessService
 
@@ -343,9 +343,9 @@ class AssociationHandler:
             return StoreStatus.OUT_OF_RESOURCES, f"gateway spool full: {exc.strerror}"
         except Exception as exc:  # DB down, I/O error: never Success, never an exception on the wire
             if unreachable(exc):  # one line each: the outage itself is said once (gateway.outage)
-                log.error("refusing %s from %s: the queue database cannot be reached", sop_instance_uid, self.source)
-            else:
-                log.exception("refusing %s from %s", sop_instance_uid, self.source)
+                log.error("refusing %s from %s: %s", sop_instance_uid, self.source, said(exc))
+                return StoreStatus.OUT_OF_RESOURCES, comment(exc)
+            log.exception("refusing %s from %s", sop_instance_uid, self.source)
             return StoreStatus.OUT_OF_RESOURCES, f"gateway could not store the instance: {type(exc).__name__}"
         if self.feed is not None:
             self.feed.unit = result.unit_id

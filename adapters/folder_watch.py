@@ -34,6 +34,7 @@ from watchdog.observers import Observer
 from adapters.dicom_files import RejectedFile, inspect_part10_file
 from adapters.spool import Spool, printable
 from gateway.model import IngestResult
+from gateway.outage import said, unreachable
 from gateway.service import IngestService
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ class FolderWatcher:
                 return
             result = self._ingest.ingest(header, staged, source)
         except Exception as exc:  # spool full, DB down: the file stays and is tried again
+            if unreachable(exc):  # its retry's line, no traceback: the outage itself is said once (gateway.outage)
+                self._retry_later(path, said(exc))
+                return
             log.exception("could not ingest %s", printable(path))
             self._retry_later(path, f"{type(exc).__name__}: {exc}")
             return

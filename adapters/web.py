@@ -121,10 +121,12 @@ class QueueCollector(Collector):
     """Prometheus metrics read from the queue database at each scrape."""
 
     def __init__(self, store: QueueStore, xmpp_online: Callable[[], bool | None],
-                 spool_space: Callable[[], tuple[int, int]] | None = None) -> None:
+                 spool_space: Callable[[], tuple[int, int]] | None = None,
+                 outage: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         self.store = store
         self.xmpp_online = xmpp_online
         self.spool_space = spool_space  # (free bytes, bytes kept for the site's modalities)
+        self.outage = outage  # this process's queue database outage (gateway.outage.DatabaseOutage.state)
 
     def collect(self) -> Iterator[Any]:
         depth = GaugeMetricFamily("dicomgw_queue_units", "Study units in the queue by direction and state",
@@ -186,8 +188,18 @@ class QueueCollector(Collector):
         running = GaugeMetricFamily("dicomgw_processes", "Gateway processes of this queue by heartbeat state",
                                     labels=["state"])
         running.add_metric(["running"], sum(1 for p in found.processes if p.running))
-        running.add_metric(["not_running"], sum(1 for p in found.processes if not p.running))
+        running.add_metric(["silent"], sum(1 for p in found.processes if p.silent))
+        running.add_metric(["not_running"], sum(1 for p in found.processes if not p.running and not p.silent))
         yield running
+        outage = self.outage()
+        writable = GaugeMetricFamily("dicomgw_queue_database_writable", "1 while this process's writes to the queue "
+                                     "database succeed; 0 while its disk is full, it is read-only or it cannot be reached")
+        writable.add_metric([], 0.0 if outage else 1.0)
+        yield writable
+        lasting = GaugeMetricFamily("dicomgw_queue_database_outage_seconds", "Seconds since this process's queue "
+                                    "database outage began (instances refused with A700 meanwhile); 0 when there is none")
+        lasting.add_metric([], max(0.0, time.time() - float(outage["since"])) if outage and outage.get("since") else 0.0)
+        yield lasting
         if self.spool_space is not None:
             try:
                 free, reserve = self.spool_space()
@@ -205,13 +217,18 @@ class QueueCollector(Collector):
 def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers: tuple[str, ...],
              xmpp_online: Callable[[], bool | None], access: WebAccess | None = None, refresh_s: int = 5,
              own_jid: str = "", pin_for: Callable[[str], str | None] = lambda _jid: None,
-             spool_space: Callable[[], tuple[int, int]] | None = None) -> Starlette:
+             spool_space: Callable[[], tuple[int, int]] | None = None,
+             outage: Callable[[], dict[str, Any] | None] = lambda: None) -> Starlette:
+    """``outage``: this process's queue database outage (``gateway.outage.DatabaseOutage.state``), said on every
+    page and in /metrics: a disk full under the database leaves its reads working, so the pages would show the
+    queue as usual while every instance is refused."""
     env = Environment(loader=DictLoader(TEMPLATES), autoescape=select_autoescape(default=True))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(store, xmpp_online, spool_space))
+    registry.register(QueueCollector(store, xmpp_online, spool_space, outage))
 
     def page(name: str, **data: Any) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(refresh_s=refresh_s, own_jid=own_jid, **data))
+        return HTMLResponse(env.get_template(name).render(refresh_s=refresh_s, own_jid=own_jid,
+                                                          outage=outage_banner(outage()), **data))
 
     async def index(_request: Request) -> Response:
         return page("index.html", title="Queue", spool=await asyncio.to_thread(_spool_view, spool_space),
@@ -255,6 +272,17 @@ async def _database_away(_request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"The queue database cannot be reached ({reason(exc)}).\nThe gateway refuses instances "
                              "(Out of Resources, A700) and sends nothing until it answers again; this page shows "
                              "the queue once it does.\n", status_code=503, headers={"Retry-After": "5"})
+
+
+def outage_banner(state: dict[str, Any] | None) -> str:
+    """The page's line for a queue database outage ('' when there is none): what, since when, the driver's words."""
+    if not state:
+        return ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(state["since"]))) if state.get("since") else "?"
+    until = "it answers again" if state.get("kind") == "unreachable" else "it takes writes again"
+    said = str(state.get("said") or "the queue database cannot be used")
+    return (f"{said[:1].upper()}{said[1:]} (since {since}: {state.get('reason') or '?'}). Every instance is refused "
+            f"(Out of Resources, A700) and nothing is sent or imported until {until}.")
 
 
 def _spool_view(spool_space: Callable[[], tuple[int, int]] | None) -> dict[str, Any] | None:

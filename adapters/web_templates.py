@@ -23,6 +23,7 @@ code { font-size: .85em; }
 <header><strong>dicomgw</strong><span>{{ own_jid }}</span>
 <nav><a href="/">Queue</a> &nbsp; <a href="/peers">Peers</a> &nbsp; <a href="/stats">Statistics</a> &nbsp; <a href="/metrics">Metrics</a></nav>
 <small>read-only, refreshes every {{ refresh_s }} s</small></header>
+{% if outage %}<div class="banner bad" id="outage">{{ outage }}</div>{% endif %}
 {% block banner %}{% endblock %}
 <main>{% block main %}{% endblock %}</main></body></html>
 """

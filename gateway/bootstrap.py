@@ -282,6 +282,8 @@ class Gateway:
                     await loop.run_in_executor(pool, self.heartbeat.beat, self.describe())
                 except Exception as exc:
                     self.outage.failed("process heartbeat", exc)
+                else:
+                    self.outage.answered()  # the heartbeat's row committed: the database takes writes
 
     def _identity_stamp(self) -> tuple[float, ...]:
         """The identity files' modification times: a change (`dicomgw keys rotate`) is picked up within a second."""
@@ -570,7 +572,7 @@ class Gateway:
                 ticked_at = time.monotonic()
                 try:
                     next_beat, next_clean = await self._tick(next_beat, next_clean)
-                    self.outage.answered()
+                    self.outage.answered(wrote=False)  # a tick may only read: a disk full is over at a write
                 except Exception as exc:  # the database away: said once, the gateway goes on (anything else ends it)
                     if not unreachable(exc):
                         raise
@@ -645,7 +647,8 @@ class Gateway:
         app = make_app(self.store, presence, self.settings.xmpp.peers,
                        lambda: self.agent.online if self.agent is not None else None, access, w.refresh_s,
                        own_jid=self.settings.xmpp.jid or self.settings.dicom.ae_title, pin_for=self.pin_for,
-                       spool_space=lambda: (self.spool.free_bytes(), self.settings.paths.spool_reserve_bytes))
+                       spool_space=lambda: (self.spool.free_bytes(), self.settings.paths.spool_reserve_bytes),
+                       outage=self.outage.state)
         self.web = WebServer(app, w.host, w.port, access)
         await self.web.start()
 

@@ -25,13 +25,14 @@ import shutil
 import sys
 from collections import defaultdict
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from gateway.dashboard import AWAITING_VERDICT, awaiting_verdict
 from gateway.lifecycle import State
 from gateway.model import InstanceRecord, StudySummary
 from gateway.settings import Settings, SettingsError, load_settings
-from gateway.store import utcnow
+from gateway.store import QueueStore, utcnow
 from gateway.terminal import cell, markup, plain
 
 
@@ -379,17 +380,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     xmpp_wanted = settings.xmpp.enabled or any(p.xmpp for p in live)
     watchers = [p.listeners.get("watcher") for p in live if isinstance(p.listeners.get("watcher"), dict)]
     watcher_ok = all(bool(w.get("running")) for w in watchers)
-    ok = bool(live) and watcher_ok and (found.xmpp_online or not xmpp_wanted)
+    database = _queue_database(store)
+    ok = bool(live) and watcher_ok and (found.xmpp_online or not xmpp_wanted) and database["writable"] is not False
     spool = _spool_space(settings)
     if args.json:
         status = {**{k: found.xmpp.get(k) for k in ("state", "jid", "server", "tls", "tls_version",
                                                      "server_cert_sha256", "last_error")},
                   "running": found.running, "xmpp_configured": xmpp_wanted, "ok": ok,
                   "last_heartbeat_at": found.last_heartbeat_at.isoformat(timespec="seconds") if found.last_heartbeat_at else None,
-                  "watcher": watchers[0] if watchers else None, "spool": spool,
+                  "watcher": watchers[0] if watchers else None, "spool": spool, "queue_database": database,
                   "processes": [p.as_json() for p in found.processes]}
         if not found.running:
-            status["state"] = "not running"
+            status["state"] = "silent" if found.silent else "not running"
         elif not xmpp_wanted:
             status["state"] = "not configured"
         print(json.dumps(status, indent=2))
@@ -397,8 +399,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not found.processes:
         print("gateway: not running (no process has ever reported: start it with `dicomgw run`)")
         return 1
-    print(f"{'gateway':>20}: {'running' if found.running else 'NOT RUNNING'} "
-          f"({len(live)} of {len(found.processes)} known process(es) running)")
+    said = "running" if found.running else ("SILENT (running, but writing no heartbeat)" if found.silent else "NOT RUNNING")
+    print(f"{'gateway':>20}: {said} ({len(live)} of {len(found.processes)} known process(es) running)")
     for p in found.processes[:10]:
         print(f"{'process':>20}: {plain(p.owner)}: {plain(p.summary)}")
         if not p.running:
@@ -411,6 +413,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"{'watcher':>20}: {'running' if watcher.get('running') else 'NOT RUNNING'} "
                   f"({plain(watcher.get('watch_dir'))}); last error: {plain(watcher.get('last_error') or '-')}")
     print(f"{'spool':>20}: {_spool_text(spool)}")
+    print(f"{'queue database':>20}: {plain(database['said'])}")
     if xmpp_wanted:
         xmpp = found.xmpp if found.running else {"state": "not running"}
         for key in ("state", "jid", "server", "tls", "tls_version", "server_cert_sha256", "last_error"):
@@ -431,6 +434,42 @@ def _spool_space(settings: Settings) -> dict[str, Any]:
         found["error"] = exc.strerror or type(exc).__name__
         return found
     return {**found, **spool_room(free, settings.paths.spool_reserve_bytes)}
+
+
+QUEUE_DB_FULL_BYTES = 1 << 20  # below this free, SQLite cannot grow its write-ahead log by much: nothing is recorded
+QUEUE_DB_LOW_BYTES = 64 << 20
+
+
+def _queue_database(store: QueueStore) -> dict[str, Any]:
+    """Whether the queue database takes writes, asked without writing: for SQLite the free space of its file
+    system (`status` runs on the gateway's host), for PostgreSQL whether a new session would be read-only (a
+    standby after a failover, or ``default_transaction_read_only``). ``writable`` is None when it cannot be
+    told. A full or read-only database answers every read, so nothing else in `status` would show it."""
+    from sqlalchemy import text
+
+    url = store.engine.url
+    found: dict[str, Any] = {"url": url.render_as_string(hide_password=True), "writable": None}
+    if url.get_backend_name() == "sqlite":
+        where = Path(url.database or ".").resolve().parent
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError as exc:
+            return {**found, "said": f"SQLite on {where}: free space cannot be read ({exc.strerror})"}
+        found.update(free_bytes=free, writable=free >= QUEUE_DB_FULL_BYTES)
+        room = f"SQLite, {free / 1e6:,.0f} MB free on {where}"
+        if free < QUEUE_DB_FULL_BYTES:
+            return {**found, "said": f"{room}: FULL: nothing can be recorded; every instance is refused (A700)"}
+        return {**found, "said": room + ("; LOW: every instance is refused (A700) once it is full"
+                                         if free < QUEUE_DB_LOW_BYTES else "")}
+    with store.engine.connect() as connection:
+        read_only = connection.execute(text("SHOW transaction_read_only")).scalar() == "on"
+        standby = bool(connection.execute(text("SELECT pg_is_in_recovery()")).scalar())
+    found.update(writable=not read_only, read_only=read_only, standby=standby)
+    if read_only:
+        why = "a standby (in recovery)" if standby else "default_transaction_read_only is on"
+        return {**found, "said": f"PostgreSQL at {url.host}: READ-ONLY ({why}): nothing can be recorded; every "
+                                 "instance is refused (A700)"}
+    return {**found, "said": f"PostgreSQL at {url.host}: takes writes"}
 
 
 def _spool_text(spool: dict[str, Any]) -> str:

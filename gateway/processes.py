@@ -7,14 +7,21 @@ it is now. A clean stop writes ``stopped_at`` and the exit code. A process count
 beat is younger than ``STALE_S`` and, on this host, its PID is alive; a SIGKILLed one is "not running, last
 heard N s ago" with no exit code. Rows of processes stopped more than ``KEEP_STOPPED_S`` ago are dropped at
 the next start.
+
+A process whose beat is stale while its PID still runs on this host (the same process: it started when its row
+says) is *silent*, not "killed or lost": its queue database takes no writes (a full disk, a read-only standby),
+or it hangs. Saying it had been killed would send an admin to restart a process that is running.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from gateway.claims import owner_gone_here
@@ -45,12 +52,18 @@ class ProcessView:
     exit_reason: str = ""
     listeners: dict[str, Any] = field(default_factory=dict)
     xmpp: dict[str, Any] = field(default_factory=dict)
+    silent: bool = False  # its beat is stale but its PID runs on this host
+    pid: str = ""
 
     @property
     def summary(self) -> str:
         """``running`` / ``not running (last heard 42 s ago, exit 0)`` for a status line."""
         if self.running:
             return "running"
+        if self.silent:
+            return (f"SILENT: its process (PID {self.pid}) runs on this host but has written no heartbeat for "
+                    f"{_age(self.last_heard_s)}: it cannot write to the queue database (a full disk, a read-only "
+                    "database; see its log), or it hangs")
         ended = (f"exit {self.exit_code}" + (f": {self.exit_reason}" if self.exit_reason else "")
                  if self.exit_code is not None else "no clean exit: killed or lost")
         return f"not running (last heard {_age(self.last_heard_s)} ago, {ended})"
@@ -60,7 +73,7 @@ class ProcessView:
                 "last_heartbeat_at": self.last_heartbeat_at.isoformat(timespec="seconds"),
                 "last_heard_s": round(self.last_heard_s, 1), "started_at": self.started_at,
                 "stopped_at": self.stopped_at, "exit_code": self.exit_code, "exit_reason": self.exit_reason,
-                "listeners": self.listeners, "xmpp": self.xmpp}
+                "listeners": self.listeners, "xmpp": self.xmpp, "silent": self.silent}
 
 
 def _age(seconds: float) -> str:
@@ -106,8 +119,35 @@ def row_name(owner: str) -> str:
     return PREFIX + ":".join(owner.split(":")[-2:])
 
 
+def alive_here(owner: str, started_at: str) -> bool:
+    """Whether ``owner`` names a process that runs on this host now and started when its row says (a PID used
+    again by another program after a restart does not count)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return False
+    try:
+        ticks = int(open(f"/proc/{pid_text}/stat").read().rsplit(")", 1)[1].split()[19])  # starttime, field 22
+        booted = time.time() - float(open("/proc/uptime").read().split()[0])
+        began = booted + ticks / os.sysconf("SC_CLK_TCK")
+        row_began = (datetime.fromisoformat(started_at).replace(tzinfo=UTC).timestamp()  # naive UTC (gateway.rows)
+                     if started_at else None)
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc to ask: the PID runs, which is what owner_gone_here goes by too
+    # The row's start is written once the process has imported its modules and opened its database: a few
+    # seconds after the process began, more on a loaded machine; never before it.
+    return row_began is None or row_began - 300 <= began <= row_began + 5
+
+
 def processes(rows: StatusRows, now: datetime, stale_s: float = STALE_S,
-              gone: Callable[[str], bool] = owner_gone_here) -> list[ProcessView]:
+              gone: Callable[[str], bool] = owner_gone_here,
+              alive: Callable[[str, str], bool] = alive_here) -> list[ProcessView]:
     """Every process that has beaten, running ones first, newest beat first within each."""
     views = []
     for name, value, updated_at in rows.runtime_statuses(PREFIX):
@@ -121,14 +161,17 @@ def processes(rows: StatusRows, now: datetime, stale_s: float = STALE_S,
         age = max(0.0, (now - updated_at).total_seconds())
         exit_code = data.get("exit_code")
         running = exit_code is None and age < stale_s and not gone(owner)
+        started_at = str(data.get("started_at") or "")
+        silent = exit_code is None and not running and alive(owner, started_at)
         views.append(ProcessView(
             owner=owner, running=running, last_heartbeat_at=updated_at, last_heard_s=age,
             started_at=str(data.get("started_at") or ""), stopped_at=data.get("stopped_at"),
             exit_code=exit_code if isinstance(exit_code, int) else None, exit_reason=str(data.get("exit_reason") or ""),
             listeners=data.get("listeners") if isinstance(data.get("listeners"), dict) else {},
             xmpp=data.get("xmpp") if isinstance(data.get("xmpp"), dict) else {},
+            silent=silent, pid=str(data.get("pid") or owner.partition(":")[2].partition(":")[0])[:20],
         ))
-    views.sort(key=lambda v: (not v.running, v.last_heard_s))
+    views.sort(key=lambda v: (not v.running, not v.silent, v.last_heard_s))
     return views
 
 
@@ -142,13 +185,19 @@ class Overall:
     processes: list[ProcessView]
 
     @property
+    def silent(self) -> list[ProcessView]:
+        """Processes that run on this host but write no heartbeat."""
+        return [v for v in self.processes if v.silent]
+
+    @property
     def xmpp_online(self) -> bool:
         return self.xmpp.get("state") == "online"
 
 
 def overall(rows: StatusRows, now: datetime, stale_s: float = STALE_S,
-            gone: Callable[[str], bool] = owner_gone_here) -> Overall:
-    views = processes(rows, now, stale_s, gone)
+            gone: Callable[[str], bool] = owner_gone_here,
+            alive: Callable[[str, str], bool] = alive_here) -> Overall:
+    views = processes(rows, now, stale_s, gone, alive)
     live = [v for v in views if v.running]
     # The XMPP connection of a running process (online first); a stopped process's last state is history.
     with_xmpp = sorted((v for v in live if v.xmpp), key=lambda v: v.xmpp.get("state") != "online")

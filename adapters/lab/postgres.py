@@ -79,6 +79,17 @@ class PrivatePostgres:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
 
+    def read_only(self, on: bool = True) -> None:
+        """Every session read-only (``default_transaction_read_only``, taken by open sessions at the reload), as
+        a failover to a standby leaves a gateway's URL; ``on`` False makes it writable again."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            if on:
+                conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            else:
+                conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            conn.execute("SELECT pg_reload_conf()")
 
     def remove(self) -> None:
         self.stop()

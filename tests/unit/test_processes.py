@@ -67,3 +67,32 @@ def test_a_row_that_is_not_json_is_shown_not_fatal() -> None:
     rows.set_runtime_status("process:9:zz", "{not json")
     rows.set_runtime_status("process:8:yy", json.dumps([1, 2]))
     assert len(processes(rows, NOW, gone=lambda _o: False)) == 2
+
+
+def test_a_stale_process_whose_pid_runs_here_is_silent_not_killed_or_lost() -> None:
+    """A process that runs but writes no heartbeat (its queue database full or read-only) is said to run and be
+    silent, so that an admin looks at its database rather than restarting it; a PID that runs but is another
+    program (it started after the row's process) is not that process."""
+    import os
+    import socket
+
+    from gateway.processes import alive_here
+    from gateway.rows import utcnow
+
+    rows = Rows()
+    beat = Heartbeat(rows, f"{socket.gethostname()}:{os.getpid()}:abcd", lambda: rows.clock)
+    beat.beat(ONLINE)
+    later = overall(rows, NOW + timedelta(seconds=STALE_S + 35), gone=lambda _o: False, alive=lambda _o, _s: True)
+    (view,) = later.processes
+    assert not later.running and later.silent == [view] and view.silent and view.as_json()["silent"] is True
+    assert view.summary.startswith(f"SILENT: its process (PID {os.getpid()}) runs on this host but has written no "
+                                   "heartbeat for 65 s: it cannot write to the queue database"), view.summary
+    gone = overall(rows, NOW + timedelta(seconds=STALE_S + 35), gone=lambda _o: False, alive=lambda _o, _s: False)
+    assert not gone.silent and gone.processes[0].summary.startswith("not running (last heard 65 s ago, no clean exit")
+    beat.stopped(ONLINE, 0)
+    stopped = overall(rows, NOW + timedelta(seconds=STALE_S + 35), gone=lambda _o: False, alive=lambda _o, _s: True)
+    assert not stopped.silent  # a clean exit is an exit, whatever runs under its PID now
+    here = f"{socket.gethostname()}:{os.getpid()}:abcd"
+    assert alive_here(here, utcnow().isoformat(timespec="seconds"))
+    assert not alive_here(here, "2020-01-01T00:00:00")  # this PID's process began years after that row's
+    assert not alive_here(f"elsewhere:{os.getpid()}:abcd", utcnow().isoformat(timespec="seconds"))
