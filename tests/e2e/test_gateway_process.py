@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -435,17 +436,22 @@ def test_sigterm_while_the_xmpp_server_does_not_answer_at_start_stops_the_gatewa
     assert "gateway stopped" in text and "not reachable yet" not in text, text[-2000:]
 
 
-def test_the_queue_database_going_away_while_running_is_said_once_and_the_gateway_goes_on(tmp_path: Path) -> None:
-    """PostgreSQL stopped at once under a running gateway (a crash, a failover) and started again: the gateway
-    stays up; its log says the outage once when it begins and once when it ends, with no traceback; an instance
-    sent meanwhile is refused (nothing can be recorded) and taken when the database is back. It used to end the
-    process on its first failed tick, after a traceback from every loop."""
+def _gateway_on_postgres(tmp_path: Path, seed: int) -> tuple[Any, GatewayProcess, Any]:
+    """A private PostgreSQL (started), a gateway configured on it (not started) and a 2-instance study."""
     from adapters.lab.postgres import PrivatePostgres
 
     database = PrivatePostgres().start()
     gw = GatewayProcess(tmp_path / "site")
     gw.config.write_text(gw.config.read_text().replace('db_url = "sqlite:///var/queue.db"', f'db_url = "{database.url}"'))
-    study = generate_ct_study(tmp_path / "study", series=1, slices_per_series=2, rows=32, columns=32, seed=7)
+    return database, gw, generate_ct_study(tmp_path / "study", series=1, slices_per_series=2, rows=32, columns=32, seed=seed)
+
+
+def test_the_queue_database_going_away_while_running_is_said_once_and_the_gateway_goes_on(tmp_path: Path) -> None:
+    """PostgreSQL stopped at once under a running gateway (a crash, a failover) and started again: the gateway
+    stays up; its log says the outage once when it begins and once when it ends, with no traceback; an instance
+    sent meanwhile is refused (nothing can be recorded) and taken when the database is back. It used to end the
+    process on its first failed tick, after a traceback from every loop."""
+    database, gw, study = _gateway_on_postgres(tmp_path, seed=7)
     log_path = gw.workdir / "gateway.log"
     try:
         gw.start()
@@ -468,3 +474,56 @@ def test_the_queue_database_going_away_while_running_is_said_once_and_the_gatewa
     assert "Traceback" not in text, text[-3000:]
     said = refused.stdout + refused.stderr
     assert "Received Store Response" in said and "Store Response (Success)" not in said, said  # never acknowledged
+
+
+def _c_store(port: int, path: Path) -> tuple[int, str]:
+    """One C-STORE by pynetdicom as a modality sends it: the response's Status and Error Comment."""
+    import pydicom
+    from pynetdicom import AE
+
+    dataset = pydicom.dcmread(path)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW")
+    assert assoc.is_established
+    try:
+        answer = assoc.send_c_store(dataset)
+        return int(answer.Status), str(answer.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+
+
+def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_shown_until_it_does(tmp_path: Path) -> None:
+    """PostgreSQL made read-only under a running gateway (a failover that left its URL on a standby): the log says
+    once that the queue database cannot be written, an instance is refused with Out of Resources and the Error
+    Comment naming it, `dicomgw status` says READ-ONLY and fails, the process goes on. Writable again: said once
+    ('takes writes again'), the next study is taken. It used to end the gateway (psycopg raises read-only as an
+    InternalError, which was not counted as an outage)."""
+    database, gw, study = _gateway_on_postgres(tmp_path, seed=11)
+    log_path = gw.workdir / "gateway.log"
+    try:
+        gw.start()
+        database.read_only(True)
+        wait_for(lambda: b"queue database cannot be written: it is read-only" in log_path.read_bytes(), 60, 0.2,
+                 what="the read-only database said")
+        assert _c_store(gw.port, study.files[0]) == (0xA700, "gateway queue database read-only")
+        status = gw.cli("status", "--json")
+        assert status.returncode == 1, status.stdout + status.stderr
+        database_state = json.loads(status.stdout)["queue_database"]
+        assert database_state["writable"] is False and database_state["read_only"] is True, database_state
+        assert "READ-ONLY (default_transaction_read_only is on)" in gw.cli("status").stdout
+        assert gw.proc is not None and gw.proc.poll() is None, log_path.read_text()[-3000:]
+        database.read_only(False)
+        wait_for(lambda: b"queue database takes writes again" in log_path.read_bytes(), 60, 0.2, what="the outage's end")
+        assert storescu(gw.port, study.files).returncode == 0
+        wait_for(lambda: [u["instances"] for u in gw.queue_json()] == [2], 60, 0.2, what="the study queued")
+        assert json.loads(gw.cli("status", "--json").stdout)["queue_database"]["writable"] is True
+        assert gw.proc.poll() is None
+    finally:
+        gw.stop()
+        database.remove()
+    text = log_path.read_text()
+    assert text.count("gateway.outage: queue database cannot be written: it is read-only") == 1, text[-3000:]
+    assert text.count("queue database takes writes again") == 1 and "answers again" not in text, text[-3000:]
+    assert "refusing " in text and "the queue database cannot be written: it is read-only" in text
+    assert "Traceback" not in text, text[-3000:]

@@ -5,6 +5,7 @@ logins per address are limited. Starlette's test client against the real app on 
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,4 +130,35 @@ def test_every_page_says_503_and_why_while_the_queue_database_cannot_be_reached(
             assert answer.status_code == 503 and answer.headers["retry-after"] == "5", (path, answer.status_code)
             assert answer.text.startswith("The queue database cannot be reached (") and "Connection refused" in answer.text
             assert "Out of Resources, A700" in answer.text, (path, answer.text)
+    engine.dispose()
+
+
+def test_every_page_says_when_the_queue_database_takes_no_writes_while_it_answers_reads(tmp_path: Path) -> None:
+    """A disk full under the queue database (or a read-only standby) leaves its reads working: the pages showed
+    the queue as usual while every instance was refused. Every page now carries the outage (what, since when, the
+    driver's words, escaped) and /metrics says the database is not writable and for how long; without an outage
+    there is no banner and writable is 1."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    upgrade_schema(engine)
+    since = time.time() - 90
+    state: list[dict[str, object]] = []
+    app = make_app(QueueStore(engine), lambda _jid: "available", (), lambda: True, None,
+                   outage=lambda: state[0] if state else None)
+    with TestClient(app) as client:
+        assert 'id="outage"' not in client.get("/").text
+        assert "dicomgw_queue_database_writable 1.0" in client.get("/metrics").text
+        state.append({"kind": "full", "said": "the queue database cannot be written: its disk is full",
+                      "reason": "database or disk is full <script>x</script>", "since": since})
+        for path in ("/", "/peers", "/stats"):
+            answer = client.get(path)
+            assert answer.status_code == 200, (path, answer.status_code)
+            assert ('<div class="banner bad" id="outage">The queue database cannot be written: its disk is full (since '
+                    + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))) in answer.text, (path, answer.text)
+            assert ("database or disk is full &lt;script&gt;x&lt;/script&gt;). Every instance is refused (Out of "
+                    "Resources, A700) and nothing is sent or imported until it takes writes again.") in answer.text
+            assert "<script>x" not in answer.text
+        metrics = client.get("/metrics").text
+        assert "dicomgw_queue_database_writable 0.0" in metrics
+        lasting = next(line for line in metrics.splitlines() if line.startswith("dicomgw_queue_database_outage_seconds "))
+        assert 89 <= float(lasting.split()[1]) < 3600, lasting
     engine.dispose()
