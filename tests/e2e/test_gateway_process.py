@@ -496,8 +496,9 @@ def _c_store(port: int, path: Path) -> tuple[int, str]:
 def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_shown_until_it_does(tmp_path: Path) -> None:
     """PostgreSQL made read-only under a running gateway (a failover that left its URL on a standby): the log says
     once that the queue database cannot be written, an instance is refused with Out of Resources and the Error
-    Comment naming it, `dicomgw status` says READ-ONLY and fails, the process goes on. Writable again: said once
-    ('takes writes again'), the next study is taken. It used to end the gateway (psycopg raises read-only as an
+    Comment naming it, a file dropped in the watched folder stays there (its retry says why), `dicomgw status`
+    says READ-ONLY and fails, the process goes on. Writable again: said once ('takes writes again'), the next
+    study is taken and so is the watched file, nothing quarantined. It used to end the gateway (psycopg raises read-only as an
     InternalError, which was not counted as an outage)."""
     database, gw, study = _gateway_on_postgres(tmp_path, seed=11)
     log_path = gw.workdir / "gateway.log"
@@ -507,6 +508,10 @@ def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_s
         wait_for(lambda: b"queue database cannot be written: it is read-only" in log_path.read_bytes(), 60, 0.2,
                  what="the read-only database said")
         assert _c_store(gw.port, study.files[0]) == (0xA700, "gateway queue database read-only")
+        dropped = generate_ct_study(tmp_path / "dropped", series=1, slices_per_series=1, rows=32, columns=32, seed=12).files[0]
+        incoming = gw.workdir / "var" / "incoming" / "dropped.dcm"
+        incoming.write_bytes(dropped.read_bytes())  # the watched folder: the file stays until it can be recorded
+        wait_for(lambda: b"dropped.dcm in " in log_path.read_bytes(), 60, 0.2, what="the watched file's retry said")
         status = gw.cli("status", "--json")
         assert status.returncode == 1, status.stdout + status.stderr
         database_state = json.loads(status.stdout)["queue_database"]
@@ -516,7 +521,9 @@ def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_s
         database.read_only(False)
         wait_for(lambda: b"queue database takes writes again" in log_path.read_bytes(), 60, 0.2, what="the outage's end")
         assert storescu(gw.port, study.files).returncode == 0
-        wait_for(lambda: [u["instances"] for u in gw.queue_json()] == [2], 60, 0.2, what="the study queued")
+        wait_for(lambda: sorted(u["instances"] for u in gw.queue_json()) == [1, 2], 90, 0.2,
+                 what="the study and the watched file's instance queued")
+        assert not incoming.exists() and not any((gw.workdir / "var" / "quarantine").rglob("*.dcm"))
         assert json.loads(gw.cli("status", "--json").stdout)["queue_database"]["writable"] is True
         assert gw.proc.poll() is None
     finally:
@@ -526,4 +533,5 @@ def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_s
     assert text.count("gateway.outage: queue database cannot be written: it is read-only") == 1, text[-3000:]
     assert text.count("queue database takes writes again") == 1 and "answers again" not in text, text[-3000:]
     assert "refusing " in text and "the queue database cannot be written: it is read-only" in text
+    assert "dropped.dcm in 10 s: the queue database cannot be written: it is read-only" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
