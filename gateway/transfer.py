@@ -16,6 +16,7 @@ the SHA-256 of its manifest, and their texts are redacted (``gateway.pins.redact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -176,14 +177,28 @@ class InboundPolicy:
             self.store.audit("offer_refused", f"offer of bundle {bundle} from {peer_bare}: {short}")
             log.warning("refused an offer of bundle %s from %s: %s", bundle, peer_bare, short)
             return "resource-constraint", f"busy: {short}"
-        holder = self.claims.claim_stream(bundle_sha256, peer_bare) if self.claims and bundle_sha256 else None
+        # Admitted from here: a database that fails below (unreachable, read-only, its disk full) must not keep
+        # the admission and the space counted for it, or each refused offer would leave B one slot shorter,
+        # until it answered every offer "busy" for good once the database was back.
+        claimed = False
+        try:
+            holder = self.claims.claim_stream(bundle_sha256, peer_bare) if self.claims and bundle_sha256 else None
+            claimed = holder is None and bool(self.claims and bundle_sha256)
+            if holder is None:
+                self.store.audit("offer_accepted", f"{'STAT ' if priority == 'stat' else ''}bundle {bundle} ({size} bytes) "
+                                 f"from {peer_bare}{', end-to-end encrypted' if cert_sha256 else ', NOT encrypted (require_e2e is off)'}")
+        except BaseException:
+            if claimed:
+                with contextlib.suppress(Exception):  # the database that failed the audit may fail this too
+                    self.claims.release_stream(bundle_sha256)  # type: ignore[union-attr]
+            self._release_space(bundle_sha256)
+            self.release()
+            raise
         if holder is not None:
             self._release_space(bundle_sha256)
             self.release()
             self.store.audit("offer_refused", f"bundle {bundle} from {peer_bare}: a stream of it is running ({holder})")
             return "resource-constraint", "busy: this bundle is being received on another stream"
-        self.store.audit("offer_accepted", f"{'STAT ' if priority == 'stat' else ''}bundle {bundle} ({size} bytes) from {peer_bare}"
-                         f"{', end-to-end encrypted' if cert_sha256 else ', NOT encrypted (require_e2e is off)'}")
         if full and self.on_capacity:
             self.on_capacity(True)
         return None

@@ -72,6 +72,7 @@ from adapters.xmpp.stanzas import (
     statement_text,
 )
 from gateway.logs import set_fields
+from gateway.outage import said, unreachable
 from gateway.pins import pin_set, pinned_cert
 from gateway.transfer import SendOutcome, StreamSuspended
 from gateway.wire import Tally
@@ -317,7 +318,12 @@ class StudyOffers:
     async def _admit(self, iq: slixmpp.Iq, peer: slixmpp.JID, offer: Offer, arrived: float,
                      refusal: tuple[str, str] | None, early: asyncio.Future[Any] | None) -> None:
         if refusal is None:
-            refusal = await asyncio.to_thread(self.client.inbound.authorize, peer.bare, offer)
+            try:
+                refusal = await asyncio.to_thread(self.client.inbound.authorize, peer.bare, offer)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                refusal = _database_busy(peer.bare, offer, exc)
             if refusal is None and (offer.sid in self.sinks or offer.sid in self.ibb.outbound):
                 self.client.inbound.release(offer)  # the same stream id was taken while we looked
                 refusal = ("conflict", "this stream id is in use")
@@ -339,6 +345,8 @@ class StudyOffers:
                 ours_fp = ours.fingerprint
             sink = await self._open_sink(peer.bare, offer, method)
         except Exception as exc:
+            if unreachable(exc):
+                raise XMPPError(*_database_busy(peer.bare, offer, exc), etype="wait") from exc
             log.exception("could not open a sink for an offer from %s", peer)
             raise XMPPError("internal-server-error", f"receiver could not take the offer: {type(exc).__name__}") from exc
         framed = offer.compress and self.client.settings.compress
@@ -623,3 +631,13 @@ async def _unless_ended_by(verdict: asyncio.Future[tuple[str, str]], sending: Aw
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _database_busy(peer_bare: str, offer: Offer, exc: BaseException) -> tuple[str, str]:
+    """An offer this gateway cannot record (its queue database unreachable, read-only or its disk full): busy,
+    as a full spool is, so that the sender waits with its backoff and offers again (it used to get slixmpp's
+    'undefined-condition: Slixmpp got into trouble' after a traceback). One line each; the outage itself is said
+    once by the gateway's own loops (gateway.outage)."""
+    log.warning("refused an offer of bundle %s from %s: %s", offer.manifest_sha256[:12] or "?", peer_bare, said(exc))
+    return "resource-constraint", "busy: " + said(exc).replace("the queue database", "the receiver's queue database", 1)
+
