@@ -45,8 +45,12 @@ def test_an_offer_to_a_gateway_whose_queue_database_takes_no_writes_waits_and_cr
 
                 limit = b.gateway.settings.xmpp.max_inbound + b.gateway.settings.xmpp.stat_reserve
                 wait_for(lambda: refusals() > limit, 90, 0.1, what=lambda: f"A's offers refused ({sites.situation(a, b)})")
-                (unit,) = a.gateway.store.studies()
-                assert unit.state == "waiting-peer" and SAID in (unit.error or ""), (unit.state, unit.error)
+
+                def waiting() -> object:  # between two offers (A offers again every second here)
+                    units = a.gateway.store.studies()
+                    return units if [(u.state, SAID in (u.error or "")) for u in units] == [("waiting-peer", True)] else None
+
+                (unit,) = wait_for(waiting, 60, 0.02, what=lambda: f"A to wait for B ({sites.situation(a, b)})")
                 assert unit.attempts == 0  # busy: not a failed attempt of the study
                 assert b.gateway.inbound_policy is not None and b.gateway.inbound_policy.active == 0  # none kept
                 database.read_only(False)
