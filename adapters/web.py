@@ -268,10 +268,12 @@ def make_app(store: QueueStore, presence: Callable[[str], str], configured_peers
 
 async def _database_away(_request: Request, exc: Exception) -> Response:
     """Every page (and /metrics: a failed scrape) while the queue database cannot be reached: 503 saying so,
-    after the login as any page (gateway.outage says the outage once in the log)."""
+    after the login as any page (gateway.outage says the outage once in the log). A browser reloads it (the
+    Refresh header; it used to stay on this text after the database was back, until the admin reloaded)."""
     return PlainTextResponse(f"The queue database cannot be reached ({reason(exc)}).\nThe gateway refuses instances "
-                             "(Out of Resources, A700) and sends nothing until it answers again; this page shows "
-                             "the queue once it does.\n", status_code=503, headers={"Retry-After": "5"})
+                             "(Out of Resources, A700) and sends nothing until it answers again; this page reloads "
+                             "every 5 s and shows the queue once it does.\n", status_code=503,
+                             headers={"Retry-After": "5", "Refresh": "5"})
 
 
 def outage_banner(state: dict[str, Any] | None) -> str:

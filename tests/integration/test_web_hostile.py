@@ -128,6 +128,7 @@ def test_every_page_says_503_and_why_while_the_queue_database_cannot_be_reached(
         for path in ("/", "/peers", "/stats", "/study/1.2.3", "/metrics"):
             answer = client.get(path)
             assert answer.status_code == 503 and answer.headers["retry-after"] == "5", (path, answer.status_code)
+            assert answer.headers["refresh"] == "5"  # a browser left on it shows the queue once the database is back
             assert answer.text.startswith("The queue database cannot be reached (") and "Connection refused" in answer.text
             assert "Out of Resources, A700" in answer.text, (path, answer.text)
     engine.dispose()
