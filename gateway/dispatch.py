@@ -42,6 +42,7 @@ from gateway.lifecycle import IllegalTransition, State
 from gateway.logs import bind
 from gateway.manifest import DEFAULT_CHUNK_BYTES, BundleFile, Manifest, stream_bundle
 from gateway.model import PeerConfig, StudySummary
+from gateway.outage import reason, said, unreachable
 from gateway.retry import PEER_SPOOL_FULL, ErrorKind, RetryPolicy, classify
 from gateway.rows import StudyUnitRow
 from gateway.store import ConcurrentMove, QueueStore, utcnow
@@ -172,6 +173,9 @@ class Dispatcher:
         self.gate = LinkGate()
         self._adaptive: dict[str, Adaptive] = {}  # per peer: whether compressing its stream pays (gateway.wire)
         self._running: dict[int, tuple[str, str, asyncio.Task[None]]] = {}  # unit -> (peer, priority, task)
+        # Units whose send a queue database outage cut (its writes failed: the unit left offering/sending, claimed
+        # by this live process, which no recovery took back): put back to queued at the first tick that can write.
+        self._cut: set[int] = set()
 
     @property
     def running(self) -> list[tuple[int, str, str]]:
@@ -179,6 +183,8 @@ class Dispatcher:
         return [(unit_id, peer, priority) for unit_id, (peer, priority, _t) in self._running.items()]
 
     async def tick(self) -> None:
+        if self._cut:
+            await asyncio.to_thread(self._resume_cut)
         await asyncio.to_thread(self.store.route_stable, self.route)
         await asyncio.to_thread(self._chase_receipts)
         if not self.sender.online:
@@ -253,16 +259,38 @@ class Dispatcher:
                         self.gate.stat_ended()
                 else:
                     await self._send_unit(unit, full_jid)
-        except Exception:
-            log.exception("sending unit %s failed unexpectedly", unit.unit_id)
+        except Exception as exc:
+            if not unreachable(exc):
+                log.exception("sending unit %s failed unexpectedly", unit.unit_id)
+            else:  # one line, no traceback: the outage itself is said once (gateway.outage)
+                self._cut.add(unit.unit_id)
+                log.error("sending unit %s was cut: %s (%s); it is offered again once the database takes writes "
+                          "(the receiver keeps what it took)", unit.unit_id, said(exc), reason(exc))
         finally:
             # Released while still listed as running: a tick meanwhile must not start the unit's next send,
             # whose claim this release would clear (and an unowned unit mid-stream is any process's to recover).
             try:
                 await asyncio.to_thread(self.claims.release, unit.unit_id)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self._cut.add(unit.unit_id)  # still ours in the database: released with its move back
             finally:
                 self._running.pop(unit.unit_id, None)
             self.wake()
+
+    def _resume_cut(self) -> None:
+        """Units whose send an outage cut go back from offering/sending to queued, due now (as a restart's
+        recovery does: the resend resumes at the receiver's offset, or the receiver answers that it holds the
+        bundle); a unit that reached another state meanwhile is left as it is. Raises while the database still
+        takes no writes (the tick's outage), keeping them for the next tick."""
+        cut = sorted(self._cut)
+        moved = self.store.recover_in_flight(units=cut, why="its send was cut by a queue database outage")
+        for unit_id in cut:
+            self.claims.release(unit_id)
+        self._cut.difference_update(cut)
+        for unit_id, before, after in moved:
+            log.warning("unit %s: %s -> %s: its send was cut by a queue database outage; offered again", unit_id, before, after)
 
     def _wait_for_window(self, unit: StudySummary, peer_bare: str, opening: datetime, schedule: str) -> None:
         """Outside the peer's transfer window: ``waiting-window`` until the next opening (UTC in the row)."""
@@ -484,11 +512,20 @@ class _ProgressWriter:
     def ensure_sending(self, method: str) -> None:
         with self._lock:
             if not self.moved_to_sending:
-                self.moved_to_sending = True
                 self.store.transition(self.unit_id, State.SENDING, f"streaming over {method}", None, method=method)
+                self.moved_to_sending = True
 
     def update(self, position: int, method: str, sid: str = "", offset: int = 0, final: bool = False) -> None:
-        """``final``: every byte handed to the network (the verdict still to come): written whatever the time."""
+        """``final``: every byte handed to the network (the verdict still to come): written whatever the time.
+        A queue database that takes no writes does not stop the stream: its progress goes unwritten (the outage
+        is said once by gateway.outage; the send's end, which must be written, meets it again)."""
+        try:
+            self._update(position, method, sid, offset, final)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+
+    def _update(self, position: int, method: str, sid: str, offset: int, final: bool) -> None:
         self.ensure_sending(method)
         with self._rows_lock:
             if self._finished:

@@ -33,6 +33,7 @@ from gateway.coercion import Coercer, Coercion, Hold
 from gateway.lifecycle import State
 from gateway.logs import bind
 from gateway.model import InstanceRecord, StudySummary
+from gateway.outage import reason, said, unreachable
 from gateway.retry import ErrorKind
 from gateway.retry import classify_store_status as store_status_kind
 from gateway.settings import PacsSettings
@@ -101,9 +102,14 @@ class ImportService:
         self.on_outcome = on_outcome
         self._running: set[int] = set()
         self._lock = threading.Lock()
+        # Units whose import a queue database outage cut (left importing, claimed by this live process, which
+        # no recovery took back): back to received at the first tick that can write.
+        self._cut: set[int] = set()
 
     def tick(self) -> list[threading.Thread]:
         """Start imports for due units (and re-request overdue commitments); returns the started threads."""
+        if self._cut:
+            self._resume_cut()
         self._expire_commitments()
         started = []
         for unit in self.store.due_for_import():
@@ -127,15 +133,49 @@ class ImportService:
         try:
             with bind(study_uid=unit.study_instance_uid, unit_id=unit.unit_id, peer=unit.origin_peer):
                 self.import_unit(unit)
-        except Exception:  # a bug in one import must not stop the others: the unit is retried
-            log.exception("import of unit %s failed unexpectedly", unit.unit_id)
-            self._retry(unit, "internal error during import (see the gateway log)")
+        except Exception as exc:  # a bug in one import must not stop the others: the unit is retried
+            if unreachable(exc):  # one line, no traceback: the outage itself is said once (gateway.outage)
+                self._cut_by(unit, exc)
+            else:
+                log.exception("import of unit %s failed unexpectedly", unit.unit_id)
+                try:
+                    self._retry(unit, "internal error during import (see the gateway log)")
+                except Exception as again:
+                    if not unreachable(again):
+                        raise
+                    self._cut_by(unit, again)
         finally:
             try:  # released while still listed as running: a tick meanwhile must not start its next import
                 self.claims.release(unit.unit_id)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                with self._lock:
+                    self._cut.add(unit.unit_id)  # still ours in the database: released with its move back
             finally:
                 with self._lock:
                     self._running.discard(unit.unit_id)
+
+    def _cut_by(self, unit: StudySummary, exc: BaseException) -> None:
+        with self._lock:
+            self._cut.add(unit.unit_id)
+        log.error("import of unit %s was cut: %s (%s); it is imported again once the database takes writes",
+                  unit.unit_id, said(exc), reason(exc))
+
+    def _resume_cut(self) -> None:
+        """Units whose import an outage cut go back from importing to received, due now (what the PACS took
+        is taken again as a duplicate); raises while the database still takes no writes, keeping them."""
+        with self._lock:
+            cut = sorted(self._cut - self._running)
+        if not cut:
+            return
+        moved = self.store.recover_in_flight(units=cut, why="its import was cut by a queue database outage")
+        for unit_id in cut:
+            self.claims.release(unit_id)
+        with self._lock:
+            self._cut.difference_update(cut)
+        for unit_id, before, after in moved:
+            log.warning("unit %s: %s -> %s: its import was cut by a queue database outage; imported again", unit_id, before, after)
 
     def import_unit(self, unit: StudySummary) -> None:
         transform = None

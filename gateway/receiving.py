@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from gateway.lifecycle import State
 from gateway.maintenance import obey_announcement
+from gateway.outage import said, unreachable
 from gateway.pins import cert_fingerprint as fingerprint
 from gateway.pins import pinned_cert, redact
 from gateway.store import utcnow
@@ -100,8 +101,11 @@ class Inbound:
         def keep() -> None:
             try:
                 self.gateway.store.note_signing(peer_jid, fingerprint)
-            except Exception:  # the receipt falls back to this process's memory, then the current key
-                log.exception("could not keep which identity %s pins", peer_jid)
+            except Exception as exc:  # the receipt falls back to this process's memory, then the current key
+                if unreachable(exc):  # one line: the outage itself is said once (gateway.outage)
+                    log.warning("could not keep which identity %s pins: %s", peer_jid, said(exc))
+                else:
+                    log.exception("could not keep which identity %s pins", peer_jid)
 
         if self.gateway._loop is not None:
             self.gateway._loop.run_in_executor(None, keep)

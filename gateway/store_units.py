@@ -206,29 +206,33 @@ class UnitsRepo:
             )
             return target.value
 
-    def recover_in_flight(self, free: Any = None) -> list[tuple[int, str, str]]:
+    def recover_in_flight(self, free: Any = None, units: Sequence[int] | None = None,
+                          why: str = "") -> list[tuple[int, str, str]]:
         """Units no process works on any more: a local unit left ``offering``/``sending`` goes back to
         ``queued`` (the resend resumes at the receiver's offset); a received unit left ``importing`` without a
         pending Storage Commitment goes back to ``received``, due now; their ``running`` transfer rows are
         closed as ``interrupted``. ``free`` (SQL, ``gateway.claims.Claims.free``) limits it to units whose
-        claim has lapsed; None: all of them (one process). Returns (unit, from, to)."""
+        claim has lapsed; ``units`` to those units (a live process's own, whose task a database outage cut);
+        None: all of them (one process). ``why`` goes into the history and the rows. Returns (unit, from, to)."""
         moved = []
         with self._unit_of_work() as session:
             query = select(StudyUnitRow).where(
                 StudyUnitRow.state.in_((State.OFFERING.value, State.SENDING.value, State.IMPORTING.value)))
             if free is not None:
                 query = query.where(free)
+            if units is not None:
+                query = query.where(StudyUnitRow.id.in_(list(units)))
             for unit in session.scalars(query.with_for_update(skip_locked=True)).all():
                 if unit.state == State.IMPORTING.value and unit.commit_uid:
                     continue  # the PACS's commitment report may still come; commitment_timeout_s covers it
                 target = State.RECEIVED if unit.state == State.IMPORTING.value else State.QUEUED
                 before = unit.state
-                self._move(session, unit, target, f"gateway process stopped while {before}: resuming")
+                self._move(session, unit, target, f"{why or 'gateway process stopped'} while {before}: resuming")
                 session.execute(update(StudyUnitRow).where(StudyUnitRow.id == unit.id).values(
                     next_attempt_at=utcnow(), owner=None, lease_until=None))
                 session.execute(update(TransferRow).where(TransferRow.unit_id == unit.id, TransferRow.outcome == "running")
                                 .values(outcome="interrupted", ended_at=utcnow(),
-                                        error="the gateway process stopped during the stream"))
+                                        error=f"{why or 'the gateway process stopped'} during the stream"))
                 moved.append((unit.id, before, target.value))
         return moved
 

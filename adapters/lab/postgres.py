@@ -84,12 +84,24 @@ class PrivatePostgres:
         a failover to a standby leaves a gateway's URL; ``on`` False makes it writable again."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+        dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
             if on:
                 conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
             else:
                 conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
             conn.execute("SELECT pg_reload_conf()")
+        # In effect on return: the server reloads asynchronously; once a new session sees the setting, the server
+        # has signalled every open session too, which takes it before its next statement.
+        deadline = time.monotonic() + 30
+        while True:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute("SHOW default_transaction_read_only").fetchone()
+            if row is not None and (row[0] == "on") == on:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL on port {self.port}: default_transaction_read_only still not {on}")
+            time.sleep(0.02)
 
     def remove(self) -> None:
         self.stop()
