@@ -75,6 +75,7 @@ def test_a_stale_process_whose_pid_runs_here_is_silent_not_killed_or_lost() -> N
     program (it started after the row's process) is not that process."""
     import os
     import socket
+    import subprocess
 
     from gateway.processes import alive_here
     from gateway.rows import utcnow
@@ -92,7 +93,15 @@ def test_a_stale_process_whose_pid_runs_here_is_silent_not_killed_or_lost() -> N
     beat.stopped(ONLINE, 0)
     stopped = overall(rows, NOW + timedelta(seconds=STALE_S + 35), gone=lambda _o: False, alive=lambda _o, _s: True)
     assert not stopped.silent  # a clean exit is an exit, whatever runs under its PID now
-    here = f"{socket.gethostname()}:{os.getpid()}:abcd"
-    assert alive_here(here, utcnow().isoformat(timespec="seconds"))
-    assert not alive_here(here, "2020-01-01T00:00:00")  # this PID's process began years after that row's
-    assert not alive_here(f"elsewhere:{os.getpid()}:abcd", utcnow().isoformat(timespec="seconds"))
+    # A process that began just now, as a gateway writes its row at its start (this test's own process may have
+    # begun many minutes before: a long test session).
+    child = subprocess.Popen(["sleep", "120"])
+    try:
+        here = f"{socket.gethostname()}:{child.pid}:abcd"
+        assert alive_here(here, utcnow().isoformat(timespec="seconds"))
+        assert not alive_here(here, "2020-01-01T00:00:00")  # this PID's process began years after that row's
+        assert not alive_here(f"elsewhere:{child.pid}:abcd", utcnow().isoformat(timespec="seconds"))
+    finally:
+        child.kill()
+        child.wait(30)
+    assert not alive_here(here, utcnow().isoformat(timespec="seconds"))  # ended
