@@ -45,7 +45,8 @@ from adapters.dicom_ul import (
 )
 from adapters.dicom_walk import DatasetWalker
 from adapters.spool import SpoolFull, StagedWriter
-from gateway.outage import comment, said, unreachable
+from gateway.outage import comment as outage_comment
+from gateway.outage import said, unreachable
 from gateway.routing import scp_source
 from gateway.service import CompletenessService
 
@@ -344,7 +345,7 @@ class AssociationHandler:
         except Exception as exc:  # DB down, I/O error: never Success, never an exception on the wire
             if unreachable(exc):  # one line each: the outage itself is said once (gateway.outage)
                 log.error("refusing %s from %s: %s", sop_instance_uid, self.source, said(exc))
-                return StoreStatus.OUT_OF_RESOURCES, comment(exc)
+                return StoreStatus.OUT_OF_RESOURCES, outage_comment(exc)
             log.exception("refusing %s from %s", sop_instance_uid, self.source)
             return StoreStatus.OUT_OF_RESOURCES, f"gateway could not store the instance: {type(exc).__name__}"
         if self.feed is not None:
@@ -431,9 +432,8 @@ class AssociationHandler:
                 status, comment = 0x0000, ""
             except DimseRefusal as exc:
                 status, comment = exc.status, str(exc)
-            except Exception:  # the queue database away: the modality asks again later
-                log.exception("could not record a Storage Commitment request from %s", self.source)
-                status, comment = 0x0110, "the gateway could not record the request"
+            except Exception as exc:  # the queue database away: the modality asks again later
+                status, comment = 0x0110, _not_recorded(exc, "a Storage Commitment request", self.source, "the request")
         elements = [
             (0x00000002, UI, STORAGE_COMMITMENT_PUSH), (0x00000100, US, 0x8130), (0x00000120, US, command.us(0x00000110)),
             (0x00000800, US, 0x0101), (0x00000900, US, status),
@@ -473,9 +473,8 @@ class AssociationHandler:
                 status, comment = self.scp._on_mpps(creating, self.link.request.calling_ae, uid, message)
             except DimseRefusal as exc:
                 status, comment = exc.status, str(exc)
-            except Exception:
-                log.exception("could not record an MPPS message from %s", self.source)
-                status, comment = 0x0110, "the gateway could not record the step"
+            except Exception as exc:
+                status, comment = 0x0110, _not_recorded(exc, "an MPPS message", self.source, "the step")
         elements = [
             (0x00000002, UI, MPPS_SOP_CLASS), (0x00000100, US, 0x8140 if creating else 0x8120),
             (0x00000120, US, command.us(0x00000110)), (0x00000800, US, 0x0101), (0x00000900, US, status),
@@ -560,3 +559,14 @@ def _meta_length(raw: bytes) -> int:
     """Length of the File Meta group after 'DICM' (its first element is the group length, PS3.10 7.1)."""
     start = raw.index(b"DICM") + 4
     return 12 + int.from_bytes(raw[start + 8 : start + 12], "little")
+
+
+def _not_recorded(exc: BaseException, what: str, source: str, thing: str) -> str:
+    """A request the gateway could not record, logged (one line while the queue database cannot be used: the
+    outage itself is said once; else with its traceback); returns the refusal's Error Comment."""
+    if unreachable(exc):
+        log.error("could not record %s from %s: %s", what, source, said(exc))
+        return outage_comment(exc)
+    log.exception("could not record %s from %s", what, source)
+    return f"the gateway could not record {thing}"
+

@@ -493,10 +493,29 @@ def _c_store(port: int, path: Path) -> tuple[int, str]:
         assoc.release()
 
 
+def _mpps_create(port: int, study_uid: str) -> tuple[int, str]:
+    """One MPPS N-CREATE by pynetdicom, as a modality begins a step: the response's Status and Error Comment."""
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+    from tests.integration.test_mpps import created
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGW")
+    assert assoc.is_established
+    try:
+        status, _attributes = assoc.send_n_create(created(study_uid), ModalityPerformedProcedureStep, generate_uid())
+        return int(status.Status), str(status.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+
+
 def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_shown_until_it_does(tmp_path: Path) -> None:
     """PostgreSQL made read-only under a running gateway (a failover that left its URL on a standby): the log says
     once that the queue database cannot be written, an instance is refused with Out of Resources and the Error
-    Comment naming it, a file dropped in the watched folder stays there (its retry says why), `dicomgw status`
+    Comment naming it (an MPPS N-CREATE with Processing Failure and the same comment), a file dropped in the watched folder stays there (its retry says why), `dicomgw status`
     says READ-ONLY and fails, the process goes on. Writable again: said once ('takes writes again'), the next
     study is taken and so is the watched file, nothing quarantined. It used to end the gateway (psycopg raises read-only as an
     InternalError, which was not counted as an outage)."""
@@ -508,6 +527,7 @@ def test_a_queue_database_that_answers_but_takes_no_writes_is_said_refused_and_s
         wait_for(lambda: b"queue database cannot be written: it is read-only" in log_path.read_bytes(), 60, 0.2,
                  what="the read-only database said")
         assert _c_store(gw.port, study.files[0]) == (0xA700, "gateway queue database read-only")
+        assert _mpps_create(gw.port, study.study_instance_uid) == (0x0110, "gateway queue database read-only")
         dropped = generate_ct_study(tmp_path / "dropped", series=1, slices_per_series=1, rows=32, columns=32, seed=12).files[0]
         incoming = gw.workdir / "var" / "incoming" / "dropped.dcm"
         incoming.write_bytes(dropped.read_bytes())  # the watched folder: the file stays until it can be recorded
