@@ -441,8 +441,7 @@ class StudyOffers:
                 log.info("stream %s from %s: verified and stored %.0f ms after its last byte", sid, entry.peer,
                          (time.perf_counter() - ended) * 1000)
         except Exception as exc:  # our failure (the database, the disk): logged, and the sender resumes later
-            log.exception("stream %s from %s: the receiver failed to end it", sid, entry.peer)
-            outcome, detail = "incomplete", f"the receiver failed ({type(exc).__name__}); offer it again"
+            outcome, detail = "incomplete", _our_failure(exc, f"stream {sid} from {entry.peer}: the receiver failed to end it")
             with contextlib.suppress(Exception):
                 await self.close_sink(sink, detail)
         await self.send_verdict(entry.peer, sid, outcome, detail, entry.ours)
@@ -452,9 +451,8 @@ class StudyOffers:
     async def fail_stream(self, sid: str, exc: BaseException) -> None:
         """A stream task met an error of ours: logged with its traceback, the stream closed, the sender told."""
         entry = self.sinks.get(sid)
-        log.error("stream %s from %s failed in the receiver", sid, entry.peer if entry else "?", exc_info=exc)
+        detail = _our_failure(exc, f"stream {sid} from {entry.peer if entry else '?'} failed in the receiver")
         if entry is not None:
-            detail = f"the receiver failed ({type(exc).__name__}); offer it again"
             self.s5b.readers.pop(sid, None)  # called from the reader task itself: drop must not cancel it (nor the verdict)
             verdict = asyncio.ensure_future(self.send_verdict(entry.peer, sid, "incomplete", detail, entry.ours))  # on the wire first
             self.drop(sid, detail)
@@ -640,4 +638,14 @@ def _database_busy(peer_bare: str, offer: Offer, exc: BaseException) -> tuple[st
     once by the gateway's own loops (gateway.outage)."""
     log.warning("refused an offer of bundle %s from %s: %s", offer.manifest_sha256[:12] or "?", peer_bare, said(exc))
     return "resource-constraint", "busy: " + said(exc).replace("the queue database", "the receiver's queue database", 1)
+
+
+def _our_failure(exc: BaseException, what: str) -> str:
+    """A stream this gateway could not take or end: logged (one line while the queue database cannot be used,
+    else with its traceback); returns the verdict's detail for the sender, which offers it again."""
+    if unreachable(exc):
+        log.error("%s: %s", what, said(exc))
+        return said(exc).replace("the queue database", "the receiver's queue database", 1) + "; offer it again"
+    log.error("%s", what, exc_info=exc)
+    return f"the receiver failed ({type(exc).__name__}); offer it again"
 
