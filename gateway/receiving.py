@@ -217,6 +217,8 @@ class AuditedSink:
         try:  # the unit's move to received commits with the instance rows (one fsync less before the verdict)
             ok, detail = self.bundle.finish(received=received, keep_files=self.early is not None)
         except Exception as exc:  # an import failure is a rejection the sender retries, never a hang
+            if unreachable(exc):  # not the bundle's fault: kept as it is, its verdict says why, the sender resumes
+                raise
             log.exception("importing bundle from %s failed", self.peer_jid)
             ok, detail = False, f"receiver could not store the study: {type(exc).__name__}"
         if ok and self.early is not None:

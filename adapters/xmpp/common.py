@@ -32,6 +32,7 @@ from adapters.xmpp.stanzas import (
     Offer,
     Receipt,
 )
+from gateway.outage import reason, said, unreachable
 from gateway.retry import PEER_SPOOL_FULL
 from gateway.wire import FrameDecoder
 
@@ -298,7 +299,11 @@ async def on_own_thread(name: str, fn: Callable[..., Any], *args: object) -> Any
 def log_task_failure(task: asyncio.Future[Any]) -> None:
     """A done-callback: no exception of a background task is lost; it is logged with its traceback."""
     if not task.cancelled() and task.exception() is not None:
-        log.error("background task failed: %s", describe(task.exception()), exc_info=task.exception())
+        exc = task.exception()
+        if unreachable(exc):  # one line: the outage itself is said once (gateway.outage)
+            log.error("background task failed: %s (%s)", said(exc), reason(exc))
+            return
+        log.error("background task failed: %s", describe(exc), exc_info=exc)
 
 
 def abort(sock: socket.socket) -> None:

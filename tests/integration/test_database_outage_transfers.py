@@ -17,7 +17,7 @@ import pytest
 from adapters.lab.localpeers import Orthanc, orthanc_instances
 from adapters.lab.postgres import PrivatePostgres
 from adapters.lab.synthetic import generate_ct_study
-from gateway import dispatch, importing
+from gateway import dispatch, importing, receiving
 from gateway.settings import PacsSettings, QueueSettings
 from tests.helpers import storescu, wait_for
 from tests.integration import test_xmpp_transfer as sites
@@ -115,11 +115,11 @@ def _moves_to(site: sites.Site, state: str) -> list[str]:
 
 def _push_until_cut(a: sites.Site, b: sites.Site, tmp_path: Path, caplog: pytest.LogCaptureFixture, turned: list[bool],
                     work: str) -> object:
-    """A small study pushed into A; returns once ``work`` ('sending unit', 'import of unit') was cut by the
-    read-only database, as the log says in one line."""
+    """A small study pushed into A; returns once ``work`` ('sending unit', 'import of unit', 'stream') was cut
+    by the read-only database, as the log says in one line."""
     study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=4, rows=128, columns=128)
     assert storescu(a.gateway.scp.port, study.files).returncode == 0
-    cut = " was cut: the queue database cannot be written: it is read-only"
+    cut = ": the queue database cannot be written: it is read-only"
     wait_for(lambda: turned and any(r.getMessage().startswith(work) and cut in r.getMessage() for r in caplog.records),
              90, 0.1, what=lambda: f"{work} ... cut ({sites.situation(a, b)})")
     return study
@@ -178,6 +178,33 @@ def test_an_import_whose_end_meets_a_read_only_database_is_taken_up_again_and_de
             assert set(orthanc_instances(orthanc)) == set(study.sop_instance_uids)
             history = _moves_to(b, "received")
             assert any(d.startswith("its import was cut by a queue database outage while importing") for d in history), history
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_a_stream_whose_end_meets_a_read_only_database_is_kept_and_taken_at_the_next_offer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B's database turns read-only as the last byte of a stream arrives: the verdict says 'incomplete' with the
+    reason (not 'rejected': the bundle is not at fault), B keeps what it received, refuses A's next offers busy
+    while it cannot write, and takes the study at the first offer once it can; B has it once."""
+    with _private_database(caplog) as database, \
+            sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody:
+        b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,),
+                             settings_extra={"queue": _queue_on(database)})
+        a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID)
+        turned = _read_only_before(database, receiving.AuditedSink, "finish", monkeypatch)
+        try:
+            study = _push_until_cut(a, b, tmp_path, caplog, turned, "stream ")
+            told = "the receiver's queue database cannot be written: it is read-only; offer it again"
+            wait_for(lambda: any(t["direction"] == "out" and t["error"] == "receiver: " + told
+                                 for t in a.gateway.store.transfers()), 60, 0.1,
+                     what=lambda: f"A to hear the verdict ({sites.situation(a, b)})")
+            database.read_only(False)
+            wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 120, 0.2,
+                     what=lambda: f"A's study sent ({sites.situation(a, b)})")
+            sites.assert_received_whole(b.gateway, study)
+            assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
         finally:
             a.stop()
             b.stop()
