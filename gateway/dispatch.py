@@ -285,7 +285,8 @@ class Dispatcher:
         bundle); a unit that reached another state meanwhile is left as it is. Raises while the database still
         takes no writes (the tick's outage), keeping them for the next tick."""
         cut = sorted(self._cut)
-        moved = self.store.recover_in_flight(units=cut, why="its send was cut by a queue database outage")
+        # Not a unit another live process took up meanwhile (its claim lapsed while ours could not be written).
+        moved = self.store.recover_in_flight(self.claims.free(), units=cut, why="its send was cut by a queue database outage")
         for unit_id in cut:
             self.claims.release(unit_id)
         self._cut.difference_update(cut)

@@ -169,7 +169,7 @@ class ImportService:
             cut = sorted(self._cut - self._running)
         if not cut:
             return
-        moved = self.store.recover_in_flight(units=cut, why="its import was cut by a queue database outage")
+        moved = self.store.recover_in_flight(self.claims.free(), units=cut, why="its import was cut by a queue database outage")
         for unit_id in cut:
             self.claims.release(unit_id)
         with self._lock:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.claims import owner_gone_here
@@ -133,8 +134,8 @@ def alive_here(owner: str, started_at: str) -> bool:
     except (PermissionError, OverflowError):
         return False
     try:
-        ticks = int(open(f"/proc/{pid_text}/stat").read().rsplit(")", 1)[1].split()[19])  # starttime, field 22
-        booted = time.time() - float(open("/proc/uptime").read().split()[0])
+        ticks = int(Path(f"/proc/{pid_text}/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime, field 22
+        booted = time.time() - float(Path("/proc/uptime").read_text().split()[0])
         began = booted + ticks / os.sysconf("SC_CLK_TCK")
         row_began = (datetime.fromisoformat(started_at).replace(tzinfo=UTC).timestamp()  # naive UTC (gateway.rows)
                      if started_at else None)
