@@ -40,19 +40,30 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def owner_gone_here(owner: str) -> bool:
-    """True when ``owner`` names a process on this host that no longer runs."""
+def local_pid(owner: str) -> int | None:
+    """The PID ``owner`` (``host:pid:tag``) names when it names a process of this host, else None."""
     host, _, rest = owner.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
+    if host != socket.gethostname() or not pid_text.isdigit() or len(pid_text) > 9:  # pid_max is 2^22
+        return None
+    return int(pid_text)
+
+
+def pid_runs(pid: int) -> bool:
+    """Whether a process with this PID runs on this host (another user's too)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone_here(owner: str) -> bool:
+    """True when ``owner`` names a process on this host that no longer runs."""
+    pid = local_pid(owner)
+    return pid is not None and not pid_runs(pid)
 
 
 class Claims:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.claims import owner_gone_here
+from gateway.claims import local_pid, owner_gone_here, pid_runs
 
 PREFIX = "process:"
 BEAT_S = 5.0
@@ -123,18 +122,11 @@ def row_name(owner: str) -> str:
 def alive_here(owner: str, started_at: str) -> bool:
     """Whether ``owner`` names a process that runs on this host now and started when its row says (a PID used
     again by another program after a restart does not count)."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    pid = local_pid(owner)
+    if pid is None or not pid_runs(pid):
         return False
     try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return False
-    try:
-        ticks = int(Path(f"/proc/{pid_text}/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime, field 22
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime, field 22
         booted = time.time() - float(Path("/proc/uptime").read_text().split()[0])
         began = booted + ticks / os.sysconf("SC_CLK_TCK")
         row_began = (datetime.fromisoformat(started_at).replace(tzinfo=UTC).timestamp()  # naive UTC (gateway.rows)

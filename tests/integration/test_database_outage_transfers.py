@@ -108,9 +108,10 @@ def _private_database(caplog: pytest.LogCaptureFixture) -> Iterator[PrivatePostg
     _no_traceback_nor_lost_task(caplog)
 
 
-def _moves_to(site: sites.Site, state: str) -> list[str]:
-    """The details of the site's moves to ``state`` (its units' history)."""
-    return [e["detail"] for e in site.gateway.store.audit_entries() if e.get("to_state") == state]
+def _assert_moved(site: sites.Site, state: str, because: str) -> None:
+    """The site's history has a move to ``state`` whose detail begins with ``because``."""
+    history = [e["detail"] for e in site.gateway.store.audit_entries() if e.get("to_state") == state]
+    assert any(d.startswith(because) for d in history), history
 
 
 def _push_until_cut(a: sites.Site, b: sites.Site, tmp_path: Path, caplog: pytest.LogCaptureFixture, turned: list[bool],
@@ -145,8 +146,7 @@ def test_a_send_whose_verdict_meets_a_read_only_database_is_offered_again_and_ar
                      what=lambda: f"A's study sent ({sites.situation(a, b)})")
             sites.assert_received_whole(b.gateway, study)
             assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
-            history = _moves_to(a, "queued")
-            assert any(d.startswith("its send was cut by a queue database outage while ") for d in history), history
+            _assert_moved(a, "queued", "its send was cut by a queue database outage while ")
         finally:
             a.stop()
             b.stop()
@@ -176,8 +176,7 @@ def test_an_import_whose_end_meets_a_read_only_database_is_taken_up_again_and_de
                      what=lambda: f"A's study delivered ({sites.situation(a, b)})")
             assert sites.unit_states(b.gateway) == ["delivered"]
             assert set(orthanc_instances(orthanc)) == set(study.sop_instance_uids)
-            history = _moves_to(b, "received")
-            assert any(d.startswith("its import was cut by a queue database outage while importing") for d in history), history
+            _assert_moved(b, "received", "its import was cut by a queue database outage while importing")
         finally:
             a.stop()
             b.stop()
