@@ -610,7 +610,7 @@ def test_xmpp_server_killed_mid_transfer_fails_the_attempt_at_once_and_delivers_
         a = start_site(tmp_path, "a", A_JID, server, peers=(B_JID,), destination="radiology.hospital-b",
                        methods=("ibb",), ibb_block_bytes=4096, ibb_window=1)
         try:
-            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=40, rows=512, columns=512)  # ~21 MB
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=10, rows=512, columns=512)  # ~5 MB: 4 after the kill
             assert storescu(a.gateway.scp.port, study.files).returncode == 0
             wait_for(lambda: any(s.state == "sending" and s.progress_bytes > 1_000_000 for s in a.gateway.store.studies()),
                      60, 0.02, what="A to be streaming")
