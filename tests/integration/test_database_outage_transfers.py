@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.lab.localpeers import Orthanc, orthanc_instances
+from adapters.lab.localpeers import Orthanc, Prosody, orthanc_instances
 from adapters.lab.postgres import PrivatePostgres
 from adapters.lab.synthetic import generate_ct_study
 from gateway import dispatch, importing, receiving
@@ -33,38 +33,31 @@ def test_an_offer_to_a_gateway_whose_queue_database_takes_no_writes_waits_and_cr
     caplog.set_level(logging.WARNING)
     database = PrivatePostgres().start()
     try:
-        with sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody:
-            queue = replace(QueueSettings(db_url=database.url, stable_age_s=0.3), stable_check_interval_s=0.1,
-                            association_pause_s=120.0)
-            b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,), settings_extra={"queue": queue})
-            a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID)
-            try:
-                database.read_only(True)
-                wait_for(lambda: b.gateway.outage.down, 60, 0.1, what="B to find its queue database read-only")
-                study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
-                assert storescu(a.gateway.scp.port, study.files).returncode == 0
+        with sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody, \
+                _sites(tmp_path, prosody, database, on="b") as (a, b):
+            database.read_only(True)
+            wait_for(lambda: b.gateway.outage.down, 60, 0.1, what="B to find its queue database read-only")
+            study = generate_ct_study(tmp_path / "ct", series=1, slices_per_series=3, rows=64, columns=64)
+            assert storescu(a.gateway.scp.port, study.files).returncode == 0
 
-                def refusals() -> int:
-                    return sum(1 for r in caplog.records if r.getMessage().endswith(
-                        f"from {sites.A_JID}: the queue database cannot be written: it is read-only"))
+            def refusals() -> int:
+                return sum(1 for r in caplog.records if r.getMessage().endswith(
+                    f"from {sites.A_JID}: the queue database cannot be written: it is read-only"))
 
-                limit = b.gateway.settings.xmpp.max_inbound + b.gateway.settings.xmpp.stat_reserve
-                wait_for(lambda: refusals() > limit, 90, 0.1, what=lambda: f"A's offers refused ({sites.situation(a, b)})")
+            limit = b.gateway.settings.xmpp.max_inbound + b.gateway.settings.xmpp.stat_reserve
+            wait_for(lambda: refusals() > limit, 90, 0.1, what=lambda: f"A's offers refused ({sites.situation(a, b)})")
 
-                def waiting() -> object:  # between two offers (A offers again every second here)
-                    units = a.gateway.store.studies()
-                    return units if [(u.state, SAID in (u.error or "")) for u in units] == [("waiting-peer", True)] else None
+            def waiting() -> object:  # between two offers (A offers again every second here)
+                units = a.gateway.store.studies()
+                return units if [(u.state, SAID in (u.error or "")) for u in units] == [("waiting-peer", True)] else None
 
-                (unit,) = wait_for(waiting, 60, 0.02, what=lambda: f"A to wait for B ({sites.situation(a, b)})")
-                assert unit.attempts == 0  # busy: not a failed attempt of the study
-                assert b.gateway.inbound_policy is not None and b.gateway.inbound_policy.active == 0  # none kept
-                database.read_only(False)
-                wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 120, 0.2,
-                         what=lambda: f"the study sent ({sites.situation(a, b)})")
-                sites.assert_received_whole(b.gateway, study)
-            finally:
-                a.stop()
-                b.stop()
+            (unit,) = wait_for(waiting, 60, 0.02, what=lambda: f"A to wait for B ({sites.situation(a, b)})")
+            assert unit.attempts == 0  # busy: not a failed attempt of the study
+            assert b.gateway.inbound_policy is not None and b.gateway.inbound_policy.active == 0  # none kept
+            database.read_only(False)
+            wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 120, 0.2,
+                     what=lambda: f"the study sent ({sites.situation(a, b)})")
+            sites.assert_received_whole(b.gateway, study)
     finally:
         database.remove()
     said = [r.getMessage() for r in caplog.records]
@@ -74,6 +67,26 @@ def test_an_offer_to_a_gateway_whose_queue_database_takes_no_writes_waits_and_cr
 
 def _queue_on(database: PrivatePostgres) -> QueueSettings:
     return replace(QueueSettings(db_url=database.url, stable_age_s=0.3), stable_check_interval_s=0.1, association_pause_s=120.0)
+
+
+@contextmanager
+def _sites(tmp_path: Path, prosody: Prosody, database: PrivatePostgres, on: str,
+           pacs: PacsSettings | None = None) -> Iterator[tuple[sites.Site, sites.Site]]:
+    """(A, B) on ``prosody``, A sending to B; the site ``on`` ("a" or "b") keeps its queue in ``database``;
+    both stopped after."""
+    def queue(site: str) -> dict[str, object] | None:
+        return {"queue": _queue_on(database)} if site == on else None
+
+    b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,), pacs=pacs, settings_extra=queue("b"))
+    try:
+        a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID,
+                             settings_extra=queue("a"))
+        try:
+            yield a, b
+        finally:
+            a.stop()
+    finally:
+        b.stop()
 
 
 def _read_only_before(database: PrivatePostgres, cls: type, name: str, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
@@ -133,23 +146,17 @@ def test_a_send_whose_verdict_meets_a_read_only_database_is_offered_again_and_ar
     that no recovery takes back: the study stopped for good. Now the unit is put back to queued at A's first
     tick that can write, offered again, and B (which holds it) answers so: 'sent', B has it once."""
     with _private_database(caplog) as database, \
-            sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody:
-        b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,))
-        a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID,
-                             settings_extra={"queue": _queue_on(database)})
+            sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody, \
+            _sites(tmp_path, prosody, database, on="a") as (a, b):
         turned = _read_only_before(database, dispatch._ProgressWriter, "finish", monkeypatch)
-        try:
-            study = _push_until_cut(a, b, tmp_path, caplog, turned, "sending unit")
-            assert sites.unit_states(a.gateway) in (["sending"], ["offering"])  # read: the database answers reads
-            database.read_only(False)
-            wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 90, 0.2,
-                     what=lambda: f"A's study sent ({sites.situation(a, b)})")
-            sites.assert_received_whole(b.gateway, study)
-            assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
-            _assert_moved(a, "queued", "its send was cut by a queue database outage while ")
-        finally:
-            a.stop()
-            b.stop()
+        study = _push_until_cut(a, b, tmp_path, caplog, turned, "sending unit")
+        assert sites.unit_states(a.gateway) in (["sending"], ["offering"])  # read: the database answers reads
+        database.read_only(False)
+        wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 90, 0.2,
+                 what=lambda: f"A's study sent ({sites.situation(a, b)})")
+        sites.assert_received_whole(b.gateway, study)
+        assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
+        _assert_moved(a, "queued", "its send was cut by a queue database outage while ")
 
 
 def test_an_import_whose_end_meets_a_read_only_database_is_taken_up_again_and_delivered_once(
@@ -164,11 +171,8 @@ def test_an_import_whose_end_meets_a_read_only_database_is_taken_up_again_and_de
         orthanc.start()
         pacs = PacsSettings(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title="GWB",
                             timeout_s=10, retry_base_s=0.2, retry_max_s=0.5)
-        b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,), pacs=pacs,
-                             settings_extra={"queue": _queue_on(database)})
-        a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID)
-        turned = _read_only_before(database, importing.ImportService, "_delivered", monkeypatch)
-        try:
+        with _sites(tmp_path, prosody, database, on="b", pacs=pacs) as (a, b):
+            turned = _read_only_before(database, importing.ImportService, "_delivered", monkeypatch)
             study = _push_until_cut(a, b, tmp_path, caplog, turned, "import of unit")
             assert sites.unit_states(b.gateway) == ["importing"]
             database.read_only(False)
@@ -177,9 +181,6 @@ def test_an_import_whose_end_meets_a_read_only_database_is_taken_up_again_and_de
             assert sites.unit_states(b.gateway) == ["delivered"]
             assert set(orthanc_instances(orthanc)) == set(study.sop_instance_uids)
             _assert_moved(b, "received", "its import was cut by a queue database outage while importing")
-        finally:
-            a.stop()
-            b.stop()
 
 
 def test_a_stream_whose_end_meets_a_read_only_database_is_kept_and_taken_at_the_next_offer(
@@ -188,23 +189,17 @@ def test_a_stream_whose_end_meets_a_read_only_database_is_kept_and_taken_at_the_
     reason (not 'rejected': the bundle is not at fault), B keeps what it received, refuses A's next offers busy
     while it cannot write, and takes the study at the first offer once it can; B has it once."""
     with _private_database(caplog) as database, \
-            sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody:
-        b = sites.start_site(tmp_path, "b", sites.B_JID, prosody, peers=(sites.A_JID,),
-                             settings_extra={"queue": _queue_on(database)})
-        a = sites.start_site(tmp_path, "a", sites.A_JID, prosody, peers=(sites.B_JID,), destination=sites.B_JID)
+            sites.running_prosody(tmp_path / "prosody", plugin_paths=[sites.PROXY65_VARIANT]) as prosody, \
+            _sites(tmp_path, prosody, database, on="b") as (a, b):
         turned = _read_only_before(database, receiving.AuditedSink, "finish", monkeypatch)
-        try:
-            study = _push_until_cut(a, b, tmp_path, caplog, turned, "stream ")
-            told = "the receiver's queue database cannot be written: it is read-only; offer it again"
-            wait_for(lambda: any(t["direction"] == "out" and t["error"] == "receiver: " + told
-                                 for t in a.gateway.store.transfers()), 60, 0.1,
-                     what=lambda: f"A to hear the verdict ({sites.situation(a, b)})")
-            database.read_only(False)
-            wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 120, 0.2,
-                     what=lambda: f"A's study sent ({sites.situation(a, b)})")
-            sites.assert_received_whole(b.gateway, study)
-            assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
-        finally:
-            a.stop()
-            b.stop()
+        study = _push_until_cut(a, b, tmp_path, caplog, turned, "stream ")
+        told = "the receiver's queue database cannot be written: it is read-only; offer it again"
+        wait_for(lambda: any(t["direction"] == "out" and t["error"] == "receiver: " + told
+                             for t in a.gateway.store.transfers()), 60, 0.1,
+                 what=lambda: f"A to hear the verdict ({sites.situation(a, b)})")
+        database.read_only(False)
+        wait_for(lambda: sites.unit_states(a.gateway) == ["sent"], 120, 0.2,
+                 what=lambda: f"A's study sent ({sites.situation(a, b)})")
+        sites.assert_received_whole(b.gateway, study)
+        assert [u.instances for u in b.gateway.store.studies()] == [len(study.files)]  # once
 
