@@ -53,7 +53,11 @@ stop_pid() {  # SIGTERM (a clean stop: what is in flight resumes at the next sta
     wait "$1" 2>/dev/null || wait_for 60 "process $1 to end" sh -c "! kill -0 $1"
 }
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
-json_field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
+json_field() {  # one field of a command's --json output; a command that printed none (it refused: its reason is above) stops here
+    python3 -c "import json, sys
+try: print(json.load(sys.stdin)$1)
+except (ValueError, LookupError) as exc: sys.exit('json_field: no $1 in the output of the command before (its message is above): %s' % exc)"
+}
 A() { dicomgw --config "$REGION/gw-a/gateway.toml" "$@"; }
 B() { dicomgw --config "$REGION/gw-b/gateway.toml" "$@"; }
 

@@ -99,6 +99,20 @@ def test_keys_rotate_and_two_pins_from_the_command_line(tmp_path: Path) -> None:
     audit = json.loads(gw.cli("audit", "--json").stdout)
     assert any(e["event"] == "identity_rotated" and first in e["detail"] and new["fingerprint"] in e["detail"] for e in audit)
 
+    # The deploy guide's rotation line, run as written with its own helper: the refusal stops the script
+    # with the CLI's reason and one line from the helper, never a Python traceback.
+    helper = [line for line in (REPO / "docs" / "deploy-region.sh").read_text().splitlines(keepends=True)]
+    start = next(i for i, line in enumerate(helper) if line.startswith("json_field() {"))
+    function = "".join(helper[start:next(i for i in range(start, len(helper)) if helper[i] == "}\n") + 1])
+    guide = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail\n{function}B() {{ "{sys.executable}" -m gateway --config "{gw.config}" "$@"; }}\n'
+                       """NEW_B_FP=$(B keys rotate --overlap 7d --json | json_field '["fingerprint"]')\necho "got $NEW_B_FP"\n"""],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert guide.returncode == 1 and "got" not in guide.stdout, guide
+    assert "dicomgw keys rotate: a rotation is under way" in guide.stderr
+    assert 'json_field: no ["fingerprint"] in the output of the command before' in guide.stderr
+    assert "Traceback" not in guide.stderr, guide.stderr
+
     peer = f"radiology.hospital-b@{DOMAIN}"
     old_pin, new_pin = "ab" * 32, "cd" * 32
     assert gw.cli("peers", "add", peer, "--fingerprint", old_pin).returncode == 0
